@@ -1,0 +1,198 @@
+"""The bureau link (VPN NIC): persistent mutual-TLS HTTP/1.1 connections to the bureau's endpoints.
+
+It answers one question per send, precisely: did the bureau answer, did the request provably never
+leave (NotSent: safe to fail, queue or try another endpoint), or may it have arrived (Unknown)?
+Failover happens only for NotSent. The link knows nothing of the journal or of what a trade means.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+
+from fep import envelope, metrics, tls
+from fep.config import BureauSide, Endpoint
+from fep.http11 import HTTPClientProtocol, TransportError
+
+log = Logger()
+
+
+class NotSent(Exception):
+    """No byte of the request left the box: the trade can be failed, queued or sent elsewhere."""
+
+
+class Unknown(Exception):
+    """The request may have reached the bureau and no valid answer came back."""
+
+
+@dataclass
+class Delivery:
+    answer: envelope.BureauAnswer
+    body: bytes
+    endpoint: str
+    seconds: float
+
+
+class _Pool:
+    """Connections to one endpoint: at most `size`, reused while idle, handshake done before use."""
+
+    def __init__(self, reactor: Any, ep: Endpoint, creator: IOpenSSLClientConnectionCreator, size: int,
+                 connect_timeout: float, source: str | None) -> None:
+        self.reactor, self.ep, self.creator = reactor, ep, creator
+        self.size, self.connect_timeout, self.source = size, connect_timeout, source
+        self.idle: list[HTTPClientProtocol] = []
+        self.count = 0
+        self.waiters: deque[defer.Deferred[HTTPClientProtocol | None]] = deque()
+        self.up: bool | None = None  # None: not tried yet
+
+    async def acquire(self) -> HTTPClientProtocol:
+        while self.idle:
+            p = self.idle.pop()
+            if p.idle:
+                return p
+            self.count -= 1
+        if self.count >= self.size:
+            d: defer.Deferred[HTTPClientProtocol | None] = defer.Deferred()
+            self.waiters.append(d)
+            p = await d
+            if p is not None:
+                return p
+            # None: a slot was freed for us to connect in; count already includes us
+        else:
+            self.count += 1
+        try:
+            return await self._connect()
+        except Exception:
+            self._free_slot()
+            raise
+
+    async def _connect(self) -> HTTPClientProtocol:
+        bind = (self.source, 0) if self.source else None
+        tcp = TCP4ClientEndpoint(self.reactor, self.ep.host, self.ep.port, timeout=self.connect_timeout,
+                                 bindAddress=bind)
+        try:
+            proto = await connectProtocol(wrapClientTLS(self.creator, tcp), HTTPClientProtocol())
+        except Exception as e:
+            self._set_up(False)
+            raise NotSent(f"cannot connect to {self.ep.name} ({self.ep.host}:{self.ep.port}): {e}") from None
+        timer = self.reactor.callLater(self.connect_timeout, proto.transport.abortConnection)
+        try:
+            await proto.ready
+        except TransportError as e:
+            self._set_up(False)
+            raise NotSent(f"{self.ep.name}: {e}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        self._set_up(True)
+        return proto
+
+    def release(self, p: HTTPClientProtocol) -> None:
+        if p.idle:
+            if self.waiters:
+                self.waiters.popleft().callback(p)
+            else:
+                self.idle.append(p)
+            return
+        if p.transport is not None:
+            p.transport.abortConnection()
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self.waiters:
+            self.waiters.popleft().callback(None)  # the waiter connects in the freed slot
+        else:
+            self.count -= 1
+
+    def _set_up(self, up: bool) -> None:
+        self.up = up
+        metrics.LINK_UP.labels(self.ep.name).set(1 if up else 0)
+
+    def close(self) -> None:
+        for p in self.idle:
+            p.transport.loseConnection()
+        self.idle.clear()
+
+
+class BureauLink:
+    def __init__(self, reactor: Any, cfg: BureauSide) -> None:
+        self.reactor = reactor
+        self.cfg = cfg
+        self.pools = [self._pool(ep) for ep in cfg.endpoints]
+
+    def _pool(self, ep: Endpoint) -> _Pool:
+        return _Pool(self.reactor, ep, tls.client_options(self.cfg.tls, ep.server_name), self.cfg.concurrency,
+                     self.cfg.connect_timeout, self.cfg.source_address)
+
+    def reload_tls(self) -> None:
+        """New certificates for new connections; connections in use finish on the old ones."""
+        creators = [tls.client_options(self.cfg.tls, ep.server_name) for ep in self.cfg.endpoints]
+        for pool, creator in zip(self.pools, creators):
+            pool.creator = creator
+            pool.close()
+
+    @property
+    def down(self) -> bool:
+        """Every endpoint failed its last attempt: deferrable trades wait, the rest fail fast."""
+        return all(p.up is False for p in self.pools)
+
+    def _path(self, ep: Endpoint, infno: str, trade_path: str | None) -> str:
+        if self.cfg.url_style == "infno_path":
+            return f"{ep.path.rstrip('/')}/{infno}"
+        if self.cfg.url_style == "per_trade" and trade_path:
+            return trade_path
+        return ep.path
+
+    async def send(self, infno: str, body: bytes, timeout: float, trade_path: str | None = None) -> Delivery:
+        """Send to the first endpoint that takes it. Raises NotSent or Unknown."""
+        reasons = []
+        for pool in sorted(self.pools, key=lambda p: p.up is False):  # endpoints that are up first
+            try:
+                conn = await pool.acquire()
+            except NotSent as e:
+                reasons.append(str(e))
+                continue
+            return await self._exchange(pool, conn, infno, body, timeout, trade_path)
+        raise NotSent("; ".join(reasons))
+
+    async def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, body: bytes, timeout: float,
+                        trade_path: str | None) -> Delivery:
+        ep = pool.ep
+        headers = {"Host": ep.server_name, "Content-Type": self.cfg.content_type, "X-Fep-Infno": infno}
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            conn.transport.abortConnection()
+
+        timer = self.reactor.callLater(timeout, expire)
+        started = time.perf_counter()
+        try:
+            resp = await conn.request(self._path(ep, infno, trade_path), body, headers)
+        except TransportError as e:
+            why = f"no answer within {timeout:g} s" if timed_out else str(e)
+            raise Unknown(f"{ep.name}: {why}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+            pool.release(conn)
+        seconds = time.perf_counter() - started
+        metrics.BUREAU_SECONDS.labels(ep.name).observe(seconds)
+        if resp.status != 200:
+            raise Unknown(f"{ep.name}: HTTP {resp.status} instead of an envelope")
+        try:
+            answer = envelope.parse_bureau_answer(resp.body)
+        except envelope.BadAnswer as e:
+            raise Unknown(f"{ep.name}: {e}") from None
+        return Delivery(answer, resp.body, ep.name, seconds)
+
+    def close(self) -> None:
+        for p in self.pools:
+            p.close()

@@ -1,0 +1,166 @@
+"""The trade catalog: what fep knows of each trade number, read from conf/trades.yaml.
+
+Everything the engine decides per trade (is it money, may it wait, how an unknown outcome is
+resolved) is looked up here, so a new trade or a province's different rule is a YAML change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class Kind(StrEnum):
+    MONEY = "money"
+    UNDO_MONEY = "undo_money"
+    STATE = "state"
+    COMPUTE = "compute"
+    QUERY = "query"
+    FILE = "file"
+    SESSION = "session"
+
+
+class OnUnknown(StrEnum):
+    REVERSE = "reverse"
+    RESEND = "resend"
+    CANCEL = "cancel"
+    PERSON = "person"
+
+
+class CatalogError(ValueError):
+    pass
+
+
+class UnknownTrade(LookupError):
+    pass
+
+
+class InvalidInput(ValueError):
+    """The trade's input misses fields its definition requires; the message names them."""
+
+
+@dataclass(frozen=True)
+class CancelSpec:
+    infno: str
+    # output node -> field -> "node.field" path in the original input, or a literal
+    input: dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class TradeDef:
+    infno: str
+    name: str
+    kind: Kind
+    timeout: float
+    deferrable: bool
+    on_unknown: OnUnknown
+    cancel: CancelSpec | None = None
+    required: tuple[str, ...] = ()
+    confirm_within: float | None = None  # seconds the HIS has to confirm a success; None: no window
+    path: str | None = None  # per-trade bureau URL path, when the province uses them
+
+    @property
+    def moves_money(self) -> bool:
+        return self.kind in (Kind.MONEY, Kind.UNDO_MONEY)
+
+    @property
+    def person_ordered(self) -> bool:
+        return self.moves_money
+
+    def validate(self, input_: dict[str, Any]) -> None:
+        missing = [p for p in self.required if not _present(input_, p)]
+        if missing:
+            raise InvalidInput(f"{self.infno} {self.name}: input is missing {', '.join(missing)}")
+
+    def cancel_input(self, original: dict[str, Any]) -> dict[str, Any]:
+        assert self.cancel is not None
+        return {node: {k: _lookup(original, v) for k, v in fields.items()}
+                for node, fields in self.cancel.input.items()}
+
+
+def _nodes(input_: dict[str, Any], node: str) -> list[Any]:
+    value = input_.get(node)
+    if isinstance(value, list):
+        return value
+    return [value]
+
+
+def _present(input_: dict[str, Any], path: str) -> bool:
+    node, _, name = path.partition(".")
+    items = _nodes(input_, node)
+    return bool(items) and all(isinstance(i, dict) and i.get(name) not in (None, "") for i in items)
+
+
+def _lookup(input_: dict[str, Any], path: str) -> Any:
+    """"node.field" names a value in the original input; anything else is a literal."""
+    node, dot, name = path.partition(".")
+    if not dot or node not in input_:
+        return path
+    first = _nodes(input_, node)[0]
+    return first.get(name) if isinstance(first, dict) else None
+
+
+@dataclass
+class Catalog:
+    trades: dict[str, TradeDef] = field(default_factory=dict)
+
+    def get(self, infno: str) -> TradeDef:
+        try:
+            return self.trades[infno]
+        except KeyError:
+            raise UnknownTrade(f"trade {infno} is not in the trade catalog (conf/trades.yaml); not forwarded") from None
+
+    @classmethod
+    def load(cls, path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Catalog:
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise CatalogError(f"cannot read trade catalog {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise CatalogError(f"trade catalog {path} is not valid YAML: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("trades"), dict):
+            raise CatalogError(f"trade catalog {path} must have a `trades:` mapping")
+        defaults = doc.get("defaults") or {}
+        trades = {}
+        for infno, spec in doc["trades"].items():
+            spec = {**defaults, **(spec or {}), **((overrides or {}).get(str(infno)) or {})}
+            trades[str(infno)] = _trade(str(infno), spec, path)
+        for t in trades.values():
+            if t.cancel and t.cancel.infno not in trades:
+                raise CatalogError(f"{path}: trade {t.infno} is cancelled by {t.cancel.infno}, which is not defined")
+        if any(t.on_unknown is OnUnknown.REVERSE for t in trades.values()) and "2601" not in trades:
+            raise CatalogError(f"{path}: trades are resolved by 2601 reversal but 2601 is not defined")
+        return cls(trades)
+
+
+def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
+    where = f"{path}: trade {infno}"
+    try:
+        cancel = spec.get("cancel")
+        t = TradeDef(
+            infno=infno,
+            name=str(spec["name"]),
+            kind=Kind(spec["kind"]),
+            timeout=float(spec["timeout"]),
+            deferrable=bool(spec["deferrable"]),
+            on_unknown=OnUnknown(spec["on_unknown"]),
+            cancel=CancelSpec(str(cancel["infno"]), cancel["input"]) if cancel else None,
+            required=tuple(spec.get("required") or ()),
+            confirm_within=float(spec["confirm_within"]) if spec.get("confirm_within") else None,
+            path=spec.get("path"),
+        )
+    except KeyError as e:
+        raise CatalogError(f"{where}: missing {e.args[0]}") from None
+    except (ValueError, TypeError) as e:
+        raise CatalogError(f"{where}: {e}") from None
+    if t.on_unknown is OnUnknown.CANCEL and t.cancel is None:
+        raise CatalogError(f"{where}: on_unknown is cancel but no `cancel:` is given")
+    if t.timeout <= 0:
+        raise CatalogError(f"{where}: timeout must be positive")
+    if t.deferrable and t.kind in (Kind.QUERY, Kind.MONEY, Kind.UNDO_MONEY, Kind.COMPUTE):
+        raise CatalogError(f"{where}: a {t.kind} trade cannot be deferred (its answer is needed now)")
+    return t

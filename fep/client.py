@@ -1,0 +1,70 @@
+"""A small blocking client for scripts and people: post a trade to fep, look one up, confirm one.
+
+    from fep.client import Client
+    c = Client.unix("var/run/his.sock")          # or Client.tcp("127.0.0.1", 8097)
+    answer = c.call("1101", {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": "..."}})
+    answer["infcode"], answer["fep_msgid"], answer["fep_state"]
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from fep import envelope
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+@dataclass
+class Client:
+    unix_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8097
+    timeout: float = 70.0  # longer than fep's answer budget: fep always answers first
+
+    @classmethod
+    def unix(cls, path: str, timeout: float = 70.0) -> Client:
+        return cls(unix_path=str(path), timeout=timeout)
+
+    @classmethod
+    def tcp(cls, host: str, port: int, timeout: float = 70.0) -> Client:
+        return cls(host=host, port=port, timeout=timeout)
+
+    def _conn(self) -> http.client.HTTPConnection:
+        if self.unix_path:
+            return _UnixConnection(self.unix_path, self.timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
+        conn = self._conn()
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, envelope.loads(resp.read())
+        finally:
+            conn.close()
+
+    def call(self, infno: str, input_: dict[str, Any], msgid: str | None = None, **fields: Any) -> dict[str, Any]:
+        env: dict[str, Any] = {"infno": infno, "input": input_, "opter_type": "1", "opter": "his",
+                               "opter_name": "HIS", **fields}
+        if msgid:
+            env["msgid"] = msgid
+        return self.request("POST", "/fsi/api/rsfComIfsService/callService", envelope.dumps(env))[1]
+
+    def lookup(self, msgid: str) -> dict[str, Any]:
+        return self.request("GET", f"/fep/trades/{msgid}")[1]
+
+    def confirm(self, msgid: str) -> dict[str, Any]:
+        return self.request("POST", f"/fep/confirm/{msgid}")[1]

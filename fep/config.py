@@ -1,0 +1,208 @@
+"""fep.yaml: the daemon's configuration. Every error names the key and what is wrong with it."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fep.catalog import Catalog, CatalogError
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Institution:
+    fixmedins_code: str
+    fixmedins_name: str
+    mdtrtarea_admvs: str
+    infver: str = "V1.0"
+    recer_sys_code: str = "FEP"
+
+
+@dataclass(frozen=True)
+class HisSide:
+    tcp_host: str
+    tcp_port: int
+    unix: Path | None
+    max_body: int
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # What the HIS is told it may wait, in seconds; must exceed every bureau timeout (layered budget).
+    answer_budget: float
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    url: str
+    host: str
+    port: int
+    path: str
+    server_name: str
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: Path
+    cert: Path
+    key: Path
+    min_version: str = "1.2"
+    ciphers: str | None = None
+
+
+@dataclass(frozen=True)
+class BureauSide:
+    endpoints: tuple[Endpoint, ...]
+    tls: TLSFiles
+    url_style: str  # dispatcher | infno_path | per_trade
+    concurrency: int
+    connect_timeout: float
+    source_address: str | None
+    signin: dict[str, str]
+    not_signed_in: tuple[str, ...]  # err_msg fragments meaning "sign in again"
+    reversal_not_found: tuple[str, ...]  # err_msg fragments of a 2601 answer meaning "original not there"
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    max_tries: int
+    backoff: tuple[float, ...]  # seconds between tries; the last repeats
+
+
+@dataclass(frozen=True)
+class Config:
+    institution: Institution
+    his: HisSide
+    bureau: BureauSide
+    journal_path: Path
+    journal_max_batch: int
+    resolution: Resolution
+    catalog: Catalog
+    admin: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+
+def _need(doc: dict[str, Any], key: str, where: str) -> Any:
+    if not isinstance(doc, dict) or key not in doc or doc[key] in (None, ""):
+        raise ConfigError(f"{where}{key} is required")
+    return doc[key]
+
+
+def _path(base: Path, value: Any) -> Path:
+    p = Path(str(value))
+    return p if p.is_absolute() else base / p
+
+
+def load(path: Path, base: Path | None = None) -> Config:
+    """Relative paths in the file are taken from `base` (default: the current directory)."""
+    base = base or Path.cwd()
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    try:
+        return _build(doc, path, base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
+    inst = _need(doc, "institution", "")
+    code = str(_need(inst, "fixmedins_code", "institution."))
+    if not re.fullmatch(r"[0-9A-Z]{12}", code):
+        raise ConfigError(f"institution.fixmedins_code must be 12 upper-case letters or digits, got {code!r}")
+    institution = Institution(
+        fixmedins_code=code,
+        fixmedins_name=str(_need(inst, "fixmedins_name", "institution.")),
+        mdtrtarea_admvs=str(_need(inst, "mdtrtarea_admvs", "institution.")),
+        infver=str(inst.get("infver", "V1.0")),
+        recer_sys_code=str(inst.get("recer_sys_code", "FEP")),
+    )
+    his_doc = _need(doc, "his", "")
+    try:
+        nets = tuple(ipaddress.ip_network(n) for n in his_doc.get("allowed_networks", ["127.0.0.0/8", "::1/128"]))
+    except ValueError as e:
+        raise ConfigError(f"his.allowed_networks: {e}") from None
+    his = HisSide(
+        tcp_host=str(his_doc.get("tcp_host", "127.0.0.1")),
+        tcp_port=int(his_doc.get("tcp_port", 8097)),
+        unix=_path(base, his_doc["unix"]) if his_doc.get("unix") else None,
+        max_body=int(his_doc.get("max_body", 1 << 20)),
+        allowed_networks=nets,
+        answer_budget=float(his_doc.get("answer_budget", 60)),
+    )
+    bureau = _bureau(_need(doc, "bureau", ""), base)
+    jr = _need(doc, "journal", "")
+    res = doc.get("resolution") or {}
+    trades_path = _path(path.parent, doc.get("trades", "trades.yaml"))
+    try:
+        catalog = Catalog.load(trades_path, doc.get("trade_overrides"))
+    except CatalogError as e:
+        raise ConfigError(str(e)) from None
+    longest = max(t.timeout for t in catalog.trades.values())
+    if his.answer_budget <= longest:
+        raise ConfigError(f"his.answer_budget ({his.answer_budget:g} s) must exceed the longest bureau timeout "
+                          f"in the trade catalog ({longest:g} s): the HIS must outwait fep")
+    return Config(
+        institution=institution,
+        his=his,
+        bureau=bureau,
+        journal_path=_path(base, _need(jr, "path", "journal.")),
+        journal_max_batch=int(jr.get("max_batch", 512)),
+        resolution=Resolution(
+            max_tries=int(res.get("max_tries", 10)),
+            backoff=tuple(float(x) for x in res.get("backoff", [0, 2, 10, 30, 60, 300])),
+        ),
+        catalog=catalog,
+        admin=doc.get("admin") or {},
+        source=path,
+    )
+
+
+def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
+    eps = _need(doc, "endpoints", "bureau.")
+    if not isinstance(eps, list) or not eps:
+        raise ConfigError("bureau.endpoints must be a non-empty list")
+    endpoints = []
+    for i, ep in enumerate(eps):
+        url = str(_need(ep, "url", f"bureau.endpoints[{i}]."))
+        m = re.fullmatch(r"https://([^/:]+|\[[0-9a-fA-F:]+\]):(\d+)(/.*)?", url)
+        if not m:
+            raise ConfigError(f"bureau.endpoints[{i}].url must be https://host:port/path, got {url!r}")
+        endpoints.append(Endpoint(
+            name=str(ep.get("name", m.group(1))), url=url, host=m.group(1).strip("[]"), port=int(m.group(2)),
+            path=m.group(3) or "/", server_name=str(ep.get("server_name", m.group(1))),
+        ))
+    tls = _need(doc, "tls", "bureau.")
+    style = str(doc.get("url_style", "dispatcher"))
+    if style not in ("dispatcher", "infno_path", "per_trade"):
+        raise ConfigError(f"bureau.url_style must be dispatcher, infno_path or per_trade, got {style!r}")
+    min_version = str(tls.get("min_version", "1.2"))
+    if min_version not in ("1.2", "1.3"):
+        raise ConfigError(f"bureau.tls.min_version must be 1.2 or 1.3, got {min_version!r}")
+    return BureauSide(
+        endpoints=tuple(endpoints),
+        tls=TLSFiles(ca=_path(base, _need(tls, "ca", "bureau.tls.")),
+                     cert=_path(base, _need(tls, "cert", "bureau.tls.")),
+                     key=_path(base, _need(tls, "key", "bureau.tls.")),
+                     min_version=min_version, ciphers=tls.get("ciphers")),
+        url_style=style,
+        concurrency=int(doc.get("concurrency", 16)),
+        connect_timeout=float(doc.get("connect_timeout", 3)),
+        source_address=doc.get("source_address"),
+        signin={k: str(v) for k, v in (_need(doc, "signin", "bureau.")).items()},
+        not_signed_in=tuple(doc.get("not_signed_in", ["未签到", "签到信息不存在", "not signed in"])),
+        reversal_not_found=tuple(doc.get("reversal_not_found", ["原交易不存在", "not found"])),
+        content_type=str(doc.get("content_type", "application/json")),
+    )

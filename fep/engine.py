@@ -1,0 +1,522 @@
+"""The engine: the one place that decides what happens to a trade.
+
+It moves trades through the machine in fep.states, one durable journal write per transition:
+the request is journalled (SENT) before the first byte leaves, the answer (ANSWERED) before the HIS
+hears it. An unknown outcome is resolved as conf/trades.yaml says (2601, resend, dedicated cancel,
+person), repeated with backoff until the bureau settles it. Deferrable trades wait in QUEUED while the
+bureau is unreachable and are replayed in order per insured person. Money-moving trades of one person
+go one at a time. Recovery on start is reading states: nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Any, AsyncIterator
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from fep import envelope, metrics
+from fep.bureau import BureauLink, Delivery, NotSent, Unknown
+from fep.catalog import Kind, OnUnknown, TradeDef
+from fep.config import Config
+from fep.journal import IllegalTransition, Journal, NewTrade, TradeRow
+from fep.msgid import well_formed
+from fep.replies import Reply, reply
+from fep.states import IN_FORCE, State
+
+log = Logger()
+S = State
+
+
+class Refused(Exception):
+    """fep will not take this request; nothing was journalled for it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Engine:
+    def __init__(self, reactor: Any, cfg: Config, journal: Journal, link: BureauLink) -> None:
+        self.reactor = reactor
+        self.cfg = cfg
+        self.catalog = cfg.catalog
+        self.journal = journal
+        self.link = link
+        self._lanes: dict[str, defer.DeferredLock] = {}
+        self._driving: set[str] = set()
+        self._queues: dict[str, deque[str]] = {}  # psn_no -> msgids in QUEUED or parked, in arrival order
+        self._draining: set[str] = set()
+        self._sign_no = ""
+        self._signed_on: date | None = None
+        self._signing: defer.Deferred[None] | None = None
+        self._poll: task.LoopingCall | None = None
+        self._confirm_timers: dict[str, Any] = {}
+        self._fresh: set[str] = set()  # resolving trades journalled by this process and not yet sent
+
+    # ---- start and stop ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Recovery: read every open trade's state and pick it up. Runs before the listeners open."""
+        for row in await self.journal.open_trades():
+            await self._recover(row)
+        self._poll = task.LoopingCall(self._tick)
+        self._poll.clock = self.reactor
+        self._poll.start(1.0, now=False)
+        defer.ensureDeferred(self._ensure_signed_in())
+
+    async def _recover(self, row: TradeRow) -> None:
+        if row.related:  # a resolving trade is driven by the trade it resolves
+            return
+        if row.state is S.SENT:
+            await self.journal.transition(row.msgid, "lost", note="fep stopped while it was at the bureau")
+            row.state = S.UNKNOWN
+        if row.state in (S.UNKNOWN, S.RESOLVING):
+            self._spawn(self._resolve(row.msgid))
+        elif row.state is S.QUEUED:
+            self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
+        elif row.state is S.AWAITING_CONFIRM:
+            self._arm_confirm(row.msgid, row.deadline or time.time())
+
+    def stop(self) -> None:
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        for timer in self._confirm_timers.values():
+            if timer.active():
+                timer.cancel()
+
+    def _tick(self) -> None:
+        """Once a second: replay queues whose link may be back; sign in again when the day changes."""
+        for psn in list(self._queues):
+            self._kick(psn)
+        if self._signed_on != date.today():
+            defer.ensureDeferred(self._ensure_signed_in())
+
+    # ---- HIS entry points ----------------------------------------------------------------------
+    async def submit(self, req: envelope.HisRequest) -> Reply:
+        started = time.perf_counter()
+        trade = self.catalog.get(req.infno)
+        trade.validate(req.input)
+        msgid = req.msgid if req.msgid and well_formed(req.msgid) else None
+        psn = envelope.find_psn_no(req.input)
+        if trade.person_ordered and psn:
+            async with self._lane(psn):
+                result = await self._submit(trade, req, msgid, psn)
+        else:
+            result = await self._submit(trade, req, msgid, psn)
+        metrics.TRADES.labels(trade.infno, result.body.get("fep_state", "?")).inc()
+        metrics.TRADE_SECONDS.labels(trade.infno).observe(time.perf_counter() - started)
+        return result
+
+    async def lookup(self, msgid: str) -> Reply:
+        row = await self.journal.get(msgid)
+        if row is None:
+            raise Refused(404, f"no trade with msgid {msgid} in the journal")
+        return reply(row)
+
+    async def confirm(self, msgid: str) -> Reply:
+        """The HIS recorded a settlement that has a confirmation window."""
+        row = await self.journal.get(msgid)
+        if row is None:
+            raise Refused(404, f"no trade with msgid {msgid} in the journal")
+        if row.state is S.AWAITING_CONFIRM:
+            try:
+                await self.journal.transition(msgid, "confirm", note="confirmed by the HIS")
+            except IllegalTransition:
+                pass  # the window closed in the meantime; the reply shows what happened
+            timer = self._confirm_timers.pop(msgid, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+        elif row.state is not S.CONFIRMED:
+            raise Refused(409, f"trade {msgid} is {row.state}, not awaiting confirmation")
+        return reply(await self.journal.get(msgid))
+
+    # ---- the normal path ------------------------------------------------------------------------
+    async def _submit(self, trade: TradeDef, req: envelope.HisRequest, msgid: str | None,
+                      psn: str | None) -> Reply:
+        digest = envelope.payload_hash(req.envelope)
+        if trade.kind is Kind.UNDO_MONEY and psn:
+            if msgid is None or await self.journal.get(msgid) is None:
+                await self._check_refund_order(req.input, psn)
+        await self._ensure_signed_in()
+        queue_it = trade.deferrable and (self.link.down or bool(self._queues.get(psn or "")))
+        new = NewTrade(trade.infno, msgid, psn, S.QUEUED if queue_it else S.SENT, digest,
+                       self._complete(req.envelope))
+        acc = await self.journal.accept(new)
+        if not acc.created:
+            return await self._resubmitted(trade, acc.row, digest)
+        if queue_it:
+            self._enqueue(acc.row)
+            return reply(acc.row)
+        return await self._forward(trade, acc.row)
+
+    def _complete(self, his_envelope: dict[str, Any]) -> dict[str, Any]:
+        """Fill what the box owns; keep what the HIS says of itself."""
+        inst = self.cfg.institution
+        env = dict(his_envelope)
+        env.pop("msgid", None)
+        env.update(fixmedins_code=inst.fixmedins_code, fixmedins_name=inst.fixmedins_name,
+                   sign_no=self._sign_no, inf_time=envelope.inf_time(datetime.now()))
+        for key, value in (("mdtrtarea_admvs", inst.mdtrtarea_admvs), ("recer_sys_code", inst.recer_sys_code),
+                           ("infver", inst.infver), ("insuplc_admdvs", ""), ("opter_type", "1"),
+                           ("opter", "fep"), ("opter_name", "fep")):
+            if not env.get(key):
+                env[key] = value
+        return env
+
+    def _refreshed(self, row: TradeRow) -> str:
+        """A trade that never left is sent with today's session, not the one it was accepted under."""
+        env = row.envelope
+        env.update(sign_no=self._sign_no, inf_time=envelope.inf_time(datetime.now()))
+        return envelope.dumps(env).decode("utf-8")
+
+    async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: str) -> Reply:
+        if row.payload_hash != digest:
+            raise Refused(422, f"msgid {row.msgid} was already used for a different trade ({row.infno}); "
+                               f"a msgid names one trade forever")
+        if row.state is S.NOT_SENT:  # it never left the box: this submission may send it
+            request = self._refreshed(row)
+            await self.journal.transition(row.msgid, "retry", note="sent again by the HIS", request=request)
+            row.request, row.state = request, S.SENT
+            return await self._forward(trade, row)
+        return reply(row, resubmitted=True)
+
+    async def _forward(self, trade: TradeDef, row: TradeRow) -> Reply:
+        """Send a journalled trade (state SENT) and record what became of it."""
+        try:
+            delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout, trade.path)
+        except NotSent as e:
+            return await self._not_sent(trade, row, str(e))
+        except Unknown as e:
+            await self.journal.transition(row.msgid, "lost", note=str(e))
+            metrics.UNKNOWN_OUTCOMES.labels(trade.infno).inc()
+            log.warn("{infno} {msgid}: outcome unknown: {why}", infno=trade.infno, msgid=row.msgid, why=str(e))
+            return await self._start_resolving(trade, row.msgid, str(e))
+        return await self._answered(trade, row, delivery)
+
+    async def _not_sent(self, trade: TradeDef, row: TradeRow, why: str) -> Reply:
+        if trade.deferrable:
+            await self.journal.transition(row.msgid, "requeue", note=f"bureau unreachable: {why}")
+            row.state = S.QUEUED
+            self._enqueue(row)
+            return reply(row)
+        failure = envelope.local_failure(f"bureau unreachable, nothing was sent: {why}", datetime.now())
+        answer = envelope.dumps(failure).decode("utf-8")
+        await self.journal.transition(row.msgid, "not_sent", note=why, answer=answer)
+        row.state, row.answer, row.note = S.NOT_SENT, answer, why
+        return reply(row)
+
+    async def _answered(self, trade: TradeDef, row: TradeRow, delivery: Delivery) -> Reply:
+        ans = delivery.answer
+        fields: dict[str, Any] = {"answer": delivery.body.decode("utf-8"), "endpoint": delivery.endpoint}
+        if ans.ok and trade.moves_money:
+            fields.update(_settlement(trade, row, ans))
+        event = "answer"
+        if ans.ok and trade.confirm_within:
+            event, fields["deadline"] = "answer_held", time.time() + trade.confirm_within
+        elif not ans.ok and row.attempts > 1 and trade.deferrable:
+            event = "give_up"  # a replayed item the bureau refuses: parked, later items of the person wait
+            fields["note"] = f"the bureau refused the replayed trade: {ans.err_msg}"
+        note = fields.pop("note", None)
+        await self.journal.transition(row.msgid, event, note=note, **fields)
+        if not ans.ok and self._not_signed_in(ans):
+            self._signed_on = None  # sign in again before the next trade
+        if event == "answer_held":
+            self._arm_confirm(row.msgid, fields["deadline"])
+        row.answer, row.endpoint, row.note = fields["answer"], delivery.endpoint, note
+        row.state = {"answer": S.ANSWERED, "answer_held": S.AWAITING_CONFIRM, "give_up": S.NEEDS_ATTENTION}[event]
+        row.deadline = fields.get("deadline", row.deadline)
+        return reply(row)
+
+    # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
+    async def _check_refund_order(self, input_: dict[str, Any], psn: str) -> None:
+        """A cancel is refused while a later settlement of the same person is still in force."""
+        setl_id = str(next((n.get("setl_id") for n in input_.values() if isinstance(n, dict)), "") or "")
+        money = {t.infno for t in self.catalog.trades.values() if t.kind is Kind.MONEY}
+        in_force = ", ".join(f"'{s.value}'" for s in IN_FORCE)
+        rows = await self.journal.select(
+            f"psn_no=? AND state IN ({in_force}) AND setl_id IS NOT NULL ORDER BY id", [psn])
+        cancelled = {r.cancels for r in rows if r.cancels}
+        settlements = [r for r in rows if r.infno in money and r.setl_id not in cancelled]
+        ids = [r.setl_id for r in settlements]
+        if setl_id not in ids:
+            return  # not settled through this box: the bureau decides
+        later = settlements[ids.index(setl_id) + 1:]
+        if later:
+            order = ", ".join(f"{r.setl_id} ({r.infno}, msgid {r.msgid})" for r in reversed(later))
+            raise Refused(409, f"refunds go last settlement first: cancel {order} before {setl_id}")
+
+    # ---- unknown outcomes ------------------------------------------------------------------------
+    async def _start_resolving(self, trade: TradeDef, msgid: str, why: str) -> Reply:
+        """Called with the trade in UNKNOWN. The HIS hears at once what is being done about it."""
+        if trade.on_unknown is OnUnknown.PERSON:
+            await self.journal.transition(msgid, "give_up", note=f"outcome unknown ({why}); a person decides")
+        elif trade.on_unknown in (OnUnknown.REVERSE, OnUnknown.CANCEL):
+            row = await self.journal.get(msgid)
+            await self._journal_resolver(msgid, self._resolving_trade(trade, row), f"outcome unknown ({why})")
+        self._spawn(self._resolve(msgid))
+        return reply(await self.journal.get(msgid))
+
+    async def _journal_resolver(self, msgid: str, child: NewTrade, note: str, event: str = "resolve",
+                                **fields: Any) -> None:
+        acc = await self.journal.resolve_with(msgid, child, note, event, **fields)
+        self._fresh.add(acc.row.msgid)
+
+    def _resolving_trade(self, trade: TradeDef, row: TradeRow) -> NewTrade:
+        orig = row.envelope
+        if trade.on_unknown is OnUnknown.REVERSE:
+            infno = "2601"
+            input_ = {"data": {"psn_no": row.psn_no or "", "omsgid": row.msgid, "oinfno": row.infno}}
+        else:
+            infno = trade.cancel.infno  # type: ignore[union-attr]
+            input_ = trade.cancel_input(orig["input"])
+        # The reversal travels in the original's envelope: same insured place, same operator.
+        env = self._complete({k: v for k, v in orig.items() if k in (
+            "insuplc_admdvs", "mdtrtarea_admvs", "recer_sys_code", "infver", "opter_type", "opter",
+            "opter_name")} | {"infno": infno, "input": input_})
+        return NewTrade(infno, None, row.psn_no, S.SENT, envelope.payload_hash(env), env, related=row.msgid)
+
+    async def _resolve(self, msgid: str) -> None:
+        """Drive one unknown outcome to a final state, with backoff, across restarts."""
+        if msgid in self._driving:
+            return
+        self._driving.add(msgid)
+        try:
+            while True:
+                row = await self.journal.get(msgid)
+                if row is None or row.state not in (S.UNKNOWN, S.RESOLVING):
+                    return
+                trade = self.catalog.get(row.infno)
+                if trade.on_unknown is OnUnknown.RESEND:
+                    done = await self._resend(trade, row)
+                else:
+                    done = await self._attempt_resolver(trade, row)
+                if done:
+                    return
+        except Exception:
+            log.failure("resolving {msgid} failed; it stays open and is picked up at the next start", msgid=msgid)
+        finally:
+            self._driving.discard(msgid)
+
+    def _backoff(self, tries: int) -> float:
+        steps = self.cfg.resolution.backoff
+        return steps[min(tries, len(steps) - 1)] if steps else 1.0
+
+    async def _pause(self, tries: int) -> None:
+        delay = self._backoff(tries)
+        if delay > 0:
+            await task.deferLater(self.reactor, delay)
+
+    async def _resend(self, trade: TradeDef, row: TradeRow) -> bool:
+        """Send the same msgid again: the bureau answers a repeated msgid with its first answer."""
+        if row.attempts >= self.cfg.resolution.max_tries:
+            await self.journal.transition(row.msgid, "give_up", note=f"no answer after {row.attempts} tries")
+            return True
+        await self._pause(row.attempts)
+        async with self._lane_for(trade, row):
+            await self.journal.transition(row.msgid, "resend", note="sent again with the same msgid",
+                                          attempts=row.attempts + 1)
+            row.state, row.attempts = S.SENT, row.attempts + 1
+            try:
+                delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout, trade.path)
+            except (NotSent, Unknown) as e:
+                await self.journal.transition(row.msgid, "lost", note=str(e))
+                return False
+            await self._answered(trade, row, delivery)
+        if trade.deferrable:
+            self._kick(row.psn_no or "")
+        return True
+
+    async def _attempt_resolver(self, trade: TradeDef, row: TradeRow) -> bool:
+        """One try of the resolving trade (2601 or the dedicated cancel) of `row`."""
+        if row.state is S.UNKNOWN:  # stopped between "lost" and "resolve"
+            await self._journal_resolver(row.msgid, self._resolving_trade(trade, row), "resolving")
+            return False
+        child = await self.journal.get(row.resolver or "")
+        assert child is not None, f"{row.msgid} is RESOLVING without a resolving trade"
+        child_def = self.catalog.get(child.infno)
+        if child.state is S.ANSWERED:  # the bureau refused the last one: a fresh try, new msgid
+            if row.attempts >= self.cfg.resolution.max_tries:
+                await self.journal.transition(row.msgid, "give_up", note=f"{child.infno} refused {row.attempts} "
+                                              f"times; last: {row.note}")
+                return True
+            await self._pause(row.attempts)
+            await self._journal_resolver(row.msgid, self._resolving_trade(trade, row), "trying again",
+                                         event="reattempt", attempts=row.attempts + 1)
+            return False
+        if child.attempts >= self.cfg.resolution.max_tries and child.state is not S.SENT:
+            await self.journal.transitions(
+                (child.msgid, "give_up", f"no answer after {child.attempts} tries", {}),
+                (row.msgid, "give_up", f"{child.infno} {child.msgid} got no answer after {child.attempts} tries",
+                 {}))
+            return True
+        async with self._lane_for(trade, row):
+            if child.msgid in self._fresh:  # journalled just now, never sent: send as it is
+                self._fresh.discard(child.msgid)
+            else:
+                if child.state is S.SENT:  # found so after a restart: it may have arrived
+                    await self.journal.transition(child.msgid, "lost", note="fep stopped while it was sent")
+                await self._pause(child.attempts)
+                await self.journal.transition(child.msgid, "resend", note="sent again with the same msgid",
+                                              attempts=child.attempts + 1)
+            try:
+                delivery = await self.link.send(child.infno, child.request.encode("utf-8"), child_def.timeout,
+                                                child_def.path)
+            except (NotSent, Unknown) as e:
+                await self.journal.transition(child.msgid, "lost", note=str(e))
+                return False
+        return await self._resolver_answered(row, child, delivery)
+
+    async def _resolver_answered(self, row: TradeRow, child: TradeRow, delivery: Delivery) -> bool:
+        ans = delivery.answer
+        child_fields = {"answer": delivery.body.decode("utf-8"), "endpoint": delivery.endpoint}
+        if ans.ok:
+            parent = (row.msgid, "undone", f"undone by {child.infno} {child.msgid}", {})
+        elif child.infno == "2601" and any(s in ans.err_msg for s in self.cfg.bureau.reversal_not_found):
+            parent = (row.msgid, "not_needed", f"the bureau has no record of it ({ans.err_msg})", {})
+        else:
+            await self.journal.transitions((child.msgid, "answer", ans.err_msg, child_fields))
+            row.note = ans.err_msg
+            log.warn("{infno} {msgid} refused by the bureau: {err}; trying again", infno=child.infno,
+                     msgid=child.msgid, err=ans.err_msg)
+            return False
+        await self.journal.transitions((child.msgid, "answer", None, child_fields), parent)
+        return True
+
+    # ---- store and forward ------------------------------------------------------------------------
+    def _enqueue(self, row: TradeRow) -> None:
+        self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
+        self._kick(row.psn_no or "")
+
+    def _kick(self, psn: str) -> None:
+        if psn in self._draining or not self._queues.get(psn):
+            return
+        self._draining.add(psn)
+        self._spawn(self._drain(psn))
+
+    async def _drain(self, psn: str) -> None:
+        """Send one person's queued trades in arrival order; stop at the first that cannot go."""
+        try:
+            q = self._queues.get(psn, deque())
+            while q:
+                row = await self.journal.get(q[0])
+                if row is None or row.state is not S.QUEUED:
+                    if row is not None and row.state in (S.NEEDS_ATTENTION, S.UNKNOWN, S.RESOLVING, S.SENT):
+                        return  # parked or being resolved: later items of this person wait behind it
+                    q.popleft()
+                    continue
+                trade = self.catalog.get(row.infno)
+                await self._ensure_signed_in()
+                request = self._refreshed(row)
+                await self.journal.transition(row.msgid, "dequeue", note="replayed", request=request,
+                                              attempts=row.attempts + 1)
+                row.request, row.state, row.attempts = request, S.SENT, row.attempts + 1
+                try:
+                    delivery = await self.link.send(trade.infno, request.encode("utf-8"), trade.timeout, trade.path)
+                except NotSent as e:
+                    await self.journal.transition(row.msgid, "requeue", note=f"bureau unreachable: {e}")
+                    return
+                except Unknown as e:
+                    await self.journal.transition(row.msgid, "lost", note=str(e))
+                    await self._start_resolving(trade, row.msgid, str(e))
+                    return
+                result = await self._answered(trade, row, delivery)
+                if result.body.get("fep_state") == S.NEEDS_ATTENTION:
+                    return
+                q.popleft()
+            self._queues.pop(psn, None)
+        except Exception:
+            log.failure("replaying the queue of a person failed; it is tried again")
+        finally:
+            self._draining.discard(psn)
+
+    # ---- confirmation window -----------------------------------------------------------------------
+    def _arm_confirm(self, msgid: str, deadline: float) -> None:
+        delay = max(0.0, deadline - time.time())
+        self._confirm_timers[msgid] = self.reactor.callLater(delay, self._spawn, self._unconfirmed(msgid))
+
+    async def _unconfirmed(self, msgid: str) -> None:
+        """The HIS did not confirm in time: it failed to record the settlement, so it is undone."""
+        self._confirm_timers.pop(msgid, None)
+        row = await self.journal.get(msgid)
+        if row is None or row.state is not S.AWAITING_CONFIRM:
+            return
+        trade = self.catalog.get(row.infno)
+        try:
+            await self._journal_resolver(msgid, self._resolving_trade(trade, row), "the HIS did not confirm in time")
+        except IllegalTransition:
+            return  # confirmed at the last moment
+        await self._resolve(msgid)
+
+    # ---- sign-in (9001) ------------------------------------------------------------------------------
+    async def _ensure_signed_in(self) -> None:
+        if self._signed_on == date.today():
+            return
+        if self._signing is None:
+            self._signing = defer.ensureDeferred(self._sign_in())
+        signing = self._signing
+        await signing
+
+    async def _sign_in(self) -> None:
+        try:
+            trade = self.catalog.get("9001")
+            env = self._complete({"infno": "9001", "input": {"signIn": dict(self.cfg.bureau.signin)}})
+            acc = await self.journal.accept(NewTrade("9001", None, None, S.SENT, envelope.payload_hash(env), env))
+            result = await self._forward(trade, acc.row)
+            body = result.body
+            sign_no = ((body.get("output") or {}).get("signinoutb") or {}).get("sign_no")
+            if body.get("infcode") == 0 and sign_no:
+                self._sign_no, self._signed_on = str(sign_no), date.today()
+                metrics.SIGNED_IN.set(1)
+                log.info("signed in to the bureau, sign_no {sign_no}", sign_no=self._sign_no)
+            else:
+                metrics.SIGNED_IN.set(0)
+                log.warn("sign-in (9001) failed: {err}", err=body.get("err_msg"))
+        finally:
+            self._signing = None
+
+    def _not_signed_in(self, ans: envelope.BureauAnswer) -> bool:
+        return any(s in ans.err_msg for s in self.cfg.bureau.not_signed_in)
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _lane(self, psn: str) -> AsyncIterator[None]:
+        """Money-moving trades of one insured person, one at a time, in arrival order."""
+        lock = self._lanes.setdefault(psn, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._lanes.pop(psn, None)
+
+    @asynccontextmanager
+    async def _lane_for(self, trade: TradeDef, row: TradeRow) -> AsyncIterator[None]:
+        if trade.person_ordered and row.psn_no:
+            async with self._lane(row.psn_no):
+                yield
+        else:
+            yield
+
+    def _spawn(self, coro: Any) -> defer.Deferred[Any]:
+        d = defer.ensureDeferred(coro)
+        d.addErrback(lambda f: log.failure("background work failed", f))
+        return d
+
+
+
+def _settlement(trade: TradeDef, row: TradeRow, ans: envelope.BureauAnswer) -> dict[str, Any]:
+    """What reconciliation and refund order need from a successful settlement or cancel."""
+    setlinfo = (ans.output or {}).get("setlinfo") if isinstance(ans.output, dict) else None
+    fields: dict[str, Any] = {}
+    if isinstance(setlinfo, dict) and setlinfo.get("setl_id"):
+        fields["setl_id"] = str(setlinfo["setl_id"])
+    if trade.kind is Kind.UNDO_MONEY:
+        data = row.envelope["input"].get("data") or {}
+        if data.get("setl_id"):
+            fields["cancels"] = str(data["setl_id"])
+    return fields

@@ -1,0 +1,155 @@
+"""The national request/response envelope (nhsa-interface.md §1), decimal-exact both ways.
+
+Pure data: no sockets, no SQLite. The HIS listener, the bureau link and the simulator all use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import simplejson
+
+from fep.http11 import Response
+
+# Fields the box owns: whatever the HIS sends for them is replaced (task 2).
+BOX_FIELDS = ("fixmedins_code", "fixmedins_name", "sign_no", "inf_time")
+REQUIRED_FROM_HIS = ("infno", "input")
+# Never written to logs or error texts (may carry card or e-certificate password material).
+SECRET_FIELDS = ("cainfo",)
+
+
+class BadEnvelope(ValueError):
+    """The HIS sent something that is not a usable request; the message names what is wrong."""
+
+
+def loads(data: bytes | str) -> Any:
+    return simplejson.loads(data, use_decimal=True)
+
+
+def dumps(obj: Any) -> bytes:
+    return simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def payload_hash(envelope: dict[str, Any]) -> str:
+    """What makes two submissions of one msgid "the same": the trade and its input, not the clock."""
+    core = {"infno": envelope.get("infno"), "input": envelope.get("input"),
+            "insuplc_admdvs": envelope.get("insuplc_admdvs", "")}
+    return hashlib.sha256(simplejson.dumps(core, use_decimal=True, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class HisRequest:
+    infno: str
+    msgid: str | None  # as sent by the HIS; None when absent
+    envelope: dict[str, Any]
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.envelope["input"]
+
+
+def parse_his_request(body: bytes) -> HisRequest:
+    if not body.strip():
+        raise BadEnvelope("empty request body: expected a JSON object holding the national envelope")
+    try:
+        env = loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadEnvelope(f"request body is not valid JSON: {e}") from None
+    if not isinstance(env, dict):
+        raise BadEnvelope("request body must be a JSON object (the national envelope)")
+    missing = [f for f in REQUIRED_FROM_HIS if f not in env]
+    if missing:
+        raise BadEnvelope(f"envelope is missing {', '.join(missing)}")
+    infno = env["infno"]
+    if isinstance(infno, int):
+        infno = str(infno)
+    if not isinstance(infno, str) or not re.fullmatch(r"[0-9A-Za-z]{4,6}", infno):
+        raise BadEnvelope(f"infno must be a trade number such as \"2207\", got {env['infno']!r}")
+    if not isinstance(env["input"], dict):
+        raise BadEnvelope("input must be a JSON object")
+    env["infno"] = infno
+    msgid = env.get("msgid")
+    return HisRequest(infno=infno, msgid=msgid if isinstance(msgid, str) and msgid else None, envelope=env)
+
+
+def find_psn_no(input_: dict[str, Any]) -> str | None:
+    """psn_no sits in the input's root node (`data`, `mdtrtinfo`, `feedetail[0]`, ...)."""
+    for node in input_.values():
+        if isinstance(node, list) and node:
+            node = node[0]
+        if isinstance(node, dict) and node.get("psn_no"):
+            return str(node["psn_no"])
+    return None
+
+
+def inf_time(now: datetime) -> str:
+    return now.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class BureauAnswer:
+    infcode: int
+    err_msg: str
+    output: Any
+    raw: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.infcode == 0
+
+
+class BadAnswer(ValueError):
+    """The bureau's bytes are not an envelope: the outcome of the trade is unknown."""
+
+
+def parse_bureau_answer(body: bytes) -> BureauAnswer:
+    """Lenient as the real answers need: infcode as number or string, null err_msg, no inf_refmsgid."""
+    try:
+        env = loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadAnswer(f"bureau answer is not JSON: {e}") from None
+    if not isinstance(env, dict) or "infcode" not in env:
+        raise BadAnswer("bureau answer has no infcode")
+    try:
+        code = int(str(env["infcode"]).strip())
+    except ValueError:
+        raise BadAnswer(f"bureau answer has a non-numeric infcode {env['infcode']!r}") from None
+    return BureauAnswer(infcode=code, err_msg=env.get("err_msg") or "", output=env.get("output"), raw=env)
+
+
+def answer(envelope: dict[str, Any], *, msgid: str, state: str, note: str = "", **extra: Any) -> dict[str, Any]:
+    """The national response envelope plus fep's own fields, all prefixed `fep_`."""
+    out = dict(envelope)
+    out["fep_msgid"] = msgid
+    out["fep_state"] = state
+    if note:
+        out["fep_note"] = note
+    out.update({f"fep_{k}": v for k, v in extra.items() if v is not None})
+    return out
+
+
+def local_failure(message: str, when: datetime) -> dict[str, Any]:
+    """An envelope for an answer fep gives itself (the bureau said nothing)."""
+    stamp = when.strftime("%Y%m%d%H%M%S%f")[:17]
+    return {"infcode": -1, "inf_refmsgid": "", "refmsg_time": stamp, "respond_time": stamp,
+            "err_msg": message, "output": {}, "warn_msg": ""}
+
+
+def refusal(status: int, message: str, **fields: Any) -> Response:
+    """fep refuses a request before accepting it: nothing was journalled or sent."""
+    env = local_failure(message, datetime.now())
+    env["fep_state"] = "REFUSED"
+    env.update({f"fep_{k}": v for k, v in fields.items()})
+    return Response(status, dumps(env))
+
+
+def mask_id(value: str) -> str:
+    """ID numbers and person numbers in logs: keep enough to find the row, not to identify anyone."""
+    if len(value) <= 6:
+        return "*" * len(value)
+    return value[:3] + "*" * (len(value) - 7) + value[-4:]

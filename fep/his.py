@@ -1,0 +1,72 @@
+"""The HIS listener (hospital NIC): HTTP/1.1 on a Unix socket and a TCP address.
+
+A thin adapter: parse the envelope, call one engine method, map errors to answers. Any POST path is a
+trade (HIS programs post to /fsi/api/rsfComIfsService/callService, /hsa/hgs/{infno} or per-service
+paths); `infno` comes from the body. fep's own calls live under /fep/.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Sequence
+
+from twisted.internet import address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from fep import envelope
+from fep.catalog import InvalidInput, UnknownTrade
+from fep.engine import Engine, Refused
+from fep.http11 import HTTPServerProtocol, Request, Response
+
+log = Logger()
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class HisService:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def handle(self, req: Request) -> Response:
+        try:
+            return await self._route(req)
+        except envelope.BadEnvelope as e:
+            return envelope.refusal(400, str(e))
+        except (UnknownTrade, InvalidInput) as e:
+            return envelope.refusal(400, str(e))
+        except Refused as e:
+            return envelope.refusal(e.status, str(e))
+
+    async def _route(self, req: Request) -> Response:
+        path = req.path.split("?", 1)[0]
+        if req.method == "GET" and path.startswith("/fep/trades/"):
+            return _json(await self.engine.lookup(path.rsplit("/", 1)[1]))
+        if req.method == "POST" and path.startswith("/fep/confirm/"):
+            return _json(await self.engine.confirm(path.rsplit("/", 1)[1]))
+        if req.method != "POST":
+            return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
+        return _json(await self.engine.submit(envelope.parse_his_request(req.body)))
+
+
+def _json(reply: Any) -> Response:
+    return Response(reply.status, envelope.dumps(reply.body))
+
+
+class HisFactory(Factory):
+    """Connections from outside the configured client networks are closed before a byte is read."""
+
+    def __init__(self, service: HisService, max_body: int, networks: Sequence[Network]) -> None:
+        self.service = service
+        self.max_body = max_body
+        self.networks = tuple(networks)
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        peer = ""
+        if isinstance(addr, (address.IPv4Address, address.IPv6Address)):
+            ip = ipaddress.ip_address(addr.host)
+            if not any(ip in n for n in self.networks):
+                log.warn("refused HIS connection from {host}: not in his.allowed_networks", host=addr.host)
+                return None
+            peer = f"{addr.host}:{addr.port}"
+        return HTTPServerProtocol(self.service.handle, self.max_body, peer)

@@ -1,0 +1,240 @@
+"""Lean HTTP/1.1 over Twisted protocols, parsed by httptools (llhttp).
+
+Both sides of fep speak HTTP: the HIS posts national envelopes to us, we post them to the bureau.
+twisted.web costs about 0.3 ms of CPU a request on each side (limits.md); llhttp costs microseconds.
+Owning the client protocol also lets the bureau link know exactly whether request bytes were
+written, which is the line between "not sent" and "outcome unknown".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Awaitable, Callable
+
+import httptools
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    peer: str = ""
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json; charset=utf-8"
+
+
+def render_response(resp: Response, keep_alive: bool) -> bytes:
+    reason = HTTPStatus(resp.status).phrase
+    lines = [
+        f"HTTP/1.1 {resp.status} {reason}",
+        f"Content-Type: {resp.content_type}",
+        f"Content-Length: {len(resp.body)}",
+    ]
+    if not keep_alive:
+        lines.append("Connection: close")
+    lines.extend(f"{k}: {v}" for k, v in resp.headers.items())
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + resp.body
+
+
+Handler = Callable[[Request], "Awaitable[Response] | Response"]
+
+
+class HTTPServerProtocol(Protocol):
+    """One connection. Requests are answered in order, one at a time (HTTP/1.1 pipelining safe)."""
+
+    def __init__(self, handler: Handler, max_body: int, peer: str = "") -> None:
+        self._handler = handler
+        self._max_body = max_body
+        self._peer = peer
+        self._parser = httptools.HttpRequestParser(self)
+        self._pending: deque[tuple[Request, bool]] = deque()
+        self._busy = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+
+    # httptools callbacks
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length", "0")
+        if length.isdigit() and int(length) > self._max_body:
+            self._refuse(413, f"request body of {length} bytes is over the limit of {self._max_body}")
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self._max_body:
+            self._refuse(413, f"request body is over the limit of {self._max_body} bytes")
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        req = Request(
+            method=self._parser.get_method().decode("latin-1"),
+            path=self._url.decode("utf-8", "replace"),
+            headers=self._headers,
+            body=b"".join(self._body),
+            peer=self._peer,
+        )
+        self._pending.append((req, self._parser.should_keep_alive()))
+        self._reset()
+        self._next()
+
+    # Twisted
+    def dataReceived(self, data: bytes) -> None:
+        if self.transport is None or getattr(self, "_closing", False):
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._refuse(400, f"malformed HTTP request: {e}")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer an unparseable or oversized request and close: the stream cannot be trusted."""
+        if getattr(self, "_closing", False):
+            return
+        self._closing = True
+        from fep.envelope import refusal  # local: envelope imports nothing of HTTP
+
+        self.transport.write(render_response(refusal(status, message), keep_alive=False))
+        self.transport.loseConnection()
+
+    def _next(self) -> None:
+        if self._busy or not self._pending:
+            return
+        self._busy = True
+        req, keep_alive = self._pending.popleft()
+        d = defer.maybeDeferred(self._handler, req)
+        d.addErrback(self._internal_error)
+        d.addCallback(self._write, keep_alive)
+
+    def _internal_error(self, f: Failure) -> Response:
+        from fep.envelope import refusal
+
+        from twisted.logger import Logger
+
+        Logger().failure("unhandled error answering an HTTP request", f)
+        return refusal(500, "internal error in fep; the request is in the journal if it was accepted")
+
+    def _write(self, resp: Response, keep_alive: bool) -> None:
+        self._busy = False
+        if self.transport is None or getattr(self, "_closing", False):
+            return
+        self.transport.write(render_response(resp, keep_alive))
+        if not keep_alive:
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        self._next()
+
+
+class TransportError(Exception):
+    """The connection failed; `sent` says whether any request bytes were written before it did."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+@dataclass
+class ClientResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@implementer(IHandshakeListener)
+class HTTPClientProtocol(Protocol):
+    """A persistent client connection carrying one request at a time.
+
+    `ready` fires once the TLS handshake is complete: nothing is written before that, so a
+    handshake failure is provably "not sent".
+    """
+
+    def __init__(self) -> None:
+        self.ready: defer.Deferred[HTTPClientProtocol] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self._waiting: defer.Deferred[ClientResponse] | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset()
+        self.connected_ok = False
+
+    def _reset(self) -> None:
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+
+    def handshakeCompleted(self) -> None:
+        self.connected_ok = True
+        self.ready.callback(self)
+
+    def request(self, path: str, body: bytes, headers: dict[str, str]) -> defer.Deferred[ClientResponse]:
+        assert self._waiting is None, "one request at a time on a connection"
+        head = [f"POST {path} HTTP/1.1", f"Content-Length: {len(body)}"]
+        head.extend(f"{k}: {v}" for k, v in headers.items())
+        self._waiting = defer.Deferred()
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body)
+        return self._waiting
+
+    @property
+    def idle(self) -> bool:
+        return self.connected_ok and self._waiting is None and self.transport is not None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        resp = ClientResponse(self._parser.get_status_code(), self._headers, b"".join(self._body))
+        keep = self._parser.should_keep_alive()
+        self._reset()
+        waiting, self._waiting = self._waiting, None
+        if not keep:
+            self.connected_ok = False
+            self.transport.loseConnection()
+        if waiting is not None:
+            waiting.callback(resp)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(TransportError(f"malformed HTTP answer: {e}", sent=True))
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected_ok = False
+        if not self.ready.called:
+            self.ready.errback(TransportError(f"TLS handshake failed: {reason.getErrorMessage()}", sent=False))
+        self._fail(TransportError(f"connection lost before the whole answer: {reason.getErrorMessage()}", sent=True))
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def _fail(self, err: TransportError) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.errback(err)

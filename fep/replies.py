@@ -1,0 +1,62 @@
+"""What the HIS hears about a trade, as a pure function of its journal row.
+
+A fresh answer, a resubmitted msgid and a lookup all go through here, so they can never disagree.
+HTTP 200 means fep holds the trade in its journal; `infcode` is what the bureau said (or -1 when it
+said nothing yet); `fep_state` is where the trade is in its life.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fep import envelope
+from fep.journal import TradeRow
+from fep.states import State
+
+S = State
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any]
+
+
+def _pending(row: TradeRow) -> str:
+    by = f" by {row.resolver}" if row.resolver else ""
+    return {
+        S.SENT: f"trade {row.msgid} is in progress at the bureau; ask again with the same msgid",
+        S.UNKNOWN: (f"no valid answer from the bureau for {row.msgid} ({row.note}); its outcome is unknown "
+                    f"and is being resolved; the patient is NOT settled"),
+        S.RESOLVING: (f"no valid answer from the bureau for {row.msgid}; it is being undone{by}; "
+                      f"the patient is NOT settled"),
+        S.REVERSED: f"trade {row.msgid} got no answer and was undone at the bureau{by}; the patient is NOT settled",
+        S.NOT_NEEDED: (f"trade {row.msgid} got no answer and the bureau has no record of it{by}; "
+                       f"the patient is NOT settled"),
+        S.NEEDS_ATTENTION: f"trade {row.msgid} needs a person: {row.note}",
+    }[row.state]
+
+
+QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
+
+
+def reply(row: TradeRow, resubmitted: bool = False) -> Reply:
+    extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}
+    if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED, S.NOT_SENT) or (
+            row.state is S.NEEDS_ATTENTION and row.answer):
+        body = envelope.answer(envelope.loads(row.answer or "{}"), msgid=row.msgid, state=row.state,
+                               note=row.note if row.state is not S.ANSWERED else "", **extra)
+        if row.state is S.AWAITING_CONFIRM and row.deadline:
+            body["fep_confirm_by"] = datetime.fromtimestamp(row.deadline).strftime("%Y-%m-%d %H:%M:%S")
+        return Reply(200, body)
+    if row.state is S.QUEUED:
+        ack = envelope.local_failure("", datetime.now())
+        ack.update(infcode=0, err_msg=None, warn_msg=QUEUED_NOTE)
+        return Reply(200, envelope.answer(ack, msgid=row.msgid, state=row.state, note=QUEUED_NOTE, **extra))
+    message = _pending(row)
+    body = envelope.answer(envelope.local_failure(message, datetime.now()), msgid=row.msgid, state=row.state,
+                           note=message, **extra)
+    # A resubmission while the first is still on the wire is a conflict, not a second trade.
+    return Reply(409 if resubmitted and row.state is S.SENT else 200, body)

@@ -1,0 +1,389 @@
+"""The simulated bureau's ledger and business rules: what it settled, cancelled and reversed.
+
+Deterministic rules taken from real answers (shared/reference/samples): medfee_sumamt =
+fund_pay_sumamt + psn_part_amt + hosp_part_amt; psn_part_amt = acct_pay + psn_cash_pay; a cancel
+(2208) is a new negative settlement with its own setl_id; a reversal (2601) erases the original.
+A msgid already processed gets its first answer again (rule 13 of fep-semantics.md).
+No sockets here: the server hands in an envelope and gets one back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any, Callable
+
+import sqlite_utils
+
+from fep import envelope
+
+FEN = Decimal("0.01")
+ZERO = Decimal("0.00")
+
+
+class BizError(Exception):
+    """The bureau refuses: infcode -1 with this message."""
+
+
+@dataclass(frozen=True)
+class Person:
+    psn_no: str
+    psn_name: str
+    certno: str
+    insutype: str
+    psn_type: str
+    balc: Decimal
+    deductible: Decimal
+    ratio: Decimal
+    insuplc_admdvs: str
+
+
+def q(x: Decimal) -> Decimal:
+    return x.quantize(FEN, rounding=ROUND_HALF_UP)
+
+
+SETTLEMENT_COLUMNS = ("setl_id", "msgid", "infno", "psn_no", "mdtrt_id", "insutype", "clr_type", "clr_optins",
+                      "medfee", "fund", "acct", "cash", "hosp", "dedc", "setl_time", "kind", "state", "refd_setl_id")
+
+
+class Ledger:
+    def __init__(self, path: Path, persons: list[Person], catalog: dict[str, dict[str, str]], admdvs: str,
+                 clr_optins: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.db = sqlite_utils.Database(self.conn)
+        self.db.enable_wal()
+        self.catalog = catalog
+        self.admdvs = admdvs
+        self.clr_optins = clr_optins
+        self._schema(persons)
+        self.handlers: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
+            "9001": self.sign_in, "9002": lambda env, inp: {"signoutoutb": {"sign_time": _now()}},
+            "1101": self.person_info, "2201": self.register, "2202": self.unregister,
+            "2203": self.visit_info, "2204": self.fee_upload, "2205": self.fee_cancel,
+            "2206": self.presettle, "2207": self.settle, "2208": self.cancel, "2601": self.reverse,
+        }
+
+    def _schema(self, persons: list[Person]) -> None:
+        db = self.db
+        db["answers"].create({"msgid": str, "infno": str, "response": str, "at": str}, pk="msgid",
+                             if_not_exists=True)
+        db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
+        db["signins"].create({"sign_no": str, "at": str}, pk="sign_no", if_not_exists=True)
+        db["persons"].create({"psn_no": str, "psn_name": str, "certno": str, "insutype": str, "psn_type": str,
+                              "balc": str, "deductible": str, "dedc_used": str, "ratio": str,
+                              "insuplc_admdvs": str}, pk="psn_no", if_not_exists=True)
+        db["visits"].create({"mdtrt_id": str, "msgid": str, "psn_no": str, "insutype": str, "ipt_otp_no": str,
+                             "med_type": str, "state": str}, pk="mdtrt_id", if_not_exists=True)
+        db["fees"].create({"mdtrt_id": str, "feedetl_sn": str, "chrg_bchno": str, "code": str, "amount": str,
+                           "lv": str, "selfpay_prop": str, "setl_id": str}, pk=("mdtrt_id", "feedetl_sn"),
+                          if_not_exists=True)
+        db["settlements"].create({c: str for c in SETTLEMENT_COLUMNS}, pk="setl_id", if_not_exists=True)
+        for p in persons:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO persons VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (p.psn_no, p.psn_name, p.certno, p.insutype, p.psn_type, str(p.balc), str(p.deductible), "0.00",
+                 str(p.ratio), p.insuplc_admdvs))
+
+    # ---- the envelope ---------------------------------------------------------------------------
+    def handle(self, env: dict[str, Any]) -> dict[str, Any]:
+        """One trade, atomically: its business writes and its stored answer commit together."""
+        received = datetime.now()
+        msgid = str(env.get("msgid") or "")
+        if msgid:
+            row = self.conn.execute("SELECT response FROM answers WHERE msgid=?", (msgid,)).fetchone()
+            if row:
+                return envelope.loads(row[0])
+        infno = str(env.get("infno", ""))
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("SAVEPOINT trade")
+            try:
+                output = self._dispatch(infno, env)
+                code, err = 0, None
+            except BizError as e:
+                self.conn.execute("ROLLBACK TO trade")
+                output, code, err = {}, -1, str(e)
+            self.conn.execute("RELEASE trade")
+            answer = {"infcode": code, "inf_refmsgid": self._refmsgid(received),
+                      "refmsg_time": _stamp(received), "respond_time": _stamp(datetime.now()),
+                      "err_msg": err, "warn_msg": None, "cainfo": None, "signtype": None, "output": output}
+            if msgid:
+                self.conn.execute("INSERT INTO answers VALUES (?,?,?,?)",
+                                  (msgid, infno, envelope.dumps(answer).decode("utf-8"), _now()))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return answer
+
+    def _dispatch(self, infno: str, env: dict[str, Any]) -> Any:
+        handler = self.handlers.get(infno)
+        if handler is None:
+            raise BizError(f"交易编号[{infno}]不存在")
+        sign_no = env.get("sign_no") or ""
+        if infno != "9001" and sign_no and not self.conn.execute(
+                "SELECT 1 FROM signins WHERE sign_no=?", (sign_no,)).fetchone():
+            raise BizError(f"签到信息不存在，请重新签到(sign_no {sign_no})")
+        inp = env.get("input")
+        if not isinstance(inp, dict):
+            raise BizError("input节点缺失")
+        return handler(env, inp)
+
+    def _next(self, name: str, start: int) -> int:
+        row = self.conn.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+        value = (row[0] if row else start) + 1
+        self.conn.execute("INSERT OR REPLACE INTO counters VALUES (?,?)", (name, value))
+        return value
+
+    def _refmsgid(self, when: datetime) -> str:
+        return f"{self.admdvs}{when:%Y%m%d%H%M%S}{self._next('refmsgid', 0):010d}"
+
+    # ---- trades -----------------------------------------------------------------------------------
+    def sign_in(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "signIn", ("opter_no", "mac", "ip"))
+        del data
+        sign_no = f"{self._next('sign_no', 359000):06d}"
+        self.conn.execute("INSERT INTO signins VALUES (?,?)", (sign_no, _now()))
+        return {"signinoutb": {"sign_no": sign_no, "sign_time": _now()}}
+
+    def _person(self, psn_no: str) -> sqlite3.Row | tuple[Any, ...]:
+        row = self.conn.execute("SELECT * FROM persons WHERE psn_no=?", (psn_no,)).fetchone()
+        if row is None:
+            raise BizError(f"人员编号[{psn_no}]不存在")
+        return row
+
+    def person_info(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("mdtrt_cert_type", "mdtrt_cert_no"))
+        no = str(data["mdtrt_cert_no"])
+        row = self.conn.execute("SELECT psn_no, psn_name, certno, insutype, psn_type, balc, insuplc_admdvs "
+                                "FROM persons WHERE certno=? OR psn_no=?", (no, no)).fetchone()
+        if row is None:
+            raise BizError(f"未查询到人员参保信息(凭证号{envelope.mask_id(no)})")
+        psn_no, name, certno, insutype, psn_type, balc, insuplc = row
+        return {
+            "baseinfo": {"psn_no": psn_no, "psn_cert_type": "01", "certno": certno, "psn_name": name,
+                         "gend": "1", "naty": "01", "brdy": f"{certno[6:10]}-{certno[10:12]}-{certno[12:14]}",
+                         "age": Decimal(datetime.now().year - int(certno[6:10]))},
+            "insuinfo": [{"balc": Decimal(balc), "insutype": insutype, "psn_type": psn_type,
+                          "psn_insu_stas": "1", "psn_insu_date": "2010-01-01", "paus_insu_date": None,
+                          "cvlserv_flag": "0", "insuplc_admdvs": insuplc, "emp_name": "测试单位"}],
+            "idetinfo": [],
+        }
+
+    def register(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("psn_no", "insutype", "ipt_otp_no"))
+        self._person(data["psn_no"])
+        mdtrt_id = str(self._next("mdtrt_id", 300170000))
+        self.conn.execute("INSERT INTO visits VALUES (?,?,?,?,?,?,?)",
+                          (mdtrt_id, env.get("msgid"), data["psn_no"], data["insutype"], data["ipt_otp_no"],
+                           data.get("med_type", "11"), "open"))
+        return {"data": {"mdtrt_id": mdtrt_id, "psn_no": data["psn_no"], "ipt_otp_no": data["ipt_otp_no"],
+                         "exp_content": None}}
+
+    def _visit(self, mdtrt_id: str, psn_no: str) -> tuple[Any, ...]:
+        row = self.conn.execute("SELECT * FROM visits WHERE mdtrt_id=?", (str(mdtrt_id),)).fetchone()
+        if row is None or row[2] != psn_no:
+            raise BizError(f"就诊ID[{mdtrt_id}]不存在或不属于该人员")
+        if row[6] != "open":
+            raise BizError(f"就诊ID[{mdtrt_id}]已撤销")
+        return row
+
+    def unregister(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("psn_no", "mdtrt_id"))
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        if self.conn.execute("SELECT 1 FROM fees WHERE mdtrt_id=? AND setl_id IS NOT NULL",
+                             (str(data["mdtrt_id"]),)).fetchone():
+            raise BizError("该就诊已有结算，不能撤销挂号")
+        self.conn.execute("UPDATE visits SET state='cancelled' WHERE mdtrt_id=?", (str(data["mdtrt_id"]),))
+        return {}
+
+    def visit_info(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "mdtrtinfo", ("mdtrt_id", "psn_no", "med_type"))
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        self.conn.execute("UPDATE visits SET med_type=? WHERE mdtrt_id=?", (data["med_type"], str(data["mdtrt_id"])))
+        return {}
+
+    def fee_upload(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        lines = inp.get("feedetail")
+        if not isinstance(lines, list) or not lines:
+            raise BizError("feedetail节点缺失或为空")
+        unknown = sorted({str(x.get("med_list_codg")) for x in lines if str(x.get("med_list_codg")) not in self.catalog})
+        if unknown:
+            raise BizError(f"医保目录编码不存在: {', '.join(unknown)}")
+        result = []
+        for line in lines:
+            self._visit(line["mdtrt_id"], line["psn_no"])
+            item = self.catalog[str(line["med_list_codg"])]
+            amount = q(Decimal(line["det_item_fee_sumamt"]))
+            if q(Decimal(line["cnt"]) * Decimal(line["pric"])) != amount:
+                raise BizError(f"明细[{line['feedetl_sn']}]金额不等于数量×单价")
+            try:
+                self.conn.execute("INSERT INTO fees VALUES (?,?,?,?,?,?,?,NULL)",
+                                  (str(line["mdtrt_id"]), str(line["feedetl_sn"]), str(line["chrg_bchno"]),
+                                   str(line["med_list_codg"]), str(amount), item["lv"], item["selfpay_prop"]))
+            except sqlite3.IntegrityError:
+                raise BizError(f"费用明细流水号[{line['feedetl_sn']}]重复") from None
+            own = amount if item["lv"] == "03" else ZERO
+            pre = q(amount * Decimal(item["selfpay_prop"])) if item["lv"] == "02" else ZERO
+            result.append({"feedetl_sn": line["feedetl_sn"], "det_item_fee_sumamt": amount, "cnt": line["cnt"],
+                           "pric": line["pric"], "pric_uplmt_amt": Decimal("999999"),
+                           "selfpay_prop": Decimal(item["selfpay_prop"]), "fulamt_ownpay_amt": own,
+                           "overlmt_amt": ZERO, "preselfpay_amt": pre, "inscp_scp_amt": amount - own - pre,
+                           "chrgitm_lv": item["lv"], "med_chrgitm_type": "09", "bas_medn_flag": "0",
+                           "hi_nego_drug_flag": "0", "chld_medc_flag": "0", "list_sp_item_flag": None,
+                           "lmt_used_flag": "0", "drt_reim_flag": "0", "memo": None})
+        return {"result": result}
+
+    def fee_cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("mdtrt_id", "chrg_bchno", "psn_no"))
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        batch = str(data["chrg_bchno"])
+        where = "mdtrt_id=? AND setl_id IS NULL" + ("" if batch == "0000" else " AND chrg_bchno=?")
+        args = (str(data["mdtrt_id"]),) + (() if batch == "0000" else (batch,))
+        self.conn.execute(f"DELETE FROM fees WHERE {where}", args)
+        return {}
+
+    def _compute(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The policy: deductible, then the fund pays `ratio` of the in-scope amount."""
+        psn = self._person(data["psn_no"])
+        _, name, certno, insutype, psn_type, balc, deductible, dedc_used, ratio, _insuplc = psn
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        fees = self.conn.execute("SELECT amount, lv, selfpay_prop FROM fees WHERE mdtrt_id=? AND setl_id IS NULL",
+                                 (str(data["mdtrt_id"]),)).fetchall()
+        if not fees:
+            raise BizError(f"就诊ID[{data['mdtrt_id']}]无待结算费用明细")
+        medfee = sum((Decimal(a) for a, _, _ in fees), ZERO)
+        if q(Decimal(data["medfee_sumamt"])) != medfee:
+            raise BizError(f"医疗费总额{data['medfee_sumamt']}与上传明细合计{medfee}不符")
+        own = sum((Decimal(a) for a, lv, _ in fees if lv == "03"), ZERO)
+        pre = sum((q(Decimal(a) * Decimal(p)) for a, lv, p in fees if lv == "02"), ZERO)
+        inscp = medfee - own - pre
+        dedc = min(inscp, max(Decimal(deductible) - Decimal(dedc_used), ZERO))
+        fund = q((inscp - dedc) * Decimal(ratio))
+        psn_part = medfee - fund
+        use_acct = str(data.get("acct_used_flag", "1")) == "1"
+        acct = min(psn_part, Decimal(balc)) if use_acct else ZERO
+        return {"psn_no": data["psn_no"], "psn_name": name, "certno": certno, "insutype": insutype,
+                "psn_type": psn_type, "mdtrt_id": str(data["mdtrt_id"]), "medfee_sumamt": medfee,
+                "fulamt_ownpay_amt": own, "overlmt_selfpay": ZERO, "preselfpay_amt": pre, "inscp_scp_amt": inscp,
+                "act_pay_dedc": dedc, "hifp_pay": fund, "pool_prop_selfpay": q(1 - Decimal(ratio)),
+                "cvlserv_pay": ZERO, "hifes_pay": ZERO, "hifmi_pay": ZERO, "hifob_pay": ZERO, "maf_pay": ZERO,
+                "oth_pay": ZERO, "fund_pay_sumamt": fund, "psn_part_amt": psn_part, "acct_pay": acct,
+                "psn_cash_pay": psn_part - acct, "hosp_part_amt": ZERO, "acct_mulaid_pay": ZERO,
+                "balc": Decimal(balc) - acct, "med_type": data.get("med_type", "11"), "clr_type": "11",
+                "clr_way": "1", "clr_optins": self.clr_optins, "mdtrt_cert_type": data.get("mdtrt_cert_type", "02"),
+                "psn_cert_type": "01", "gend": "1", "naty": "01", "cvlserv_flag": "0"}
+
+    def _setl_output(self, info: dict[str, Any], fund_pay_type: str) -> dict[str, Any]:
+        detail = [{"fund_pay_type": fund_pay_type, "fund_payamt": info["fund_pay_sumamt"],
+                   "inscp_scp_amt": info["inscp_scp_amt"], "crt_payb_lmt_amt": None, "setl_proc_info": None,
+                   "fund_pay_type_name": "基本医疗保险统筹基金"}]
+        if info["acct_pay"]:
+            detail.append({"fund_pay_type": "310200", "fund_payamt": info["acct_pay"], "inscp_scp_amt": ZERO,
+                           "crt_payb_lmt_amt": None, "setl_proc_info": None,
+                           "fund_pay_type_name": "城镇职工基本医疗保险个人账户基金"})
+        return {"setlinfo": info, "setldetail": detail, "expContent": None}
+
+    def presettle(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("psn_no", "mdtrt_id", "medfee_sumamt"))
+        info = self._compute(data)
+        info.update(setl_id=None, setl_time=None, medins_setl_id=env.get("msgid"), clr_way=None, clr_optins=None)
+        return self._setl_output(info, f"{info['insutype']}100")
+
+    def settle(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("psn_no", "mdtrt_id", "medfee_sumamt", "chrg_bchno"))
+        info = self._compute(data)
+        setl_id = str(self._next("setl_id", 400120000))
+        info.update(setl_id=setl_id, setl_time=_now(), medins_setl_id=env.get("msgid"))
+        self._record(setl_id, env, "2207", info, "settle", None)
+        self.conn.execute("UPDATE persons SET balc=?, dedc_used=? WHERE psn_no=?",
+                          (str(info["balc"]), str(Decimal(self._person(data["psn_no"])[7]) + info["act_pay_dedc"]),
+                           data["psn_no"]))
+        self.conn.execute("UPDATE fees SET setl_id=? WHERE mdtrt_id=? AND setl_id IS NULL",
+                          (setl_id, str(data["mdtrt_id"])))
+        return self._setl_output(info, f"{info['insutype']}100")
+
+    def _record(self, setl_id: str, env: dict[str, Any], infno: str, info: dict[str, Any], kind: str,
+                refd: str | None) -> None:
+        self.conn.execute(
+            f"INSERT INTO settlements VALUES ({', '.join('?' * len(SETTLEMENT_COLUMNS))})",
+            (setl_id, env.get("msgid"), infno, info["psn_no"], info["mdtrt_id"], info["insutype"], info["clr_type"],
+             info["clr_optins"], str(info["medfee_sumamt"]), str(info["fund_pay_sumamt"]), str(info["acct_pay"]),
+             str(info["psn_cash_pay"]), str(info["hosp_part_amt"]), str(info["act_pay_dedc"]), info["setl_time"],
+             kind, "live", refd))
+
+    def _settlement(self, where: str, args: tuple[Any, ...]) -> dict[str, Any] | None:
+        row = self.conn.execute(f"SELECT * FROM settlements WHERE {where}", args).fetchone()
+        return dict(zip(SETTLEMENT_COLUMNS, row)) if row else None
+
+    def _restore(self, s: dict[str, Any]) -> None:
+        """Give back what a settlement took from the person's account and deductible."""
+        person = self._person(s["psn_no"])
+        self.conn.execute("UPDATE persons SET balc=?, dedc_used=? WHERE psn_no=?",
+                          (str(Decimal(person[5]) + Decimal(s["acct"])),
+                           str(Decimal(person[7]) - Decimal(s["dedc"])), s["psn_no"]))
+
+    def cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("setl_id", "mdtrt_id", "psn_no"))
+        s = self._settlement("setl_id=? AND kind='settle'", (str(data["setl_id"]),))
+        if s is None or s["psn_no"] != data["psn_no"] or s["mdtrt_id"] != str(data["mdtrt_id"]):
+            raise BizError(f"结算ID[{data['setl_id']}]不存在")
+        if s["state"] != "live":
+            raise BizError(f"结算ID[{data['setl_id']}]已{'撤销' if s['state'] == 'cancelled' else '冲正'}")
+        setl_id = str(self._next("setl_id", 400120000))
+        neg = {k: -Decimal(s[c]) for k, c in (("medfee_sumamt", "medfee"), ("fund_pay_sumamt", "fund"),
+                                              ("acct_pay", "acct"), ("psn_cash_pay", "cash"),
+                                              ("hosp_part_amt", "hosp"), ("act_pay_dedc", "dedc"))}
+        self._restore(s)
+        person = self._person(s["psn_no"])
+        info = {"setl_id": setl_id, "psn_no": s["psn_no"], "mdtrt_id": s["mdtrt_id"], "insutype": s["insutype"],
+                "clr_type": s["clr_type"], "clr_optins": s["clr_optins"], "setl_time": _now(),
+                "medins_setl_id": env.get("msgid"), "psn_name": person[1], "certno": person[2],
+                "psn_part_amt": neg["acct_pay"] + neg["psn_cash_pay"], "hifp_pay": neg["fund_pay_sumamt"],
+                "inscp_scp_amt": neg["medfee_sumamt"], "balc": Decimal(person[5]), "clr_way": "1", **neg}
+        self._record(setl_id, env, "2208", info, "cancel", s["setl_id"])
+        self.conn.execute("UPDATE settlements SET state='cancelled' WHERE setl_id=?", (s["setl_id"],))
+        return {"setlinfo": info, "setldetail": []}
+
+    def reverse(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """2601: erase the trade that `omsgid` made, as if it had never arrived."""
+        data = _node(inp, "data", ("psn_no", "omsgid", "oinfno"))
+        s = self._settlement("msgid=?", (str(data["omsgid"]),))
+        if s is None:
+            raise BizError(f"原交易不存在(omsgid {data['omsgid']})")
+        if s["psn_no"] != data["psn_no"]:
+            raise BizError("原交易人员编号不符")
+        if s["state"] == "reversed":
+            return {}  # already reversed: a repeat is acknowledged again
+        if s["state"] == "cancelled":
+            raise BizError(f"原交易已撤销(结算ID {s['setl_id']})，不能冲正")
+        self._restore(s)
+        self.conn.execute("UPDATE settlements SET state='reversed' WHERE setl_id=?", (s["setl_id"],))
+        self.conn.execute("UPDATE fees SET setl_id=NULL WHERE setl_id=?", (s["setl_id"],))
+        return {}
+
+    # ---- what tests and reconciliation read ------------------------------------------------------
+    def settlements(self) -> list[dict[str, Any]]:
+        return [dict(zip(SETTLEMENT_COLUMNS, r)) for r in self.conn.execute("SELECT * FROM settlements ORDER BY setl_id")]
+
+
+def _node(inp: dict[str, Any], name: str, required: tuple[str, ...]) -> dict[str, Any]:
+    node = inp.get(name)
+    if not isinstance(node, dict):
+        raise BizError(f"input.{name}节点缺失")
+    missing = [f for f in required if node.get(f) in (None, "")]
+    if missing:
+        raise BizError(f"input.{name}缺少必填项: {', '.join(missing)}")
+    return node
+
+
+def _now() -> str:
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _stamp(when: datetime) -> str:
+    return when.strftime("%Y%m%d%H%M%S%f")[:17]

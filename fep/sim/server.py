@@ -1,0 +1,230 @@
+"""`fep sim`: the bureau simulator, a separate process speaking the national envelope over mutual TLS.
+
+Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-HTTP control port on
+loopback (POST /faults, DELETE /faults, GET /ledger), so tests and scripts/chaos can break the link
+the way the VPN breaks it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from twisted.internet import defer, endpoints, task
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from fep import envelope, logs, tls
+from fep.config import TLSFiles
+from fep.http11 import HTTPServerProtocol, Request, Response, render_response
+from fep.sim.ledger import Ledger, Person
+
+log = Logger()
+
+MODES = ("refuse", "drop_before", "drop_after", "late", "reset_mid", "error")
+
+
+@dataclass
+class Fault:
+    """One switched-on fault. `every`: only every Nth matching trade; `times`: then it switches off."""
+
+    mode: str
+    infno: tuple[str, ...] = ()
+    every: int = 1
+    times: int | None = None
+    seconds: float = 0.0  # `late`: answer this long after processing; `refuse`: down this long (0: until cleared)
+    message: str = "模拟中心错误"
+    seen: int = 0
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any]) -> Fault:
+        mode = doc.get("mode")
+        if mode not in MODES:
+            raise ValueError(f"fault mode must be one of {', '.join(MODES)}, got {mode!r}")
+        infno = doc.get("infno") or ()
+        return cls(mode=mode, infno=tuple(str(i) for i in ([infno] if isinstance(infno, (str, int)) else infno)),
+                   every=int(doc.get("every", 1)), times=doc.get("times"), seconds=float(doc.get("seconds", 0)),
+                   message=str(doc.get("message", cls.message)))
+
+    def fires(self, infno: str) -> bool:
+        if self.infno and infno not in self.infno:
+            return False
+        if self.times is not None and self.times <= 0:
+            return False
+        self.seen += 1
+        if self.seen % self.every:
+            return False
+        if self.times is not None:
+            self.times -= 1
+        return True
+
+
+@dataclass
+class SimConfig:
+    host: str
+    port: int
+    control_port: int
+    admdvs: str
+    clr_optins: str
+    tls: TLSFiles
+    ledger: Path
+    persons: list[Person]
+    catalog: dict[str, dict[str, str]]
+    faults: list[Fault] = field(default_factory=list)
+
+
+def load_config(path: Path) -> SimConfig:
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    base = Path.cwd()
+
+    def p(v: str) -> Path:
+        return Path(v) if Path(v).is_absolute() else base / v
+
+    t = doc["tls"]
+    return SimConfig(
+        host=str(doc.get("listen_host", "127.0.0.1")), port=int(doc.get("listen_port", 9443)),
+        control_port=int(doc.get("control_port", 9444)), admdvs=str(doc.get("admdvs", "430100")),
+        clr_optins=str(doc.get("clr_optins", "430199")),
+        tls=TLSFiles(ca=p(t["ca"]), cert=p(t["cert"]), key=p(t["key"]), min_version=str(t.get("min_version", "1.2"))),
+        ledger=p(doc["ledger"]),
+        persons=[Person(psn_no=str(x["psn_no"]), psn_name=x["psn_name"], certno=str(x["certno"]),
+                        insutype=str(x["insutype"]), psn_type=str(x["psn_type"]), balc=Decimal(str(x["balc"])),
+                        deductible=Decimal(str(x["deductible"])), ratio=Decimal(str(x["ratio"])),
+                        insuplc_admdvs=str(x["insuplc_admdvs"])) for x in doc.get("persons", [])],
+        catalog={str(c["code"]): {"name": c["name"], "lv": str(c["lv"]), "selfpay_prop": str(c["selfpay_prop"])}
+                 for c in doc.get("catalog", [])},
+        faults=[Fault.parse(f) for f in (doc.get("faults") or [])],
+    )
+
+
+class BureauProtocol(HTTPServerProtocol):
+    """Applies the faults that act on the connection itself; the ledger decides the rest."""
+
+    def __init__(self, sim: Simulator) -> None:
+        super().__init__(self._handle, max_body=16 << 20)
+        self.sim = sim
+
+    async def _handle(self, req: Request) -> Response:
+        try:
+            env = envelope.loads(req.body)
+            infno = str(env.get("infno", ""))
+        except ValueError:
+            return Response(400, b'{"infcode":-1,"err_msg":"not JSON"}')
+        fault = self.sim.fault_for(infno)
+        mode = fault.mode if fault else None
+        if mode == "drop_before":
+            self.transport.abortConnection()
+            return await defer.Deferred()  # never answered
+        if mode == "error":
+            return Response(200, envelope.dumps(envelope.local_failure(fault.message, _now())))
+        answer = envelope.dumps(self.sim.ledger.handle(env))
+        if mode == "drop_after":
+            self.transport.abortConnection()
+            return await defer.Deferred()
+        if mode == "reset_mid":
+            raw = render_response(Response(200, answer), keep_alive=True)
+            self.transport.write(raw[: len(raw) // 2])
+            self.transport.abortConnection()
+            return await defer.Deferred()
+        if mode == "late":
+            await task.deferLater(self.sim.reactor, fault.seconds)
+        return Response(200, answer)
+
+
+def _now() -> Any:
+    from datetime import datetime
+
+    return datetime.now()
+
+
+class Simulator:
+    def __init__(self, reactor: Any, cfg: SimConfig) -> None:
+        self.reactor = reactor
+        self.cfg = cfg
+        self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins)
+        self.faults = list(cfg.faults)
+        self.port: Any = None
+        self._options = tls.server_options(cfg.tls)
+        self._reopen: Any = None
+
+    def fault_for(self, infno: str) -> Fault | None:
+        for f in self.faults:
+            if f.mode != "refuse" and f.fires(infno):
+                return f
+        return None
+
+    async def start(self) -> None:
+        await self._listen()
+        control = Factory.forProtocol(lambda: HTTPServerProtocol(self._control, max_body=1 << 20))
+        await endpoints.TCP4ServerEndpoint(self.reactor, self.cfg.control_port, interface="127.0.0.1").listen(control)
+        for f in self.faults:
+            if f.mode == "refuse":
+                await self._refuse(f)
+        log.info("bureau simulator on {host}:{port} (control 127.0.0.1:{c})", host=self.cfg.host,
+                 port=self.cfg.port, c=self.cfg.control_port)
+
+    async def _listen(self) -> None:
+        if self.port is None:
+            factory = Factory.forProtocol(lambda: BureauProtocol(self))
+            ep = endpoints.SSL4ServerEndpoint(self.reactor, self.cfg.port, self._options, interface=self.cfg.host)
+            self.port = await ep.listen(factory)
+
+    async def _refuse(self, fault: Fault) -> None:
+        """Down: the listening socket is closed, so connections are refused, as with a dead bureau."""
+        if self.port is not None:
+            port, self.port = self.port, None
+            await port.stopListening()
+        if fault.seconds:
+            self._reopen = self.reactor.callLater(fault.seconds, lambda: defer.ensureDeferred(self._up(fault)))
+
+    async def _up(self, fault: Fault | None = None) -> None:
+        if fault in self.faults:
+            self.faults.remove(fault)
+        await self._listen()
+
+    async def _control(self, req: Request) -> Response:
+        if req.method == "GET" and req.path == "/ledger":
+            return Response(200, envelope.dumps(self.ledger.settlements()))
+        if req.method == "DELETE" and req.path == "/faults":
+            self.faults.clear()
+            if self._reopen is not None and self._reopen.active():
+                self._reopen.cancel()
+            await self._up()
+            return Response(200, b'{"faults":[]}')
+        if req.method == "POST" and req.path == "/faults":
+            try:
+                doc = envelope.loads(req.body)
+                fault = Fault.parse(doc)
+            except ValueError as e:
+                return Response(400, envelope.dumps({"error": str(e)}))
+            self.faults.append(fault)
+            if fault.mode == "refuse":
+                await self._refuse(fault)
+            return Response(200, envelope.dumps({"faults": [f.mode for f in self.faults]}))
+        return Response(404, b'{"error":"GET /ledger, POST /faults, DELETE /faults"}')
+
+
+def run(config_path: Path) -> int:
+    logs.start()
+    from twisted.internet import reactor
+
+    try:
+        cfg = load_config(config_path)
+        sim = Simulator(reactor, cfg)
+    except (OSError, KeyError, ValueError, tls.TLSConfigError) as e:
+        print(f"fep sim: refusing to start: {e}", file=sys.stderr)
+        return 2
+    outcome = {"code": 0}
+
+    def failed(f: Any) -> None:
+        log.failure("simulator failed to start", f)
+        outcome["code"] = 2
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(sim.start()).addErrback(failed))
+    reactor.run()
+    return outcome["code"]
