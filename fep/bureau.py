@@ -156,10 +156,9 @@ class BureauLink:
         for pool in sorted(self.pools, key=lambda p: p.up is False):  # endpoints that are up first
             try:
                 conn = await pool.acquire()
-            except NotSent as e:
+                return await self._exchange(pool, conn, infno, body, timeout, trade_path)
+            except NotSent as e:  # provably never left: the next endpoint may take it
                 reasons.append(str(e))
-                continue
-            return await self._exchange(pool, conn, infno, body, timeout, trade_path)
         raise NotSent("; ".join(reasons))
 
     async def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, body: bytes, timeout: float,
@@ -177,6 +176,9 @@ class BureauLink:
         try:
             resp = await conn.request(self._path(ep, infno, trade_path), body, headers)
         except TransportError as e:
+            if not e.sent:
+                pool._set_up(False)
+                raise NotSent(f"{ep.name}: {e}") from None
             why = f"no answer within {timeout:g} s" if timed_out else str(e)
             raise Unknown(f"{ep.name}: {why}") from None
         finally:

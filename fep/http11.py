@@ -14,6 +14,7 @@ from http import HTTPStatus
 from typing import Awaitable, Callable
 
 import httptools
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
@@ -51,6 +52,8 @@ def render_response(resp: Response, keep_alive: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + resp.body
 
 
+LINGER_LIMIT = 64 << 20  # at most this much of a refused body is read before the connection is cut
+
 Handler = Callable[[Request], "Awaitable[Response] | Response"]
 
 
@@ -64,6 +67,8 @@ class HTTPServerProtocol(Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._pending: deque[tuple[Request, bool]] = deque()
         self._busy = False
+        self._closing = False
+        self._discarded = 0  # bytes of a refused body read and dropped (lingering close)
         self._reset()
 
     def _reset(self) -> None:
@@ -82,16 +87,21 @@ class HTTPServerProtocol(Protocol):
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length", "0")
         if length.isdigit() and int(length) > self._max_body:
-            self._refuse(413, f"request body of {length} bytes is over the limit of {self._max_body}")
+            self._refuse(413, f"request body of {length} bytes is over the limit of {self._max_body}", linger=True)
 
     def on_body(self, body: bytes) -> None:
+        if self._closing:
+            return
         self._size += len(body)
         if self._size > self._max_body:
-            self._refuse(413, f"request body is over the limit of {self._max_body} bytes")
+            self._refuse(413, f"request body is over the limit of {self._max_body} bytes", linger=True)
             return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._closing:  # the end of a refused body: now the client has read our answer
+            self.transport.loseConnection()
+            return
         req = Request(
             method=self._parser.get_method().decode("latin-1"),
             path=self._url.decode("utf-8", "replace"),
@@ -105,22 +115,29 @@ class HTTPServerProtocol(Protocol):
 
     # Twisted
     def dataReceived(self, data: bytes) -> None:
-        if self.transport is None or getattr(self, "_closing", False):
-            return
+        if self._closing:
+            self._discarded += len(data)
+            if self._discarded > LINGER_LIMIT:
+                self.transport.abortConnection()
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._refuse(400, f"malformed HTTP request: {e}")
+            if not self._closing:
+                self._refuse(400, f"malformed HTTP request: {e}")
+            self.transport.loseConnection()
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer an unparseable or oversized request and close: the stream cannot be trusted."""
-        if getattr(self, "_closing", False):
+    def _refuse(self, status: int, message: str, linger: bool = False) -> None:
+        """Answer a request that cannot be taken, then close. With `linger` the rest of the body is read
+        and dropped first, so a client still sending sees our answer instead of a broken pipe."""
+        if self._closing:
             return
         self._closing = True
         from fep.envelope import refusal  # local: envelope imports nothing of HTTP
 
         self.transport.write(render_response(refusal(status, message), keep_alive=False))
-        self.transport.loseConnection()
+        if not linger:
+            self.transport.loseConnection()
 
     def _next(self) -> None:
         if self._busy or not self._pending:
@@ -141,7 +158,7 @@ class HTTPServerProtocol(Protocol):
 
     def _write(self, resp: Response, keep_alive: bool) -> None:
         self._busy = False
-        if self.transport is None or getattr(self, "_closing", False):
+        if self._closing:
             return
         self.transport.write(render_response(resp, keep_alive))
         if not keep_alive:
@@ -149,6 +166,11 @@ class HTTPServerProtocol(Protocol):
             self.transport.loseConnection()
             return
         self._next()
+
+
+REFUSAL_ALERTS = ("unknown ca", "bad certificate", "certificate required", "certificate unknown",
+                  "certificate revoked", "certificate expired", "unsupported certificate", "access denied",
+                  "handshake failure")
 
 
 class TransportError(Exception):
@@ -181,6 +203,8 @@ class HTTPClientProtocol(Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
         self.connected_ok = False
+        self._requests = 0
+        self._received = 0
 
     def _reset(self) -> None:
         self._headers: dict[str, str] = {}
@@ -195,6 +219,7 @@ class HTTPClientProtocol(Protocol):
         head = [f"POST {path} HTTP/1.1", f"Content-Length: {len(body)}"]
         head.extend(f"{k}: {v}" for k, v in headers.items())
         self._waiting = defer.Deferred()
+        self._requests += 1
         self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body)
         return self._waiting
 
@@ -220,6 +245,7 @@ class HTTPClientProtocol(Protocol):
             waiting.callback(resp)
 
     def dataReceived(self, data: bytes) -> None:
+        self._received += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -228,9 +254,21 @@ class HTTPClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected_ok = False
+        why = reason.getErrorMessage()
         if not self.ready.called:
-            self.ready.errback(TransportError(f"TLS handshake failed: {reason.getErrorMessage()}", sent=False))
-        self._fail(TransportError(f"connection lost before the whole answer: {reason.getErrorMessage()}", sent=True))
+            self.ready.errback(TransportError(f"TLS handshake failed: {why}", sent=False))
+        elif self._refused_session(reason):
+            self._fail(TransportError(f"TLS handshake failed: the bureau refused our certificate: {why}", sent=False))
+        self._fail(TransportError(f"connection lost before the whole answer: {why}", sent=True))
+
+    def _refused_session(self, reason: Failure) -> bool:
+        """In TLS 1.3 the server checks our certificate after our side has finished the handshake, so its
+        refusal arrives after we wrote. A certificate or handshake alert on a connection's first request,
+        before any answer byte, means the server's TLS layer rejected the session: nothing was delivered."""
+        if self._requests != 1 or self._received or not reason.check(SSL.Error):
+            return False
+        text = reason.getErrorMessage().lower()
+        return any(a in text for a in REFUSAL_ALERTS)
         if not self.closed.called:
             self.closed.callback(None)
 

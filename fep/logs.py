@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 
 PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3, LogLevel.critical: 2}
@@ -23,4 +24,5 @@ def observer(event: dict[str, Any]) -> None:
 
 
 def start() -> None:
+    Factory.noisy = False  # "Starting factory" on every bureau connection drowns what matters
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
