@@ -10,18 +10,22 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from fep import envelope, metrics, tls
 from fep.config import BureauSide, Endpoint
-from fep.http11 import HTTPClientProtocol, TransportError
+from fep.http11 import ClientResponse, HTTPClientProtocol, TransportError
 
 log = Logger()
+
+
+LateHandler = Callable[[bytes], None]
 
 
 class NotSent(Exception):
@@ -150,42 +154,61 @@ class BureauLink:
             return trade_path
         return ep.path
 
-    async def send(self, infno: str, body: bytes, timeout: float, trade_path: str | None = None) -> Delivery:
-        """Send to the first endpoint that takes it. Raises NotSent or Unknown."""
+    async def send(self, infno: str, body: bytes, timeout: float, trade_path: str | None = None,
+                   on_late: LateHandler | None = None) -> Delivery:
+        """Send to the first endpoint that takes it. Raises NotSent or Unknown.
+
+        An answer that comes after `timeout` (within the late grace) goes to `on_late`: the caller has
+        already been told Unknown and acted on it; the late answer is kept for reconciliation."""
         reasons = []
         for pool in sorted(self.pools, key=lambda p: p.up is False):  # endpoints that are up first
             try:
                 conn = await pool.acquire()
-                return await self._exchange(pool, conn, infno, body, timeout, trade_path)
+                return await self._exchange(pool, conn, infno, body, timeout, trade_path, on_late)
             except NotSent as e:  # provably never left: the next endpoint may take it
                 reasons.append(str(e))
         raise NotSent("; ".join(reasons))
 
-    async def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, body: bytes, timeout: float,
-                        trade_path: str | None) -> Delivery:
+    def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, body: bytes, timeout: float,
+                  trade_path: str | None, on_late: LateHandler | None) -> defer.Deferred[Delivery]:
         ep = pool.ep
         headers = {"Host": ep.server_name, "Content-Type": self.cfg.content_type, "X-Fep-Infno": infno}
-        timed_out = []
+        result: defer.Deferred[Delivery] = defer.Deferred()
+        started = time.perf_counter()
 
         def expire() -> None:
-            timed_out.append(True)
-            conn.transport.abortConnection()
+            result.errback(Unknown(f"{ep.name}: no answer within {timeout:g} s"))
+            self.reactor.callLater(self.cfg.late_grace, conn.transport.abortConnection)
 
         timer = self.reactor.callLater(timeout, expire)
-        started = time.perf_counter()
-        try:
-            resp = await conn.request(self._path(ep, infno, trade_path), body, headers)
-        except TransportError as e:
-            if not e.sent:
-                pool._set_up(False)
-                raise NotSent(f"{ep.name}: {e}") from None
-            why = f"no answer within {timeout:g} s" if timed_out else str(e)
-            raise Unknown(f"{ep.name}: {why}") from None
-        finally:
+
+        def answered(resp: ClientResponse) -> None:
+            pool.release(conn)
             if timer.active():
                 timer.cancel()
+                try:
+                    result.callback(self._delivery(ep, resp, time.perf_counter() - started))
+                except Unknown as e:
+                    result.errback(e)
+            elif on_late is not None:
+                on_late(resp.body)
+
+        def failed(f: Failure) -> None:
             pool.release(conn)
-        seconds = time.perf_counter() - started
+            if not timer.active():
+                return  # the caller was told at the timeout
+            timer.cancel()
+            e = f.value
+            if isinstance(e, TransportError) and not e.sent:
+                pool._set_up(False)
+                result.errback(NotSent(f"{ep.name}: {e}"))
+            else:
+                result.errback(Unknown(f"{ep.name}: {e}"))
+
+        conn.request(self._path(ep, infno, trade_path), body, headers).addCallbacks(answered, failed)
+        return result
+
+    def _delivery(self, ep: Endpoint, resp: ClientResponse, seconds: float) -> Delivery:
         metrics.BUREAU_SECONDS.labels(ep.name).observe(seconds)
         if resp.status != 200:
             raise Unknown(f"{ep.name}: HTTP {resp.status} instead of an envelope")

@@ -68,6 +68,7 @@ class BureauSide:
     not_signed_in: tuple[str, ...]  # err_msg fragments meaning "sign in again"
     reversal_not_found: tuple[str, ...]  # err_msg fragments of a 2601 answer meaning "original not there"
     content_type: str = "application/json"
+    late_grace: float = 30.0  # after a timeout, how long a late answer is still read (and kept)
 
 
 @dataclass(frozen=True)
@@ -205,4 +206,5 @@ def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
         not_signed_in=tuple(doc.get("not_signed_in", ["未签到", "签到信息不存在", "not signed in"])),
         reversal_not_found=tuple(doc.get("reversal_not_found", ["原交易不存在", "not found"])),
         content_type=str(doc.get("content_type", "application/json")),
+        late_grace=float(doc.get("late_grace", 30)),
     )

@@ -187,7 +187,7 @@ class Engine:
     async def _forward(self, trade: TradeDef, row: TradeRow) -> Reply:
         """Send a journalled trade (state SENT) and record what became of it."""
         try:
-            delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout, trade.path)
+            delivery = await self._send(trade, row)
         except NotSent as e:
             return await self._not_sent(trade, row, str(e))
         except Unknown as e:
@@ -196,6 +196,17 @@ class Engine:
             log.warn("{infno} {msgid}: outcome unknown: {why}", infno=trade.infno, msgid=row.msgid, why=str(e))
             return await self._start_resolving(trade, row.msgid, str(e))
         return await self._answered(trade, row, delivery)
+
+    def _send(self, trade: TradeDef, row: TradeRow) -> defer.Deferred[Delivery]:
+        return defer.ensureDeferred(self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout,
+                                                   trade.path, on_late=lambda body: self._late(row, body)))
+
+    def _late(self, row: TradeRow, body: bytes) -> None:
+        """An answer after fep gave up waiting never changes what was decided; it is kept for reconciliation."""
+        metrics.LATE_ANSWERS.labels(row.infno).inc()
+        log.warn("{infno} {msgid}: late answer from the bureau stored; the decision already taken stands",
+                 infno=row.infno, msgid=row.msgid)
+        self._spawn(self.journal.store_late_answer(row.msgid, body.decode("utf-8", "replace")))
 
     async def _not_sent(self, trade: TradeDef, row: TradeRow, why: str) -> Reply:
         if trade.deferrable:
@@ -321,7 +332,7 @@ class Engine:
                                           attempts=row.attempts + 1)
             row.state, row.attempts = S.SENT, row.attempts + 1
             try:
-                delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout, trade.path)
+                delivery = await self._send(trade, row)
             except (NotSent, Unknown) as e:
                 await self.journal.transition(row.msgid, "lost", note=str(e))
                 return False
@@ -339,12 +350,12 @@ class Engine:
         assert child is not None, f"{row.msgid} is RESOLVING without a resolving trade"
         child_def = self.catalog.get(child.infno)
         if child.state is S.ANSWERED:  # the bureau refused the last one: a fresh try, new msgid
+            refusal = f"{child.infno} {child.msgid} refused: {envelope.loads(child.answer or '{}').get('err_msg')}"
             if row.attempts >= self.cfg.resolution.max_tries:
-                await self.journal.transition(row.msgid, "give_up", note=f"{child.infno} refused {row.attempts} "
-                                              f"times; last: {row.note}")
+                await self.journal.transition(row.msgid, "give_up", note=f"{row.attempts} tries; last {refusal}")
                 return True
             await self._pause(row.attempts)
-            await self._journal_resolver(row.msgid, self._resolving_trade(trade, row), "trying again",
+            await self._journal_resolver(row.msgid, self._resolving_trade(trade, row), f"{refusal}; trying again",
                                          event="reattempt", attempts=row.attempts + 1)
             return False
         if child.attempts >= self.cfg.resolution.max_tries and child.state is not S.SENT:
@@ -363,8 +374,7 @@ class Engine:
                 await self.journal.transition(child.msgid, "resend", note="sent again with the same msgid",
                                               attempts=child.attempts + 1)
             try:
-                delivery = await self.link.send(child.infno, child.request.encode("utf-8"), child_def.timeout,
-                                                child_def.path)
+                delivery = await self._send(child_def, child)
             except (NotSent, Unknown) as e:
                 await self.journal.transition(child.msgid, "lost", note=str(e))
                 return False
@@ -379,7 +389,6 @@ class Engine:
             parent = (row.msgid, "not_needed", f"the bureau has no record of it ({ans.err_msg})", {})
         else:
             await self.journal.transitions((child.msgid, "answer", ans.err_msg, child_fields))
-            row.note = ans.err_msg
             log.warn("{infno} {msgid} refused by the bureau: {err}; trying again", infno=child.infno,
                      msgid=child.msgid, err=ans.err_msg)
             return False
@@ -415,7 +424,7 @@ class Engine:
                                               attempts=row.attempts + 1)
                 row.request, row.state, row.attempts = request, S.SENT, row.attempts + 1
                 try:
-                    delivery = await self.link.send(trade.infno, request.encode("utf-8"), trade.timeout, trade.path)
+                    delivery = await self._send(trade, row)
                 except NotSent as e:
                     await self.journal.transition(row.msgid, "requeue", note=f"bureau unreachable: {e}")
                     return

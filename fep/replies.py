@@ -30,8 +30,7 @@ def _pending(row: TradeRow) -> str:
         S.SENT: f"trade {row.msgid} is in progress at the bureau; ask again with the same msgid",
         S.UNKNOWN: (f"no valid answer from the bureau for {row.msgid} ({row.note}); its outcome is unknown "
                     f"and is being resolved; the patient is NOT settled"),
-        S.RESOLVING: (f"no valid answer from the bureau for {row.msgid}; it is being undone{by}; "
-                      f"the patient is NOT settled"),
+        S.RESOLVING: f"{row.msgid}: {row.note}; it is being undone{by}; the patient is NOT settled",
         S.REVERSED: f"trade {row.msgid} got no answer and was undone at the bureau{by}; the patient is NOT settled",
         S.NOT_NEEDED: (f"trade {row.msgid} got no answer and the bureau has no record of it{by}; "
                        f"the patient is NOT settled"),

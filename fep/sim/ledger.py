@@ -56,6 +56,7 @@ class Ledger:
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.db = sqlite_utils.Database(self.conn)
         self.db.enable_wal()
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # a test double, not the system of record
         self.catalog = catalog
         self.admdvs = admdvs
         self.clr_optins = clr_optins
@@ -144,8 +145,7 @@ class Ledger:
 
     # ---- trades -----------------------------------------------------------------------------------
     def sign_in(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
-        data = _node(inp, "signIn", ("opter_no", "mac", "ip"))
-        del data
+        _node(inp, "signIn", ("opter_no", "mac", "ip"))
         sign_no = f"{self._next('sign_no', 359000):06d}"
         self.conn.execute("INSERT INTO signins VALUES (?,?)", (sign_no, _now()))
         return {"signinoutb": {"sign_no": sign_no, "sign_time": _now()}}

@@ -8,6 +8,7 @@ the way the VPN breaks it.
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -108,6 +109,12 @@ class BureauProtocol(HTTPServerProtocol):
         super().__init__(self._handle, max_body=16 << 20)
         self.sim = sim
 
+    def connectionMade(self) -> None:
+        self.sim.connections.add(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.sim.connections.discard(self)
+
     async def _handle(self, req: Request) -> Response:
         try:
             env = envelope.loads(req.body)
@@ -120,7 +127,7 @@ class BureauProtocol(HTTPServerProtocol):
             self.transport.abortConnection()
             return await defer.Deferred()  # never answered
         if mode == "error":
-            return Response(200, envelope.dumps(envelope.local_failure(fault.message, _now())))
+            return Response(200, envelope.dumps(envelope.local_failure(fault.message, datetime.now())))
         answer = envelope.dumps(self.sim.ledger.handle(env))
         if mode == "drop_after":
             self.transport.abortConnection()
@@ -135,12 +142,6 @@ class BureauProtocol(HTTPServerProtocol):
         return Response(200, answer)
 
 
-def _now() -> Any:
-    from datetime import datetime
-
-    return datetime.now()
-
-
 class Simulator:
     def __init__(self, reactor: Any, cfg: SimConfig) -> None:
         self.reactor = reactor
@@ -148,6 +149,7 @@ class Simulator:
         self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins)
         self.faults = list(cfg.faults)
         self.port: Any = None
+        self.connections: set[BureauProtocol] = set()
         self._options = tls.server_options(cfg.tls)
         self._reopen: Any = None
 
@@ -178,6 +180,8 @@ class Simulator:
         if self.port is not None:
             port, self.port = self.port, None
             await port.stopListening()
+        for conn in list(self.connections):  # a dead bureau takes its open connections with it
+            conn.transport.abortConnection()
         if fault.seconds:
             self._reopen = self.reactor.callLater(fault.seconds, lambda: defer.ensureDeferred(self._up(fault)))
 

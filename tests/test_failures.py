@@ -1,0 +1,245 @@
+"""What happens when things break: each fault of the simulator against the real daemon."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fep import envelope
+from tests.world import LI, WANG, ZHANG, Visit, World, his_msgid, wait_for
+
+
+def settled_state(world: World, msgid: str, states: tuple[str, ...], timeout: float = 20) -> dict:
+    return wait_for(lambda: (r := world.trade(msgid))["state"] in states and r, timeout=timeout,
+                    what=f"{msgid} to reach {states}")
+
+
+def test_bureau_drops_the_link_after_2207_is_processed_so_2601_reverses_it(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    running.fault(mode="drop_after", infno="2207", times=1)
+
+    answer = visit.settle()
+    # The HIS hears at once: failed, outcome unknown, reversal under way (its msgid), not settled.
+    assert answer["infcode"] == -1
+    assert answer["fep_state"] == "RESOLVING" and answer["fep_resolver"]
+    assert "NOT settled" in answer["err_msg"]
+    reversal = running.trade(answer["fep_resolver"])
+    assert reversal["infno"] == "2601" and reversal["related"] == answer["fep_msgid"]
+    data = envelope.loads(reversal["request"])
+    assert data["input"]["data"] == {"psn_no": ZHANG["psn_no"], "omsgid": answer["fep_msgid"], "oinfno": "2207"}
+
+    settled_state(running, answer["fep_msgid"], ("REVERSED",))
+    assert running.his.lookup(answer["fep_msgid"])["fep_state"] == "REVERSED"
+    assert [s["state"] for s in running.ledger()] == ["reversed"]
+    running.assert_ledgers_agree()
+    # The patient can now be settled again, with a new msgid, and is charged once.
+    again = visit.settle()
+    assert again["infcode"] == 0, again
+    running.assert_ledgers_agree()
+
+
+def test_a_2207_dropped_before_the_bureau_saw_it_needs_no_reversal(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    running.fault(mode="drop_before", infno="2207", times=1)
+    answer = visit.settle()
+    assert answer["fep_state"] == "RESOLVING"
+    row = settled_state(running, answer["fep_msgid"], ("NOT_NEEDED",))
+    assert "no record" in row["note"]
+    assert running.ledger() == []
+    running.assert_ledgers_agree()
+
+
+def test_a_reset_mid_answer_is_an_unknown_outcome_and_is_reversed(running: World) -> None:
+    visit = Visit(running.his, LI)
+    visit.up_to_settlement()
+    running.fault(mode="reset_mid", infno="2207", times=1)
+    answer = visit.settle()
+    assert answer["fep_state"] == "RESOLVING"
+    settled_state(running, answer["fep_msgid"], ("REVERSED",))
+    running.assert_ledgers_agree()
+
+
+def test_a_late_answer_is_stored_for_reconciliation_and_does_not_stop_the_reversal(world: World) -> None:
+    world.configure(trades={"2207": {"timeout": 1}}, fep={"bureau": {"late_grace": 10}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=2, times=1)
+    answer = visit.settle()
+    assert answer["fep_state"] == "RESOLVING"
+    assert "no answer within 1 s" in answer["err_msg"]
+    row = settled_state(world, answer["fep_msgid"], ("REVERSED",))
+    row = wait_for(lambda: (r := world.trade(answer["fep_msgid"]))["late_answer"] and r, what="the late answer")
+    assert envelope.loads(row["late_answer"])["output"]["setlinfo"]["setl_id"]  # what the bureau had said
+    assert row["state"] == "REVERSED" and row["answer"] is None
+    world.assert_ledgers_agree()
+
+
+def test_a_business_error_from_the_bureau_is_an_answer_not_an_unknown(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    running.fault(mode="error", infno="2207", message="基金支付异常", times=1)
+    answer = visit.settle()
+    assert answer["infcode"] == -1 and answer["err_msg"] == "基金支付异常"
+    assert answer["fep_state"] == "ANSWERED" and not running.journal("infno='2601'")
+
+
+def test_the_reversal_is_repeated_until_the_bureau_acknowledges_it(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    running.fault(mode="drop_after", infno="2207", times=1)
+    running.fault(mode="drop_after", infno="2601", times=2)  # the first two reversals get no answer either
+    answer = visit.settle()
+    row = settled_state(running, answer["fep_msgid"], ("REVERSED",))
+    reversal = running.trade(row["resolver"])
+    assert reversal["attempts"] == 3 and reversal["state"] == "ANSWERED"
+    assert running.events(reversal["msgid"]).count("resend") == 2  # same msgid each time
+    running.assert_ledgers_agree()
+
+
+def test_a_reversal_the_bureau_keeps_refusing_is_parked_for_a_person(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    running.fault(mode="drop_after", infno="2207", times=1)
+    running.fault(mode="error", infno="2601", message="系统繁忙")
+    answer = visit.settle()
+    row = settled_state(running, answer["fep_msgid"], ("NEEDS_ATTENTION",), timeout=30)
+    assert "refused" in row["note"] and "系统繁忙" in row["note"]
+    assert running.his.lookup(answer["fep_msgid"])["fep_state"] == "NEEDS_ATTENTION"
+    assert len(running.journal("infno='2601'")) == 6  # max_tries in the test config, each a new msgid
+
+
+def test_fep_killed_while_2207_is_at_the_bureau_reverses_it_on_restart(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    running.fault(mode="late", infno="2207", seconds=3, times=1)
+    msgid = his_msgid(7)
+    import threading
+
+    threading.Thread(target=lambda: _ignore(lambda: visit.settle(msgid=msgid)), daemon=True).start()
+    wait_for(lambda: running.journal("msgid=?", (msgid,)), what="2207 to be journalled")
+    running.kill_fep()
+    time.sleep(3.5)  # the bureau settles it meanwhile
+    assert [s["state"] for s in running.ledger()] == ["live"]
+    running.start_fep()
+    row = settled_state(running, msgid, ("REVERSED",))
+    assert running.events(msgid)[:3] == ["accept", "lost", "resolve"]
+    assert [s["state"] for s in running.ledger()] == ["reversed"]
+    # The HIS, asking again with its msgid, hears what became of it; it is never charged twice.
+    again = visit.settle(msgid=msgid)
+    assert again["fep_state"] == "REVERSED" and row["resolver"] == again["fep_resolver"]
+    running.assert_ledgers_agree()
+
+
+def _ignore(fn) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except OSError:
+        pass  # fep was killed under the call
+
+
+def test_while_the_bureau_is_down_queries_fail_fast_settlements_fail_cleanly_uploads_wait(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    for step in (visit.identify, visit.register, visit.diagnose):
+        assert step()["infcode"] == 0
+    running.fault(mode="refuse")
+
+    started = time.monotonic()
+    q = visit.identify()
+    assert q["fep_state"] == "NOT_SENT" and "nothing was sent" in q["err_msg"]
+    assert time.monotonic() - started < 3
+
+    first = visit.upload_fees()
+    second_visit = Visit(running.his, ZHANG, fees=[("250101001", "1", "30.00")])
+    second_visit.mdtrt_id = visit.mdtrt_id
+    second = second_visit.upload_fees()
+    assert first["infcode"] == 0 and first["fep_state"] == "QUEUED"
+    assert second["fep_state"] == "QUEUED" and second["fep_msgid"] != first["fep_msgid"]
+
+    visit.medfee += second_visit.medfee
+    s = visit.settle()
+    assert s["fep_state"] == "NOT_SENT" and s["infcode"] == -1  # money never waits in a queue
+
+    running.clear_faults()
+    for m in (first["fep_msgid"], second["fep_msgid"]):
+        settled_state(running, m, ("ANSWERED",))
+    sent = [m for m, i in running.sim_answers() if i == "2204"]
+    assert sent == [first["fep_msgid"], second["fep_msgid"]]  # same msgids, in the order accepted
+    # The resubmission of the failed settlement (same msgid) is sent now: it never left the box.
+    retried = running.his.call("2207", visit.settlement_input(), msgid=s["fep_msgid"])
+    assert retried["infcode"] == 0, retried
+    running.assert_ledgers_agree()
+
+
+def test_an_upload_the_bureau_refuses_on_replay_is_parked_and_later_ones_of_the_person_wait(running: World) -> None:
+    a, b = Visit(running.his, ZHANG), Visit(running.his, WANG)
+    for v in (a, b):
+        for step in (v.identify, v.register, v.diagnose):
+            assert step()["infcode"] == 0
+    running.fault(mode="refuse")
+    bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])
+    bad.mdtrt_id = a.mdtrt_id
+    parked, waiting, other = bad.upload_fees(), a.upload_fees(), b.upload_fees()
+    assert {x["fep_state"] for x in (parked, waiting, other)} == {"QUEUED"}
+    running.clear_faults()
+    row = settled_state(running, parked["fep_msgid"], ("NEEDS_ATTENTION",))
+    assert "医保目录编码不存在" in row["note"]
+    settled_state(running, other["fep_msgid"], ("ANSWERED",))  # another person is not blocked
+    time.sleep(1.5)
+    assert running.trade(waiting["fep_msgid"])["state"] == "QUEUED"  # same person: waits behind the parked one
+
+
+def test_refunds_go_last_settlement_first(running: World) -> None:
+    first, second = Visit(running.his, ZHANG), Visit(running.his, ZHANG)
+    for v in (first, second):
+        v.up_to_settlement()
+    s1 = first.settle()["output"]["setlinfo"]["setl_id"]
+    s2 = second.settle()
+    s2_id = s2["output"]["setlinfo"]["setl_id"]
+    status, refused = running.his_tcp.request("POST", "/", envelope.dumps(
+        {"infno": "2208", "input": {"data": {"setl_id": s1, "mdtrt_id": first.mdtrt_id, "psn_no": ZHANG["psn_no"]}}}))
+    assert status == 409
+    assert f"cancel {s2_id} (2207, msgid {s2['fep_msgid']}) before {s1}" in refused["err_msg"]
+    assert second.cancel(s2_id)["infcode"] == 0
+    assert first.cancel(s1)["infcode"] == 0
+    running.assert_ledgers_agree()
+
+
+@pytest.mark.parametrize("confirms", [True, False])
+def test_a_settlement_the_his_does_not_confirm_in_time_is_reversed(world: World, confirms: bool) -> None:
+    world.configure(trades={"2207": {"confirm_within": 2}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    answer = visit.settle()
+    assert answer["infcode"] == 0 and answer["fep_state"] == "AWAITING_CONFIRM" and answer["fep_confirm_by"]
+    if confirms:
+        assert world.his.confirm(answer["fep_msgid"])["fep_state"] == "CONFIRMED"
+        time.sleep(2.5)
+        assert world.trade(answer["fep_msgid"])["state"] == "CONFIRMED"
+        assert [s["state"] for s in world.ledger()] == ["live"]
+    else:
+        settled_state(world, answer["fep_msgid"], ("REVERSED",))
+        assert [s["state"] for s in world.ledger()] == ["reversed"]
+    world.assert_ledgers_agree()
+
+
+def test_every_nth_trade_failing_leaves_no_unknown_unresolved(running: World) -> None:
+    visits = [Visit(running.his, p) for p in (ZHANG, LI, WANG)]
+    for v in visits:
+        v.up_to_settlement()
+    running.fault(mode="drop_after", infno="2207", every=2)
+    answers = [v.settle() for v in visits]
+    assert [a["fep_state"] for a in answers] == ["ANSWERED", "RESOLVING", "ANSWERED"]
+    settled_state(running, answers[1]["fep_msgid"], ("REVERSED",))
+    running.assert_ledgers_agree()
+
+
+def test_a_bureau_down_for_a_period_comes_back_by_itself(running: World) -> None:
+    running.fault(mode="refuse", seconds=1.5)
+    assert Visit(running.his, ZHANG).identify()["fep_state"] == "NOT_SENT"
+    time.sleep(2)
+    assert Visit(running.his, ZHANG).identify()["infcode"] == 0
