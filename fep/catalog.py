@@ -69,7 +69,8 @@ class TradeDef:
 
     @property
     def person_ordered(self) -> bool:
-        return self.moves_money
+        """Money and deferred work of one person reach the bureau one at a time, in arrival order."""
+        return self.moves_money or self.deferrable
 
     def validate(self, input_: dict[str, Any]) -> None:
         missing = [p for p in self.required if not _present(input_, p)]

@@ -61,7 +61,9 @@ class Engine:
     # ---- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
         """Recovery: read every open trade's state and pick it up. Runs before the listeners open."""
-        for row in await self.journal.open_trades():
+        parked = await self.journal.select("state='NEEDS_ATTENTION' AND related IS NULL")
+        rows = sorted(await self.journal.open_trades() + parked, key=lambda r: r.id)
+        for row in rows:
             await self._recover(row)
         self._poll = task.LoopingCall(self._tick)
         self._poll.clock = self.reactor
@@ -74,10 +76,11 @@ class Engine:
         if row.state is S.SENT:
             await self.journal.transition(row.msgid, "lost", note="fep stopped while it was at the bureau")
             row.state = S.UNKNOWN
+        if self.catalog.get(row.infno).deferrable and row.state is not S.AWAITING_CONFIRM:
+            # Queued, parked or unresolved: later deferred work of the person waits behind it.
+            self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
         if row.state in (S.UNKNOWN, S.RESOLVING):
             self._spawn(self._resolve(row.msgid))
-        elif row.state is S.QUEUED:
-            self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
         elif row.state is S.AWAITING_CONFIRM:
             self._arm_confirm(row.msgid, row.deadline or time.time())
 
@@ -192,6 +195,8 @@ class Engine:
             return await self._not_sent(trade, row, str(e))
         except Unknown as e:
             await self.journal.transition(row.msgid, "lost", note=str(e))
+            if trade.deferrable:  # until it is resolved, later deferred work of the person waits behind it
+                self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
             metrics.UNKNOWN_OUTCOMES.labels(trade.infno).inc()
             log.warn("{infno} {msgid}: outcome unknown: {why}", infno=trade.infno, msgid=row.msgid, why=str(e))
             return await self._start_resolving(trade, row.msgid, str(e))

@@ -6,7 +6,7 @@ from typing import Iterator
 import pytest
 
 from fep import pki
-from tests.world import World
+from fep.sim.world import World
 
 
 @pytest.fixture(scope="session")

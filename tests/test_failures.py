@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fep import envelope
-from tests.world import LI, WANG, ZHANG, Visit, World, his_msgid, wait_for
+from fep.sim.world import LI, WANG, ZHANG, Visit, World, his_msgid, wait_for
 
 
 def settled_state(world: World, msgid: str, states: tuple[str, ...], timeout: float = 20) -> dict:
@@ -243,3 +243,46 @@ def test_a_bureau_down_for_a_period_comes_back_by_itself(running: World) -> None
     assert Visit(running.his, ZHANG).identify()["fep_state"] == "NOT_SENT"
     time.sleep(2)
     assert Visit(running.his, ZHANG).identify()["infcode"] == 0
+
+
+def test_an_upload_whose_outcome_is_unknown_can_be_undone_by_its_dedicated_cancel(world: World) -> None:
+    world.configure(trades={"2204": {"on_unknown": "cancel"}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    for step in (visit.identify, visit.register, visit.diagnose):
+        assert step()["infcode"] == 0
+    world.fault(mode="drop_after", infno="2204", times=1)
+    answer = visit.upload_fees()
+    assert answer["fep_state"] == "RESOLVING"
+    cancel = world.trade(answer["fep_resolver"])
+    assert cancel["infno"] == "2205"
+    assert envelope.loads(cancel["request"])["input"]["data"] == {
+        "mdtrt_id": visit.mdtrt_id, "chrg_bchno": visit.chrg_bchno, "psn_no": ZHANG["psn_no"]}
+    settled_state(world, answer["fep_msgid"], ("REVERSED",))
+    assert visit.presettle()["err_msg"].endswith("无待结算费用明细")  # the fee lines are gone at the bureau
+
+
+def test_an_upload_whose_outcome_is_unknown_is_resent_with_the_same_msgid(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    for step in (visit.identify, visit.register, visit.diagnose):
+        assert step()["infcode"] == 0
+    running.fault(mode="drop_after", infno="2204", times=1)
+    answer = visit.upload_fees()
+    assert answer["fep_state"] == "UNKNOWN"
+    settled_state(running, answer["fep_msgid"], ("ANSWERED",))
+    assert [m for m, i in running.sim_answers() if i == "2204"] == [answer["fep_msgid"]]  # processed once
+    assert visit.presettle()["infcode"] == 0
+
+
+def test_an_upload_of_unknown_outcome_holds_back_later_uploads_of_the_same_person(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    for step in (visit.identify, visit.register, visit.diagnose):
+        assert step()["infcode"] == 0
+    running.fault(mode="drop_before", infno="2204", times=1)  # never reaches the bureau the first time
+    first = visit.upload_fees()
+    assert first["fep_state"] == "UNKNOWN"
+    later = Visit(running.his, ZHANG, fees=[("250101001", "1", "30.00")])
+    later.mdtrt_id = visit.mdtrt_id
+    second = later.upload_fees()
+    settled_state(running, second["fep_msgid"], ("ANSWERED",))
+    assert [m for m, i in running.sim_answers() if i == "2204"] == [first["fep_msgid"], second["fep_msgid"]]

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 from fep import envelope
 from fep.msgid import well_formed
-from tests.world import LI, ZHANG, Visit, World, his_msgid, wait_for
+from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, wait_for
 
 
 def test_an_outpatient_visit_is_settled_and_cancelled_through_fep(running: World) -> None:

@@ -1,5 +1,5 @@
-"""A small world for end-to-end tests: a real bureau simulator and a real fep daemon, as processes,
-over real mutual TLS on loopback, each with its own state in a temporary directory."""
+"""A small world for end-to-end tests, scripts/chaos and scripts/bench: a real bureau simulator and a
+real fep daemon, as processes, over real mutual TLS on loopback, each with its state in one directory."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import yaml
 from fep import envelope
 from fep.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: conf/ holds the development defaults
 ZHANG = {"psn_no": "43010000000000000001", "certno": "430102198001010011", "insutype": "310"}
 LI = {"psn_no": "43010000000000000002", "certno": "430102199002020022", "insutype": "390"}
 WANG = {"psn_no": "43010000000000000003", "certno": "430102197503030033", "insutype": "310"}
@@ -58,6 +58,7 @@ class World:
         self.sim_config = tmp / "conf" / "sim.yaml"
         self.sim: subprocess.Popen[bytes] | None = None
         self.fep: subprocess.Popen[bytes] | None = None
+        self.kills = 0
         self.configure()
 
     # ---- configuration ------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ class World:
         assert self.fep is not None
         self.fep.send_signal(signal.SIGKILL)
         self.fep.wait()
+        self.kills += 1
 
     def stop(self) -> None:
         for proc in (self.fep, self.sim):
@@ -223,7 +225,8 @@ class Visit:
                                             "mdtrt_cert_no": self.person["certno"], "ipt_otp_no": self.chrg_bchno,
                                             "atddr_no": "D001", "dr_name": "医生", "dept_code": "01",
                                             "dept_name": "内科", "caty": "A03"}})
-        self.mdtrt_id = a["output"]["data"]["mdtrt_id"]
+        if a["infcode"] == 0:
+            self.mdtrt_id = a["output"]["data"]["mdtrt_id"]
         return a
 
     def diagnose(self) -> dict[str, Any]:
