@@ -101,15 +101,16 @@ class Engine:
     # ---- HIS entry points ----------------------------------------------------------------------
     async def submit(self, req: envelope.HisRequest) -> Reply:
         started = time.perf_counter()
+        answer_by = time.time() + self.cfg.his.answer_budget  # what the HIS was told it may wait
         trade = self.catalog.get(req.infno)
         trade.validate(req.input)
         msgid = req.msgid if req.msgid and well_formed(req.msgid) else None
         psn = envelope.find_psn_no(req.input)
         if trade.person_ordered and psn:
             async with self._lane(psn):
-                result = await self._submit(trade, req, msgid, psn)
+                result = await self._submit(trade, req, msgid, psn, answer_by)
         else:
-            result = await self._submit(trade, req, msgid, psn)
+            result = await self._submit(trade, req, msgid, psn, answer_by)
         metrics.TRADES.labels(trade.infno, result.body.get("fep_state", "?")).inc()
         metrics.TRADE_SECONDS.labels(trade.infno).observe(time.perf_counter() - started)
         return result
@@ -139,7 +140,7 @@ class Engine:
 
     # ---- the normal path ------------------------------------------------------------------------
     async def _submit(self, trade: TradeDef, req: envelope.HisRequest, msgid: str | None,
-                      psn: str | None) -> Reply:
+                      psn: str | None, answer_by: float) -> Reply:
         digest = envelope.payload_hash(req.envelope)
         if trade.kind is Kind.UNDO_MONEY and psn:
             if msgid is None or await self.journal.get(msgid) is None:
@@ -150,11 +151,11 @@ class Engine:
                        self._complete(req.envelope))
         acc = await self.journal.accept(new)
         if not acc.created:
-            return await self._resubmitted(trade, acc.row, digest)
+            return await self._resubmitted(trade, acc.row, digest, answer_by)
         if queue_it:
             self._enqueue(acc.row)
             return reply(acc.row)
-        return await self._forward(trade, acc.row)
+        return await self._forward(trade, acc.row, answer_by)
 
     def _complete(self, his_envelope: dict[str, Any]) -> dict[str, Any]:
         """Fill what the box owns; keep what the HIS says of itself."""
@@ -176,7 +177,7 @@ class Engine:
         env.update(sign_no=self._sign_no, inf_time=envelope.inf_time(datetime.now()))
         return envelope.dumps(env).decode("utf-8")
 
-    async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: str) -> Reply:
+    async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: str, answer_by: float) -> Reply:
         if row.payload_hash != digest:
             raise Refused(422, f"msgid {row.msgid} was already used for a different trade ({row.infno}); "
                                f"a msgid names one trade forever")
@@ -184,11 +185,18 @@ class Engine:
             request = self._refreshed(row)
             await self.journal.transition(row.msgid, "retry", note="sent again by the HIS", request=request)
             row.request, row.state = request, S.SENT
-            return await self._forward(trade, row)
+            return await self._forward(trade, row, answer_by)
         return reply(row, resubmitted=True)
 
-    async def _forward(self, trade: TradeDef, row: TradeRow) -> Reply:
-        """Send a journalled trade (state SENT) and record what became of it."""
+    async def _forward(self, trade: TradeDef, row: TradeRow, answer_by: float | None = None) -> Reply:
+        """Send a journalled trade (state SENT) and record what became of it.
+
+        Timeouts are layered: the bureau's (per trade) lies inside what the HIS was told it may wait. A
+        trade that waited for its person's lane until the bureau's timeout no longer fits is not sent."""
+        left = answer_by - time.time() if answer_by is not None else trade.timeout
+        if left < trade.timeout:
+            return await self._not_sent(trade, row, f"only {left:.1f} s of the HIS's {self.cfg.his.answer_budget:g} s "
+                                                    f"were left, and the bureau may take {trade.timeout:g} s")
         try:
             delivery = await self._send(trade, row)
         except NotSent as e:

@@ -286,3 +286,52 @@ def test_an_upload_of_unknown_outcome_holds_back_later_uploads_of_the_same_perso
     second = later.upload_fees()
     settled_state(running, second["fep_msgid"], ("ANSWERED",))
     assert [m for m, i in running.sim_answers() if i == "2204"] == [first["fep_msgid"], second["fep_msgid"]]
+
+
+def test_a_trade_that_waited_too_long_for_its_person_is_not_sent(world: World) -> None:
+    from fep.catalog import Catalog
+    from fep.sim.world import ROOT
+
+    short = {infno: {"timeout": 2} for infno in Catalog.load(ROOT / "conf" / "trades.yaml").trades}
+    world.configure(trades=short, fep={"his": {"answer_budget": 3}})
+    world.start()
+    first, second = Visit(world.his, ZHANG), Visit(world.his, ZHANG)
+    for v in (first, second):
+        v.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=1.5, times=1)
+    import threading
+
+    slow = threading.Thread(target=first.settle)
+    slow.start()
+    wait_for(lambda: world.journal("infno='2207'"), what="the first 2207")
+    answer = second.settle()  # waits for the first (same person), then has 1.5 s of 3 left: under 2207's 2 s
+    slow.join()
+    assert answer["fep_state"] == "NOT_SENT" and "were left, and the bureau may take 2 s" in answer["err_msg"]
+    assert len([s for s in world.ledger()]) == 1
+
+
+def test_trades_not_sent_to_a_dead_endpoint_go_to_the_next(world: World) -> None:
+    from fep.sim.world import free_port
+
+    alive = f"https://127.0.0.1:{world.sim_port}/fsi/api/rsfComIfsService/callService"
+    world.configure(fep={"bureau": {"endpoints": [
+        {"name": "primary", "url": f"https://127.0.0.1:{free_port()}/callService", "server_name": "bureau.fep.test"},
+        {"name": "backup", "url": alive, "server_name": "bureau.fep.test"}]}})
+    world.start()
+    answer = Visit(world.his, ZHANG).identify()
+    assert answer["infcode"] == 0
+    assert world.trade(answer["fep_msgid"])["endpoint"] == "backup"
+
+
+def test_fep_signs_in_again_when_the_bureau_forgets_its_session(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    assert visit.identify()["infcode"] == 0
+    running.expire_sessions()
+    refused = visit.identify()
+    assert refused["infcode"] == -1 and "请重新签到" in refused["err_msg"]
+    answer = visit.identify()
+    assert answer["infcode"] == 0
+    sign_ins = running.journal("infno='9001'")
+    assert len(sign_ins) == 2
+    new_sign_no = envelope.loads(sign_ins[1]["answer"])["output"]["signinoutb"]["sign_no"]
+    assert envelope.loads(running.trade(answer["fep_msgid"])["request"])["sign_no"] == new_sign_no

@@ -1,7 +1,8 @@
 """`fep sim`: the bureau simulator, a separate process speaking the national envelope over mutual TLS.
 
 Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-HTTP control port on
-loopback (POST /faults, DELETE /faults, GET /ledger), so tests and scripts/chaos can break the link
+loopback (POST /faults, DELETE /faults, GET /ledger,
+POST /sessions/expire), so tests and scripts/chaos can break the link
 the way the VPN breaks it.
 """
 
@@ -199,6 +200,9 @@ class Simulator:
                 self._reopen.cancel()
             await self._up()
             return Response(200, b'{"faults":[]}')
+        if req.method == "POST" and req.path == "/sessions/expire":  # as after a restart of the bureau
+            self.ledger.conn.execute("DELETE FROM signins")
+            return Response(200, b'{"signins":[]}')
         if req.method == "POST" and req.path == "/faults":
             try:
                 doc = envelope.loads(req.body)
@@ -209,7 +213,7 @@ class Simulator:
             if fault.mode == "refuse":
                 await self._refuse(fault)
             return Response(200, envelope.dumps({"faults": [f.mode for f in self.faults]}))
-        return Response(404, b'{"error":"GET /ledger, POST /faults, DELETE /faults"}')
+        return Response(404, b'{"error":"GET /ledger, POST /faults, DELETE /faults, POST /sessions/expire"}')
 
 
 def run(config_path: Path) -> int:

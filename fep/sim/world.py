@@ -143,6 +143,9 @@ class World:
     def fault(self, **spec: Any) -> None:
         _http("POST", self.control_port, "/faults", spec)
 
+    def expire_sessions(self) -> None:
+        _http("POST", self.control_port, "/sessions/expire", {})
+
     def clear_faults(self) -> None:
         _http("DELETE", self.control_port, "/faults")
 
