@@ -55,6 +55,7 @@ class _Pool:
         self.count = 0
         self.waiters: deque[defer.Deferred[HTTPClientProtocol | None]] = deque()
         self.up: bool | None = None  # None: not tried yet
+        self.retired = False  # replaced by a reload: connections still in use close when done
 
     async def acquire(self) -> HTTPClientProtocol:
         while self.idle:
@@ -99,7 +100,7 @@ class _Pool:
         return proto
 
     def release(self, p: HTTPClientProtocol) -> None:
-        if p.idle:
+        if p.idle and not self.retired:
             if self.waiters:
                 self.waiters.popleft().callback(p)
             else:
@@ -120,6 +121,7 @@ class _Pool:
         metrics.LINK_UP.labels(self.ep.name).set(1 if up else 0)
 
     def close(self) -> None:
+        self.retired = True
         for p in self.idle:
             p.transport.loseConnection()
         self.idle.clear()
@@ -135,12 +137,18 @@ class BureauLink:
         return _Pool(self.reactor, ep, tls.client_options(self.cfg.tls, ep.server_name), self.cfg.concurrency,
                      self.cfg.connect_timeout, self.cfg.source_address)
 
-    def reload_tls(self) -> None:
-        """New certificates for new connections; connections in use finish on the old ones."""
-        creators = [tls.client_options(self.cfg.tls, ep.server_name) for ep in self.cfg.endpoints]
-        for pool, creator in zip(self.pools, creators):
-            pool.creator = creator
+    def reconfigure(self, cfg: BureauSide) -> None:
+        """New endpoints or certificates for new connections; trades in flight finish on the old ones.
+        Raises TLSConfigError, leaving everything as it was, if the new certificates cannot be used."""
+        old, self.cfg = self.cfg, cfg
+        try:
+            pools = [self._pool(ep) for ep in cfg.endpoints]
+        except tls.TLSConfigError:
+            self.cfg = old
+            raise
+        for pool in self.pools:
             pool.close()
+        self.pools = pools
 
     @property
     def down(self) -> bool:

@@ -54,7 +54,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0 if answer.get("infcode") == 0 else 1
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def cmd_lookup(args: argparse.Namespace) -> int:
     answer = _client(args).lookup(args.msgid)
     _print(answer)
     return 0 if answer.get("fep_state") != "REFUSED" else 1
@@ -95,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     his_options(c)
     c.set_defaults(func=cmd_call)
 
-    sh = sub.add_parser("show", help="a trade's state and stored answer, by msgid")
-    sh.add_argument("msgid")
-    his_options(sh)
-    sh.set_defaults(func=cmd_show)
+    lk = sub.add_parser("lookup", help="what the HIS hears for a msgid (state and stored answer)")
+    lk.add_argument("msgid")
+    his_options(lk)
+    lk.set_defaults(func=cmd_lookup)
+
+    from fep import admin_cli
+
+    admin_cli.add_commands(sub)
 
     cf = sub.add_parser("confirm", help="confirm a settlement that has a confirmation window")
     cf.add_argument("msgid")

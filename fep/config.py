@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,13 @@ class Resolution:
 
 
 @dataclass(frozen=True)
+class AdminSide:
+    unix: Path
+    metrics_host: str
+    metrics_port: int
+
+
+@dataclass(frozen=True)
 class Config:
     institution: Institution
     his: HisSide
@@ -86,7 +93,8 @@ class Config:
     journal_max_batch: int
     resolution: Resolution
     catalog: Catalog
-    admin: dict[str, Any] = field(default_factory=dict)
+    admin: AdminSide
+    allow_root: bool = False
     source: Path | None = None
 
 
@@ -166,7 +174,10 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
             backoff=tuple(float(x) for x in res.get("backoff", [0, 2, 10, 30, 60, 300])),
         ),
         catalog=catalog,
-        admin=doc.get("admin") or {},
+        admin=AdminSide(unix=_path(base, (doc.get("admin") or {}).get("unix", "/run/fep/admin.sock")),
+                        metrics_host=str((doc.get("admin") or {}).get("metrics_host", "127.0.0.1")),
+                        metrics_port=int((doc.get("admin") or {}).get("metrics_port", 9464))),
+        allow_root=bool((doc.get("security") or {}).get("allow_root", False)),
         source=path,
     )
 

@@ -1,11 +1,13 @@
 """`fep run`: wire config, journal, bureau link, engine and listeners, in the order that keeps promises.
 
 The journal opens and recovery runs before any listener is bound, so no HIS request can race the
-picking-up of trades from the last run.
+picking-up of trades from the last run; systemd hears READY=1 only after that. SIGHUP (systemctl reload)
+re-reads the config and certificates; an invalid new config is refused and the running one stays.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ from typing import Any
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from fep import admin, metrics, systemd, tls
 from fep import config as config_mod
-from fep import logs, tls
+from fep import logs
 from fep.bureau import BureauLink
 from fep.engine import Engine
 from fep.his import HisFactory, HisService
@@ -28,37 +31,81 @@ class StartupError(Exception):
     pass
 
 
+class Daemon:
+    def __init__(self, reactor: Any, config_path: Path, cfg: config_mod.Config) -> None:
+        self.reactor = reactor
+        self.config_path = config_path
+        self.cfg = cfg
+        self.extra_admin: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if os.geteuid() == 0 and not cfg.allow_root:
+            raise StartupError("fep does not run as root: start it as the fep user (see systemd/fep.service)")
+        try:
+            self.link = BureauLink(self.reactor, cfg.bureau)
+        except tls.TLSConfigError as e:
+            raise StartupError(f"bureau TLS: {e}") from None
+        self.journal = Journal(cfg.journal_path, cfg.institution.fixmedins_code, cfg.journal_max_batch)
+        await self.journal.open(self.reactor)
+        self.engine = Engine(self.reactor, cfg, self.journal, self.link)
+        await self.engine.start()
+        self.factory = HisFactory(HisService(self.engine), cfg.his.max_body, cfg.his.allowed_networks)
+        if cfg.his.unix:
+            await _listen_unix(self.reactor, cfg.his.unix, self.factory)
+        await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, interface=cfg.his.tcp_host).listen(
+            self.factory)
+        service = admin.AdminService(self.engine, self.reload, self.extra_admin)
+        await admin.listen(self.reactor, service, cfg.admin.unix, cfg.admin.metrics_host, cfg.admin.metrics_port)
+        self.refresher = admin.MetricsRefresher(self.reactor, self.engine)
+        self.refresher.loop.start(5.0)
+        self.reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(self.shutdown()))
+        self.watchdog = systemd.start_watchdog(self.reactor, self.journal.ping)
+        systemd.notify("READY=1\nSTATUS=recovered; listening")
+        log.info("fep ready: HIS on {unix} and {host}:{port}; bureau {eps}", unix=cfg.his.unix,
+                 host=cfg.his.tcp_host, port=cfg.his.tcp_port, eps=", ".join(e.url for e in cfg.bureau.endpoints))
+
+    async def reload(self) -> str:
+        """Config and certificates anew, without dropping trades in flight; an invalid config changes nothing."""
+        systemd.reloading()
+        try:
+            cfg = config_mod.load(self.config_path)
+            if os.geteuid() == 0 and not cfg.allow_root:
+                raise config_mod.ConfigError("the new config does not allow running as root")
+            self.link.reconfigure(cfg.bureau)
+        except (config_mod.ConfigError, tls.TLSConfigError) as e:
+            metrics.RELOADS.labels("refused").inc()
+            log.error("reload refused, the running configuration stays: {err}", err=str(e))
+            systemd.notify("READY=1")
+            return f"refused: {e}"
+        moved = [name for name, a, b in (("his tcp", (self.cfg.his.tcp_host, self.cfg.his.tcp_port),
+                                          (cfg.his.tcp_host, cfg.his.tcp_port)),
+                                         ("his unix", self.cfg.his.unix, cfg.his.unix),
+                                         ("journal", self.cfg.journal_path, cfg.journal_path)) if a != b]
+        self.engine.reconfigure(cfg)
+        self.factory.max_body, self.factory.networks = cfg.his.max_body, cfg.his.allowed_networks
+        self.cfg = cfg
+        metrics.RELOADS.labels("applied").inc()
+        note = f"; a restart is needed to move: {', '.join(moved)}" if moved else ""
+        log.info("configuration and certificates reloaded{note}", note=note)
+        systemd.notify("READY=1")
+        return f"applied{note}"
+
+    async def shutdown(self) -> None:
+        systemd.notify("STOPPING=1")
+        for loop in (self.refresher.loop, self.watchdog):
+            if loop is not None and loop.running:
+                loop.stop()
+        self.engine.stop()
+        self.link.close()
+        await self.journal.close()
+
+
 def _listen_unix(reactor: Any, path: Path, factory: HisFactory) -> defer.Deferred[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         path.unlink()  # left by a previous run
     return endpoints.UNIXServerEndpoint(reactor, str(path), mode=0o660).listen(factory)
-
-
-async def start(reactor: Any, cfg: config_mod.Config) -> tuple[Engine, Journal, BureauLink]:
-    try:
-        link = BureauLink(reactor, cfg.bureau)
-    except tls.TLSConfigError as e:
-        raise StartupError(f"bureau TLS: {e}") from None
-    journal = Journal(cfg.journal_path, cfg.institution.fixmedins_code, cfg.journal_max_batch)
-    await journal.open(reactor)
-    engine = Engine(reactor, cfg, journal, link)
-    await engine.start()
-    service = HisService(engine)
-    factory = HisFactory(service, cfg.his.max_body, cfg.his.allowed_networks)
-    if cfg.his.unix:
-        await _listen_unix(reactor, cfg.his.unix, factory)
-    await endpoints.TCP4ServerEndpoint(reactor, cfg.his.tcp_port, interface=cfg.his.tcp_host).listen(factory)
-    log.info("fep ready: HIS on {unix} and {host}:{port}; bureau {eps}", unix=cfg.his.unix,
-             host=cfg.his.tcp_host, port=cfg.his.tcp_port, eps=", ".join(e.url for e in cfg.bureau.endpoints))
-
-    async def shutdown() -> None:
-        engine.stop()
-        link.close()
-        await journal.close()
-
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shutdown()))
-    return engine, journal, link
 
 
 def run(config_path: Path) -> int:
@@ -70,6 +117,7 @@ def run(config_path: Path) -> int:
         return 2
     from twisted.internet import reactor
 
+    daemon = Daemon(reactor, config_path, cfg)
     outcome: dict[str, int] = {}
 
     def failed(f: Any) -> None:
@@ -80,10 +128,8 @@ def run(config_path: Path) -> int:
         outcome["code"] = 2
         reactor.stop()
 
-    def go() -> None:
-        defer.ensureDeferred(start(reactor, cfg)).addErrback(failed)
-
-    reactor.callWhenRunning(go)
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(daemon.start()).addErrback(failed))
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(lambda: defer.ensureDeferred(daemon.reload())))
     reactor.run(installSignalHandlers=False)
     return outcome.get("code", 0)

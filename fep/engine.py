@@ -84,6 +84,10 @@ class Engine:
         elif row.state is S.AWAITING_CONFIRM:
             self._arm_confirm(row.msgid, row.deadline or time.time())
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reload: trades already under way keep the definitions they started with."""
+        self.cfg, self.catalog = cfg, cfg.catalog
+
     def stop(self) -> None:
         if self._poll is not None and self._poll.running:
             self._poll.stop()
@@ -137,6 +141,55 @@ class Engine:
         elif row.state is not S.CONFIRMED:
             raise Refused(409, f"trade {msgid} is {row.state}, not awaiting confirmation")
         return reply(await self.journal.get(msgid))
+
+    # ---- what a person does (admin socket) ---------------------------------------------------------
+    async def reverse(self, omsgid: str, oinfno: str | None = None, psn_no: str | None = None) -> Reply:
+        """Undo a trade the bureau holds but this box does not hold as done (单边账), by 2601.
+
+        The 2601 is a trade of its own, through the normal path: journalled, and resent with its msgid
+        until the bureau answers. It obeys refund order like a cancel."""
+        row = await self.journal.get(omsgid)
+        if row is not None:
+            if row.state in IN_FORCE and row.setl_id:
+                raise Refused(409, f"{omsgid} is settled in the journal ({row.setl_id}): refund it with its cancel "
+                                   f"(2208/2305) from the HIS; fep reverse is for trades the journal does not hold")
+            oinfno, psn_no = oinfno or row.infno, psn_no or row.psn_no
+        if not oinfno or not psn_no:
+            raise Refused(400, f"{omsgid} is not in the journal: give its trade number and psn_no "
+                               f"(they are in the reconciliation detail)")
+        await self._check_later_settlements(psn_no, _msgid_time(omsgid), f"the reversal of {omsgid}")
+        req = envelope.HisRequest("2601", None, {"infno": "2601", "opter": "fep-admin", "opter_name": "fep admin",
+                                                 "input": {"data": {"psn_no": psn_no, "omsgid": omsgid,
+                                                                    "oinfno": oinfno}}})
+        return await self.submit(req)
+
+    async def replay(self, msgid: str) -> Reply:
+        """A person sends a parked trade on: a deferred item back to its queue, or a resolution tried afresh."""
+        row = await self.journal.get(msgid)
+        if row is None or row.state is not S.NEEDS_ATTENTION:
+            raise Refused(409, f"{msgid} is {row.state if row else 'not in the journal'}, not NEEDS_ATTENTION")
+        trade = self.catalog.get(row.infno)
+        if trade.deferrable and not row.resolver and row.answer:
+            await self.journal.transition(msgid, "release", note="released by a person", attempts=0)
+            self._kick(row.psn_no or "")
+        else:
+            await self.journal.transition(msgid, "reopen", note="reopened by a person", attempts=0)
+            self._spawn(self._resolve(msgid))
+        return reply(await self.journal.get(msgid))
+
+    async def status(self) -> dict[str, Any]:
+        counts = await self.journal.count_by_state()
+        oldest = await self.journal.select("state='QUEUED' ORDER BY id LIMIT 1")
+        parked = await self.journal.select("state='NEEDS_ATTENTION' ORDER BY id")
+        return {
+            "endpoints": [{"name": p.ep.name, "url": p.ep.url, "up": p.up} for p in self.link.pools],
+            "signed_in": self._signed_on == date.today(), "sign_no": self._sign_no,
+            "trades_by_state": counts,
+            "queued": counts.get(S.QUEUED, 0),
+            "oldest_queued_seconds": round(time.time() - oldest[0].created, 1) if oldest else None,
+            "needs_attention": [{"msgid": r.msgid, "infno": r.infno, "since": _when(r.updated), "note": r.note}
+                                for r in parked],
+        }
 
     # ---- the normal path ------------------------------------------------------------------------
     async def _submit(self, trade: TradeDef, req: envelope.HisRequest, msgid: str | None,
@@ -256,22 +309,26 @@ class Engine:
         return reply(row)
 
     # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
-    async def _check_refund_order(self, input_: dict[str, Any], psn: str) -> None:
-        """A cancel is refused while a later settlement of the same person is still in force."""
-        setl_id = str(next((n.get("setl_id") for n in input_.values() if isinstance(n, dict)), "") or "")
+    async def _settlements_in_force(self, psn: str) -> list[TradeRow]:
+        """The person's settlements the bureau holds and that are not cancelled, oldest first."""
         money = {t.infno for t in self.catalog.trades.values() if t.kind is Kind.MONEY}
         in_force = ", ".join(f"'{s.value}'" for s in IN_FORCE)
         rows = await self.journal.select(
             f"psn_no=? AND state IN ({in_force}) AND setl_id IS NOT NULL ORDER BY id", [psn])
         cancelled = {r.cancels for r in rows if r.cancels}
-        settlements = [r for r in rows if r.infno in money and r.setl_id not in cancelled]
+        return [r for r in rows if r.infno in money and r.setl_id not in cancelled]
+
+    async def _check_refund_order(self, input_: dict[str, Any], psn: str) -> None:
+        """A cancel is refused while a later settlement of the same person is still in force."""
+        setl_id = str(next((n.get("setl_id") for n in input_.values() if isinstance(n, dict)), "") or "")
+        settlements = await self._settlements_in_force(psn)
         ids = [r.setl_id for r in settlements]
         if setl_id not in ids:
             return  # not settled through this box: the bureau decides
-        later = settlements[ids.index(setl_id) + 1:]
-        if later:
-            order = ", ".join(f"{r.setl_id} ({r.infno}, msgid {r.msgid})" for r in reversed(later))
-            raise Refused(409, f"refunds go last settlement first: cancel {order} before {setl_id}")
+        _refuse_if_later(settlements[ids.index(setl_id) + 1:], setl_id)
+
+    async def _check_later_settlements(self, psn: str, since: float, what: str) -> None:
+        _refuse_if_later([r for r in await self._settlements_in_force(psn) if r.created > since], what)
 
     # ---- unknown outcomes ------------------------------------------------------------------------
     async def _start_resolving(self, trade: TradeDef, msgid: str, why: str) -> Reply:
@@ -406,6 +463,7 @@ class Engine:
                      msgid=child.msgid, err=ans.err_msg)
             return False
         await self.journal.transitions((child.msgid, "answer", None, child_fields), parent)
+        metrics.RESOLUTIONS.labels(parent[1]).inc()
         return True
 
     # ---- store and forward ------------------------------------------------------------------------
@@ -529,6 +587,24 @@ class Engine:
         d.addErrback(lambda f: log.failure("background work failed", f))
         return d
 
+
+
+def _refuse_if_later(later: list[TradeRow], what: str) -> None:
+    if later:
+        order = ", ".join(f"{r.setl_id} ({r.infno}, msgid {r.msgid})" for r in reversed(later))
+        raise Refused(409, f"refunds go last settlement first: cancel {order} before {what}")
+
+
+def _msgid_time(msgid: str) -> float:
+    """When a msgid of the national layout was made; 0 (the beginning) when it does not follow it."""
+    try:
+        return datetime.strptime(msgid[12:26], "%Y%m%d%H%M%S").timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _settlement(trade: TradeDef, row: TradeRow, ans: envelope.BureauAnswer) -> dict[str, Any]:

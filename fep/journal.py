@@ -303,6 +303,10 @@ class Journal:
         return self._call(lambda conn: conn.execute(
             "SELECT at, event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,)).fetchall())
 
+    def ping(self) -> defer.Deferred[None]:
+        """Returns once the writer thread has run a (no-op) batch: the watchdog's proof of progress."""
+        return self._call(lambda conn: None)
+
     def count_by_state(self) -> defer.Deferred[dict[str, int]]:
         return self._call(lambda conn: dict(conn.execute("SELECT state, count(*) FROM trades GROUP BY state")))
 

@@ -18,3 +18,14 @@ LINK_UP = Gauge("fep_bureau_link_up", "1 while the last attempt to reach the end
 SIGNED_IN = Gauge("fep_bureau_signed_in", "1 while fep holds a sign_no from 9001")
 UNKNOWN_OUTCOMES = Counter("fep_unknown_outcomes", "Trades sent that got no valid answer", ["infno"])
 LATE_ANSWERS = Counter("fep_late_answers", "Answers that came after fep had given up waiting", ["infno"])
+TRADES_IN_STATE = Gauge("fep_trades_in_state", "Trades in the journal by state (refreshed every few seconds)",
+                        ["state"])
+REPLAY_DEPTH = Gauge("fep_replay_queue_depth", "Deferred trades waiting for the bureau")
+REPLAY_OLDEST = Gauge("fep_replay_queue_oldest_seconds", "Age of the oldest deferred trade still waiting")
+UNKNOWN_OLDEST = Gauge("fep_unknown_oldest_seconds", "Age of the oldest trade whose outcome is not yet resolved")
+RESOLUTIONS = Counter("fep_resolutions", "Unknown outcomes resolved, by how they ended", ["result"])
+CERT_EXPIRY = Gauge("fep_certificate_expiry_seconds", "Seconds until a configured certificate expires", ["cert"])
+RELOADS = Counter("fep_config_reloads", "Configuration reloads, by result", ["result"])
+RECONCILED_GROUPS = Gauge("fep_reconciliation_groups", "Groups of the last reconciliation run, by result",
+                          ["result"])
+RECONCILED_AT = Gauge("fep_reconciliation_last_run_timestamp_seconds", "When the last reconciliation ran")

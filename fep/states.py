@@ -41,6 +41,7 @@ TRANSITIONS: dict[str, tuple[frozenset[State], State]] = {
     "not_needed":  (frozenset({S.RESOLVING}), S.NOT_NEEDED),
     "give_up":     (frozenset({S.UNKNOWN, S.RESOLVING, S.QUEUED, S.SENT}), S.NEEDS_ATTENTION),
     "release":     (frozenset({S.NEEDS_ATTENTION}), S.QUEUED),  # a person sends a parked item again
+    "reopen":      (frozenset({S.NEEDS_ATTENTION}), S.UNKNOWN),  # a person has fep resolve it again
     "confirm":     (frozenset({S.AWAITING_CONFIRM}), S.CONFIRMED),
 }
 

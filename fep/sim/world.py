@@ -54,6 +54,7 @@ class World:
         self.dir = tmp
         self.pki = pki
         self.sim_port, self.control_port, self.his_port = free_port(), free_port(), free_port()
+        self.metrics_port = free_port()
         self.fep_config = tmp / "conf" / "fep.yaml"
         self.sim_config = tmp / "conf" / "sim.yaml"
         self.sim: subprocess.Popen[bytes] | None = None
@@ -68,6 +69,7 @@ class World:
         (self.dir / "conf").mkdir(exist_ok=True)
         doc = yaml.safe_load((ROOT / "conf" / "fep.yaml").read_text())
         doc["his"].update(tcp_port=self.his_port, unix=str(self.dir / "run" / "his.sock"))
+        doc["admin"] = {"unix": str(self.dir / "run" / "admin.sock"), "metrics_port": self.metrics_port}
         doc["bureau"]["endpoints"][0]["url"] = f"https://127.0.0.1:{self.sim_port}/fsi/api/rsfComIfsService/callService"
         doc["bureau"]["tls"] = {"ca": str(self.pki / "ca.pem"), "cert": str(self.pki / "hospital.pem"),
                                 "key": str(self.pki / "hospital.key")}

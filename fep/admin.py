@@ -1,0 +1,164 @@
+"""The admin side: a JSON API on a Unix socket only root and the `fep` group can open (for the `fep`
+command), and Prometheus metrics on a loopback TCP port. A thin adapter over the engine."""
+
+from __future__ import annotations
+
+import grp
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs, unquote
+
+from prometheus_client.twisted import MetricsResource
+from twisted.internet import defer, endpoints, task
+from twisted.internet.protocol import Factory
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from fep import envelope, metrics, tls
+from fep.engine import Engine, Refused
+from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.journal import COLUMNS, TradeRow
+from fep.states import State
+
+LIST_COLUMNS = [c for c in COLUMNS if c not in ("request", "answer", "late_answer", "payload_hash")]
+FILTERS = {"state": "state = ?", "psn_no": "psn_no = ?", "infno": "infno = ?",
+           "since": "created >= ?", "until": "created <= ?"}
+
+
+def _time(value: str) -> float:
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+        try:
+            return datetime.strptime(value, fmt).timestamp()
+        except ValueError:
+            pass
+    raise Refused(400, f"cannot read the time {value!r}: use YYYY-MM-DD or YYYY-MM-DD HH:MM:SS")
+
+
+def summary(row: TradeRow, full: bool = False) -> dict[str, Any]:
+    out = {c: getattr(row, c) for c in (COLUMNS if full else LIST_COLUMNS)}
+    out["created"] = datetime.fromtimestamp(row.created).strftime("%Y-%m-%d %H:%M:%S")
+    out["updated"] = datetime.fromtimestamp(row.updated).strftime("%Y-%m-%d %H:%M:%S")
+    if full:
+        out["request"] = envelope.loads(row.request)
+        out["request"].pop("cainfo", None)
+        out["answer"] = envelope.loads(row.answer) if row.answer else None
+        out["late_answer"] = envelope.loads(row.late_answer) if row.late_answer else None
+    return out
+
+
+class AdminService:
+    def __init__(self, engine: Engine, reload: Callable[[], Awaitable[str]],
+                 extra: dict[str, Callable[[Request], Awaitable[Any]]] | None = None) -> None:
+        self.engine = engine
+        self._reload = reload
+        self.extra = extra or {}  # routes other parts of fep add (reconciliation, catalog)
+
+    async def handle(self, req: Request) -> Response:
+        try:
+            return Response(200, envelope.dumps(await self._route(req)))
+        except Refused as e:
+            return Response(e.status, envelope.dumps({"error": str(e)}))
+        except ValueError as e:
+            return Response(400, envelope.dumps({"error": str(e)}))
+
+    async def _route(self, req: Request) -> Any:
+        path, _, query = req.path.partition("?")
+        args = {k: v[-1] for k, v in parse_qs(query).items()}
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        key = f"{req.method} {parts[0]}"
+        if key == "GET status":
+            return await self.status()
+        if key == "GET trades" and len(parts) == 1:
+            return await self.trades(args)
+        if key == "GET trades":
+            return await self.show(parts[1])
+        if key == "POST reverse":
+            body = envelope.loads(req.body or b"{}")
+            return (await self.engine.reverse(parts[1], body.get("infno"), body.get("psn_no"))).body
+        if key == "POST replay":
+            return (await self.engine.replay(parts[1])).body
+        if key == "POST reload":
+            return {"result": await self._reload()}
+        if key in self.extra:
+            return await self.extra[key](req)
+        raise Refused(404, f"no admin call {req.method} {path}")
+
+    async def status(self) -> dict[str, Any]:
+        status = await self.engine.status()
+        status["certificates"] = certificate_expiry(self.engine.cfg.bureau.tls)
+        return status
+
+    async def trades(self, args: dict[str, str]) -> list[dict[str, Any]]:
+        where, params = ["1"], []
+        for name, clause in FILTERS.items():
+            if name in args:
+                where.append(clause)
+                params.append(_time(args[name]) if name in ("since", "until") else args[name])
+        if "state" in args and args["state"] not in State.__members__:
+            raise Refused(400, f"no state {args['state']!r}; states are {', '.join(State.__members__)}")
+        limit = int(args.get("limit", 100))
+        rows = await self.engine.journal.select(f"{' AND '.join(where)} ORDER BY id DESC LIMIT {limit}", params)
+        return [summary(r) for r in reversed(rows)]
+
+    async def show(self, msgid: str) -> dict[str, Any]:
+        row = await self.engine.journal.get(msgid)
+        if row is None:
+            raise Refused(404, f"no trade with msgid {msgid} in the journal")
+        out = summary(row, full=True)
+        out["history"] = [{"at": datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], "event": ev,
+                           "state": st, "note": note} for at, ev, st, note in await self.engine.journal.history(msgid)]
+        related = await self.engine.journal.select("related=? ORDER BY id", [msgid])
+        out["resolving_trades"] = [summary(r) for r in related]
+        return out
+
+
+def certificate_expiry(files: Any) -> dict[str, float | str]:
+    out: dict[str, float | str] = {}
+    for name, path in (("hospital", files.cert), ("ca", files.ca)):
+        try:
+            out[name] = round(tls.seconds_to_expiry(path))
+        except (tls.TLSConfigError, ValueError) as e:
+            out[name] = f"unreadable: {e}"
+    return out
+
+
+class MetricsRefresher:
+    """Gauges that are counts over the journal, refreshed every few seconds rather than per trade."""
+
+    def __init__(self, reactor: Any, engine: Engine) -> None:
+        self.engine = engine
+        self.loop = task.LoopingCall(lambda: defer.ensureDeferred(self.refresh()))
+        self.loop.clock = reactor
+
+    async def refresh(self) -> None:
+        journal = self.engine.journal
+        counts = await journal.count_by_state()
+        for state in State:
+            metrics.TRADES_IN_STATE.labels(state.value).set(counts.get(state, 0))
+        metrics.REPLAY_DEPTH.set(counts.get(State.QUEUED, 0))
+        now = time.time()
+        for gauge, states in ((metrics.REPLAY_OLDEST, "'QUEUED'"),
+                              (metrics.UNKNOWN_OLDEST, "'SENT','UNKNOWN','RESOLVING'")):
+            oldest = await journal.select(f"state IN ({states}) AND related IS NULL ORDER BY id LIMIT 1")
+            gauge.set(now - oldest[0].created if oldest else 0)
+        for name, seconds in certificate_expiry(self.engine.cfg.bureau.tls).items():
+            if isinstance(seconds, (int, float)):
+                metrics.CERT_EXPIRY.labels(name).set(seconds)
+
+
+async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int) -> None:
+    unix.parent.mkdir(parents=True, exist_ok=True)
+    if unix.exists():
+        unix.unlink()
+    factory = Factory.forProtocol(lambda: HTTPServerProtocol(service.handle, max_body=1 << 20))
+    await endpoints.UNIXServerEndpoint(reactor, str(unix), mode=0o660).listen(factory)
+    try:  # only root and the fep group may open it
+        os.chown(unix, -1, grp.getgrnam("fep").gr_gid)
+    except (KeyError, PermissionError):
+        pass  # no fep group on a development machine
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource())
+    await endpoints.TCP4ServerEndpoint(reactor, metrics_port, interface=metrics_host).listen(Site(root))

@@ -1,0 +1,168 @@
+"""The `fep` commands for people: status, trades, show, reverse, replay, reload (and, from other
+modules, reconcile and catalog). They talk to the running daemon over its admin socket; output is an
+aligned table, or JSON with --json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote, urlencode
+
+from fep import envelope
+from fep.client import Client
+
+DEFAULT_CONFIGS = ("conf/fep.yaml", "/etc/fep/fep.yaml")
+
+
+def admin_client(args: argparse.Namespace) -> Client:
+    if args.admin:
+        return Client.unix(args.admin)
+    from fep import config
+
+    path = next((Path(p) for p in ([args.config] if args.config else DEFAULT_CONFIGS) if Path(p).exists()), None)
+    if path is None:
+        raise SystemExit("fep: no config found (conf/fep.yaml, /etc/fep/fep.yaml); give --config or --admin")
+    return Client.unix(str(config.load(path).admin.unix))
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    status, doc = admin_client(args).request(method, path, envelope.dumps(body) if body is not None else None)
+    if status != 200:
+        raise SystemExit(f"fep {args.command}: {doc.get('error', doc)}")
+    return doc
+
+
+def width(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([width(c)] + [width(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v + " " * (w - width(v)) for v, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def out(args: argparse.Namespace, doc: Any, human: Callable[[Any], str]) -> int:
+    sys.stdout.write((envelope.dumps(doc).decode() if args.json else human(doc)) + "\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def human(s: dict[str, Any]) -> str:
+        lines = ["bureau endpoints:"]
+        lines += [f"  {e['name']:<12} {'up' if e['up'] else ('down' if e['up'] is False else 'not tried')}"
+                  f"  {e['url']}" for e in s["endpoints"]]
+        lines.append(f"signed in: {'yes, sign_no ' + s['sign_no'] if s['signed_in'] else 'NO'}")
+        lines.append(f"queued for the bureau: {s['queued']}"
+                     + (f" (oldest {s['oldest_queued_seconds']} s)" if s["oldest_queued_seconds"] else ""))
+        lines.append("trades by state: " + ", ".join(f"{k} {v}" for k, v in sorted(s["trades_by_state"].items())))
+        certs = s.get("certificates", {})
+        lines.append("certificates: " + ", ".join(
+            f"{k} expires in {v // 86400} days" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in certs.items()))
+        if s.get("last_reconciliation"):
+            r = s["last_reconciliation"]
+            lines.append(f"last reconciliation: {r['stmt_date']} run {r['run_at']}: "
+                         f"{r['balanced']} balanced, {r['unbalanced']} unbalanced")
+        lines.append(f"needs attention: {len(s['needs_attention'])}")
+        if s["needs_attention"]:
+            lines.append(table(s["needs_attention"], ["msgid", "infno", "since", "note"]))
+        return "\n".join(lines)
+
+    return out(args, call(args, "GET", "/status"), human)
+
+
+def cmd_trades(args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("state", args.state), ("psn_no", args.person), ("infno", args.infno),
+                               ("since", args.since), ("until", args.until), ("limit", args.limit)) if v}
+    rows = call(args, "GET", "/trades?" + urlencode(query))
+    return out(args, rows, lambda rs: table(rs, ["created", "msgid", "infno", "state", "psn_no", "setl_id",
+                                                 "resolver", "note"]))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    def human(t: dict[str, Any]) -> str:
+        lines = [f"{t['msgid']}  {t['infno']}  {t['state']}  person {t['psn_no'] or '-'}"
+                 f"  settlement {t['setl_id'] or '-'}  tries {t['attempts']}"]
+        if t["related"]:
+            lines.append(f"resolves {t['related']}")
+        lines.append(table(t["history"], ["at", "event", "state", "note"]))
+        if t["resolving_trades"]:
+            lines.append("resolving trades:")
+            lines.append(table(t["resolving_trades"], ["created", "msgid", "infno", "state", "attempts", "note"]))
+        answer = t["answer"] or {}
+        lines.append(f"answer: infcode {answer.get('infcode')} {answer.get('err_msg') or ''}".rstrip())
+        if t["late_answer"]:
+            lines.append(f"late answer kept: infcode {t['late_answer'].get('infcode')}")
+        return "\n".join(lines)
+
+    return out(args, call(args, "GET", f"/trades/{quote(args.msgid)}"), human)
+
+
+def _trade_answer(doc: dict[str, Any]) -> str:
+    return f"{doc.get('fep_msgid')}  {doc.get('fep_infno')}  {doc.get('fep_state')}  " \
+           f"{doc.get('fep_note') or doc.get('err_msg') or ''}".rstrip()
+
+
+def cmd_reverse(args: argparse.Namespace) -> int:
+    body = {k: v for k, v in (("infno", args.infno), ("psn_no", args.person)) if v}
+    return out(args, call(args, "POST", f"/reverse/{quote(args.msgid)}", body), _trade_answer)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    return out(args, call(args, "POST", f"/replay/{quote(args.msgid)}", {}), _trade_answer)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    doc = call(args, "POST", "/reload", {})
+    out(args, doc, lambda d: f"reload {d['result']}")
+    return 0 if doc["result"].startswith("applied") else 1
+
+
+def admin_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="fep's config, to find its admin socket (default: conf/fep.yaml, then "
+                                    "/etc/fep/fep.yaml)")
+    p.add_argument("--admin", help="the admin socket itself")
+    p.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+
+
+def add_commands(sub: Any) -> None:
+    st = sub.add_parser("status", help="bureau link, sign-in, queues, needs-attention, certificates")
+    admin_options(st)
+    st.set_defaults(func=cmd_status)
+
+    tr = sub.add_parser("trades", help="trades in the journal, newest last")
+    tr.add_argument("--state")
+    tr.add_argument("--person", help="psn_no")
+    tr.add_argument("--infno")
+    tr.add_argument("--since", help="YYYY-MM-DD[ HH:MM:SS]")
+    tr.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS]")
+    tr.add_argument("--limit", type=int, default=100)
+    admin_options(tr)
+    tr.set_defaults(func=cmd_trades)
+
+    sh = sub.add_parser("show", help="the whole life of one trade")
+    sh.add_argument("msgid")
+    admin_options(sh)
+    sh.set_defaults(func=cmd_show)
+
+    rv = sub.add_parser("reverse", help="undo a trade the bureau holds and this box does not (2601)")
+    rv.add_argument("msgid")
+    rv.add_argument("--infno", help="its trade number, when the journal does not have it")
+    rv.add_argument("--person", help="its psn_no, when the journal does not have it")
+    admin_options(rv)
+    rv.set_defaults(func=cmd_reverse)
+
+    rp = sub.add_parser("replay", help="send a parked (NEEDS_ATTENTION) trade on")
+    rp.add_argument("msgid")
+    admin_options(rp)
+    rp.set_defaults(func=cmd_replay)
+
+    rl = sub.add_parser("reload", help="re-read config and certificates (as systemctl reload)")
+    admin_options(rl)
+    rl.set_defaults(func=cmd_reload)
