@@ -89,6 +89,9 @@ class AdminService:
     async def status(self) -> dict[str, Any]:
         status = await self.engine.status()
         status["certificates"] = certificate_expiry(self.engine.cfg.bureau.tls)
+        last = await self.engine.journal.runs("reconcile")
+        status["last_reconciliation"] = {k: last[0][k] for k in ("stmt_date", "run_at", "balanced", "unbalanced")
+                                         } if last else None
         return status
 
     async def trades(self, args: dict[str, str]) -> list[dict[str, Any]]:

@@ -124,6 +124,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0 if doc["result"].startswith("applied") else 1
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from fep.reconcile import render
+
+    if args.show:
+        runs = call(args, "GET", "/reconcile" + (f"?date={args.date}" if args.date else ""))
+        if not runs:
+            raise SystemExit(f"fep reconcile: no stored run{' for ' + args.date if args.date else ''}")
+        doc = runs[0]
+    else:
+        doc = call(args, "POST", "/reconcile", {"date": args.date} if args.date else {})
+    sys.stdout.write(render(doc, "json" if args.json else args.format) + "\n")
+    return 0 if not doc["unbalanced"] and not doc["unresolved"] else 1
+
+
 def admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="fep's config, to find its admin socket (default: conf/fep.yaml, then "
                                     "/etc/fep/fep.yaml)")
@@ -162,6 +176,14 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("msgid")
     admin_options(rp)
     rp.set_defaults(func=cmd_replay)
+
+    rc = sub.add_parser("reconcile", help="reconcile a day with the bureau (3201, and 3202 where it does not "
+                                          "balance); exit 1 when it does not balance")
+    rc.add_argument("--date", help="YYYY-MM-DD (default: yesterday)")
+    rc.add_argument("--show", action="store_true", help="show the stored run instead of running again")
+    rc.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    admin_options(rc)
+    rc.set_defaults(func=cmd_reconcile)
 
     rl = sub.add_parser("reload", help="re-read config and certificates (as systemctl reload)")
     admin_options(rl)

@@ -220,6 +220,8 @@ class BureauLink:
         metrics.BUREAU_SECONDS.labels(ep.name).observe(seconds)
         if resp.status != 200:
             raise Unknown(f"{ep.name}: HTTP {resp.status} instead of an envelope")
+        if resp.headers.get("content-type", "").startswith(("application/octet-stream", "application/zip")):
+            resp.body = envelope.file_answer(resp.body, resp.headers.get("content-disposition", ""))
         try:
             answer = envelope.parse_bureau_answer(resp.body)
         except envelope.BadAnswer as e:

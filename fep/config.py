@@ -94,6 +94,7 @@ class Config:
     resolution: Resolution
     catalog: Catalog
     admin: AdminSide
+    reconcile_at: str | None = None  # "HH:MM": reconcile yesterday every day at this time
     allow_root: bool = False
     source: Path | None = None
 
@@ -177,9 +178,18 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         admin=AdminSide(unix=_path(base, (doc.get("admin") or {}).get("unix", "/run/fep/admin.sock")),
                         metrics_host=str((doc.get("admin") or {}).get("metrics_host", "127.0.0.1")),
                         metrics_port=int((doc.get("admin") or {}).get("metrics_port", 9464))),
+        reconcile_at=_hhmm((doc.get("schedule") or {}).get("reconcile_daily_at"), "schedule.reconcile_daily_at"),
         allow_root=bool((doc.get("security") or {}).get("allow_root", False)),
         source=path,
     )
+
+
+def _hhmm(value: Any, key: str) -> str | None:
+    if value in (None, ""):
+        return None
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", str(value)):
+        raise ConfigError(f"{key} must be a time of day HH:MM, got {value!r}")
+    return str(value)
 
 
 def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from fep import admin, metrics, systemd, tls
+from fep import admin, envelope, metrics, systemd, tls
 from fep import config as config_mod
 from fep import logs
 from fep.bureau import BureauLink
 from fep.engine import Engine
 from fep.his import HisFactory, HisService
 from fep.journal import Journal
+from fep.reconcile import Reconciler, yesterday
+from fep.schedule import Daily
 
 log = Logger()
 
@@ -55,10 +58,16 @@ class Daemon:
             await _listen_unix(self.reactor, cfg.his.unix, self.factory)
         await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, interface=cfg.his.tcp_host).listen(
             self.factory)
+        self.reconciler = Reconciler(self.engine)
+        self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations})
+        self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at,
+                            lambda: self.reconciler.run(yesterday()))]
         service = admin.AdminService(self.engine, self.reload, self.extra_admin)
         await admin.listen(self.reactor, service, cfg.admin.unix, cfg.admin.metrics_host, cfg.admin.metrics_port)
         self.refresher = admin.MetricsRefresher(self.reactor, self.engine)
         self.refresher.loop.start(5.0)
+        for job in self.daily:
+            job.start()
         self.reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(self.shutdown()))
         self.watchdog = systemd.start_watchdog(self.reactor, self.journal.ping)
         systemd.notify("READY=1\nSTATUS=recovered; listening")
@@ -91,14 +100,33 @@ class Daemon:
         systemd.notify("READY=1")
         return f"applied{note}"
 
+    async def _reconcile(self, req: Any) -> dict[str, Any]:
+        body = envelope.loads(req.body or b"{}")
+        return await self.reconciler.run(_day(body.get("date")))
+
+    async def _reconciliations(self, req: Any) -> list[dict[str, Any]]:
+        day = req.path.partition("date=")[2][:10] or None
+        return await self.journal.runs("reconcile", day, limit=1)
+
     async def shutdown(self) -> None:
         systemd.notify("STOPPING=1")
+        for job in self.daily:
+            job.stop()
         for loop in (self.refresher.loop, self.watchdog):
             if loop is not None and loop.running:
                 loop.stop()
         self.engine.stop()
         self.link.close()
         await self.journal.close()
+
+
+def _day(text: str | None) -> date:
+    if not text:
+        return yesterday()
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"cannot read the date {text!r}: use YYYY-MM-DD") from None
 
 
 def _listen_unix(reactor: Any, path: Path, factory: HisFactory) -> defer.Deferred[Any]:

@@ -157,7 +157,8 @@ class Engine:
         if not oinfno or not psn_no:
             raise Refused(400, f"{omsgid} is not in the journal: give its trade number and psn_no "
                                f"(they are in the reconciliation detail)")
-        await self._check_later_settlements(psn_no, _msgid_time(omsgid), f"the reversal of {omsgid}")
+        if self.catalog.get(oinfno).kind is not Kind.UNDO_MONEY:  # undoing a cancel is not a refund
+            await self._check_later_settlements(psn_no, _msgid_time(omsgid), f"the reversal of {omsgid}")
         req = envelope.HisRequest("2601", None, {"infno": "2601", "opter": "fep-admin", "opter_name": "fep admin",
                                                  "input": {"data": {"psn_no": psn_no, "omsgid": omsgid,
                                                                     "oinfno": oinfno}}})
@@ -327,8 +328,10 @@ class Engine:
             return  # not settled through this box: the bureau decides
         _refuse_if_later(settlements[ids.index(setl_id) + 1:], setl_id)
 
-    async def _check_later_settlements(self, psn: str, since: float, what: str) -> None:
-        _refuse_if_later([r for r in await self._settlements_in_force(psn) if r.created > since], what)
+    async def _check_later_settlements(self, psn: str, second: float, what: str) -> None:
+        """`second`: when the trade was made, to the second (a msgid's stamp); only what came after that
+        whole second is provably later."""
+        _refuse_if_later([r for r in await self._settlements_in_force(psn) if r.created >= second + 1], what)
 
     # ---- unknown outcomes ------------------------------------------------------------------------
     async def _start_resolving(self, trade: TradeDef, msgid: str, why: str) -> Reply:

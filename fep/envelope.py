@@ -122,6 +122,22 @@ def parse_bureau_answer(body: bytes) -> BureauAnswer:
     return BureauAnswer(infcode=code, err_msg=env.get("err_msg") or "", output=env.get("output"), raw=env)
 
 
+def file_answer(content: bytes, disposition: str) -> bytes:
+    """9102 (and 13xx downloads) answer with the file itself; fep keeps it as an envelope like any other."""
+    import base64
+
+    m = re.search(r'filename="?([^";]+)', disposition)
+    return dumps({"infcode": 0, "err_msg": None, "output": {"file": {
+        "filename": m.group(1) if m else "", "size": len(content),
+        "content_base64": base64.b64encode(content).decode("ascii")}}})
+
+
+def file_content(output: Any) -> bytes:
+    import base64
+
+    return base64.b64decode(output["file"]["content_base64"])
+
+
 def answer(envelope: dict[str, Any], *, msgid: str, state: str, note: str = "", **extra: Any) -> dict[str, Any]:
     """The national response envelope plus fep's own fields, all prefixed `fep_`."""
     out = dict(envelope)

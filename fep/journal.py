@@ -157,6 +157,9 @@ class Journal:
                             pk="id", if_not_exists=True)
         db["events"].create_index(["msgid"], if_not_exists=True)
         db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db["runs"].create({"id": int, "kind": str, "key": str, "at": float, "doc": str}, pk="id",
+                          if_not_exists=True)
+        db["runs"].create_index(["kind", "key"], if_not_exists=True)
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         last = conn.execute("SELECT value FROM meta WHERE key='msgid_counter'").fetchone()
         self._counter = MsgidCounter(self._code, last[0] if last else None)
@@ -302,6 +305,20 @@ class Journal:
     def history(self, msgid: str) -> defer.Deferred[list[tuple[float, str, str, str]]]:
         return self._call(lambda conn: conn.execute(
             "SELECT at, event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,)).fetchall())
+
+    def save_run(self, kind: str, key: str, doc: dict[str, Any]) -> defer.Deferred[None]:
+        """Keep the result of a reconciliation or a catalog sync so it can be shown again."""
+        text = envelope.dumps(doc).decode("utf-8")
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO runs (kind, key, at, doc) VALUES (?,?,?,?)", (kind, key, time.time(), text))
+
+        return self._call(op)
+
+    def runs(self, kind: str, key: str | None = None, limit: int = 1) -> defer.Deferred[list[dict[str, Any]]]:
+        where, params = ("kind=? AND key=?", (kind, key)) if key else ("kind=?", (kind,))
+        return self._call(lambda conn: [envelope.loads(r[0]) for r in conn.execute(
+            f"SELECT doc FROM runs WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit))])
 
     def ping(self) -> defer.Deferred[None]:
         """Returns once the writer thread has run a (no-op) batch: the watchdog's proof of progress."""

@@ -158,7 +158,7 @@ def test_fep_reverse_undoes_a_settlement_made_behind_fep_s_back(running: World) 
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
     rogue = "H43010000001" + time.strftime("%Y%m%d%H%M%S") + "9999"
-    settle_directly(running, rogue, visit)
+    assert running.bypass("2207", rogue, visit.settlement_input())["infcode"] == 0
     assert [s["msgid"] for s in running.ledger()] == [rogue]
     refused = fep_cli(running, "reverse", rogue)
     assert refused.returncode != 0 and "give its trade number and psn_no" in refused.stderr
@@ -166,19 +166,6 @@ def test_fep_reverse_undoes_a_settlement_made_behind_fep_s_back(running: World) 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["infcode"] == 0
     assert [s["state"] for s in running.ledger()] == ["reversed"]
-
-
-def settle_directly(world: World, msgid: str, visit: Visit) -> None:
-    """Post a 2207 to the bureau with the hospital's certificate, bypassing fep."""
-    import ssl
-
-    ctx = ssl.create_default_context(cafile=str(world.pki / "ca.pem"))
-    ctx.load_cert_chain(str(world.pki / "hospital.pem"), str(world.pki / "hospital.key"))
-    body = envelope.dumps({"infno": "2207", "msgid": msgid, "input": visit.settlement_input()})
-    with socket.create_connection(("127.0.0.1", world.sim_port)) as raw:
-        with ctx.wrap_socket(raw, server_hostname="bureau.fep.test") as s:
-            s.sendall(b"POST / HTTP/1.1\r\nHost: bureau\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            assert b" 200 " in s.recv(65536)
 
 
 def test_fep_refuses_to_run_as_root_unless_the_config_allows_it(world: World) -> None:

@@ -24,6 +24,14 @@ FEN = Decimal("0.01")
 ZERO = Decimal("0.00")
 
 
+@dataclass
+class FileAnswer:
+    """9102 answers with the file itself (application/octet-stream), not with a JSON envelope."""
+
+    filename: str
+    content: bytes
+
+
 class BizError(Exception):
     """The bureau refuses: infcode -1 with this message."""
 
@@ -50,14 +58,18 @@ SETTLEMENT_COLUMNS = ("setl_id", "msgid", "infno", "psn_no", "mdtrt_id", "insuty
 
 
 class Ledger:
-    def __init__(self, path: Path, persons: list[Person], catalog: dict[str, dict[str, str]], admdvs: str,
+    def __init__(self, path: Path, persons: list[Person], catalog: list[dict[str, str]], admdvs: str,
                  clr_optins: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.db = sqlite_utils.Database(self.conn)
         self.db.enable_wal()
         self.conn.execute("PRAGMA synchronous=NORMAL")  # a test double, not the system of record
-        self.catalog = catalog
+        self.catalog_versions = catalog  # every version of every code, as the bureau publishes them
+        self.catalog: dict[str, dict[str, str]] = {}  # the current version of the codes in force
+        for c in sorted(catalog, key=lambda c: int(c["ver"])):
+            self.catalog[c["code"]] = c
+        self.catalog = {k: v for k, v in self.catalog.items() if v["vali_flag"] == "1"}
         self.admdvs = admdvs
         self.clr_optins = clr_optins
         self._schema(persons)
@@ -66,6 +78,9 @@ class Ledger:
             "1101": self.person_info, "2201": self.register, "2202": self.unregister,
             "2203": self.visit_info, "2204": self.fee_upload, "2205": self.fee_cancel,
             "2206": self.presettle, "2207": self.settle, "2208": self.cancel, "2601": self.reverse,
+            "3201": self.statement_total, "3202": self.statement_detail, "9101": self.file_upload,
+            "9102": self.file_download, "1301": self.catalog_download, "1305": self.catalog_download,
+            "1306": self.catalog_download,
         }
 
     def _schema(self, persons: list[Person]) -> None:
@@ -83,6 +98,8 @@ class Ledger:
                            "lv": str, "selfpay_prop": str, "setl_id": str}, pk=("mdtrt_id", "feedetl_sn"),
                           if_not_exists=True)
         db["settlements"].create({c: str for c in SETTLEMENT_COLUMNS}, pk="setl_id", if_not_exists=True)
+        db["files"].create({"file_qury_no": str, "filename": str, "content": bytes}, pk="file_qury_no",
+                           if_not_exists=True)
         for p in persons:
             self.conn.execute(
                 "INSERT OR IGNORE INTO persons VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -90,7 +107,7 @@ class Ledger:
                  str(p.ratio), p.insuplc_admdvs))
 
     # ---- the envelope ---------------------------------------------------------------------------
-    def handle(self, env: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, env: dict[str, Any]) -> dict[str, Any] | FileAnswer:
         """One trade, atomically: its business writes and its stored answer commit together."""
         received = datetime.now()
         msgid = str(env.get("msgid") or "")
@@ -109,6 +126,9 @@ class Ledger:
                 self.conn.execute("ROLLBACK TO trade")
                 output, code, err = {}, -1, str(e)
             self.conn.execute("RELEASE trade")
+            if isinstance(output, FileAnswer):  # a download: the file itself, and nothing to remember
+                self.conn.execute("COMMIT")
+                return output
             answer = {"infcode": code, "inf_refmsgid": self._refmsgid(received),
                       "refmsg_time": _stamp(received), "respond_time": _stamp(datetime.now()),
                       "err_msg": err, "warn_msg": None, "cainfo": None, "signtype": None, "output": output}
@@ -361,10 +381,128 @@ class Ledger:
             return {}  # already reversed: a repeat is acknowledged again
         if s["state"] == "cancelled":
             raise BizError(f"原交易已撤销(结算ID {s['setl_id']})，不能冲正")
-        self._restore(s)
+        if s["kind"] == "cancel":  # erasing a cancel puts the settlement it cancelled back in force
+            original = self._settlement("setl_id=?", (s["refd_setl_id"],))
+            person = self._person(s["psn_no"])
+            self.conn.execute("UPDATE persons SET balc=?, dedc_used=? WHERE psn_no=?",
+                              (str(Decimal(person[5]) - Decimal(original["acct"])),
+                               str(Decimal(person[7]) + Decimal(original["dedc"])), s["psn_no"]))
+            self.conn.execute("UPDATE settlements SET state='live' WHERE setl_id=?", (s["refd_setl_id"],))
+        else:
+            self._restore(s)
+            self.conn.execute("UPDATE fees SET setl_id=NULL WHERE setl_id=?", (s["setl_id"],))
         self.conn.execute("UPDATE settlements SET state='reversed' WHERE setl_id=?", (s["setl_id"],))
-        self.conn.execute("UPDATE fees SET setl_id=NULL WHERE setl_id=?", (s["setl_id"],))
         return {}
+
+    # ---- reconciliation (3201 / 9101 / 3202 / 9102) -------------------------------------------------
+    def _day_group(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """The bureau's settlements and cancels of one group in the statement period (by its setl_time)."""
+        begin, end = str(data["stmt_begndate"]), str(data["stmt_enddate"])
+        rows = self.conn.execute(
+            "SELECT * FROM settlements WHERE state != 'reversed' AND insutype=? AND clr_type=? AND clr_optins=? "
+            "AND substr(setl_time, 1, 10) BETWEEN ? AND ?",
+            (str(data["insutype"]), str(data["clr_type"]), str(data["setl_optins"]), begin, end)).fetchall()
+        return [dict(zip(SETTLEMENT_COLUMNS, r)) for r in rows]
+
+    def statement_total(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("insutype", "clr_type", "setl_optins", "stmt_begndate", "stmt_enddate"))
+        rows = self._day_group(data)
+        ours = {"medfee_sumamt": sum((Decimal(r["medfee"]) for r in rows), ZERO),
+                "fund_pay_sumamt": sum((Decimal(r["fund"]) for r in rows), ZERO),
+                "acct_pay": sum((Decimal(r["acct"]) for r in rows), ZERO), "fixmedins_setl_cnt": Decimal(len(rows))}
+        wrong = [f"{k}: 中心{v} 机构{data.get(k)}" for k, v in ours.items() if Decimal(str(data.get(k, 0))) != v]
+        return {"stmtinfo": {"setl_optins": data["setl_optins"], "stmt_rslt": "1" if wrong else "0",
+                             "stmt_rslt_dscr": "; ".join(wrong) or "对账平"}}
+
+    def file_upload(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        import base64
+
+        data = _node(inp, "fsUploadIn", ("in", "filename"))
+        no = f"F{self._next('file', 0):08d}"
+        self.conn.execute("INSERT INTO files VALUES (?,?,?)", (no, data["filename"], base64.b64decode(data["in"])))
+        return {"file_qury_no": no, "filename": data["filename"], "fixmedins_code": env.get("fixmedins_code"),
+                "dld_endtime": _now()}
+
+    def file_download(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "fsDownloadIn", ("file_qury_no",))
+        row = self.conn.execute("SELECT filename, content FROM files WHERE file_qury_no=?",
+                                (data["file_qury_no"],)).fetchone()
+        if row is None:
+            raise BizError(f"文件[{data['file_qury_no']}]不存在")
+        return FileAnswer(row[0], row[1])
+
+    def _store_file(self, name: str, rows: list[list[Any]]) -> dict[str, Any]:
+        import io
+        import zipfile
+
+        text = "\n".join("\t".join("null" if v is None else str(v) for v in r) for r in rows)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr(name, text.encode("utf-8"))
+        no = f"F{self._next('file', 0):08d}"
+        self.conn.execute("INSERT INTO files VALUES (?,?,?)", (no, name.replace(".txt", ".zip"), buf.getvalue()))
+        return {"file_qury_no": no, "filename": name.replace(".txt", ".zip"), "dld_endtime": _now(),
+                "data_cnt": len(rows)}
+
+    def statement_detail(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """3202: compare the hospital's detail file with the ledger; the result file names every row."""
+        import io
+        import zipfile
+
+        data = _node(inp, "data", ("file_qury_no", "stmt_begndate", "stmt_enddate", "setl_optins", "clr_type"))
+        row = self.conn.execute("SELECT content FROM files WHERE file_qury_no=?", (data["file_qury_no"],)).fetchone()
+        if row is None:
+            raise BizError(f"文件[{data['file_qury_no']}]不存在")
+        with zipfile.ZipFile(io.BytesIO(row[0])) as z:
+            text = z.read(z.namelist()[0]).decode("utf-8")
+        theirs = {}
+        for line in filter(None, text.splitlines()):
+            setl_id, mdtrt_id, psn_no, medfee, fund, acct, refd = line.split("\t")
+            theirs[setl_id] = (mdtrt_id, psn_no, Decimal(medfee), Decimal(fund), Decimal(acct), refd)
+        ours = {r["setl_id"]: r for r in self._day_group({**data, "insutype": data.get("insutype", "")})
+                } if data.get("insutype") else {r["setl_id"]: r for r in self._group_any_insutype(data)}
+        result = []
+        for setl_id, s in ours.items():
+            refd = "1" if s["kind"] == "cancel" else "0"
+            mine = (Decimal(s["medfee"]), Decimal(s["fund"]), Decimal(s["acct"]))
+            if setl_id not in theirs:
+                rslt, memo = "1", "医院端无此结算"
+            elif theirs[setl_id][2:5] != mine:
+                rslt, memo = "1", "金额不符"
+            else:
+                rslt, memo = "0", None
+            result.append([s["psn_no"], s["mdtrt_id"], setl_id, s["msgid"], rslt, refd, memo, *mine])
+        for setl_id, t in theirs.items():
+            if setl_id not in ours:
+                result.append([t[1], t[0], setl_id, None, "1", t[5], "中心端无此结算", None, None, None])
+        return {"fileinfo": self._store_file("result.txt", result)}
+
+    def _group_any_insutype(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT * FROM settlements WHERE state != 'reversed' AND clr_type=? AND clr_optins=? "
+            "AND substr(setl_time, 1, 10) BETWEEN ? AND ?",
+            (str(data["clr_type"]), str(data["setl_optins"]), str(data["stmt_begndate"]),
+             str(data["stmt_enddate"]))).fetchall()
+        return [dict(zip(SETTLEMENT_COLUMNS, r)) for r in rows]
+
+    # ---- the catalog (医保目录), by version -------------------------------------------------------------
+    def catalog_download(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """1301 (drugs), 1305 (service items), 1306 (consumables): every row newer than `ver`, as a file."""
+        data = _node(inp, "data", ("ver",))
+        list_types = {"1301": ("101", "102", "103"), "1305": ("201",), "1306": ("301",)}[str(env["infno"])]
+        since = int(str(data["ver"]) or 0)
+        rows = [[c["code"], c["name"], c["list_type"], c["lv"], c["vali_flag"], c["ver"]]
+                for c in self.catalog_versions if int(c["ver"]) > since and c["list_type"] in list_types]
+        return self._store_file(f"{env['infno']}_{since}.txt", rows)
+
+    # ---- faults in the ledger itself (tests of reconciliation) ---------------------------------------
+    def adjust(self, setl_id: str, medfee: Decimal) -> None:
+        """The bureau changed a settlement's amount after the fact (e.g. an audit deduction)."""
+        self.conn.execute("UPDATE settlements SET medfee=? WHERE setl_id=?", (str(medfee), setl_id))
+
+    def forget(self, setl_id: str) -> None:
+        """The bureau has lost a record (or never kept it)."""
+        self.conn.execute("DELETE FROM settlements WHERE setl_id=?", (setl_id,))
 
     # ---- what tests and reconciliation read ------------------------------------------------------
     def settlements(self) -> list[dict[str, Any]]:

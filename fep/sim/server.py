@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from fep import envelope, logs, tls
 from fep.config import TLSFiles
 from fep.http11 import HTTPServerProtocol, Request, Response, render_response
-from fep.sim.ledger import Ledger, Person
+from fep.sim.ledger import FileAnswer, Ledger, Person
 
 log = Logger()
 
@@ -75,7 +75,7 @@ class SimConfig:
     tls: TLSFiles
     ledger: Path
     persons: list[Person]
-    catalog: dict[str, dict[str, str]]
+    catalog: list[dict[str, str]]
     faults: list[Fault] = field(default_factory=list)
 
 
@@ -97,8 +97,9 @@ def load_config(path: Path) -> SimConfig:
                         insutype=str(x["insutype"]), psn_type=str(x["psn_type"]), balc=Decimal(str(x["balc"])),
                         deductible=Decimal(str(x["deductible"])), ratio=Decimal(str(x["ratio"])),
                         insuplc_admdvs=str(x["insuplc_admdvs"])) for x in doc.get("persons", [])],
-        catalog={str(c["code"]): {"name": c["name"], "lv": str(c["lv"]), "selfpay_prop": str(c["selfpay_prop"])}
-                 for c in doc.get("catalog", [])},
+        catalog=[{"code": str(c["code"]), "name": c["name"], "lv": str(c["lv"]), "list_type": str(c["list_type"]),
+                  "selfpay_prop": str(c.get("selfpay_prop", "0")), "vali_flag": str(c.get("vali_flag", "1")),
+                  "ver": str(c.get("ver", 1))} for c in doc.get("catalog", [])],
         faults=[Fault.parse(f) for f in (doc.get("faults") or [])],
     )
 
@@ -129,7 +130,11 @@ class BureauProtocol(HTTPServerProtocol):
             return await defer.Deferred()  # never answered
         if mode == "error":
             return Response(200, envelope.dumps(envelope.local_failure(fault.message, datetime.now())))
-        answer = envelope.dumps(self.sim.ledger.handle(env))
+        result = self.sim.ledger.handle(env)
+        if isinstance(result, FileAnswer):
+            return Response(200, result.content, {"Content-Disposition": f'attachment; filename="{result.filename}"'},
+                            content_type="application/octet-stream")
+        answer = envelope.dumps(result)
         if mode == "drop_after":
             self.transport.abortConnection()
             return await defer.Deferred()
@@ -200,6 +205,13 @@ class Simulator:
                 self._reopen.cancel()
             await self._up()
             return Response(200, b'{"faults":[]}')
+        if req.method == "POST" and req.path in ("/ledger/adjust", "/ledger/forget"):
+            doc = envelope.loads(req.body)
+            if req.path == "/ledger/adjust":
+                self.ledger.adjust(str(doc["setl_id"]), doc["medfee"])
+            else:
+                self.ledger.forget(str(doc["setl_id"]))
+            return Response(200, envelope.dumps({"ok": True}))
         if req.method == "POST" and req.path == "/sessions/expire":  # as after a restart of the bureau
             self.ledger.conn.execute("DELETE FROM signins")
             return Response(200, b'{"signins":[]}')

@@ -148,6 +148,29 @@ class World:
     def expire_sessions(self) -> None:
         _http("POST", self.control_port, "/sessions/expire", {})
 
+    def bypass(self, infno: str, msgid: str, input_: dict[str, Any]) -> dict[str, Any]:
+        """Post a trade straight to the bureau with the hospital's certificate, behind fep's back (as an
+        operator working in the bureau's own system does)."""
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+        ctx.load_cert_chain(str(self.pki / "hospital.pem"), str(self.pki / "hospital.key"))
+        body = envelope.dumps({"infno": infno, "msgid": msgid, "input": input_})
+        with socket.create_connection(("127.0.0.1", self.sim_port)) as raw:
+            with ctx.wrap_socket(raw, server_hostname="bureau.fep.test") as s:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: bureau\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                          % len(body) + body)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        return envelope.loads(data.split(b"\r\n\r\n", 1)[1])
+
+    def adjust(self, setl_id: str, medfee: str) -> None:
+        _http("POST", self.control_port, "/ledger/adjust", {"setl_id": setl_id, "medfee": medfee})
+
+    def forget(self, setl_id: str) -> None:
+        _http("POST", self.control_port, "/ledger/forget", {"setl_id": setl_id})
+
     def clear_faults(self) -> None:
         _http("DELETE", self.control_port, "/faults")
 

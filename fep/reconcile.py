@@ -1,0 +1,254 @@
+"""Daily reconciliation with the bureau: 对总账 (3201) per group, 对明细账 (9101 -> 3202 -> 9102) where a
+group does not balance, and every difference named with what to do about it.
+
+The journal is the hospital's side: every settlement and cancel the bureau answered (a cancel is its
+own negative settlement and counts). Groups are (insutype, setl_optins, clr_type) over the bureau's
+settlement time, as the interface requires. The trades themselves go through the engine like any other.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from fep import envelope, metrics
+from fep.catalog import Kind
+from fep.engine import Engine
+from fep.states import IN_FORCE
+
+ZERO = Decimal("0.00")
+INSUTYPE = {"310": "职工基本医疗保险", "320": "公务员医疗补助", "330": "大额医疗费用补助", "340": "离休人员医疗保障",
+            "390": "城乡居民基本医疗保险", "391": "城镇居民基本医疗保险", "392": "城乡居民大病医疗保险", "510": "生育保险"}
+CLR_TYPE = {"11": "门诊", "1103": "意外伤害门诊", "12": "门诊挂号", "13": "急诊", "14": "门诊慢特病", "15": "两病门诊",
+            "18": "特药购药", "21": "住院", "22": "意外伤害住院", "27": "单病种住院", "28": "日间手术", "41": "药店购药",
+            "51": "暂缓结算", "53": "生育门诊", "99": "其他"}
+HEADERS = ["险种类别", "结算经办机构", "清算类别", "医疗费总额", "基金支付总额", "个人账户支付金额", "结算笔数", "结果", "错误说明"]
+
+
+@dataclass
+class Settlement:
+    msgid: str
+    infno: str
+    psn_no: str
+    setl_id: str
+    mdtrt_id: str
+    insutype: str
+    clr_type: str
+    setl_optins: str
+    medfee: Decimal
+    fund: Decimal
+    acct: Decimal
+    refund: bool  # a cancel: its own negative settlement
+
+
+@dataclass
+class Group:
+    insutype: str
+    setl_optins: str
+    clr_type: str
+    rows: list[Settlement] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.insutype, self.setl_optins, self.clr_type
+
+    def total(self, attr: str) -> Decimal:
+        return sum((getattr(r, attr) for r in self.rows), ZERO)
+
+
+class Reconciler:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def settlements(self, day: date) -> list[Settlement]:
+        """The day's settlements and cancels in force in the journal, by the bureau's settlement time."""
+        money = {t.infno for t in self.engine.catalog.trades.values() if t.moves_money}
+        start = datetime.combine(day, datetime.min.time()).timestamp()
+        in_force = ", ".join(f"'{s.value}'" for s in IN_FORCE)
+        rows = await self.engine.journal.select(
+            f"setl_id IS NOT NULL AND state IN ({in_force}) AND created BETWEEN ? AND ? ORDER BY id",
+            [start - 86400, start + 2 * 86400])
+        out = []
+        for r in rows:
+            info = (envelope.loads(r.answer or "{}").get("output") or {}).get("setlinfo") or {}
+            if r.infno not in money or str(info.get("setl_time", ""))[:10] != day.isoformat():
+                continue
+            out.append(Settlement(
+                r.msgid, r.infno, r.psn_no or "", r.setl_id or "", str(info.get("mdtrt_id", "")),
+                str(info.get("insutype", "")), str(info.get("clr_type", "")), str(info.get("clr_optins", "")),
+                _dec(info.get("medfee_sumamt")), _dec(info.get("fund_pay_sumamt")), _dec(info.get("acct_pay")),
+                self.engine.catalog.get(r.infno).kind is Kind.UNDO_MONEY))
+        return out
+
+    async def run(self, day: date) -> dict[str, Any]:
+        unresolved = await self._unresolved(day)
+        groups: dict[tuple[str, str, str], Group] = {}
+        for s in await self.settlements(day):
+            groups.setdefault((s.insutype, s.setl_optins, s.clr_type), Group(s.insutype, s.setl_optins,
+                                                                              s.clr_type)).rows.append(s)
+        results = [await self._group(day, g) for g in sorted(groups.values(), key=lambda g: g.key)]
+        doc = {"stmt_date": day.isoformat(), "run_at": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+               "unresolved": unresolved, "groups": results,
+               "balanced": sum(1 for g in results if g["result"] == "平"),
+               "unbalanced": sum(1 for g in results if g["result"] != "平")}
+        await self.engine.journal.save_run("reconcile", day.isoformat(), doc)
+        metrics.RECONCILED_GROUPS.labels("balanced").set(doc["balanced"])
+        metrics.RECONCILED_GROUPS.labels("unbalanced").set(doc["unbalanced"])
+        metrics.RECONCILED_AT.set(time.time())
+        return doc
+
+    async def _unresolved(self, day: date) -> list[dict[str, Any]]:
+        """Trades of the day whose outcome is not known yet: the day cannot balance until they are."""
+        money = {t.infno for t in self.engine.catalog.trades.values() if t.moves_money}
+        start = datetime.combine(day, datetime.min.time()).timestamp()
+        rows = await self.engine.journal.select(
+            "state IN ('SENT', 'UNKNOWN', 'RESOLVING', 'NEEDS_ATTENTION') AND related IS NULL AND created BETWEEN ? "
+            "AND ? ORDER BY id", [start, start + 86400])
+        return [{"msgid": r.msgid, "infno": r.infno, "state": r.state.value, "note": r.note}
+                for r in rows if r.infno in money]
+
+    async def _call(self, infno: str, input_: dict[str, Any]) -> dict[str, Any]:
+        answer = (await self.engine.submit(envelope.HisRequest(infno, None, {
+            "infno": infno, "opter": "fep-reconcile", "opter_name": "fep reconciliation", "input": input_}))).body
+        if answer.get("infcode") != 0:
+            raise ReconcileError(f"{infno} failed: {answer.get('err_msg')} (msgid {answer.get('fep_msgid')})")
+        return answer["output"]
+
+    async def _group(self, day: date, g: Group) -> dict[str, Any]:
+        totals = {"medfee_sumamt": g.total("medfee"), "fund_pay_sumamt": g.total("fund"), "acct_pay": g.total("acct"),
+                  "fixmedins_setl_cnt": len(g.rows)}
+        row: dict[str, Any] = {"insutype": g.insutype, "setl_optins": g.setl_optins, "clr_type": g.clr_type, **totals}
+        try:
+            out = await self._call("3201", {"data": {
+                "insutype": g.insutype, "clr_type": g.clr_type, "setl_optins": g.setl_optins,
+                "stmt_begndate": day.isoformat(), "stmt_enddate": day.isoformat(), **totals,
+                "refd_setl_flag": "1", "fixmedins_refd_setl_flag": "1" if any(r.refund for r in g.rows) else "0"}})
+            info = out["stmtinfo"]
+            balanced = str(info.get("stmt_rslt")) == "0"
+            row.update(result="平" if balanced else "不平",
+                       error="" if balanced else str(info.get("stmt_rslt_dscr") or ""), differences=[])
+            if not balanced:
+                row["differences"] = await self._detail(day, g, totals)
+        except ReconcileError as e:
+            row.update(result="未对账", error=str(e), differences=[])
+        return row
+
+    async def _detail(self, day: date, g: Group, totals: dict[str, Any]) -> list[dict[str, Any]]:
+        """9101 the hospital's detail file, 3202 against it, 9102 the result; name every difference."""
+        lines = "\n".join("\t".join(str(v) for v in (r.setl_id, r.mdtrt_id, r.psn_no, r.medfee, r.fund, r.acct,
+                                                      "1" if r.refund else "0")) for r in g.rows)
+        name = f"{datetime.now():%Y%m%d%H%M%S}.txt"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr(name, lines.encode("utf-8"))
+        import base64
+
+        up = await self._call("9101", {"fsUploadIn": {"in": base64.b64encode(buf.getvalue()).decode(),
+                                                      "filename": name.replace(".txt", ".zip"),
+                                                      "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
+        out = await self._call("3202", {"data": {
+            "setl_optins": g.setl_optins, "file_qury_no": up["file_qury_no"], "stmt_begndate": day.isoformat(),
+            "stmt_enddate": day.isoformat(), "medfee_sumamt": totals["medfee_sumamt"],
+            "fund_pay_sumamt": totals["fund_pay_sumamt"], "cash_payamt": totals["medfee_sumamt"]
+            - totals["fund_pay_sumamt"] - totals["acct_pay"], "fixmedins_setl_cnt": totals["fixmedins_setl_cnt"],
+            "clr_type": g.clr_type, "insutype": g.insutype, "refd_setl_flag": "1", "fixmedins_refd_setl_flag": "1"}})
+        info = out["fileinfo"]
+        down = await self._call("9102", {"fsDownloadIn": {"file_qury_no": info["file_qury_no"],
+                                                          "filename": info["filename"],
+                                                          "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
+        with zipfile.ZipFile(io.BytesIO(envelope.file_content(down))) as z:
+            text = z.read(z.namelist()[0]).decode("utf-8")
+        ours = {r.setl_id: r for r in g.rows}
+        diffs = []
+        for line in filter(None, text.splitlines()):
+            cols = [None if c == "null" else c for c in line.split("\t")]
+            psn_no, mdtrt_id, setl_id, msgid, rslt, refd, memo, medfee, fund, acct = cols
+            if rslt == "1":
+                diffs.append(await self._name(g, ours.get(setl_id or ""), psn_no, setl_id, msgid, refd, memo,
+                                              medfee, fund, acct))
+        return diffs
+
+    async def _name(self, g: Group, ours: Settlement | None, psn_no: str | None, setl_id: str | None,
+                    msgid: str | None, refd: str | None, memo: str | None, medfee: str | None, fund: str | None,
+                    acct: str | None) -> dict[str, Any]:
+        """What the difference is, and what a person (or `fep reverse`) should do about it."""
+        d: dict[str, Any] = {"setl_id": setl_id, "msgid": msgid or (ours.msgid if ours else None), "psn_no": psn_no,
+                             "bureau_medfee": medfee, "journal_medfee": str(ours.medfee) if ours else None,
+                             "bureau_memo": memo}
+        if ours is None and refd == "1":
+            d["kind"] = "cancelled at the bureau only"
+            d["action"] = (f"the bureau holds a cancel the HIS never made: fep reverse {msgid} --infno 2208 "
+                           f"--person {psn_no}, then refund through the HIS, last settlement first")
+        elif ours is None:
+            oinfno = "2304" if g.clr_type.startswith("2") else "2207"
+            row = await self.engine.journal.get(msgid) if msgid else None
+            known = f" (the journal has it as {row.state.value})" if row else ""
+            d["kind"] = "settled at the bureau, unknown to the journal (单边账)"
+            d["action"] = f"reversal candidate{known}: fep reverse {msgid} --infno {oinfno} --person {psn_no}"
+        elif medfee is None:
+            d["kind"] = "cancel in the journal, not at the bureau" if ours.refund else "in the journal, not at the bureau"
+            d["action"] = (f"ask the bureau about settlement {setl_id} (5203); if it is not there, the patient is not "
+                           f"settled (or not refunded): settle or cancel again through the HIS")
+        else:
+            d["kind"] = "amounts differ"
+            d["action"] = (f"the bureau has {medfee} (fund {fund}, account {acct}), the journal {ours.medfee}: the "
+                           f"bureau's figures stand unless it corrects them; raise it with the bureau")
+        return d
+
+
+class ReconcileError(Exception):
+    pass
+
+
+def _dec(value: Any) -> Decimal:
+    return Decimal(str(value)) if value not in (None, "") else ZERO
+
+
+def yesterday() -> date:
+    return date.today() - timedelta(days=1)
+
+
+def table_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """The table the insurance office works from (908 hospital paper, figure 1), with a totals row."""
+    rows = []
+    for g in doc["groups"]:
+        rows.append([f"{g['insutype']} {INSUTYPE.get(g['insutype'], '')}".strip(), g["setl_optins"],
+                     f"{g['clr_type']} {CLR_TYPE.get(g['clr_type'], '')}".strip(), str(g["medfee_sumamt"]),
+                     str(g["fund_pay_sumamt"]), str(g["acct_pay"]), str(g["fixmedins_setl_cnt"]), g["result"],
+                     g["error"]])
+    totals = [sum((Decimal(str(g[k])) for g in doc["groups"]), ZERO) for k in ("medfee_sumamt", "fund_pay_sumamt",
+                                                                                 "acct_pay")]
+    rows.append(["合计", "", "", *(str(t) for t in totals), str(sum(g["fixmedins_setl_cnt"] for g in doc["groups"])),
+                 "", ""])
+    return rows
+
+
+def render(doc: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return envelope.dumps(doc).decode("utf-8")
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(HEADERS)
+        w.writerows(table_rows(doc))
+        return out.getvalue().rstrip("\n")
+    from fep.admin_cli import table
+
+    lines = [f"对账日期 {doc['stmt_date']}  (run {doc['run_at']})"]
+    if doc["unresolved"]:
+        lines.append(f"UNRESOLVED: {len(doc['unresolved'])} trade(s) of the day have an unknown outcome; the day "
+                     f"cannot balance until they are resolved:")
+        lines.append(table(doc["unresolved"], ["msgid", "infno", "state", "note"]))
+    lines.append(table([dict(zip(HEADERS, r)) for r in table_rows(doc)], HEADERS))
+    for g in doc["groups"]:
+        if g["differences"]:
+            lines.append(f"\n{g['insutype']} / {g['setl_optins']} / {g['clr_type']}: {len(g['differences'])} difference(s)")
+            lines.append(table(g["differences"], ["kind", "setl_id", "msgid", "journal_medfee", "bureau_medfee",
+                                                  "action"]))
+    return "\n".join(lines)
