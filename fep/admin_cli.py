@@ -138,6 +138,30 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if not doc["unbalanced"] and not doc["unresolved"] else 1
 
 
+def cmd_catalog(args: argparse.Namespace) -> int:
+    if args.action == "sync":
+        doc = call(args, "POST", "/catalog/sync", {})
+        return out(args, doc, lambda d: "\n".join(
+            [f"{infno}: version {x['from_version']} -> {x['to_version']}, {x['rows']} row(s)"
+             for infno, x in d["downloads"].items()] + [f"{d['codes']} national codes, {d['retired']} retired"]))
+    if args.action == "import":
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"fep catalog map import: cannot read {args.file}: {e}") from None
+        status, doc = admin_client(args).request("POST", "/catalog/map", text.encode("utf-8"))
+        if status != 200:
+            raise SystemExit(f"fep catalog map import: {doc.get('error')}")
+        out(args, doc, lambda d: f"{d['imported']} mapping(s) imported; {len(d['problems'])} problem(s)"
+            + ("\n" + table(d["problems"], ["hosp_code", "national_code", "problem"]) if d["problems"] else ""))
+        return 0
+    doc = call(args, "GET", "/catalog/check")
+    out(args, doc, lambda d: f"{d['mapped']} hospital code(s) mapped, {d['codes']} national code(s) known; "
+        f"{len(d['problems'])} problem(s)" + ("\n" + table(d["problems"], ["hosp_code", "national_code", "problem"])
+                                             if d["problems"] else ""))
+    return 1 if doc["problems"] else 0
+
+
 def admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="fep's config, to find its admin socket (default: conf/fep.yaml, then "
                                     "/etc/fep/fep.yaml)")
@@ -184,6 +208,21 @@ def add_commands(sub: Any) -> None:
     rc.add_argument("--format", choices=("table", "csv", "json"), default="table")
     admin_options(rc)
     rc.set_defaults(func=cmd_reconcile)
+
+    cat = sub.add_parser("catalog", help="the bureau's catalog (医保目录) and the hospital's mapping (目录对照)")
+    csub = cat.add_subparsers(dest="catalog_command", required=True)
+    sy = csub.add_parser("sync", help="download what is new in the bureau's catalogs (1301/1305/1306)")
+    admin_options(sy)
+    sy.set_defaults(func=cmd_catalog, action="sync")
+    mp = csub.add_parser("map", help="the hospital's code mapping")
+    msub = mp.add_subparsers(dest="map_command", required=True)
+    im = msub.add_parser("import", help="load a CSV: hosp_code,national_code[,hosp_name]")
+    im.add_argument("file")
+    admin_options(im)
+    im.set_defaults(func=cmd_catalog, action="import")
+    ck = msub.add_parser("check", help="items with no mapping, or mapped to a retired or unknown code")
+    admin_options(ck)
+    ck.set_defaults(func=cmd_catalog, action="check")
 
     rl = sub.add_parser("reload", help="re-read config and certificates (as systemctl reload)")
     admin_options(rl)

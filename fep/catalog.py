@@ -62,6 +62,7 @@ class TradeDef:
     required: tuple[str, ...] = ()
     confirm_within: float | None = None  # seconds the HIS has to confirm a success; None: no window
     path: str | None = None  # per-trade bureau URL path, when the province uses them
+    map_codes: str | None = None  # the node of fee lines to map from hospital to national codes
 
     @property
     def moves_money(self) -> bool:
@@ -153,6 +154,7 @@ def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
             required=tuple(spec.get("required") or ()),
             confirm_within=float(spec["confirm_within"]) if spec.get("confirm_within") else None,
             path=spec.get("path"),
+            map_codes=spec.get("map_codes"),
         )
     except KeyError as e:
         raise CatalogError(f"{where}: missing {e.args[0]}") from None

@@ -95,6 +95,7 @@ class Config:
     catalog: Catalog
     admin: AdminSide
     reconcile_at: str | None = None  # "HH:MM": reconcile yesterday every day at this time
+    catalog_sync_at: str | None = None  # "HH:MM": download what is new in the bureau's catalog
     allow_root: bool = False
     source: Path | None = None
 
@@ -179,6 +180,8 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
                         metrics_host=str((doc.get("admin") or {}).get("metrics_host", "127.0.0.1")),
                         metrics_port=int((doc.get("admin") or {}).get("metrics_port", 9464))),
         reconcile_at=_hhmm((doc.get("schedule") or {}).get("reconcile_daily_at"), "schedule.reconcile_daily_at"),
+        catalog_sync_at=_hhmm((doc.get("schedule") or {}).get("catalog_sync_daily_at"),
+                              "schedule.catalog_sync_daily_at"),
         allow_root=bool((doc.get("security") or {}).get("allow_root", False)),
         source=path,
     )

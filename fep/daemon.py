@@ -24,6 +24,7 @@ from fep.bureau import BureauLink
 from fep.engine import Engine
 from fep.his import HisFactory, HisService
 from fep.journal import Journal
+from fep.medlist import CodeBook
 from fep.reconcile import Reconciler, yesterday
 from fep.schedule import Daily
 
@@ -51,7 +52,9 @@ class Daemon:
             raise StartupError(f"bureau TLS: {e}") from None
         self.journal = Journal(cfg.journal_path, cfg.institution.fixmedins_code, cfg.journal_max_batch)
         await self.journal.open(self.reactor)
-        self.engine = Engine(self.reactor, cfg, self.journal, self.link)
+        self.codes = CodeBook(self.journal)
+        await self.codes.open()
+        self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes)
         await self.engine.start()
         self.factory = HisFactory(HisService(self.engine), cfg.his.max_body, cfg.his.allowed_networks)
         if cfg.his.unix:
@@ -59,9 +62,10 @@ class Daemon:
         await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, interface=cfg.his.tcp_host).listen(
             self.factory)
         self.reconciler = Reconciler(self.engine)
-        self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations})
-        self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at,
-                            lambda: self.reconciler.run(yesterday()))]
+        self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations,
+                                 "POST catalog": self._catalog, "GET catalog": self._catalog})
+        self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday())),
+                      Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync)]
         service = admin.AdminService(self.engine, self.reload, self.extra_admin)
         await admin.listen(self.reactor, service, cfg.admin.unix, cfg.admin.metrics_host, cfg.admin.metrics_port)
         self.refresher = admin.MetricsRefresher(self.reactor, self.engine)
@@ -107,6 +111,21 @@ class Daemon:
     async def _reconciliations(self, req: Any) -> list[dict[str, Any]]:
         day = req.path.partition("date=")[2][:10] or None
         return await self.journal.runs("reconcile", day, limit=1)
+
+    async def _sync(self) -> dict[str, Any]:
+        return await self.codes.sync(self.reconciler.call)
+
+    async def _catalog(self, req: Any) -> Any:
+        """POST /catalog/sync, POST /catalog/map (a CSV body), GET /catalog/check."""
+        what = req.path.strip("/").split("/")[1:2]
+        if req.method == "POST" and what == ["sync"]:
+            return await self._sync()
+        if req.method == "POST" and what == ["map"]:
+            return await self.codes.import_mapping(req.body.decode("utf-8"))
+        if req.method == "GET" and what == ["check"]:
+            return {"problems": self.codes.check(), "codes": len(self.codes.national),
+                    "mapped": len(self.codes.mapping)}
+        raise ValueError("catalog calls: POST /catalog/sync, POST /catalog/map, GET /catalog/check")
 
     async def shutdown(self) -> None:
         systemd.notify("STOPPING=1")

@@ -24,6 +24,7 @@ from fep.bureau import BureauLink, Delivery, NotSent, Unknown
 from fep.catalog import Kind, OnUnknown, TradeDef
 from fep.config import Config
 from fep.journal import IllegalTransition, Journal, NewTrade, TradeRow
+from fep.medlist import CodeBook
 from fep.msgid import well_formed
 from fep.replies import Reply, reply
 from fep.states import IN_FORCE, State
@@ -41,8 +42,10 @@ class Refused(Exception):
 
 
 class Engine:
-    def __init__(self, reactor: Any, cfg: Config, journal: Journal, link: BureauLink) -> None:
+    def __init__(self, reactor: Any, cfg: Config, journal: Journal, link: BureauLink,
+                 codes: CodeBook | None = None) -> None:
         self.reactor = reactor
+        self.codes = codes
         self.cfg = cfg
         self.catalog = cfg.catalog
         self.journal = journal
@@ -195,7 +198,9 @@ class Engine:
     # ---- the normal path ------------------------------------------------------------------------
     async def _submit(self, trade: TradeDef, req: envelope.HisRequest, msgid: str | None,
                       psn: str | None, answer_by: float) -> Reply:
-        digest = envelope.payload_hash(req.envelope)
+        digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
+        if trade.map_codes and self.codes is not None:
+            self.codes.map_fees(trade, req.input)
         if trade.kind is Kind.UNDO_MONEY and psn:
             if msgid is None or await self.journal.get(msgid) is None:
                 await self._check_refund_order(req.input, psn)

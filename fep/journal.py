@@ -219,6 +219,10 @@ class Journal:
         metrics.JOURNAL_BATCH.observe(len(batch))
         self._reactor.callFromThread(_deliver, results)
 
+    def run(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
+        """Another store's operation (the catalog's), on the journal's writer: one writer for the database."""
+        return self._call(op)
+
     def _call(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
         d: defer.Deferred[T] = defer.Deferred()
         self._queue.put((op, d))

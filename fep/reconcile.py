@@ -113,7 +113,8 @@ class Reconciler:
         return [{"msgid": r.msgid, "infno": r.infno, "state": r.state.value, "note": r.note}
                 for r in rows if r.infno in money]
 
-    async def _call(self, infno: str, input_: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, infno: str, input_: dict[str, Any]) -> dict[str, Any]:
+        """A trade fep makes itself, through the engine like any other; its output, or ReconcileError."""
         answer = (await self.engine.submit(envelope.HisRequest(infno, None, {
             "infno": infno, "opter": "fep-reconcile", "opter_name": "fep reconciliation", "input": input_}))).body
         if answer.get("infcode") != 0:
@@ -125,7 +126,7 @@ class Reconciler:
                   "fixmedins_setl_cnt": len(g.rows)}
         row: dict[str, Any] = {"insutype": g.insutype, "setl_optins": g.setl_optins, "clr_type": g.clr_type, **totals}
         try:
-            out = await self._call("3201", {"data": {
+            out = await self.call("3201", {"data": {
                 "insutype": g.insutype, "clr_type": g.clr_type, "setl_optins": g.setl_optins,
                 "stmt_begndate": day.isoformat(), "stmt_enddate": day.isoformat(), **totals,
                 "refd_setl_flag": "1", "fixmedins_refd_setl_flag": "1" if any(r.refund for r in g.rows) else "0"}})
@@ -149,17 +150,17 @@ class Reconciler:
             z.writestr(name, lines.encode("utf-8"))
         import base64
 
-        up = await self._call("9101", {"fsUploadIn": {"in": base64.b64encode(buf.getvalue()).decode(),
+        up = await self.call("9101", {"fsUploadIn": {"in": base64.b64encode(buf.getvalue()).decode(),
                                                       "filename": name.replace(".txt", ".zip"),
                                                       "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
-        out = await self._call("3202", {"data": {
+        out = await self.call("3202", {"data": {
             "setl_optins": g.setl_optins, "file_qury_no": up["file_qury_no"], "stmt_begndate": day.isoformat(),
             "stmt_enddate": day.isoformat(), "medfee_sumamt": totals["medfee_sumamt"],
             "fund_pay_sumamt": totals["fund_pay_sumamt"], "cash_payamt": totals["medfee_sumamt"]
             - totals["fund_pay_sumamt"] - totals["acct_pay"], "fixmedins_setl_cnt": totals["fixmedins_setl_cnt"],
             "clr_type": g.clr_type, "insutype": g.insutype, "refd_setl_flag": "1", "fixmedins_refd_setl_flag": "1"}})
         info = out["fileinfo"]
-        down = await self._call("9102", {"fsDownloadIn": {"file_qury_no": info["file_qury_no"],
+        down = await self.call("9102", {"fsDownloadIn": {"file_qury_no": info["file_qury_no"],
                                                           "filename": info["filename"],
                                                           "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
         with zipfile.ZipFile(io.BytesIO(envelope.file_content(down))) as z:
