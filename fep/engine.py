@@ -99,11 +99,19 @@ class Engine:
                 timer.cancel()
 
     def _tick(self) -> None:
-        """Once a second: replay queues whose link may be back; sign in again when the day changes."""
-        for psn in list(self._queues):
-            self._kick(psn)
+        """Once a second: replay the queues (while the link is down, one of them probes it); sign in
+        again when the day changes."""
+        if self.link.down:
+            if self._queues and not self._draining:
+                self._kick(next(iter(self._queues)))
+        else:
+            self._kick_all()
         if self._signed_on != date.today():
             defer.ensureDeferred(self._ensure_signed_in())
+
+    def _kick_all(self) -> None:
+        for psn in list(self._queues):
+            self._kick(psn)
 
     # ---- HIS entry points ----------------------------------------------------------------------
     async def submit(self, req: envelope.HisRequest) -> Reply:
@@ -515,6 +523,7 @@ class Engine:
                 if result.body.get("fep_state") == S.NEEDS_ATTENTION:
                     return
                 q.popleft()
+                self._kick_all()  # the link is back: every waiting person drains now, not at the next tick
             self._queues.pop(psn, None)
         except Exception:
             log.failure("replaying the queue of a person failed; it is tried again")
