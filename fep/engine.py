@@ -320,7 +320,7 @@ class Engine:
         row.answer, row.endpoint, row.note = fields["answer"], delivery.endpoint, note
         row.state = {"answer": S.ANSWERED, "answer_held": S.AWAITING_CONFIRM, "give_up": S.NEEDS_ATTENTION}[event]
         row.deadline = fields.get("deadline", row.deadline)
-        return reply(row)
+        return reply(row, answer=ans.raw)
 
     # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
     async def _settlements_in_force(self, psn: str) -> list[TradeRow]:

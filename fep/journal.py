@@ -243,17 +243,17 @@ class Journal:
             msgid = self._number(conn)
         new.envelope["msgid"] = msgid
         now = time.time()
+        request = envelope.dumps(new.envelope).decode("utf-8")
+        attempts = 1 if new.state is State.SENT else 0
         cur = conn.execute(
             "INSERT INTO trades (msgid, infno, psn_no, state, payload_hash, request, related, deadline, "
             "attempts, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash,
-             envelope.dumps(new.envelope).decode("utf-8"), new.related, new.deadline,
-             1 if new.state is State.SENT else 0, now, now),
+            (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash, request, new.related, new.deadline,
+             attempts, now, now),
         )
         _event(conn, msgid, now, "accept", new.state, None)
-        row = TradeRow(cur.lastrowid, msgid, new.infno, new.psn_no, new.state, new.payload_hash,
-                       envelope.dumps(new.envelope).decode("utf-8"), None, None, new.related, None,
-                       1 if new.state is State.SENT else 0, None, new.deadline, None, None, None, None, now, now)
+        row = TradeRow(cur.lastrowid, msgid, new.infno, new.psn_no, new.state, new.payload_hash, request, None, None,
+                       new.related, None, attempts, None, new.deadline, None, None, None, None, now, now)
         return Accepted(row, created=True)
 
     def _number(self, conn: sqlite3.Connection) -> str:

@@ -41,11 +41,13 @@ def _pending(row: TradeRow) -> str:
 QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
 
 
-def reply(row: TradeRow, resubmitted: bool = False) -> Reply:
+def reply(row: TradeRow, resubmitted: bool = False, answer: dict[str, Any] | None = None) -> Reply:
+    """`answer`: the row's answer already parsed, when the caller has it (a fresh answer: parse once)."""
     extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}
     if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED, S.NOT_SENT) or (
             row.state is S.NEEDS_ATTENTION and row.answer):
-        body = envelope.answer(envelope.loads(row.answer or "{}"), msgid=row.msgid, state=row.state,
+        parsed = answer if answer is not None else envelope.loads(row.answer or "{}")
+        body = envelope.answer(parsed, msgid=row.msgid, state=row.state,
                                note=row.note if row.state is not S.ANSWERED else "", **extra)
         if row.state is S.AWAITING_CONFIRM and row.deadline:
             body["fep_confirm_by"] = datetime.fromtimestamp(row.deadline).strftime("%Y-%m-%d %H:%M:%S")
