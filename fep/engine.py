@@ -134,7 +134,7 @@ class Engine:
         row = await self.journal.get(msgid)
         if row is None:
             raise Refused(404, f"no trade with msgid {msgid} in the journal")
-        return reply(row)
+        return self._reply(row)
 
     async def confirm(self, msgid: str) -> Reply:
         """The HIS recorded a settlement that has a confirmation window."""
@@ -151,7 +151,7 @@ class Engine:
                 timer.cancel()
         elif row.state is not S.CONFIRMED:
             raise Refused(409, f"trade {msgid} is {row.state}, not awaiting confirmation")
-        return reply(await self.journal.get(msgid))
+        return self._reply(await self.journal.get(msgid))
 
     # ---- what a person does (admin socket) ---------------------------------------------------------
     async def reverse(self, omsgid: str, oinfno: str | None = None, psn_no: str | None = None) -> Reply:
@@ -187,7 +187,7 @@ class Engine:
         else:
             await self.journal.transition(msgid, "reopen", note="reopened by a person", attempts=0)
             self._spawn(self._resolve(msgid))
-        return reply(await self.journal.get(msgid))
+        return self._reply(await self.journal.get(msgid))
 
     async def status(self) -> dict[str, Any]:
         counts = await self.journal.count_by_state()
@@ -221,7 +221,7 @@ class Engine:
             return await self._resubmitted(trade, acc.row, digest, answer_by)
         if queue_it:
             self._enqueue(acc.row)
-            return reply(acc.row)
+            return self._reply(acc.row)
         return await self._forward(trade, acc.row, answer_by)
 
     def _complete(self, his_envelope: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +253,7 @@ class Engine:
             await self.journal.transition(row.msgid, "retry", note="sent again by the HIS", request=request)
             row.request, row.state = request, S.SENT
             return await self._forward(trade, row, answer_by)
-        return reply(row, resubmitted=True)
+        return self._reply(row, resubmitted=True)
 
     async def _forward(self, trade: TradeDef, row: TradeRow, answer_by: float | None = None) -> Reply:
         """Send a journalled trade (state SENT) and record what became of it.
@@ -293,12 +293,12 @@ class Engine:
             await self.journal.transition(row.msgid, "requeue", note=f"bureau unreachable: {why}")
             row.state = S.QUEUED
             self._enqueue(row)
-            return reply(row)
+            return self._reply(row)
         failure = envelope.local_failure(f"bureau unreachable, nothing was sent: {why}", datetime.now())
         answer = envelope.dumps(failure).decode("utf-8")
         await self.journal.transition(row.msgid, "not_sent", note=why, answer=answer)
         row.state, row.answer, row.note = S.NOT_SENT, answer, why
-        return reply(row)
+        return self._reply(row)
 
     async def _answered(self, trade: TradeDef, row: TradeRow, delivery: Delivery) -> Reply:
         ans = delivery.answer
@@ -320,7 +320,7 @@ class Engine:
         row.answer, row.endpoint, row.note = fields["answer"], delivery.endpoint, note
         row.state = {"answer": S.ANSWERED, "answer_held": S.AWAITING_CONFIRM, "give_up": S.NEEDS_ATTENTION}[event]
         row.deadline = fields.get("deadline", row.deadline)
-        return reply(row, answer=ans.raw)
+        return self._reply(row, answer=ans.raw)
 
     # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
     async def _settlements_in_force(self, psn: str) -> list[TradeRow]:
@@ -355,7 +355,7 @@ class Engine:
             row = await self.journal.get(msgid)
             await self._journal_resolver(msgid, self._resolving_trade(trade, row), f"outcome unknown ({why})")
         self._spawn(self._resolve(msgid))
-        return reply(await self.journal.get(msgid))
+        return self._reply(await self.journal.get(msgid))
 
     async def _journal_resolver(self, msgid: str, child: NewTrade, note: str, event: str = "resolve",
                                 **fields: Any) -> None:
@@ -598,6 +598,9 @@ class Engine:
                 yield
         else:
             yield
+
+    def _reply(self, row: TradeRow, **kw: Any) -> Reply:
+        return reply(row, self.catalog.get(row.infno).moves_money, **kw)
 
     def _spawn(self, coro: Any) -> defer.Deferred[Any]:
         d = defer.ensureDeferred(coro)

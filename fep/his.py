@@ -69,4 +69,4 @@ class HisFactory(Factory):
                 log.warn("refused HIS connection from {host}: not in his.allowed_networks", host=addr.host)
                 return None
             peer = f"{addr.host}:{addr.port}"
-        return HTTPServerProtocol(self.service.handle, self.max_body, peer)
+        return HTTPServerProtocol(self.service.handle, self.max_body, peer, refuse=envelope.refusal)

@@ -8,6 +8,7 @@ written, which is the line between "not sent" and "outcome unknown".
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -18,8 +19,12 @@ from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+
+log = Logger()
 
 
 @dataclass
@@ -55,13 +60,20 @@ def render_response(resp: Response, keep_alive: bool) -> bytes:
 LINGER_LIMIT = 64 << 20  # at most this much of a refused body is read before the connection is cut
 
 Handler = Callable[[Request], "Awaitable[Response] | Response"]
+# How a server says "no" before its handler runs (bad HTTP, too large, a crash): status and text in.
+Refuser = Callable[[int, str], Response]
+
+
+def plain_refusal(status: int, message: str) -> Response:
+    return Response(status, json.dumps({"error": message}, ensure_ascii=False).encode("utf-8"))
 
 
 class HTTPServerProtocol(Protocol):
     """One connection. Requests are answered in order, one at a time (HTTP/1.1 pipelining safe)."""
 
-    def __init__(self, handler: Handler, max_body: int, peer: str = "") -> None:
+    def __init__(self, handler: Handler, max_body: int, peer: str = "", refuse: Refuser = plain_refusal) -> None:
         self._handler = handler
+        self._refusal = refuse
         self._max_body = max_body
         self._peer = peer
         self._parser = httptools.HttpRequestParser(self)
@@ -133,9 +145,7 @@ class HTTPServerProtocol(Protocol):
         if self._closing:
             return
         self._closing = True
-        from fep.envelope import refusal  # local: envelope imports nothing of HTTP
-
-        self.transport.write(render_response(refusal(status, message), keep_alive=False))
+        self.transport.write(render_response(self._refusal(status, message), keep_alive=False))
         if not linger:
             self.transport.loseConnection()
 
@@ -149,12 +159,8 @@ class HTTPServerProtocol(Protocol):
         d.addCallback(self._write, keep_alive)
 
     def _internal_error(self, f: Failure) -> Response:
-        from fep.envelope import refusal
-
-        from twisted.logger import Logger
-
-        Logger().failure("unhandled error answering an HTTP request", f)
-        return refusal(500, "internal error in fep; the request is in the journal if it was accepted")
+        log.failure("unhandled error answering an HTTP request", f)
+        return self._refusal(500, "internal error in fep; the request is in the journal if it was accepted")
 
     def _write(self, resp: Response, keep_alive: bool) -> None:
         self._busy = False

@@ -24,16 +24,16 @@ class Reply:
     body: dict[str, Any]
 
 
-def _pending(row: TradeRow) -> str:
+def _pending(row: TradeRow, money: bool) -> str:
     by = f" by {row.resolver}" if row.resolver else ""
+    settled = "; the patient is NOT settled" if money else ""
     return {
         S.SENT: f"trade {row.msgid} is in progress at the bureau; ask again with the same msgid",
         S.UNKNOWN: (f"no valid answer from the bureau for {row.msgid} ({row.note}); its outcome is unknown "
-                    f"and is being resolved; the patient is NOT settled"),
-        S.RESOLVING: f"{row.msgid}: {row.note}; it is being undone{by}; the patient is NOT settled",
-        S.REVERSED: f"trade {row.msgid} got no answer and was undone at the bureau{by}; the patient is NOT settled",
-        S.NOT_NEEDED: (f"trade {row.msgid} got no answer and the bureau has no record of it{by}; "
-                       f"the patient is NOT settled"),
+                    f"and is being resolved{settled}"),
+        S.RESOLVING: f"{row.msgid}: {row.note}; it is being undone{by}{settled}",
+        S.REVERSED: f"trade {row.msgid} got no answer and was undone at the bureau{by}{settled}",
+        S.NOT_NEEDED: f"trade {row.msgid} got no answer and the bureau has no record of it{by}{settled}",
         S.NEEDS_ATTENTION: f"trade {row.msgid} needs a person: {row.note}",
     }[row.state]
 
@@ -41,8 +41,9 @@ def _pending(row: TradeRow) -> str:
 QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
 
 
-def reply(row: TradeRow, resubmitted: bool = False, answer: dict[str, Any] | None = None) -> Reply:
-    """`answer`: the row's answer already parsed, when the caller has it (a fresh answer: parse once)."""
+def reply(row: TradeRow, money: bool, resubmitted: bool = False, answer: dict[str, Any] | None = None) -> Reply:
+    """`money`: the trade moves money (the HIS must hear whether the patient is settled); `answer`: the
+    row's answer already parsed, when the caller has it (a fresh answer: parse once)."""
     extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}
     if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED, S.NOT_SENT) or (
             row.state is S.NEEDS_ATTENTION and row.answer):
@@ -56,7 +57,7 @@ def reply(row: TradeRow, resubmitted: bool = False, answer: dict[str, Any] | Non
         ack = envelope.local_failure("", datetime.now())
         ack.update(infcode=0, err_msg=None, warn_msg=QUEUED_NOTE)
         return Reply(200, envelope.answer(ack, msgid=row.msgid, state=row.state, note=QUEUED_NOTE, **extra))
-    message = _pending(row)
+    message = _pending(row, money)
     body = envelope.answer(envelope.local_failure(message, datetime.now()), msgid=row.msgid, state=row.state,
                            note=message, **extra)
     # A resubmission while the first is still on the wire is a conflict, not a second trade.
