@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fep import envelope
-from fep.sim.world import LI, WANG, ZHANG, Visit, World, his_msgid, wait_for
+from fep.sim.world import LI, WANG, ZHANG, Visit, World, his_msgid, parked_settlement, wait_for
 
 
 def settled_state(world: World, msgid: str, states: tuple[str, ...], timeout: float = 20) -> dict:
@@ -103,10 +103,8 @@ def test_the_reversal_is_repeated_until_the_bureau_acknowledges_it(running: Worl
 def test_a_reversal_the_bureau_keeps_refusing_is_parked_for_a_person(running: World) -> None:
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
-    running.fault(mode="drop_after", infno="2207", times=1)
-    running.fault(mode="error", infno="2601", message="系统繁忙")
-    answer = visit.settle()
-    row = settled_state(running, answer["fep_msgid"], ("NEEDS_ATTENTION",), timeout=30)
+    answer = parked_settlement(running, visit)
+    row = running.trade(answer["fep_msgid"])
     assert "refused" in row["note"] and "系统繁忙" in row["note"]
     assert running.his.lookup(answer["fep_msgid"])["fep_state"] == "NEEDS_ATTENTION"
     assert len(running.journal("infno='2601'")) == 6  # max_tries in the test config, each a new msgid

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fep import envelope
-from fep.sim.world import ROOT, ZHANG, Visit, World, wait_for
+from fep.sim.world import ROOT, ZHANG, Visit, World, parked_settlement, wait_for
 
 
 def fep_cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
@@ -140,13 +140,9 @@ def test_the_admin_cli_shows_status_trades_and_the_whole_life_of_a_trade(running
 def test_a_parked_reversal_is_sent_again_by_fep_replay(running: World) -> None:
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
-    running.fault(mode="drop_after", infno="2207", times=1)
-    running.fault(mode="error", infno="2601", message="系统繁忙")
-    answer = visit.settle()
-    wait_for(lambda: running.trade(answer["fep_msgid"])["state"] == "NEEDS_ATTENTION", timeout=30, what="parking")
+    answer = parked_settlement(running, visit)
     assert [a["msgid"] for a in json.loads(fep_cli(running, "status", "--json").stdout)["needs_attention"]] == [
         answer["fep_msgid"]]
-    running.clear_faults()
     replayed = fep_cli(running, "replay", answer["fep_msgid"])
     assert replayed.returncode == 0, replayed.stderr
     wait_for(lambda: running.trade(answer["fep_msgid"])["state"] == "REVERSED", what="the reversal")

@@ -9,7 +9,7 @@ import time
 from datetime import date
 from decimal import Decimal
 
-from fep.sim.world import LI, ZHANG, Visit, World, wait_for
+from fep.sim.world import LI, ZHANG, Visit, World, parked_settlement
 
 TODAY = date.today().isoformat()
 
@@ -116,11 +116,7 @@ def test_a_changed_amount_and_a_settlement_the_bureau_lost_are_named(running: Wo
 def test_unresolved_unknown_outcomes_are_reported_before_the_totals(running: World) -> None:
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
-    running.fault(mode="drop_after", infno="2207", times=1)
-    running.fault(mode="error", infno="2601", message="系统繁忙")
-    answer = visit.settle()
-    wait_for(lambda: running.trade(answer["fep_msgid"])["state"] == "NEEDS_ATTENTION", timeout=30, what="parking")
-    running.clear_faults()
+    answer = parked_settlement(running, visit)
     run = reconcile(running)
     assert run.returncode == 1
     out = run.stdout

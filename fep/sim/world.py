@@ -295,6 +295,18 @@ class Visit:
             assert answer["infcode"] == 0, answer
 
 
+def parked_settlement(world: World, visit: Visit) -> dict[str, Any]:
+    """A 2207 whose answer is lost and whose reversal the bureau keeps refusing (系统繁忙), until fep parks
+    it for a person; the faults are cleared afterwards. Returns what the HIS heard."""
+    world.fault(mode="drop_after", infno="2207", times=1)
+    world.fault(mode="error", infno="2601", message="系统繁忙")
+    answer = visit.settle()
+    wait_for(lambda: world.trade(answer["fep_msgid"])["state"] == "NEEDS_ATTENTION", timeout=30,
+             what="the settlement to be parked")
+    world.clear_faults()
+    return answer
+
+
 def his_msgid(n: int) -> str:
     """A well-formed msgid chosen by the HIS (a different institution code from fep's own)."""
     return f"H43010000099{time.strftime('%Y%m%d%H%M%S')}{n % 10000:04d}"
