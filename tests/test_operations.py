@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -78,12 +79,22 @@ def test_fep_tells_systemd_it_is_ready_feeds_the_watchdog_and_reloads(world: Wor
     notify.wait_for("WATCHDOG=1")
     notify.wait_for("WATCHDOG=1")
 
-    # systemctl reload: new certificates take effect without a restart (here: a foreign one, refused).
+    # systemctl reload: new certificates take effect without a restart (here: a foreign one, refused),
+    # and a settlement at the bureau at that moment finishes on its connection.
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=1.5, times=1)
+    in_flight: list[dict] = []
+    settling = threading.Thread(target=lambda: in_flight.append(visit.settle()))
+    settling.start()
+    wait_for(lambda: world.journal("infno='2207'"), what="the 2207 to be at the bureau")
     world.configure(fep={"bureau": {"tls": {"cert": str(world.pki / "foreign-hospital.pem"),
                                             "key": str(world.pki / "foreign-hospital.key")}}})
     world.fep.send_signal(signal.SIGHUP)
     notify.wait_for("RELOADING=1")
     notify.wait_for("READY=1")
+    settling.join()
+    assert in_flight[0]["infcode"] == 0 and in_flight[0]["fep_state"] == "ANSWERED"
     assert Visit(world.his, ZHANG).identify()["fep_state"] == "NOT_SENT"
     world.configure()
     world.fep.send_signal(signal.SIGHUP)

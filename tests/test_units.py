@@ -1,0 +1,105 @@
+"""The pure pieces, without processes: msgid numbering, lenient answers, config and catalog errors."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fep import config, envelope
+from fep.catalog import Catalog, CatalogError
+from fep.msgid import MsgidCounter, well_formed
+from fep.sim.world import ROOT
+from fep.states import FINAL, TRANSITIONS, State
+
+SAMPLES = ROOT.parent / "shared" / "reference" / "samples"
+
+
+def test_the_msgid_counter_never_repeats_a_number_not_after_9999_nor_when_the_clock_goes_back() -> None:
+    c = MsgidCounter("H43010000001")
+    t = datetime(2026, 11, 23, 9, 0, 0)
+    ids = [c.next(t) for _ in range(10001)]
+    assert len(set(ids)) == 10001 and all(well_formed(i) for i in ids)
+    assert ids[9998].endswith("202611230900009999") and ids[9999].endswith("202611230900010001")
+    restarted = MsgidCounter("H43010000001", c.state)  # after a restart, from what the journal stored
+    earlier = restarted.next(datetime(2026, 11, 23, 8, 59, 0))  # the clock went back
+    assert earlier not in ids and earlier > ids[-1]
+    assert not well_formed("H4301000000120261399250000001") and not well_formed("not-a-msgid")
+
+
+@pytest.mark.skipif(not SAMPLES.exists(), reason="shared/reference/samples is not beside the checkout")
+def test_every_real_bureau_answer_parses_with_exact_decimals() -> None:
+    answers = {}
+    for path in sorted(SAMPLES.glob("*-resp_*.json")):
+        message = json.loads(path.read_text())["message"]
+        answers[path.name[:4]] = answer = envelope.parse_bureau_answer(json.dumps(message).encode())
+        assert answer.infcode in (0, 1, -1), path.name
+        assert not any(isinstance(v, float) for v in _leaves(answer.raw)), path.name
+    assert answers["2207"].ok and answers["2207"].output["setlinfo"]["medfee_sumamt"] == Decimal("4.52")
+    assert answers["5203"].ok  # infcode "0" as a string, as that bureau sends it
+    string_code = envelope.parse_bureau_answer(b'{"infcode": "0", "err_msg": null, "output": {}}')
+    assert string_code.ok and string_code.err_msg == ""
+    with pytest.raises(envelope.BadAnswer, match="no infcode"):
+        envelope.parse_bureau_answer(b'{"output": {}}')
+
+
+def _leaves(obj: object) -> list[object]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _leaves(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _leaves(v)]
+    return [obj]
+
+
+def write(tmp: Path, change: dict) -> Path:
+    doc = yaml.safe_load((ROOT / "conf" / "fep.yaml").read_text())
+    doc["trades"] = str(ROOT / "conf" / "trades.yaml")
+    for key, value in change.items():
+        node = doc
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    (tmp / "fep.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return tmp / "fep.yaml"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"institution.fixmedins_code": "H1"}, "institution.fixmedins_code must be 12 upper-case letters or digits"),
+    ({"his.answer_budget": 5}, "his.answer_budget (5 s) must exceed the longest bureau timeout"),
+    ({"bureau.url_style": "soap"}, "bureau.url_style must be dispatcher, infno_path or per_trade"),
+    ({"bureau.endpoints": [{"url": "http://bureau/"}]}, "bureau.endpoints[0].url must be https://host:port/path"),
+    ({"bureau.tls.min_version": "1.0"}, "bureau.tls.min_version must be 1.2 or 1.3"),
+    ({"journal": {}}, "journal.path is required"),
+    ({"schedule.reconcile_daily_at": "25:00"}, "schedule.reconcile_daily_at must be a time of day HH:MM"),
+    ({"his.allowed_networks": ["10.0.0.300/8"]}, "his.allowed_networks"),
+])
+def test_a_bad_config_is_refused_naming_the_key(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        config.load(write(tmp_path, change))
+
+
+def test_a_bad_trade_catalog_is_refused_naming_the_trade(tmp_path: Path) -> None:
+    base = yaml.safe_load((ROOT / "conf" / "trades.yaml").read_text())
+    for change, message in (({"2207": {"deferrable": True}}, "trade 2207: a money trade cannot be deferred"),
+                            ({"2204": {"cancel": {"infno": "7777", "input": {}}}}, "cancelled by 7777"),
+                            ({"2207": {"on_unknown": "pray"}}, "trade 2207: 'pray' is not a valid OnUnknown"),
+                            ({"2206": {"timeout": 0}}, "trade 2206: timeout must be positive")):
+        doc = json.loads(json.dumps(base))
+        for infno, spec in change.items():
+            doc["trades"][infno].update(spec)
+        (tmp_path / "trades.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+        with pytest.raises(CatalogError, match=message):
+            Catalog.load(tmp_path / "trades.yaml")
+
+
+def test_every_state_is_reachable_and_every_open_state_can_end() -> None:
+    reachable = {State.SENT, State.QUEUED} | {t for _, t in TRANSITIONS.values()}
+    assert reachable == set(State)
+    for state in set(State) - FINAL:
+        assert any(state in sources for sources, _ in TRANSITIONS.values()), state
