@@ -43,7 +43,8 @@ def summary(row: TradeRow, full: bool = False) -> dict[str, Any]:
     out["updated"] = datetime.fromtimestamp(row.updated).strftime("%Y-%m-%d %H:%M:%S")
     if full:
         out["request"] = envelope.loads(row.request)
-        out["request"].pop("cainfo", None)
+        for secret in envelope.SECRET_FIELDS:
+            out["request"].pop(secret, None)
         out["answer"] = envelope.loads(row.answer) if row.answer else None
         out["late_answer"] = envelope.loads(row.late_answer) if row.late_answer else None
     return out

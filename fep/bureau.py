@@ -85,18 +85,18 @@ class _Pool:
         try:
             proto = await connectProtocol(wrapClientTLS(self.creator, tcp), HTTPClientProtocol())
         except Exception as e:
-            self._set_up(False)
+            self.mark_up(False)
             raise NotSent(f"cannot connect to {self.ep.name} ({self.ep.host}:{self.ep.port}): {e}") from None
         timer = self.reactor.callLater(self.connect_timeout, proto.transport.abortConnection)
         try:
             await proto.ready
         except TransportError as e:
-            self._set_up(False)
+            self.mark_up(False)
             raise NotSent(f"{self.ep.name}: {e}") from None
         finally:
             if timer.active():
                 timer.cancel()
-        self._set_up(True)
+        self.mark_up(True)
         return proto
 
     def release(self, p: HTTPClientProtocol) -> None:
@@ -116,7 +116,7 @@ class _Pool:
         else:
             self.count -= 1
 
-    def _set_up(self, up: bool) -> None:
+    def mark_up(self, up: bool) -> None:
         self.up = up
         metrics.LINK_UP.labels(self.ep.name).set(1 if up else 0)
 
@@ -208,7 +208,7 @@ class BureauLink:
             timer.cancel()
             e = f.value
             if isinstance(e, TransportError) and not e.sent:
-                pool._set_up(False)
+                pool.mark_up(False)
                 result.errback(NotSent(f"{ep.name}: {e}"))
             else:
                 result.errback(Unknown(f"{ep.name}: {e}"))

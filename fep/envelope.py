@@ -9,17 +9,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 import simplejson
 
 from fep.http11 import Response
 
-# Fields the box owns: whatever the HIS sends for them is replaced (task 2).
-BOX_FIELDS = ("fixmedins_code", "fixmedins_name", "sign_no", "inf_time")
 REQUIRED_FROM_HIS = ("infno", "input")
-# Never written to logs or error texts (may carry card or e-certificate password material).
+# Never shown outside the journal (may carry card or e-certificate password material); never logged.
 SECRET_FIELDS = ("cainfo",)
 
 

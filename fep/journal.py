@@ -77,10 +77,6 @@ class TradeRow:
     def envelope(self) -> dict[str, Any]:
         return envelope.loads(self.request)
 
-    @property
-    def answer_envelope(self) -> dict[str, Any] | None:
-        return envelope.loads(self.answer) if self.answer else None
-
 
 @dataclass
 class NewTrade:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from fep import envelope
 from fep.sim.world import ROOT, ZHANG, Visit, World, parked_settlement, wait_for
 
 

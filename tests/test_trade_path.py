@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from decimal import Decimal
 
 from fep import envelope
@@ -169,4 +168,3 @@ def test_the_journal_is_private_and_in_wal_mode(running: World) -> None:
     path = running.dir / "lib" / "journal.db"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert (running.dir / "lib" / "journal.db-wal").exists()
-    time.sleep(0)  # nothing to wait for: both are true once fep listens

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import re
 import sqlite3
 import ssl
-import statistics
 import sys
 import tempfile
 import time

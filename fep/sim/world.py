@@ -4,8 +4,6 @@ real fep daemon, as processes, over real mutual TLS on loopback, each with its s
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import sqlite3
