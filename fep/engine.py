@@ -320,7 +320,10 @@ class Engine:
         row.answer, row.endpoint, row.note = fields["answer"], delivery.endpoint, note
         row.state = {"answer": S.ANSWERED, "answer_held": S.AWAITING_CONFIRM, "give_up": S.NEEDS_ATTENTION}[event]
         row.deadline = fields.get("deadline", row.deadline)
-        return self._reply(row, answer=ans.raw)
+        result = self._reply(row, answer=ans.raw)
+        if row.state is S.ANSWERED:  # the common case: pass the bureau's bytes through, fep's fields added
+            result.raw = envelope.splice(delivery.body, {k: v for k, v in result.body.items() if k.startswith("fep_")})
+        return result
 
     # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
     async def _settlements_in_force(self, psn: str) -> list[TradeRow]:

@@ -146,6 +146,12 @@ def answer(envelope: dict[str, Any], *, msgid: str, state: str, note: str = "", 
     return out
 
 
+def splice(raw: bytes, fields: dict[str, Any]) -> bytes:
+    """fep's fields added to the bureau's answer as it came, without decoding and encoding it again.
+    `raw` is an answer parse_bureau_answer accepted: a JSON object with at least infcode in it."""
+    return raw.rstrip()[:-1] + b"," + dumps(fields)[1:]
+
+
 def local_failure(message: str, when: datetime) -> dict[str, Any]:
     """An envelope for an answer fep gives itself (the bureau said nothing)."""
     stamp = when.strftime("%Y%m%d%H%M%S%f")[:17]

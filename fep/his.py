@@ -18,6 +18,7 @@ from fep import envelope
 from fep.catalog import InvalidInput, UnknownTrade
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.replies import Reply
 
 log = Logger()
 
@@ -49,8 +50,8 @@ class HisService:
         return _json(await self.engine.submit(envelope.parse_his_request(req.body)))
 
 
-def _json(reply: Any) -> Response:
-    return Response(reply.status, envelope.dumps(reply.body))
+def _json(reply: Reply) -> Response:
+    return Response(reply.status, reply.raw or envelope.dumps(reply.body))
 
 
 class HisFactory(Factory):

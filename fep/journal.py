@@ -38,6 +38,10 @@ UPDATABLE = frozenset({"request", "answer", "late_answer", "resolver", "attempts
                        "endpoint", "note", "setl_id", "cancels"})
 
 
+class _OpFailed(Exception):
+    """An op of an unguarded batch failed; the batch was rolled back and is run again, guarded."""
+
+
 class IllegalTransition(Exception):
     def __init__(self, msgid: str, event: str, state: str | None) -> None:
         super().__init__(f"trade {msgid}: event {event!r} is not allowed in state {state}")
@@ -193,15 +197,35 @@ class Journal:
 
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, defer.Deferred[Any]]]) -> None:
         started = time.perf_counter()
+        try:
+            results = self._apply(conn, batch, guarded=False)
+        except _OpFailed:  # rare: run the batch again, each op in its own savepoint
+            results = self._apply(conn, batch, guarded=True)
+        self.last_commit = time.monotonic()
+        metrics.JOURNAL_COMMIT.observe(time.perf_counter() - started)
+        metrics.JOURNAL_BATCH.observe(len(batch))
+        self._reactor.callFromThread(_deliver, results)
+
+    def _apply(self, conn: sqlite3.Connection, batch: list[tuple[Op, defer.Deferred[Any]]],
+               guarded: bool) -> list[tuple[defer.Deferred[Any], bool, Any]]:
+        """One transaction for the batch. Unguarded, any op's failure undoes the batch (raising
+        _OpFailed); guarded, an op's failure undoes only that op and goes to its own waiter."""
         results: list[tuple[defer.Deferred[Any], bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, d in batch:
+                if not guarded:
+                    try:
+                        results.append((d, True, op(conn)))
+                    except Exception:
+                        conn.execute("ROLLBACK")
+                        raise _OpFailed() from None
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append((d, True, op(conn)))
                     conn.execute("RELEASE op")
-                except Exception as e:  # the op's own failure goes to its own waiter
+                except Exception as e:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((d, False, e))
@@ -209,11 +233,8 @@ class Journal:
         except sqlite3.Error as e:  # the commit itself failed: nothing in the batch is durable
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [(d, False, e) for _, d in batch]
-        self.last_commit = time.monotonic()
-        metrics.JOURNAL_COMMIT.observe(time.perf_counter() - started)
-        metrics.JOURNAL_BATCH.observe(len(batch))
-        self._reactor.callFromThread(_deliver, results)
+            return [(d, False, e) for _, d in batch]
+        return results
 
     def run(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
         """Another store's operation (the catalog's), on the journal's writer: one writer for the database."""
@@ -230,23 +251,23 @@ class Journal:
         return self._call(lambda conn: self._accept(conn, new))
 
     def _accept(self, conn: sqlite3.Connection, new: NewTrade) -> Accepted:
-        if new.msgid is not None:
-            old = _get(conn, new.msgid)
-            if old is not None:
-                return Accepted(old, created=False)
-            msgid = new.msgid
-        else:
-            msgid = self._number(conn)
-        new.envelope["msgid"] = msgid
         now = time.time()
-        request = envelope.dumps(new.envelope).decode("utf-8")
         attempts = 1 if new.state is State.SENT else 0
-        cur = conn.execute(
-            "INSERT INTO trades (msgid, infno, psn_no, state, payload_hash, request, related, deadline, "
-            "attempts, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash, request, new.related, new.deadline,
-             attempts, now, now),
-        )
+        while True:
+            msgid = new.msgid or self._number(conn)
+            new.envelope["msgid"] = msgid
+            request = envelope.dumps(new.envelope).decode("utf-8")
+            cur = conn.execute(
+                "INSERT INTO trades (msgid, infno, psn_no, state, payload_hash, request, related, deadline, "
+                "attempts, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(msgid) DO NOTHING",
+                (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash, request, new.related,
+                 new.deadline, attempts, now, now),
+            )
+            if cur.rowcount == 1:
+                break
+            if new.msgid is not None:  # seen before: the first submission stands
+                return Accepted(_get(conn, msgid), created=False)  # type: ignore[arg-type]
+            # else: a number an HIS chose already; take the next
         _event(conn, msgid, now, "accept", new.state, None)
         row = TradeRow(cur.lastrowid, msgid, new.infno, new.psn_no, new.state, new.payload_hash, request, None, None,
                        new.related, None, attempts, None, new.deadline, None, None, None, None, now, now)
@@ -254,10 +275,7 @@ class Journal:
 
     def _number(self, conn: sqlite3.Connection) -> str:
         assert self._counter is not None
-        while True:
-            msgid = self._counter.next(datetime.now())
-            if _get(conn, msgid) is None:  # never collide with a number an HIS chose
-                break
+        msgid = self._counter.next(datetime.now())
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('msgid_counter', ?)", (self._counter.state,))
         return msgid
 

@@ -22,6 +22,7 @@ S = State
 class Reply:
     status: int
     body: dict[str, Any]
+    raw: bytes | None = None  # the body already encoded, when it could be had without encoding it
 
 
 def _pending(row: TradeRow, money: bool) -> str:
