@@ -103,7 +103,10 @@ class Engine:
         again when the day changes."""
         if self.link.down:
             if self._queues and not self._draining:
-                self._kick(next(iter(self._queues)))
+                # Probe with a different person each time: one whose head is parked sends nothing.
+                psn = next(iter(self._queues))
+                self._queues[psn] = self._queues.pop(psn)
+                self._kick(psn)
         else:
             self._kick_all()
         if self._signed_on != date.today():

@@ -333,3 +333,22 @@ def test_fep_signs_in_again_when_the_bureau_forgets_its_session(running: World) 
     assert len(sign_ins) == 2
     new_sign_no = envelope.loads(sign_ins[1]["answer"])["output"]["signinoutb"]["sign_no"]
     assert envelope.loads(running.trade(answer["fep_msgid"])["request"])["sign_no"] == new_sign_no
+
+
+def test_a_parked_item_at_the_head_of_one_queue_does_not_stop_the_others_draining(running: World) -> None:
+    a, b = Visit(running.his, ZHANG), Visit(running.his, WANG)
+    for v in (a, b):
+        for step in (v.identify, v.register, v.diagnose):
+            assert step()["infcode"] == 0
+    running.fault(mode="refuse")
+    bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])
+    bad.mdtrt_id = a.mdtrt_id
+    parked = bad.upload_fees()
+    running.clear_faults()
+    settled_state(running, parked["fep_msgid"], ("NEEDS_ATTENTION",))
+    running.fault(mode="refuse")  # down again, with ZHANG's queue headed by a parked item
+    waiting = a.upload_fees()
+    other = b.upload_fees()
+    running.clear_faults()  # nothing else is sent: only the probe can find the link is back
+    settled_state(running, other["fep_msgid"], ("ANSWERED",), timeout=10)
+    assert running.trade(waiting["fep_msgid"])["state"] == "QUEUED"
