@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from fep import envelope, metrics, tls
+from fep import envelope, metrics
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
 from fep.journal import COLUMNS, TradeRow
@@ -89,7 +89,7 @@ class AdminService:
 
     async def status(self) -> dict[str, Any]:
         status = await self.engine.status()
-        status["certificates"] = certificate_expiry(self.engine.cfg.bureau.tls)
+        status["certificates"] = certificate_expiry(self.engine)
         last = await self.engine.journal.runs("reconcile")
         status["last_reconciliation"] = {k: last[0][k] for k in ("stmt_date", "run_at", "balanced", "unbalanced")
                                          } if last else None
@@ -119,14 +119,10 @@ class AdminService:
         return out
 
 
-def certificate_expiry(files: Any) -> dict[str, float | str]:
-    out: dict[str, float | str] = {}
-    for name, path in (("hospital", files.cert), ("ca", files.ca)):
-        try:
-            out[name] = round(tls.seconds_to_expiry(path))
-        except (tls.TLSConfigError, ValueError) as e:
-            out[name] = f"unreadable: {e}"
-    return out
+def certificate_expiry(engine: Engine) -> dict[str, float]:
+    """Seconds until each certificate expires, from the dates read when they were (re)loaded."""
+    now = time.time()
+    return {name: round(at - now) for name, at in engine.link.expires.items()}
 
 
 class MetricsRefresher:
@@ -148,9 +144,8 @@ class MetricsRefresher:
                               (metrics.UNKNOWN_OLDEST, "'SENT','UNKNOWN','RESOLVING'")):
             oldest = await journal.select(f"state IN ({states}) AND related IS NULL ORDER BY id LIMIT 1")
             gauge.set(now - oldest[0].created if oldest else 0)
-        for name, seconds in certificate_expiry(self.engine.cfg.bureau.tls).items():
-            if isinstance(seconds, (int, float)):
-                metrics.CERT_EXPIRY.labels(name).set(seconds)
+        for name, seconds in certificate_expiry(self.engine).items():
+            metrics.CERT_EXPIRY.labels(name).set(seconds)
 
 
 async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int) -> None:

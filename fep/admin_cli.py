@@ -63,8 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      + (f" (oldest {s['oldest_queued_seconds']} s)" if s["oldest_queued_seconds"] else ""))
         lines.append("trades by state: " + ", ".join(f"{k} {v}" for k, v in sorted(s["trades_by_state"].items())))
         certs = s.get("certificates", {})
-        lines.append("certificates: " + ", ".join(
-            f"{k} expires in {v // 86400} days" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in certs.items()))
+        lines.append("certificates: " + ", ".join(f"{k} expires in {v // 86400} days" for k, v in certs.items()))
         if s.get("last_reconciliation"):
             r = s["last_reconciliation"]
             lines.append(f"last reconciliation: {r['stmt_date']} run {r['run_at']}: "

@@ -132,6 +132,7 @@ class BureauLink:
         self.reactor = reactor
         self.cfg = cfg
         self.pools = [self._pool(ep) for ep in cfg.endpoints]
+        self.expires = tls.expiry(cfg.tls)  # certificate name -> Unix time; for status and metrics
 
     def _pool(self, ep: Endpoint) -> _Pool:
         return _Pool(self.reactor, ep, tls.client_options(self.cfg.tls, ep.server_name), self.cfg.concurrency,
@@ -143,12 +144,13 @@ class BureauLink:
         old, self.cfg = self.cfg, cfg
         try:
             pools = [self._pool(ep) for ep in cfg.endpoints]
+            expires = tls.expiry(cfg.tls)
         except tls.TLSConfigError:
             self.cfg = old
             raise
         for pool in self.pools:
             pool.close()
-        self.pools = pools
+        self.pools, self.expires = pools, expires
 
     @property
     def down(self) -> bool:

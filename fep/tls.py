@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -80,6 +79,10 @@ def server_options(files: TLSFiles) -> ssl.CertificateOptions:
     )
 
 
-def seconds_to_expiry(path: Path) -> float:
-    cert = x509.load_pem_x509_certificate(_read(path, "certificate"))
-    return (cert.not_valid_after_utc - datetime.now(timezone.utc)).total_seconds()
+def expiry(files: TLSFiles) -> dict[str, float]:
+    """When the hospital certificate and the CA expire (Unix time), read once per (re)load."""
+    out = {}
+    for name, path in (("hospital", files.cert), ("ca", files.ca)):
+        cert = x509.load_pem_x509_certificate(_read(path, "certificate"))
+        out[name] = cert.not_valid_after_utc.timestamp()
+    return out
