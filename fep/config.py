@@ -96,6 +96,9 @@ class Config:
     admin: AdminSide
     reconcile_at: str | None = None  # "HH:MM": reconcile yesterday every day at this time
     catalog_sync_at: str | None = None  # "HH:MM": download what is new in the bureau's catalog
+    # (insutype, setl_optins, clr_type) reconciled every day even when the journal has nothing in them,
+    # so that a settlement made at the bureau behind fep's back is found there too
+    reconcile_groups: tuple[tuple[str, str, str], ...] = ()
     allow_root: bool = False
     source: Path | None = None
 
@@ -182,9 +185,14 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         reconcile_at=_hhmm((doc.get("schedule") or {}).get("reconcile_daily_at"), "schedule.reconcile_daily_at"),
         catalog_sync_at=_hhmm((doc.get("schedule") or {}).get("catalog_sync_daily_at"),
                               "schedule.catalog_sync_daily_at"),
+        reconcile_groups=tuple(_group(g, i) for i, g in enumerate(doc.get("reconcile_groups") or [])),
         allow_root=bool((doc.get("security") or {}).get("allow_root", False)),
         source=path,
     )
+
+
+def _group(doc: Any, i: int) -> tuple[str, str, str]:
+    return tuple(str(_need(doc, k, f"reconcile_groups[{i}].")) for k in ("insutype", "setl_optins", "clr_type"))  # type: ignore[return-value]
 
 
 def _hhmm(value: Any, key: str) -> str | None:

@@ -88,7 +88,7 @@ class Reconciler:
 
     async def run(self, day: date) -> dict[str, Any]:
         unresolved = await self._unresolved(day)
-        groups: dict[tuple[str, str, str], Group] = {}
+        groups = {key: Group(*key) for key in self.engine.cfg.reconcile_groups}  # asked about even when empty
         for s in await self.settlements(day):
             groups.setdefault((s.insutype, s.setl_optins, s.clr_type), Group(s.insutype, s.setl_optins,
                                                                               s.clr_type)).rows.append(s)

@@ -122,3 +122,17 @@ def test_unresolved_unknown_outcomes_are_reported_before_the_totals(running: Wor
     out = run.stdout
     assert out.index("UNRESOLVED: 1 trade(s)") < out.index("险种类别")
     assert answer["fep_msgid"] in out.split("险种类别")[0]
+
+
+def test_a_bureau_only_settlement_in_a_group_the_journal_has_nothing_in_is_found(running: World) -> None:
+    """LI (390) settles only behind fep's back: the 390 group is reconciled because conf lists it."""
+    settled(running, ZHANG)
+    behind = Visit(running.his, LI)
+    behind.up_to_settlement()
+    rogue = f"H43010000001{time.strftime('%Y%m%d%H%M%S')}9996"
+    assert running.bypass("2207", rogue, behind.settlement_input())["infcode"] == 0
+    doc = json.loads(reconcile(running, "--json").stdout)
+    group = next(g for g in doc["groups"] if g["insutype"] == "390")
+    assert group["fixmedins_setl_cnt"] == 0 and group["result"] == "不平"
+    [d] = group["differences"]
+    assert d["kind"] == "settled at the bureau, unknown to the journal (单边账)" and d["msgid"] == rogue
