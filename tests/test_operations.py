@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fep.sim.world import ROOT, ZHANG, Visit, World, parked_settlement, wait_for
+from fep.sim.world import ROOT, ZHANG, Visit, World, parked_settlement, reversed_settlement, wait_for
 
 
 def fep_cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
@@ -126,9 +126,7 @@ def test_prometheus_metrics(running: World) -> None:
 def test_the_admin_cli_shows_status_trades_and_the_whole_life_of_a_trade(running: World) -> None:
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
-    running.fault(mode="drop_after", infno="2207", times=1)
-    answer = visit.settle()
-    wait_for(lambda: running.trade(answer["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    answer = reversed_settlement(running, visit)
 
     status = json.loads(fep_cli(running, "status", "--json").stdout)
     assert status["signed_in"] and status["endpoints"][0]["up"] and status["needs_attention"] == []
@@ -194,9 +192,7 @@ def test_his_connections_from_outside_the_allowed_networks_are_closed(world: Wor
 def test_logs_carry_the_msgid_and_no_personal_numbers(running: World) -> None:
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
-    running.fault(mode="drop_after", infno="2207", times=1)
-    answer = visit.settle()
-    wait_for(lambda: running.trade(answer["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    answer = reversed_settlement(running, visit)
     log = running.log("run")
     assert answer["fep_msgid"] in log
     assert all(line[:3] in {f"<{n}>" for n in range(8)} for line in log.splitlines() if line)

@@ -27,6 +27,15 @@ def settled(world: World, person: dict[str, str]) -> tuple[Visit, dict]:
     return v, answer["output"]["setlinfo"]
 
 
+def settled_behind_fep(world: World, person: dict[str, str], seq: int) -> str:
+    """A visit uploaded through fep, then settled at the bureau directly (an operator in its system)."""
+    behind = Visit(world.his, person)
+    behind.up_to_settlement()
+    rogue = f"H43010000001{time.strftime('%Y%m%d%H%M%S')}{seq:04d}"
+    assert world.bypass("2207", rogue, behind.settlement_input())["infcode"] == 0
+    return rogue
+
+
 def differences(doc: dict) -> list[dict]:
     return [d for g in doc["groups"] for d in g["differences"]]
 
@@ -63,10 +72,7 @@ def test_a_balanced_day_shows_the_insurance_office_s_table(running: World) -> No
 
 def test_a_settlement_the_his_never_heard_of_is_found_and_reversed_until_the_day_balances(running: World) -> None:
     settled(running, ZHANG)
-    behind = Visit(running.his, ZHANG)
-    behind.up_to_settlement()
-    rogue = f"H43010000001{time.strftime('%Y%m%d%H%M%S')}9998"
-    assert running.bypass("2207", rogue, behind.settlement_input())["infcode"] == 0
+    rogue = settled_behind_fep(running, ZHANG, 9998)
 
     run = reconcile(running, "--json")
     assert run.returncode == 1
@@ -127,10 +133,7 @@ def test_unresolved_unknown_outcomes_are_reported_before_the_totals(running: Wor
 def test_a_bureau_only_settlement_in_a_group_the_journal_has_nothing_in_is_found(running: World) -> None:
     """LI (390) settles only behind fep's back: the 390 group is reconciled because conf lists it."""
     settled(running, ZHANG)
-    behind = Visit(running.his, LI)
-    behind.up_to_settlement()
-    rogue = f"H43010000001{time.strftime('%Y%m%d%H%M%S')}9996"
-    assert running.bypass("2207", rogue, behind.settlement_input())["infcode"] == 0
+    rogue = settled_behind_fep(running, LI, 9996)
     doc = json.loads(reconcile(running, "--json").stdout)
     group = next(g for g in doc["groups"] if g["insutype"] == "390")
     assert group["fixmedins_setl_cnt"] == 0 and group["result"] == "不平"

@@ -293,6 +293,15 @@ class Visit:
             assert answer["infcode"] == 0, answer
 
 
+def reversed_settlement(world: World, visit: Visit) -> dict[str, Any]:
+    """A 2207 the bureau settles but whose answer it drops, so fep reverses it (2601). Returns what the
+    HIS heard, once the reversal is done."""
+    world.fault(mode="drop_after", infno="2207", times=1)
+    answer = visit.settle()
+    wait_for(lambda: world.trade(answer["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    return answer
+
+
 def parked_settlement(world: World, visit: Visit) -> dict[str, Any]:
     """A 2207 whose answer is lost and whose reversal the bureau keeps refusing (系统繁忙), until fep parks
     it for a person; the faults are cleared afterwards. Returns what the HIS heard."""
