@@ -37,7 +37,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_pki(args: argparse.Namespace) -> int:
     from fep import pki
 
-    made = pki.ensure(Path(args.dir)) if not args.force else (pki.generate(Path(args.dir)) or True)
+    if args.force:
+        pki.generate(Path(args.dir))
+        made = True
+    else:
+        made = pki.ensure(Path(args.dir))
     print(f"development PKI {'written to' if made else 'already in'} {args.dir}")
     return 0
 
