@@ -145,10 +145,10 @@ def test_while_the_bureau_is_down_queries_fail_fast_settlements_fail_cleanly_upl
         assert step()["infcode"] == 0
     running.fault(mode="refuse")
 
-    started = time.monotonic()
     q = visit.identify()
     assert q["fep_state"] == "NOT_SENT" and "nothing was sent" in q["err_msg"]
-    assert time.monotonic() - started < 3
+    # Fast because it failed on the refused connection, not by waiting out 1101's timeout.
+    assert "cannot connect" in q["err_msg"] and "no answer within" not in q["err_msg"]
 
     first = visit.upload_fees()
     second_visit = Visit(running.his, ZHANG, fees=[("250101001", "1", "30.00")])
