@@ -31,6 +31,7 @@ from fep.states import IN_FORCE, State
 
 log = Logger()
 S = State
+SETTLE_WAIT = 5.0  # seconds a settlement waits for the person's queued uploads before it is refused
 
 
 class Refused(Exception):
@@ -125,6 +126,8 @@ class Engine:
         msgid = req.msgid if req.msgid and well_formed(req.msgid) else None
         psn = envelope.find_psn_no(req.input)
         if trade.person_ordered and psn:
+            if trade.moves_money and self._queues.get(psn):  # before the lane: the uploads need it to go
+                await self._after_deferred_work(trade, msgid, psn, answer_by)
             async with self._lane(psn):
                 result = await self._submit(trade, req, msgid, psn, answer_by)
         else:
@@ -327,6 +330,28 @@ class Engine:
         if row.state is S.ANSWERED:  # the common case: pass the bureau's bytes through, fep's fields added
             result.raw = envelope.splice(delivery.body, {k: v for k, v in result.body.items() if k.startswith("fep_")})
         return result
+
+    async def _after_deferred_work(self, trade: TradeDef, msgid: str | None, psn: str, answer_by: float) -> None:
+        """A settlement goes after the person's earlier uploads, never past them: the bureau would settle
+        without their fees. It waits a little while they go; if one is parked, or they are still not
+        through after SETTLE_WAIT, the HIS hears what is in the way. A bureau that is unreachable is not
+        waited for: the settlement then fails as not sent, like any other."""
+        if msgid is not None and await self.journal.get(msgid) is not None:
+            return  # a resubmission: it gets what the first submission got
+        waited_until = min(answer_by - trade.timeout, time.time() + SETTLE_WAIT)
+        self._kick(psn)  # the uploads go now if they can
+        while self._queues.get(psn):
+            if self.link.down and psn not in self._draining:
+                return  # the bureau is unreachable: the settlement fails as not sent; money never waits
+            head = await self.journal.get(self._queues[psn][0])
+            if head is not None and head.state is S.NEEDS_ATTENTION or time.time() >= waited_until:
+                queue = self._queues.get(psn) or deque()
+                what = f"{head.infno} {head.msgid} is {head.state}" if head else "the first is unknown"
+                raise Refused(409, f"{len(queue)} earlier trade(s) of this person have not reached the bureau "
+                                   f"({what}); the settlement would not include them. Send it again once they "
+                                   f"are delivered")
+            self._kick(psn)
+            await task.deferLater(self.reactor, 0.05)
 
     # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
     async def _settlements_in_force(self, psn: str) -> list[TradeRow]:

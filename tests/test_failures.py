@@ -352,3 +352,34 @@ def test_a_parked_item_at_the_head_of_one_queue_does_not_stop_the_others_drainin
     running.clear_faults()  # nothing else is sent: only the probe can find the link is back
     settled_state(running, other["fep_msgid"], ("ANSWERED",), timeout=10)
     assert running.trade(waiting["fep_msgid"])["state"] == "QUEUED"
+
+
+def test_a_settlement_waits_for_the_person_s_pending_uploads_and_never_overtakes_them(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    for step in (visit.identify, visit.register, visit.diagnose):
+        assert step()["infcode"] == 0
+    running.fault(mode="drop_before", infno="2204", times=1)
+    pending = visit.upload_fees()
+    assert pending["fep_state"] == "UNKNOWN"  # resent with its msgid after a short backoff
+    settled = visit.settle()  # at once: the fees are not at the bureau yet
+    assert settled["infcode"] == 0, settled
+    order = [m for m, i in running.sim_answers() if i in ("2204", "2207")]
+    assert order == [pending["fep_msgid"], settled["fep_msgid"]]
+    running.assert_ledgers_agree()
+
+
+def test_a_settlement_behind_a_parked_upload_is_refused_naming_it(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    for step in (visit.identify, visit.register, visit.diagnose):
+        assert step()["infcode"] == 0
+    running.fault(mode="refuse")
+    bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])
+    bad.mdtrt_id = visit.mdtrt_id
+    parked = bad.upload_fees()
+    running.clear_faults()
+    settled_state(running, parked["fep_msgid"], ("NEEDS_ATTENTION",))
+    status, body = running.his_tcp.request("POST", "/", envelope.dumps({"infno": "2207",
+                                                                         "input": visit.settlement_input()}))
+    assert status == 409
+    assert f"2204 {parked['fep_msgid']} is NEEDS_ATTENTION" in body["err_msg"]
+    assert "2207" not in {i for _, i in running.sim_answers()}
