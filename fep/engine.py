@@ -306,7 +306,9 @@ class Engine:
         row.state, row.answer, row.note = S.NOT_SENT, answer, why
         return self._reply(row)
 
-    async def _answered(self, trade: TradeDef, row: TradeRow, delivery: Delivery) -> Reply:
+    async def _answered(self, trade: TradeDef, row: TradeRow, delivery: Delivery, his_waiting: bool = True) -> Reply:
+        """Store the bureau's answer. `his_waiting`: the HIS is hearing this answer now; when it is not
+        (a replay, a resend), a refused deferrable trade is parked for a person instead of just stored."""
         ans = delivery.answer
         fields: dict[str, Any] = {"answer": delivery.body.decode("utf-8"), "endpoint": delivery.endpoint}
         if ans.ok and trade.moves_money:
@@ -314,8 +316,8 @@ class Engine:
         event = "answer"
         if ans.ok and trade.confirm_within:
             event, fields["deadline"] = "answer_held", time.time() + trade.confirm_within
-        elif not ans.ok and row.attempts > 1 and trade.deferrable:
-            event = "give_up"  # a replayed item the bureau refuses: parked, later items of the person wait
+        elif not ans.ok and not his_waiting and trade.deferrable:
+            event = "give_up"  # nobody hears this refusal: parked, later items of the person wait
             fields["note"] = f"the bureau refused the replayed trade: {ans.err_msg}"
         note = fields.pop("note", None)
         await self.journal.transition(row.msgid, event, note=note, **fields)
@@ -453,7 +455,7 @@ class Engine:
             except (NotSent, Unknown) as e:
                 await self.journal.transition(row.msgid, "lost", note=str(e))
                 return False
-            await self._answered(trade, row, delivery)
+            await self._answered(trade, row, delivery, his_waiting=False)
         if trade.deferrable:
             self._kick(row.psn_no or "")
         return True
@@ -516,7 +518,8 @@ class Engine:
     # ---- store and forward ------------------------------------------------------------------------
     def _enqueue(self, row: TradeRow) -> None:
         self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
-        self._kick(row.psn_no or "")
+        if not self.link.down:  # while it is down, the tick's probe finds out when it is back
+            self._kick(row.psn_no or "")
 
     def _kick(self, psn: str) -> None:
         if psn in self._draining or not self._queues.get(psn):
@@ -550,8 +553,8 @@ class Engine:
                     await self.journal.transition(row.msgid, "lost", note=str(e))
                     await self._start_resolving(trade, row.msgid, str(e))
                     return
-                result = await self._answered(trade, row, delivery)
-                if result.body.get("fep_state") == S.NEEDS_ATTENTION:
+                await self._answered(trade, row, delivery, his_waiting=False)
+                if row.state is S.NEEDS_ATTENTION:
                     return
                 q.popleft()
                 self._kick_all()  # the link is back: every waiting person drains now, not at the next tick

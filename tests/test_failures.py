@@ -383,3 +383,21 @@ def test_a_settlement_behind_a_parked_upload_is_refused_naming_it(running: World
     assert status == 409
     assert f"2204 {parked['fep_msgid']} is NEEDS_ATTENTION" in body["err_msg"]
     assert "2207" not in {i for _, i in running.sim_answers()}
+
+
+def test_an_upload_queued_while_the_link_was_known_down_and_refused_on_replay_is_parked(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    for step in (visit.identify, visit.register, visit.diagnose):
+        assert step()["infcode"] == 0
+    running.fault(mode="refuse")
+    assert visit.identify()["fep_state"] == "NOT_SENT"  # now fep knows the bureau is down
+    bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])
+    bad.mdtrt_id = visit.mdtrt_id
+    parked = bad.upload_fees()
+    later = visit.upload_fees()
+    assert running.trade(parked["fep_msgid"])["attempts"] == 0  # queued at once, never tried
+    running.clear_faults()
+    row = settled_state(running, parked["fep_msgid"], ("NEEDS_ATTENTION", "ANSWERED"))
+    assert row["state"] == "NEEDS_ATTENTION" and "医保目录编码不存在" in row["note"]
+    time.sleep(1.5)
+    assert running.trade(later["fep_msgid"])["state"] == "QUEUED"  # held behind the parked one
