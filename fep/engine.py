@@ -275,13 +275,18 @@ class Engine:
         except NotSent as e:
             return await self._not_sent(trade, row, str(e))
         except Unknown as e:
-            await self.journal.transition(row.msgid, "lost", note=str(e))
-            if trade.deferrable:  # until it is resolved, later deferred work of the person waits behind it
-                self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
-            metrics.UNKNOWN_OUTCOMES.labels(trade.infno).inc()
-            log.warn("{infno} {msgid}: outcome unknown: {why}", infno=trade.infno, msgid=row.msgid, why=str(e))
-            return await self._start_resolving(trade, row.msgid, str(e))
+            return await self._lost(trade, row, str(e))
         return await self._answered(trade, row, delivery)
+
+    async def _lost(self, trade: TradeDef, row: TradeRow, why: str) -> Reply:
+        """It was sent and no valid answer came: record it, and start resolving it."""
+        await self.journal.transition(row.msgid, "lost", note=why)
+        queue = self._queues.setdefault(row.psn_no or "", deque())
+        if trade.deferrable and row.msgid not in queue:  # until resolved, the person's later work waits
+            queue.append(row.msgid)  # (a replayed item is at the head already)
+        metrics.UNKNOWN_OUTCOMES.labels(trade.infno).inc()
+        log.warn("{infno} {msgid}: outcome unknown: {why}", infno=trade.infno, msgid=row.msgid, why=why)
+        return await self._start_resolving(trade, row.msgid, why)
 
     def _send(self, trade: TradeDef, row: TradeRow) -> defer.Deferred[Delivery]:
         return defer.ensureDeferred(self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout,
@@ -550,8 +555,7 @@ class Engine:
                     await self.journal.transition(row.msgid, "requeue", note=f"bureau unreachable: {e}")
                     return
                 except Unknown as e:
-                    await self.journal.transition(row.msgid, "lost", note=str(e))
-                    await self._start_resolving(trade, row.msgid, str(e))
+                    await self._lost(trade, row, str(e))
                     return
                 await self._answered(trade, row, delivery, his_waiting=False)
                 if row.state is S.NEEDS_ATTENTION:
