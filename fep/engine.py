@@ -32,6 +32,7 @@ from fep.states import IN_FORCE, State
 log = Logger()
 S = State
 SETTLE_WAIT = 5.0  # seconds a settlement waits for the person's queued uploads before it is refused
+SIGN_IN_RETRY = 10.0  # seconds between sign-in attempts while they fail (each is a journalled 9001)
 
 
 class Refused(Exception):
@@ -58,6 +59,7 @@ class Engine:
         self._sign_no = ""
         self._signed_on: date | None = None
         self._signing: defer.Deferred[None] | None = None
+        self._sign_in_after = 0.0  # monotonic time before which a failed sign-in is not tried again
         self._poll: task.LoopingCall | None = None
         self._confirm_timers: dict[str, Any] = {}
         self._fresh: set[str] = set()  # resolving trades journalled by this process and not yet sent
@@ -327,7 +329,7 @@ class Engine:
         note = fields.pop("note", None)
         await self.journal.transition(row.msgid, event, note=note, **fields)
         if not ans.ok and self._not_signed_in(ans):
-            self._signed_on = None  # sign in again before the next trade
+            self._signed_on, self._sign_in_after = None, 0.0  # sign in again before the next trade
         if event == "answer_held":
             self._arm_confirm(row.msgid, fields["deadline"])
         row.answer, row.endpoint, row.note = fields["answer"], delivery.endpoint, note
@@ -588,7 +590,7 @@ class Engine:
 
     # ---- sign-in (9001) ------------------------------------------------------------------------------
     async def _ensure_signed_in(self) -> None:
-        if self._signed_on == date.today():
+        if self._signed_on == date.today() or time.monotonic() < self._sign_in_after:
             return
         if self._signing is None:
             self._signing = defer.ensureDeferred(self._sign_in())
@@ -609,7 +611,9 @@ class Engine:
                 log.info("signed in to the bureau, sign_no {sign_no}", sign_no=self._sign_no)
             else:
                 metrics.SIGNED_IN.set(0)
-                log.warn("sign-in (9001) failed: {err}", err=body.get("err_msg"))
+                self._sign_in_after = time.monotonic() + SIGN_IN_RETRY
+                log.warn("sign-in (9001) failed: {err}; tried again in {s:g} s", err=body.get("err_msg"),
+                         s=SIGN_IN_RETRY)
         finally:
             self._signing = None
 

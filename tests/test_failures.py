@@ -401,3 +401,12 @@ def test_an_upload_queued_while_the_link_was_known_down_and_refused_on_replay_is
     assert row["state"] == "NEEDS_ATTENTION" and "医保目录编码不存在" in row["note"]
     time.sleep(1.5)
     assert running.trade(later["fep_msgid"])["state"] == "QUEUED"  # held behind the parked one
+
+
+def test_while_the_bureau_is_down_sign_in_is_not_retried_every_second(world: World) -> None:
+    world.configure(sim={"faults": [{"mode": "refuse"}]})
+    world.start()
+    for _ in range(3):
+        assert Visit(world.his, ZHANG).identify()["fep_state"] == "NOT_SENT"
+        time.sleep(1)
+    assert len(world.journal("infno='9001'")) == 1  # the attempt at start; the next is backed off
