@@ -197,3 +197,15 @@ def test_logs_carry_the_msgid_and_no_personal_numbers(running: World) -> None:
     assert answer["fep_msgid"] in log
     assert all(line[:3] in {f"<{n}>" for n in range(8)} for line in log.splitlines() if line)
     assert ZHANG["psn_no"] not in log and ZHANG["certno"] not in log
+
+
+def test_the_trade_counts_shown_are_the_journal_s_own(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    reversed_settlement(running, visit)
+    assert Visit(running.his, ZHANG).identify()["infcode"] == 0
+    shown = json.loads(fep_cli(running, "status", "--json").stdout)["trades_by_state"]
+    counted: dict[str, int] = {}
+    for row in running.journal():
+        counted[row["state"]] = counted.get(row["state"], 0) + 1
+    assert shown == counted and shown["REVERSED"] == 1
