@@ -217,9 +217,8 @@ class Engine:
         digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
         if trade.map_codes and self.codes is not None:
             self.codes.map_fees(trade, req.input)
-        if trade.kind is Kind.UNDO_MONEY and psn:
-            if msgid is None or await self.journal.get(msgid) is None:
-                await self._check_refund_order(req.input, psn)
+        if trade.kind is Kind.UNDO_MONEY and psn and not await self._journalled(msgid):
+            await self._check_refund_order(req.input, psn)
         await self._ensure_signed_in()
         queue_it = trade.deferrable and (self.link.down or bool(self._queues.get(psn or "")))
         new = NewTrade(trade.infno, msgid, psn, S.QUEUED if queue_it else S.SENT, digest,
@@ -345,7 +344,7 @@ class Engine:
         without their fees. It waits a little while they go; if one is parked, or they are still not
         through after SETTLE_WAIT, the HIS hears what is in the way. A bureau that is unreachable is not
         waited for: the settlement then fails as not sent, like any other."""
-        if msgid is not None and await self.journal.get(msgid) is not None:
+        if await self._journalled(msgid):
             return  # a resubmission: it gets what the first submission got
         waited_until = min(answer_by - trade.timeout, time.time() + SETTLE_WAIT)
         self._kick(psn)  # the uploads go now if they can
@@ -640,6 +639,10 @@ class Engine:
                 yield
         else:
             yield
+
+    async def _journalled(self, msgid: str | None) -> bool:
+        """A resubmission: checks made for new trades (refund order, pending uploads) do not apply."""
+        return msgid is not None and await self.journal.get(msgid) is not None
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:
         return reply(row, self.catalog.get(row.infno).moves_money, **kw)

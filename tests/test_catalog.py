@@ -49,8 +49,7 @@ def test_mapping_import_and_check(running: World, tmp_path) -> None:
 
 def visit_with_hospital_codes(world: World, codes: list[str]) -> tuple[Visit, dict]:
     visit = Visit(world.his, ZHANG, fees=[("", "1", "10.00")] * len(codes))
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     lines = [{"feedetl_sn": f"{visit.chrg_bchno}{i}", "mdtrt_id": visit.mdtrt_id, "psn_no": ZHANG["psn_no"],
               "chrg_bchno": visit.chrg_bchno, "fee_ocur_time": "2026-11-23 09:30:00", "medins_list_codg": code,
               "cnt": 1, "pric": "10.00", "det_item_fee_sumamt": "10.00"} for i, code in enumerate(codes)]

@@ -141,8 +141,7 @@ def _ignore(fn) -> None:  # type: ignore[no-untyped-def]
 
 def test_while_the_bureau_is_down_queries_fail_fast_settlements_fail_cleanly_uploads_wait(running: World) -> None:
     visit = Visit(running.his, ZHANG)
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     running.fault(mode="refuse")
 
     q = visit.identify()
@@ -175,8 +174,7 @@ def test_while_the_bureau_is_down_queries_fail_fast_settlements_fail_cleanly_upl
 def test_an_upload_the_bureau_refuses_on_replay_is_parked_and_later_ones_of_the_person_wait(running: World) -> None:
     a, b = Visit(running.his, ZHANG), Visit(running.his, WANG)
     for v in (a, b):
-        for step in (v.identify, v.register, v.diagnose):
-            assert step()["infcode"] == 0
+        v.open()
     running.fault(mode="refuse")
     bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])
     bad.mdtrt_id = a.mdtrt_id
@@ -247,8 +245,7 @@ def test_an_upload_whose_outcome_is_unknown_can_be_undone_by_its_dedicated_cance
     world.configure(trades={"2204": {"on_unknown": "cancel"}})
     world.start()
     visit = Visit(world.his, ZHANG)
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     world.fault(mode="drop_after", infno="2204", times=1)
     answer = visit.upload_fees()
     assert answer["fep_state"] == "RESOLVING"
@@ -262,8 +259,7 @@ def test_an_upload_whose_outcome_is_unknown_can_be_undone_by_its_dedicated_cance
 
 def test_an_upload_whose_outcome_is_unknown_is_resent_with_the_same_msgid(running: World) -> None:
     visit = Visit(running.his, ZHANG)
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     running.fault(mode="drop_after", infno="2204", times=1)
     answer = visit.upload_fees()
     assert answer["fep_state"] == "UNKNOWN"
@@ -274,8 +270,7 @@ def test_an_upload_whose_outcome_is_unknown_is_resent_with_the_same_msgid(runnin
 
 def test_an_upload_of_unknown_outcome_holds_back_later_uploads_of_the_same_person(running: World) -> None:
     visit = Visit(running.his, ZHANG)
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     running.fault(mode="drop_before", infno="2204", times=1)  # never reaches the bureau the first time
     first = visit.upload_fees()
     assert first["fep_state"] == "UNKNOWN"
@@ -338,8 +333,7 @@ def test_fep_signs_in_again_when_the_bureau_forgets_its_session(running: World) 
 def test_a_parked_item_at_the_head_of_one_queue_does_not_stop_the_others_draining(running: World) -> None:
     a, b = Visit(running.his, ZHANG), Visit(running.his, WANG)
     for v in (a, b):
-        for step in (v.identify, v.register, v.diagnose):
-            assert step()["infcode"] == 0
+        v.open()
     running.fault(mode="refuse")
     bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])
     bad.mdtrt_id = a.mdtrt_id
@@ -356,8 +350,7 @@ def test_a_parked_item_at_the_head_of_one_queue_does_not_stop_the_others_drainin
 
 def test_a_settlement_waits_for_the_person_s_pending_uploads_and_never_overtakes_them(running: World) -> None:
     visit = Visit(running.his, ZHANG)
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     running.fault(mode="drop_before", infno="2204", times=1)
     pending = visit.upload_fees()
     assert pending["fep_state"] == "UNKNOWN"  # resent with its msgid after a short backoff
@@ -370,8 +363,7 @@ def test_a_settlement_waits_for_the_person_s_pending_uploads_and_never_overtakes
 
 def test_a_settlement_behind_a_parked_upload_is_refused_naming_it(running: World) -> None:
     visit = Visit(running.his, ZHANG)
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     running.fault(mode="refuse")
     bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])
     bad.mdtrt_id = visit.mdtrt_id
@@ -387,8 +379,7 @@ def test_a_settlement_behind_a_parked_upload_is_refused_naming_it(running: World
 
 def test_an_upload_queued_while_the_link_was_known_down_and_refused_on_replay_is_parked(running: World) -> None:
     visit = Visit(running.his, ZHANG)
-    for step in (visit.identify, visit.register, visit.diagnose):
-        assert step()["infcode"] == 0
+    visit.open()
     running.fault(mode="refuse")
     assert visit.identify()["fep_state"] == "NOT_SENT"  # now fep knows the bureau is down
     bad = Visit(running.his, ZHANG, fees=[("NOT-A-NATIONAL-CODE", "1", "1.00")])

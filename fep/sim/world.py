@@ -286,11 +286,17 @@ class Visit:
         return self.his.call("2208", {"data": {"setl_id": setl_id, "mdtrt_id": self.mdtrt_id,
                                                "psn_no": self.person["psn_no"]}})
 
-    def up_to_settlement(self) -> None:
-        """1101 -> 2201 -> 2203 -> 2204, each answered by the bureau."""
-        for step in (self.identify, self.register, self.diagnose, self.upload_fees):
+    def open(self) -> None:
+        """1101 -> 2201 -> 2203, each answered by the bureau: ready for fee uploads."""
+        for step in (self.identify, self.register, self.diagnose):
             answer = step()
             assert answer["infcode"] == 0, answer
+
+    def up_to_settlement(self) -> None:
+        """The visit opened and its fees uploaded (2204), each answered by the bureau."""
+        self.open()
+        answer = self.upload_fees()
+        assert answer["infcode"] == 0, answer
 
 
 def reversed_settlement(world: World, visit: Visit) -> dict[str, Any]:
