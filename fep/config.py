@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from fep.catalog import Catalog, CatalogError
+from fep.trades import TradeBook, TradesError
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,7 @@ class Config:
     journal_path: Path
     journal_max_batch: int
     resolution: Resolution
-    catalog: Catalog
+    trades: TradeBook
     admin: AdminSide
     reconcile_at: str | None = None  # "HH:MM": reconcile yesterday every day at this time
     catalog_sync_at: str | None = None  # "HH:MM": download what is new in the bureau's catalog
@@ -161,10 +161,10 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
     res = doc.get("resolution") or {}
     trades_path = _path(path.parent, doc.get("trades", "trades.yaml"))
     try:
-        catalog = Catalog.load(trades_path, doc.get("trade_overrides"))
-    except CatalogError as e:
+        trades = TradeBook.load(trades_path, doc.get("trade_overrides"))
+    except TradesError as e:
         raise ConfigError(str(e)) from None
-    longest = max(t.timeout for t in catalog.trades.values())
+    longest = max(t.timeout for t in trades.defs.values())
     if his.answer_budget <= longest:
         raise ConfigError(f"his.answer_budget ({his.answer_budget:g} s) must exceed the longest bureau timeout "
                           f"in the trade catalog ({longest:g} s): the HIS must outwait fep")
@@ -178,7 +178,7 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
             max_tries=int(res.get("max_tries", 10)),
             backoff=tuple(float(x) for x in res.get("backoff", [0, 2, 10, 30, 60, 300])),
         ),
-        catalog=catalog,
+        trades=trades,
         admin=AdminSide(unix=_path(base, (doc.get("admin") or {}).get("unix", "/run/fep/admin.sock")),
                         metrics_host=str((doc.get("admin") or {}).get("metrics_host", "127.0.0.1")),
                         metrics_port=int((doc.get("admin") or {}).get("metrics_port", 9464))),

@@ -24,7 +24,7 @@ from fep.bureau import BureauLink
 from fep.engine import Engine
 from fep.his import HisFactory, HisService
 from fep.journal import Journal
-from fep.medlist import CodeBook
+from fep.codebook import CodeBook
 from fep.reconcile import Reconciler, yesterday
 from fep.schedule import Daily
 

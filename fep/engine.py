@@ -21,10 +21,10 @@ from twisted.logger import Logger
 
 from fep import envelope, metrics
 from fep.bureau import BureauLink, Delivery, NotSent, Unknown
-from fep.catalog import Kind, OnUnknown, TradeDef
+from fep.trades import Kind, OnUnknown, TradeDef
 from fep.config import Config
 from fep.journal import IllegalTransition, Journal, NewTrade, TradeRow
-from fep.medlist import CodeBook
+from fep.codebook import CodeBook
 from fep.msgid import well_formed
 from fep.replies import Reply, reply
 from fep.states import IN_FORCE, State
@@ -49,7 +49,7 @@ class Engine:
         self.reactor = reactor
         self.codes = codes
         self.cfg = cfg
-        self.catalog = cfg.catalog
+        self.trades = cfg.trades
         self.journal = journal
         self.link = link
         self._lanes: dict[str, defer.DeferredLock] = {}
@@ -82,7 +82,7 @@ class Engine:
         if row.state is S.SENT:
             await self.journal.transition(row.msgid, "lost", note="fep stopped while it was at the bureau")
             row.state = S.UNKNOWN
-        if self.catalog.get(row.infno).deferrable and row.state is not S.AWAITING_CONFIRM:
+        if self.trades.get(row.infno).deferrable and row.state is not S.AWAITING_CONFIRM:
             # Queued, parked or unresolved: later deferred work of the person waits behind it.
             self._queues.setdefault(row.psn_no or "", deque()).append(row.msgid)
         if row.state in (S.UNKNOWN, S.RESOLVING):
@@ -92,7 +92,7 @@ class Engine:
 
     def reconfigure(self, cfg: Config) -> None:
         """A reload: trades already under way keep the definitions they started with."""
-        self.cfg, self.catalog = cfg, cfg.catalog
+        self.cfg, self.trades = cfg, cfg.trades
 
     def stop(self) -> None:
         if self._poll is not None and self._poll.running:
@@ -123,7 +123,7 @@ class Engine:
     async def submit(self, req: envelope.HisRequest) -> Reply:
         started = time.perf_counter()
         answer_by = time.time() + self.cfg.his.answer_budget  # what the HIS was told it may wait
-        trade = self.catalog.get(req.infno)
+        trade = self.trades.get(req.infno)
         trade.validate(req.input)
         msgid = req.msgid if req.msgid and well_formed(req.msgid) else None
         psn = envelope.find_psn_no(req.input)
@@ -176,7 +176,7 @@ class Engine:
         if not oinfno or not psn_no:
             raise Refused(400, f"{omsgid} is not in the journal: give its trade number and psn_no "
                                f"(they are in the reconciliation detail)")
-        if self.catalog.get(oinfno).kind is not Kind.UNDO_MONEY:  # undoing a cancel is not a refund
+        if self.trades.get(oinfno).kind is not Kind.UNDO_MONEY:  # undoing a cancel is not a refund
             await self._check_later_settlements(psn_no, _msgid_time(omsgid), f"the reversal of {omsgid}")
         req = envelope.HisRequest("2601", None, {"infno": "2601", "opter": "fep-admin", "opter_name": "fep admin",
                                                  "input": {"data": {"psn_no": psn_no, "omsgid": omsgid,
@@ -188,7 +188,7 @@ class Engine:
         row = await self.journal.get(msgid)
         if row is None or row.state is not S.NEEDS_ATTENTION:
             raise Refused(409, f"{msgid} is {row.state if row else 'not in the journal'}, not NEEDS_ATTENTION")
-        trade = self.catalog.get(row.infno)
+        trade = self.trades.get(row.infno)
         if trade.deferrable and not row.resolver and row.answer:
             await self.journal.transition(msgid, "release", note="released by a person", attempts=0)
             self._kick(row.psn_no or "")
@@ -364,7 +364,7 @@ class Engine:
     # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
     async def _settlements_in_force(self, psn: str) -> list[TradeRow]:
         """The person's settlements the bureau holds and that are not cancelled, oldest first."""
-        money = {t.infno for t in self.catalog.trades.values() if t.kind is Kind.MONEY}
+        money = {t.infno for t in self.trades.defs.values() if t.kind is Kind.MONEY}
         in_force = ", ".join(f"'{s.value}'" for s in IN_FORCE)
         rows = await self.journal.select(
             f"psn_no=? AND state IN ({in_force}) AND setl_id IS NOT NULL ORDER BY id", [psn])
@@ -425,7 +425,7 @@ class Engine:
                 row = await self.journal.get(msgid)
                 if row is None or row.state not in (S.UNKNOWN, S.RESOLVING):
                     return
-                trade = self.catalog.get(row.infno)
+                trade = self.trades.get(row.infno)
                 if trade.on_unknown is OnUnknown.RESEND:
                     done = await self._resend(trade, row)
                 else:
@@ -473,7 +473,7 @@ class Engine:
             return False
         child = await self.journal.get(row.resolver or "")
         assert child is not None, f"{row.msgid} is RESOLVING without a resolving trade"
-        child_def = self.catalog.get(child.infno)
+        child_def = self.trades.get(child.infno)
         if child.state is S.ANSWERED:  # the bureau refused the last one: a fresh try, new msgid
             refusal = f"{child.infno} {child.msgid} refused: {envelope.loads(child.answer or '{}').get('err_msg')}"
             if row.attempts >= self.cfg.resolution.max_tries:
@@ -544,7 +544,7 @@ class Engine:
                         return  # parked or being resolved: later items of this person wait behind it
                     q.popleft()
                     continue
-                trade = self.catalog.get(row.infno)
+                trade = self.trades.get(row.infno)
                 await self._ensure_signed_in()
                 request = self._refreshed(row)
                 await self.journal.transition(row.msgid, "dequeue", note="replayed", request=request,
@@ -580,7 +580,7 @@ class Engine:
         row = await self.journal.get(msgid)
         if row is None or row.state is not S.AWAITING_CONFIRM:
             return
-        trade = self.catalog.get(row.infno)
+        trade = self.trades.get(row.infno)
         try:
             await self._journal_resolver(msgid, self._resolving_trade(trade, row), "the HIS did not confirm in time")
         except IllegalTransition:
@@ -598,7 +598,7 @@ class Engine:
 
     async def _sign_in(self) -> None:
         try:
-            trade = self.catalog.get("9001")
+            trade = self.trades.get("9001")
             env = self._complete({"infno": "9001", "input": {"signIn": dict(self.cfg.bureau.signin)}})
             acc = await self.journal.accept(NewTrade("9001", None, None, S.SENT, envelope.payload_hash(env), env))
             result = await self._forward(trade, acc.row)
@@ -645,7 +645,7 @@ class Engine:
         return msgid is not None and await self.journal.get(msgid) is not None
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:
-        return reply(row, self.catalog.get(row.infno).moves_money, **kw)
+        return reply(row, self.trades.get(row.infno).moves_money, **kw)
 
     def _spawn(self, coro: Any) -> defer.Deferred[Any]:
         d = defer.ensureDeferred(coro)

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from fep import envelope
-from fep.catalog import InvalidInput, UnknownTrade
+from fep.trades import InvalidInput, UnknownTrade
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
 from fep.replies import Reply

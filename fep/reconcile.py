@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from fep import envelope, metrics
-from fep.catalog import Kind
+from fep.trades import Kind
 from fep.engine import Engine
 from fep.states import IN_FORCE
 
@@ -68,7 +68,7 @@ class Reconciler:
 
     async def settlements(self, day: date) -> list[Settlement]:
         """The day's settlements and cancels in force in the journal, by the bureau's settlement time."""
-        money = {t.infno for t in self.engine.catalog.trades.values() if t.moves_money}
+        money = {t.infno for t in self.engine.trades.defs.values() if t.moves_money}
         start = datetime.combine(day, datetime.min.time()).timestamp()
         in_force = ", ".join(f"'{s.value}'" for s in IN_FORCE)
         rows = await self.engine.journal.select(
@@ -83,7 +83,7 @@ class Reconciler:
                 r.msgid, r.infno, r.psn_no or "", r.setl_id or "", str(info.get("mdtrt_id", "")),
                 str(info.get("insutype", "")), str(info.get("clr_type", "")), str(info.get("clr_optins", "")),
                 _dec(info.get("medfee_sumamt")), _dec(info.get("fund_pay_sumamt")), _dec(info.get("acct_pay")),
-                self.engine.catalog.get(r.infno).kind is Kind.UNDO_MONEY))
+                self.engine.trades.get(r.infno).kind is Kind.UNDO_MONEY))
         return out
 
     async def run(self, day: date) -> dict[str, Any]:
@@ -105,7 +105,7 @@ class Reconciler:
 
     async def _unresolved(self, day: date) -> list[dict[str, Any]]:
         """Trades of the day whose outcome is not known yet: the day cannot balance until they are."""
-        money = {t.infno for t in self.engine.catalog.trades.values() if t.moves_money}
+        money = {t.infno for t in self.engine.trades.defs.values() if t.moves_money}
         start = datetime.combine(day, datetime.min.time()).timestamp()
         rows = await self.engine.journal.select(
             "state IN ('SENT', 'UNKNOWN', 'RESOLVING', 'NEEDS_ATTENTION') AND related IS NULL AND created BETWEEN ? "

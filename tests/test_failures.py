@@ -282,7 +282,7 @@ def test_an_upload_of_unknown_outcome_holds_back_later_uploads_of_the_same_perso
 
 
 def test_a_trade_that_waited_too_long_for_its_person_is_not_sent(world: World) -> None:
-    from fep.catalog import Catalog
+    from fep.trades import Catalog
     from fep.sim.world import ROOT
 
     short = {infno: {"timeout": 2} for infno in Catalog.load(ROOT / "conf" / "trades.yaml").trades}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fep import config, envelope
-from fep.catalog import Catalog, CatalogError
+from fep.trades import TradeBook, TradesError
 from fep.msgid import MsgidCounter, well_formed
 from fep.sim.world import ROOT
 from fep.states import FINAL, TRANSITIONS, State
@@ -94,8 +94,8 @@ def test_a_bad_trade_catalog_is_refused_naming_the_trade(tmp_path: Path) -> None
         for infno, spec in change.items():
             doc["trades"][infno].update(spec)
         (tmp_path / "trades.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
-        with pytest.raises(CatalogError, match=message):
-            Catalog.load(tmp_path / "trades.yaml")
+        with pytest.raises(TradesError, match=message):
+            TradeBook.load(tmp_path / "trades.yaml")
 
 
 def test_every_state_is_reachable_and_every_open_state_can_end() -> None:

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 import sqlite_utils
 
 from fep import envelope
-from fep.catalog import InvalidInput, TradeDef
+from fep.trades import InvalidInput, TradeDef
 from fep.journal import Journal
 
 # Which download holds which list types (nhsa-interface.md §6 list_type).

@@ -1,4 +1,4 @@
-"""The trade catalog: what fep knows of each trade number, read from conf/trades.yaml.
+"""The trade definitions: what fep knows of each trade number, read from conf/trades.yaml.
 
 Everything the engine decides per trade (is it money, may it wait, how an unknown outcome is
 resolved) is looked up here, so a new trade or a province's different rule is a YAML change.
@@ -31,7 +31,7 @@ class OnUnknown(StrEnum):
     PERSON = "person"
 
 
-class CatalogError(ValueError):
+class TradesError(ValueError):
     pass
 
 
@@ -107,25 +107,25 @@ def _lookup(input_: dict[str, Any], path: str) -> Any:
 
 
 @dataclass
-class Catalog:
-    trades: dict[str, TradeDef] = field(default_factory=dict)
+class TradeBook:
+    defs: dict[str, TradeDef] = field(default_factory=dict)
 
     def get(self, infno: str) -> TradeDef:
         try:
-            return self.trades[infno]
+            return self.defs[infno]
         except KeyError:
             raise UnknownTrade(f"trade {infno} is not in the trade catalog (conf/trades.yaml); not forwarded") from None
 
     @classmethod
-    def load(cls, path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Catalog:
+    def load(cls, path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> TradeBook:
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as e:
-            raise CatalogError(f"cannot read trade catalog {path}: {e.strerror}") from None
+            raise TradesError(f"cannot read trade catalog {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise CatalogError(f"trade catalog {path} is not valid YAML: {e}") from None
+            raise TradesError(f"trade catalog {path} is not valid YAML: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("trades"), dict):
-            raise CatalogError(f"trade catalog {path} must have a `trades:` mapping")
+            raise TradesError(f"trade catalog {path} must have a `trades:` mapping")
         defaults = doc.get("defaults") or {}
         trades = {}
         for infno, spec in doc["trades"].items():
@@ -133,9 +133,9 @@ class Catalog:
             trades[str(infno)] = _trade(str(infno), spec, path)
         for t in trades.values():
             if t.cancel and t.cancel.infno not in trades:
-                raise CatalogError(f"{path}: trade {t.infno} is cancelled by {t.cancel.infno}, which is not defined")
+                raise TradesError(f"{path}: trade {t.infno} is cancelled by {t.cancel.infno}, which is not defined")
         if any(t.on_unknown is OnUnknown.REVERSE for t in trades.values()) and "2601" not in trades:
-            raise CatalogError(f"{path}: trades are resolved by 2601 reversal but 2601 is not defined")
+            raise TradesError(f"{path}: trades are resolved by 2601 reversal but 2601 is not defined")
         return cls(trades)
 
 
@@ -157,13 +157,13 @@ def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
             map_codes=spec.get("map_codes"),
         )
     except KeyError as e:
-        raise CatalogError(f"{where}: missing {e.args[0]}") from None
+        raise TradesError(f"{where}: missing {e.args[0]}") from None
     except (ValueError, TypeError) as e:
-        raise CatalogError(f"{where}: {e}") from None
+        raise TradesError(f"{where}: {e}") from None
     if t.on_unknown is OnUnknown.CANCEL and t.cancel is None:
-        raise CatalogError(f"{where}: on_unknown is cancel but no `cancel:` is given")
+        raise TradesError(f"{where}: on_unknown is cancel but no `cancel:` is given")
     if t.timeout <= 0:
-        raise CatalogError(f"{where}: timeout must be positive")
+        raise TradesError(f"{where}: timeout must be positive")
     if t.deferrable and t.kind in (Kind.QUERY, Kind.MONEY, Kind.UNDO_MONEY, Kind.COMPUTE):
-        raise CatalogError(f"{where}: a {t.kind} trade cannot be deferred (its answer is needed now)")
+        raise TradesError(f"{where}: a {t.kind} trade cannot be deferred (its answer is needed now)")
     return t
