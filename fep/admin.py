@@ -20,12 +20,10 @@ from twisted.web.server import Site
 from fep import envelope, metrics
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
-from fep.journal import COLUMNS, TradeRow
-from fep.states import State
+from fep.journal import COLUMNS, TradeFilter, TradeRow
+from fep.states import State, UNRESOLVED
 
 LIST_COLUMNS = [c for c in COLUMNS if c not in ("request", "answer", "late_answer", "payload_hash")]
-FILTERS = {"state": "state = ?", "psn_no": "psn_no = ?", "infno": "infno = ?",
-           "since": "created >= ?", "until": "created <= ?"}
 
 
 def _time(value: str) -> float:
@@ -81,6 +79,8 @@ class AdminService:
             return (await self.engine.reverse(parts[1], body.get("infno"), body.get("psn_no"))).body
         if key == "POST replay":
             return (await self.engine.replay(parts[1])).body
+        if key == "POST drop":
+            return (await self.engine.drop(parts[1], str(envelope.loads(req.body or b"{}").get("reason") or ""))).body
         if key == "POST reload":
             return {"result": await self._reload()}
         if key in self.extra:
@@ -96,16 +96,18 @@ class AdminService:
         return status
 
     async def trades(self, args: dict[str, str]) -> list[dict[str, Any]]:
-        where, params = ["1"], []
-        for name, clause in FILTERS.items():
-            if name in args:
-                where.append(clause)
-                params.append(_time(args[name]) if name in ("since", "until") else args[name])
-        if "state" in args and args["state"] not in State.__members__:
-            raise Refused(400, f"no state {args['state']!r}; states are {', '.join(State.__members__)}")
-        limit = int(args.get("limit", 100))
-        rows = await self.engine.journal.select(f"{' AND '.join(where)} ORDER BY id DESC LIMIT {limit}", params)
-        return [summary(r) for r in reversed(rows)]
+        state = args.get("state")
+        if state is not None and state not in State.__members__:
+            raise Refused(400, f"no state {state!r}; states are {', '.join(State.__members__)}")
+        try:
+            limit = int(args.get("limit", 100))
+        except ValueError:
+            raise Refused(400, f"limit must be a number, got {args['limit']!r}") from None
+        rows = await self.engine.journal.find(TradeFilter(
+            state=State(state) if state else None, psn_no=args.get("psn_no"), infno=args.get("infno"),
+            since=_time(args["since"]) if "since" in args else None,
+            until=_time(args["until"]) if "until" in args else None, limit=limit))
+        return [summary(r) for r in rows]
 
     async def show(self, msgid: str) -> dict[str, Any]:
         row = await self.engine.journal.get(msgid)
@@ -114,7 +116,7 @@ class AdminService:
         out = summary(row, full=True)
         out["history"] = [{"at": datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], "event": ev,
                            "state": st, "note": note} for at, ev, st, note in await self.engine.journal.history(msgid)]
-        related = await self.engine.journal.select("related=? ORDER BY id", [msgid])
+        related = await self.engine.journal.resolving_trades(msgid)
         out["resolving_trades"] = [summary(r) for r in related]
         return out
 
@@ -140,10 +142,10 @@ class MetricsRefresher:
             metrics.TRADES_IN_STATE.labels(state.value).set(counts.get(state, 0))
         metrics.REPLAY_DEPTH.set(counts.get(State.QUEUED, 0))
         now = time.time()
-        for gauge, states in ((metrics.REPLAY_OLDEST, "'QUEUED'"),
-                              (metrics.UNKNOWN_OLDEST, "'SENT','UNKNOWN','RESOLVING'")):
-            oldest = await journal.select(f"state IN ({states}) AND related IS NULL ORDER BY id LIMIT 1")
-            gauge.set(now - oldest[0].created if oldest else 0)
+        for gauge, states in ((metrics.REPLAY_OLDEST, {State.QUEUED}), (metrics.UNKNOWN_OLDEST, UNRESOLVED)):
+            oldest = await journal.oldest(states)
+            gauge.set(now - oldest if oldest else 0)
+        metrics.JOURNAL_CANNOT_WRITE.set(1 if journal.cannot_write else 0)
         for name, seconds in certificate_expiry(self.engine).items():
             metrics.CERT_EXPIRY.labels(name).set(seconds)
 

@@ -117,6 +117,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return out(args, call(args, "POST", f"/replay/{quote(args.msgid)}", {}), _trade_answer)
 
 
+def cmd_drop(args: argparse.Namespace) -> int:
+    return out(args, call(args, "POST", f"/drop/{quote(args.msgid)}", {"reason": args.reason}), _trade_answer)
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     doc = call(args, "POST", "/reload", {})
     out(args, doc, lambda d: f"reload {d['result']}")
@@ -199,6 +203,13 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("msgid")
     admin_options(rp)
     rp.set_defaults(func=cmd_replay)
+
+    dp = sub.add_parser("drop", help="give a parked (NEEDS_ATTENTION) trade up, saying why; the person's later "
+                                     "uploads then go on")
+    dp.add_argument("msgid")
+    dp.add_argument("--reason", required=True, help="why: kept in the trade's history")
+    admin_options(dp)
+    dp.set_defaults(func=cmd_drop)
 
     rc = sub.add_parser("reconcile", help="reconcile a day with the bureau (3201, and 3202 where it does not "
                                           "balance); exit 1 when it does not balance")

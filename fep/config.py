@@ -67,6 +67,7 @@ class BureauSide:
     signin: dict[str, str]
     not_signed_in: tuple[str, ...]  # err_msg fragments meaning "sign in again"
     reversal_not_found: tuple[str, ...]  # err_msg fragments of a 2601 answer meaning "original not there"
+    transient: tuple[str, ...]  # err_msg fragments of a refusal that says "not now", never "no"
     content_type: str = "application/json"
     late_grace: float = 30.0  # after a timeout, how long a late answer is still read (and kept)
 
@@ -237,6 +238,7 @@ def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
         signin={k: str(v) for k, v in (_need(doc, "signin", "bureau.")).items()},
         not_signed_in=tuple(doc.get("not_signed_in", ["未签到", "签到信息不存在", "not signed in"])),
         reversal_not_found=tuple(doc.get("reversal_not_found", ["原交易不存在", "not found"])),
+        transient=tuple(doc.get("transient", ["系统繁忙", "数据库连接超时", "超时", "请稍后", "busy"])),
         content_type=str(doc.get("content_type", "application/json")),
         late_grace=float(doc.get("late_grace", 30)),
     )

@@ -23,7 +23,7 @@ from fep import logs
 from fep.bureau import BureauLink
 from fep.engine import Engine
 from fep.his import HisFactory, HisService
-from fep.journal import Journal
+from fep.journal import Journal, JournalError
 from fep.codebook import CodeBook
 from fep.reconcile import Reconciler, yesterday
 from fep.schedule import Daily
@@ -51,7 +51,10 @@ class Daemon:
         except tls.TLSConfigError as e:
             raise StartupError(f"bureau TLS: {e}") from None
         self.journal = Journal(cfg.journal_path, cfg.institution.fixmedins_code, cfg.journal_max_batch)
-        await self.journal.open(self.reactor)
+        try:
+            await self.journal.open(self.reactor)
+        except JournalError as e:
+            raise StartupError(str(e)) from None
         self.codes = CodeBook(self.journal)
         await self.codes.open()
         self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes)

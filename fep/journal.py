@@ -1,10 +1,15 @@
 """The journal: one SQLite row per trade, its state, request, answer and history.
 
 One writer thread owns the database. The reactor hands it operations; it runs every operation that
-is waiting in ONE transaction (each in its own savepoint, so one failure cannot spoil the others),
-commits with synchronous=FULL in WAL mode, and fires every waiter with its own result. Concurrent
-trades so share fsyncs (group commit) and the reactor thread never touches SQLite.
+is waiting in ONE transaction (each in its own savepoint when one fails, so one failure cannot spoil
+the others), commits with synchronous=FULL in WAL mode, and fires every waiter with its own result.
+Concurrent trades so share fsyncs (group commit) and the reactor thread never touches SQLite.
 
+When the disk cannot take a write (full, read-only, I/O error), a write that records what already
+happened (an answer, a transition) is held and tried again until it is durable; a new trade is refused
+at once, and `cannot_write` says why until a write goes through again.
+
+Callers ask by intent (`parked()`, `settlements_of(psn)`, `unresolved_between(...)`): all SQL is here.
 Storage knows the state machine (fep.states) and nothing of sockets or of the bureau.
 """
 
@@ -26,7 +31,7 @@ from twisted.python.failure import Failure
 
 from fep import envelope, metrics
 from fep.msgid import MsgidCounter
-from fep.states import FINAL, OPEN, State, sources, target
+from fep.states import FINAL, IN_FORCE, OPEN, UNRESOLVED, State, sources, target
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -36,10 +41,13 @@ COLUMNS = ("id", "msgid", "infno", "psn_no", "state", "payload_hash", "request",
            "created", "updated")
 UPDATABLE = frozenset({"request", "answer", "late_answer", "resolver", "attempts", "next_try", "deadline",
                        "endpoint", "note", "setl_id", "cancels"})
+RETRY_PAUSE = 1.0  # seconds between tries of a held write while the disk cannot take it
+# SQLite's primary result codes that mean "the disk would not take it", not "the operation is wrong".
+WRITE_FAILURES = {5: "database busy", 8: "read-only", 10: "disk I/O error", 13: "disk full", 14: "cannot open"}
 
 
-class _OpFailed(Exception):
-    """An op of an unguarded batch failed; the batch was rolled back and is run again, guarded."""
+class JournalError(Exception):
+    """The journal cannot be opened, or cannot take a new trade now; the message says why."""
 
 
 class IllegalTransition(Exception):
@@ -61,10 +69,10 @@ class TradeRow:
     late_answer: str | None
     related: str | None
     resolver: str | None
-    attempts: int
+    attempts: int  # tries spent: sends whose outcome stayed unknown, or refused resolving trades
     next_try: float | None
     deadline: float | None
-    endpoint: str | None
+    endpoint: str | None  # where it went: a resend goes there again
     note: str | None
     setl_id: str | None  # the bureau's settlement id, for settlements and cancels that succeeded
     cancels: str | None  # for a cancel (2208/2305): the setl_id it cancels
@@ -100,8 +108,26 @@ class Accepted:
     created: bool  # False: the msgid was already journalled; row is the first submission
 
 
-SCHEMA_VERSION = "1"
+@dataclass(frozen=True)
+class TradeFilter:
+    """What `fep trades` asks for; None: any."""
+    state: State | None = None
+    psn_no: str | None = None
+    infno: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+
+
+Move = tuple[str, str, "str | None", dict[str, Any]]  # (msgid, event, note, fields)
+
+SCHEMA_VERSION = 2
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
+_NOT_FINAL = f"state NOT IN ({', '.join(repr(s.value) for s in sorted(FINAL))})"
+
+
+def _states(states: Iterable[State]) -> str:
+    return ", ".join(repr(s.value) for s in sorted(states))
 
 
 class Journal:
@@ -109,82 +135,75 @@ class Journal:
         self.path = path
         self._code = fixmedins_code
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Op, defer.Deferred[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Op, defer.Deferred[Any], bool] | None] = queue.SimpleQueue()
+        self._held: list[tuple[Op, defer.Deferred[Any], bool]] = []  # writes waiting for the disk (writer thread)
         self._thread: threading.Thread | None = None
         self._counter: MsgidCounter | None = None
         self._reactor: Any = None
+        self._dead: Exception | None = None  # the writer could not start: every call fails with this
+        self.cannot_write: str | None = None  # why the last write failed, until one goes through again
         self.last_commit = time.monotonic()  # the watchdog reads it: the writer is making progress
 
     # --- life cycle -------------------------------------------------------------------------
     def open(self, reactor: Any) -> defer.Deferred[None]:
+        """Fails with JournalError, naming the file and the reason, if the journal cannot be written."""
         self._reactor = reactor
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
         return self._call(self._setup)
 
     def close(self) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred()
         if self._thread is None:
-            d.callback(None)
-            return d
+            return defer.succeed(None)
         self._queue.put(None)
         thread, self._thread = self._thread, None
-
-        def wait() -> None:
-            thread.join()
-
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), wait)
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), thread.join)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
+        """Create the schema, or bring a journal of an earlier version forward, in one transaction."""
         db = sqlite_utils.Database(conn)
-        db["trades"].create(
-            {c: t for c, t in zip(COLUMNS, (int, str, str, str, str, str, str, str, str, str, str, int,
-                                             float, float, str, str, str, str, float, float))},
-            pk="id", not_null={"msgid", "infno", "state", "payload_hash", "request", "attempts",
-                               "created", "updated"},
-            defaults={"attempts": 0}, if_not_exists=True,
-        )
-        db["trades"].create_index(["msgid"], unique=True, if_not_exists=True)
-        db["trades"].create_index(["psn_no", "id"], if_not_exists=True)
-        db["trades"].create_index(["related"], if_not_exists=True)
-        conn.execute(
-            "CREATE INDEX IF NOT EXISTS trades_open ON trades(state) WHERE state NOT IN "
-            f"({', '.join(repr(s.value) for s in FINAL)})"
-        )
-        # Reconciliation reads a day's settlements: an index over settled rows only, by time.
-        conn.execute("CREATE INDEX IF NOT EXISTS trades_settled ON trades(created) WHERE setl_id IS NOT NULL")
-        _state_counts(conn, db)
-        db["events"].create({"id": int, "msgid": str, "at": float, "event": str, "state": str, "note": str},
-                            pk="id", if_not_exists=True)
-        db["events"].create_index(["msgid"], if_not_exists=True)
-        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db["runs"].create({"id": int, "kind": str, "key": str, "at": float, "doc": str}, pk="id",
-                          if_not_exists=True)
-        db["runs"].create_index(["kind", "key"], if_not_exists=True)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        if "trades" not in db.table_names():
+            _schema_v1(conn, db)
+        version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise JournalError(f"journal {self.path} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
+                               f"install the newer fep again")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[v](conn)
+        conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         last = conn.execute("SELECT value FROM meta WHERE key='msgid_counter'").fetchone()
         self._counter = MsgidCounter(self._code, last[0] if last else None)
 
     # --- the writer thread --------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Created 0600: it holds personal data and the bureau's answers.
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        sqlite_utils.Database(conn).enable_wal()
-        conn.execute("PRAGMA synchronous=FULL")
-        return conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created 0600: it holds personal data and the bureau's answers.
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            sqlite_utils.Database(conn).enable_wal()
+            conn.execute("PRAGMA synchronous=FULL")
+            return conn
+        except (OSError, sqlite3.Error) as e:
+            raise JournalError(f"journal {self.path} cannot be opened for writing: {e}") from None
 
     def _run(self) -> None:
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except JournalError as e:
+            self._fail_all(e)
+            return
         try:
             while True:
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=RETRY_PAUSE if self._held else None)
+                except queue.Empty:
+                    item = ()  # time to try the held writes again
                 if item is None:
                     return
-                batch = [item]
+                batch, self._held = self._held + ([item] if item else []), []
                 while len(batch) < self._max_batch:
                     try:
                         nxt = self._queue.get_nowait()
@@ -198,31 +217,47 @@ class Journal:
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, defer.Deferred[Any]]]) -> None:
+    def _fail_all(self, error: Exception) -> None:
+        """The writer cannot run at all: every waiter, now and later, hears why."""
+        self._dead = error
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item:
+                self._reactor.callFromThread(item[1].errback, Failure(error))
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, defer.Deferred[Any], bool]]) -> None:
         started = time.perf_counter()
+        changes = conn.total_changes
         try:
             results = self._apply(conn, batch, guarded=False)
-        except _OpFailed:  # rare: run the batch again, each op in its own savepoint
+        except sqlite3.Error:  # rare: run the batch again, each op in its own savepoint
             results = self._apply(conn, batch, guarded=True)
         self.last_commit = time.monotonic()
+        if not self._held and conn.total_changes > changes:
+            self.cannot_write = None
         metrics.JOURNAL_COMMIT.observe(time.perf_counter() - started)
         metrics.JOURNAL_BATCH.observe(len(batch))
         self._reactor.callFromThread(_deliver, results)
 
-    def _apply(self, conn: sqlite3.Connection, batch: list[tuple[Op, defer.Deferred[Any]]],
+    def _apply(self, conn: sqlite3.Connection, batch: list[tuple[Op, defer.Deferred[Any], bool]],
                guarded: bool) -> list[tuple[defer.Deferred[Any], bool, Any]]:
-        """One transaction for the batch. Unguarded, any op's failure undoes the batch (raising
-        _OpFailed); guarded, an op's failure undoes only that op and goes to its own waiter."""
+        """One transaction for the batch. Unguarded, any op's failure undoes the batch and raises;
+        guarded, an op's failure undoes only that op: a write the disk refused is held to be tried
+        again (or, for a new trade, refused), any other failure goes to its own waiter."""
         results: list[tuple[defer.Deferred[Any], bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op, d in batch:
+            for item in batch:
+                op, d, hold = item
                 if not guarded:
                     try:
                         results.append((d, True, op(conn)))
                     except Exception:
                         conn.execute("ROLLBACK")
-                        raise _OpFailed() from None
+                        raise sqlite3.Error("an op failed; run again, guarded") from None
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
@@ -231,40 +266,65 @@ class Journal:
                 except Exception as e:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((d, False, e))
+                    if not self._disk_refused(e, item):
+                        results.append((d, False, e))
             conn.execute("COMMIT")
-        except sqlite3.Error as e:  # the commit itself failed: nothing in the batch is durable
+        except sqlite3.Error as e:  # the transaction itself failed: nothing in the batch is durable
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            return [(d, False, e) for _, d in batch]
+            if not guarded and _write_failure(e) is None:
+                raise
+            return [(d, False, e) for op, d, hold in batch if not self._disk_refused(e, (op, d, hold))]
         return results
 
+    def _disk_refused(self, e: Exception, item: tuple[Op, defer.Deferred[Any], bool]) -> bool:
+        """True when `e` is the disk refusing a write and the op is held to be tried again."""
+        why = _write_failure(e)
+        if why is None:
+            return False
+        self.cannot_write = f"{why} ({e})"
+        if not item[2]:
+            return False  # a new trade: refused now, the HIS may send it again later
+        self._held.append(item)
+        return True
+
     def run(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
-        """Another store's operation (the catalog's), on the journal's writer: one writer for the database."""
+        """Another store's operation (the code book's), on the journal's writer: one writer for the database."""
         return self._call(op)
 
-    def _call(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
+    def _call(self, op: Callable[[sqlite3.Connection], T], hold: bool = True) -> defer.Deferred[T]:
+        """`hold`: if the disk refuses it, keep it and try again until it is durable (what already
+        happened must be recorded); otherwise fail it at once."""
         d: defer.Deferred[T] = defer.Deferred()
-        self._queue.put((op, d))
+        if self._dead is not None:
+            d.errback(Failure(self._dead))
+            return d
+        self._queue.put((op, d, hold))
         return d
 
-    # --- operations (each one durable write, run in the writer thread) -----------------------
+    # --- writes (each one durable write, run in the writer thread) -----------------------------
     def accept(self, new: NewTrade) -> defer.Deferred[Accepted]:
-        """Journal a new trade, or return the row already journalled under its msgid."""
-        return self._call(lambda conn: self._accept(conn, new))
+        """Journal a new trade, or return the row already journalled under its msgid. While the disk
+        cannot take writes it fails with JournalError: nothing was accepted."""
+        d = self._call(lambda conn: self._accept(conn, new), hold=False)
+        return d.addErrback(self._not_accepted)
+
+    def _not_accepted(self, f: Failure) -> Failure:
+        if _write_failure(f.value) is not None:
+            raise JournalError(f"journal cannot write: {self.cannot_write or f.getErrorMessage()}")
+        return f
 
     def _accept(self, conn: sqlite3.Connection, new: NewTrade) -> Accepted:
         now = time.time()
-        attempts = 1 if new.state is State.SENT else 0
         while True:
             msgid = new.msgid or self._number(conn)
             new.envelope["msgid"] = msgid
             request = envelope.dumps(new.envelope).decode("utf-8")
             cur = conn.execute(
                 "INSERT INTO trades (msgid, infno, psn_no, state, payload_hash, request, related, deadline, "
-                "attempts, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(msgid) DO NOTHING",
+                "attempts, created, updated) VALUES (?,?,?,?,?,?,?,?,0,?,?) ON CONFLICT(msgid) DO NOTHING",
                 (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash, request, new.related,
-                 new.deadline, attempts, now, now),
+                 new.deadline, now, now),
             )
             if cur.rowcount == 1:
                 break
@@ -273,7 +333,7 @@ class Journal:
             # else: a number an HIS chose already; take the next
         _event(conn, msgid, now, "accept", new.state, None)
         row = TradeRow(cur.lastrowid, msgid, new.infno, new.psn_no, new.state, new.payload_hash, request, None, None,
-                       new.related, None, attempts, None, new.deadline, None, None, None, None, now, now)
+                       new.related, None, 0, None, new.deadline, None, None, None, None, now, now)
         return Accepted(row, created=True)
 
     def _number(self, conn: sqlite3.Connection) -> str:
@@ -282,50 +342,35 @@ class Journal:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('msgid_counter', ?)", (self._counter.state,))
         return msgid
 
-    def transition(self, msgid: str, event: str, note: str | None = None, **fields: Any) -> defer.Deferred[None]:
+    def transition(self, msgid: str, event: str, note: str | None = None, **fields: Any) -> defer.Deferred[TradeRow]:
+        """Move one trade; returns its row as it now is. IllegalTransition if its state does not allow it."""
         return self._call(lambda conn: _transition(conn, msgid, event, note, fields))
 
-    def transitions(self, *moves: tuple[str, str, str | None, dict[str, Any]]) -> defer.Deferred[None]:
-        """Several trades move together or not at all: (msgid, event, note, fields) each."""
-
-        def op(conn: sqlite3.Connection) -> None:
-            for msgid, event, note, fields in moves:
-                _transition(conn, msgid, event, note, fields)
-
-        return self._call(op)
+    def transitions(self, *moves: Move) -> defer.Deferred[list[TradeRow]]:
+        """Several trades move together or not at all; their rows as they now are, in order."""
+        return self._call(lambda conn: [_transition(conn, *m) for m in moves])
 
     def resolve_with(self, msgid: str, child: NewTrade, note: str, event: str = "resolve",
-                     **fields: Any) -> defer.Deferred[Accepted]:
-        """The original moves to RESOLVING and its resolving trade is journalled, in one write."""
+                     **fields: Any) -> defer.Deferred[tuple[TradeRow, TradeRow]]:
+        """The original moves (to RESOLVING or REVOKING) and its resolving trade is journalled, in one
+        write. Returns (original, resolving trade)."""
 
-        def op(conn: sqlite3.Connection) -> Accepted:
+        def op(conn: sqlite3.Connection) -> tuple[TradeRow, TradeRow]:
             acc = self._accept(conn, child)
-            _transition(conn, msgid, event, note, {"resolver": acc.row.msgid, **fields})
-            return acc
+            if not acc.created:
+                raise IllegalTransition(acc.row.msgid, "accept", acc.row.state)
+            return _transition(conn, msgid, event, note, {"resolver": acc.row.msgid, **fields}), acc.row
 
         return self._call(op)
 
-    def store_late_answer(self, msgid: str, answer: str) -> defer.Deferred[None]:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE trades SET late_answer=?, updated=? WHERE msgid=?", (answer, time.time(), msgid))
-            _event(conn, msgid, time.time(), "late_answer", None, "late answer stored for reconciliation")
+    def store_late_answer(self, msgid: str, answer: str) -> defer.Deferred[TradeRow]:
+        def op(conn: sqlite3.Connection) -> TradeRow:
+            now = time.time()
+            conn.execute("UPDATE trades SET late_answer=?, updated=? WHERE msgid=?", (answer, now, msgid))
+            _event(conn, msgid, now, "late_answer", None, "late answer stored for reconciliation")
+            return _get(conn, msgid)  # type: ignore[return-value]
 
         return self._call(op)
-
-    # --- reads (through the writer too: they see every committed write, in order) -----------
-    def get(self, msgid: str) -> defer.Deferred[TradeRow | None]:
-        return self._call(lambda conn: _get(conn, msgid))
-
-    def open_trades(self) -> defer.Deferred[list[TradeRow]]:
-        states = ", ".join(repr(s.value) for s in OPEN)
-        return self._call(lambda conn: _rows(conn, f"{_SELECT} WHERE state IN ({states}) ORDER BY id", ()))
-
-    def select(self, where: str, params: Iterable[Any] = ()) -> defer.Deferred[list[TradeRow]]:
-        return self._call(lambda conn: _rows(conn, f"{_SELECT} WHERE {where}", tuple(params)))
-
-    def history(self, msgid: str) -> defer.Deferred[list[tuple[float, str, str, str]]]:
-        return self._call(lambda conn: conn.execute(
-            "SELECT at, event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,)).fetchall())
 
     def save_run(self, kind: str, key: str, doc: dict[str, Any]) -> defer.Deferred[None]:
         """Keep the result of a reconciliation or a catalog sync so it can be shown again."""
@@ -335,6 +380,63 @@ class Journal:
             conn.execute("INSERT INTO runs (kind, key, at, doc) VALUES (?,?,?,?)", (kind, key, time.time(), text))
 
         return self._call(op)
+
+    # --- reads, by intent (through the writer too: they see every committed write, in order) ----------
+    def get(self, msgid: str) -> defer.Deferred[TradeRow | None]:
+        return self._call(lambda conn: _get(conn, msgid))
+
+    def to_recover(self) -> defer.Deferred[list[TradeRow]]:
+        """What a start picks up, in journal order: every open trade, and parked originals (a parked
+        upload still holds its person's queue)."""
+        states = _states(OPEN | {State.NEEDS_ATTENTION})
+        return self._rows(f"WHERE state IN ({states}) AND {_NOT_FINAL} ORDER BY id")
+
+    def parked(self) -> defer.Deferred[list[TradeRow]]:
+        return self._rows(f"WHERE state = 'NEEDS_ATTENTION' AND {_NOT_FINAL} ORDER BY id")
+
+    def oldest(self, states: Iterable[State]) -> defer.Deferred[float | None]:
+        """When the oldest original trade in one of these (open) states was accepted; None: there is none."""
+        sql = (f"SELECT min(created) FROM trades INDEXED BY trades_open WHERE state IN ({_states(states)}) "
+               f"AND {_NOT_FINAL} AND related IS NULL")
+        return self._call(lambda conn: conn.execute(sql).fetchone()[0])
+
+    def settlements_of(self, psn_no: str, infnos: Iterable[str]) -> defer.Deferred[list[TradeRow]]:
+        """The person's settlements and cancels of these trade numbers that the bureau holds."""
+        numbers = tuple(infnos)
+        return self._rows(f"WHERE psn_no = ? AND state IN ({_states(IN_FORCE)}) AND setl_id IS NOT NULL "
+                          f"AND infno IN ({', '.join('?' * len(numbers))}) ORDER BY id", (psn_no, *numbers))
+
+    def settled_between(self, start: float, end: float) -> defer.Deferred[list[TradeRow]]:
+        """Settlements and cancels journalled in [start, end] that the bureau holds (reconciliation)."""
+        return self._rows(f"INDEXED BY trades_settled WHERE setl_id IS NOT NULL AND state IN ({_states(IN_FORCE)}) "
+                          f"AND created BETWEEN ? AND ? ORDER BY id", (start, end))
+
+    def unresolved_between(self, start: float, end: float) -> defer.Deferred[list[TradeRow]]:
+        """Original trades accepted in [start, end] whose outcome fep is still finding out, or that wait for
+        a person."""
+        states = _states(UNRESOLVED | {State.NEEDS_ATTENTION})
+        return self._rows(f"INDEXED BY trades_open WHERE state IN ({states}) AND {_NOT_FINAL} AND related IS NULL "
+                          f"AND created BETWEEN ? AND ? ORDER BY id", (start, end))
+
+    def resolving_trades(self, msgid: str) -> defer.Deferred[list[TradeRow]]:
+        return self._rows("WHERE related = ? ORDER BY id", (msgid,))
+
+    def find(self, f: TradeFilter) -> defer.Deferred[list[TradeRow]]:
+        """The newest `limit` trades that match, oldest first."""
+        where, params = [], []
+        for clause, value in (("state = ?", f.state and f.state.value), ("psn_no = ?", f.psn_no),
+                              ("infno = ?", f.infno), ("created >= ?", f.since), ("created <= ?", f.until)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if f.state is not None and f.state not in FINAL:
+            where.append(_NOT_FINAL)  # so the partial index over open trades serves it
+        sql = f"WHERE {' AND '.join(where) or '1'} ORDER BY id DESC LIMIT ?"
+        return self._rows(sql, (*params, f.limit)).addCallback(lambda rows: rows[::-1])
+
+    def history(self, msgid: str) -> defer.Deferred[list[tuple[float, str, str, str]]]:
+        return self._call(lambda conn: conn.execute(
+            "SELECT at, event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,)).fetchall())
 
     def runs(self, kind: str, key: str | None = None, limit: int = 1) -> defer.Deferred[list[dict[str, Any]]]:
         where, params = ("kind=? AND key=?", (kind, key)) if key else ("kind=?", (kind,))
@@ -348,20 +450,61 @@ class Journal:
     def count_by_state(self) -> defer.Deferred[dict[str, int]]:
         return self._call(lambda conn: dict(conn.execute("SELECT state, n FROM state_counts WHERE n > 0")))
 
+    def _rows(self, where: str, params: tuple[Any, ...] = ()) -> defer.Deferred[list[TradeRow]]:
+        return self._call(lambda conn: [TradeRow.from_db(r) for r in conn.execute(f"{_SELECT} {where}", params)])
+
+
+# --- the schema and its migrations ------------------------------------------------------------------
+def _schema_v1(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
+    """The journal as the first release wrote it; later versions are migrations from here."""
+    db["trades"].create(
+        {c: t for c, t in zip(COLUMNS, (int, str, str, str, str, str, str, str, str, str, str, int,
+                                         float, float, str, str, str, str, float, float))},
+        pk="id", not_null={"msgid", "infno", "state", "payload_hash", "request", "attempts", "created", "updated"},
+        defaults={"attempts": 0},
+    )
+    db["trades"].create_index(["msgid"], unique=True)
+    db["trades"].create_index(["psn_no", "id"])
+    db["trades"].create_index(["related"])
+    conn.execute("CREATE INDEX trades_open ON trades(state) WHERE state NOT IN ('ANSWERED', 'CONFIRMED', "
+                 "'NOT_NEEDED', 'NOT_SENT', 'REVERSED')")
+    conn.execute("CREATE INDEX trades_settled ON trades(created) WHERE setl_id IS NOT NULL")
+    _state_counts(conn, db)
+    db["events"].create({"id": int, "msgid": str, "at": float, "event": str, "state": str, "note": str}, pk="id")
+    db["events"].create_index(["msgid"])
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["runs"].create({"id": int, "kind": str, "key": str, "at": float, "doc": str}, pk="id")
+    db["runs"].create_index(["kind", "key"])
+    conn.execute("INSERT INTO meta VALUES ('schema', '1')")
+
+
+def _to_v2(conn: sqlite3.Connection) -> None:
+    """DROPPED is final: the index over open trades is rebuilt for the new set, by (state, id) so the
+    oldest trade in a state is read from it."""
+    conn.execute("DROP INDEX IF EXISTS trades_open")
+    conn.execute(f"CREATE INDEX trades_open ON trades(state, id) WHERE {_NOT_FINAL}")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2}
+
 
 def _state_counts(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
     """Trades per state, kept by triggers in the same transaction as every insert and transition:
     metrics and `fep status` read them every few seconds, and a GROUP BY over a year of trades, on the
     writer thread, would hold up every trade behind it."""
-    new = "state_counts" not in db.table_names()
-    db["state_counts"].create({"state": str, "n": int}, pk="state", if_not_exists=True)
+    db["state_counts"].create({"state": str, "n": int}, pk="state")
     bump = "INSERT INTO state_counts (state, n) VALUES (NEW.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;"
-    conn.execute(f"CREATE TRIGGER IF NOT EXISTS trades_count_insert AFTER INSERT ON trades BEGIN {bump} END")
-    conn.execute("CREATE TRIGGER IF NOT EXISTS trades_count_update AFTER UPDATE OF state ON trades "
+    conn.execute(f"CREATE TRIGGER trades_count_insert AFTER INSERT ON trades BEGIN {bump} END")
+    conn.execute("CREATE TRIGGER trades_count_update AFTER UPDATE OF state ON trades "
                  f"WHEN OLD.state != NEW.state BEGIN UPDATE state_counts SET n = n - 1 WHERE state = OLD.state; "
                  f"{bump} END")
-    if new:  # a journal from before the counts were kept: count once
-        conn.execute("INSERT INTO state_counts SELECT state, count(*) FROM trades GROUP BY state")
+
+
+# --- helpers of the writer thread ----------------------------------------------------------------------
+def _write_failure(e: BaseException) -> str | None:
+    """What kept the disk from taking a write, or None when `e` is something else."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return WRITE_FAILURES.get(code & 0xFF) if isinstance(e, sqlite3.Error) and code is not None else None
 
 
 def _deliver(results: list[tuple[defer.Deferred[Any], bool, Any]]) -> None:
@@ -377,10 +520,6 @@ def _get(conn: sqlite3.Connection, msgid: str) -> TradeRow | None:
     return TradeRow.from_db(row) if row else None
 
 
-def _rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[TradeRow]:
-    return [TradeRow.from_db(r) for r in conn.execute(sql, params)]
-
-
 def _event(conn: sqlite3.Connection, msgid: str, at: float, event: str, state: State | None,
            note: str | None) -> None:
     conn.execute("INSERT INTO events (msgid, at, event, state, note) VALUES (?,?,?,?,?)",
@@ -388,7 +527,7 @@ def _event(conn: sqlite3.Connection, msgid: str, at: float, event: str, state: S
 
 
 def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | None,
-                fields: dict[str, Any]) -> None:
+                fields: dict[str, Any]) -> TradeRow:
     bad = set(fields) - UPDATABLE
     if bad:
         raise ValueError(f"cannot set {sorted(bad)} on a transition")
@@ -398,12 +537,14 @@ def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | No
     if note is not None:
         sets += ", note=?"
     marks = ", ".join("?" * len(srcs))
-    cur = conn.execute(
-        f"UPDATE trades SET state=?, updated=?{sets} WHERE msgid=? AND state IN ({marks})",
+    row = conn.execute(
+        f"UPDATE trades SET state=?, updated=?{sets} WHERE msgid=? AND state IN ({marks}) RETURNING "
+        f"{', '.join(COLUMNS)}",
         (tgt.value, now, *fields.values(), *([note] if note is not None else []), msgid,
          *(s.value for s in srcs)),
-    )
-    if cur.rowcount != 1:
-        row = _get(conn, msgid)
-        raise IllegalTransition(msgid, event, row.state if row else None)
+    ).fetchone()
+    if row is None:
+        current = _get(conn, msgid)
+        raise IllegalTransition(msgid, event, current.state if current else None)
     _event(conn, msgid, now, event, tgt, note)
+    return TradeRow.from_db(row)

@@ -17,6 +17,9 @@ JOURNAL_BATCH = Histogram("fep_journal_batch_size", "Operations sharing one jour
 LINK_UP = Gauge("fep_bureau_link_up", "1 while the last attempt to reach the endpoint succeeded", ["endpoint"])
 SIGNED_IN = Gauge("fep_bureau_signed_in", "1 while fep holds a sign_no from 9001")
 UNKNOWN_OUTCOMES = Counter("fep_unknown_outcomes", "Trades sent that got no valid answer", ["infno"])
+LATE_SUCCESSES = Counter("fep_late_successes", "Late successes of money fep had judged not at the bureau: "
+                         "reopened and reversed again (each deserves a look)", ["infno"])
+JOURNAL_CANNOT_WRITE = Gauge("fep_journal_cannot_write", "1 while the journal's disk refuses writes")
 LATE_ANSWERS = Counter("fep_late_answers", "Answers that came after fep had given up waiting", ["infno"])
 TRADES_IN_STATE = Gauge("fep_trades_in_state", "Trades in the journal by state (refreshed every few seconds)",
                         ["state"])

@@ -20,7 +20,6 @@ from typing import Any
 from fep import envelope, metrics
 from fep.trades import Kind
 from fep.engine import Engine
-from fep.states import IN_FORCE
 
 ZERO = Decimal("0.00")
 INSUTYPE = {"310": "职工基本医疗保险", "320": "公务员医疗补助", "330": "大额医疗费用补助", "340": "离休人员医疗保障",
@@ -70,10 +69,7 @@ class Reconciler:
         """The day's settlements and cancels in force in the journal, by the bureau's settlement time."""
         money = {t.infno for t in self.engine.trades.defs.values() if t.moves_money}
         start = datetime.combine(day, datetime.min.time()).timestamp()
-        in_force = ", ".join(f"'{s.value}'" for s in IN_FORCE)
-        rows = await self.engine.journal.select(
-            f"setl_id IS NOT NULL AND state IN ({in_force}) AND created BETWEEN ? AND ? ORDER BY id",
-            [start - 86400, start + 2 * 86400])
+        rows = await self.engine.journal.settled_between(start - 86400, start + 2 * 86400)
         out = []
         for r in rows:
             info = (envelope.loads(r.answer or "{}").get("output") or {}).get("setlinfo") or {}
@@ -104,12 +100,12 @@ class Reconciler:
         return doc
 
     async def _unresolved(self, day: date) -> list[dict[str, Any]]:
-        """Trades of the day whose outcome is not known yet: the day cannot balance until they are."""
+        """Money trades whose outcome is not known yet and that the bureau may have settled on `day`: the
+        day cannot balance until they are resolved. One sent just before midnight may be settled after it."""
         money = {t.infno for t in self.engine.trades.defs.values() if t.moves_money}
         start = datetime.combine(day, datetime.min.time()).timestamp()
-        rows = await self.engine.journal.select(
-            "state IN ('SENT', 'UNKNOWN', 'RESOLVING', 'NEEDS_ATTENTION') AND related IS NULL AND created BETWEEN ? "
-            "AND ? ORDER BY id", [start, start + 86400])
+        reach = max(t.timeout for t in self.engine.trades.defs.values()) + self.engine.cfg.bureau.late_grace
+        rows = await self.engine.journal.unresolved_between(start - reach, start + 86400)
         return [{"msgid": r.msgid, "infno": r.infno, "state": r.state.value, "note": r.note}
                 for r in rows if r.infno in money]
 

@@ -33,9 +33,11 @@ def _pending(row: TradeRow, money: bool) -> str:
         S.UNKNOWN: (f"no valid answer from the bureau for {row.msgid} ({row.note}); its outcome is unknown "
                     f"and is being resolved{settled}"),
         S.RESOLVING: f"{row.msgid}: {row.note}; it is being undone{by}{settled}",
-        S.REVERSED: f"trade {row.msgid} got no answer and was undone at the bureau{by}{settled}",
+        S.REVOKING: f"trade {row.msgid} is being reversed{by}, as asked; until the bureau acknowledges it, it stands",
+        S.REVERSED: f"trade {row.msgid} was undone at the bureau{by}{settled}",
         S.NOT_NEEDED: f"trade {row.msgid} got no answer and the bureau has no record of it{by}{settled}",
         S.NEEDS_ATTENTION: f"trade {row.msgid} needs a person: {row.note}",
+        S.DROPPED: f"trade {row.msgid} was given up by a person: {row.note}",
     }[row.state]
 
 
@@ -47,7 +49,7 @@ def reply(row: TradeRow, money: bool, resubmitted: bool = False, answer: dict[st
     row's answer already parsed, when the caller has it (a fresh answer: parse once)."""
     extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}
     if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED, S.NOT_SENT) or (
-            row.state is S.NEEDS_ATTENTION and row.answer):
+            row.state in (S.NEEDS_ATTENTION, S.DROPPED) and row.answer):
         parsed = answer if answer is not None else envelope.loads(row.answer or "{}")
         body = envelope.answer(parsed, msgid=row.msgid, state=row.state,
                                note=row.note if row.state is not S.ANSWERED else "", **extra)

@@ -15,10 +15,12 @@ class State(StrEnum):
     ANSWERED = "ANSWERED"              # the bureau's answer is durable (success or business error)
     NOT_SENT = "NOT_SENT"              # provably never left the box; failed cleanly
     UNKNOWN = "UNKNOWN"                # sent, no valid answer: the fate is to be resolved
-    RESOLVING = "RESOLVING"            # a resolving trade (2601, cancel, resend) is under way
+    RESOLVING = "RESOLVING"            # a resolving trade (2601, cancel) is under way
+    REVOKING = "REVOKING"              # answered, and a reversal asked for by the HIS or a person is under way
     REVERSED = "REVERSED"              # undone at the bureau (acknowledged)
-    NOT_NEEDED = "NOT_NEEDED"          # the bureau never had it, or the resend got the first answer
-    NEEDS_ATTENTION = "NEEDS_ATTENTION"  # tries exhausted or policy says a person decides
+    NOT_NEEDED = "NOT_NEEDED"          # the bureau never had it
+    NEEDS_ATTENTION = "NEEDS_ATTENTION"  # tries exhausted, a business refusal of a promise, or policy: a person decides
+    DROPPED = "DROPPED"                # a person gave a parked trade up, with the reason recorded
     AWAITING_CONFIRM = "AWAITING_CONFIRM"  # answered; the HIS must confirm it recorded the result
     CONFIRMED = "CONFIRMED"
 
@@ -27,30 +29,38 @@ S = State
 
 # event: (sources, target)
 TRANSITIONS: dict[str, tuple[frozenset[State], State]] = {
-    "dequeue":     (frozenset({S.QUEUED}), S.SENT),
-    "retry":       (frozenset({S.NOT_SENT}), S.SENT),      # same msgid again: it never left the box
-    "answer":      (frozenset({S.SENT}), S.ANSWERED),
-    "answer_held": (frozenset({S.SENT}), S.AWAITING_CONFIRM),
-    "not_sent":    (frozenset({S.SENT}), S.NOT_SENT),
-    "requeue":     (frozenset({S.SENT}), S.QUEUED),
-    "lost":        (frozenset({S.SENT}), S.UNKNOWN),
-    "resend":      (frozenset({S.UNKNOWN}), S.SENT),
-    "resolve":     (frozenset({S.UNKNOWN, S.AWAITING_CONFIRM}), S.RESOLVING),
-    "reattempt":   (frozenset({S.RESOLVING}), S.RESOLVING),  # the bureau refused the resolving trade
-    "undone":      (frozenset({S.RESOLVING}), S.REVERSED),
-    "not_needed":  (frozenset({S.RESOLVING}), S.NOT_NEEDED),
-    "give_up":     (frozenset({S.UNKNOWN, S.RESOLVING, S.QUEUED, S.SENT}), S.NEEDS_ATTENTION),
-    "release":     (frozenset({S.NEEDS_ATTENTION}), S.QUEUED),  # a person sends a parked item again
-    "reopen":      (frozenset({S.NEEDS_ATTENTION}), S.UNKNOWN),  # a person has fep resolve it again
-    "confirm":     (frozenset({S.AWAITING_CONFIRM}), S.CONFIRMED),
+    "dequeue":      (frozenset({S.QUEUED}), S.SENT),
+    "retry":        (frozenset({S.NOT_SENT}), S.SENT),      # same msgid again: it never left the box
+    "resign":       (frozenset({S.SENT}), S.SENT),          # "sign in again": sent again under the new sign_no
+    "answer":       (frozenset({S.SENT}), S.ANSWERED),
+    "answer_held":  (frozenset({S.SENT}), S.AWAITING_CONFIRM),
+    "not_sent":     (frozenset({S.SENT}), S.NOT_SENT),
+    "requeue":      (frozenset({S.SENT}), S.QUEUED),
+    "lost":         (frozenset({S.SENT}), S.UNKNOWN),       # a try spent: no answer, or a transient one
+    "unsent":       (frozenset({S.SENT}), S.UNKNOWN),       # a resend that provably never left: no try spent
+    "resend":       (frozenset({S.UNKNOWN}), S.SENT),
+    "resolve":      (frozenset({S.UNKNOWN, S.AWAITING_CONFIRM}), S.RESOLVING),
+    "reattempt":    (frozenset({S.RESOLVING}), S.RESOLVING),  # the bureau refused the resolving trade
+    "revoke":       (frozenset({S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED}), S.REVOKING),
+    "stands":       (frozenset({S.REVOKING}), S.ANSWERED),   # the bureau refused the asked-for reversal
+    "undone":       (frozenset({S.RESOLVING, S.REVOKING}), S.REVERSED),
+    "not_needed":   (frozenset({S.RESOLVING}), S.NOT_NEEDED),
+    "late_success": (frozenset({S.NOT_NEEDED, S.REVERSED}), S.UNKNOWN),  # the bureau did settle it: undo again
+    "give_up":      (frozenset({S.UNKNOWN, S.RESOLVING, S.REVOKING, S.QUEUED, S.SENT}), S.NEEDS_ATTENTION),
+    "release":      (frozenset({S.NEEDS_ATTENTION}), S.QUEUED),  # a person sends a parked upload again
+    "reopen":       (frozenset({S.NEEDS_ATTENTION}), S.UNKNOWN),  # a person has fep resolve it again
+    "drop":         (frozenset({S.NEEDS_ATTENTION}), S.DROPPED),
+    "confirm":      (frozenset({S.AWAITING_CONFIRM}), S.CONFIRMED),
 }
 
-# The bureau may hold a trade in these states: they count for "is this person settled?".
-IN_FORCE = frozenset({S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED})
-# Nothing more will happen to a trade in these states.
-FINAL = frozenset({S.ANSWERED, S.NOT_SENT, S.REVERSED, S.NOT_NEEDED, S.CONFIRMED})
+# The bureau holds the money of a settlement in these states: they count for refund order and reconciliation.
+IN_FORCE = frozenset({S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED, S.REVOKING})
+# Nothing more happens to a trade in these states by itself.
+FINAL = frozenset({S.ANSWERED, S.NOT_SENT, S.REVERSED, S.NOT_NEEDED, S.CONFIRMED, S.DROPPED})
 # What recovery must pick up on start.
 OPEN = frozenset(State) - FINAL - {S.NEEDS_ATTENTION}
+# An outcome fep is still finding out.
+UNRESOLVED = frozenset({S.SENT, S.UNKNOWN, S.RESOLVING, S.REVOKING})
 
 
 def sources(event: str) -> frozenset[State]:

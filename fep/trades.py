@@ -22,6 +22,14 @@ class Kind(StrEnum):
     QUERY = "query"
     FILE = "file"
     SESSION = "session"
+    REVERSAL = "reversal"
+
+
+class FromHis(StrEnum):
+    """What fep does with this trade number when the HIS sends it."""
+    TRADE = "trade"        # forward it
+    REVERSAL = "reversal"  # reverse the named trade, with the checks and transitions of `fep reverse`
+    REFUSED = "refused"    # fep's own business (sign-in, sign-out): never forwarded for the HIS
 
 
 class OnUnknown(StrEnum):
@@ -63,6 +71,7 @@ class TradeDef:
     confirm_within: float | None = None  # seconds the HIS has to confirm a success; None: no window
     path: str | None = None  # per-trade bureau URL path, when the province uses them
     map_codes: str | None = None  # the node of fee lines to map from hospital to national codes
+    from_his: FromHis = FromHis.TRADE
 
     @property
     def moves_money(self) -> bool:
@@ -70,8 +79,8 @@ class TradeDef:
 
     @property
     def person_ordered(self) -> bool:
-        """Money and deferred work of one person reach the bureau one at a time, in arrival order."""
-        return self.moves_money or self.deferrable
+        """Money, its reversals and deferred work of one person reach the bureau one at a time, in arrival order."""
+        return self.moves_money or self.deferrable or self.kind is Kind.REVERSAL
 
     def validate(self, input_: dict[str, Any]) -> None:
         missing = [p for p in self.required if not _present(input_, p)]
@@ -155,6 +164,7 @@ def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
             confirm_within=float(spec["confirm_within"]) if spec.get("confirm_within") else None,
             path=spec.get("path"),
             map_codes=spec.get("map_codes"),
+            from_his=FromHis(spec.get("from_his", "trade")),
         )
     except KeyError as e:
         raise TradesError(f"{where}: missing {e.args[0]}") from None

@@ -1,0 +1,72 @@
+"""One send of a journalled trade to the bureau, under the current session, and what its answer records.
+
+Shared by every path that sends (a fresh trade, a replay, a resend, a resolving trade): each puts the
+current sign_no on the request, and each treats "not signed in" as a session fault, never as the
+trade's answer: sign in again, record the request under the new sign_no (`resign`), send again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Callable
+
+from fep import envelope
+from fep.bureau import BureauLink, Delivery, NotSent
+from fep.journal import Journal, TradeRow
+from fep.session import Session
+from fep.trades import Kind, TradeDef
+
+SESSION_TRIES = 2  # a trade refused for the session is sent again under a new one at most this often
+
+
+class Sender:
+    def __init__(self, link: BureauLink, session: Session, journal: Journal, now: Callable[[], float],
+                 late: Callable[[TradeRow, bytes], None]) -> None:
+        self.link = link
+        self.session = session
+        self.journal = journal
+        self._now = now
+        self._late = late  # where an answer that came after the timeout goes
+
+    async def refreshed(self, row: TradeRow) -> str:
+        """The row's request as it is sent now: today's session and time (a trade that waited, or is sent
+        again, goes under the session in force, not the one it was accepted under)."""
+        env = row.envelope
+        env.update(sign_no=await self.session.ensure(), inf_time=envelope.inf_time(datetime.fromtimestamp(self._now())))
+        return envelope.dumps(env).decode("utf-8")
+
+    async def deliver(self, trade: TradeDef, row: TradeRow, endpoint: str | None = None) -> Delivery:
+        """Send `row` (state SENT). Raises NotSent or Unknown, as the link does; `endpoint` pins it to
+        where its original went."""
+        for _ in range(SESSION_TRIES):
+            sent_under = envelope.loads(row.request).get("sign_no", "")
+            delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout, trade.path,
+                                            on_late=lambda body, r=row: self._late(r, body), endpoint=endpoint)
+            if delivery.answer.ok or trade.kind is Kind.SESSION or not self.session.refused(delivery.answer.err_msg):
+                return delivery  # (a sign-in's own refusal is its answer: it is how a session begins)
+            self.session.forget(sent_under)
+            request = await self.refreshed(row)
+            if envelope.loads(request).get("sign_no") == sent_under:
+                break  # signing in again failed: there is no new session to send under
+            row = await self.journal.transition(row.msgid, "resign", note=f"the bureau asked to sign in again "
+                                                f"({delivery.answer.err_msg}); sent under the new session",
+                                                request=request)
+        raise NotSent(f"the bureau does not know fep's session and signing in again did not help "
+                      f"({delivery.answer.err_msg})")
+
+
+def recorded(trade: TradeDef, row: TradeRow, delivery: Delivery) -> dict[str, Any]:
+    """What the journal keeps of an answer: the bytes, where it came from, and what reconciliation and
+    refund order need from a successful settlement or cancel."""
+    fields: dict[str, Any] = {"answer": delivery.body.decode("utf-8"), "endpoint": delivery.endpoint}
+    ans = delivery.answer
+    if not (ans.ok and trade.moves_money):
+        return fields
+    setlinfo = ans.output.get("setlinfo") if isinstance(ans.output, dict) else None
+    if isinstance(setlinfo, dict) and setlinfo.get("setl_id"):
+        fields["setl_id"] = str(setlinfo["setl_id"])
+    if trade.kind is Kind.UNDO_MONEY:
+        data = row.envelope["input"].get("data") or {}
+        if data.get("setl_id"):
+            fields["cancels"] = str(data["setl_id"])
+    return fields
