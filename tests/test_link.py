@@ -1,0 +1,158 @@
+"""Both links at the byte level: what the HIS hears on one connection, and what the bureau link calls
+sent, not sent or unknown."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httptools
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+from fep import envelope
+from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.sim.world import ZHANG, World, his_msgid
+
+
+# ---- the HIS side: HTTP/1.1 pipelining ------------------------------------------------------------------
+
+def _post(body: bytes, path: str = "/fsi/api/rsfComIfsService/callService") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: fep\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class _Responses:
+    """Parses what a server wrote, in order: [(status, body), ...]."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, bytes]] = []
+        self._body: list[bytes] = []
+        self._parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.got.append((self._parser.get_status_code(), b"".join(self._body)))
+        self._body = []
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._parser.feed_data(data)
+        return self.got
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _registration(msgid: str) -> bytes:
+    return envelope.dumps({"infno": "2201", "msgid": msgid, "opter_type": "1", "opter": "his", "opter_name": "HIS",
+                           "input": {"data": {"psn_no": ZHANG["psn_no"], "insutype": ZHANG["insutype"],
+                                              "begntime": "2026-11-23 09:00:00", "mdtrt_cert_type": "02",
+                                              "mdtrt_cert_no": ZHANG["certno"], "ipt_otp_no": f"B{time.time_ns() % 10**12}",
+                                              "atddr_no": "D001", "dr_name": "医生", "dept_code": "01",
+                                              "dept_name": "内科", "caty": "A03"}}})
+
+
+def _pipelined(world: World, data: bytes) -> list[tuple[int, dict]]:
+    with socket.create_connection(("127.0.0.1", world.his_port), timeout=30) as s:
+        s.sendall(data)  # one write: both requests are in the server's hands before it answers either
+        raw = _read_until_closed(s)
+    return [(status, envelope.loads(body)) for status, body in _Responses().feed(raw)]
+
+
+def test_a_request_pipelined_before_garbage_is_answered_first_then_the_400(running: World) -> None:
+    msgid = his_msgid(1)
+    answers = _pipelined(running, _post(_registration(msgid)) + b"THIS IS NOT HTTP\r\n\r\n")
+    assert [status for status, _ in answers] == [200, 400], answers
+    registered, refused = answers[0][1], answers[1][1]
+    assert registered["fep_msgid"] == msgid and registered["infcode"] == 0, registered
+    assert registered["output"]["data"]["mdtrt_id"]
+    assert refused["fep_state"] == "REFUSED" and "malformed HTTP request" in refused["err_msg"]
+    assert running.trade(msgid)["state"] == "ANSWERED"  # what the HIS heard is what the journal holds
+
+
+def test_a_request_pipelined_before_a_too_large_one_is_answered_first_then_the_413(world: World) -> None:
+    world.configure(fep={"his": {"max_body": 4096}})
+    world.start()
+    msgid = his_msgid(2)
+    answers = _pipelined(world, _post(_registration(msgid)) + _post(b"{" + b" " * 8192 + b"}"))
+    assert [status for status, _ in answers] == [200, 413], answers
+    assert answers[0][1]["fep_msgid"] == msgid and answers[0][1]["infcode"] == 0
+    assert "over the limit" in answers[1][1]["err_msg"]
+    assert world.trade(msgid)["state"] == "ANSWERED"
+
+
+class _Later:
+    """A handler whose answers the test gives, one Deferred per request taken."""
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[Request, defer.Deferred[Response]]] = []
+
+    def __call__(self, req: Request) -> defer.Deferred[Response]:
+        d: defer.Deferred[Response] = defer.Deferred()
+        self.taken.append((req, d))
+        return d
+
+    def answer(self, i: int, text: bytes) -> None:
+        self.taken[i][1].callback(Response(200, text))
+
+
+def _server(max_body: int = 1000) -> tuple[HTTPServerProtocol, StringTransport, _Later]:
+    handler = _Later()
+    proto = HTTPServerProtocol(handler, max_body=max_body)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, handler
+
+
+def test_protocol_answers_what_it_took_before_refusing_garbage() -> None:
+    proto, transport, handler = _server()
+    proto.dataReceived(_post(b'{"n": 1}') + _post(b'{"n": 2}') + b"\x00GARBAGE\r\n\r\n")
+    assert [r.body for r, _ in handler.taken] == [b'{"n": 1}']  # one at a time; nothing after garbage runs
+    assert transport.value() == b"" and not transport.disconnecting  # the first answer is still owed
+    handler.answer(0, b"one")
+    assert [r.body for r, _ in handler.taken] == [b'{"n": 1}', b'{"n": 2}']
+    assert transport.value().count(b"HTTP/1.1") == 1 and not transport.disconnecting
+    handler.answer(1, b"two")
+    got = _Responses().feed(transport.value())
+    assert [(s, b) for s, b in got[:2]] == [(200, b"one"), (200, b"two")]
+    assert got[2][0] == 400 and len(got) == 3
+    assert transport.disconnecting
+
+
+def test_protocol_answers_what_it_took_before_refusing_a_body_too_large() -> None:
+    proto, transport, handler = _server(max_body=100)
+    big = b"x" * 300
+    proto.dataReceived(_post(b'{"n": 1}') + _post(big)[:-200])  # the refused body is still arriving
+    assert len(handler.taken) == 1 and transport.value() == b""
+    handler.answer(0, b"one")
+    got = _Responses().feed(transport.value())
+    assert [s for s, _ in got] == [200, 413] and got[0][1] == b"one"
+    assert not transport.disconnecting  # lingering: the client is still sending and must see the 413
+    proto.dataReceived(big[-200:] + _post(b'{"n": 3}'))  # the rest of the refused body, and more
+    assert transport.disconnecting and len(handler.taken) == 1  # nothing after a refusal is taken
+
+
+def test_protocol_refuses_at_once_when_nothing_is_owed() -> None:
+    proto, transport, handler = _server()
+    proto.dataReceived(b"\x00GARBAGE\r\n\r\n")
+    assert [s for s, _ in _Responses().feed(transport.value())] == [400] and transport.disconnecting
+    proto, transport, handler = _server(max_body=100)
+    proto.dataReceived(_post(b"x" * 300)[:-100])
+    assert [s for s, _ in _Responses().feed(transport.value())] == [413] and not transport.disconnecting
+    proto.dataReceived(b"x" * 100)
+    assert transport.disconnecting and handler.taken == []
+
+
+def test_protocol_answers_the_last_request_that_asked_to_close_and_takes_nothing_after_it() -> None:
+    proto, transport, handler = _server()
+    closing = _post(b'{"n": 1}').replace(b"Host: fep\r\n", b"Host: fep\r\nConnection: close\r\n")
+    proto.dataReceived(closing + _post(b'{"n": 2}'))
+    handler.answer(0, b"one")
+    assert [s for s, _ in _Responses().feed(transport.value())] == [200] and transport.disconnecting
+    assert len(handler.taken) == 1
