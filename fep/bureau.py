@@ -186,14 +186,25 @@ class BureauLink:
         result: defer.Deferred[Delivery] = defer.Deferred()
         started = time.perf_counter()
 
+        late_abort: list[Any] = []  # the late-grace abort, once armed
+
         def expire() -> None:
+            # Whatever comes on this connection now is the late answer: it is never given to another
+            # request, so neither a stray answer nor the abort below can reach another trade.
+            conn.reusable = False
+            late_abort.append(self.reactor.callLater(self.cfg.late_grace, conn.transport.abortConnection))
             result.errback(Unknown(f"{ep.name}: no answer within {timeout:g} s"))
-            self.reactor.callLater(self.cfg.late_grace, conn.transport.abortConnection)
 
         timer = self.reactor.callLater(timeout, expire)
 
-        def answered(resp: ClientResponse) -> None:
+        def done() -> None:
+            for call in late_abort:
+                if call.active():
+                    call.cancel()
             pool.release(conn)
+
+        def answered(resp: ClientResponse) -> None:
+            done()
             if timer.active():
                 timer.cancel()
                 try:
@@ -204,7 +215,7 @@ class BureauLink:
                 on_late(resp.body)
 
         def failed(f: Failure) -> None:
-            pool.release(conn)
+            done()
             if not timer.active():
                 return  # the caller was told at the timeout
             timer.cancel()

@@ -235,6 +235,7 @@ class HTTPClientProtocol(Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
         self.connected_ok = False
+        self.reusable = True  # False once a request on it timed out: its late answer may still come
         self._requests = 0
         self._received = 0
 
@@ -257,7 +258,7 @@ class HTTPClientProtocol(Protocol):
 
     @property
     def idle(self) -> bool:
-        return self.connected_ok and self._waiting is None and self.transport is not None
+        return self.connected_ok and self.reusable and self._waiting is None and self.transport is not None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")

@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 
 from fep import envelope
 from fep.http11 import HTTPServerProtocol, Request, Response
-from fep.sim.world import ZHANG, World, his_msgid
+from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, wait_for
 
 
 # ---- the HIS side: HTTP/1.1 pipelining ------------------------------------------------------------------
@@ -156,3 +156,29 @@ def test_protocol_answers_the_last_request_that_asked_to_close_and_takes_nothing
     handler.answer(0, b"one")
     assert [s for s, _ in _Responses().feed(transport.value())] == [200] and transport.disconnecting
     assert len(handler.taken) == 1
+
+
+# ---- the bureau side: a connection that timed out ----------------------------------------------------------
+
+def test_a_late_answer_s_connection_is_not_reused_so_its_abort_never_cuts_another_trade(world: World) -> None:
+    """One connection to the bureau. A 2207 times out (2 s) and its answer comes late (2.5 s); fep would cut
+    that connection off at the end of the late grace (4 s after the timeout). A second 2207, answered by the
+    bureau in time (1.6 s, under its 2 s), is in flight at that moment: it must be heard, not reversed."""
+    world.configure(trades={"2207": {"timeout": 2}}, fep={"bureau": {"late_grace": 4, "concurrency": 1}})
+    world.start()
+    first, second = Visit(world.his, ZHANG), Visit(world.his, LI)
+    first.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=2.5, times=1)
+    lost = first.settle()
+    timed_out = time.monotonic()  # within milliseconds of the timeout that armed the late-grace abort
+    assert lost["fep_state"] == "RESOLVING", lost
+    wait_for(lambda: world.trade(lost["fep_msgid"])["late_answer"], what="the late answer")
+    wait_for(lambda: world.trade(lost["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    second.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=1.6, times=1)
+    time.sleep(max(0.0, timed_out + 4 - 0.8 - time.monotonic()))  # in flight from 0.8 s before to 0.8 s after
+    settled = second.settle()
+    assert settled["infcode"] == 0 and settled["fep_state"] == "ANSWERED", settled
+    assert world.trade(settled["fep_msgid"])["state"] == "ANSWERED"
+    assert not world.journal("infno='2601' AND related=?", (settled["fep_msgid"],))
+    world.assert_ledgers_agree()
