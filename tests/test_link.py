@@ -4,15 +4,20 @@ sent, not sent or unknown."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from typing import Any, Awaitable, Callable, Iterator
 
 import httptools
+import pytest
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
-from fep import envelope
+from fep import config, envelope
+from fep.bureau import BureauLink, Delivery, NotSent, Unknown
 from fep.http11 import HTTPServerProtocol, Request, Response
-from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, wait_for
+from fep.sim.world import LI, ZHANG, Visit, World, free_port, his_msgid, wait_for
 
 
 # ---- the HIS side: HTTP/1.1 pipelining ------------------------------------------------------------------
@@ -182,3 +187,97 @@ def test_a_late_answer_s_connection_is_not_reused_so_its_abort_never_cuts_anothe
     assert world.trade(settled["fep_msgid"])["state"] == "ANSWERED"
     assert not world.journal("infno='2601' AND related=?", (settled["fep_msgid"],))
     world.assert_ledgers_agree()
+
+
+# ---- the bureau link alone, on a real reactor (in a thread) against the real simulator -----------------------
+
+@pytest.fixture(scope="module")
+def reactor() -> Iterator[Any]:
+    from twisted.internet import reactor as r
+
+    thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    thread.start()
+    yield r
+    r.callFromThread(r.stop)
+    thread.join(10)
+
+
+def on_reactor(reactor: Any, fn: Callable[[], Awaitable[Any]], timeout: float = 30) -> Any:
+    """Run fn() on the reactor thread and return what it returns (or raise what it raises)."""
+    done, box = threading.Event(), {}
+
+    def start() -> None:
+        try:
+            d = defer.ensureDeferred(fn())  # type: ignore[arg-type]
+        except Exception:
+            d = defer.fail()
+        d.addBoth(lambda r: (box.update(r=r), done.set()))
+
+    reactor.callFromThread(start)
+    assert done.wait(timeout), "the reactor did not finish in time"
+    if isinstance(box["r"], Failure):
+        box["r"].raiseException()
+    return box["r"]
+
+
+def _link(world: World, reactor: Any, endpoints: list[tuple[str, int]], **bureau: Any) -> BureauLink:
+    path = "/fsi/api/rsfComIfsService/callService"
+    world.configure(fep={"bureau": {"endpoints": [{"name": n, "url": f"https://127.0.0.1:{port}{path}",
+                                                   "server_name": "bureau.fep.test"} for n, port in endpoints],
+                                    **bureau}})
+    cfg = config.load(world.fep_config)
+    return on_reactor(reactor, lambda: defer.succeed(BureauLink(reactor, cfg.bureau)))
+
+
+def _query(n: int) -> tuple[str, bytes]:
+    msgid = his_msgid(n)
+    return msgid, envelope.dumps({"infno": "1101", "msgid": msgid,
+                                  "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}}})
+
+
+def _send(reactor: Any, link: BureauLink, body: bytes, **kw: Any) -> Delivery:
+    return on_reactor(reactor, lambda: link.send("1101", body, 5, **kw))
+
+
+def test_a_pinned_send_goes_to_its_endpoint_only_and_never_fails_over(world: World, reactor: Any) -> None:
+    world.start_sim()
+    link = _link(world, reactor, [("sim", world.sim_port), ("dead", free_port())])  # nothing listens on dead
+    try:
+        msgid, body = _query(1)
+        with pytest.raises(NotSent, match="dead"):
+            _send(reactor, link, body, endpoint="dead")
+        assert msgid not in {m for m, _ in world.sim_answers()}  # the sim was up, and never asked
+        assert _send(reactor, link, body, endpoint="sim").endpoint == "sim"
+        with pytest.raises(NotSent, match="not configured"):
+            _send(reactor, link, _query(2)[1], endpoint="elsewhere")
+        # Unpinned, the dead endpoint is tried first once the sim is down too, and the failure names both.
+        world.fault(mode="refuse")
+        with pytest.raises(NotSent, match="sim.*dead|dead.*sim"):
+            _send(reactor, link, _query(3)[1])
+        world.clear_faults()
+        assert _send(reactor, link, _query(4)[1]).endpoint == "sim"
+    finally:
+        on_reactor(reactor, lambda: defer.succeed(link.close()))
+
+
+def test_an_unpinned_send_fails_over_for_what_was_never_sent(world: World, reactor: Any) -> None:
+    world.start_sim()
+    link = _link(world, reactor, [("dead", free_port()), ("sim", world.sim_port)])
+    try:
+        assert _send(reactor, link, _query(1)[1]).endpoint == "sim"
+    finally:
+        on_reactor(reactor, lambda: defer.succeed(link.close()))
+
+
+def test_unknown_names_the_endpoint_the_request_may_have_reached(world: World, reactor: Any) -> None:
+    world.start_sim()
+    link = _link(world, reactor, [("dead", free_port()), ("sim", world.sim_port)])
+    try:
+        world.fault(mode="drop_after", infno="1101", times=2)
+        for pin in (None, "sim"):
+            msgid, body = _query(5)
+            with pytest.raises(Unknown) as lost:
+                _send(reactor, link, body, endpoint=pin)
+            assert lost.value.endpoint == "sim" and msgid in {m for m, _ in world.sim_answers()}
+    finally:
+        on_reactor(reactor, lambda: defer.succeed(link.close()))
