@@ -292,7 +292,10 @@ class HTTPClientProtocol(Protocol):
             self.ready.errback(TransportError(f"TLS handshake failed: {why}", sent=False))
         elif self._refused_session(reason):
             self._fail(TransportError(f"TLS handshake failed: the bureau refused our certificate: {why}", sent=False))
-        self._fail(TransportError(f"connection lost before the whole answer: {why}", sent=True))
+        else:
+            self._fail(TransportError(f"connection lost before the whole answer: {why}", sent=True))
+        if not self.closed.called:
+            self.closed.callback(None)
 
     def _refused_session(self, reason: Failure) -> bool:
         """In TLS 1.3 the server checks our certificate after our side has finished the handshake, so its
@@ -302,8 +305,6 @@ class HTTPClientProtocol(Protocol):
             return False
         text = reason.getErrorMessage().lower()
         return any(a in text for a in REFUSAL_ALERTS)
-        if not self.closed.called:
-            self.closed.callback(None)
 
     def _fail(self, err: TransportError) -> None:
         waiting, self._waiting = self._waiting, None

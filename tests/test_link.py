@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from fep import config, envelope
 from fep.bureau import BureauLink, Delivery, NotSent, Unknown
-from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.http11 import HTTPClientProtocol, HTTPServerProtocol, Request, Response, TransportError
 from fep.sim.world import LI, ZHANG, Visit, World, free_port, his_msgid, wait_for
 
 
@@ -161,6 +161,42 @@ def test_protocol_answers_the_last_request_that_asked_to_close_and_takes_nothing
     handler.answer(0, b"one")
     assert [s for s, _ in _Responses().feed(transport.value())] == [200] and transport.disconnecting
     assert len(handler.taken) == 1
+
+
+# ---- the bureau side: the client protocol alone ---------------------------------------------------------------
+
+def _client(handshake: bool = True) -> tuple[HTTPClientProtocol, StringTransport]:
+    proto, transport = HTTPClientProtocol(), StringTransport()
+    proto.makeConnection(transport)
+    if handshake:
+        proto.handshakeCompleted()
+    return proto, transport
+
+
+def _outcome(d: defer.Deferred[Any]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "not fired"
+    return box[0]
+
+
+def test_client_closed_fires_when_the_connection_is_lost() -> None:
+    for handshake in (False, True):
+        proto, _ = _client(handshake)
+        proto.ready.addErrback(lambda f: None)
+        assert not proto.closed.called
+        proto.connectionLost(Failure(ConnectionError("gone")))
+        assert proto.closed.called and not proto.idle
+
+
+def test_client_a_connection_lost_after_the_request_was_written_is_sent() -> None:
+    proto, transport = _client()
+    d = proto.request("/", b"{}", {"Host": "bureau"})
+    assert transport.value().startswith(b"POST / HTTP/1.1")
+    proto.connectionLost(Failure(ConnectionError("reset")))
+    err = _outcome(d)
+    assert err.check(TransportError) and err.value.sent is True
+    assert proto.closed.called
 
 
 # ---- the bureau side: a connection that timed out ----------------------------------------------------------
