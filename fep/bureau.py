@@ -33,7 +33,12 @@ class NotSent(Exception):
 
 
 class Unknown(Exception):
-    """The request may have reached the bureau and no valid answer came back."""
+    """The request may have reached the bureau and no valid answer came back. `endpoint` names the
+    endpoint it may have reached: a resend or reversal of it must go there (`send(endpoint=...)`)."""
+
+    def __init__(self, message: str, endpoint: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
 
 
 @dataclass
@@ -165,19 +170,31 @@ class BureauLink:
         return ep.path
 
     async def send(self, infno: str, body: bytes, timeout: float, trade_path: str | None = None,
-                   on_late: LateHandler | None = None) -> Delivery:
-        """Send to the first endpoint that takes it. Raises NotSent or Unknown.
+                   on_late: LateHandler | None = None, endpoint: str | None = None) -> Delivery:
+        """Send to the first endpoint that takes it, or with `endpoint` to that one only. Raises NotSent
+        or Unknown (whose `endpoint` says where it may have arrived).
+
+        Pin a resend, or a reversal, to where the original may have arrived: another endpoint may be
+        another bureau system that never saw it. A pinned send never fails over.
 
         An answer that comes after `timeout` (within the late grace) goes to `on_late`: the caller has
         already been told Unknown and acted on it; the late answer is kept for reconciliation."""
         reasons = []
-        for pool in sorted(self.pools, key=lambda p: p.up is False):  # endpoints that are up first
+        for pool in self._candidates(endpoint):
             try:
                 conn = await pool.acquire()
                 return await self._exchange(pool, conn, infno, body, timeout, trade_path, on_late)
             except NotSent as e:  # provably never left: the next endpoint may take it
                 reasons.append(str(e))
         raise NotSent("; ".join(reasons))
+
+    def _candidates(self, endpoint: str | None) -> list[_Pool]:
+        if endpoint is None:
+            return sorted(self.pools, key=lambda p: p.up is False)  # endpoints that are up first
+        pinned = [p for p in self.pools if p.ep.name == endpoint]
+        if not pinned:
+            raise NotSent(f"endpoint {endpoint} is not configured (any more); nothing was sent")
+        return pinned
 
     def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, body: bytes, timeout: float,
                   trade_path: str | None, on_late: LateHandler | None) -> defer.Deferred[Delivery]:
@@ -186,14 +203,25 @@ class BureauLink:
         result: defer.Deferred[Delivery] = defer.Deferred()
         started = time.perf_counter()
 
+        late_abort: list[Any] = []  # the late-grace abort, once armed
+
         def expire() -> None:
-            result.errback(Unknown(f"{ep.name}: no answer within {timeout:g} s"))
-            self.reactor.callLater(self.cfg.late_grace, conn.transport.abortConnection)
+            # Whatever comes on this connection now is the late answer: it is never given to another
+            # request, so neither a stray answer nor the abort below can reach another trade.
+            conn.reusable = False
+            late_abort.append(self.reactor.callLater(self.cfg.late_grace, conn.transport.abortConnection))
+            result.errback(Unknown(f"{ep.name}: no answer within {timeout:g} s", ep.name))
 
         timer = self.reactor.callLater(timeout, expire)
 
-        def answered(resp: ClientResponse) -> None:
+        def done() -> None:
+            for call in late_abort:
+                if call.active():
+                    call.cancel()
             pool.release(conn)
+
+        def answered(resp: ClientResponse) -> None:
+            done()
             if timer.active():
                 timer.cancel()
                 try:
@@ -204,7 +232,7 @@ class BureauLink:
                 on_late(resp.body)
 
         def failed(f: Failure) -> None:
-            pool.release(conn)
+            done()
             if not timer.active():
                 return  # the caller was told at the timeout
             timer.cancel()
@@ -213,7 +241,7 @@ class BureauLink:
                 pool.mark_up(False)
                 result.errback(NotSent(f"{ep.name}: {e}"))
             else:
-                result.errback(Unknown(f"{ep.name}: {e}"))
+                result.errback(Unknown(f"{ep.name}: {e}", ep.name))
 
         conn.request(self._path(ep, infno, trade_path), body, headers).addCallbacks(answered, failed)
         return result
@@ -221,13 +249,13 @@ class BureauLink:
     def _delivery(self, ep: Endpoint, resp: ClientResponse, seconds: float) -> Delivery:
         metrics.BUREAU_SECONDS.labels(ep.name).observe(seconds)
         if resp.status != 200:
-            raise Unknown(f"{ep.name}: HTTP {resp.status} instead of an envelope")
+            raise Unknown(f"{ep.name}: HTTP {resp.status} instead of an envelope", ep.name)
         if resp.headers.get("content-type", "").startswith(("application/octet-stream", "application/zip")):
             resp.body = envelope.file_answer(resp.body, resp.headers.get("content-disposition", ""))
         try:
             answer = envelope.parse_bureau_answer(resp.body)
         except envelope.BadAnswer as e:
-            raise Unknown(f"{ep.name}: {e}") from None
+            raise Unknown(f"{ep.name}: {e}", ep.name) from None
         return Delivery(answer, resp.body, ep.name, seconds)
 
     def close(self) -> None:

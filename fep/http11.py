@@ -69,7 +69,12 @@ def plain_refusal(status: int, message: str) -> Response:
 
 
 class HTTPServerProtocol(Protocol):
-    """One connection. Requests are answered in order, one at a time (HTTP/1.1 pipelining safe)."""
+    """One connection. Requests are answered in order, one at a time (HTTP/1.1 pipelining safe).
+
+    A refusal (bad HTTP, a body too large) answers the request it refuses, so by HTTP's ordering it
+    must come after every answer already owed on this connection: a client that heard only the refusal
+    would take it for the answer to its first request, and believe a trade failed that stands. Nothing
+    after a refusal is taken; once it is written the connection closes."""
 
     def __init__(self, handler: Handler, max_body: int, peer: str = "", refuse: Refuser = plain_refusal) -> None:
         self._handler = handler
@@ -77,10 +82,13 @@ class HTTPServerProtocol(Protocol):
         self._max_body = max_body
         self._peer = peer
         self._parser = httptools.HttpRequestParser(self)
-        self._pending: deque[tuple[Request, bool]] = deque()
+        # what is owed, in order: requests taken, and at most one refusal, last
+        self._pending: deque[tuple[Request, bool] | Response] = deque()
         self._busy = False
-        self._closing = False
-        self._discarded = 0  # bytes of a refused body read and dropped (lingering close)
+        self._refused = False  # a refusal is queued: nothing more is taken
+        self._drained = True  # False while a refused body is still being read (lingering close)
+        self._finished = False  # the last answer is written; the connection closes once drained
+        self._discarded = 0  # bytes read and dropped after the refusal
         self._reset()
 
     def _reset(self) -> None:
@@ -102,7 +110,7 @@ class HTTPServerProtocol(Protocol):
             self._refuse(413, f"request body of {length} bytes is over the limit of {self._max_body}", linger=True)
 
     def on_body(self, body: bytes) -> None:
-        if self._closing:
+        if self._refused:
             return
         self._size += len(body)
         if self._size > self._max_body:
@@ -111,8 +119,9 @@ class HTTPServerProtocol(Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._closing:  # the end of a refused body: now the client has read our answer
-            self.transport.loseConnection()
+        if self._refused:  # the end of a refused body: the client is now reading, not sending
+            self._drained = True
+            self._close_if_done()
             return
         req = Request(
             method=self._parser.get_method().decode("latin-1"),
@@ -127,33 +136,41 @@ class HTTPServerProtocol(Protocol):
 
     # Twisted
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._refused:
             self._discarded += len(data)
             if self._discarded > LINGER_LIMIT:
                 self.transport.abortConnection()
                 return
+            if self._drained:  # past the refused request: read only so that closing sends no reset
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
-            if not self._closing:
+            if not self._refused:
                 self._refuse(400, f"malformed HTTP request: {e}")
-            self.transport.loseConnection()
+            self._drained = True  # the parser reads no further: whatever follows is dropped
+            self._close_if_done()
 
     def _refuse(self, status: int, message: str, linger: bool = False) -> None:
-        """Answer a request that cannot be taken, then close. With `linger` the rest of the body is read
-        and dropped first, so a client still sending sees our answer instead of a broken pipe."""
-        if self._closing:
+        """Queue the answer to a request that cannot be taken, behind the answers already owed. With
+        `linger` the rest of the body is read and dropped before closing, so a client still sending
+        sees our answer instead of a broken pipe."""
+        if self._refused:
             return
-        self._closing = True
-        self.transport.write(render_response(self._refusal(status, message), keep_alive=False))
-        if not linger:
-            self.transport.loseConnection()
+        self._refused = True
+        self._drained = not linger
+        self._pending.append(self._refusal(status, message))
+        self._next()
 
     def _next(self) -> None:
-        if self._busy or not self._pending:
+        if self._busy or not self._pending or self._finished:
+            return
+        item = self._pending.popleft()
+        if isinstance(item, Response):  # the refusal: always the last thing owed
+            self._finish(item)
             return
         self._busy = True
-        req, keep_alive = self._pending.popleft()
+        req, keep_alive = item
         d = defer.maybeDeferred(self._handler, req)
         d.addErrback(self._internal_error)
         d.addCallback(self._write, keep_alive)
@@ -164,14 +181,23 @@ class HTTPServerProtocol(Protocol):
 
     def _write(self, resp: Response, keep_alive: bool) -> None:
         self._busy = False
-        if self._closing:
+        if not keep_alive:  # the client asked to close: whatever it sent after this is not answered
+            self._pending.clear()
+            self._drained = True
+            self._finish(resp)
             return
         self.transport.write(render_response(resp, keep_alive))
-        if not keep_alive:
-            self._closing = True
-            self.transport.loseConnection()
-            return
         self._next()
+
+    def _finish(self, resp: Response) -> None:
+        self._finished = True
+        self._refused = True  # nothing more is taken
+        self.transport.write(render_response(resp, keep_alive=False))
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self._finished and self._drained:
+            self.transport.loseConnection()
 
 
 REFUSAL_ALERTS = ("unknown ca", "bad certificate", "certificate required", "certificate unknown",
@@ -209,6 +235,7 @@ class HTTPClientProtocol(Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
         self.connected_ok = False
+        self.reusable = True  # False once a request on it timed out: its late answer may still come
         self._requests = 0
         self._received = 0
 
@@ -231,7 +258,7 @@ class HTTPClientProtocol(Protocol):
 
     @property
     def idle(self) -> bool:
-        return self.connected_ok and self._waiting is None and self.transport is not None
+        return self.connected_ok and self.reusable and self._waiting is None and self.transport is not None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -265,7 +292,10 @@ class HTTPClientProtocol(Protocol):
             self.ready.errback(TransportError(f"TLS handshake failed: {why}", sent=False))
         elif self._refused_session(reason):
             self._fail(TransportError(f"TLS handshake failed: the bureau refused our certificate: {why}", sent=False))
-        self._fail(TransportError(f"connection lost before the whole answer: {why}", sent=True))
+        else:
+            self._fail(TransportError(f"connection lost before the whole answer: {why}", sent=True))
+        if not self.closed.called:
+            self.closed.callback(None)
 
     def _refused_session(self, reason: Failure) -> bool:
         """In TLS 1.3 the server checks our certificate after our side has finished the handshake, so its
@@ -275,8 +305,6 @@ class HTTPClientProtocol(Protocol):
             return False
         text = reason.getErrorMessage().lower()
         return any(a in text for a in REFUSAL_ALERTS)
-        if not self.closed.called:
-            self.closed.callback(None)
 
     def _fail(self, err: TransportError) -> None:
         waiting, self._waiting = self._waiting, None

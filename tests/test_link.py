@@ -1,0 +1,319 @@
+"""Both links at the byte level: what the HIS hears on one connection, and what the bureau link calls
+sent, not sent or unknown."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Awaitable, Callable, Iterator
+
+import httptools
+import pytest
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from fep import config, envelope
+from fep.bureau import BureauLink, Delivery, NotSent, Unknown
+from fep.http11 import HTTPClientProtocol, HTTPServerProtocol, Request, Response, TransportError
+from fep.sim.world import LI, ZHANG, Visit, World, free_port, his_msgid, wait_for
+
+
+# ---- the HIS side: HTTP/1.1 pipelining ------------------------------------------------------------------
+
+def _post(body: bytes, path: str = "/fsi/api/rsfComIfsService/callService") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: fep\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class _Responses:
+    """Parses what a server wrote, in order: [(status, body), ...]."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, bytes]] = []
+        self._body: list[bytes] = []
+        self._parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.got.append((self._parser.get_status_code(), b"".join(self._body)))
+        self._body = []
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._parser.feed_data(data)
+        return self.got
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _registration(msgid: str) -> bytes:
+    return envelope.dumps({"infno": "2201", "msgid": msgid, "opter_type": "1", "opter": "his", "opter_name": "HIS",
+                           "input": {"data": {"psn_no": ZHANG["psn_no"], "insutype": ZHANG["insutype"],
+                                              "begntime": "2026-11-23 09:00:00", "mdtrt_cert_type": "02",
+                                              "mdtrt_cert_no": ZHANG["certno"], "ipt_otp_no": f"B{time.time_ns() % 10**12}",
+                                              "atddr_no": "D001", "dr_name": "医生", "dept_code": "01",
+                                              "dept_name": "内科", "caty": "A03"}}})
+
+
+def _pipelined(world: World, data: bytes) -> list[tuple[int, dict]]:
+    with socket.create_connection(("127.0.0.1", world.his_port), timeout=30) as s:
+        s.sendall(data)  # one write: both requests are in the server's hands before it answers either
+        raw = _read_until_closed(s)
+    return [(status, envelope.loads(body)) for status, body in _Responses().feed(raw)]
+
+
+def test_a_request_pipelined_before_garbage_is_answered_first_then_the_400(running: World) -> None:
+    msgid = his_msgid(1)
+    answers = _pipelined(running, _post(_registration(msgid)) + b"THIS IS NOT HTTP\r\n\r\n")
+    assert [status for status, _ in answers] == [200, 400], answers
+    registered, refused = answers[0][1], answers[1][1]
+    assert registered["fep_msgid"] == msgid and registered["infcode"] == 0, registered
+    assert registered["output"]["data"]["mdtrt_id"]
+    assert refused["fep_state"] == "REFUSED" and "malformed HTTP request" in refused["err_msg"]
+    assert running.trade(msgid)["state"] == "ANSWERED"  # what the HIS heard is what the journal holds
+
+
+def test_a_request_pipelined_before_a_too_large_one_is_answered_first_then_the_413(world: World) -> None:
+    world.configure(fep={"his": {"max_body": 4096}})
+    world.start()
+    msgid = his_msgid(2)
+    answers = _pipelined(world, _post(_registration(msgid)) + _post(b"{" + b" " * 8192 + b"}"))
+    assert [status for status, _ in answers] == [200, 413], answers
+    assert answers[0][1]["fep_msgid"] == msgid and answers[0][1]["infcode"] == 0
+    assert "over the limit" in answers[1][1]["err_msg"]
+    assert world.trade(msgid)["state"] == "ANSWERED"
+
+
+class _Later:
+    """A handler whose answers the test gives, one Deferred per request taken."""
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[Request, defer.Deferred[Response]]] = []
+
+    def __call__(self, req: Request) -> defer.Deferred[Response]:
+        d: defer.Deferred[Response] = defer.Deferred()
+        self.taken.append((req, d))
+        return d
+
+    def answer(self, i: int, text: bytes) -> None:
+        self.taken[i][1].callback(Response(200, text))
+
+
+def _server(max_body: int = 1000) -> tuple[HTTPServerProtocol, StringTransport, _Later]:
+    handler = _Later()
+    proto = HTTPServerProtocol(handler, max_body=max_body)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, handler
+
+
+def test_protocol_answers_what_it_took_before_refusing_garbage() -> None:
+    proto, transport, handler = _server()
+    proto.dataReceived(_post(b'{"n": 1}') + _post(b'{"n": 2}') + b"\x00GARBAGE\r\n\r\n")
+    assert [r.body for r, _ in handler.taken] == [b'{"n": 1}']  # one at a time; nothing after garbage runs
+    assert transport.value() == b"" and not transport.disconnecting  # the first answer is still owed
+    handler.answer(0, b"one")
+    assert [r.body for r, _ in handler.taken] == [b'{"n": 1}', b'{"n": 2}']
+    assert transport.value().count(b"HTTP/1.1") == 1 and not transport.disconnecting
+    handler.answer(1, b"two")
+    got = _Responses().feed(transport.value())
+    assert [(s, b) for s, b in got[:2]] == [(200, b"one"), (200, b"two")]
+    assert got[2][0] == 400 and len(got) == 3
+    assert transport.disconnecting
+
+
+def test_protocol_answers_what_it_took_before_refusing_a_body_too_large() -> None:
+    proto, transport, handler = _server(max_body=100)
+    big = b"x" * 300
+    proto.dataReceived(_post(b'{"n": 1}') + _post(big)[:-200])  # the refused body is still arriving
+    assert len(handler.taken) == 1 and transport.value() == b""
+    handler.answer(0, b"one")
+    got = _Responses().feed(transport.value())
+    assert [s for s, _ in got] == [200, 413] and got[0][1] == b"one"
+    assert not transport.disconnecting  # lingering: the client is still sending and must see the 413
+    proto.dataReceived(big[-200:] + _post(b'{"n": 3}'))  # the rest of the refused body, and more
+    assert transport.disconnecting and len(handler.taken) == 1  # nothing after a refusal is taken
+
+
+def test_protocol_refuses_at_once_when_nothing_is_owed() -> None:
+    proto, transport, handler = _server()
+    proto.dataReceived(b"\x00GARBAGE\r\n\r\n")
+    assert [s for s, _ in _Responses().feed(transport.value())] == [400] and transport.disconnecting
+    proto, transport, handler = _server(max_body=100)
+    proto.dataReceived(_post(b"x" * 300)[:-100])
+    assert [s for s, _ in _Responses().feed(transport.value())] == [413] and not transport.disconnecting
+    proto.dataReceived(b"x" * 100)
+    assert transport.disconnecting and handler.taken == []
+
+
+def test_protocol_answers_the_last_request_that_asked_to_close_and_takes_nothing_after_it() -> None:
+    proto, transport, handler = _server()
+    closing = _post(b'{"n": 1}').replace(b"Host: fep\r\n", b"Host: fep\r\nConnection: close\r\n")
+    proto.dataReceived(closing + _post(b'{"n": 2}'))
+    handler.answer(0, b"one")
+    assert [s for s, _ in _Responses().feed(transport.value())] == [200] and transport.disconnecting
+    assert len(handler.taken) == 1
+
+
+# ---- the bureau side: the client protocol alone ---------------------------------------------------------------
+
+def _client(handshake: bool = True) -> tuple[HTTPClientProtocol, StringTransport]:
+    proto, transport = HTTPClientProtocol(), StringTransport()
+    proto.makeConnection(transport)
+    if handshake:
+        proto.handshakeCompleted()
+    return proto, transport
+
+
+def _outcome(d: defer.Deferred[Any]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "not fired"
+    return box[0]
+
+
+def test_client_closed_fires_when_the_connection_is_lost() -> None:
+    for handshake in (False, True):
+        proto, _ = _client(handshake)
+        proto.ready.addErrback(lambda f: None)
+        assert not proto.closed.called
+        proto.connectionLost(Failure(ConnectionError("gone")))
+        assert proto.closed.called and not proto.idle
+
+
+def test_client_a_connection_lost_after_the_request_was_written_is_sent() -> None:
+    proto, transport = _client()
+    d = proto.request("/", b"{}", {"Host": "bureau"})
+    assert transport.value().startswith(b"POST / HTTP/1.1")
+    proto.connectionLost(Failure(ConnectionError("reset")))
+    err = _outcome(d)
+    assert err.check(TransportError) and err.value.sent is True
+    assert proto.closed.called
+
+
+# ---- the bureau side: a connection that timed out ----------------------------------------------------------
+
+def test_a_late_answer_s_connection_is_not_reused_so_its_abort_never_cuts_another_trade(world: World) -> None:
+    """One connection to the bureau. A 2207 times out (2 s) and its answer comes late (2.5 s); fep would cut
+    that connection off at the end of the late grace (4 s after the timeout). A second 2207, answered by the
+    bureau in time (1.6 s, under its 2 s), is in flight at that moment: it must be heard, not reversed."""
+    world.configure(trades={"2207": {"timeout": 2}}, fep={"bureau": {"late_grace": 4, "concurrency": 1}})
+    world.start()
+    first, second = Visit(world.his, ZHANG), Visit(world.his, LI)
+    first.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=2.5, times=1)
+    lost = first.settle()
+    timed_out = time.monotonic()  # within milliseconds of the timeout that armed the late-grace abort
+    assert lost["fep_state"] == "RESOLVING", lost
+    wait_for(lambda: world.trade(lost["fep_msgid"])["late_answer"], what="the late answer")
+    wait_for(lambda: world.trade(lost["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    second.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=1.6, times=1)
+    time.sleep(max(0.0, timed_out + 4 - 0.8 - time.monotonic()))  # in flight from 0.8 s before to 0.8 s after
+    settled = second.settle()
+    assert settled["infcode"] == 0 and settled["fep_state"] == "ANSWERED", settled
+    assert world.trade(settled["fep_msgid"])["state"] == "ANSWERED"
+    assert not world.journal("infno='2601' AND related=?", (settled["fep_msgid"],))
+    world.assert_ledgers_agree()
+
+
+# ---- the bureau link alone, on a real reactor (in a thread) against the real simulator -----------------------
+
+@pytest.fixture(scope="module")
+def reactor() -> Iterator[Any]:
+    from twisted.internet import reactor as r
+
+    thread = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    thread.start()
+    yield r
+    r.callFromThread(r.stop)
+    thread.join(10)
+
+
+def on_reactor(reactor: Any, fn: Callable[[], Awaitable[Any]], timeout: float = 30) -> Any:
+    """Run fn() on the reactor thread and return what it returns (or raise what it raises)."""
+    done, box = threading.Event(), {}
+
+    def start() -> None:
+        try:
+            d = defer.ensureDeferred(fn())  # type: ignore[arg-type]
+        except Exception:
+            d = defer.fail()
+        d.addBoth(lambda r: (box.update(r=r), done.set()))
+
+    reactor.callFromThread(start)
+    assert done.wait(timeout), "the reactor did not finish in time"
+    if isinstance(box["r"], Failure):
+        box["r"].raiseException()
+    return box["r"]
+
+
+def _link(world: World, reactor: Any, endpoints: list[tuple[str, int]], **bureau: Any) -> BureauLink:
+    path = "/fsi/api/rsfComIfsService/callService"
+    world.configure(fep={"bureau": {"endpoints": [{"name": n, "url": f"https://127.0.0.1:{port}{path}",
+                                                   "server_name": "bureau.fep.test"} for n, port in endpoints],
+                                    **bureau}})
+    cfg = config.load(world.fep_config)
+    return on_reactor(reactor, lambda: defer.succeed(BureauLink(reactor, cfg.bureau)))
+
+
+def _query(n: int) -> tuple[str, bytes]:
+    msgid = his_msgid(n)
+    return msgid, envelope.dumps({"infno": "1101", "msgid": msgid,
+                                  "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}}})
+
+
+def _send(reactor: Any, link: BureauLink, body: bytes, **kw: Any) -> Delivery:
+    return on_reactor(reactor, lambda: link.send("1101", body, 5, **kw))
+
+
+def test_a_pinned_send_goes_to_its_endpoint_only_and_never_fails_over(world: World, reactor: Any) -> None:
+    world.start_sim()
+    link = _link(world, reactor, [("sim", world.sim_port), ("dead", free_port())])  # nothing listens on dead
+    try:
+        msgid, body = _query(1)
+        with pytest.raises(NotSent, match="dead"):
+            _send(reactor, link, body, endpoint="dead")
+        assert msgid not in {m for m, _ in world.sim_answers()}  # the sim was up, and never asked
+        assert _send(reactor, link, body, endpoint="sim").endpoint == "sim"
+        with pytest.raises(NotSent, match="not configured"):
+            _send(reactor, link, _query(2)[1], endpoint="elsewhere")
+        # Unpinned, the dead endpoint is tried first once the sim is down too, and the failure names both.
+        world.fault(mode="refuse")
+        with pytest.raises(NotSent, match="sim.*dead|dead.*sim"):
+            _send(reactor, link, _query(3)[1])
+        world.clear_faults()
+        assert _send(reactor, link, _query(4)[1]).endpoint == "sim"
+    finally:
+        on_reactor(reactor, lambda: defer.succeed(link.close()))
+
+
+def test_an_unpinned_send_fails_over_for_what_was_never_sent(world: World, reactor: Any) -> None:
+    world.start_sim()
+    link = _link(world, reactor, [("dead", free_port()), ("sim", world.sim_port)])
+    try:
+        assert _send(reactor, link, _query(1)[1]).endpoint == "sim"
+    finally:
+        on_reactor(reactor, lambda: defer.succeed(link.close()))
+
+
+def test_unknown_names_the_endpoint_the_request_may_have_reached(world: World, reactor: Any) -> None:
+    world.start_sim()
+    link = _link(world, reactor, [("dead", free_port()), ("sim", world.sim_port)])
+    try:
+        world.fault(mode="drop_after", infno="1101", times=2)
+        for pin in (None, "sim"):
+            msgid, body = _query(5)
+            with pytest.raises(Unknown) as lost:
+                _send(reactor, link, body, endpoint=pin)
+            assert lost.value.endpoint == "sim" and msgid in {m for m, _ in world.sim_answers()}
+    finally:
+        on_reactor(reactor, lambda: defer.succeed(link.close()))
