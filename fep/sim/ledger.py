@@ -111,11 +111,17 @@ class Ledger:
         """One trade, atomically: its business writes and its stored answer commit together."""
         received = datetime.now()
         msgid = str(env.get("msgid") or "")
+        infno = str(env.get("infno", ""))
+        sign_no = str(env.get("sign_no") or "")
+        if infno != "9001" and sign_no and not self.conn.execute(
+                "SELECT 1 FROM signins WHERE sign_no=?", (sign_no,)).fetchone():
+            # The session gate: refused before the msgid is looked up, and not remembered as its answer (the
+            # trade was never processed; after signing in again the same msgid is processed as new).
+            return self._answer(-1, f"签到信息不存在，请重新签到(sign_no {sign_no})", {}, received)
         if msgid:
             row = self.conn.execute("SELECT response FROM answers WHERE msgid=?", (msgid,)).fetchone()
             if row:
                 return envelope.loads(row[0])
-        infno = str(env.get("infno", ""))
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             self.conn.execute("SAVEPOINT trade")
@@ -129,9 +135,7 @@ class Ledger:
             if isinstance(output, FileAnswer):  # a download: the file itself, and nothing to remember
                 self.conn.execute("COMMIT")
                 return output
-            answer = {"infcode": code, "inf_refmsgid": self._refmsgid(received),
-                      "refmsg_time": _stamp(received), "respond_time": _stamp(datetime.now()),
-                      "err_msg": err, "warn_msg": None, "cainfo": None, "signtype": None, "output": output}
+            answer = self._answer(code, err, output, received)
             if msgid:
                 self.conn.execute("INSERT INTO answers VALUES (?,?,?,?)",
                                   (msgid, infno, envelope.dumps(answer).decode("utf-8"), _now()))
@@ -141,14 +145,15 @@ class Ledger:
             raise
         return answer
 
+    def _answer(self, code: int, err: str | None, output: Any, received: datetime) -> dict[str, Any]:
+        return {"infcode": code, "inf_refmsgid": self._refmsgid(received), "refmsg_time": _stamp(received),
+                "respond_time": _stamp(datetime.now()), "err_msg": err, "warn_msg": None, "cainfo": None,
+                "signtype": None, "output": output}
+
     def _dispatch(self, infno: str, env: dict[str, Any]) -> Any:
         handler = self.handlers.get(infno)
         if handler is None:
             raise BizError(f"交易编号[{infno}]不存在")
-        sign_no = env.get("sign_no") or ""
-        if infno != "9001" and sign_no and not self.conn.execute(
-                "SELECT 1 FROM signins WHERE sign_no=?", (sign_no,)).fetchone():
-            raise BizError(f"签到信息不存在，请重新签到(sign_no {sign_no})")
         inp = env.get("input")
         if not isinstance(inp, dict):
             raise BizError("input节点缺失")

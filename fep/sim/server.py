@@ -1,7 +1,7 @@
 """`fep sim`: the bureau simulator, a separate process speaking the national envelope over mutual TLS.
 
 Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-HTTP control port on
-loopback (POST /faults, DELETE /faults, GET /ledger,
+loopback (POST /faults, DELETE /faults[?mode=MODE], GET /ledger,
 POST /sessions/expire), so tests and scripts/chaos can break the link
 the way the VPN breaks it.
 """
@@ -27,7 +27,7 @@ from fep.sim.ledger import FileAnswer, Ledger, Person
 
 log = Logger()
 
-MODES = ("refuse", "drop_before", "drop_after", "late", "reset_mid", "error")
+MODES = ("refuse", "drop_before", "drop_after", "late", "slow", "reset_mid", "error")
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Fault:
     infno: tuple[str, ...] = ()
     every: int = 1
     times: int | None = None
-    seconds: float = 0.0  # `late`: answer this long after processing; `refuse`: down this long (0: until cleared)
+    seconds: float = 0.0  # `late`: answer this long after processing; `slow`: process (then answer) this long
+    #                       after the trade arrived; `refuse`: down this long (0: until cleared)
     message: str = "模拟中心错误"
     seen: int = 0
 
@@ -128,8 +129,10 @@ class BureauProtocol(HTTPServerProtocol):
         if mode == "drop_before":
             self.transport.abortConnection()
             return await defer.Deferred()  # never answered
-        if mode == "error":
+        if mode == "error":  # answered at the door: nothing is processed and nothing is stored for the msgid
             return Response(200, envelope.dumps(envelope.local_failure(fault.message, datetime.now())))
+        if mode == "slow":  # a busy bureau: the trade waits before it is processed (and then answered at once)
+            await task.deferLater(self.sim.reactor, fault.seconds)
         result = self.sim.ledger.handle(env)
         if isinstance(result, FileAnswer):
             return Response(200, result.content, {"Content-Disposition": f'attachment; filename="{result.filename}"'},
@@ -199,12 +202,15 @@ class Simulator:
     async def _control(self, req: Request) -> Response:
         if req.method == "GET" and req.path == "/ledger":
             return Response(200, envelope.dumps(self.ledger.settlements()))
-        if req.method == "DELETE" and req.path == "/faults":
-            self.faults.clear()
-            if self._reopen is not None and self._reopen.active():
-                self._reopen.cancel()
-            await self._up()
-            return Response(200, b'{"faults":[]}')
+        path, _, query = req.path.partition("?")
+        if req.method == "DELETE" and path == "/faults":
+            only = dict(p.partition("=")[::2] for p in query.split("&") if p).get("mode")
+            self.faults[:] = [f for f in self.faults if only and f.mode != only]  # ?mode=refuse: only that mode
+            if only in (None, "refuse"):
+                if self._reopen is not None and self._reopen.active():
+                    self._reopen.cancel()
+                await self._up()
+            return Response(200, envelope.dumps({"faults": [f.mode for f in self.faults]}))
         if req.method == "POST" and req.path in ("/ledger/adjust", "/ledger/forget"):
             doc = envelope.loads(req.body)
             if req.path == "/ledger/adjust":
@@ -225,7 +231,7 @@ class Simulator:
             if fault.mode == "refuse":
                 await self._refuse(fault)
             return Response(200, envelope.dumps({"faults": [f.mode for f in self.faults]}))
-        return Response(404, b'{"error":"GET /ledger, POST /faults, DELETE /faults, POST /sessions/expire"}')
+        return Response(404, b'{"error":"GET /ledger, POST /faults, DELETE /faults[?mode=MODE], POST /sessions/expire"}')
 
 
 def run(config_path: Path) -> int:
