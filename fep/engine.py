@@ -186,7 +186,7 @@ class Engine:
             await self._after_deferred_work(trade, psn, answer_by)
         try:
             async with self.lanes.sending(psn if trade.person_ordered else None, f"{trade.infno} {trade.name}",
-                                          within=answer_by - self._now() - trade.timeout):
+                                          within=answer_by - self._now() - trade.timeout) as name:
                 if trade.deferrable and self.lanes.waiting(psn):  # an earlier upload became unknown meanwhile
                     return await self._queue(write)
                 if trade.kind is Kind.UNDO_MONEY and psn:
@@ -195,10 +195,14 @@ class Engine:
                 acc = await write(S.SENT)
                 if not acc.created:
                     return self._reply(acc.row, resubmitted=True)
+                name(f"{trade.infno} {acc.row.msgid}")
                 return await self._forward(trade, acc.row)
-        except LaneBusy as e:
-            raise Refused(409, f"{e}; nothing was sent for this {trade.infno}: send it again (the same msgid) "
-                               f"once that is answered") from None
+        except LaneBusy as e:  # the HIS hears what it waited for, and that nothing left the box
+            acc = await write(S.SENT)
+            if not acc.created:
+                return self._reply(acc.row, resubmitted=True)
+            return await self._not_sent(trade, acc.row, f"{e}, and the bureau may take {trade.timeout:g} s more "
+                                                        f"than the {self.cfg.his.answer_budget:g} s the HIS waits")
 
     async def _queue(self, write: Write) -> Reply:
         acc = await write(S.QUEUED)
@@ -230,7 +234,7 @@ class Engine:
             return await self._not_sent(trade, row, str(e))
         except Unknown as e:
             row = await self.journal.transition(row.msgid, "lost", note=str(e), attempts=row.attempts + 1,
-                                                endpoint=getattr(e, "endpoint", None))
+                                                endpoint=e.endpoint)
             return self._reply(await self.resolver.lost(trade, row))
         return await self._answered(trade, row, delivery)
 
@@ -310,7 +314,7 @@ class Engine:
                 return Step.LATER
             except Unknown as e:
                 row = await self.journal.transition(msgid, "lost", note=str(e), attempts=row.attempts + 1,
-                                                    endpoint=getattr(e, "endpoint", None))
+                                                    endpoint=e.endpoint)
                 await self.resolver.lost(trade, row)
                 return Step.HOLD
         return await self._replayed(trade, row, delivery)

@@ -61,11 +61,13 @@ class Lanes:
 
     # ---- the send slot -------------------------------------------------------------------------
     @asynccontextmanager
-    async def sending(self, psn: str | None, what: str, within: float | None = None) -> AsyncIterator[None]:
-        """Hold the person's send slot while `what` is at the bureau. `within`: seconds to wait for it,
-        then LaneBusy. Without a person there is nothing to order."""
+    async def sending(self, psn: str | None, what: str,
+                      within: float | None = None) -> AsyncIterator[Callable[[str], None]]:
+        """Hold the person's send slot while `what` is at the bureau; yields a way to name it better once
+        it has a msgid. `within`: seconds to wait for the slot, then LaneBusy. Without a person there is
+        nothing to order."""
         if not psn:
-            yield
+            yield lambda _: None
             return
         lane = self._lane(psn)
         acquiring = lane.slot.acquire()
@@ -78,8 +80,12 @@ class Lanes:
             self._forget_if_empty(psn)
             raise LaneBusy(f"this person's {busy or 'earlier trade'} is still at the bureau") from None
         lane.holder = what
+
+        def name(better: str) -> None:
+            lane.holder = better
+
         try:
-            yield
+            yield name
         finally:
             lane.holder = ""
             lane.slot.release()

@@ -219,7 +219,7 @@ class Resolver:
             return Again(0, unsent=True)
         except Unknown as e:
             row = await self._journal.transition(row.msgid, "lost", note=str(e), attempts=row.attempts + 1,
-                                                 endpoint=getattr(e, "endpoint", None) or row.endpoint)
+                                                 endpoint=e.endpoint)
             return Again(self._backoff(row.attempts - 1))
 
     # ---- resolving trades (2601, a dedicated cancel) ---------------------------------------------------------
@@ -291,8 +291,8 @@ class Resolver:
 
     async def _reattempt(self, trade: TradeDef, row: TradeRow, child: TradeRow) -> Again | None:
         refusal = f"{child.infno} {child.msgid} refused: {envelope.loads(child.answer or '{}').get('err_msg')}"
-        if row.attempts + 1 >= self._policy().max_tries:
-            await self._give_up(row, child, f"{row.attempts + 1} tries; last {refusal}")
+        if row.attempts >= self._policy().max_tries:
+            await self._give_up(row, child, f"{row.attempts} tries; last {refusal}")
             return DONE
         await self._undo(trade, row, f"{refusal}; trying again", event="reattempt", attempts=row.attempts + 1)
         return Again(0)
