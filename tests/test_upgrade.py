@@ -1,0 +1,53 @@
+"""Hospitals upgrade in place: a journal written by the previous release opens, is migrated forward in one
+transaction, and every trade in it is picked up where it was."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+from fep.sim.world import ZHANG, Visit, World, wait_for
+
+FIXTURE = Path(__file__).parent / "fixtures" / "journal-v1.db"  # written by the first release (schema 1)
+
+
+def schema(world: World) -> str:
+    with sqlite3.connect(world.dir / "lib" / "journal.db") as c:
+        return c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+
+
+def test_a_journal_of_the_previous_release_opens_and_its_open_trades_are_resolved(world: World) -> None:
+    (world.dir / "lib").mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURE, world.dir / "lib" / "journal.db")
+    before = {r["msgid"]: r for r in world.journal()}
+    world.start()
+    assert schema(world) == "2"
+    after = {r["msgid"]: r for r in world.journal()}
+    assert set(before) <= set(after)  # nothing lost
+    for msgid, row in before.items():  # what was done stays as it was
+        if row["state"] in ("ANSWERED", "NOT_SENT", "REVERSED"):
+            assert after[msgid]["state"] == row["state"]
+            assert (after[msgid]["answer"], after[msgid]["setl_id"]) == (row["answer"], row["setl_id"])
+    # What was at the bureau when the old fep stopped is resolved; the bureau never had these.
+    wait_for(lambda: not world.journal("state IN ('SENT','UNKNOWN','RESOLVING') AND related IS NULL"),
+             timeout=30, what="the old release's open trades to be resolved")
+    settlement = next(m for m, r in before.items() if r["infno"] == "2207" and r["state"] == "SENT")
+    assert world.trade(settlement)["state"] == "NOT_NEEDED"
+    assert world.trade(next(m for m, r in before.items() if r["state"] == "AWAITING_CONFIRM"))["state"] == \
+        "AWAITING_CONFIRM"  # its window goes on from its stored deadline
+    # The msgid counter goes on from where it was: a new trade gets a number never used.
+    answer = Visit(world.his, ZHANG).identify()
+    assert answer["infcode"] == 0 and answer["fep_msgid"] not in before
+
+
+def test_a_journal_newer_than_this_fep_is_refused_at_start_naming_both_versions(world: World) -> None:
+    (world.dir / "lib").mkdir(parents=True, exist_ok=True)
+    path = world.dir / "lib" / "journal.db"
+    shutil.copy(FIXTURE, path)
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    world.start_sim()
+    fep = world.start_fep(wait=False)
+    assert fep.wait(30) != 0
+    assert "schema 99, newer than this fep" in world.log("run")
