@@ -19,11 +19,6 @@ import pytest
 from fep.sim.world import ROOT, ZHANG, Visit, World, parked_settlement, reversed_settlement, wait_for
 
 
-def fep_cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fep.cli", *args, "--admin", str(world.dir / "run" / "admin.sock")],
-                          capture_output=True, text=True, timeout=60, cwd=world.dir)
-
-
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (ROOT / "systemd" / "fep.service").read_text()
@@ -128,30 +123,30 @@ def test_the_admin_cli_shows_status_trades_and_the_whole_life_of_a_trade(running
     visit.up_to_settlement()
     answer = reversed_settlement(running, visit)
 
-    status = json.loads(fep_cli(running, "status", "--json").stdout)
+    status = json.loads(running.cli("status", "--json").stdout)
     assert status["signed_in"] and status["endpoints"][0]["up"] and status["needs_attention"] == []
-    human = fep_cli(running, "status").stdout
+    human = running.cli("status").stdout
     assert "signed in: yes" in human and "certificates: hospital expires in" in human
 
-    rows = json.loads(fep_cli(running, "trades", "--state", "REVERSED", "--json").stdout)
+    rows = json.loads(running.cli("trades", "--state", "REVERSED", "--json").stdout)
     assert [r["msgid"] for r in rows] == [answer["fep_msgid"]]
-    listing = fep_cli(running, "trades", "--person", ZHANG["psn_no"], "--infno", "2207").stdout
+    listing = running.cli("trades", "--person", ZHANG["psn_no"], "--infno", "2207").stdout
     assert answer["fep_msgid"] in listing and listing.splitlines()[0].split()[:4] == ["created", "msgid", "infno", "state"]
 
-    show = fep_cli(running, "show", answer["fep_msgid"]).stdout
+    show = running.cli("show", answer["fep_msgid"]).stdout
     for event in ("accept", "lost", "resolve", "undone"):
         assert event in show
     assert answer["fep_resolver"] in show and "2601" in show
-    assert fep_cli(running, "show", "H00000000000000000000000000000").returncode != 0
+    assert running.cli("show", "H00000000000000000000000000000").returncode != 0
 
 
 def test_a_parked_reversal_is_sent_again_by_fep_replay(running: World) -> None:
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
     answer = parked_settlement(running, visit)
-    assert [a["msgid"] for a in json.loads(fep_cli(running, "status", "--json").stdout)["needs_attention"]] == [
+    assert [a["msgid"] for a in json.loads(running.cli("status", "--json").stdout)["needs_attention"]] == [
         answer["fep_msgid"]]
-    replayed = fep_cli(running, "replay", answer["fep_msgid"])
+    replayed = running.cli("replay", answer["fep_msgid"])
     assert replayed.returncode == 0, replayed.stderr
     wait_for(lambda: running.trade(answer["fep_msgid"])["state"] == "REVERSED", what="the reversal")
     running.assert_ledgers_agree()
@@ -164,9 +159,9 @@ def test_fep_reverse_undoes_a_settlement_made_behind_fep_s_back(running: World) 
     rogue = "H43010000001" + time.strftime("%Y%m%d%H%M%S") + "9999"
     assert running.bypass("2207", rogue, visit.settlement_input())["infcode"] == 0
     assert [s["msgid"] for s in running.ledger()] == [rogue]
-    refused = fep_cli(running, "reverse", rogue)
+    refused = running.cli("reverse", rogue)
     assert refused.returncode != 0 and "give its trade number and psn_no" in refused.stderr
-    done = fep_cli(running, "reverse", rogue, "--infno", "2207", "--person", ZHANG["psn_no"], "--json")
+    done = running.cli("reverse", rogue, "--infno", "2207", "--person", ZHANG["psn_no"], "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["infcode"] == 0
     assert [s["state"] for s in running.ledger()] == ["reversed"]
@@ -204,7 +199,7 @@ def test_the_trade_counts_shown_are_the_journal_s_own(running: World) -> None:
     visit.up_to_settlement()
     reversed_settlement(running, visit)
     assert Visit(running.his, ZHANG).identify()["infcode"] == 0
-    shown = json.loads(fep_cli(running, "status", "--json").stdout)["trades_by_state"]
+    shown = json.loads(running.cli("status", "--json").stdout)["trades_by_state"]
     counted: dict[str, int] = {}
     for row in running.journal():
         counted[row["state"]] = counted.get(row["state"], 0) + 1

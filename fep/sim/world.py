@@ -4,6 +4,7 @@ real fep daemon, as processes, over real mutual TLS on loopback, each with its s
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -11,9 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -208,6 +210,74 @@ class World:
         assert reversed_at_bureau <= reversed_here, f"reversed at the bureau but not in the journal: " \
                                                     f"{reversed_at_bureau - reversed_here}"
 
+    # ---- scenarios (tests/test_agreement.py, tests/test_stranded.py): the operator's and auditor's tools ----
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The `fep` admin command, run as the operator runs it, against this world's admin socket."""
+        return subprocess.run([sys.executable, "-m", "fep.cli", *args, "--admin", str(self.dir / "run" / "admin.sock")],
+                              capture_output=True, text=True, timeout=60, cwd=self.dir)
+
+    def end_outage(self) -> None:
+        """The bureau is reachable again (the `refuse` fault cleared); every other fault stays armed."""
+        _http("DELETE", self.control_port, "/faults?mode=refuse")
+
+    def wait_state(self, msgid: str, *states: str, timeout: float = 20) -> dict[str, Any]:
+        """The journal row once it is in one of `states`; on a timeout, the failure says where it is instead."""
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.trade(msgid)
+            if row["state"] in states:
+                return row
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{row['infno']} {msgid} is still {row['state']} after {timeout} s, not "
+                                     f"{' or '.join(states)} (note: {row['note']}); events {self.events(msgid)}")
+            time.sleep(0.05)
+
+    def history(self, msgid: str) -> list[tuple[str, str, str | None]]:
+        """(event, state, note) of each transition of a trade, oldest first: what `fep show` prints."""
+        with sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True) as c:
+            return c.execute("SELECT event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,)).fetchall()
+
+    def sim_answer(self, msgid: str) -> dict[str, Any] | None:
+        """The answer the bureau stored for a msgid it processed (None: it never processed it)."""
+        with sqlite3.connect(self.dir / "sim" / "ledger.db") as c:
+            row = c.execute("SELECT response FROM answers WHERE msgid=?", (msgid,)).fetchone()
+        return envelope.loads(row[0]) if row else None
+
+    def live(self) -> list[str]:
+        """The msgids of the settlements (and cancels) the bureau holds in force, in its own order."""
+        return [s["msgid"] for s in self.ledger() if s["state"] == "live"]
+
+    @contextmanager
+    def outage(self) -> Iterator[None]:
+        """The bureau is down (connections refused) inside the block, and back up after it."""
+        self.fault(mode="refuse")
+        try:
+            yield
+        finally:
+            self.clear_faults()
+
+    @contextmanager
+    def journal_on_tmpfs(self, options: str) -> Iterator[Path]:
+        """fep's journal directory (lib/) on a tmpfs of its own, mounted with `options` ("ro", "size=8m").
+        Skips the test when not root or when the mount fails. fep and the simulator are stopped before the
+        tmpfs is unmounted, whatever happens."""
+        import pytest
+
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        lib = self.dir / "lib"
+        lib.mkdir(parents=True, exist_ok=True)
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(lib)], capture_output=True,
+                               text=True)
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs on {lib}: {mount.stderr.strip()}")
+        try:
+            yield lib
+        finally:
+            self.stop()
+            if subprocess.run(["umount", str(lib)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(lib)], capture_output=True)
+
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> None:
     for k, v in changes.items():
@@ -298,6 +368,40 @@ class Visit:
         answer = self.upload_fees()
         assert answer["infcode"] == 0, answer
 
+    # ---- scenarios: the HIS's other calls, and what HTTP status it got ---------------------------------------
+    def post(self, infno: str, input_: dict[str, Any], msgid: str | None = None) -> tuple[int, dict[str, Any]]:
+        """The same request as `his.call`, with the HTTP status too (a 4xx is a refusal nothing journalled)."""
+        env: dict[str, Any] = {"infno": infno, "input": input_, "opter_type": "1", "opter": "his",
+                               "opter_name": "HIS"}
+        if msgid:
+            env["msgid"] = msgid
+        return self.his.request("POST", "/fsi/api/rsfComIfsService/callService", envelope.dumps(env))
+
+    def identity_input(self) -> dict[str, Any]:
+        return {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": self.person["certno"]}}
+
+    def cancel_input(self, setl_id: str) -> dict[str, Any]:
+        return {"data": {"setl_id": setl_id, "mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"]}}
+
+    def reversal_input(self, omsgid: str, oinfno: str = "2207") -> dict[str, Any]:
+        """What the HIS sends to have one of its own trades reversed (2601)."""
+        return {"data": {"psn_no": self.person["psn_no"], "omsgid": omsgid, "oinfno": oinfno}}
+
+    def discharge(self) -> dict[str, Any]:
+        return self.his.call("2402", {"dscginfo": {"mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"],
+                                                   "insutype": self.person["insutype"],
+                                                   "endtime": "2026-11-23 11:00:00", "dscg_way": "1"}})
+
+    def another(self, fees: list[tuple[str, str, str]] | None = None) -> Visit:
+        """A second batch of fees in this same visit (same mdtrt_id)."""
+        more = Visit(self.his, self.person, fees or [("250101001", "1", "30.00")])
+        more.mdtrt_id = self.mdtrt_id
+        return more
+
+    def bad_upload(self) -> Visit:
+        """Fees in this visit with a code the bureau does not know: it refuses the 2204 (医保目录编码不存在)."""
+        return self.another([("NOT-A-NATIONAL-CODE", "1", "1.00")])
+
 
 def reversed_settlement(world: World, visit: Visit) -> dict[str, Any]:
     """A 2207 the bureau settles but whose answer it drops, so fep reverses it (2601). Returns what the
@@ -323,3 +427,34 @@ def parked_settlement(world: World, visit: Visit) -> dict[str, Any]:
 def his_msgid(n: int) -> str:
     """A well-formed msgid chosen by the HIS (a different institution code from fep's own)."""
     return f"H43010000099{time.strftime('%Y%m%d%H%M%S')}{n % 10000:04d}"
+
+
+# ---- scenarios: shared arrangements (tests/test_agreement.py, tests/test_stranded.py) -------------------------
+def settled_visit(world: World, person: dict[str, str]) -> tuple[Visit, dict[str, Any]]:
+    """A visit opened, its fees uploaded and settled, all answered by the bureau: (the visit, the 2207's answer)."""
+    visit = Visit(world.his, person)
+    visit.up_to_settlement()
+    answer = visit.settle()
+    assert answer["infcode"] == 0, said(answer)
+    return visit, answer
+
+
+def said(answer: dict[str, Any]) -> str:
+    """What the HIS heard, in one line, for an assertion's message."""
+    return (f"{answer.get('fep_state')} infcode {answer.get('infcode')}: {answer.get('err_msg') or ''} "
+            f"{answer.get('fep_note') or ''}").strip()
+
+
+def setl_id(answer: dict[str, Any]) -> str:
+    return str(answer["output"]["setlinfo"]["setl_id"])
+
+
+def parked_upload(world: World, visit: Visit) -> dict[str, Any]:
+    """An upload acknowledged as queued while the bureau was down, which the bureau refuses when it is replayed
+    (an unknown code), so fep parks it (NEEDS_ATTENTION). The bureau is up afterwards. Returns what the HIS
+    heard (QUEUED)."""
+    with world.outage():
+        answer = visit.bad_upload().upload_fees()
+        assert answer["fep_state"] == "QUEUED", said(answer)
+    world.wait_state(answer["fep_msgid"], "NEEDS_ATTENTION")
+    return answer
