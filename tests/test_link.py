@@ -10,12 +10,16 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import httptools
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from fep import config, envelope
-from fep.bureau import BureauLink, Delivery, NotSent, Unknown
+from fep import config, envelope, tls
+from fep.bureau import BureauLink, Delivery, NotSent, Unknown, _Pool
+from fep.config import Endpoint, TLSFiles
 from fep.http11 import HTTPClientProtocol, HTTPServerProtocol, Request, Response, TransportError
 from fep.sim.world import LI, ZHANG, Visit, World, free_port, his_msgid, wait_for
 
@@ -197,6 +201,84 @@ def test_client_a_connection_lost_after_the_request_was_written_is_sent() -> Non
     err = _outcome(d)
     assert err.check(TransportError) and err.value.sent is True
     assert proto.closed.called
+
+
+class _Wire:
+    """A client and a server over real TLS in memory: bytes move only when the test moves them, and a
+    closed connection is reported (connectionLost) only when the test says so."""
+
+    def __init__(self, pki: Any, server_app: Any) -> None:
+        self.clock = task.Clock()  # Twisted's TLS transport flushes small writes on the next tick
+        creator = tls.client_options(TLSFiles(pki / "ca.pem", pki / "hospital.pem", pki / "hospital.key"),
+                                     "bureau.fep.test")
+        server = tls.server_options(TLSFiles(pki / "ca.pem", pki / "bureau.pem", pki / "bureau.key"))
+        self.client = HTTPClientProtocol()
+        self.client_tls = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: self.client),
+                                              self.clock).buildProtocol(None)
+        self.server_tls = TLSMemoryBIOFactory(server, False, Factory.forProtocol(lambda: server_app),
+                                              self.clock).buildProtocol(None)
+        self.ct, self.st = StringTransport(), StringTransport()
+        self.client_tls.makeConnection(self.ct)
+        self.server_tls.makeConnection(self.st)
+        self.pump()
+
+    def to_client(self) -> bool:
+        self.clock.advance(0)
+        data, _ = self.st.value(), self.st.clear()
+        if data:
+            self.client_tls.dataReceived(data)
+        return bool(data)
+
+    def to_server(self) -> bool:
+        self.clock.advance(0)
+        data, _ = self.ct.value(), self.ct.clear()
+        if data:
+            self.server_tls.dataReceived(data)
+        return bool(data)
+
+    def pump(self) -> None:
+        while self.to_server() | self.to_client():
+            pass
+
+
+def _bureau_app() -> HTTPServerProtocol:
+    return HTTPServerProtocol(lambda req: Response(200, b'{"infcode": 0}'), max_body=1000)
+
+
+def test_client_an_idle_connection_the_bureau_closed_is_not_used_and_a_request_on_it_is_not_sent(pki_dir) -> None:
+    """The bureau closes an idle connection (close_notify, then FIN). Between fep reading the close_notify
+    and its connectionLost there is a reactor turn in which the connection still looked idle; a request
+    written then is dropped by the TLS layer, and was reported as possibly sent (Unknown)."""
+    app = _bureau_app()
+    wire = _Wire(pki_dir, app)
+    assert wire.client.ready.called and wire.client.idle
+    first = wire.client.request("/", b"{}", {"Host": "bureau"})
+    wire.pump()
+    assert _outcome(first).status == 200 and wire.client.idle
+    app.transport.loseConnection()  # the bureau's idle timeout
+    wire.to_client()  # its close_notify is read; the TCP close is not seen yet
+    assert not wire.client.idle, "the pool would hand this connection to a trade"
+    second = wire.client.request("/", b"{}", {"Host": "bureau"})
+    wire.client_tls.connectionLost(Failure(ConnectionDone()))
+    err = _outcome(second)
+    assert err.check(TransportError) and err.value.sent is False, err
+
+
+def test_pool_skips_an_idle_connection_the_bureau_closed_and_connects_afresh(pki_dir) -> None:
+    app = _bureau_app()
+    stale = _Wire(pki_dir, app)
+    ep = Endpoint("sim", "https://127.0.0.1:1/", "127.0.0.1", 1, "/", "bureau.fep.test")
+    pool = _Pool(task.Clock(), ep, None, size=1, connect_timeout=1, source=None)  # type: ignore[arg-type]
+    fresh = _Wire(pki_dir, _bureau_app())
+
+    async def connect() -> HTTPClientProtocol:
+        return fresh.client
+
+    pool._connect = connect  # type: ignore[method-assign]
+    pool.count, pool.idle = 1, [stale.client]
+    app.transport.loseConnection()
+    stale.to_client()
+    assert _outcome(defer.ensureDeferred(pool.acquire())) is fresh.client and pool.count == 1
 
 
 # ---- the bureau side: a connection that timed out ----------------------------------------------------------
