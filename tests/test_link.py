@@ -207,8 +207,8 @@ class _Wire:
     """A client and a server over real TLS in memory: bytes move only when the test moves them, and a
     closed connection is reported (connectionLost) only when the test says so."""
 
-    def __init__(self, pki: Any, server_app: Any) -> None:
-        self.clock = task.Clock()  # Twisted's TLS transport flushes small writes on the next tick
+    def __init__(self, pki: Any, server_app: Any, clock: task.Clock | None = None) -> None:
+        self.clock = clock or task.Clock()  # Twisted's TLS transport flushes small writes on the next tick
         creator = tls.client_options(TLSFiles(pki / "ca.pem", pki / "hospital.pem", pki / "hospital.key"),
                                      "bureau.fep.test")
         server = tls.server_options(TLSFiles(pki / "ca.pem", pki / "bureau.pem", pki / "bureau.key"))
@@ -305,6 +305,30 @@ def test_a_late_answer_s_connection_is_not_reused_so_its_abort_never_cuts_anothe
     assert world.trade(settled["fep_msgid"])["state"] == "ANSWERED"
     assert not world.journal("infno='2601' AND related=?", (settled["fep_msgid"],))
     world.assert_ledgers_agree()
+
+
+def test_link_a_late_answer_closes_its_connection_and_disarms_the_abort(world: World, pki_dir) -> None:
+    clock, bureau = task.Clock(), _Later()
+    wire = _Wire(pki_dir, HTTPServerProtocol(bureau, max_body=10000), clock)
+    world.configure(fep={"bureau": {"late_grace": 4, "concurrency": 1}})
+    link = BureauLink(clock, config.load(world.fep_config).bureau)
+    pool = link.pools[0]
+
+    async def connect() -> HTTPClientProtocol:
+        return wire.client
+
+    pool._connect = connect  # type: ignore[method-assign]
+    late: list[bytes] = []
+    sent = defer.ensureDeferred(link.send("2207", b"{}", 1, on_late=late.append))
+    wire.pump()
+    assert len(bureau.taken) == 1
+    clock.advance(1)
+    assert _outcome(sent).check(Unknown)
+    bureau.answer(0, b'{"infcode": 0}')
+    wire.pump()
+    assert late == [b'{"infcode": 0}']
+    assert pool.idle == [] and pool.count == 0, "the connection went back to the pool"
+    assert not [c for c in clock.getDelayedCalls() if c.active()], "the late-grace abort is still armed"
 
 
 # ---- the bureau link alone, on a real reactor (in a thread) against the real simulator -----------------------
