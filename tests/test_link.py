@@ -284,9 +284,9 @@ def test_pool_skips_an_idle_connection_the_bureau_closed_and_connects_afresh(pki
 # ---- the bureau side: a connection that timed out ----------------------------------------------------------
 
 def test_a_late_answer_s_connection_is_not_reused_so_its_abort_never_cuts_another_trade(world: World) -> None:
-    """One connection to the bureau. A 2207 times out (2 s) and its answer comes late (2.5 s); fep would cut
-    that connection off at the end of the late grace (4 s after the timeout). A second 2207, answered by the
-    bureau in time (1.6 s, under its 2 s), is in flight at that moment: it must be heard, not reversed."""
+    """One connection to the bureau. A 2207 times out (2 s) and its answer comes late (2.5 s); the late-grace
+    abort of that connection was armed for 4 s after the timeout. A second 2207, answered by the bureau in
+    time (1.6 s, under its 2 s), is in flight at that moment: it must be heard, not reversed."""
     world.configure(trades={"2207": {"timeout": 2}}, fep={"bureau": {"late_grace": 4, "concurrency": 1}})
     world.start()
     first, second = Visit(world.his, ZHANG), Visit(world.his, LI)
@@ -417,8 +417,8 @@ def test_unknown_names_the_endpoint_the_request_may_have_reached(world: World, r
     link = _link(world, reactor, [("dead", free_port()), ("sim", world.sim_port)])
     try:
         world.fault(mode="drop_after", infno="1101", times=2)
-        for pin in (None, "sim"):
-            msgid, body = _query(5)
+        for n, pin in ((5, None), (6, "sim")):
+            msgid, body = _query(n)
             with pytest.raises(Unknown) as lost:
                 _send(reactor, link, body, endpoint=pin)
             assert lost.value.endpoint == "sim" and msgid in {m for m, _ in world.sim_answers()}
