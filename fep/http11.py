@@ -249,6 +249,9 @@ class HTTPClientProtocol(Protocol):
 
     def request(self, path: str, body: bytes, headers: dict[str, str]) -> defer.Deferred[ClientResponse]:
         assert self._waiting is None, "one request at a time on a connection"
+        if self._closing():  # the write would be dropped on the floor: provably not sent
+            self.connected_ok = False
+            return defer.fail(TransportError("the connection was closed before the request was written", sent=False))
         head = [f"POST {path} HTTP/1.1", f"Content-Length: {len(body)}"]
         head.extend(f"{k}: {v}" for k, v in headers.items())
         self._waiting = defer.Deferred()
@@ -258,7 +261,19 @@ class HTTPClientProtocol(Protocol):
 
     @property
     def idle(self) -> bool:
-        return self.connected_ok and self.reusable and self._waiting is None and self.transport is not None
+        return self.connected_ok and self.reusable and self._waiting is None and not self._closing()
+
+    def _closing(self) -> bool:
+        """Closed or closing below us, though connectionLost has not come yet. A bureau closing an idle
+        connection sends close_notify, and the TLS layer drops every write after reading it; our
+        connectionLost comes only once the TCP connection is down, a reactor turn or more later."""
+        t = self.transport
+        if t is None or not self.connected_ok or t.disconnecting:
+            return True
+        if getattr(getattr(t, "transport", None), "disconnecting", False):  # TCP under TLS: shut down
+            return True
+        handle = t.getHandle() if hasattr(t, "getHandle") else None
+        return isinstance(handle, SSL.Connection) and bool(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
