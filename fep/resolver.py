@@ -198,7 +198,7 @@ class Resolver:
         if self._markers().transient_refusal(ans):  # "not now" is no answer to a resend: still unknown
             row = await self._journal.transition(row.msgid, "lost", note=f"the bureau answered the resend with "
                                                  f"a transient error: {ans.err_msg}", attempts=row.attempts + 1)
-            return Again(self._backoff(row.attempts - 1))
+            return Again(self._backoff(row.attempts))
         fields = recorded(trade, row, outcome)
         if not ans.ok and trade.deferrable:  # a promise the bureau refuses: a person must see it
             await self._journal.transition(row.msgid, "give_up", note=f"the bureau refused the promised "
@@ -220,7 +220,7 @@ class Resolver:
         except Unknown as e:
             row = await self._journal.transition(row.msgid, "lost", note=str(e), attempts=row.attempts + 1,
                                                  endpoint=e.endpoint)
-            return Again(self._backoff(row.attempts - 1))
+            return Again(self._backoff(row.attempts))
 
     # ---- resolving trades (2601, a dedicated cancel) ---------------------------------------------------------
     async def _undo(self, trade: TradeDef, row: TradeRow, why: str, event: str = "resolve",

@@ -9,7 +9,7 @@ import threading
 import time
 
 from fep import envelope
-from fep.catalog import Catalog
+from fep.trades import TradeBook
 from fep.sim.world import ROOT, ZHANG, Visit, World, his_msgid, parked_upload, said, wait_for
 
 
@@ -81,7 +81,7 @@ def test_probes_while_the_bureau_is_down_do_not_use_up_a_queued_upload_s_tries(r
 def test_a_parked_discharge_sent_on_by_fep_replay_ends_with_the_bureau_s_answer(running: World) -> None:
     """A 2402 (on_unknown: person) whose answer was lost is parked; the operator sends it on with fep replay: it
     ends with the bureau's answer for its msgid, not UNKNOWN for good. (The simulator has no 2402, so its answer
-    is a business refusal, which is an answer too.)"""
+    is a business refusal: a promised upload the bureau refuses stays parked, now with the bureau's answer.)"""
     visit = Visit(running.his, ZHANG)
     visit.open()
     running.fault(mode="drop_after", infno="2402", times=1)
@@ -89,20 +89,21 @@ def test_a_parked_discharge_sent_on_by_fep_replay_ends_with_the_bureau_s_answer(
     running.wait_state(msgid, "NEEDS_ATTENTION")
     replayed = running.cli("replay", msgid)
     assert replayed.returncode == 0, replayed.stderr
-    row = running.wait_state(msgid, "ANSWERED", timeout=10)
+    row = wait_for(lambda: (r := running.trade(msgid))["answer"] and r, what="the bureau's answer to the replay")
+    assert row["state"] == "NEEDS_ATTENTION" and "refused" in row["note"]
     bureau = running.sim_answer(msgid)
     assert bureau is not None
     ours = envelope.loads(row["answer"])
     assert (ours["infcode"], ours["err_msg"]) == (bureau["infcode"], bureau["err_msg"])
     heard = running.his.lookup(msgid)
-    assert (heard["infcode"], heard["fep_state"]) == (bureau["infcode"], "ANSWERED"), said(heard)
+    assert (heard["infcode"], heard["err_msg"]) == (bureau["infcode"], bureau["err_msg"]), said(heard)
 
 
 def test_a_reversal_waiting_out_its_backoff_does_not_hold_up_the_person_s_next_settlement(world: World) -> None:
     """A settlement's 2601 got no answer and waits 20 s before it is repeated, longer than the HIS is told to wait
     for any answer (10 s); meanwhile the same person's next visit settles at once, instead of waiting behind the
     backoff and failing as not sent."""
-    short = {infno: {"timeout": 5} for infno in Catalog.load(ROOT / "conf" / "trades.yaml").trades}
+    short = {infno: {"timeout": 5} for infno in TradeBook.load(ROOT / "conf" / "trades.yaml").defs}
     world.configure(trades=short, fep={"his": {"answer_budget": 10}, "resolution": {"backoff": [0, 20]}})
     world.start()
     first, second = Visit(world.his, ZHANG), Visit(world.his, ZHANG)
