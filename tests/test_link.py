@@ -408,6 +408,10 @@ def test_an_unpinned_send_fails_over_for_what_was_never_sent(world: World, react
     link = _link(world, reactor, [("dead", free_port()), ("sim", world.sim_port)])
     try:
         assert _send(reactor, link, _query(1)[1]).endpoint == "sim"
+        sim = link.pools[1]
+        kept = list(sim.idle)
+        assert _send(reactor, link, _query(2)[1]).endpoint == "sim"
+        assert sim.idle == kept and len(kept) == sim.count == 1  # a healthy connection is reused
     finally:
         on_reactor(reactor, lambda: defer.succeed(link.close()))
 
