@@ -285,6 +285,7 @@ class Views:
 class Finding:
     msgid: str
     why: str
+    also: tuple[str, ...] = ()  # msgids whose three views help to read this one
 
 
 @dataclass
@@ -316,6 +317,7 @@ def judge(v: Views) -> Verdict:
     for m, t in told_settled.items():
         h, s = t.last, v.settle_by_msgid.get(m)
         assert h is not None
+        also: tuple[str, ...] = ()
         if s is None:
             why = f"told settled ({h.setl_id}); the bureau has no settlement for this msgid"
         elif s["state"] == "reversed":
@@ -326,11 +328,13 @@ def judge(v: Views) -> Verdict:
             why = f"told medfee {h.medfee}; the bureau holds {s['medfee']}"
         elif s["state"] == "cancelled" and not any(
                 c["msgid"] in told_cancels for c in v.cancels_of.get(s["setl_id"], []) if c["state"] != "reversed"):
-            cancels = ", ".join(f"{c['setl_id']} (msgid {c['msgid']})" for c in v.cancels_of.get(s["setl_id"], []))
+            rows = v.cancels_of.get(s["setl_id"], [])
+            cancels = ", ".join(f"{c['setl_id']} (msgid {c['msgid']})" for c in rows)
             why = f"the bureau holds {s['setl_id']} cancelled by {cancels or '?'}; the HIS never heard that cancel succeed"
+            also = tuple(c["msgid"] for c in rows)
         else:
             continue
-        f["told_settled_bureau_disagrees"].append(Finding(m, why))
+        f["told_settled_bureau_disagrees"].append(Finding(m, why, also))
     for m, t in told_cancels.items():
         c = v.cancel_by_msgid.get(m)
         s = v.by_setl_id.get(t.target or "")
@@ -344,7 +348,7 @@ def judge(v: Views) -> Verdict:
             why = f"told {t.target} cancelled; the bureau holds it {s['state'] if s else 'not at all'}"
         else:
             continue
-        f["told_settled_bureau_disagrees"].append(Finding(m, why))
+        f["told_settled_bureau_disagrees"].append(Finding(m, why, (s["msgid"],) if s else ()))
 
     # 2. The bureau holds money the HIS was not told about.
     for m, s in v.settle_by_msgid.items():
@@ -364,7 +368,8 @@ def judge(v: Views) -> Verdict:
         rows.sort(key=lambda r: _int(r["setl_id"]) or 0)
         for extra in rows[1:]:
             f["double_charge"].append(Finding(extra["msgid"], f"visit {visit} has {len(rows)} live settlements at the "
-                                                              f"bureau: {', '.join(r['setl_id'] for r in rows)}"))
+                                                              f"bureau: {', '.join(r['setl_id'] for r in rows)}",
+                                              tuple(r["msgid"] for r in rows if r is not extra)))
     his_by_visit: dict[str, list[HisTrade]] = defaultdict(list)
     for t in told_settled.values():
         if t.last and t.last.setl_id not in cancelled_by_his:
@@ -374,7 +379,8 @@ def judge(v: Views) -> Verdict:
         for extra in ts[1:]:
             if not any(d.msgid == extra.msgid for d in f["double_charge"]):
                 f["double_charge"].append(Finding(extra.msgid, f"the HIS was told visit {visit} is settled "
-                                                               f"{len(ts)} times: {', '.join(t.msgid for t in ts)}"))
+                                                               f"{len(ts)} times: {', '.join(t.msgid for t in ts)}",
+                                                  tuple(t.msgid for t in ts if t is not extra)))
 
     # Parks: a business reason is one the run provoked (an unknown national code, the injected business
     # refusal), and only while the bureau does not hold the trade as done.
@@ -413,10 +419,11 @@ def judge(v: Views) -> Verdict:
     # The first business park of each person, in the order the HIS sent: by design (docs/trade-life.md,
     # 'ordering has a failure policy') the person's later uploads wait behind it until a person acts.
     park_seq: dict[str, int] = {}
+    park_of: dict[str, str] = {}
     for m in business:
         t = his.get(m)
-        if t is not None and t.infno in DEFERRABLE:
-            park_seq[t.psn_no] = min(park_seq.get(t.psn_no, 1 << 60), t.seq)
+        if t is not None and t.infno in DEFERRABLE and t.seq < park_seq.get(t.psn_no, 1 << 60):
+            park_seq[t.psn_no], park_of[t.psn_no] = t.seq, m
     held: list[Finding] = []
 
     def behind_business_park(t: HisTrade | None, j: JRow | None) -> bool:
@@ -433,7 +440,7 @@ def judge(v: Views) -> Verdict:
             continue  # listed with the business parks
         j = v.journal.get(m)
         if behind_business_park(t, j):
-            held.append(Finding(m, f"queued behind the business park of person {t.psn_no}"))
+            held.append(Finding(m, f"queued behind the business park of person {t.psn_no}", (park_of[t.psn_no],)))
             continue
         b = v.bureau_outcome(m, t.infno)
         how = "queued" if any(h.state == "QUEUED" for h in t.heard) else "delivered (infcode 0)"
@@ -455,7 +462,8 @@ def judge(v: Views) -> Verdict:
             if latest is not None and a.pos < latest.pos:
                 f["upload_out_of_order"].append(Finding(
                     t.msgid, f"person {psn}: the HIS sent it (#{t.seq}) after {latest.msgid} "
-                             f"(#{his[latest.msgid].seq}); the bureau processed it first (#{a.pos} before #{latest.pos})"))
+                             f"(#{his[latest.msgid].seq}); the bureau processed it first (#{a.pos} before #{latest.pos})",
+                    (latest.msgid,)))
             if latest is None or a.pos > latest.pos:
                 latest = a
 
@@ -466,14 +474,17 @@ def judge(v: Views) -> Verdict:
             j = v.journal.get(m)
             if behind_business_park(t, j):
                 if not any(x.msgid == m for x in held):
-                    held.append(Finding(m, f"queued behind the business park of person {t.psn_no}"))
+                    held.append(Finding(m, f"queued behind the business park of person {t.psn_no}",
+                                        (park_of[t.psn_no],)))
                 continue
             f["unresolved"].append(Finding(m, f"the HIS's last answer: {h.brief() if h else 'none (fep never answered)'}"))
     seen = {x.msgid for x in f["unresolved"]} | {x.msgid for x in held}
     for j in sorted(v.journal.values(), key=lambda j: j.id):
         if j.state in OPEN and j.msgid not in seen:
-            if behind_business_park(his.get(j.msgid), j):
-                held.append(Finding(j.msgid, "queued behind a business park of the same person"))
+            t = his.get(j.msgid)
+            if t is not None and behind_business_park(t, j):
+                held.append(Finding(j.msgid, f"queued behind the business park of person {t.psn_no}",
+                                    (park_of[t.psn_no],)))
                 continue
             f["unresolved"].append(Finding(j.msgid, f"the journal holds it {j.state} ({j.infno}"
                                                     + (f", resolving {j.related})" if j.related else ")")))
@@ -549,9 +560,12 @@ def judge(v: Views) -> Verdict:
             if any((_int(c2["setl_id"]) or 0) < at for c2 in v.cancels_of.get(later["setl_id"], [])
                    if c2["state"] != "reversed"):
                 continue  # it was cancelled before this cancel
+            cancelled_row = v.by_setl_id.get(c["refd_setl_id"])
             f["refund_order_broken"].append(Finding(c["msgid"], f"the bureau cancelled {c['refd_setl_id']} (by "
                                                                 f"{c['setl_id']}) while the later {later['setl_id']} "
-                                                                f"(msgid {later['msgid']}) was in force"))
+                                                                f"(msgid {later['msgid']}) was in force",
+                                                    tuple(x for x in (cancelled_row["msgid"] if cancelled_row else "",
+                                                                      later["msgid"]) if x)))
             break
     for m, t in told_cancels.items():
         if t.purpose == "old-cancel" and not any(x.msgid == m for x in f["refund_order_broken"]):
@@ -913,7 +927,7 @@ class Chaos(threading.Thread):
         self.world, self.tally, self.rng, self.trades = world, tally, rng, trades
         self.fep_kills, self.sim_kills = fep_kills, sim_kills
         self.done = threading.Event()
-        self.kills_done = threading.Event()
+        self.complete = threading.Event()
         self.armed: Counter[str] = Counter()
         self.expiries = 0
         self.fep_killed = self.sim_killed = 0
@@ -952,7 +966,7 @@ class Chaos(threading.Thread):
             w.restart_sim()
         else:
             r = self.rng.random()
-            if r < 0.06:
+            if r < 0.04:
                 w.expire_sessions()
                 self.expiries += 1
             elif r < 0.16:
@@ -962,8 +976,9 @@ class Chaos(threading.Thread):
             else:
                 for _ in range(self.rng.randint(1, 3)):
                     self.arm()
-        if self.fep_killed >= self.fep_kills and self.sim_killed >= self.sim_kills:
-            self.kills_done.set()
+        if (self.fep_killed >= self.fep_kills and self.sim_killed >= self.sim_kills and self.expiries
+                and len(self.armed) == len(fault_combos())):
+            self.complete.set()  # every kill made, every fault combination met, sessions expired
 
     def arm(self, combo: tuple[str, str | None] | None = None) -> None:
         """Switch on a fault: the next of a shuffled cycle through every combination, so all are met."""
@@ -985,6 +1000,13 @@ class Chaos(threading.Thread):
             spec = {"mode": mode, "infno": infno, "times": times}
         self.world.fault(**spec)
         self.armed[f"{mode} {infno or 'all'}"] += 1
+        # Faults on trades fep makes itself need those trades to flow: a reversal follows a settlement
+        # whose answer is dropped, a sign-in follows expired sessions.
+        if infno == "2601":
+            self.world.fault(mode="drop_after", infno="2207", times=1)
+        elif infno == "9001" and self.rng.random() < 0.3:
+            self.world.expire_sessions()
+            self.expiries += 1
 
 
 def quiesce(world: World, seconds: float, still_for: float = 12.0) -> tuple[int, float]:
@@ -1014,10 +1036,11 @@ def render(verdict: Verdict, views: Views, run: dict[str, Any], first: int) -> t
     doc: dict[str, Any] = {
         "figures": {FIGURES[k]: n for k, n in counts.items()},
         "failed": [FIGURES[k] for k in verdict.failed()],
-        "details": {FIGURES[k]: [{"msgid": x.msgid, "why": x.why, **views.three(x.msgid)} for x in v[:first]]
+        "details": {FIGURES[k]: [{"msgid": x.msgid, "why": x.why, **views.three(x.msgid),
+                                  "also": {m: views.three(m) for m in x.also}} for x in v[:first]]
                     for k, v in verdict.figures.items() if v},
         "needs attention with a business reason": [{"msgid": x.msgid, "why": x.why} for x in verdict.business_parks],
-        "queued behind a business park (by design)": [{"msgid": x.msgid, "why": x.why}
+        "queued behind a business park (by design)": [{"msgid": x.msgid, "why": x.why, "park": x.also[0]}
                                                       for x in verdict.held_behind_business],
         "info": verdict.info,
         "run": run,
@@ -1037,11 +1060,15 @@ def render(verdict: Verdict, views: Views, run: dict[str, Any], first: int) -> t
             three = views.three(x.msgid)
             lines += [f"  {x.msgid}: {x.why}", f"      HIS:     {three['his']}", f"      journal: {three['journal']}",
                       f"      bureau:  {three['bureau']}"]
+            for m in x.also:
+                three = views.three(m)
+                lines += [f"    and {m}:", f"      HIS:     {three['his']}", f"      journal: {three['journal']}",
+                          f"      bureau:  {three['bureau']}"]
     lines += ["", f"needs attention with a business reason (allowed): {len(verdict.business_parks)}"]
     lines += [f"  {x.msgid}: {x.why}" for x in verdict.business_parks[:first]]
     if verdict.held_behind_business:
-        lines += [f"queued behind such a park, by design: {len(verdict.held_behind_business)}"]
-        lines += [f"  {x.msgid}: {x.why}" for x in verdict.held_behind_business[:first]]
+        lines += [f"queued behind such a park, by design (a person releases it): {len(verdict.held_behind_business)}"]
+        lines += [f"  {x.msgid}: {x.why} ({', '.join(x.also)})" for x in verdict.held_behind_business[:first]]
     lines += ["", "info:"]
     for k, v in {**verdict.info, **{k: v for k, v in run.items() if k not in ("faults armed by kind",)}}.items():
         lines.append(f"  {k}: {v}")
@@ -1089,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_at = time.monotonic() + max_seconds
 
         def more() -> bool:
-            return time.monotonic() < stop_at and (tally.sent < args.trades or not chaos.kills_done.is_set())
+            return time.monotonic() < stop_at and (tally.sent < args.trades or not chaos.complete.is_set())
 
         clients = min(args.clients, n_persons)
         workers = [threading.Thread(target=Workstation(world, tally, i, people[i::clients], random.Random(rng.random()),
