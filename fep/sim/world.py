@@ -115,6 +115,38 @@ class World:
         self.fep.wait()
         self.kills += 1
 
+    # ---- the simulator crashes too (scripts/chaos) ------------------------------------------------------
+    sim_kills = 0
+
+    @property
+    def sim_ledger_path(self) -> Path:
+        """The bureau's ledger file (settlements, answers): scripts/chaos reads it read-only."""
+        return self.dir / "sim" / "ledger.db"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.dir / "lib" / "journal.db"
+
+    def kill_sim(self) -> None:
+        """SIGKILL the bureau simulator: trades in flight die with it, its ledger keeps what it committed."""
+        assert self.sim is not None
+        self.sim.send_signal(signal.SIGKILL)
+        self.sim.wait()
+        self.sim_kills += 1
+
+    def restart_sim(self) -> None:
+        """Start the simulator again on the same ledger and ports. Its faults were in memory and are gone;
+        its settlements, stored answers and sign-ins are in the ledger and stay."""
+        if self.sim is not None and self.sim.poll() is None:
+            return
+        self.start_sim()
+
+    def sim_alive(self) -> bool:
+        return self.sim is not None and self.sim.poll() is None
+
+    def fep_alive(self) -> bool:
+        return self.fep is not None and self.fep.poll() is None
+
     def stop(self) -> None:
         for proc in (self.fep, self.sim):
             if proc is not None and proc.poll() is None:
