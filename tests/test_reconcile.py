@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -139,3 +140,18 @@ def test_a_bureau_only_settlement_in_a_group_the_journal_has_nothing_in_is_found
     assert group["fixmedins_setl_cnt"] == 0 and group["result"] == "不平"
     [d] = group["differences"]
     assert d["kind"] == "settled at the bureau, unknown to the journal (单边账)" and d["msgid"] == rogue
+
+
+def test_a_settlement_left_unresolved_just_before_midnight_keeps_the_next_day_from_balancing(running: World) -> None:
+    """A 2207 sent at 23:59:58 may be settled by the bureau after midnight: the next day's reconciliation lists
+    it among the unknown outcomes, because that day cannot balance until it is resolved."""
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    msgid = parked_settlement(running, visit)["fep_msgid"]
+    running.kill_fep()
+    midnight = time.mktime(date.today().timetuple())
+    with sqlite3.connect(running.dir / "lib" / "journal.db") as c:
+        c.execute("UPDATE trades SET created=? WHERE msgid=?", (midnight - 2, msgid))
+    running.start_fep()
+    run = reconcile(running, "--format", "json")
+    assert [u["msgid"] for u in json.loads(run.stdout)["unresolved"]] == [msgid], run.stdout + run.stderr
