@@ -1,0 +1,155 @@
+"""Each room of the engine alone, on the bench of tests/rooms.py: a real journal on a temp file, a Clock
+for time, a scripted bureau link. Milliseconds each."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from fep import envelope, refunds, session as session_room
+from fep.confirm import ConfirmWindows, NotAwaiting
+from fep.journal import NewTrade, TradeRow
+from fep.lanes import LaneBusy, Lanes, Step
+from fep.session import Session, SignInFailed
+from fep.states import State
+from tests.rooms import (NOT_SIGNED_IN, START, Bench, Desk, Hang, Policy, bench, late, lost, not_sent, ok,  # noqa: F401
+                         refused, settled, visit)
+
+S = State
+
+
+# ==== lanes: one send at a time per person; deferred work in arrival order ==========================
+class Gate:
+    """Something at the bureau until the test lets it answer."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self._open: dict[str, defer.Deferred[None]] = {}
+
+    async def at_bureau(self, lanes: Lanes, psn: str, what: str, within: float | None = None) -> str:
+        async with lanes.sending(psn, what, within=within):
+            self.log.append(f"{what} sent")
+            self._open[what] = d = defer.Deferred()
+            await d
+            self.log.append(f"{what} answered")
+        return what
+
+    def answer(self, what: str) -> None:
+        self._open.pop(what).callback(None)
+
+
+class Replays:
+    """The lanes' `deliver`: records what it was asked to send; answers with the scripted step per msgid
+    (NEXT when nothing is scripted)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.steps: dict[str, list[Step]] = {}
+
+    async def __call__(self, msgid: str) -> Step:
+        self.sent.append(msgid)
+        steps = self.steps.get(msgid)
+        return steps.pop(0) if steps else Step.NEXT
+
+
+def test_a_person_has_one_trade_at_the_bureau_at_a_time_and_nobody_else_waits_for_them(bench: Bench) -> None:
+    lanes, gate = Lanes(bench.clock, Replays()), Gate()
+    first = defer.ensureDeferred(gate.at_bureau(lanes, "ZHANG", "2207 zhang's settlement"))
+    second = defer.ensureDeferred(gate.at_bureau(lanes, "ZHANG", "2208 zhang's cancel"))
+    other = defer.ensureDeferred(gate.at_bureau(lanes, "LI", "2207 li's settlement"))
+    # Zhang's cancel waits for his settlement to come back; Li's settlement goes at once.
+    assert gate.log == ["2207 zhang's settlement sent", "2207 li's settlement sent"]
+    gate.answer("2207 li's settlement")
+    assert bench.run(other) == "2207 li's settlement"
+    assert "2208 zhang's cancel sent" not in gate.log
+    gate.answer("2207 zhang's settlement")
+    assert bench.run(first) and gate.log[-1] == "2208 zhang's cancel sent"
+    gate.answer("2208 zhang's cancel")
+    assert bench.run(second) == "2208 zhang's cancel"
+
+
+def test_a_persons_deferred_work_drains_in_the_order_it_arrived(bench: Bench) -> None:
+    replays = Replays()
+    lanes = Lanes(bench.clock, replays)
+    for msgid in ("zhang-2203", "zhang-2204-a", "zhang-2204-b"):
+        lanes.defer("ZHANG", msgid)
+    lanes.defer("LI", "li-2204")
+    lanes.defer("ZHANG", "zhang-2203")  # a second defer of the same work changes nothing
+    assert lanes.waiting("ZHANG") == ["zhang-2203", "zhang-2204-a", "zhang-2204-b"]
+    lanes.kick_all()
+    bench.settle()
+    assert replays.sent == ["zhang-2203", "zhang-2204-a", "zhang-2204-b", "li-2204"]
+    assert lanes.waiting("ZHANG") == [] and lanes.people() == []
+
+
+def test_work_that_holds_the_queue_stops_the_drain_and_later_work_waits_behind_it(bench: Bench) -> None:
+    replays = Replays()
+    lanes = Lanes(bench.clock, replays)
+    replays.steps["zhang-2204-a"] = [Step.HOLD, Step.HOLD]  # parked: the bureau refused it
+    for msgid in ("zhang-2204-a", "zhang-2204-b"):
+        lanes.defer("ZHANG", msgid)
+    lanes.kick("ZHANG")
+    bench.settle()
+    assert replays.sent == ["zhang-2204-a"] and lanes.waiting("ZHANG") == ["zhang-2204-a", "zhang-2204-b"]
+    lanes.kick("ZHANG")  # the next tick: still parked
+    bench.settle()
+    assert replays.sent == ["zhang-2204-a", "zhang-2204-a"]
+    lanes.done("ZHANG", "zhang-2204-a")  # a person dropped it: the rest goes on
+    lanes.kick("ZHANG")
+    bench.settle()
+    assert replays.sent[-1] == "zhang-2204-b" and lanes.waiting("ZHANG") == []
+
+
+def test_an_unreachable_bureau_stops_the_drain_and_the_next_kick_resumes_it_at_the_same_head(bench: Bench) -> None:
+    replays = Replays()
+    lanes = Lanes(bench.clock, replays)
+    replays.steps["zhang-2203"] = [Step.LATER]
+    for msgid in ("zhang-2203", "zhang-2204"):
+        lanes.defer("ZHANG", msgid)
+    lanes.kick("ZHANG")
+    bench.settle()
+    assert replays.sent == ["zhang-2203"] and lanes.waiting("ZHANG") == ["zhang-2203", "zhang-2204"]
+    assert not lanes.draining("ZHANG") and lanes.people() == ["ZHANG"]
+    lanes.kick("ZHANG")
+    bench.settle()
+    assert replays.sent == ["zhang-2203", "zhang-2203", "zhang-2204"] and lanes.people() == []
+
+
+def test_a_lane_with_nothing_left_is_forgotten_however_many_people_came(bench: Bench) -> None:
+    replays = Replays()
+    lanes, gate = Lanes(bench.clock, replays), Gate()
+    for n in range(2000):
+        psn = f"P{n:05d}"
+        sending = defer.ensureDeferred(gate.at_bureau(lanes, psn, f"2207 of {psn}"))
+        busy = defer.ensureDeferred(gate.at_bureau(lanes, psn, f"2208 of {psn}", within=0.5))
+        lanes.defer(psn, f"{psn}-2204")
+        lanes.kick(psn)
+        bench.wait(0.5)  # the cancel gives up waiting
+        with pytest.raises(LaneBusy):
+            bench.run(busy)
+        gate.answer(f"2207 of {psn}")
+        bench.run(sending)
+    assert len(replays.sent) == 2000 and lanes.people() == []
+    assert lanes._lanes == {}  # nothing kept per person once they are through
+    assert bench.clock.getDelayedCalls() == []
+
+
+def test_a_trade_that_cannot_get_the_persons_slot_in_time_is_told_what_holds_it(bench: Bench) -> None:
+    lanes = Lanes(bench.clock, Replays())
+    holding: defer.Deferred[None] = defer.Deferred()
+
+    async def settlement() -> None:
+        async with lanes.sending("ZHANG", "2207 门诊结算") as name:
+            name("2207 H43010000001202611230900000001")  # once it has its msgid
+            await holding
+
+    first = defer.ensureDeferred(settlement())
+    with pytest.raises(LaneBusy, match="2207 H43010000001202611230900000001 is still at the bureau"):
+        bench.run(Gate().at_bureau(lanes, "ZHANG", "2208 门诊结算撤销", within=5.0), advance=1.0)
+    assert bench.clock.seconds() - START == pytest.approx(5.0)
+    holding.callback(None)
+    bench.run(first)
+    assert lanes._lanes == {}
