@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from fep import envelope, refunds, session as session_room
 from fep.confirm import ConfirmWindows, NotAwaiting
@@ -153,3 +153,89 @@ def test_a_trade_that_cannot_get_the_persons_slot_in_time_is_told_what_holds_it(
     holding.callback(None)
     bench.run(first)
     assert lanes._lanes == {}
+
+
+# ==== session: one sign_no a day ====================================================================
+class SignIns:
+    """A fake 9001 for the session alone: answers `after` seconds later on the clock (None: at once),
+    with SIGN0001, SIGN0002, ... or, while `failing`, with SignInFailed."""
+
+    def __init__(self, bench: Bench, after: float | None = 0.2) -> None:
+        self.bench, self.after = bench, after
+        self.asked = 0
+        self.failing = False
+
+    def __call__(self) -> defer.Deferred[str]:
+        self.asked += 1
+        n, failing = self.asked, self.failing
+
+        def answer() -> str:
+            if failing:
+                raise SignInFailed("9001 refused: 操作员不存在")
+            return f"SIGN{n:04d}"
+
+        if self.after is None:
+            return defer.maybeDeferred(answer)
+        return task.deferLater(self.bench.clock, self.after, answer)
+
+
+def test_many_trades_at_once_sign_in_once_and_all_go_under_that_sign_no(bench: Bench) -> None:
+    sign_ins = SignIns(bench)
+    session = Session(bench.now, sign_ins, NOT_SIGNED_IN)
+    morning = [defer.ensureDeferred(session.ensure()) for _ in range(50)]
+    assert bench.run(defer.gatherResults(morning), advance=0.1) == ["SIGN0001"] * 50
+    assert sign_ins.asked == 1 and session.signed_in
+    bench.wait(3600)  # later that day
+    assert bench.run(defer.gatherResults([defer.ensureDeferred(session.ensure()) for _ in range(10)])) == \
+        ["SIGN0001"] * 10
+    assert sign_ins.asked == 1
+
+
+def test_a_failed_sign_in_is_not_tried_again_before_retry_after(bench: Bench) -> None:
+    sign_ins = SignIns(bench)
+    sign_ins.failing = True
+    session = Session(bench.now, sign_ins, NOT_SIGNED_IN)
+    assert bench.run(session.ensure(), advance=0.1) == ""  # no session yet: the trade goes without one
+    failed_at = bench.now()
+    assert sign_ins.asked == 1 and not session.signed_in
+    for _ in range(20):  # trades keep coming while the bureau refuses sign-in: none of them signs in
+        bench.wait((session_room.RETRY_AFTER - 0.1) / 20)
+        assert bench.run(session.ensure()) == ""
+    assert sign_ins.asked == 1
+    sign_ins.failing = False
+    bench.wait(failed_at + session_room.RETRY_AFTER - bench.now())
+    assert bench.run(session.ensure(), advance=0.1) == "SIGN0002"
+    assert sign_ins.asked == 2 and session.signed_in
+
+
+def test_forgetting_a_stale_sign_no_changes_nothing_forgetting_the_current_one_signs_in_again(bench: Bench) -> None:
+    sign_ins = SignIns(bench)
+    session = Session(bench.now, sign_ins, NOT_SIGNED_IN)
+    assert bench.run(session.ensure(), advance=0.1) == "SIGN0001"
+    session.forget("SIGN0000")  # a trade sent under yesterday's session was refused: not ours to undo
+    assert session.signed_in and bench.run(session.ensure()) == "SIGN0001" and sign_ins.asked == 1
+    assert session.refused("签到信息不存在，请重新签到") and not session.refused("原交易不存在")
+    session.forget("SIGN0001")  # the bureau does not know the current one
+    assert not session.signed_in
+    assert bench.run(session.ensure(), advance=0.1) == "SIGN0002" and sign_ins.asked == 2
+
+
+def test_the_first_trade_after_midnight_signs_in_again(bench: Bench) -> None:
+    sign_ins = SignIns(bench)
+    session = Session(bench.now, sign_ins, NOT_SIGNED_IN)
+    bench.wait_until(datetime(2026, 11, 23, 23, 59, 50))
+    assert bench.run(session.ensure(), advance=0.1) == "SIGN0001"
+    bench.wait_until(datetime(2026, 11, 23, 23, 59, 59))
+    assert session.signed_in and bench.run(session.ensure()) == "SIGN0001"
+    bench.wait_until(datetime(2026, 11, 24, 0, 0, 1))
+    assert not session.signed_in
+    assert bench.run(session.ensure(), advance=0.1) == "SIGN0002" and sign_ins.asked == 2
+
+
+def test_a_sign_in_that_answers_at_once_does_not_keep_the_session_from_signing_in_again(bench: Bench) -> None:
+    """A sign_in whose awaitable has already fired (e.g. a journal that fails at once) is still a sign-in."""
+    sign_ins = SignIns(bench, after=None)
+    session = Session(bench.now, sign_ins, NOT_SIGNED_IN)
+    assert bench.run(session.ensure()) == "SIGN0001"
+    session.forget("SIGN0001")
+    assert bench.run(session.ensure()) == "SIGN0002" and sign_ins.asked == 2
