@@ -239,3 +239,70 @@ def test_a_sign_in_that_answers_at_once_does_not_keep_the_session_from_signing_i
     assert bench.run(session.ensure()) == "SIGN0001"
     session.forget("SIGN0001")
     assert bench.run(session.ensure()) == "SIGN0002" and sign_ins.asked == 2
+
+
+# ==== refunds: last settlement first, in the bureau's order =========================================
+MONEY = ("2207", "2208", "2304", "2305")
+SETTLING = frozenset({"2207", "2304"})
+
+
+def settle_in_journal(bench: Bench, psn: str, setl_id: str, setl_time: str, infno: str = "2207") -> TradeRow:
+    """A settlement the bureau answered, journalled as the engine records it."""
+    row = bench.accept(infno, {"psn_no": psn, "mdtrt_id": f"M-{setl_id}"})
+    answer = envelope.dumps({"infcode": 0, "output": {"setlinfo": {"setl_id": setl_id, "setl_time": setl_time}}})
+    return bench.run(bench.journal.transition(row.msgid, "answer", answer=answer.decode(), setl_id=setl_id))
+
+
+def cancel_in_journal(bench: Bench, psn: str, settlement: TradeRow, setl_id: str) -> TradeRow:
+    row = bench.accept("2208", {"psn_no": psn, "setl_id": settlement.setl_id, "mdtrt_id": "M"})
+    answer = envelope.dumps({"infcode": 0, "output": {"setlinfo": {"setl_id": setl_id, "setl_time": ""}}})
+    return bench.run(bench.journal.transition(row.msgid, "answer", answer=answer.decode(), setl_id=setl_id,
+                                              cancels=settlement.setl_id))
+
+
+def in_force(bench: Bench, psn: str) -> list[TradeRow]:
+    return refunds.in_force(bench.run(bench.journal.settlements_of(psn, MONEY)), SETTLING)
+
+
+def test_the_bureaus_order_is_its_settlement_time_then_its_id_never_the_journals_row_order(bench: Bench) -> None:
+    # The morning's 2207 met a dead link and was settled only at 10:05; the 10:01 one was journalled after it.
+    late_one = settle_in_journal(bench, "ZHANG", "S0000000009", "2026-11-23 10:05:00")
+    early = settle_in_journal(bench, "ZHANG", "S0000000011", "2026-11-23 10:01:00")
+    same_second_low = settle_in_journal(bench, "ZHANG", "S0000000010", "2026-11-23 10:03:00")
+    same_second_high = settle_in_journal(bench, "ZHANG", "S0000000100", "2026-11-23 10:03:00")
+    settle_in_journal(bench, "LI", "S0000000001", "2026-11-23 11:00:00")  # another person's
+    assert [r.msgid for r in in_force(bench, "ZHANG")] == [early.msgid, same_second_low.msgid,
+                                                          same_second_high.msgid, late_one.msgid]
+
+
+def test_only_the_bureaus_last_settlement_of_the_person_may_be_cancelled(bench: Bench) -> None:
+    first = settle_in_journal(bench, "ZHANG", "S1", "2026-11-23 10:05:00")  # settled last, journalled first
+    settle_in_journal(bench, "ZHANG", "S2", "2026-11-23 10:01:00")
+    settlements = in_force(bench, "ZHANG")
+    with pytest.raises(refunds.OutOfOrder, match=f"cancel S1 \\(2207, msgid {first.msgid}\\) before S2"):
+        refunds.check_cancel(settlements, "S2")
+    refunds.check_cancel(settlements, "S1")  # the last one: fine
+    refunds.check_cancel(settlements, "S-settled-elsewhere")  # not fep's: the bureau decides
+
+
+def test_cancelled_settlements_do_not_count_for_refund_order(bench: Bench) -> None:
+    first = settle_in_journal(bench, "ZHANG", "S1", "2026-11-23 10:01:00")
+    last = settle_in_journal(bench, "ZHANG", "S2", "2026-11-23 10:05:00")
+    with pytest.raises(refunds.OutOfOrder):
+        refunds.check_cancel(in_force(bench, "ZHANG"), "S1")
+    cancel_in_journal(bench, "ZHANG", last, "C2")
+    assert [r.msgid for r in in_force(bench, "ZHANG")] == [first.msgid]  # the cancel is no settlement either
+    refunds.check_cancel(in_force(bench, "ZHANG"), "S1")
+
+
+def test_a_reversal_of_a_trade_fep_does_not_hold_waits_for_what_the_bureau_settled_after_it(bench: Bench) -> None:
+    settle_in_journal(bench, "ZHANG", "S1", "2026-11-23 10:01:00")
+    settlements = in_force(bench, "ZHANG")
+    made = datetime(2026, 11, 23, 10, 0, 30).timestamp()  # a 2207 settled behind fep's back, before S1
+    with pytest.raises(refunds.OutOfOrder, match="cancel S1 .* before the reversal of H43"):
+        refunds.check_reversal(settlements, "H43010000001202611231000300001", made)
+    # made in the same second as S1 or after: S1 is not provably later
+    refunds.check_reversal(settlements, "H43010000001202611231001000001",
+                           datetime(2026, 11, 23, 10, 1, 0).timestamp() + 0.5)
+    refunds.check_reversal(settlements, "H43010000001202611231002000001",
+                           datetime(2026, 11, 23, 10, 2, 0).timestamp())
