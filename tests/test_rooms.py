@@ -306,3 +306,86 @@ def test_a_reversal_of_a_trade_fep_does_not_hold_waits_for_what_the_bureau_settl
                            datetime(2026, 11, 23, 10, 1, 0).timestamp() + 0.5)
     refunds.check_reversal(settlements, "H43010000001202611231002000001",
                            datetime(2026, 11, 23, 10, 2, 0).timestamp())
+
+
+# ==== confirm: the HIS confirms a held settlement within its window =================================
+WINDOW = 60.0
+
+
+class Undo:
+    """What the resolver does when a window closes (the `expired` callback): journal the 2601 that undoes
+    the settlement, moving it to RESOLVING."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.closed: list[TradeRow] = []
+
+    async def __call__(self, row: TradeRow) -> None:
+        self.closed.append(row)
+        env = {"infno": "2601", "input": {"data": {"psn_no": row.psn_no, "omsgid": row.msgid, "oinfno": row.infno}}}
+        await self.bench.journal.resolve_with(row.msgid, NewTrade("2601", None, row.psn_no, S.SENT,
+                                                                  envelope.payload_hash(env), env, related=row.msgid),
+                                              "the HIS did not confirm in time")
+
+
+def held_settlement(bench: Bench, windows: ConfirmWindows) -> TradeRow:
+    """A 2207 the bureau settled, held until the HIS confirms it recorded it, its window armed."""
+    row = bench.accept("2207", {"psn_no": "ZHANG", "mdtrt_id": "M1"})
+    row = bench.run(bench.journal.transition(row.msgid, "answer_held", deadline=bench.now() + WINDOW, setl_id="S1",
+                                             answer='{"infcode":0,"output":{}}'))
+    windows.arm(row)
+    return row
+
+
+def test_a_confirm_in_the_window_holds_the_settlement_and_the_window_never_closes(bench: Bench) -> None:
+    undo = Undo(bench)
+    windows = ConfirmWindows(bench.clock, bench.now, bench.journal, undo)
+    row = held_settlement(bench, windows)
+    bench.wait(WINDOW - 1)
+    assert bench.run(windows.confirm(row.msgid)).state is S.CONFIRMED
+    assert bench.clock.getDelayedCalls() == []  # the window's timer is cancelled
+    bench.wait(2 * WINDOW)
+    assert undo.closed == [] and bench.row(row.msgid).state is S.CONFIRMED
+
+
+def test_a_window_that_closes_unconfirmed_has_the_settlement_undone(bench: Bench) -> None:
+    undo = Undo(bench)
+    windows = ConfirmWindows(bench.clock, bench.now, bench.journal, undo)
+    row = held_settlement(bench, windows)
+    bench.wait(WINDOW - 0.1)
+    assert undo.closed == []
+    bench.wait(0.1)
+    assert [r.msgid for r in undo.closed] == [row.msgid] and undo.closed[0].state is S.AWAITING_CONFIRM
+    assert bench.row(row.msgid).state is S.RESOLVING and bench.failures == []
+
+
+def test_a_confirm_after_the_window_closed_is_refused(bench: Bench) -> None:
+    undo = Undo(bench)
+    windows = ConfirmWindows(bench.clock, bench.now, bench.journal, undo)
+    row = held_settlement(bench, windows)
+    bench.wait(WINDOW + 5)
+    with pytest.raises(NotAwaiting, match=f"trade {row.msgid} is RESOLVING, not awaiting confirmation"):
+        bench.run(windows.confirm(row.msgid))
+    assert bench.row(row.msgid).state is S.RESOLVING
+
+
+def test_confirming_twice_is_fine(bench: Bench) -> None:
+    windows = ConfirmWindows(bench.clock, bench.now, bench.journal, Undo(bench))
+    row = held_settlement(bench, windows)
+    first = bench.run(windows.confirm(row.msgid))
+    again = bench.run(windows.confirm(row.msgid))  # the HIS did not hear the first answer
+    assert first.state is again.state is S.CONFIRMED and again.msgid == row.msgid
+
+
+def test_a_confirm_racing_the_close_is_refused_like_one_after_the_close(bench: Bench) -> None:
+    """The window closes (its timer has fired) and the HIS's confirm comes in the same instant, before the
+    undo is journalled: the window is closed, so the confirm is NotAwaiting and the settlement is undone."""
+    undo = Undo(bench)
+    windows = ConfirmWindows(bench.clock, bench.now, bench.journal, undo)
+    row = held_settlement(bench, windows)
+    bench.clock.advance(WINDOW)  # the window closes now ...
+    racing = defer.ensureDeferred(windows.confirm(row.msgid))  # ... and the confirm arrives, by a hair later
+    with pytest.raises(NotAwaiting):
+        bench.run(racing)
+    bench.settle()
+    assert bench.row(row.msgid).state is S.RESOLVING and len(undo.closed) == 1
