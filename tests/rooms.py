@@ -184,10 +184,10 @@ class Bench:
         real_deadline = time.monotonic() + REAL_LIMIT
         started = self.clock.seconds()
         while True:
+            if done():  # checked before each queued call: what comes after the result stays queued
+                return
             if self._pump_one(0):
                 continue
-            if done():
-                return
             left = real_deadline - time.monotonic()
             if left <= 0:
                 raise self._hang(what, f"still waiting after {REAL_LIMIT:g} s of real time", started)

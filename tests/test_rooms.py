@@ -4,8 +4,6 @@ for time, a scripted bureau link. Milliseconds each."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
-
 import pytest
 from twisted.internet import defer, task
 
@@ -15,7 +13,7 @@ from fep.journal import NewTrade, TradeRow
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.session import Session, SignInFailed
 from fep.states import State
-from tests.rooms import (NOT_SIGNED_IN, START, Bench, Desk, Hang, Policy, bench, late, lost, not_sent, ok,  # noqa: F401
+from tests.rooms import (NOT_SIGNED_IN, START, Bench, Desk, Policy, bench, late, lost, not_sent,  # noqa: F401
                          refused, settled, visit)
 
 S = State
@@ -389,3 +387,168 @@ def test_a_confirm_racing_the_close_is_refused_like_one_after_the_close(bench: B
         bench.run(racing)
     bench.settle()
     assert bench.row(row.msgid).state is S.RESOLVING and len(undo.closed) == 1
+
+
+# ==== resolver: what became of a trade whose outcome is unknown =====================================
+@pytest.fixture
+def desk(bench: Bench) -> Desk:
+    return Desk(bench)
+
+
+def sends(desk: Desk, infno: str) -> list[tuple[str, str | None]]:
+    """Each send of `infno`: (msgid, the endpoint it was pinned to)."""
+    return [(c.msgid, c.endpoint) for c in desk.link.sent(infno)]
+
+
+def test_a_lost_settlement_is_reversed_where_it_went_even_when_another_endpoint_is_up(desk: Desk) -> None:
+    desk.link.unreachable = {"bureau-a"}  # bureau-a is down: the 2207 goes to bureau-b ...
+    desk.link.script("2207", lost())  # ... and no answer comes back
+    row = desk.run(desk.his_sends("2207", **visit()))
+    assert row.state is S.RESOLVING and row.endpoint == "bureau-b"
+    desk.link.unreachable.clear()  # bureau-a is back before the 2601 goes: it must not go there
+    desk.bench.settle(advance=1)
+    [reversal] = desk.link.sent("2601")
+    assert reversal.endpoint == reversal.went_to == "bureau-b"
+    assert reversal.data == {"psn_no": "P0001", "omsgid": row.msgid, "oinfno": "2207"}
+    assert reversal.msgid == row.resolver
+
+
+def test_a_2601_the_bureau_acknowledges_reverses_the_settlement(desk: Desk) -> None:
+    desk.link.script("2207", lost())
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle(advance=1)
+    original, reversal = desk.bench.row(row.msgid), desk.bench.row(row.resolver or "")
+    assert original.state is S.REVERSED and reversal.state is S.ANSWERED and reversal.related == row.msgid
+    assert desk.bench.events(row.msgid) == ["accept", "lost", "resolve", "undone"]
+    assert envelope.loads(reversal.answer or "")["infcode"] == 0
+
+
+def test_a_2601_that_finds_no_original_means_the_settlement_never_happened(desk: Desk) -> None:
+    desk.link.script("2207", lost())
+    desk.link.script("2601", refused("原交易不存在"))
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle(advance=1)
+    original = desk.bench.row(row.msgid)
+    assert original.state is S.NOT_NEEDED and "no record" in (original.note or "")
+    assert len(desk.link.sent("2601")) == 1
+
+
+def test_a_late_success_after_not_needed_reopens_it_and_a_new_2601_reverses_it(desk: Desk) -> None:
+    desk.link.script("2207", late(settled("S1"), after=5))  # the bureau settles it, and says so 5 s late
+    desk.link.script("2601", refused("原交易不存在"))  # the first 2601 overtook the settlement at the bureau
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle()
+    assert desk.bench.row(row.msgid).state is S.NOT_NEEDED
+    desk.bench.settle(advance=1)  # the late answer arrives
+    original = desk.bench.row(row.msgid)
+    first, second = desk.resolving(row.msgid)
+    assert original.state is S.REVERSED and original.resolver == second.msgid != first.msgid
+    assert envelope.loads(original.late_answer or "")["output"]["setlinfo"]["setl_id"] == "S1"
+    assert sends(desk, "2601") == [(first.msgid, "bureau-a"), (second.msgid, "bureau-a")]
+    assert desk.bench.events(row.msgid) == ["accept", "lost", "resolve", "not_needed", "late_answer", "late_success",
+                                            "resolve", "undone"]
+
+
+def test_a_late_success_that_came_while_the_2601_was_out_is_reversed_when_the_2601_finds_nothing(
+        desk: Desk) -> None:
+    desk.link.script("2207", late(settled("S1"), after=1))
+    desk.link.script("2601", refused("原交易不存在", after=3))  # answered after the late success came
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle(advance=1)
+    original = desk.bench.row(row.msgid)
+    assert original.state is S.REVERSED, (original.state, desk.bench.events(row.msgid))
+    assert len(desk.resolving(row.msgid)) == 2
+
+
+def test_an_outage_of_any_length_spends_no_tries_and_ends_reversed_when_the_link_is_back(desk: Desk) -> None:
+    desk.link.script("2207", lost())
+    desk.link.script("2601", *[not_sent() for _ in range(1000)])  # then the link is back: answered
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle(advance=60)
+    original, reversal = desk.bench.row(row.msgid), desk.bench.row(row.resolver or "")
+    assert original.state is S.REVERSED and not desk.link.down
+    assert sends(desk, "2601") == [(reversal.msgid, "bureau-a")] * 1001  # one 2601, never left until the last
+    assert reversal.attempts == 0 and original.attempts == 1  # only the 2207's own lost send counted
+    assert len(desk.resolving(row.msgid)) == 1
+
+
+def test_the_persons_lane_is_free_while_the_reversal_waits_to_try_again(bench: Bench) -> None:
+    desk = Desk(bench, Policy(max_tries=3, backoff=(0, 30, 60)))
+    desk.link.script("2207", lost(), settled("S2"))
+    desk.link.script("2601", not_sent())  # the 2601 finds the bureau unreachable: it tries again in 30 s
+    row = desk.run(desk.his_sends("2207", **visit(1)))
+    bench.settle()
+    assert bench.row(row.resolver or "").state is S.UNKNOWN and bench.clock.getDelayedCalls()
+    paused_at = bench.now()
+    # The same patient's next visit is settled during the pause, without waiting for it (no clock moves).
+    second = desk.run(desk.his_sends("2207", **visit(2)))
+    assert second.state is S.ANSWERED and second.setl_id == "S2" and bench.now() == paused_at
+    bench.settle(advance=5)
+    assert bench.row(row.msgid).state is S.REVERSED
+    assert [c.at - paused_at for c in desk.link.sent("2601")] == [0, 30]
+
+
+def test_a_2601_refused_for_the_session_signs_in_again_and_goes_again_under_the_new_sign_no(desk: Desk) -> None:
+    desk.link.script("2207", lost())
+    desk.link.script("2601", refused("签到信息不存在，请重新签到"))  # the bureau restarted and forgot fep's session
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle(advance=1)
+    reversal = desk.bench.row(row.resolver or "")
+    assert desk.bench.row(row.msgid).state is S.REVERSED
+    assert [(c.msgid, c.sign_no) for c in desk.link.sent("2601")] == [(reversal.msgid, "SIGN0001"),
+                                                                      (reversal.msgid, "SIGN0002")]
+    assert len(desk.link.sent("9001")) == 2 and desk.session.sign_no == "SIGN0002"
+    assert "resign" in desk.bench.events(reversal.msgid) and reversal.envelope["sign_no"] == "SIGN0002"
+    assert reversal.attempts == 0  # a session fault spends no try
+
+
+def test_a_busy_bureau_is_no_answer_to_a_resent_cancel_it_is_resent_until_the_real_answer(desk: Desk) -> None:
+    desk.link.script("2207", settled("S1"))
+    settlement = desk.run(desk.his_sends("2207", **visit()))
+    desk.link.script("2208", lost(), refused("系统繁忙，请稍后再试"), settled("C1"))
+    cancel = desk.run(desk.his_sends("2208", psn_no="P0001", setl_id="S1", mdtrt_id=visit()["mdtrt_id"]))
+    assert cancel.state is S.UNKNOWN
+    desk.bench.settle()  # the resend was answered "busy": still unknown, nothing stored as its answer
+    waiting = desk.bench.row(cancel.msgid)
+    assert waiting.state is S.UNKNOWN and waiting.answer is None and "系统繁忙" in (waiting.note or "")
+    desk.bench.settle(advance=1)
+    done = desk.bench.row(cancel.msgid)
+    assert done.state is S.ANSWERED and envelope.loads(done.answer or "")["infcode"] == 0
+    assert done.setl_id == "C1" and done.cancels == settlement.setl_id == "S1"
+    assert sends(desk, "2208") == [(cancel.msgid, None), (cancel.msgid, "bureau-a"), (cancel.msgid, "bureau-a")]
+
+
+def test_a_journal_failure_in_a_step_does_not_stop_the_resolution(desk: Desk) -> None:
+    # The write that records the acknowledged 2601 fails once: the 2601 is sent again with its msgid (the
+    # bureau answers a repeat with its first answer) and the write is made then.
+    desk.journal.fail_once("transitions", when=lambda *moves: any(m[1] == "undone" for m in moves))
+    desk.link.script("2207", lost())
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle(advance=1)
+    assert len(desk.journal.faults_raised) == 1
+    assert desk.bench.row(row.msgid).state is S.REVERSED
+    assert sends(desk, "2601") == [(row.resolver, "bureau-a")] * 2
+    assert any("resolution step failed" in f for f in desk.bench.failures)
+
+
+def test_a_2601_that_never_gets_an_answer_is_given_to_a_person_after_max_tries(desk: Desk) -> None:
+    desk.link.script("2207", lost())
+    desk.link.script("2601", *[lost() for _ in range(10)])
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle(advance=1)
+    original, reversal = desk.bench.row(row.msgid), desk.bench.row(row.resolver or "")
+    assert original.state is reversal.state is S.NEEDS_ATTENTION
+    assert "no answer after 3 tries" in (original.note or "")
+    assert sends(desk, "2601") == [(reversal.msgid, "bureau-a")] * 3 and reversal.attempts == 3
+
+
+def test_a_reversal_asked_for_that_the_bureau_refuses_leaves_the_settlement_standing(desk: Desk) -> None:
+    desk.link.script("2207", settled("S1"))
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.link.script("2601", refused("该结算已对账，不允许冲正"))
+    reversal = desk.run(desk.resolver.revoke(row, desk.resolver.reversal_of(row), "the HIS asked for a reversal"))
+    assert reversal.state is S.ANSWERED and "不允许冲正" in (reversal.answer or "")
+    desk.bench.settle(advance=1)
+    original = desk.bench.row(row.msgid)
+    assert original.state is S.ANSWERED and original.setl_id == "S1" and "不允许冲正" in (original.note or "")
+    assert desk.bench.events(row.msgid)[-2:] == ["revoke", "stands"] and len(desk.link.sent("2601")) == 1
