@@ -4,6 +4,7 @@ for time, a scripted bureau link. Milliseconds each."""
 from __future__ import annotations
 
 from datetime import datetime
+
 import pytest
 from twisted.internet import defer, task
 
