@@ -34,6 +34,9 @@ class ConfirmWindows:
     async def confirm(self, msgid: str) -> TradeRow:
         """The HIS recorded it. Confirming twice is fine; confirming after the window closed is
         NotAwaiting, whichever came first by a hair."""
+        current = await self._journal.get(msgid)
+        if current is not None and current.state is State.AWAITING_CONFIRM and (current.deadline or 0) <= self._now():
+            raise NotAwaiting(f"trade {msgid}'s confirmation window has closed; it is being undone")
         try:
             row = await self._journal.transition(msgid, "confirm", note="confirmed by the HIS")
         except IllegalTransition as e:

@@ -224,7 +224,11 @@ class Engine:
             except IllegalTransition:  # a concurrent resubmission took it first
                 return Accepted(await self._row(row.msgid), False)
 
-        return await self._first_send(trade, row.psn_no, row.envelope["input"], answer_by, retry)
+        try:
+            return await self._first_send(trade, row.psn_no, row.envelope["input"], answer_by, retry)
+        except Refused as e:  # still not sent, and the journal still holds it so: the HIS hears both
+            body = self._reply(row).body | {"err_msg": str(e), "fep_note": str(e)}
+            return Reply(e.status, body)
 
     async def _forward(self, trade: TradeDef, row: TradeRow) -> Reply:
         """Send a journalled trade (state SENT) while the HIS waits, and record what became of it."""

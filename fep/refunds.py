@@ -25,7 +25,8 @@ def _setl_time(row: TradeRow) -> str:
 
 
 def bureau_order(rows: Iterable[TradeRow]) -> list[TradeRow]:
-    return sorted(rows, key=lambda r: (_setl_time(r), len(r.setl_id or ""), r.setl_id or "", r.id))
+    # A settlement without the bureau's time counts as the latest, as in check_reversal: to be safe.
+    return sorted(rows, key=lambda r: (_setl_time(r) or "~", len(r.setl_id or ""), r.setl_id or "", r.id))
 
 
 def in_force(rows: Iterable[TradeRow], settlement_infnos: frozenset[str]) -> list[TradeRow]:

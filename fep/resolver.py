@@ -283,6 +283,7 @@ class Resolver:
             metrics.RESOLUTIONS.labels("not_needed").inc()
             if _late_success(self._trades().get(row.infno), row):  # it arrived meanwhile: settled after all
                 await self._reopen_late(row)
+                return Again(0)  # this drive goes on with it
             return DONE
         await self._journal.transitions(answered)
         log.warn("{infno} {msgid} refused by the bureau: {err}; trying again", infno=child.infno,

@@ -48,7 +48,12 @@ class Session:
         if not self.signed_in and self._now() >= self._not_before:
             if self._signing is None:
                 self._signing = defer.ensureDeferred(self._renew())
-            await self._signing
+            signing = self._signing
+            try:
+                await signing
+            finally:
+                if self._signing is signing:  # (a sign-in that finished at once must not stay "under way")
+                    self._signing = None
         return self.sign_no
 
     async def _renew(self) -> None:
@@ -60,8 +65,6 @@ class Session:
             metrics.SIGNED_IN.set(0)
             self._not_before = self._now() + RETRY_AFTER
             log.warn("sign-in (9001) failed: {err}; tried again in {s:g} s", err=str(e), s=RETRY_AFTER)
-        finally:
-            self._signing = None
 
     def refused(self, err_msg: str) -> bool:
         """The bureau's refusal says it does not know our session."""
