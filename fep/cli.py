@@ -55,7 +55,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         return 2
     answer = _client(args).call(args.infno, input_, msgid=args.msgid, insuplc_admdvs=args.insuplc_admdvs or "")
     _print(answer)
-    return 0 if answer.get("infcode") == 0 else 1
+    return 0 if envelope.succeeded(answer) else 1
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:

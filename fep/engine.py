@@ -140,23 +140,27 @@ class Engine:
         metrics.TRADE_SECONDS.labels(trade.infno).observe(time.perf_counter() - started)
         return result
 
-    async def lookup(self, msgid: str) -> Reply:
-        return self._reply(await self._row(msgid))
+    async def lookup(self, key: str) -> Reply:
+        """`key`: the HIS's own msgid, or the one fep answered with."""
+        return self._reply(await self._row(key))
 
-    async def confirm(self, msgid: str) -> Reply:
+    async def confirm(self, key: str) -> Reply:
         """The HIS recorded a settlement that has a confirmation window."""
-        await self._row(msgid)
+        row = await self._row(key)
         try:
-            return self._reply(await self.windows.confirm(msgid))
+            return self._reply(await self.windows.confirm(row.msgid))
         except NotAwaiting as e:
             raise Refused(409, str(e)) from None
 
     # ---- the normal path --------------------------------------------------------------------------
     async def _take(self, trade: TradeDef, req: envelope.HisRequest, related: str | None = None) -> Reply:
         answer_by = self._now() + self.cfg.his.answer_budget  # what the HIS was told it may wait
-        msgid = req.msgid if req.msgid and well_formed(req.msgid) else None
+        # The HIS's msgid, whatever its form, is its key; the bureau sees it too when it is well formed
+        # and unused, fep's own number otherwise (the journal keeps both).
+        his_msgid = req.msgid
+        msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
         digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
-        if msgid and (known := await self.journal.get(msgid)) is not None:
+        if his_msgid and (known := await self.journal.by_his_msgid(his_msgid)) is not None:
             return await self._resubmitted(trade, known, digest, answer_by)
         if self.journal.cannot_write:
             raise Refused(503, f"journal cannot write: {self.journal.cannot_write}; nothing was accepted, send it "
@@ -168,7 +172,8 @@ class Engine:
 
         async def write(state: State) -> Accepted:
             env["sign_no"] = self.session.sign_no
-            return await self._accept(NewTrade(trade.infno, msgid, psn, state, digest, env, related=related))
+            return await self._accept(NewTrade(trade.infno, msgid, psn, state, digest, env, related=related,
+                                               his_msgid=his_msgid))
 
         return await self._first_send(trade, psn, req.input, answer_by, write)
 
@@ -222,13 +227,13 @@ class Engine:
                 return Accepted(await self.journal.transition(row.msgid, "retry", note="sent again by the HIS",
                                                               request=await self.sender.refreshed(row)), True)
             except IllegalTransition:  # a concurrent resubmission took it first
-                return Accepted(await self._row(row.msgid), False)
+                return Accepted(await self.journal.get(row.msgid), False)  # type: ignore[arg-type]
 
         try:
             return await self._first_send(trade, row.psn_no, row.envelope["input"], answer_by, retry)
         except Refused as e:  # still not sent, and the journal still holds it so: the HIS hears both
-            body = self._reply(row).body | {"err_msg": str(e), "fep_note": str(e)}
-            return Reply(e.status, body)
+            return Reply(self._reply(row).body | {"err_msg": str(e), "fep_note": str(e),
+                                                  "fep_reason": envelope.REASONS.get(e.status, "refused")})
 
     async def _forward(self, trade: TradeDef, row: TradeRow) -> Reply:
         """Send a journalled trade (state SENT) while the HIS waits, and record what became of it."""
@@ -372,7 +377,7 @@ class Engine:
 
     # ---- reversals asked for (the HIS's 2601, `fep reverse`) -------------------------------------------
     async def _reversal_asked(self, trade: TradeDef, req: envelope.HisRequest) -> Reply:
-        if req.msgid and well_formed(req.msgid) and (known := await self.journal.get(req.msgid)) is not None:
+        if req.msgid and (known := await self.journal.by_his_msgid(req.msgid)) is not None:
             answer_by = self._now() + self.cfg.his.answer_budget
             return await self._resubmitted(trade, known, envelope.payload_hash(req.envelope), answer_by)
         data = req.input.get("data") or {}
@@ -384,9 +389,10 @@ class Engine:
         bureau acknowledges (or stands, if the bureau refuses). One the journal does not hold (单边账: the
         bureau settled it behind fep's back) is reversed by a 2601 of its own, resent until answered.
         Either obeys refund order like a cancel."""
-        row = await self.journal.get(omsgid)
+        row = await self.journal.for_his(omsgid)  # the HIS names its trade by its own msgid
         if row is None:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
+        omsgid = row.msgid
         if psn_no and row.psn_no and psn_no != row.psn_no:
             raise Refused(400, f"{omsgid} is a trade of another person (psn_no {row.psn_no}), not of {psn_no}")
         if row.state in DRIVEN:
@@ -396,8 +402,8 @@ class Engine:
             raise Refused(409, f"{omsgid} is {row.state}: the bureau holds nothing of it to reverse")
         if self.trades.get(row.infno).kind is Kind.MONEY:
             await self._check_reversal(row.psn_no or "", omsgid, row.created)
-        msgid = req.msgid if req and req.msgid and well_formed(req.msgid) else None
-        child = self.resolver.reversal_of(row, msgid, envelope.payload_hash(req.envelope) if req else None)
+        child = self.resolver.reversal_of(row, req.msgid if req else None,
+                                          envelope.payload_hash(req.envelope) if req else None)
         try:
             return self._reply(await self.resolver.revoke(row, child, "a reversal was asked for"))
         except IllegalTransition as e:
@@ -450,7 +456,9 @@ class Engine:
         return self._reply(row)
 
     async def _parked(self, msgid: str) -> TradeRow:
-        row = await self._row(msgid)
+        row = await self.journal.get(msgid)  # a person names it by the msgid `fep status` shows
+        if row is None:
+            raise Refused(404, f"no trade with msgid {msgid} in the journal")
         if row.state is not S.NEEDS_ATTENTION:
             raise Refused(409, f"{msgid} is {row.state}, not NEEDS_ATTENTION")
         return row
@@ -477,15 +485,16 @@ class Engine:
         acc = await self._accept(NewTrade("9001", None, None, S.SENT, envelope.payload_hash(env), env))
         body = (await self._forward(trade, acc.row)).body
         sign_no = ((body.get("output") or {}).get("signinoutb") or {}).get("sign_no")
-        if body.get("infcode") != 0 or not sign_no:
+        if not envelope.succeeded(body) or not sign_no:
             raise SignInFailed(str(body.get("err_msg")))
         return str(sign_no)
 
     # ---- helpers ----------------------------------------------------------------------------------------
-    async def _row(self, msgid: str) -> TradeRow:
-        row = await self.journal.get(msgid)
+    async def _row(self, key: str) -> TradeRow:
+        """The trade the HIS means by `key` (its own msgid, or fep's)."""
+        row = await self.journal.for_his(key)
         if row is None:
-            raise Refused(404, f"no trade with msgid {msgid} in the journal")
+            raise Refused(404, f"no trade with msgid {key} in the journal")
         return row
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:

@@ -100,6 +100,11 @@ class BureauAnswer:
         return self.infcode == 0
 
 
+def succeeded(answer: dict[str, Any]) -> bool:
+    """infcode 0, whether the bureau (or fep, per config) writes it as a number or a string."""
+    return str(answer.get("infcode")).strip() == "0"
+
+
 class BadAnswer(ValueError):
     """The bureau's bytes are not an envelope: the outcome of the trade is unknown."""
 
@@ -159,12 +164,24 @@ def local_failure(message: str, when: datetime) -> dict[str, Any]:
             "err_msg": message, "output": {}, "warn_msg": ""}
 
 
+# Why fep refused, for programs that branch on it; the HIS hears every refusal as HTTP 200, infcode -1,
+# because HIS clients turn any other status into a transport error and lose the message.
+REASONS = {400: "invalid", 403: "not_for_the_his", 404: "not_found", 409: "conflict", 413: "too_large",
+           422: "msgid_reused", 503: "journal_cannot_write"}
+
+
 def refusal(status: int, message: str, **fields: Any) -> Response:
-    """fep refuses a request before accepting it: nothing was journalled or sent."""
+    """fep refuses a request before accepting it: nothing was journalled or sent. `status` is the HTTP
+    status: only for what is not a trade at all (bad HTTP, a body over the limit)."""
     env = local_failure(message, datetime.now())
     env["fep_state"] = "REFUSED"
     env.update({f"fep_{k}": v for k, v in fields.items()})
     return Response(status, dumps(env))
+
+
+def his_refusal(status: int, message: str) -> Response:
+    """A trade fep will not take, answered in the national interface's own shape (HTTP 200, infcode -1)."""
+    return refusal(200, message, reason=REASONS.get(status, "refused"))
 
 
 def mask_id(value: str) -> str:

@@ -32,12 +32,10 @@ class HisService:
     async def handle(self, req: Request) -> Response:
         try:
             return await self._route(req)
-        except envelope.BadEnvelope as e:
-            return envelope.refusal(400, str(e))
-        except (UnknownTrade, InvalidInput) as e:
-            return envelope.refusal(400, str(e))
+        except (envelope.BadEnvelope, UnknownTrade, InvalidInput) as e:
+            return envelope.his_refusal(400, str(e))
         except Refused as e:
-            return envelope.refusal(e.status, str(e))
+            return envelope.his_refusal(e.status, str(e))
 
     async def _route(self, req: Request) -> Response:
         path = req.path.split("?", 1)[0]
@@ -51,7 +49,7 @@ class HisService:
 
 
 def _json(reply: Reply) -> Response:
-    return Response(reply.status, reply.raw or envelope.dumps(reply.body))
+    return Response(200, reply.raw or envelope.dumps(reply.body))
 
 
 class HisFactory(Factory):

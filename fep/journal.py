@@ -38,7 +38,7 @@ Op = Callable[[sqlite3.Connection], Any]
 
 COLUMNS = ("id", "msgid", "infno", "psn_no", "state", "payload_hash", "request", "answer", "late_answer",
            "related", "resolver", "attempts", "next_try", "deadline", "endpoint", "note", "setl_id", "cancels",
-           "created", "updated")
+           "created", "updated", "his_msgid")
 UPDATABLE = frozenset({"request", "answer", "late_answer", "resolver", "attempts", "next_try", "deadline",
                        "endpoint", "note", "setl_id", "cancels"})
 RETRY_PAUSE = 1.0  # seconds between tries of a held write while the disk cannot take it
@@ -78,6 +78,7 @@ class TradeRow:
     cancels: str | None  # for a cancel (2208/2305): the setl_id it cancels
     created: float
     updated: float
+    his_msgid: str | None  # the HIS's own key for it, whatever its form; None for fep's own trades
 
     @classmethod
     def from_db(cls, row: tuple[Any, ...]) -> TradeRow:
@@ -100,6 +101,7 @@ class NewTrade:
     envelope: dict[str, Any]  # msgid is set in it when the journal numbers the trade
     related: str | None = None
     deadline: float | None = None
+    his_msgid: str | None = None  # the HIS's idempotency key; msgid is the one the bureau sees
 
 
 @dataclass
@@ -121,7 +123,7 @@ class TradeFilter:
 
 Move = tuple[str, str, "str | None", dict[str, Any]]  # (msgid, event, note, fields)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
 _NOT_FINAL = f"state NOT IN ({', '.join(repr(s.value) for s in sorted(FINAL))})"
 
@@ -316,24 +318,26 @@ class Journal:
 
     def _accept(self, conn: sqlite3.Connection, new: NewTrade) -> Accepted:
         now = time.time()
+        if new.his_msgid is not None and (seen := _by_his_msgid(conn, new.his_msgid)) is not None:
+            return Accepted(seen, created=False)  # the HIS sent it before: the first submission stands
         while True:
             msgid = new.msgid or self._number(conn)
             new.envelope["msgid"] = msgid
             request = envelope.dumps(new.envelope).decode("utf-8")
             cur = conn.execute(
                 "INSERT INTO trades (msgid, infno, psn_no, state, payload_hash, request, related, deadline, "
-                "attempts, created, updated) VALUES (?,?,?,?,?,?,?,?,0,?,?) ON CONFLICT(msgid) DO NOTHING",
+                "attempts, created, updated, his_msgid) VALUES (?,?,?,?,?,?,?,?,0,?,?,?) ON CONFLICT(msgid) DO NOTHING",
                 (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash, request, new.related,
-                 new.deadline, now, now),
+                 new.deadline, now, now, new.his_msgid),
             )
             if cur.rowcount == 1:
                 break
-            if new.msgid is not None:  # seen before: the first submission stands
+            if new.msgid is not None and new.his_msgid is None:  # fep's own number, seen before: it stands
                 return Accepted(_get(conn, msgid), created=False)  # type: ignore[arg-type]
-            # else: a number an HIS chose already; take the next
+            new.msgid = None  # the number is taken (by fep's own trade, or another HIS key): fep numbers it
         _event(conn, msgid, now, "accept", new.state, None)
         row = TradeRow(cur.lastrowid, msgid, new.infno, new.psn_no, new.state, new.payload_hash, request, None, None,
-                       new.related, None, 0, None, new.deadline, None, None, None, None, now, now)
+                       new.related, None, 0, None, new.deadline, None, None, None, None, now, now, new.his_msgid)
         return Accepted(row, created=True)
 
     def _number(self, conn: sqlite3.Connection) -> str:
@@ -383,7 +387,16 @@ class Journal:
 
     # --- reads, by intent (through the writer too: they see every committed write, in order) ----------
     def get(self, msgid: str) -> defer.Deferred[TradeRow | None]:
+        """By the msgid the bureau knows."""
         return self._call(lambda conn: _get(conn, msgid))
+
+    def by_his_msgid(self, key: str) -> defer.Deferred[TradeRow | None]:
+        """The trade the HIS sent under its own msgid `key`."""
+        return self._call(lambda conn: _by_his_msgid(conn, key))
+
+    def for_his(self, key: str) -> defer.Deferred[TradeRow | None]:
+        """The trade the HIS means by `key`: its own msgid, or else the msgid fep answered it with."""
+        return self._call(lambda conn: _by_his_msgid(conn, key) or _get(conn, key))
 
     def to_recover(self) -> defer.Deferred[list[TradeRow]]:
         """What a start picks up, in journal order: every open trade, and parked originals (a parked
@@ -485,7 +498,15 @@ def _to_v2(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE INDEX trades_open ON trades(state, id) WHERE {_NOT_FINAL}")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2}
+def _to_v3(conn: sqlite3.Connection) -> None:
+    """The HIS's msgid is its idempotency key whatever its form, kept beside the msgid the bureau sees.
+    Earlier releases used a well-formed HIS msgid as the bureau's: those rows keep it as both."""
+    conn.execute("ALTER TABLE trades ADD COLUMN his_msgid TEXT")
+    conn.execute("UPDATE trades SET his_msgid = msgid WHERE related IS NULL AND infno NOT IN ('9001', '9002')")
+    conn.execute("CREATE UNIQUE INDEX trades_his_msgid ON trades(his_msgid) WHERE his_msgid IS NOT NULL")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3}
 
 
 def _state_counts(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
@@ -517,6 +538,11 @@ def _deliver(results: list[tuple[defer.Deferred[Any], bool, Any]]) -> None:
 
 def _get(conn: sqlite3.Connection, msgid: str) -> TradeRow | None:
     row = conn.execute(f"{_SELECT} WHERE msgid=?", (msgid,)).fetchone()
+    return TradeRow.from_db(row) if row else None
+
+
+def _by_his_msgid(conn: sqlite3.Connection, key: str) -> TradeRow | None:
+    row = conn.execute(f"{_SELECT} WHERE his_msgid=?", (key,)).fetchone()
     return TradeRow.from_db(row) if row else None
 
 

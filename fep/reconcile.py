@@ -113,7 +113,7 @@ class Reconciler:
         """A trade fep makes itself, through the engine like any other; its output, or ReconcileError."""
         answer = (await self.engine.submit(envelope.HisRequest(infno, None, {
             "infno": infno, "opter": "fep-reconcile", "opter_name": "fep reconciliation", "input": input_}))).body
-        if answer.get("infcode") != 0:
+        if not envelope.succeeded(answer):
             raise ReconcileError(f"{infno} failed: {answer.get('err_msg')} (msgid {answer.get('fep_msgid')})")
         return answer["output"]
 

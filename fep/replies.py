@@ -20,7 +20,6 @@ S = State
 
 @dataclass
 class Reply:
-    status: int
     body: dict[str, Any]
     raw: bytes | None = None  # the body already encoded, when it could be had without encoding it
 
@@ -55,13 +54,14 @@ def reply(row: TradeRow, money: bool, resubmitted: bool = False, answer: dict[st
                                note=row.note if row.state is not S.ANSWERED else "", **extra)
         if row.state is S.AWAITING_CONFIRM and row.deadline:
             body["fep_confirm_by"] = datetime.fromtimestamp(row.deadline).strftime("%Y-%m-%d %H:%M:%S")
-        return Reply(200, body)
+        return Reply(body)
     if row.state is S.QUEUED:
         ack = envelope.local_failure("", datetime.now())
         ack.update(infcode=0, err_msg=None, warn_msg=QUEUED_NOTE)
-        return Reply(200, envelope.answer(ack, msgid=row.msgid, state=row.state, note=QUEUED_NOTE, **extra))
+        return Reply(envelope.answer(ack, msgid=row.msgid, state=row.state, note=QUEUED_NOTE, **extra))
     message = _pending(row, money)
     body = envelope.answer(envelope.local_failure(message, datetime.now()), msgid=row.msgid, state=row.state,
                            note=message, **extra)
-    # A resubmission while the first is still on the wire is a conflict, not a second trade.
-    return Reply(409 if resubmitted and row.state is S.SENT else 200, body)
+    if resubmitted and row.state is S.SENT:  # a resubmission while the first is on the wire: not a second trade
+        body["fep_reason"] = "in_progress"
+    return Reply(body)

@@ -26,6 +26,7 @@ from fep.bureau import Delivery, NotSent, Unknown
 from fep.config import Resolution
 from fep.journal import IllegalTransition, Journal, Move, NewTrade, TradeRow
 from fep.lanes import Lanes
+from fep.msgid import well_formed
 from fep.sender import Sender, recorded
 from fep.states import State
 from fep.trades import Kind, OnUnknown, TradeBook, TradeDef
@@ -232,18 +233,22 @@ class Resolver:
             return self._in_envelope_of(row, trade.cancel.infno, trade.cancel_input(row.envelope["input"]))
         return self.reversal_of(row)
 
-    def reversal_of(self, row: TradeRow, msgid: str | None = None, digest: str | None = None) -> NewTrade:
-        """The 2601 that undoes `row`; `msgid` and `digest`: the HIS's own, when the HIS asked for it."""
-        return self._in_envelope_of(row, "2601", {"data": {"psn_no": row.psn_no or "", "omsgid": row.msgid,
-                                                           "oinfno": row.infno}}, msgid, digest)
+    def reversal_of(self, row: TradeRow, his_msgid: str | None = None, digest: str | None = None) -> NewTrade:
+        """The 2601 that undoes `row`, naming the msgid the bureau knows it by; `his_msgid` and `digest`:
+        the HIS's own, when the HIS asked for it."""
+        child = self._in_envelope_of(row, "2601", {"data": {"psn_no": row.psn_no or "", "omsgid": row.msgid,
+                                                            "oinfno": row.infno}})
+        if his_msgid is not None:
+            child.msgid = his_msgid if well_formed(his_msgid) else None
+            child.his_msgid, child.payload_hash = his_msgid, digest or child.payload_hash
+        return child
 
-    def _in_envelope_of(self, row: TradeRow, infno: str, input_: dict[str, Any], msgid: str | None = None,
-                        digest: str | None = None) -> NewTrade:
+    def _in_envelope_of(self, row: TradeRow, infno: str, input_: dict[str, Any]) -> NewTrade:
         """A resolving trade travels in the original's envelope: same insured place, same operator."""
         env = self._complete({k: v for k, v in row.envelope.items() if k in (
             "insuplc_admdvs", "mdtrtarea_admvs", "recer_sys_code", "infver", "opter_type", "opter",
             "opter_name")} | {"infno": infno, "input": input_})
-        return NewTrade(infno, msgid, row.psn_no, S.SENT, digest or envelope.payload_hash(env), env, related=row.msgid)
+        return NewTrade(infno, None, row.psn_no, S.SENT, envelope.payload_hash(env), env, related=row.msgid)
 
     async def _send_resolving(self, row: TradeRow, child: TradeRow) -> Again | None:
         """One try of the resolving trade; it goes where the original went."""

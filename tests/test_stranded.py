@@ -194,7 +194,8 @@ def test_a_settlement_answered_while_the_journal_disk_is_full_is_kept_when_space
         _fill(lib / "filler")
 
         status, refused = world.post_raw(envelope.dumps({"infno": "1101", "input": visit.identity_input()}))
-        assert status == 503 and "journal cannot write" in (refused.get("err_msg") or ""), (status, said(refused))
+        assert status == 200 and refused["fep_reason"] == "journal_cannot_write", (status, said(refused))
+        assert "journal cannot write" in refused["err_msg"]
         wait_for(lambda: world.ledger(), what="the bureau to settle the 2207")
         time.sleep(1)  # its answer reaches fep while the disk is still full
         (lib / "filler").unlink()

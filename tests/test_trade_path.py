@@ -65,7 +65,7 @@ def test_the_same_msgid_with_a_different_payload_is_a_clear_error(running: World
     other.up_to_settlement()
     status, body = running.his_tcp.request("POST", "/", envelope.dumps(
         {"infno": "2207", "msgid": msgid, "input": other.settlement_input()}))
-    assert status == 422
+    assert status == 200 and body["fep_reason"] == "msgid_reused"
     assert body["infcode"] == -1 and f"msgid {msgid} was already used for a different trade" in body["err_msg"]
     assert len([s for s in running.ledger() if s["kind"] == "settle"]) == 1
 
@@ -104,18 +104,19 @@ def test_an_his_that_hangs_up_before_the_answer_finds_it_by_msgid(running: World
 
 def test_an_unknown_trade_number_is_refused_and_never_forwarded(running: World) -> None:
     status, body = running.post_raw(envelope.dumps({"infno": "8888", "input": {"data": {}}}))
-    assert status == 400 and body["fep_state"] == "REFUSED"
+    assert status == 200 and (body["fep_state"], body["fep_reason"]) == ("REFUSED", "invalid")
     assert "trade 8888 is not in the trade catalog" in body["err_msg"]
     assert "8888" not in {i for _, i in running.sim_answers()}
 
 
 def test_bad_requests_get_a_clear_error_naming_what_is_wrong(running: World) -> None:
     status, body = running.post_raw(b'{"infno": "1101", "input": ')
-    assert status == 400 and "not valid JSON" in body["err_msg"]
+    # Refused in the interface's own shape (HTTP 200, infcode -1), naming what is wrong.
+    assert (status, body["infcode"], body["fep_reason"]) == (200, -1, "invalid") and "not valid JSON" in body["err_msg"]
     status, body = running.post_raw(envelope.dumps({"input": {}}))
-    assert status == 400 and "missing infno" in body["err_msg"]
+    assert status == 200 and "missing infno" in body["err_msg"]
     status, body = running.post_raw(envelope.dumps({"infno": "2207", "input": {"data": {"psn_no": "1"}}}))
-    assert status == 400 and "input is missing data.mdtrt_id" in body["err_msg"]
+    assert status == 200 and "input is missing data.mdtrt_id" in body["err_msg"]
     status, body = running.post_raw(b"{" + b" " * (2 << 20) + b"}")
     assert status == 413 and "over the limit" in body["err_msg"]
     # None of it reached the journal.

@@ -7,6 +7,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from fep import envelope
+
+from fep.journal import SCHEMA_VERSION
 from fep.sim.world import ZHANG, Visit, World, wait_for
 
 FIXTURE = Path(__file__).parent / "fixtures" / "journal-v1.db"  # written by the first release (schema 1)
@@ -22,7 +25,7 @@ def test_a_journal_of_the_previous_release_opens_and_its_open_trades_are_resolve
     shutil.copy(FIXTURE, world.dir / "lib" / "journal.db")
     before = {r["msgid"]: r for r in world.journal()}
     world.start()
-    assert schema(world) == "2"
+    assert schema(world) == str(SCHEMA_VERSION)
     after = {r["msgid"]: r for r in world.journal()}
     assert set(before) <= set(after)  # nothing lost
     for msgid, row in before.items():  # what was done stays as it was
@@ -36,6 +39,10 @@ def test_a_journal_of_the_previous_release_opens_and_its_open_trades_are_resolve
     assert world.trade(settlement)["state"] == "NOT_NEEDED"
     assert world.trade(next(m for m, r in before.items() if r["state"] == "AWAITING_CONFIRM"))["state"] == \
         "AWAITING_CONFIRM"  # its window goes on from its stored deadline
+    # An HIS asking again with a msgid of the old release is known by it: this one was never sent, so now it is.
+    query = next(r for r in before.values() if r["infno"] == "1101")
+    again = world.his.call("1101", envelope.loads(query["request"])["input"], msgid=query["msgid"])
+    assert (again["fep_msgid"], again["fep_state"], again["infcode"]) == (query["msgid"], "ANSWERED", 0), again
     # The msgid counter goes on from where it was: a new trade gets a number never used.
     answer = Visit(world.his, ZHANG).identify()
     assert answer["infcode"] == 0 and answer["fep_msgid"] not in before

@@ -1,0 +1,68 @@
+"""The HIS's msgid is the HIS's idempotency key, whatever its form: 29 characters, yyMMddHHmmss-code-seq, a uuid.
+The bureau always sees a well-formed msgid; the journal keeps both."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from fep import envelope
+from fep.msgid import well_formed
+from fep.sim.world import ZHANG, Visit, World, said
+
+FORMS = {
+    "29 characters": lambda: f"H4301000009{time.strftime('%Y%m%d%H%M%S')}0001",
+    "yyMMddHHmmss-code-seq": lambda: f"{time.strftime('%y%m%d%H%M%S')}-H43010000099-4357",
+    "uuid": lambda: uuid.uuid4().hex.upper()[:30],
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_an_his_msgid_of_any_form_names_one_trade_forever(running: World, form: str) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    key = FORMS[form]()
+    first = visit.settle(msgid=key)
+    assert first["infcode"] == 0, said(first)
+    again = visit.settle(msgid=key)  # the HIS retries with its own key: the stored answer, not a second charge
+    assert (again["fep_msgid"], again["output"]) == (first["fep_msgid"], first["output"])
+    assert len(running.live()) == 1 and len(running.journal("infno='2207'")) == 1
+    # The bureau saw a well-formed msgid, and the journal maps the HIS's key to it.
+    row = running.trade(first["fep_msgid"])
+    assert well_formed(row["msgid"]) and row["his_msgid"] == key
+    assert running.sim_answer(row["msgid"]) is not None
+    assert running.his.lookup(key)["fep_msgid"] == first["fep_msgid"]  # looked up by the HIS's own key
+    different = running.his.call("2207", visit.settlement_input() | {"data": {**visit.settlement_input()["data"],
+                                                                             "medfee_sumamt": "1.00"}}, msgid=key)
+    assert different["fep_state"] == "REFUSED" and "already used for a different trade" in different["err_msg"]
+
+
+def test_a_well_formed_unused_his_msgid_is_the_one_the_bureau_sees(running: World) -> None:
+    key = f"H43010000099{time.strftime('%Y%m%d%H%M%S')}0042"
+    answer = running.his.call("1101", Visit(running.his, ZHANG).identity_input(), msgid=key)
+    assert answer["fep_msgid"] == key and running.sim_answer(key) is not None
+
+
+def test_the_his_s_2601_names_its_own_msgid_and_the_bureau_hears_the_one_it_knows(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    key = uuid.uuid4().hex.upper()[:30]
+    settled = visit.settle(msgid=key)
+    assert settled["infcode"] == 0, said(settled)
+    reversal = running.his.call("2601", visit.reversal_input(key))  # the HIS names the trade by its own key
+    assert reversal["infcode"] == 0, said(reversal)
+    sent = envelope.loads(running.trade(reversal["fep_msgid"])["request"])["input"]["data"]
+    assert sent["omsgid"] == settled["fep_msgid"]
+    assert running.trade(settled["fep_msgid"])["state"] == "REVERSED"
+    assert [s["state"] for s in running.ledger()] == ["reversed"]
+
+
+def test_an_his_msgid_that_fep_used_for_its_own_trade_is_a_new_trade_not_a_refusal(running: World) -> None:
+    visit = Visit(running.his, ZHANG)
+    own = running.journal("infno='9001'")[0]["msgid"]  # fep's own sign-in took this number
+    answer = running.his.call("1101", visit.identity_input(), msgid=own)
+    assert answer["infcode"] == 0, said(answer)
+    assert answer["fep_msgid"] != own and running.trade(answer["fep_msgid"])["his_msgid"] == own
+    assert running.his.call("1101", visit.identity_input(), msgid=own)["fep_msgid"] == answer["fep_msgid"]
