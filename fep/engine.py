@@ -38,6 +38,7 @@ from fep.trades import FromHis, Kind, OnUnknown, TradeDef
 log = Logger()
 S = State
 SETTLE_WAIT = 5.0  # seconds a settlement waits for the person's queued uploads before it is refused
+MIN_SEND = 1.0  # seconds of the HIS's answer_within a send needs at least; with less left it is not sent
 Write = Callable[[State], Awaitable[Accepted]]  # journals the trade for its first send, in the given state
 
 
@@ -154,7 +155,7 @@ class Engine:
 
     # ---- the normal path --------------------------------------------------------------------------
     async def _take(self, trade: TradeDef, req: envelope.HisRequest, related: str | None = None) -> Reply:
-        answer_by = self._now() + self.cfg.his.answer_budget  # what the HIS was told it may wait
+        answer_by = self._now() + self.cfg.his.answer_within  # fep answers the HIS by then
         # The HIS's msgid, whatever its form, is its key; the bureau sees it too when it is well formed
         # and unused, fep's own number otherwise (the journal keeps both).
         his_msgid = req.msgid
@@ -191,7 +192,7 @@ class Engine:
             await self._after_deferred_work(trade, psn, answer_by)
         try:
             async with self.lanes.sending(psn if trade.person_ordered else None, f"{trade.infno} {trade.name}",
-                                          within=answer_by - self._now() - trade.timeout) as name:
+                                          within=answer_by - self._now() - MIN_SEND) as name:
                 if trade.deferrable and self.lanes.waiting(psn):  # an earlier upload became unknown meanwhile
                     return await self._queue(write)
                 if trade.kind is Kind.UNDO_MONEY and psn:
@@ -201,13 +202,13 @@ class Engine:
                 if not acc.created:
                     return self._reply(acc.row, resubmitted=True)
                 name(f"{trade.infno} {acc.row.msgid}")
-                return await self._forward(trade, acc.row)
+                return await self._forward(trade, acc.row, answer_by)
         except LaneBusy as e:  # the HIS hears what it waited for, and that nothing left the box
             acc = await write(S.SENT)
             if not acc.created:
                 return self._reply(acc.row, resubmitted=True)
-            return await self._not_sent(trade, acc.row, f"{e}, and the bureau may take {trade.timeout:g} s more "
-                                                        f"than the {self.cfg.his.answer_budget:g} s the HIS waits")
+            return await self._not_sent(trade, acc.row, f"{e}, and fep answers the HIS within "
+                                                        f"{self.cfg.his.answer_within:g} s")
 
     async def _queue(self, write: Write) -> Reply:
         acc = await write(S.QUEUED)
@@ -235,10 +236,15 @@ class Engine:
             return Reply(self._reply(row).body | {"err_msg": str(e), "fep_note": str(e),
                                                   "fep_reason": envelope.REASONS.get(e.status, "refused")})
 
-    async def _forward(self, trade: TradeDef, row: TradeRow) -> Reply:
-        """Send a journalled trade (state SENT) while the HIS waits, and record what became of it."""
+    async def _forward(self, trade: TradeDef, row: TradeRow, answer_by: float) -> Reply:
+        """Send a journalled trade (state SENT) while the HIS waits, and record what became of it. The wait
+        for the bureau ends in time for fep to answer the HIS by `answer_by`."""
+        left = answer_by - self._now()
+        if left < MIN_SEND:
+            return await self._not_sent(trade, row, f"only {left:.1f} s were left of the {self.cfg.his.answer_within:g} s "
+                                                    f"fep answers the HIS within")
         try:
-            delivery = await self.sender.deliver(trade, row)
+            delivery = await self.sender.deliver(trade, row, timeout=round(min(trade.timeout, left), 1))
         except NotSent as e:
             return await self._not_sent(trade, row, str(e))
         except Unknown as e:
@@ -286,8 +292,8 @@ class Engine:
         env.update(fixmedins_code=inst.fixmedins_code, fixmedins_name=inst.fixmedins_name,
                    sign_no=self.session.sign_no, inf_time=envelope.inf_time(datetime.fromtimestamp(self._now())))
         for key, value in (("mdtrtarea_admvs", inst.mdtrtarea_admvs), ("recer_sys_code", inst.recer_sys_code),
-                           ("infver", inst.infver), ("insuplc_admdvs", ""), ("opter_type", "1"),
-                           ("opter", "fep"), ("opter_name", "fep")):
+                           ("infver", inst.infver), ("insuplc_admdvs", ""), ("opter_type", inst.opter_type),
+                           ("opter", inst.opter), ("opter_name", inst.opter_name)):
             if not env.get(key):
                 env[key] = value
         return env
@@ -347,7 +353,7 @@ class Engine:
         without their fees. It waits a little while they go; if one is parked, or they are still not
         through after SETTLE_WAIT, the HIS hears what is in the way. A bureau that is unreachable is not
         waited for: the settlement then fails as not sent, like any other."""
-        waited_until = min(answer_by - trade.timeout, self._now() + SETTLE_WAIT)
+        waited_until = min(answer_by - MIN_SEND, self._now() + SETTLE_WAIT)
         self.lanes.kick(psn)  # the uploads go now if they can
         while waiting := self.lanes.waiting(psn):
             if self.link.down and not self.lanes.draining(psn):
@@ -378,7 +384,7 @@ class Engine:
     # ---- reversals asked for (the HIS's 2601, `fep reverse`) -------------------------------------------
     async def _reversal_asked(self, trade: TradeDef, req: envelope.HisRequest) -> Reply:
         if req.msgid and (known := await self.journal.by_his_msgid(req.msgid)) is not None:
-            answer_by = self._now() + self.cfg.his.answer_budget
+            answer_by = self._now() + self.cfg.his.answer_within
             return await self._resubmitted(trade, known, envelope.payload_hash(req.envelope), answer_by)
         data = req.input.get("data") or {}
         return await self.reverse(str(data["omsgid"]), str(data["oinfno"]), str(data["psn_no"]), req)
@@ -405,7 +411,8 @@ class Engine:
         child = self.resolver.reversal_of(row, req.msgid if req else None,
                                           envelope.payload_hash(req.envelope) if req else None)
         try:
-            return self._reply(await self.resolver.revoke(row, child, "a reversal was asked for"))
+            return self._reply(await self.resolver.revoke(row, child, "a reversal was asked for",
+                                                          timeout=self.cfg.his.answer_within))
         except IllegalTransition as e:
             raise Refused(409, f"{omsgid} moved on meanwhile ({e.state}); nothing was sent") from None
 
@@ -417,8 +424,7 @@ class Engine:
         if self.trades.get(oinfno).kind is not Kind.UNDO_MONEY:  # undoing a cancel is not a refund
             await self._check_reversal(psn_no, omsgid, _msgid_time(omsgid))
         req = req or envelope.HisRequest("2601", None, {
-            "infno": "2601", "opter": "fep-admin", "opter_name": "fep admin",
-            "input": {"data": {"psn_no": psn_no, "omsgid": omsgid, "oinfno": oinfno}}})
+            "infno": "2601", "input": {"data": {"psn_no": psn_no, "omsgid": omsgid, "oinfno": oinfno}}})
         return await self._take(self.trades.get("2601"), req)
 
     async def _check_reversal(self, psn: str, omsgid: str, made_at: float) -> None:
@@ -483,7 +489,7 @@ class Engine:
         trade = self.trades.get("9001")
         env = self._complete({"infno": "9001", "input": {"signIn": dict(self.cfg.bureau.signin)}})
         acc = await self._accept(NewTrade("9001", None, None, S.SENT, envelope.payload_hash(env), env))
-        body = (await self._forward(trade, acc.row)).body
+        body = (await self._forward(trade, acc.row, self._now() + trade.timeout)).body
         sign_no = ((body.get("output") or {}).get("signinoutb") or {}).get("sign_no")
         if not envelope.succeeded(body) or not sign_no:
             raise SignInFailed(str(body.get("err_msg")))
@@ -498,7 +504,7 @@ class Engine:
         return row
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:
-        return reply(row, self.trades.get(row.infno).moves_money, **kw)
+        return reply(row, self.trades.get(row.infno).moves_money, infcode_type=self.cfg.his.infcode_type, **kw)
 
 
 def _spawn(coro: Any) -> defer.Deferred[Any]:

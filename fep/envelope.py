@@ -179,9 +179,18 @@ def refusal(status: int, message: str, **fields: Any) -> Response:
     return Response(status, dumps(env))
 
 
-def his_refusal(status: int, message: str) -> Response:
+def his_refusal(status: int, message: str, infcode_type: str = "number") -> Response:
     """A trade fep will not take, answered in the national interface's own shape (HTTP 200, infcode -1)."""
-    return refusal(200, message, reason=REASONS.get(status, "refused"))
+    env = typed(local_failure(message, datetime.now()), infcode_type)
+    env.update(fep_state="REFUSED", fep_reason=REASONS.get(status, "refused"))
+    return Response(200, dumps(env))
+
+
+def typed(env: dict[str, Any], infcode_type: str) -> dict[str, Any]:
+    """fep's own envelopes write infcode as the bureau does: a number, or a string ("0", "-1")."""
+    if infcode_type == "string":
+        env["infcode"] = str(env["infcode"])
+    return env
 
 
 def mask_id(value: str) -> str:

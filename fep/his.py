@@ -33,9 +33,9 @@ class HisService:
         try:
             return await self._route(req)
         except (envelope.BadEnvelope, UnknownTrade, InvalidInput) as e:
-            return envelope.his_refusal(400, str(e))
+            return envelope.his_refusal(400, str(e), self.engine.cfg.his.infcode_type)
         except Refused as e:
-            return envelope.his_refusal(e.status, str(e))
+            return envelope.his_refusal(e.status, str(e), self.engine.cfg.his.infcode_type)
 
     async def _route(self, req: Request) -> Response:
         path = req.path.split("?", 1)[0]

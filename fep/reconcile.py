@@ -112,7 +112,7 @@ class Reconciler:
     async def call(self, infno: str, input_: dict[str, Any]) -> dict[str, Any]:
         """A trade fep makes itself, through the engine like any other; its output, or ReconcileError."""
         answer = (await self.engine.submit(envelope.HisRequest(infno, None, {
-            "infno": infno, "opter": "fep-reconcile", "opter_name": "fep reconciliation", "input": input_}))).body
+            "infno": infno, "input": input_}))).body
         if not envelope.succeeded(answer):
             raise ReconcileError(f"{infno} failed: {answer.get('err_msg')} (msgid {answer.get('fep_msgid')})")
         return answer["output"]

@@ -43,11 +43,13 @@ def _pending(row: TradeRow, money: bool) -> str:
 QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
 
 
-def reply(row: TradeRow, money: bool, resubmitted: bool = False, answer: dict[str, Any] | None = None) -> Reply:
+def reply(row: TradeRow, money: bool, resubmitted: bool = False, answer: dict[str, Any] | None = None,
+          infcode_type: str = "number") -> Reply:
     """`money`: the trade moves money (the HIS must hear whether the patient is settled); `answer`: the
-    row's answer already parsed, when the caller has it (a fresh answer: parse once)."""
+    row's answer already parsed, when the caller has it (a fresh answer: parse once); `infcode_type`: how
+    fep writes infcode on envelopes of its own (the bureau's answers keep theirs)."""
     extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}
-    if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED, S.NOT_SENT) or (
+    if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED) or (
             row.state in (S.NEEDS_ATTENTION, S.DROPPED) and row.answer):
         parsed = answer if answer is not None else envelope.loads(row.answer or "{}")
         body = envelope.answer(parsed, msgid=row.msgid, state=row.state,
@@ -58,10 +60,15 @@ def reply(row: TradeRow, money: bool, resubmitted: bool = False, answer: dict[st
     if row.state is S.QUEUED:
         ack = envelope.local_failure("", datetime.now())
         ack.update(infcode=0, err_msg=None, warn_msg=QUEUED_NOTE)
-        return Reply(envelope.answer(ack, msgid=row.msgid, state=row.state, note=QUEUED_NOTE, **extra))
+        return Reply(envelope.typed(envelope.answer(ack, msgid=row.msgid, state=row.state, note=QUEUED_NOTE,
+                                                    **extra), infcode_type))
+    if row.state is S.NOT_SENT:  # fep's own answer, stored when it failed
+        body = envelope.answer(envelope.loads(row.answer or "{}"), msgid=row.msgid, state=row.state, note=row.note,
+                               **extra)
+        return Reply(envelope.typed(body, infcode_type))
     message = _pending(row, money)
-    body = envelope.answer(envelope.local_failure(message, datetime.now()), msgid=row.msgid, state=row.state,
-                           note=message, **extra)
+    body = envelope.typed(envelope.answer(envelope.local_failure(message, datetime.now()), msgid=row.msgid,
+                                          state=row.state, note=message, **extra), infcode_type)
     if resubmitted and row.state is S.SENT:  # a resubmission while the first is on the wire: not a second trade
         body["fep_reason"] = "in_progress"
     return Reply(body)

@@ -97,12 +97,12 @@ class Resolver:
             return  # confirmed at the last moment
         self.resume(row.msgid)
 
-    async def revoke(self, row: TradeRow, child: NewTrade, why: str) -> TradeRow:
+    async def revoke(self, row: TradeRow, child: NewTrade, why: str, timeout: float) -> TradeRow:
         """A reversal asked for (by the HIS's 2601 or `fep reverse`) of a trade the journal holds as done.
-        The 2601 is journalled with the original's move to REVOKING, in one write, and sent at once;
-        returns the 2601's row as it then is."""
+        The 2601 is journalled with the original's move to REVOKING, in one write, and sent at once, the
+        bureau waited for at most `timeout`; returns the 2601's row as it then is."""
         row, reversal = await self._journal.resolve_with(row.msgid, child, why, event="revoke")
-        await self._run(lambda: self._send_resolving(row, reversal))
+        await self._run(lambda: self._send_resolving(row, reversal, timeout))
         self.resume(row.msgid)
         return await self._journal.get(reversal.msgid)  # type: ignore[return-value]
 
@@ -211,10 +211,11 @@ class Resolver:
             self._lanes.kick(row.psn_no)
         return DONE
 
-    async def _exchange(self, trade: TradeDef, row: TradeRow, endpoint: str | None) -> Delivery | Again:
+    async def _exchange(self, trade: TradeDef, row: TradeRow, endpoint: str | None,
+                        timeout: float | None = None) -> Delivery | Again:
         """Send `row` (SENT); a not-sent or unknown outcome is journalled and becomes the next Again."""
         try:
-            return await self._sender.deliver(trade, row, endpoint)
+            return await self._sender.deliver(trade, row, endpoint, timeout)
         except NotSent as e:
             await self._journal.transition(row.msgid, "unsent", note=f"not sent: {e}")
             return Again(0, unsent=True)
@@ -250,7 +251,7 @@ class Resolver:
             "opter_name")} | {"infno": infno, "input": input_})
         return NewTrade(infno, None, row.psn_no, S.SENT, envelope.payload_hash(env), env, related=row.msgid)
 
-    async def _send_resolving(self, row: TradeRow, child: TradeRow) -> Again | None:
+    async def _send_resolving(self, row: TradeRow, child: TradeRow, timeout: float | None = None) -> Again | None:
         """One try of the resolving trade; it goes where the original went."""
         child_def = self._trades().get(child.infno)
         if child.state is S.UNKNOWN:
@@ -263,7 +264,7 @@ class Resolver:
             if child.state is S.UNKNOWN:
                 child = await self._journal.transition(child.msgid, "resend", note="sent again with the same msgid",
                                                        request=request)
-            outcome = await self._exchange(child_def, child, row.endpoint)
+            outcome = await self._exchange(child_def, child, row.endpoint, timeout)
         if not isinstance(outcome, Delivery):
             return outcome
         return await self._resolving_answered(row, child, outcome)

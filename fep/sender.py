@@ -35,12 +35,13 @@ class Sender:
         env.update(sign_no=await self.session.ensure(), inf_time=envelope.inf_time(datetime.fromtimestamp(self._now())))
         return envelope.dumps(env).decode("utf-8")
 
-    async def deliver(self, trade: TradeDef, row: TradeRow, endpoint: str | None = None) -> Delivery:
+    async def deliver(self, trade: TradeDef, row: TradeRow, endpoint: str | None = None,
+                      timeout: float | None = None) -> Delivery:
         """Send `row` (state SENT). Raises NotSent or Unknown, as the link does; `endpoint` pins it to
-        where its original went."""
+        where its original went; `timeout` (default the trade's) is how long the bureau is waited for."""
         for _ in range(SESSION_TRIES):
             sent_under = envelope.loads(row.request).get("sign_no", "")
-            delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), trade.timeout, trade.path,
+            delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), timeout or trade.timeout, trade.path,
                                             on_late=lambda body, r=row: self._late(r, body), endpoint=endpoint)
             if delivery.answer.ok or trade.kind is Kind.SESSION or not self.session.refused(delivery.answer.err_msg):
                 return delivery  # (a sign-in's own refusal is its answer: it is how a session begins)

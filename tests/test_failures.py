@@ -286,19 +286,19 @@ def test_a_trade_that_waited_too_long_for_its_person_is_not_sent(world: World) -
     from fep.trades import TradeBook
     from fep.sim.world import ROOT
 
-    short = {infno: {"timeout": 2} for infno in TradeBook.load(ROOT / "conf" / "trades.yaml").defs}
-    world.configure(trades=short, fep={"his": {"answer_budget": 3}})
+    short = {infno: {"timeout": 2.5} for infno in TradeBook.load(ROOT / "conf" / "trades.yaml").defs}
+    world.configure(trades=short, fep={"his": {"answer_within": 3}})
     world.start()
     first, second = Visit(world.his, ZHANG), Visit(world.his, ZHANG)
     for v in (first, second):
         v.up_to_settlement()
-    world.fault(mode="late", infno="2207", seconds=1.5, times=1)
+    world.fault(mode="late", infno="2207", seconds=2.2, times=1)
     import threading
 
     slow = threading.Thread(target=first.settle)
     slow.start()
     wait_for(lambda: world.journal("infno='2207'"), what="the first 2207")
-    answer = second.settle()  # waits for the first (same person), then has 1.5 s of 3 left: under 2207's 2 s
+    answer = second.settle()  # waits for the first (same person): under 1 s of the 3 s would be left to send it
     slow.join()
     first_msgid = world.journal("infno='2207'")[0]["msgid"]
     # The HIS hears what it waited for, and that nothing was sent.

@@ -70,7 +70,8 @@ def write(tmp: Path, change: dict) -> Path:
 
 @pytest.mark.parametrize("change, message", [
     ({"institution.fixmedins_code": "H1"}, "institution.fixmedins_code must be 12 upper-case letters or digits"),
-    ({"his.answer_budget": 5}, "his.answer_budget (5 s) must exceed the longest bureau timeout"),
+    ({"his.answer_within": 0.5}, "his.answer_within must be at least 1 s"),
+    ({"his.infcode_type": "text"}, "his.infcode_type must be number or string"),
     ({"bureau.url_style": "soap"}, "bureau.url_style must be dispatcher, infno_path or per_trade"),
     ({"bureau.endpoints": [{"url": "http://bureau/"}]}, "bureau.endpoints[0].url must be https://host:port/path"),
     ({"bureau.tls.min_version": "1.0"}, "bureau.tls.min_version must be 1.2 or 1.3"),
