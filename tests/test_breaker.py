@@ -223,3 +223,36 @@ def test_a_reload_that_renames_the_endpoint_does_not_strand_a_reversal(world: Wo
         world.wait_state(msgid, "REVERSED", "NEEDS_ATTENTION", timeout=20)
     except AssertionError as e:
         raise AssertionError(f"{e}{three_views(world, msgid)}") from None
+
+
+# ---- what the HIS is told while an outcome is unknown ----------------------------------------------------------
+def test_the_his_is_not_told_not_settled_while_the_cancel_of_its_settlement_is_unknown_and_it_stands(
+        running: World) -> None:
+    """The HIS cancels a settlement (2208); the cancel never reaches the bureau and, the bureau dropping every try,
+    fep can only park it. Meanwhile the HIS was told, for the cancel, "the patient is NOT settled": the words fep
+    uses for a settlement that did not happen. The settlement is live at the bureau all along, and fep's own
+    journal holds it in force."""
+    visit, settled = settled_visit(running, ZHANG)
+    running.fault(mode="drop_before", infno="2208")  # every 2208: never processed
+    status, cancel = visit.post("2208", visit.cancel_input(setl_id(settled)))
+    assert status == 200 and cancel["fep_state"] == "UNKNOWN", said(cancel)
+    running.wait_state(cancel["fep_msgid"], "NEEDS_ATTENTION", timeout=30)
+    running.clear_faults()
+    told = said(cancel)
+    assert bureau_state(running, settled["fep_msgid"]) == "live"
+    assert running.trade(settled["fep_msgid"])["state"] == "ANSWERED"
+    assert "NOT settled" not in told, f"the HIS heard, for its cancel: {told!r}; the settlement is live"
+
+
+def test_the_his_asking_to_reverse_a_parked_settlement_is_not_told_the_bureau_holds_nothing(running: World) -> None:
+    """A 2207's answer was lost and its 2601 kept being refused, so fep parked it; the bureau holds it live. The HIS
+    asks to reverse it (2601): fep refuses, saying 'the bureau holds nothing of it to reverse', which is false:
+    the patient is charged at the bureau."""
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    parked = parked_settlement(running, visit)
+    msgid = parked["fep_msgid"]
+    status, asked = reversal(visit, msgid)
+    assert bureau_state(running, msgid) == "live"
+    assert "holds nothing" not in (asked.get("err_msg") or ""), \
+        f"HTTP {status}: {said(asked)}{three_views(running, msgid)}"
