@@ -256,3 +256,47 @@ def test_the_his_asking_to_reverse_a_parked_settlement_is_not_told_the_bureau_ho
     assert bureau_state(running, msgid) == "live"
     assert "holds nothing" not in (asked.get("err_msg") or ""), \
         f"HTTP {status}: {said(asked)}{three_views(running, msgid)}"
+
+
+# ---- promised (QUEUED) uploads -----------------------------------------------------------------------------------
+def test_a_queued_upload_whose_replay_was_lost_is_not_parked_because_the_bureau_was_busy(running: World) -> None:
+    """An upload acknowledged as QUEUED in an outage. Its replay reaches the bureau, which stores the fees, but the
+    answer is lost; fep resends the msgid and the bureau is busy for a while (系统繁忙, nothing looked at). Each
+    busy answer spends a try, and fep parks the promised upload 'no answer after N tries': a park for a reason
+    that was never the bureau's answer, while the bureau holds the fees, and the person's settlement is refused."""
+    visit = Visit(running.his, ZHANG)
+    visit.open()
+    running.fault(mode="refuse")
+    queued = visit.upload_fees()
+    assert queued["fep_state"] == "QUEUED", said(queued)
+    running.fault(mode="drop_after", infno="2204", times=1)
+    running.fault(mode="error", infno="2204", message="系统繁忙", times=8)
+    running.end_outage()
+    msgid = queued["fep_msgid"]
+    time.sleep(8)  # the bureau is busy for eight tries, then answers again
+    row = running.wait_state(msgid, "ANSWERED", "NEEDS_ATTENTION", timeout=20)
+    stored = running.sim_answer(msgid) or {}
+    settle = visit.settle()
+    assert row["state"] == "ANSWERED", (f"HIS was told QUEUED; journal {row['state']} ({row['note']}); the bureau's "
+                                        f"answer for the msgid: infcode {stored.get('infcode')}; the settlement "
+                                        f"then: {said(settle)}")
+
+
+def test_a_queued_upload_without_a_psn_no_is_delivered(running: World) -> None:
+    """A deferrable trade whose input carries no psn_no (2302 requires none) is acknowledged as QUEUED while the
+    bureau is down. It belongs to no person's queue, so nothing ever replays it: once the bureau is back, and even
+    after a restart, it stays QUEUED, a promise never kept."""
+    visit = Visit(running.his, ZHANG)
+    visit.open()
+    with running.outage():
+        status, queued = visit.post("2302", {"data": {"feedetl_sn": "0000", "mdtrt_id": visit.mdtrt_id}},
+                                    msgid=his_msgid(81))
+        assert status == 200 and queued["fep_state"] == "QUEUED", said(queued)
+    msgid = queued["fep_msgid"]
+    assert visit.identify()["infcode"] == 0  # the bureau is back and fep talks to it
+    time.sleep(5)
+    running.kill_fep()
+    running.start_fep()
+    time.sleep(5)
+    row = running.trade(msgid)
+    assert row["state"] != "QUEUED" and running.sim_answer(msgid) is not None, three_views(running, msgid)
