@@ -300,3 +300,28 @@ def test_a_queued_upload_without_a_psn_no_is_delivered(running: World) -> None:
     time.sleep(5)
     row = running.trade(msgid)
     assert row["state"] != "QUEUED" and running.sim_answer(msgid) is not None, three_views(running, msgid)
+
+
+def test_a_restart_while_fep_waits_for_a_late_answer_does_not_leave_the_settlement_live(world: World) -> None:
+    """As above, with fep's default late grace: the 2207 times out at the bureau's slow desk, the 2601 finds
+    nothing (NOT_NEEDED), and fep would still read a late answer; but the operator restarts fep (systemctl
+    restart: SIGTERM, then start) while the bureau is still on it. The late answer goes to a connection that is
+    gone; NOT_NEEDED is final, so recovery does nothing; the bureau settles the 2207 and the patient is charged
+    while the HIS was told NOT settled."""
+    world.configure(trades={"2207": {"timeout": 1}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    world.fault(mode="slow", infno="2207", seconds=4, times=1)
+    answer = visit.settle()
+    msgid = answer["fep_msgid"]
+    assert answer["fep_state"] == "RESOLVING" and "NOT settled" in said(answer), said(answer)
+    world.wait_state(msgid, "NOT_NEEDED", timeout=10)
+    world.fep.terminate()  # systemctl restart fep
+    world.fep.wait(10)
+    world.start_fep()
+    wait_for(lambda: world.ledger(), timeout=10, what="the bureau to get round to the 2207")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and bureau_state(world, msgid) == "live":
+        time.sleep(0.2)
+    assert bureau_state(world, msgid) != "live", three_views(world, msgid)
