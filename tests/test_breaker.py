@@ -114,15 +114,15 @@ def test_a_cancel_is_refused_while_a_later_settlement_of_the_person_is_parked_an
 
 
 def test_a_cancel_whose_resend_comes_after_a_newer_settlement_does_not_skip_it(world: World) -> None:
-    """The HIS cancels S1, its last settlement: the 2208 is lost on the way (outcome unknown) and fep will resend
+    """The HIS cancels S1, its last settlement: the 2208 is lost on the way, and so is its immediate resend; fep will resend
     it. Meanwhile the HIS settles the person's next visit, S2, at once. When the resend of the cancel reaches the
     bureau, S2 is in force: the bureau cancels S1 behind S2's back, out of refund order."""
-    world.configure(fep={"resolution": {"backoff": [0, 4]}})  # the cancel is resent 4 s after it was lost
+    world.configure(fep={"resolution": {"backoff": [0, 4]}})  # resent at once, then 4 s after each loss
     world.start()
     first, s1 = settled_visit(world, ZHANG)
     second = Visit(world.his, ZHANG)
     second.up_to_settlement()
-    world.fault(mode="drop_before", infno="2208", times=1)
+    world.fault(mode="drop_before", infno="2208", times=2)  # the cancel, and its first (immediate) resend
     status, cancel = first.post("2208", first.cancel_input(setl_id(s1)))
     assert status == 200 and cancel["fep_state"] == "UNKNOWN", said(cancel)
     s2 = second.settle()
