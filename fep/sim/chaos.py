@@ -636,6 +636,33 @@ def read_bureau(path: Path) -> tuple[list[dict[str, Any]], list[BAnswer]]:
     return settlements, answers
 
 
+HIS_VIEW = "his-view.json"  # in the run's directory: the HIS view (the other two are files there already)
+RUN_INFO = "run.json"
+
+
+def save_his_view(base: Path, trades: Iterable[HisTrade], run: dict[str, Any]) -> None:
+    docs = []
+    for t in trades:
+        d = asdict(t)
+        d.pop("request")
+        docs.append(d)
+    (base / HIS_VIEW).write_text(json.dumps(docs, ensure_ascii=False))
+    (base / RUN_INFO).write_text(json.dumps(run, ensure_ascii=False, indent=1))
+
+
+def load_views(base: Path) -> tuple[Views, dict[str, Any]]:
+    """The three views of a finished run, from its directory: what the HIS heard (saved by the run), the
+    journal and the bureau's ledger."""
+    his = {}
+    for d in json.loads((base / HIS_VIEW).read_text()):
+        d["heard"] = [Heard(**h) for h in d["heard"]]
+        his[d["msgid"]] = HisTrade(**d)
+    settlements, answers = read_bureau(base / "sim" / "ledger.db")
+    run = json.loads((base / RUN_INFO).read_text()) if (base / RUN_INFO).exists() else {}
+    return Views(his=his, journal=read_journal(base / "lib" / "journal.db"), settlements=settlements,
+                 answers=answers), run
+
+
 # ---- the careful HIS ----------------------------------------------------------------------------------------
 PATH = "/fsi/api/rsfComIfsService/callService"
 FEE_ITEMS = [("250101001", "30.00"), ("XB02BBB002B002020200002", "38.00"), ("001102000010000", "25.00"),
@@ -974,7 +1001,9 @@ class Chaos(threading.Thread):
             elif r < 0.22:
                 self.arm(("refuse", None))
             else:
-                for _ in range(self.rng.randint(1, 3)):
+                # A short run meets every combination too: more at once while coverage lags behind progress.
+                behind = len(self.armed) < len(fault_combos()) * min(1.0, self.tally.sent / (0.6 * self.trades))
+                for _ in range(self.rng.randint(1, 3) + (4 if behind else 0)):
                     self.arm()
         if (self.fep_killed >= self.fep_kills and self.sim_killed >= self.sim_kills and self.expiries
                 and len(self.armed) == len(fault_combos())):
@@ -1093,7 +1122,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first", type=int, default=5, help="msgids shown per non-zero figure")
     p.add_argument("--dir", help="keep the run's state here (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print the figures and details as JSON")
+    p.add_argument("--rejudge", metavar="DIR", help="judge a finished run's directory again (no new run)")
     args = p.parse_args(argv)
+    if args.rejudge:
+        return verdict(Path(args.rejudge), args)
     n_persons = args.persons or 4 * args.clients
     bad = args.bad_uploads if args.bad_uploads >= 0 else max(1, n_persons // 8)
     max_seconds = args.max_seconds or 60 + args.trades / 5
@@ -1137,24 +1169,19 @@ def main(argv: list[str] | None = None) -> int:
             world.start_fep()
         left, waited = quiesce(world, args.drain_seconds)
         looker = CarefulHis(world, tally, 999)
-        lookups = 0
+        lookups, give_up_at = 0, time.monotonic() + 60
         for t in list(tally.trades.values()):
-            if not t.final():
-                for _ in range(20):
-                    lookups += 1
-                    if looker.lookup(t) is not None:
-                        break
-                    time.sleep(0.5)
+            while not t.final() and time.monotonic() < give_up_at:  # fep unreachable: ask again, for a while
+                lookups += 1
+                if looker.lookup(t) is not None:
+                    break
+                time.sleep(0.5)
     except Exception:
         world.stop()
         print(traceback.format_exc(), file=sys.stderr)
         print(f"scripts/chaos: the run could not be carried out; state kept in {base}", file=sys.stderr)
         return 2
     world.stop()
-    settlements, answers = read_bureau(world.sim_ledger_path)
-    views = Views(his=dict(tally.trades), journal=read_journal(world.journal_path), settlements=settlements,
-                  answers=answers)
-    verdict = judge(views)
     run = {"seed": args.seed, "HIS msgids": tally.sent, "clients": clients, "persons": n_persons,
            "seconds": round(time.monotonic() - started, 1), "fep kills": chaos.fep_killed,
            "sim kills": chaos.sim_killed, "session expiries": chaos.expiries,
@@ -1165,9 +1192,16 @@ def main(argv: list[str] | None = None) -> int:
            "chaos control errors": len(chaos.errors), "open rows when the wait ended": left,
            "seconds waited for open trades": round(waited, 1), "final lookups": lookups,
            "HIS events": dict(sorted(tally.events.items())), "state dir": str(base)}
-    text, doc = render(verdict, views, run, args.first)
+    save_his_view(base, list(tally.trades.values()), run)
+    return verdict(base, args)
+
+
+def verdict(base: Path, args: argparse.Namespace) -> int:
+    views, run = load_views(base)
+    found = judge(views)
+    text, doc = render(found, views, run, args.first)
     print(json.dumps(doc, ensure_ascii=False, indent=2, default=str) if args.json else text)
-    return 1 if verdict.failed() else 0
+    return 1 if found.failed() else 0
 
 
 if __name__ == "__main__":
