@@ -158,6 +158,10 @@ class BureauLink:
         self.pools, self.expires = pools, expires
 
     @property
+    def endpoint_names(self) -> tuple[str, ...]:
+        return tuple(p.ep.name for p in self.pools)
+
+    @property
     def down(self) -> bool:
         """Every endpoint failed its last attempt: deferrable trades wait, the rest fail fast."""
         return all(p.up is False for p in self.pools)

@@ -31,14 +31,14 @@ class ConfirmWindows:
         delay = max(0.0, (row.deadline or self._now()) - self._now())
         self._timers[row.msgid] = self._clock.callLater(delay, self._close, row.msgid)
 
-    async def confirm(self, msgid: str) -> TradeRow:
+    async def confirm(self, msgid: str, why: str = "confirmed by the HIS") -> TradeRow:
         """The HIS recorded it. Confirming twice is fine; confirming after the window closed is
         NotAwaiting, whichever came first by a hair."""
         current = await self._journal.get(msgid)
         if current is not None and current.state is State.AWAITING_CONFIRM and (current.deadline or 0) <= self._now():
             raise NotAwaiting(f"trade {msgid}'s confirmation window has closed; it is being undone")
         try:
-            row = await self._journal.transition(msgid, "confirm", note="confirmed by the HIS")
+            row = await self._journal.transition(msgid, "confirm", note=why)
         except IllegalTransition as e:
             if e.state == State.CONFIRMED:
                 return await self._journal.get(msgid)  # type: ignore[return-value]

@@ -64,7 +64,7 @@ class Engine:
         self.sender = Sender(link, self.session, journal, now, self._late)
         self.lanes = Lanes(reactor, self._replay)
         self.resolver = Resolver(reactor, journal, self.sender, self.lanes, lambda: self.trades,
-                                 lambda: self.cfg.resolution, self._markers, self._complete)
+                                 lambda: self.cfg.resolution, self._markers, self._complete, self._after_answer)
         self.windows = ConfirmWindows(reactor, now, journal, self.resolver.unconfirmed)
         self._poll: task.LoopingCall | None = None
         self._link_was_down = False
@@ -88,8 +88,8 @@ class Engine:
                                                 attempts=row.attempts + 1)
             await self.resolver.lost(trade, row)
             return
-        if trade.deferrable and row.psn_no and row.state is not S.AWAITING_CONFIRM:
-            self.lanes.defer(row.psn_no, row.msgid)  # queued, parked or unresolved: later work waits behind it
+        if trade.deferrable and row.state is not S.AWAITING_CONFIRM:
+            self.lanes.defer(row.psn_no or "", row.msgid)  # queued, parked or unresolved: later work waits behind it
         if row.state in DRIVEN:
             self.resolver.resume(row.msgid)
         elif row.state is S.AWAITING_CONFIRM:
@@ -123,7 +123,7 @@ class Engine:
             _spawn(self.session.ensure())
 
     def _markers(self) -> Markers:
-        return Markers(self.cfg.bureau.reversal_not_found, self.cfg.bureau.transient)
+        return Markers(self.cfg.bureau.reversal_not_found, self.cfg.bureau.transient, self.cfg.bureau.late_grace)
 
     # ---- HIS entry points ----------------------------------------------------------------------
     async def submit(self, req: envelope.HisRequest) -> Reply:
@@ -197,6 +197,8 @@ class Engine:
                     return await self._queue(write)
                 if trade.kind is Kind.UNDO_MONEY and psn:
                     await self._check_refund_order(input_, psn)
+                elif trade.kind is Kind.MONEY and psn:
+                    await self._check_no_undo_pending(psn)
                 await self.session.ensure()
                 acc = await write(S.SENT)
                 if not acc.created:
@@ -212,8 +214,8 @@ class Engine:
 
     async def _queue(self, write: Write) -> Reply:
         acc = await write(S.QUEUED)
-        if acc.created and acc.row.psn_no:
-            self.lanes.defer(acc.row.psn_no, acc.row.msgid)
+        if acc.created:  # (work that names no person shares one lane, "")
+            self.lanes.defer(acc.row.psn_no or "", acc.row.msgid)
         return self._reply(acc.row, resubmitted=not acc.created)
 
     async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: str, answer_by: float) -> Reply:
@@ -256,8 +258,7 @@ class Engine:
     async def _not_sent(self, trade: TradeDef, row: TradeRow, why: str) -> Reply:
         if trade.deferrable:
             row = await self.journal.transition(row.msgid, "requeue", note=f"bureau unreachable: {why}")
-            if row.psn_no:
-                self.lanes.defer(row.psn_no, row.msgid)
+            self.lanes.defer(row.psn_no or "", row.msgid)
             return self._reply(row)
         failure = envelope.local_failure(f"bureau unreachable, nothing was sent: {why}",
                                          datetime.fromtimestamp(self._now()))
@@ -273,10 +274,24 @@ class Engine:
             self.windows.arm(row)
         else:
             row = await self.journal.transition(row.msgid, "answer", **fields)
+        if ans.ok:
+            await self._after_answer(trade, row)
         result = self._reply(row, answer=ans.raw)
         if row.state is S.ANSWERED:  # the common case: pass the bureau's bytes through, fep's fields added
             result.raw = envelope.splice(delivery.body, {k: v for k, v in result.body.items() if k.startswith("fep_")})
         return result
+
+    async def _after_answer(self, trade: TradeDef, row: TradeRow) -> None:
+        """A successful cancel of a settlement still in its confirmation window: the HIS evidently recorded
+        that settlement (it cancelled it by its setl_id), so the window closes as confirmed, not undone."""
+        if trade.kind is not Kind.UNDO_MONEY or not row.cancels or not row.psn_no:
+            return
+        for s in await self.journal.settlements_of(row.psn_no, self._money_infnos()):
+            if s.setl_id == row.cancels and s.state is S.AWAITING_CONFIRM:
+                try:
+                    await self.windows.confirm(s.msgid, f"cancelled by {row.infno} {row.msgid}")
+                except NotAwaiting:
+                    pass  # its window closed first: the cancel and the undo are both in the journal
 
     async def _accept(self, new: NewTrade) -> Accepted:
         try:
@@ -368,16 +383,36 @@ class Engine:
             await task.deferLater(self.reactor, 0.05)
 
     # ---- refund order (逐笔按序退款) ----------------------------------------------------------------
+    def _money_infnos(self, *kinds: Kind) -> list[str]:
+        kinds = kinds or (Kind.MONEY, Kind.UNDO_MONEY)
+        return [t.infno for t in self.trades.defs.values() if t.kind in kinds]
+
     async def _settlements(self, psn: str) -> list[TradeRow]:
         """The person's settlements the bureau holds and no cancel has undone, in the bureau's order."""
-        money = [t.infno for t in self.trades.defs.values() if t.moves_money]
-        settling = frozenset(t.infno for t in self.trades.defs.values() if t.kind is Kind.MONEY)
-        return refunds.in_force(await self.journal.settlements_of(psn, money), settling)
+        return refunds.in_force(await self.journal.settlements_of(psn, self._money_infnos()),
+                                frozenset(self._money_infnos(Kind.MONEY)))
 
     async def _check_refund_order(self, input_: dict[str, Any], psn: str) -> None:
+        """A cancel waits for every later settlement of the person to be cancelled, including one whose
+        outcome is not known yet (the bureau may hold it), and for the person's other cancels to be known."""
         setl_id = str(next((n.get("setl_id") for n in input_.values() if isinstance(n, dict)), "") or "")
+        settlements = await self._settlements(psn)
+        target = next((r for r in settlements if r.setl_id == setl_id), None)
+        pending = [r for r in await self.journal.pending_money_of(psn, self._money_infnos())
+                   if r.infno in self._money_infnos(Kind.UNDO_MONEY) or target is None or r.created > target.created]
         try:
-            refunds.check_cancel(await self._settlements(psn), setl_id)
+            refunds.check_cancel(settlements, setl_id)
+            refunds.check_known(pending, f"the cancel of {setl_id}")
+        except refunds.OutOfOrder as e:
+            raise Refused(409, str(e)) from None
+
+    async def _check_no_undo_pending(self, psn: str) -> None:
+        """A settlement waits while a cancel or an asked-for reversal of the person is not known yet: sent
+        again later, it would undo an older settlement past this one."""
+        undoing = [r for r in await self.journal.pending_money_of(psn, self._money_infnos())
+                   if r.infno in self._money_infnos(Kind.UNDO_MONEY) or r.state is S.REVOKING]
+        try:
+            refunds.check_known(undoing, "a new settlement")
         except refunds.OutOfOrder as e:
             raise Refused(409, str(e)) from None
 
@@ -392,22 +427,28 @@ class Engine:
     async def reverse(self, omsgid: str, oinfno: str | None = None, psn_no: str | None = None,
                       req: envelope.HisRequest | None = None) -> Reply:
         """Undo a trade by 2601. One the journal holds as done goes to REVOKING and is REVERSED when the
-        bureau acknowledges (or stands, if the bureau refuses). One the journal does not hold (单边账: the
-        bureau settled it behind fep's back) is reversed by a 2601 of its own, resent until answered.
-        Either obeys refund order like a cancel."""
+        bureau acknowledges (or stands, if the bureau refuses). One parked, judged not at the bureau, or
+        given up, which the bureau holds after all (reconciliation found it), is resolved afresh. One the
+        journal does not hold (单边账: settled behind fep's back) is reversed by a 2601 of its own, resent
+        until answered. Each obeys refund order like a cancel."""
         row = await self.journal.for_his(omsgid)  # the HIS names its trade by its own msgid
         if row is None:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
         omsgid = row.msgid
         if psn_no and row.psn_no and psn_no != row.psn_no:
             raise Refused(400, f"{omsgid} is a trade of another person (psn_no {row.psn_no}), not of {psn_no}")
-        if row.state in DRIVEN:
-            raise Refused(409, f"fep is resolving {omsgid} already ({row.state}, by {row.resolver}): its outcome "
-                               f"is at GET /fep/trades/{omsgid}")
-        if row.state not in IN_FORCE:
+        if row.state in DRIVEN or row.state in (S.SENT, S.QUEUED):
+            raise Refused(409, f"fep is still finding out what became of {omsgid} ({row.state}): its outcome is at "
+                               f"GET /fep/trades/{omsgid}; it is undone by itself if the bureau holds it")
+        if row.state in (S.NOT_SENT, S.REVERSED):
             raise Refused(409, f"{omsgid} is {row.state}: the bureau holds nothing of it to reverse")
         if self.trades.get(row.infno).kind is Kind.MONEY:
             await self._check_reversal(row.psn_no or "", omsgid, row.created)
+        if row.state not in IN_FORCE:  # NEEDS_ATTENTION, NOT_NEEDED, DROPPED: the bureau may hold it
+            if self.trades.get(row.infno).on_unknown not in (OnUnknown.REVERSE, OnUnknown.CANCEL):
+                raise Refused(409, f"{omsgid} ({row.infno}) is {row.state} and not undone by a reversal: send it on "
+                                   f"with fep replay, or leave it dropped")
+            return self._reply(await self.resolver.reopen(row, f"a reversal was asked for ({row.state})"))
         child = self.resolver.reversal_of(row, req.msgid if req else None,
                                           envelope.payload_hash(req.envelope) if req else None)
         try:
@@ -456,9 +497,9 @@ class Engine:
         if not reason.strip():
             raise Refused(400, "say why the trade is dropped (--reason): it stays in the journal's history")
         row = await self.journal.transition(msgid, "drop", note=f"dropped by a person: {reason.strip()}")
-        if self.trades.get(row.infno).deferrable and row.psn_no:
-            self.lanes.done(row.psn_no, msgid)
-            self.lanes.kick(row.psn_no)
+        if self.trades.get(row.infno).deferrable:
+            self.lanes.done(row.psn_no or "", msgid)
+            self.lanes.kick(row.psn_no or "")
         return self._reply(row)
 
     async def _parked(self, msgid: str) -> TradeRow:
@@ -504,7 +545,8 @@ class Engine:
         return row
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:
-        return reply(row, self.trades.get(row.infno).moves_money, infcode_type=self.cfg.his.infcode_type, **kw)
+        money = {Kind.MONEY: "settles", Kind.UNDO_MONEY: "cancels"}.get(self.trades.get(row.infno).kind, "")
+        return reply(row, money, infcode_type=self.cfg.his.infcode_type, **kw)
 
 
 def _spawn(coro: Any) -> defer.Deferred[Any]:

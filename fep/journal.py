@@ -419,6 +419,14 @@ class Journal:
         return self._rows(f"WHERE psn_no = ? AND state IN ({_states(IN_FORCE)}) AND setl_id IS NOT NULL "
                           f"AND infno IN ({', '.join('?' * len(numbers))}) ORDER BY id", (psn_no, *numbers))
 
+    def pending_money_of(self, psn_no: str, infnos: Iterable[str]) -> defer.Deferred[list[TradeRow]]:
+        """The person's original trades of these numbers whose outcome fep is still finding out, or that
+        wait for a person: the bureau may hold them."""
+        numbers = tuple(infnos)
+        states = _states(UNRESOLVED | {State.NEEDS_ATTENTION})
+        return self._rows(f"WHERE psn_no = ? AND state IN ({states}) AND related IS NULL "
+                          f"AND infno IN ({', '.join('?' * len(numbers))}) ORDER BY id", (psn_no, *numbers))
+
     def settled_between(self, start: float, end: float) -> defer.Deferred[list[TradeRow]]:
         """Settlements and cancels journalled in [start, end] that the bureau holds (reconciliation)."""
         return self._rows(f"INDEXED BY trades_settled WHERE setl_id IS NOT NULL AND state IN ({_states(IN_FORCE)}) "

@@ -56,6 +56,14 @@ def check_reversal(settlements: list[TradeRow], omsgid: str, made_at: float) -> 
     _refuse_if_later(later, f"the reversal of {omsgid}")
 
 
+def check_known(pending: list[TradeRow], what: str) -> None:
+    """`pending`: the person's money trades whose outcome is not known yet, that `what` must not overtake."""
+    if pending:
+        names = ", ".join(f"{r.infno} {r.msgid} ({r.state})" for r in pending)
+        raise OutOfOrder(f"refunds go last settlement first: the outcome of {names} is not known yet; {what} "
+                         f"waits until it is resolved")
+
+
 def _stamp(setl_time: str) -> float:
     try:
         return datetime.strptime(setl_time[:19], "%Y-%m-%d %H:%M:%S").timestamp()

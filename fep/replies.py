@@ -24,9 +24,10 @@ class Reply:
     raw: bytes | None = None  # the body already encoded, when it could be had without encoding it
 
 
-def _pending(row: TradeRow, money: bool) -> str:
+def _pending(row: TradeRow, money: str) -> str:
     by = f" by {row.resolver}" if row.resolver else ""
-    settled = "; the patient is NOT settled" if money else ""
+    settled = {"settles": "; the patient is NOT settled",
+               "cancels": "; the settlement it cancels stands until this is answered"}.get(money, "")
     return {
         S.SENT: f"trade {row.msgid} is in progress at the bureau; ask again with the same msgid",
         S.UNKNOWN: (f"no valid answer from the bureau for {row.msgid} ({row.note}); its outcome is unknown "
@@ -43,9 +44,10 @@ def _pending(row: TradeRow, money: bool) -> str:
 QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
 
 
-def reply(row: TradeRow, money: bool, resubmitted: bool = False, answer: dict[str, Any] | None = None,
+def reply(row: TradeRow, money: str, resubmitted: bool = False, answer: dict[str, Any] | None = None,
           infcode_type: str = "number") -> Reply:
-    """`money`: the trade moves money (the HIS must hear whether the patient is settled); `answer`: the
+    """`money`: "settles" or "cancels" when the trade moves money (the HIS must hear whether the patient
+    is settled, or the settlement cancelled), else ""; `answer`: the
     row's answer already parsed, when the caller has it (a fresh answer: parse once); `infcode_type`: how
     fep writes infcode on envelopes of its own (the bureau's answers keep theirs)."""
     extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}

@@ -16,7 +16,7 @@ only the journal's states.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -38,9 +38,12 @@ DRIVEN = frozenset({S.UNKNOWN, S.RESOLVING, S.REVOKING})
 
 @dataclass(frozen=True)
 class Markers:
-    """err_msg fragments that say what a refusal means (bureau config)."""
-    not_found: tuple[str, ...]  # a 2601's "the original is not there"
-    transient: tuple[str, ...]  # "not now": busy, a timeout inside the bureau
+    """What the bureau's refusals mean (bureau config)."""
+    not_found: tuple[str, ...]  # err_msg fragments of a 2601's "the original is not there"
+    transient: tuple[str, ...]  # err_msg fragments of "not now": busy, a timeout inside the bureau
+    # Seconds after a trade was lost during which the bureau may still be processing it: a 2601's "not
+    # there" is believed only after them (bureau.late_grace, how long fep listens for a late answer).
+    settle_after: float = 0.0
 
     def transient_refusal(self, answer: envelope.BureauAnswer) -> bool:
         return not answer.ok and any(m in answer.err_msg for m in self.transient)
@@ -59,9 +62,11 @@ class Again:
 class Resolver:
     def __init__(self, clock: Any, journal: Journal, sender: Sender, lanes: Lanes, trades: Callable[[], TradeBook],
                  policy: Callable[[], Resolution], markers: Callable[[], Markers],
-                 complete: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+                 complete: Callable[[dict[str, Any]], dict[str, Any]],
+                 answered: Callable[[TradeDef, TradeRow], Awaitable[None]] | None = None) -> None:
         """`trades`, `policy`, `markers`: read at each use, so a reload applies to the next step.
-        `complete` fills the box's envelope fields of a resolving trade."""
+        `complete` fills the box's envelope fields of a resolving trade; `answered` hears of every success
+        a resend gets, as the normal path's answers are heard."""
         self._clock = clock
         self._journal = journal
         self._sender = sender
@@ -70,6 +75,7 @@ class Resolver:
         self._policy = policy
         self._markers = markers
         self._complete = complete
+        self._answered = answered
         self._driving: set[str] = set()
         self._sleeping: dict[defer.Deferred[None], Any] = {}  # pauses after a not-sent try: end when the link is back
 
@@ -79,8 +85,8 @@ class Resolver:
         at start). The first step is journalled before this returns, so the HIS hears what is being done."""
         metrics.UNKNOWN_OUTCOMES.labels(trade.infno).inc()
         log.warn("{infno} {msgid}: outcome unknown: {why}", infno=trade.infno, msgid=row.msgid, why=row.note)
-        if trade.deferrable and row.psn_no:
-            self._lanes.defer(row.psn_no, row.msgid)  # until it is resolved, the person's later uploads wait
+        if trade.deferrable:
+            self._lanes.defer(row.psn_no or "", row.msgid)  # until it is resolved, the person's later uploads wait
         if trade.on_unknown is OnUnknown.PERSON:
             row = await self._journal.transition(row.msgid, "give_up", note=f"outcome unknown ({row.note}); "
                                                  f"a person decides (on_unknown: person)")
@@ -100,8 +106,13 @@ class Resolver:
     async def revoke(self, row: TradeRow, child: NewTrade, why: str, timeout: float) -> TradeRow:
         """A reversal asked for (by the HIS's 2601 or `fep reverse`) of a trade the journal holds as done.
         The 2601 is journalled with the original's move to REVOKING, in one write, and sent at once, the
-        bureau waited for at most `timeout`; returns the 2601's row as it then is."""
-        row, reversal = await self._journal.resolve_with(row.msgid, child, why, event="revoke")
+        bureau waited for at most `timeout`; returns the 2601's row as it then is. A settlement still in its
+        confirmation window was never confirmed: it is undone like one whose window closed, whatever the
+        bureau answers this 2601."""
+        if row.state is S.AWAITING_CONFIRM:
+            row, reversal = await self._journal.resolve_with(row.msgid, child, why, deadline=self._settled_by())
+        else:
+            row, reversal = await self._journal.resolve_with(row.msgid, child, why, event="revoke")
         await self._run(lambda: self._send_resolving(row, reversal, timeout))
         self.resume(row.msgid)
         return await self._journal.get(reversal.msgid)  # type: ignore[return-value]
@@ -113,10 +124,11 @@ class Resolver:
             return
         await self._reopen_late(row)
 
-    async def reopen(self, row: TradeRow) -> TradeRow:
-        """A person has fep resolve a parked trade afresh, with its tries counted from zero. A trade whose
-        policy is `person` is sent once more with its msgid; if that too gets no answer it is parked again."""
-        row = await self._journal.transition(row.msgid, "reopen", note="reopened by a person", attempts=0)
+    async def reopen(self, row: TradeRow, why: str = "reopened by a person") -> TradeRow:
+        """Resolve a parked trade afresh (or one judged not at the bureau that the bureau holds after all),
+        its tries counted from zero. A trade whose policy is `person` is sent once more with its msgid; if
+        that too gets no answer it is parked again."""
+        row = await self._journal.transition(row.msgid, "reopen", note=why, attempts=0)
         trade = self._trades().get(row.infno)
         if trade.on_unknown is not OnUnknown.PERSON:
             self.resume(row.msgid)
@@ -197,18 +209,19 @@ class Resolver:
             return outcome
         ans = outcome.answer
         if self._markers().transient_refusal(ans):  # "not now" is no answer to a resend: still unknown
-            row = await self._journal.transition(row.msgid, "lost", note=f"the bureau answered the resend with "
-                                                 f"a transient error: {ans.err_msg}", attempts=row.attempts + 1)
-            return Again(self._backoff(row.attempts))
+            await self._journal.transition(row.msgid, "unsent", note=f"the bureau said not now: {ans.err_msg}")
+            return Again(0, unsent=True)
         fields = recorded(trade, row, outcome)
         if not ans.ok and trade.deferrable:  # a promise the bureau refuses: a person must see it
             await self._journal.transition(row.msgid, "give_up", note=f"the bureau refused the promised "
                                            f"{trade.infno}: {ans.err_msg}", **fields)
             return DONE
-        await self._journal.transition(row.msgid, "answer", note="answered on a resend", **fields)
-        if trade.deferrable and row.psn_no:
-            self._lanes.done(row.psn_no, row.msgid)
-            self._lanes.kick(row.psn_no)
+        row = await self._journal.transition(row.msgid, "answer", note="answered on a resend", **fields)
+        if trade.deferrable:
+            self._lanes.done(row.psn_no or "", row.msgid)
+            self._lanes.kick(row.psn_no or "")
+        if ans.ok and self._answered is not None:
+            await self._answered(trade, row)
         return DONE
 
     async def _exchange(self, trade: TradeDef, row: TradeRow, endpoint: str | None,
@@ -227,7 +240,13 @@ class Resolver:
     # ---- resolving trades (2601, a dedicated cancel) ---------------------------------------------------------
     async def _undo(self, trade: TradeDef, row: TradeRow, why: str, event: str = "resolve",
                     **fields: Any) -> tuple[TradeRow, TradeRow]:
+        if event == "resolve":
+            fields["deadline"] = self._settled_by()
         return await self._journal.resolve_with(row.msgid, self._resolving_trade(trade, row), why, event, **fields)
+
+    def _settled_by(self) -> float:
+        """Until when a trade lost now may still be settled by the bureau (a RESOLVING row's `deadline`)."""
+        return self._clock.seconds() + self._markers().settle_after
 
     def _resolving_trade(self, trade: TradeDef, row: TradeRow) -> NewTrade:
         if trade.on_unknown is OnUnknown.CANCEL and trade.cancel is not None:
@@ -271,6 +290,9 @@ class Resolver:
 
     async def _resolving_answered(self, row: TradeRow, child: TradeRow, delivery: Delivery) -> Again | None:
         ans = delivery.answer
+        if self._markers().transient_refusal(ans) and child.attempts:  # "not now" is no answer to a resend
+            await self._journal.transition(child.msgid, "unsent", note=f"the bureau said not now: {ans.err_msg}")
+            return Again(0, unsent=True)
         answered = (child.msgid, "answer", None if ans.ok else ans.err_msg, recorded(self._trades().get(child.infno),
                                                                                    child, delivery))
         if ans.ok:
@@ -284,6 +306,10 @@ class Resolver:
             metrics.RESOLUTIONS.labels("stands").inc()
             return DONE
         if child.infno == "2601" and any(m in ans.err_msg for m in self._markers().not_found):
+            wait = (row.deadline or 0) - self._clock.seconds()
+            if wait > 0:  # the bureau may still be processing the original: ask again once it cannot be
+                await self._journal.transitions(answered)
+                return Again(wait)
             _, row = await self._journal.transitions(answered, (row.msgid, "not_needed",
                                                                 f"the bureau has no record of it ({ans.err_msg})", {}))
             metrics.RESOLUTIONS.labels("not_needed").inc()

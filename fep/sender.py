@@ -39,6 +39,8 @@ class Sender:
                       timeout: float | None = None) -> Delivery:
         """Send `row` (state SENT). Raises NotSent or Unknown, as the link does; `endpoint` pins it to
         where its original went; `timeout` (default the trade's) is how long the bureau is waited for."""
+        if endpoint is not None and endpoint not in self.link.endpoint_names:
+            endpoint = None  # renamed or removed by a reload: where it went is no longer configured
         for _ in range(SESSION_TRIES):
             sent_under = envelope.loads(row.request).get("sign_no", "")
             delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), timeout or trade.timeout, trade.path,

@@ -37,7 +37,7 @@ TRANSITIONS: dict[str, tuple[frozenset[State], State]] = {
     "not_sent":     (frozenset({S.SENT}), S.NOT_SENT),
     "requeue":      (frozenset({S.SENT}), S.QUEUED),
     "lost":         (frozenset({S.SENT}), S.UNKNOWN),       # a try spent: no answer, or a transient one
-    "unsent":       (frozenset({S.SENT}), S.UNKNOWN),       # a resend that provably never left: no try spent
+    "unsent":       (frozenset({S.SENT}), S.UNKNOWN),       # a resend not taken (never left, or "busy"): no try spent
     "resend":       (frozenset({S.UNKNOWN}), S.SENT),
     "resolve":      (frozenset({S.UNKNOWN, S.AWAITING_CONFIRM}), S.RESOLVING),
     "reattempt":    (frozenset({S.RESOLVING}), S.RESOLVING),  # the bureau refused the resolving trade
@@ -48,7 +48,9 @@ TRANSITIONS: dict[str, tuple[frozenset[State], State]] = {
     "late_success": (frozenset({S.NOT_NEEDED, S.REVERSED}), S.UNKNOWN),  # the bureau did settle it: undo again
     "give_up":      (frozenset({S.UNKNOWN, S.RESOLVING, S.REVOKING, S.QUEUED, S.SENT}), S.NEEDS_ATTENTION),
     "release":      (frozenset({S.NEEDS_ATTENTION}), S.QUEUED),  # a person sends a parked upload again
-    "reopen":       (frozenset({S.NEEDS_ATTENTION}), S.UNKNOWN),  # a person has fep resolve it again
+    # A person has fep resolve it again: parked, or judged not at the bureau (or given up) when
+    # reconciliation finds the bureau holds it after all.
+    "reopen":       (frozenset({S.NEEDS_ATTENTION, S.NOT_NEEDED, S.DROPPED}), S.UNKNOWN),
     "drop":         (frozenset({S.NEEDS_ATTENTION}), S.DROPPED),
     "confirm":      (frozenset({S.AWAITING_CONFIRM}), S.CONFIRMED),
 }

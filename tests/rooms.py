@@ -364,6 +364,7 @@ class FakeLink:
     not in `unreachable`; a send to an unreachable endpoint is NotSent."""
 
     endpoints = ("bureau-a", "bureau-b")
+    endpoint_names = endpoints
 
     def __init__(self, clock: task.Clock) -> None:
         self.clock = clock

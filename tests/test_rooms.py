@@ -547,7 +547,7 @@ def test_a_reversal_asked_for_that_the_bureau_refuses_leaves_the_settlement_stan
     desk.link.script("2207", settled("S1"))
     row = desk.run(desk.his_sends("2207", **visit()))
     desk.link.script("2601", refused("该结算已对账，不允许冲正"))
-    reversal = desk.run(desk.resolver.revoke(row, desk.resolver.reversal_of(row), "the HIS asked for a reversal"))
+    reversal = desk.run(desk.resolver.revoke(row, desk.resolver.reversal_of(row), "the HIS asked for a reversal", timeout=8))
     assert reversal.state is S.ANSWERED and "不允许冲正" in (reversal.answer or "")
     desk.bench.settle(advance=1)
     original = desk.bench.row(row.msgid)

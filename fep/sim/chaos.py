@@ -98,7 +98,7 @@ class Heard:
     """One answer the HIS heard."""
 
     status: int                 # HTTP status
-    state: str                  # fep_state; REFUSED for a 4xx, ABSENT for a lookup's 404
+    state: str                  # fep_state (REFUSED: not taken, whatever the status), ABSENT for a lookup's 404
     infcode: int | None
     err_msg: str = ""
     setl_id: str | None = None  # output.setlinfo.setl_id
@@ -528,7 +528,7 @@ def judge(v: Views) -> Verdict:
         if other:
             why = f"fep answered under another msgid ({other})"
         elif j is None:
-            held200 = next((x for x in t.heard if x.status == 200), None)
+            held200 = next((x for x in t.heard if x.status == 200 and x.state != "REFUSED"), None)
             if held200 is not None:
                 why = f"lost: the HIS heard fep hold it ({held200.brief()}); the journal has no row"
         elif h is None:

@@ -107,6 +107,11 @@ class Ledger:
                  str(p.ratio), p.insuplc_admdvs))
 
     # ---- the envelope ---------------------------------------------------------------------------
+    def answered(self, env: dict[str, Any]) -> bool:
+        """The bureau has answered this msgid before (its repeat gets the first answer)."""
+        msgid = str(env.get("msgid") or "")
+        return bool(msgid) and self.conn.execute("SELECT 1 FROM answers WHERE msgid=?", (msgid,)).fetchone() is not None
+
     def handle(self, env: dict[str, Any]) -> dict[str, Any] | FileAnswer:
         """One trade, atomically: its business writes and its stored answer commit together."""
         received = datetime.now()

@@ -30,6 +30,9 @@ log = Logger()
 MODES = ("refuse", "drop_before", "drop_after", "late", "slow", "reset_mid", "error")
 
 
+GATEWAY_REFUSALS = ("系统繁忙", "超时", "请稍后")
+
+
 @dataclass
 class Fault:
     """One switched-on fault. `every`: only every Nth matching trade; `times`: then it switches off."""
@@ -42,6 +45,11 @@ class Fault:
     #                       after the trade arrived; `refuse`: down this long (0: until cleared)
     message: str = "模拟中心错误"
     seen: int = 0
+
+    @property
+    def at_the_door(self) -> bool:
+        """A refusal of the bureau's front (busy, a timeout inside): given before any msgid is looked up."""
+        return any(m in self.message for m in GATEWAY_REFUSALS)
 
     @classmethod
     def parse(cls, doc: dict[str, Any]) -> Fault:
@@ -129,7 +137,9 @@ class BureauProtocol(HTTPServerProtocol):
         if mode == "drop_before":
             self.transport.abortConnection()
             return await defer.Deferred()  # never answered
-        if mode == "error":  # answered at the door: nothing is processed and nothing is stored for the msgid
+        if mode == "error" and (fault.at_the_door or not self.sim.ledger.answered(env)):
+            # Answered without processing, nothing stored for the msgid. A business refusal comes from the
+            # bureau's own checks, which a msgid it already answered never reaches: that gets its first answer.
             return Response(200, envelope.dumps(envelope.local_failure(fault.message, datetime.now())))
         if mode == "slow":  # a busy bureau: the trade waits before it is processed (and then answered at once)
             await task.deferLater(self.sim.reactor, fault.seconds)

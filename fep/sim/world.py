@@ -75,6 +75,8 @@ class World:
                                 "key": str(self.pki / "hospital.key")}
         doc["journal"]["path"] = str(self.dir / "lib" / "journal.db")
         doc["resolution"] = {"max_tries": 6, "backoff": [0, 0.2, 0.5, 1]}
+        # A 2601's "no record" is believed this long after the original was lost (the late grace): short here.
+        doc["bureau"]["late_grace"] = 5
         doc["trades"] = str(ROOT / "conf" / "trades.yaml")
         doc["trade_overrides"] = trades or {}
         _merge(doc, fep or {})
