@@ -131,7 +131,8 @@ def test_a_string_infcode_bureau_is_understood_by_fep_itself(world: World) -> No
     assert settled["infcode"] == "0" and settled["fep_state"] == "ANSWERED", said(settled)
     world.assert_ledgers_agree()
     run = subprocess.run([sys.executable, "-m", "fep.cli", "reconcile", "--date", date.today().isoformat(), "--json",
-                          "--admin", str(world.dir / "run" / "admin.sock")], capture_output=True, text=True, timeout=120)
+                          "--admin", str(world.dir / "run" / "admin.sock")],
+                         capture_output=True, text=True, timeout=120)
     doc = json.loads(run.stdout)
     assert run.returncode == 0 and doc["unbalanced"] == 0, run.stdout + run.stderr
     inpatient = next(g for g in doc["groups"] if g["clr_type"] == "21")

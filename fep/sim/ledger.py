@@ -457,7 +457,8 @@ class Ledger:
         self._visit(data["mdtrt_id"], data["psn_no"])
         self._stay(data["mdtrt_id"], ("open", "discharged"))
         if data.get("med_type"):
-            self.conn.execute("UPDATE visits SET med_type=? WHERE mdtrt_id=?", (data["med_type"], str(data["mdtrt_id"])))
+            self.conn.execute("UPDATE visits SET med_type=? WHERE mdtrt_id=?",
+                              (data["med_type"], str(data["mdtrt_id"])))
         return {}
 
     def admission_cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
@@ -466,7 +467,8 @@ class Ledger:
         data = _node(inp, "data", ("mdtrt_id", "psn_no"))
         self._visit(data["mdtrt_id"], data["psn_no"])
         self._stay(data["mdtrt_id"], ("open",))
-        if self.conn.execute("SELECT 1 FROM fees WHERE mdtrt_id=? AND setl_id IS NULL", (str(data["mdtrt_id"]),)).fetchone():
+        if self.conn.execute("SELECT 1 FROM fees WHERE mdtrt_id=? AND setl_id IS NULL",
+                             (str(data["mdtrt_id"]),)).fetchone():
             raise BizError("该住院就诊存在费用明细，请先撤销费用明细")
         if self._settlement("mdtrt_id=? AND kind='settle' AND state='live'", (str(data["mdtrt_id"]),)):
             raise BizError(f"就诊ID[{data['mdtrt_id']}]已结算，请先撤销结算")
@@ -503,7 +505,8 @@ class Ledger:
             self._stay(data["mdtrt_id"], ("open", "discharged"))
             sn = str(data["feedetl_sn"])
             where = "mdtrt_id=? AND setl_id IS NULL" + ("" if sn == "0000" else " AND feedetl_sn=?")
-            self.conn.execute(f"DELETE FROM fees WHERE {where}", (str(data["mdtrt_id"]),) + (() if sn == "0000" else (sn,)))
+            self.conn.execute(f"DELETE FROM fees WHERE {where}",
+                              (str(data["mdtrt_id"]),) + (() if sn == "0000" else (sn,)))
         return {}
 
     def presettle_ipt(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
@@ -556,12 +559,14 @@ class Ledger:
         acct, cash = Decimal(s["acct"]), Decimal(s["cash"])
         info = {"setl_id": s["setl_id"], "mdtrt_id": s["mdtrt_id"], "psn_no": s["psn_no"], "psn_name": person[1],
                 "certno": person[2], "insutype": s["insutype"], "psn_type": person[4], "setl_time": s["setl_time"],
-                "medfee_sumamt": Decimal(s["medfee"]), "fund_pay_sumamt": Decimal(s["fund"]), "hifp_pay": Decimal(s["fund"]),
+                "medfee_sumamt": Decimal(s["medfee"]), "fund_pay_sumamt": Decimal(s["fund"]),
+                "hifp_pay": Decimal(s["fund"]),
                 "acct_pay": acct, "cash_payamt": cash, "psn_pay": acct + cash, "hosp_part_amt": Decimal(s["hosp"]),
                 "act_pay_dedc": Decimal(s["dedc"]), "clr_type": s["clr_type"], "clr_optins": s["clr_optins"],
                 "clr_way": "1", "medins_setl_id": s["msgid"], "refd_setl_flag": "1" if s["kind"] == "cancel" else "0",
                 "balc": Decimal(person[5])}
-        return {"setlinfo": info, "setldetail": [{"fund_pay_type": f"{s['insutype']}100", "fund_payamt": info["fund_pay_sumamt"],
+        return {"setlinfo": info, "setldetail": [{"fund_pay_type": f"{s['insutype']}100",
+                                                  "fund_payamt": info["fund_pay_sumamt"],
                                                   "fund_pay_type_name": "基本医疗保险统筹基金"}]}
 
     # ---- reconciliation (3201 / 9101 / 3202 / 9102) -------------------------------------------------

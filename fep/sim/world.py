@@ -545,7 +545,8 @@ class Stay:
         return self.his.call("2301", {"feedetail": lines}, **extra)
 
     def settlement_input(self) -> dict[str, Any]:
-        return {"data": {"psn_no": self.person["psn_no"], "mdtrt_cert_type": "02", "mdtrt_cert_no": self.person["certno"],
+        return {"data": {"psn_no": self.person["psn_no"], "mdtrt_cert_type": "02",
+                         "mdtrt_cert_no": self.person["certno"],
                          "medfee_sumamt": self.medfee, "psn_setlway": "01", "mdtrt_id": self.mdtrt_id,
                          "insutype": self.person["insutype"], "acct_used_flag": "1", "insuplc_admdvs": "430100",
                          "mdtrtarea_admvs": "430100", "mid_setl_flag": "0"}}
@@ -557,9 +558,9 @@ class Stay:
         return self.his.call("2304", self.settlement_input(), msgid=msgid)
 
     def discharge(self) -> dict[str, Any]:
-        return self.his.call("2402", {"dscginfo": {"mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"],
-                                                   "insutype": self.person["insutype"], "endtime": "2026-11-26 10:00:00",
-                                                   "dscg_way": "1", "dscg_dept_codg": "03", "dscg_dept_name": "呼吸内科"}})
+        return self.his.call("2402", {"dscginfo": {
+            "mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"], "insutype": self.person["insutype"],
+            "endtime": "2026-11-26 10:00:00", "dscg_way": "1", "dscg_dept_codg": "03", "dscg_dept_name": "呼吸内科"}})
 
     def cancel(self, setl_id: str) -> dict[str, Any]:
         """2305: the settlement is cancelled by a negative settlement of its own."""
