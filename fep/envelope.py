@@ -121,6 +121,7 @@ def parse_bureau_answer(body: bytes) -> BureauAnswer:
         code = int(str(env["infcode"]).strip())
     except ValueError:
         raise BadAnswer(f"bureau answer has a non-numeric infcode {env['infcode']!r}") from None
+    env["infcode"] = code  # fep's own readers of the parsed answer compare numbers; the stored bytes stay as sent
     return BureauAnswer(infcode=code, err_msg=env.get("err_msg") or "", output=env.get("output"), raw=env)
 
 

@@ -2,11 +2,18 @@
 
 Everything the engine decides per trade (is it money, may it wait, how an unknown outcome is
 resolved) is looked up here, so a new trade or a province's different rule is a YAML change.
+
+A province's letter-suffixed variant of a trade (2207A, 3203A: the base number and one capital letter)
+takes its base's definition unless the catalog or `trade_overrides` says otherwise. Variants the config
+names are materialised into `defs` at load, like any other trade; a variant nobody named is derived on
+first use, except where its base moves money: refund order and reconciliation find money trades by
+iterating `defs`, so a money trade number must be known from the start, never discovered later.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -115,15 +122,37 @@ def _lookup(input_: dict[str, Any], path: str) -> Any:
     return first.get(name) if isinstance(first, dict) else None
 
 
+VARIANT = re.compile(r"([0-9]{4,6})([A-Z])")  # 2207A, 3203A: a province's variant of the base trade
+
+
+def variant_base(infno: str) -> str | None:
+    m = VARIANT.fullmatch(infno)
+    return m.group(1) if m else None
+
+
+def _refused(infno: str, why: str = "") -> UnknownTrade:
+    return UnknownTrade(f"trade {infno} is not in the trade catalog (conf/trades.yaml); not forwarded{why}")
+
+
 @dataclass
 class TradeBook:
     defs: dict[str, TradeDef] = field(default_factory=dict)
+    # variants nobody named, derived from their base on first use (never money: see the module's docstring)
+    _derived: dict[str, TradeDef] = field(default_factory=dict, repr=False, compare=False)
 
     def get(self, infno: str) -> TradeDef:
-        try:
-            return self.defs[infno]
-        except KeyError:
-            raise UnknownTrade(f"trade {infno} is not in the trade catalog (conf/trades.yaml); not forwarded") from None
+        t = self.defs.get(infno) or self._derived.get(infno)
+        if t is not None:
+            return t
+        base = self.defs.get(variant_base(infno) or "")
+        if base is None:
+            raise _refused(infno)
+        if base.moves_money:
+            raise _refused(infno, f": a variant of {base.infno} {base.name} would move money, and fep must know "
+                                  f"every money trade from the start (refund order, reconciliation); define "
+                                  f"{infno} in conf/trades.yaml")
+        t = self._derived[infno] = replace(base, infno=infno, name=_variant_name(base.name, infno))
+        return t
 
     @classmethod
     def load(cls, path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> TradeBook:
@@ -136,16 +165,39 @@ class TradeBook:
         if not isinstance(doc, dict) or not isinstance(doc.get("trades"), dict):
             raise TradesError(f"trade catalog {path} must have a `trades:` mapping")
         defaults = doc.get("defaults") or {}
+        raw = {str(k): v or {} for k, v in doc["trades"].items()}
+        overrides = {str(k): v or {} for k, v in (overrides or {}).items()}
+        for infno in overrides:  # an override may name a variant the catalog does not list: it is known from now
+            if infno not in raw:
+                if variant_base(infno) not in raw:
+                    raise TradesError(f"trade_overrides names trade {infno}, which is not in the trade catalog {path}")
+                raw[infno] = {}
         trades = {}
-        for infno, spec in doc["trades"].items():
-            spec = {**defaults, **(spec or {}), **((overrides or {}).get(str(infno)) or {})}
-            trades[str(infno)] = _trade(str(infno), spec, path)
+        for infno, own in raw.items():
+            base = variant_base(infno) or ""
+            # a variant: its base as configured (with the base's overrides), then what is said of the variant itself
+            inherited = {**raw[base], **overrides.get(base, {})} if base in raw else {}
+            spec = {**defaults, **inherited, **own, **overrides.get(infno, {})}
+            if inherited and "name" not in own and "name" not in overrides.get(infno, {}):
+                spec["name"] = _variant_name(str(inherited.get("name", "")), infno)
+            trades[infno] = _trade(infno, spec, path)
         for t in trades.values():
             if t.cancel and t.cancel.infno not in trades:
                 raise TradesError(f"{path}: trade {t.infno} is cancelled by {t.cancel.infno}, which is not defined")
         if any(t.on_unknown is OnUnknown.REVERSE for t in trades.values()) and "2601" not in trades:
             raise TradesError(f"{path}: trades are resolved by 2601 reversal but 2601 is not defined")
         return cls(trades)
+
+
+def _variant_name(base_name: str, infno: str) -> str:
+    return f"{base_name}({infno})"
+
+
+def _paths(required: tuple[str, ...], field_name: str) -> bool:
+    return any(p.partition(".")[2] == field_name for p in required)
+
+
+PATH = re.compile(r"[A-Za-z_]+\.[A-Za-z_]+")  # "node.field" in a cancel's input; anything else is a literal
 
 
 def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
@@ -174,6 +226,21 @@ def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
         raise TradesError(f"{where}: on_unknown is cancel but no `cancel:` is given")
     if t.timeout <= 0:
         raise TradesError(f"{where}: timeout must be positive")
-    if t.deferrable and t.kind in (Kind.QUERY, Kind.MONEY, Kind.UNDO_MONEY, Kind.COMPUTE):
+    if t.deferrable and t.kind in (Kind.QUERY, Kind.MONEY, Kind.UNDO_MONEY, Kind.COMPUTE, Kind.FILE, Kind.SESSION,
+                                   Kind.REVERSAL):
         raise TradesError(f"{where}: a {t.kind} trade cannot be deferred (its answer is needed now)")
+    if t.deferrable and not _paths(t.required, "psn_no"):
+        raise TradesError(f"{where}: deferred work waits in its insured person's queue, so a deferrable trade "
+                          f"must require the person's psn_no")
+    if t.kind is Kind.MONEY and t.on_unknown is OnUnknown.RESEND:
+        raise TradesError(f"{where}: the unknown outcome of a money trade is never resolved by sending it again; "
+                          f"use reverse, cancel or person")
+    if t.on_unknown is OnUnknown.REVERSE and not _paths(t.required, "psn_no"):
+        raise TradesError(f"{where}: its 2601 reversal carries the original's psn_no, so it must require psn_no")
+    if t.cancel is not None:
+        loose = sorted(v for fields in t.cancel.input.values() for v in fields.values()
+                       if isinstance(v, str) and PATH.fullmatch(v) and v not in t.required)
+        if loose:
+            raise TradesError(f"{where}: its cancel {t.cancel.infno} is built from {', '.join(loose)}, which the "
+                              f"trade does not require")
     return t

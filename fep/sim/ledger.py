@@ -2,8 +2,11 @@
 
 Deterministic rules taken from real answers (shared/reference/samples): medfee_sumamt =
 fund_pay_sumamt + psn_part_amt + hosp_part_amt; psn_part_amt = acct_pay + psn_cash_pay; a cancel
-(2208) is a new negative settlement with its own setl_id; a reversal (2601) erases the original.
-A msgid already processed gets its first answer again (rule 13 of fep-semantics.md).
+(2208, 2305) is a new negative settlement with its own setl_id; a reversal (2601) erases the original
+(a settlement, 2207/2304, or an admission, 2401). The same rules hold for an inpatient stay (24xx admit
+and discharge, 23xx fees and settlement) as for an outpatient visit (22xx). A msgid already processed gets
+its first answer again (rule 13 of fep-semantics.md). `infcode_type`: the bureau answers infcode as a
+number (0, -1) or, as some bureaus do, as a string ("0", "-1").
 No sockets here: the server hands in an envelope and gets one back.
 """
 
@@ -53,13 +56,17 @@ def q(x: Decimal) -> Decimal:
     return x.quantize(FEN, rounding=ROUND_HALF_UP)
 
 
+INFCODE_TYPES = ("number", "string")
 SETTLEMENT_COLUMNS = ("setl_id", "msgid", "infno", "psn_no", "mdtrt_id", "insutype", "clr_type", "clr_optins",
                       "medfee", "fund", "acct", "cash", "hosp", "dedc", "setl_time", "kind", "state", "refd_setl_id")
 
 
 class Ledger:
     def __init__(self, path: Path, persons: list[Person], catalog: list[dict[str, str]], admdvs: str,
-                 clr_optins: str) -> None:
+                 clr_optins: str, infcode_type: str = "number") -> None:
+        if infcode_type not in INFCODE_TYPES:
+            raise ValueError(f"infcode_type must be one of {', '.join(INFCODE_TYPES)}, got {infcode_type!r}")
+        self.infcode_type = infcode_type
         path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.db = sqlite_utils.Database(self.conn)
@@ -81,6 +88,10 @@ class Ledger:
             "3201": self.statement_total, "3202": self.statement_detail, "9101": self.file_upload,
             "9102": self.file_download, "1301": self.catalog_download, "1305": self.catalog_download,
             "1306": self.catalog_download,
+            # the inpatient stay (住院): admission and discharge, fees, settlement; and the settlement query
+            "2401": self.admit, "2402": self.discharge, "2403": self.admission_change, "2404": self.admission_cancel,
+            "2405": self.discharge_cancel, "2301": self.fee_upload, "2302": self.fee_cancel_ipt,
+            "2303": self.presettle_ipt, "2304": self.settle_ipt, "2305": self.cancel, "5203": self.settlement_query,
         }
 
     def _schema(self, persons: list[Person]) -> None:
@@ -100,6 +111,10 @@ class Ledger:
         db["settlements"].create({c: str for c in SETTLEMENT_COLUMNS}, pk="setl_id", if_not_exists=True)
         db["files"].create({"file_qury_no": str, "filename": str, "content": bytes}, pk="file_qury_no",
                            if_not_exists=True)
+        # An inpatient stay is a visit (its fees and settlements are kept as an outpatient visit's are) with a
+        # stay beside it: in hospital (open), discharged, cancelled (2404) or reversed (2601 of the 2401).
+        db["stays"].create({"mdtrt_id": str, "msgid": str, "psn_no": str, "ipt_no": str, "begntime": str,
+                            "endtime": str, "state": str}, pk="mdtrt_id", if_not_exists=True)
         for p in persons:
             self.conn.execute(
                 "INSERT OR IGNORE INTO persons VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -151,9 +166,12 @@ class Ledger:
         return answer
 
     def _answer(self, code: int, err: str | None, output: Any, received: datetime) -> dict[str, Any]:
-        return {"infcode": code, "inf_refmsgid": self._refmsgid(received), "refmsg_time": _stamp(received),
+        return {"infcode": self.infcode(code), "inf_refmsgid": self._refmsgid(received), "refmsg_time": _stamp(received),
                 "respond_time": _stamp(datetime.now()), "err_msg": err, "warn_msg": None, "cainfo": None,
                 "signtype": None, "output": output}
+
+    def infcode(self, code: int) -> int | str:
+        return str(code) if self.infcode_type == "string" else code
 
     def _dispatch(self, infno: str, env: dict[str, Any]) -> Any:
         handler = self.handlers.get(infno)
@@ -187,8 +205,13 @@ class Ledger:
         return row
 
     def person_info(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
-        data = _node(inp, "data", ("mdtrt_cert_type", "mdtrt_cert_no"))
-        no = str(data["mdtrt_cert_no"])
+        data = inp.get("data")
+        if isinstance(data, dict) and not data.get("mdtrt_cert_no") and data.get("certno"):
+            data = _node(inp, "data", ("psn_cert_type", "certno"))  # the baseline's own example (HN 附录B)
+            no = str(data["certno"])
+        else:
+            data = _node(inp, "data", ("mdtrt_cert_type", "mdtrt_cert_no"))
+            no = str(data["mdtrt_cert_no"])
         row = self.conn.execute("SELECT psn_no, psn_name, certno, insutype, psn_type, balc, insuplc_admdvs "
                                 "FROM persons WHERE certno=? OR psn_no=?", (no, no)).fetchone()
         if row is None:
@@ -247,13 +270,15 @@ class Ledger:
         result = []
         for line in lines:
             self._visit(line["mdtrt_id"], line["psn_no"])
+            if str(env.get("infno")) == "2301":
+                self._stay(line["mdtrt_id"], ("open", "discharged"))
             item = self.catalog[str(line["med_list_codg"])]
             amount = q(Decimal(line["det_item_fee_sumamt"]))
             if q(Decimal(line["cnt"]) * Decimal(line["pric"])) != amount:
                 raise BizError(f"明细[{line['feedetl_sn']}]金额不等于数量×单价")
             try:
                 self.conn.execute("INSERT INTO fees VALUES (?,?,?,?,?,?,?,NULL)",
-                                  (str(line["mdtrt_id"]), str(line["feedetl_sn"]), str(line["chrg_bchno"]),
+                                  (str(line["mdtrt_id"]), str(line["feedetl_sn"]), str(line.get("chrg_bchno") or ""),
                                    str(line["med_list_codg"]), str(amount), item["lv"], item["selfpay_prop"]))
             except sqlite3.IntegrityError:
                 raise BizError(f"费用明细流水号[{line['feedetl_sn']}]重复") from None
@@ -277,8 +302,9 @@ class Ledger:
         self.conn.execute(f"DELETE FROM fees WHERE {where}", args)
         return {}
 
-    def _compute(self, data: dict[str, Any]) -> dict[str, Any]:
-        """The policy: deductible, then the fund pays `ratio` of the in-scope amount."""
+    def _compute(self, data: dict[str, Any], clr_type: str = "11") -> dict[str, Any]:
+        """The policy: deductible, then the fund pays `ratio` of the in-scope amount. `clr_type`: 11 门诊,
+        21 住院."""
         psn = self._person(data["psn_no"])
         _, name, certno, insutype, psn_type, balc, deductible, dedc_used, ratio, _insuplc = psn
         self._visit(data["mdtrt_id"], data["psn_no"])
@@ -304,7 +330,7 @@ class Ledger:
                 "cvlserv_pay": ZERO, "hifes_pay": ZERO, "hifmi_pay": ZERO, "hifob_pay": ZERO, "maf_pay": ZERO,
                 "oth_pay": ZERO, "fund_pay_sumamt": fund, "psn_part_amt": psn_part, "acct_pay": acct,
                 "psn_cash_pay": psn_part - acct, "hosp_part_amt": ZERO, "acct_mulaid_pay": ZERO,
-                "balc": Decimal(balc) - acct, "med_type": data.get("med_type", "11"), "clr_type": "11",
+                "balc": Decimal(balc) - acct, "med_type": data.get("med_type", "11"), "clr_type": clr_type,
                 "clr_way": "1", "clr_optins": self.clr_optins, "mdtrt_cert_type": data.get("mdtrt_cert_type", "02"),
                 "psn_cert_type": "01", "gend": "1", "naty": "01", "cvlserv_flag": "0"}
 
@@ -359,8 +385,10 @@ class Ledger:
 
     def cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
         data = _node(inp, "data", ("setl_id", "mdtrt_id", "psn_no"))
+        infno = str(env.get("infno") or "2208")
         s = self._settlement("setl_id=? AND kind='settle'", (str(data["setl_id"]),))
-        if s is None or s["psn_no"] != data["psn_no"] or s["mdtrt_id"] != str(data["mdtrt_id"]):
+        if s is None or s["psn_no"] != data["psn_no"] or s["mdtrt_id"] != str(data["mdtrt_id"]) or (
+                (s["infno"] == "2304") != (infno == "2305")):
             raise BizError(f"结算ID[{data['setl_id']}]不存在")
         if s["state"] != "live":
             raise BizError(f"结算ID[{data['setl_id']}]已{'撤销' if s['state'] == 'cancelled' else '冲正'}")
@@ -375,7 +403,7 @@ class Ledger:
                 "medins_setl_id": env.get("msgid"), "psn_name": person[1], "certno": person[2],
                 "psn_part_amt": neg["acct_pay"] + neg["psn_cash_pay"], "hifp_pay": neg["fund_pay_sumamt"],
                 "inscp_scp_amt": neg["medfee_sumamt"], "balc": Decimal(person[5]), "clr_way": "1", **neg}
-        self._record(setl_id, env, "2208", info, "cancel", s["setl_id"])
+        self._record(setl_id, env, infno, info, "cancel", s["setl_id"])
         self.conn.execute("UPDATE settlements SET state='cancelled' WHERE setl_id=?", (s["setl_id"],))
         return {"setlinfo": info, "setldetail": []}
 
@@ -384,7 +412,7 @@ class Ledger:
         data = _node(inp, "data", ("psn_no", "omsgid", "oinfno"))
         s = self._settlement("msgid=?", (str(data["omsgid"]),))
         if s is None:
-            raise BizError(f"原交易不存在(omsgid {data['omsgid']})")
+            return self._reverse_admission(data)
         if s["psn_no"] != data["psn_no"]:
             raise BizError("原交易人员编号不符")
         if s["state"] == "reversed":
@@ -403,6 +431,148 @@ class Ledger:
             self.conn.execute("UPDATE fees SET setl_id=NULL WHERE setl_id=?", (s["setl_id"],))
         self.conn.execute("UPDATE settlements SET state='reversed' WHERE setl_id=?", (s["setl_id"],))
         return {}
+
+    # ---- the inpatient stay (2401-2405, 2301-2305), and the settlement query (5203) -------------------
+    def _stay(self, mdtrt_id: Any, states: tuple[str, ...]) -> dict[str, Any]:
+        row = self.conn.execute("SELECT * FROM stays WHERE mdtrt_id=?", (str(mdtrt_id),)).fetchone()
+        if row is None:
+            raise BizError(f"就诊ID[{mdtrt_id}]不是住院就诊")
+        stay = dict(zip(("mdtrt_id", "msgid", "psn_no", "ipt_no", "begntime", "endtime", "state"), row))
+        if stay["state"] not in states:
+            raise BizError(f"就诊ID[{mdtrt_id}]{STAY_STATES[stay['state']]}")
+        return stay
+
+    def admit(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """2401: the patient is in hospital; the bureau's mdtrt_id names the stay from now on."""
+        data = _node(inp, "mdtrtinfo", ("psn_no", "insutype", "ipt_no"))
+        self._person(data["psn_no"])
+        if self.conn.execute("SELECT 1 FROM stays WHERE psn_no=? AND state='open'", (data["psn_no"],)).fetchone():
+            raise BizError(f"人员编号[{data['psn_no']}]存在在院信息，不能重复办理入院")
+        mdtrt_id = str(self._next("mdtrt_id", 300170000))
+        self.conn.execute("INSERT INTO visits VALUES (?,?,?,?,?,?,?)",
+                          (mdtrt_id, env.get("msgid"), data["psn_no"], data["insutype"], data["ipt_no"],
+                           data.get("med_type", "21"), "open"))
+        self.conn.execute("INSERT INTO stays VALUES (?,?,?,?,?,?,?)",
+                          (mdtrt_id, env.get("msgid"), data["psn_no"], data["ipt_no"],
+                           str(data.get("begntime") or _now()), None, "open"))
+        return {"result": {"mdtrt_id": mdtrt_id, "exp_content": None}}
+
+    def admission_change(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "adminfo", ("mdtrt_id", "psn_no"))
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        self._stay(data["mdtrt_id"], ("open", "discharged"))
+        if data.get("med_type"):
+            self.conn.execute("UPDATE visits SET med_type=? WHERE mdtrt_id=?",
+                              (data["med_type"], str(data["mdtrt_id"])))
+        return {}
+
+    def admission_cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """2404: only a stay in hospital with no fees waiting (cancel them first, 2302) and no settlement in force
+        (cancel it first, 2305)."""
+        data = _node(inp, "data", ("mdtrt_id", "psn_no"))
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        self._stay(data["mdtrt_id"], ("open",))
+        if self.conn.execute("SELECT 1 FROM fees WHERE mdtrt_id=? AND setl_id IS NULL",
+                             (str(data["mdtrt_id"]),)).fetchone():
+            raise BizError("该住院就诊存在费用明细，请先撤销费用明细")
+        if self._settlement("mdtrt_id=? AND kind='settle' AND state='live'", (str(data["mdtrt_id"]),)):
+            raise BizError(f"就诊ID[{data['mdtrt_id']}]已结算，请先撤销结算")
+        self.conn.execute("UPDATE visits SET state='cancelled' WHERE mdtrt_id=?", (str(data["mdtrt_id"]),))
+        self.conn.execute("UPDATE stays SET state='cancelled' WHERE mdtrt_id=?", (str(data["mdtrt_id"]),))
+        return {}
+
+    def discharge(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "dscginfo", ("mdtrt_id", "psn_no"))
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        self._stay(data["mdtrt_id"], ("open",))
+        self.conn.execute("UPDATE stays SET state='discharged', endtime=? WHERE mdtrt_id=?",
+                          (str(data.get("endtime") or _now()), str(data["mdtrt_id"])))
+        return {}
+
+    def discharge_cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """2405: back in hospital; not while a settlement of the stay is in force (cancel it first, 2305)."""
+        data = _node(inp, "data", ("mdtrt_id", "psn_no"))
+        self._visit(data["mdtrt_id"], data["psn_no"])
+        self._stay(data["mdtrt_id"], ("discharged",))
+        if self._settlement("mdtrt_id=? AND kind='settle' AND state='live'", (str(data["mdtrt_id"]),)):
+            raise BizError(f"就诊ID[{data['mdtrt_id']}]已结算，请先撤销结算")
+        self.conn.execute("UPDATE stays SET state='open', endtime=NULL WHERE mdtrt_id=?", (str(data["mdtrt_id"]),))
+        return {}
+
+    def fee_cancel_ipt(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """2302: by feedetl_sn, "0000" for all; only fees no settlement has taken. Its data is a list (HN 表93),
+        or one row."""
+        rows = inp.get("data")
+        rows = rows if isinstance(rows, list) else [rows]
+        for i, row in enumerate(rows):
+            data = _node({"data": row}, "data", ("feedetl_sn", "mdtrt_id", "psn_no"))
+            self._visit(data["mdtrt_id"], data["psn_no"])
+            self._stay(data["mdtrt_id"], ("open", "discharged"))
+            sn = str(data["feedetl_sn"])
+            where = "mdtrt_id=? AND setl_id IS NULL" + ("" if sn == "0000" else " AND feedetl_sn=?")
+            self.conn.execute(f"DELETE FROM fees WHERE {where}",
+                              (str(data["mdtrt_id"]),) + (() if sn == "0000" else (sn,)))
+        return {}
+
+    def presettle_ipt(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("psn_no", "mdtrt_id", "medfee_sumamt"))
+        self._stay(data["mdtrt_id"], ("open", "discharged"))
+        info = self._compute(data, clr_type="21")
+        info.update(setl_id=None, setl_time=None, medins_setl_id=env.get("msgid"), clr_way=None, clr_optins=None)
+        return self._setl_output(info, f"{info['insutype']}100")
+
+    def settle_ipt(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """2304: as 2207, for the stay's fees; in hospital (a 中途结算) or discharged."""
+        data = _node(inp, "data", ("psn_no", "mdtrt_id", "medfee_sumamt"))
+        self._stay(data["mdtrt_id"], ("open", "discharged"))
+        info = self._compute(data, clr_type="21")
+        setl_id = str(self._next("setl_id", 400120000))
+        info.update(setl_id=setl_id, setl_time=_now(), medins_setl_id=env.get("msgid"))
+        self._record(setl_id, env, "2304", info, "settle", None)
+        self.conn.execute("UPDATE persons SET balc=?, dedc_used=? WHERE psn_no=?",
+                          (str(info["balc"]), str(Decimal(self._person(data["psn_no"])[7]) + info["act_pay_dedc"]),
+                           data["psn_no"]))
+        self.conn.execute("UPDATE fees SET setl_id=? WHERE mdtrt_id=? AND setl_id IS NULL",
+                          (setl_id, str(data["mdtrt_id"])))
+        return self._setl_output(info, f"{info['insutype']}100")
+
+    def _reverse_admission(self, data: dict[str, Any]) -> Any:
+        """2601 of a 2401: the stay is erased, as if the admission had never arrived; not once it has fees."""
+        row = self.conn.execute("SELECT mdtrt_id, psn_no, state FROM stays WHERE msgid=?",
+                                (str(data["omsgid"]),)).fetchone()
+        if row is None:
+            raise BizError(f"原交易不存在(omsgid {data['omsgid']})")
+        mdtrt_id, psn_no, state = row
+        if psn_no != data["psn_no"]:
+            raise BizError("原交易人员编号不符")
+        if state == "reversed":
+            return {}  # already reversed: a repeat is acknowledged again
+        if self.conn.execute("SELECT 1 FROM fees WHERE mdtrt_id=?", (mdtrt_id,)).fetchone():
+            raise BizError(f"就诊ID[{mdtrt_id}]已上传费用明细，不能冲正入院")
+        self.conn.execute("UPDATE visits SET state='reversed' WHERE mdtrt_id=?", (mdtrt_id,))
+        self.conn.execute("UPDATE stays SET state='reversed' WHERE mdtrt_id=?", (mdtrt_id,))
+        return {}
+
+    def settlement_query(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """5203: one settlement (or cancel) as the bureau holds it; one a 2601 erased is not there."""
+        data = _node(inp, "data", ("psn_no", "setl_id", "mdtrt_id"))
+        s = self._settlement("setl_id=?", (str(data["setl_id"]),))
+        if s is None or s["state"] == "reversed" or s["psn_no"] != data["psn_no"] or s["mdtrt_id"] != str(
+                data["mdtrt_id"]):
+            raise BizError(f"结算信息不存在(结算ID {data['setl_id']})")
+        person = self._person(s["psn_no"])
+        acct, cash = Decimal(s["acct"]), Decimal(s["cash"])
+        info = {"setl_id": s["setl_id"], "mdtrt_id": s["mdtrt_id"], "psn_no": s["psn_no"], "psn_name": person[1],
+                "certno": person[2], "insutype": s["insutype"], "psn_type": person[4], "setl_time": s["setl_time"],
+                "medfee_sumamt": Decimal(s["medfee"]), "fund_pay_sumamt": Decimal(s["fund"]),
+                "hifp_pay": Decimal(s["fund"]),
+                "acct_pay": acct, "cash_payamt": cash, "psn_pay": acct + cash, "hosp_part_amt": Decimal(s["hosp"]),
+                "act_pay_dedc": Decimal(s["dedc"]), "clr_type": s["clr_type"], "clr_optins": s["clr_optins"],
+                "clr_way": "1", "medins_setl_id": s["msgid"], "refd_setl_flag": "1" if s["kind"] == "cancel" else "0",
+                "balc": Decimal(person[5])}
+        return {"setlinfo": info, "setldetail": [{"fund_pay_type": f"{s['insutype']}100",
+                                                  "fund_payamt": info["fund_pay_sumamt"],
+                                                  "fund_pay_type_name": "基本医疗保险统筹基金"}]}
 
     # ---- reconciliation (3201 / 9101 / 3202 / 9102) -------------------------------------------------
     def _day_group(self, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -517,6 +687,9 @@ class Ledger:
     # ---- what tests and reconciliation read ------------------------------------------------------
     def settlements(self) -> list[dict[str, Any]]:
         return [dict(zip(SETTLEMENT_COLUMNS, r)) for r in self.conn.execute("SELECT * FROM settlements ORDER BY setl_id")]
+
+
+STAY_STATES = {"open": "在院", "discharged": "已出院", "cancelled": "已撤销入院", "reversed": "已冲正"}
 
 
 def _node(inp: dict[str, Any], name: str, required: tuple[str, ...]) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class SimConfig:
     persons: list[Person]
     catalog: list[dict[str, str]]
     faults: list[Fault] = field(default_factory=list)
+    infcode_type: str = "number"  # how the bureau writes infcode: number (0, -1) or string ("0", "-1")
 
 
 def load_config(path: Path) -> SimConfig:
@@ -110,6 +111,7 @@ def load_config(path: Path) -> SimConfig:
                   "selfpay_prop": str(c.get("selfpay_prop", "0")), "vali_flag": str(c.get("vali_flag", "1")),
                   "ver": str(c.get("ver", 1))} for c in doc.get("catalog", [])],
         faults=[Fault.parse(f) for f in (doc.get("faults") or [])],
+        infcode_type=str(doc.get("infcode_type", "number")),
     )
 
 
@@ -131,7 +133,7 @@ class BureauProtocol(HTTPServerProtocol):
             env = envelope.loads(req.body)
             infno = str(env.get("infno", ""))
         except ValueError:
-            return Response(400, b'{"infcode":-1,"err_msg":"not JSON"}')
+            return Response(400, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": "not JSON"}))
         fault = self.sim.fault_for(infno)
         mode = fault.mode if fault else None
         if mode == "drop_before":
@@ -140,7 +142,9 @@ class BureauProtocol(HTTPServerProtocol):
         if mode == "error" and (fault.at_the_door or not self.sim.ledger.answered(env)):
             # Answered without processing, nothing stored for the msgid. A business refusal comes from the
             # bureau's own checks, which a msgid it already answered never reaches: that gets its first answer.
-            return Response(200, envelope.dumps(envelope.local_failure(fault.message, datetime.now())))
+            refusal = envelope.local_failure(fault.message, datetime.now())
+            refusal["infcode"] = self.sim.ledger.infcode(-1)
+            return Response(200, envelope.dumps(refusal))
         if mode == "slow":  # a busy bureau: the trade waits before it is processed (and then answered at once)
             await task.deferLater(self.sim.reactor, fault.seconds)
         result = self.sim.ledger.handle(env)
@@ -165,7 +169,7 @@ class Simulator:
     def __init__(self, reactor: Any, cfg: SimConfig) -> None:
         self.reactor = reactor
         self.cfg = cfg
-        self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins)
+        self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins, cfg.infcode_type)
         self.faults = list(cfg.faults)
         self.port: Any = None
         self.connections: set[BureauProtocol] = set()

@@ -492,3 +492,100 @@ def parked_upload(world: World, visit: Visit) -> dict[str, Any]:
         assert answer["fep_state"] == "QUEUED", said(answer)
     world.wait_state(answer["fep_msgid"], "NEEDS_ATTENTION")
     return answer
+
+
+# ---- the HIS's side of an inpatient stay (住院: 24xx admission and discharge, 23xx fees and settlement) ----------
+def ok(answer: dict[str, Any]) -> bool:
+    """The bureau said success, whether it writes infcode as a number or as a string (sim `infcode_type`)."""
+    return str(answer.get("infcode")).strip() == "0"
+
+
+IPT_FEES = [  # national code, count, price: a few days on the ward
+    ("XA01AAA001A001010100001", "6", "12.50"),
+    ("XB02BBB002B002020200002", "3", "38.00"),
+    ("250101001", "2", "30.00"),
+]
+
+
+class Stay:
+    """What an HIS does for one inpatient stay, step by step, through fep: admit (2401), upload fees (2301),
+    pre-settle (2303), settle (2304), discharge (2402), cancel the settlement (2305), and the undoing of an
+    admission (2404) or a discharge (2405). The mdtrt_id is the bureau's, from the admission's answer."""
+
+    def __init__(self, his: Client, person: dict[str, str], fees: list[tuple[str, str, str]] = IPT_FEES) -> None:
+        self.his, self.person, self.fees = his, person, fees
+        self.mdtrt_id = ""
+        self.ipt_no = f"Z{time.time_ns() % 10**12}"
+        self.medfee = sum((Decimal(c) * Decimal(p) for _, c, p in fees), Decimal("0"))
+        self._lines = 0
+
+    def admit(self, msgid: str | None = None) -> dict[str, Any]:
+        a = self.his.call("2401", {
+            "mdtrtinfo": {"psn_no": self.person["psn_no"], "insutype": self.person["insutype"],
+                          "begntime": "2026-11-23 08:00:00", "mdtrt_cert_type": "02",
+                          "mdtrt_cert_no": self.person["certno"], "med_type": "21", "ipt_no": self.ipt_no,
+                          "atddr_no": "D001", "chfpdr_name": "医生", "adm_diag_dscr": "肺炎", "adm_dept_codg": "03",
+                          "adm_dept_name": "呼吸内科", "adm_bed": "12", "dscg_maindiag_code": "J18.900",
+                          "dscg_maindiag_name": "肺炎", "insuplc_admdvs": "430100", "mdtrtarea_admvs": "430100"},
+            "diseinfo": [{"psn_no": self.person["psn_no"], "diag_type": "1", "maindiag_flag": "1", "diag_srt_no": "1",
+                          "diag_code": "J18.900", "diag_name": "肺炎", "diag_time": "2026-11-23 08:00:00",
+                          "vali_flag": "1"}]}, msgid=msgid)
+        if ok(a):
+            self.mdtrt_id = str(a["output"]["result"]["mdtrt_id"])
+        return a
+
+    def upload_fees(self, fees: list[tuple[str, str, str]] | None = None, **extra: Any) -> dict[str, Any]:
+        lines = []
+        for code, cnt, pric in fees or self.fees:
+            self._lines += 1
+            lines.append({"feedetl_sn": f"{self.ipt_no[-6:]}{self._lines:04d}", "mdtrt_id": self.mdtrt_id,
+                          "psn_no": self.person["psn_no"], "med_type": "21", "fee_ocur_time": "2026-11-23 10:00:00",
+                          "med_list_codg": code, "medins_list_codg": f"H-{code[-6:]}", "cnt": Decimal(cnt),
+                          "pric": Decimal(pric), "det_item_fee_sumamt": Decimal(cnt) * Decimal(pric),
+                          "bilg_dept_codg": "03", "bilg_dept_name": "呼吸内科", "bilg_dr_codg": "D001",
+                          "bilg_dr_name": "医生", "hosp_appr_flag": "1"})
+        return self.his.call("2301", {"feedetail": lines}, **extra)
+
+    def settlement_input(self) -> dict[str, Any]:
+        return {"data": {"psn_no": self.person["psn_no"], "mdtrt_cert_type": "02",
+                         "mdtrt_cert_no": self.person["certno"],
+                         "medfee_sumamt": self.medfee, "psn_setlway": "01", "mdtrt_id": self.mdtrt_id,
+                         "insutype": self.person["insutype"], "acct_used_flag": "1", "insuplc_admdvs": "430100",
+                         "mdtrtarea_admvs": "430100", "mid_setl_flag": "0"}}
+
+    def presettle(self) -> dict[str, Any]:
+        return self.his.call("2303", self.settlement_input())
+
+    def settle(self, msgid: str | None = None) -> dict[str, Any]:
+        return self.his.call("2304", self.settlement_input(), msgid=msgid)
+
+    def discharge(self) -> dict[str, Any]:
+        return self.his.call("2402", {"dscginfo": {
+            "mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"], "insutype": self.person["insutype"],
+            "endtime": "2026-11-26 10:00:00", "dscg_way": "1", "dscg_dept_codg": "03", "dscg_dept_name": "呼吸内科"}})
+
+    def cancel(self, setl_id: str) -> dict[str, Any]:
+        """2305: the settlement is cancelled by a negative settlement of its own."""
+        return self.his.call("2305", {"data": {"mdtrt_id": self.mdtrt_id, "setl_id": setl_id,
+                                               "psn_no": self.person["psn_no"]}})
+
+    def cancel_fees(self) -> dict[str, Any]:
+        return self.his.call("2302", {"data": [{"feedetl_sn": "0000", "mdtrt_id": self.mdtrt_id,
+                                                "psn_no": self.person["psn_no"]}]})
+
+    def cancel_discharge(self) -> dict[str, Any]:
+        return self.his.call("2405", {"data": {"mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"]}})
+
+    def cancel_admission(self) -> dict[str, Any]:
+        return self.his.call("2404", {"data": {"mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"]}})
+
+    def query(self, setl_id: str) -> dict[str, Any]:
+        """5203: the settlement as the bureau holds it."""
+        return self.his.call("5203", {"data": {"psn_no": self.person["psn_no"], "setl_id": setl_id,
+                                               "mdtrt_id": self.mdtrt_id}})
+
+    def up_to_settlement(self) -> None:
+        """Admitted and the fees uploaded, each answered by the bureau: ready to settle."""
+        for step in (self.admit, self.upload_fees):
+            answer = step()
+            assert ok(answer), said(answer)
