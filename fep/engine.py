@@ -261,7 +261,7 @@ class Engine:
             self.lanes.defer(row.psn_no or "", row.msgid)
             return self._reply(row)
         failure = envelope.local_failure(f"bureau unreachable, nothing was sent: {why}",
-                                         datetime.fromtimestamp(self._now()))
+                                         datetime.fromtimestamp(self._now()), trade.output)
         return self._reply(await self.journal.transition(row.msgid, "not_sent", note=why,
                                                          answer=envelope.dumps(failure).decode("utf-8")))
 
@@ -545,8 +545,7 @@ class Engine:
         return row
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:
-        money = {Kind.MONEY: "settles", Kind.UNDO_MONEY: "cancels"}.get(self.trades.get(row.infno).kind, "")
-        return reply(row, money, infcode_type=self.cfg.his.infcode_type, **kw)
+        return reply(row, self.trades.get(row.infno), infcode_type=self.cfg.his.infcode_type, **kw)
 
 
 def _spawn(coro: Any) -> defer.Deferred[Any]:

@@ -158,11 +158,13 @@ def splice(raw: bytes, fields: dict[str, Any]) -> bytes:
     return raw.rstrip()[:-1] + b"," + dumps(fields)[1:]
 
 
-def local_failure(message: str, when: datetime) -> dict[str, Any]:
-    """An envelope for an answer fep gives itself (the bureau said nothing)."""
+def local_failure(message: str, when: datetime, output: str = "data") -> dict[str, Any]:
+    """An envelope for an answer fep gives itself (the bureau said nothing). `output`: the trade's output
+    node ("setlinfo", or "result[]" for a list), there but empty, so a strict HIS parser accepts it."""
     stamp = when.strftime("%Y%m%d%H%M%S%f")[:17]
+    node = {output[:-2]: []} if output.endswith("[]") else {output: {}}
     return {"infcode": -1, "inf_refmsgid": "", "refmsg_time": stamp, "respond_time": stamp,
-            "err_msg": message, "output": {}, "warn_msg": ""}
+            "err_msg": message, "output": node, "warn_msg": ""}
 
 
 # Why fep refused, for programs that branch on it; the HIS hears every refusal as HTTP 200, infcode -1,
@@ -180,9 +182,9 @@ def refusal(status: int, message: str, **fields: Any) -> Response:
     return Response(status, dumps(env))
 
 
-def his_refusal(status: int, message: str, infcode_type: str = "number") -> Response:
+def his_refusal(status: int, message: str, infcode_type: str = "number", output: str = "data") -> Response:
     """A trade fep will not take, answered in the national interface's own shape (HTTP 200, infcode -1)."""
-    env = typed(local_failure(message, datetime.now()), infcode_type)
+    env = typed(local_failure(message, datetime.now(), output), infcode_type)
     env.update(fep_state="REFUSED", fep_reason=REASONS.get(status, "refused"))
     return Response(200, dumps(env))
 

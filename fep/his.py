@@ -30,22 +30,22 @@ class HisService:
         self.engine = engine
 
     async def handle(self, req: Request) -> Response:
+        output = "data"  # a refusal carries the trade's output node once the trade is known
         try:
-            return await self._route(req)
+            path = req.path.split("?", 1)[0]
+            if req.method == "GET" and path.startswith("/fep/trades/"):
+                return _json(await self.engine.lookup(path.rsplit("/", 1)[1]))
+            if req.method == "POST" and path.startswith("/fep/confirm/"):
+                return _json(await self.engine.confirm(path.rsplit("/", 1)[1]))
+            if req.method != "POST":
+                return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
+            trade_req = envelope.parse_his_request(req.body)
+            output = self.engine.trades.get(trade_req.infno).output
+            return _json(await self.engine.submit(trade_req))
         except (envelope.BadEnvelope, UnknownTrade, InvalidInput) as e:
-            return envelope.his_refusal(400, str(e), self.engine.cfg.his.infcode_type)
+            return envelope.his_refusal(400, str(e), self.engine.cfg.his.infcode_type, output)
         except Refused as e:
-            return envelope.his_refusal(e.status, str(e), self.engine.cfg.his.infcode_type)
-
-    async def _route(self, req: Request) -> Response:
-        path = req.path.split("?", 1)[0]
-        if req.method == "GET" and path.startswith("/fep/trades/"):
-            return _json(await self.engine.lookup(path.rsplit("/", 1)[1]))
-        if req.method == "POST" and path.startswith("/fep/confirm/"):
-            return _json(await self.engine.confirm(path.rsplit("/", 1)[1]))
-        if req.method != "POST":
-            return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
-        return _json(await self.engine.submit(envelope.parse_his_request(req.body)))
+            return envelope.his_refusal(e.status, str(e), self.engine.cfg.his.infcode_type, output)
 
 
 def _json(reply: Reply) -> Response:

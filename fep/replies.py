@@ -14,6 +14,7 @@ from typing import Any
 from fep import envelope
 from fep.journal import TradeRow
 from fep.states import State
+from fep.trades import Kind, TradeDef
 
 S = State
 
@@ -44,12 +45,13 @@ def _pending(row: TradeRow, money: str) -> str:
 QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
 
 
-def reply(row: TradeRow, money: str, resubmitted: bool = False, answer: dict[str, Any] | None = None,
+def reply(row: TradeRow, trade: TradeDef, resubmitted: bool = False, answer: dict[str, Any] | None = None,
           infcode_type: str = "number") -> Reply:
-    """`money`: "settles" or "cancels" when the trade moves money (the HIS must hear whether the patient
-    is settled, or the settlement cancelled), else ""; `answer`: the
-    row's answer already parsed, when the caller has it (a fresh answer: parse once); `infcode_type`: how
-    fep writes infcode on envelopes of its own (the bureau's answers keep theirs)."""
+    """`trade`: its definition (a trade that moves money tells the HIS whether the patient is settled, or
+    the settlement cancelled; fep's own envelopes carry its output node); `answer`: the row's answer
+    already parsed, when the caller has it (a fresh answer: parse once); `infcode_type`: how fep writes
+    infcode on envelopes of its own (the bureau's answers keep theirs)."""
+    money = {Kind.MONEY: "settles", Kind.UNDO_MONEY: "cancels"}.get(trade.kind, "")
     extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}
     if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED) or (
             row.state in (S.NEEDS_ATTENTION, S.DROPPED) and row.answer):
@@ -60,7 +62,7 @@ def reply(row: TradeRow, money: str, resubmitted: bool = False, answer: dict[str
             body["fep_confirm_by"] = datetime.fromtimestamp(row.deadline).strftime("%Y-%m-%d %H:%M:%S")
         return Reply(body)
     if row.state is S.QUEUED:
-        ack = envelope.local_failure("", datetime.now())
+        ack = envelope.local_failure("", datetime.now(), trade.output)
         ack.update(infcode=0, err_msg=None, warn_msg=QUEUED_NOTE)
         return Reply(envelope.typed(envelope.answer(ack, msgid=row.msgid, state=row.state, note=QUEUED_NOTE,
                                                     **extra), infcode_type))
@@ -69,7 +71,7 @@ def reply(row: TradeRow, money: str, resubmitted: bool = False, answer: dict[str
                                **extra)
         return Reply(envelope.typed(body, infcode_type))
     message = _pending(row, money)
-    body = envelope.typed(envelope.answer(envelope.local_failure(message, datetime.now()), msgid=row.msgid,
+    body = envelope.typed(envelope.answer(envelope.local_failure(message, datetime.now(), trade.output), msgid=row.msgid,
                                           state=row.state, note=message, **extra), infcode_type)
     if resubmitted and row.state is S.SENT:  # a resubmission while the first is on the wire: not a second trade
         body["fep_reason"] = "in_progress"

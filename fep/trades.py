@@ -79,6 +79,7 @@ class TradeDef:
     path: str | None = None  # per-trade bureau URL path, when the province uses them
     map_codes: str | None = None  # the node of fee lines to map from hospital to national codes
     from_his: FromHis = FromHis.TRADE
+    output: str = "data"  # the output node of its answer ("result[]": a list), on fep's own envelopes too
 
     @property
     def moves_money(self) -> bool:
@@ -217,6 +218,7 @@ def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
             path=spec.get("path"),
             map_codes=spec.get("map_codes"),
             from_his=FromHis(spec.get("from_his", "trade")),
+            output=str(spec.get("output", "data")),
         )
     except KeyError as e:
         raise TradesError(f"{where}: missing {e.args[0]}") from None
