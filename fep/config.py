@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from fep.trades import TradeBook, TradesError
+from fep.trades import TradeBook, TradesError, read_yaml
 
 
 class ConfigError(ValueError):
@@ -126,12 +125,7 @@ def _path(base: Path, value: Any) -> Path:
 def load(path: Path, base: Path | None = None) -> Config:
     """Relative paths in the file are taken from `base` (default: the current directory)."""
     base = base or Path.cwd()
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    doc = read_yaml(path, "config", ConfigError)
     if not isinstance(doc, dict):
         raise ConfigError(f"config {path} must be a YAML mapping")
     try:

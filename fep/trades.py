@@ -46,6 +46,16 @@ class OnUnknown(StrEnum):
     PERSON = "person"
 
 
+def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
+    """A YAML file of fep's; `error` names the file and what is wrong with it."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
+
+
 class TradesError(ValueError):
     pass
 
@@ -157,12 +167,7 @@ class TradeBook:
 
     @classmethod
     def load(cls, path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> TradeBook:
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise TradesError(f"cannot read trade catalog {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise TradesError(f"trade catalog {path} is not valid YAML: {e}") from None
+        doc = read_yaml(path, "trade catalog", TradesError)
         if not isinstance(doc, dict) or not isinstance(doc.get("trades"), dict):
             raise TradesError(f"trade catalog {path} must have a `trades:` mapping")
         defaults = doc.get("defaults") or {}

@@ -352,10 +352,13 @@ class Ledger:
 
     def settle(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
         data = _node(inp, "data", ("psn_no", "mdtrt_id", "medfee_sumamt", "chrg_bchno"))
-        info = self._compute(data)
+        return self._settle(env, "2207", data, self._compute(data))
+
+    def _settle(self, env: dict[str, Any], infno: str, data: dict[str, Any], info: dict[str, Any]) -> Any:
+        """The settlement of the visit's (or stay's) unsettled fees, computed as `info`."""
         setl_id = str(self._next("setl_id", 400120000))
         info.update(setl_id=setl_id, setl_time=_now(), medins_setl_id=env.get("msgid"))
-        self._record(setl_id, env, "2207", info, "settle", None)
+        self._record(setl_id, env, infno, info, "settle", None)
         self.conn.execute("UPDATE persons SET balc=?, dedc_used=? WHERE psn_no=?",
                           (str(info["balc"]), str(Decimal(self._person(data["psn_no"])[7]) + info["act_pay_dedc"]),
                            data["psn_no"]))
@@ -525,16 +528,7 @@ class Ledger:
         """2304: as 2207, for the stay's fees; in hospital (a 中途结算) or discharged."""
         data = _node(inp, "data", ("psn_no", "mdtrt_id", "medfee_sumamt"))
         self._stay(data["mdtrt_id"], ("open", "discharged"))
-        info = self._compute(data, clr_type="21")
-        setl_id = str(self._next("setl_id", 400120000))
-        info.update(setl_id=setl_id, setl_time=_now(), medins_setl_id=env.get("msgid"))
-        self._record(setl_id, env, "2304", info, "settle", None)
-        self.conn.execute("UPDATE persons SET balc=?, dedc_used=? WHERE psn_no=?",
-                          (str(info["balc"]), str(Decimal(self._person(data["psn_no"])[7]) + info["act_pay_dedc"]),
-                           data["psn_no"]))
-        self.conn.execute("UPDATE fees SET setl_id=? WHERE mdtrt_id=? AND setl_id IS NULL",
-                          (setl_id, str(data["mdtrt_id"])))
-        return self._setl_output(info, f"{info['insutype']}100")
+        return self._settle(env, "2304", data, self._compute(data, clr_type="21"))
 
     def _reverse_admission(self, data: dict[str, Any]) -> Any:
         """2601 of a 2401: the stay is erased, as if the admission had never arrived; not once it has fees."""
