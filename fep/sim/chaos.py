@@ -579,7 +579,8 @@ def judge(v: Views) -> Verdict:
         "settled (HIS told)": len(told_settled),
         "cancelled (HIS told)": len(told_cancels),
         "refund-order refusals heard (provoked, correct)": sum(
-            1 for t in his.values() if t.purpose == "old-cancel" and t.last and t.last.status == 409),
+            1 for t in his.values() if t.purpose == "old-cancel" and t.last and t.last.state == "REFUSED"
+            and "refunds go last settlement first" in t.last.err_msg),
         "journal rows by state": dict(sorted(Counter(j.state for j in v.journal.values()).items())),
         "reversals (journal REVERSED)": sum(1 for j in v.journal.values() if j.state == "REVERSED"),
         "late answers kept": sum(1 for j in v.journal.values() if j.late),
@@ -703,7 +704,7 @@ class Tally:
 
 class CarefulHis:
     """Numbers its own msgids; asks again with the same msgid while fep is unreachable or says the trade is
-    in progress (SENT, also as a 409 to a resubmission); looks trades up until they are final."""
+    in progress (SENT, also to a resubmission); looks trades up until they are final."""
 
     PATIENCE = 45.0  # seconds one call keeps asking while fep is unreachable or the trade is in progress
 
@@ -898,7 +899,7 @@ class Workstation:
     def cancel(self, p: dict[str, str]) -> None:
         psn, stack = p["psn_no"], self.settled[p["psn_no"]]
         if len(stack) >= 2 and self.rng.random() < 0.15:
-            setl_id, mdtrt = stack[-2]  # out of refund order, on purpose: fep must refuse it (409)
+            setl_id, mdtrt = stack[-2]  # out of refund order, on purpose: fep must refuse it
             t = self.his.call("2208", {"data": {"setl_id": setl_id, "mdtrt_id": mdtrt, "psn_no": psn}}, "old-cancel",
                               psn, mdtrt, target=setl_id)
             if t.last and t.last.state in ("SENT", "UNKNOWN", "RESOLVING"):
