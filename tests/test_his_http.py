@@ -1,0 +1,263 @@
+"""HTTP as real HIS clients speak it (issue 11): `Expect: 100-continue` (.NET Framework, curl), HTTP/1.0
+keep-alive (ApacheBench -k), bodies in GBK or GB18030, 9101 as the baseline's multipart form, 9102 answered
+with the ZIP itself, and inpatient uploads of 20,000 fee lines under the default limit."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import subprocess
+import time
+import zipfile
+from typing import Any
+
+import httptools
+import pytest
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+from fep import config, envelope
+from fep.client import Client
+from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.sim.world import ROOT, ZHANG, Visit, World, his_msgid
+
+CALL = "/fsi/api/rsfComIfsService/callService"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+# ---- reading what fep wrote ----------------------------------------------------------------------------------
+
+class _Messages:
+    """Every response on a connection, interim ones (100 Continue) included: [(status, headers, body), ...]."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, dict[str, str], bytes]] = []
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._parser = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.got.append((self._parser.get_status_code(), self._headers, b"".join(self._body)))
+        self._headers, self._body = {}, []
+
+    def feed(self, data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+        self._parser.feed_data(data)
+        return self.got
+
+    def finals(self) -> list[tuple[int, dict[str, str], bytes]]:
+        return [m for m in self.got if m[0] >= 200]
+
+
+def _read(sock: socket.socket, messages: _Messages, finals: int = 1) -> _Messages:
+    """Read until `finals` final answers have come (or the connection closes)."""
+    while len(messages.finals()) < finals:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        messages.feed(chunk)
+    return messages
+
+
+def _closed(sock: socket.socket, within: float = 5.0) -> bool:
+    """The server closed the connection (rather than keeping it open without saying so)."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _identify(msgid: str | None = None, opter_name: str = "HIS") -> bytes:
+    env: dict[str, Any] = {"infno": "1101", "opter_type": "1", "opter": "his", "opter_name": opter_name,
+                           "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}}}
+    if msgid:
+        env["msgid"] = msgid
+    return envelope.dumps(env)
+
+
+def _head(body: bytes, version: str = "1.1", extra: str = "", content_type: str = "application/json") -> bytes:
+    return (f"POST {CALL} HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode("latin-1")
+
+
+# ---- the protocol alone: 100-continue and keep-alive, byte by byte ----------------------------------------------
+
+class _Later:
+    def __init__(self) -> None:
+        self.taken: list[tuple[Request, defer.Deferred[Response]]] = []
+
+    def __call__(self, req: Request) -> defer.Deferred[Response]:
+        d: defer.Deferred[Response] = defer.Deferred()
+        self.taken.append((req, d))
+        return d
+
+    def answer(self, i: int, text: bytes = b'{"infcode":0}') -> None:
+        self.taken[i][1].callback(Response(200, text))
+
+
+def _server(max_body: int = 1000) -> tuple[HTTPServerProtocol, StringTransport, _Later]:
+    handler = _Later()
+    proto = HTTPServerProtocol(handler, max_body=max_body)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, handler
+
+
+def test_protocol_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    proto, transport, handler = _server()
+    body = b'{"n": 1}'
+    proto.dataReceived(_head(body, extra="Expect: 100-continue\r\n"))
+    assert transport.value() == CONTINUE  # the client may now send its body
+    proto.dataReceived(body)
+    assert [r.body for r, _ in handler.taken] == [body]
+    handler.answer(0)
+    got = _Messages().feed(transport.value())
+    assert [s for s, _, _ in got] == [100, 200] and not transport.disconnecting
+
+
+def test_protocol_expect_with_a_body_over_the_limit_gets_413_at_once_and_no_100() -> None:
+    proto, transport, handler = _server(max_body=100)
+    proto.dataReceived(_head(b"x" * 500, extra="Expect: 100-continue\r\n"))
+    got = _Messages().feed(transport.value())
+    assert [s for s, _, _ in got] == [413], got  # the client need not send the body at all
+    assert "over the limit" in got[0][2].decode()
+    assert handler.taken == []
+
+
+def test_protocol_the_100_of_a_request_waits_for_the_answers_owed_before_it() -> None:
+    proto, transport, handler = _server()
+    body = b'{"n": 2}'
+    proto.dataReceived(_head(b'{"n": 1}') + b'{"n": 1}' + _head(body, extra="Expect: 100-continue\r\n"))
+    assert transport.value() == b""  # the first request's answer comes first, in order
+    handler.answer(0, b"one")
+    got = _Messages().feed(transport.value())
+    assert [(s, b) for s, _, b in got] == [(200, b"one"), (100, b"")]
+    proto.dataReceived(body)
+    assert [r.body for r, _ in handler.taken][1] == body
+
+
+def test_protocol_no_100_once_the_client_sent_its_body_anyway() -> None:
+    """.NET waits 350 ms, curl 1 s, and then sends the body without the 100: none is owed any more."""
+    proto, transport, handler = _server()
+    proto.dataReceived(_head(b'{"n": 1}') + b'{"n": 1}' + _head(b'{"n": 2}', extra="Expect: 100-continue\r\n"))
+    proto.dataReceived(b'{"n": 2}')
+    handler.answer(0)
+    handler.answer(1)
+    assert [s for s, _, _ in _Messages().feed(transport.value())] == [200, 200]
+
+
+def test_protocol_http_1_0_keeps_the_connection_only_when_asked_and_says_so() -> None:
+    proto, transport, handler = _server()
+    proto.dataReceived(_head(b"{}", "1.0", "Connection: Keep-Alive\r\n") + b"{}")
+    handler.answer(0)
+    got = _Messages().feed(transport.value())
+    assert got[0][1]["connection"].lower() == "keep-alive" and not transport.disconnecting
+    assert handler.taken[0][0].version == "1.0"
+
+    proto, transport, handler = _server()
+    proto.dataReceived(_head(b"{}", "1.0") + b"{}")
+    handler.answer(0)
+    got = _Messages().feed(transport.value())
+    assert got[0][1]["connection"].lower() == "close" and transport.disconnecting
+
+
+def test_protocol_http_1_0_ignores_expect() -> None:
+    proto, transport, handler = _server()
+    proto.dataReceived(_head(b"{}", "1.0", "Expect: 100-continue\r\n"))
+    assert transport.value() == b""  # an HTTP/1.0 client does not know 100 (RFC 9110 10.1.1)
+
+
+def test_protocol_http_1_1_connection_close_is_closed_after_the_answer() -> None:
+    proto, transport, handler = _server()
+    proto.dataReceived(_head(b"{}", extra="Connection: close\r\n") + b"{}")
+    handler.answer(0)
+    got = _Messages().feed(transport.value())
+    assert got[0][1]["connection"] == "close" and transport.disconnecting
+
+
+# ---- through the daemon: what an HIS sees ------------------------------------------------------------------------
+
+def test_apachebench_keep_alive_over_http_1_0_gets_every_answer_on_one_connection(running: World) -> None:
+    """ab -k: HTTP/1.0 with `Connection: Keep-Alive`; it reuses the connection only when the answer says
+    keep-alive, and otherwise waits for the close. Each answer says it, and the next request is answered."""
+    with socket.create_connection(("127.0.0.1", running.his_port), timeout=20) as s:
+        for n in range(3):
+            body = _identify(his_msgid(100 + n))
+            s.sendall(_head(body, "1.0", "Connection: Keep-Alive\r\nUser-Agent: ApacheBench/2.3\r\n") + body)
+            status, headers, answer = _read(s, _Messages()).finals()[0]
+            assert status == 200 and headers["connection"].lower() == "keep-alive", headers
+            assert envelope.loads(answer)["infcode"] == 0
+
+
+def test_http_1_0_without_keep_alive_is_closed_after_the_answer(running: World) -> None:
+    with socket.create_connection(("127.0.0.1", running.his_port), timeout=20) as s:
+        body = _identify()
+        s.sendall(_head(body, "1.0") + body)
+        status, headers, _ = _read(s, _Messages()).finals()[0]
+        assert status == 200 and headers["connection"] == "close"
+        assert _closed(s)  # a client reading to the end of the connection does not hang
+
+
+def test_http_1_1_connection_close_is_closed_after_the_answer(running: World) -> None:
+    with socket.create_connection(("127.0.0.1", running.his_port), timeout=20) as s:
+        body = _identify()
+        s.sendall(_head(body, extra="Connection: close\r\n") + body)
+        assert _read(s, _Messages()).finals()[0][0] == 200
+        assert _closed(s)
+
+
+def test_curl_style_expect_gets_100_continue_then_the_answer(running: World) -> None:
+    """curl sends `Expect: 100-continue` with a large body and waits up to 1 s for the 100 before sending."""
+    body = _identify(his_msgid(110))
+    with socket.create_connection(("127.0.0.1", running.his_port), timeout=20) as s:
+        s.sendall(_head(body, extra="User-Agent: curl/7.88.1\r\nAccept: */*\r\nExpect: 100-continue\r\n"))
+        messages = _Messages()
+        while not messages.got:
+            messages.feed(s.recv(1 << 16))
+        assert messages.got[0][0] == 100  # nothing else is said before the body
+        s.sendall(body)
+        status, _, answer = _read(s, messages).finals()[0]
+        assert status == 200 and envelope.loads(answer)["fep_msgid"] == his_msgid(110)
+
+
+def test_dotnet_style_expect_hears_100_continue(running: World) -> None:
+    """.NET Framework's HttpWebRequest sends headers with `Expect: 100-continue`, waits 350 ms for the 100, then
+    sends the body whether it came or not. The 100 must come; the time is not asserted."""
+    body = envelope.dumps({"infno": "1101", "opter_type": "1", "opter": "his", "opter_name": "HIS",
+                           "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}}})
+    head = (f"POST {CALL} HTTP/1.1\r\nContent-Type: application/json\r\napikey: x\r\nHost: 127.0.0.1:8097\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: Keep-Alive\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", running.his_port), timeout=20) as s:
+        s.sendall(head)
+        messages = _Messages()
+        s.settimeout(0.35)
+        try:
+            messages.feed(s.recv(1 << 16))
+        except socket.timeout:
+            pass
+        s.settimeout(20)
+        s.sendall(body)
+        _read(s, messages)
+    assert [status for status, _, _ in messages.got] == [100, 200], messages.got
+
+
+def test_real_curl_hears_100_continue(running: World) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    body = running.dir / "envelope.json"
+    body.write_bytes(_identify())
+    done = subprocess.run(["curl", "-sv", "--expect100-timeout", "30", "-H", "Expect: 100-continue",
+                           "-H", "Content-Type: application/json", "--data-binary", f"@{body}",
+                           f"http://127.0.0.1:{running.his_port}{CALL}"], capture_output=True, text=True, timeout=60)
+    assert "< HTTP/1.1 100 Continue" in done.stderr, done.stderr
+    assert envelope.loads(done.stdout)["infcode"] == 0
