@@ -5,6 +5,7 @@ Pure data: no sockets, no SQLite. The HIS listener, the bureau link and the simu
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from fep.http11 import Response
 REQUIRED_FROM_HIS = ("infno", "input")
 # Never shown outside the journal (may carry card or e-certificate password material); never logged.
 SECRET_FIELDS = ("cainfo",)
+BOM = b"\xef\xbb\xbf"  # .NET's Encoding.UTF8 writes one before the JSON
 
 
 class BadEnvelope(ValueError):
@@ -25,6 +27,9 @@ class BadEnvelope(ValueError):
 
 
 def loads(data: bytes | str) -> Any:
+    """JSON to Python, decimal-exact. A leading byte-order mark is skipped."""
+    if data[:3] == BOM or data[:1] == "\ufeff":
+        data = data[3:] if isinstance(data, (bytes, bytearray)) else data[1:]
     return simplejson.loads(data, use_decimal=True)
 
 
@@ -50,13 +55,59 @@ class HisRequest:
         return self.envelope["input"]
 
 
-def parse_his_request(body: bytes) -> HisRequest:
+# The Chinese charsets an HIS declares (read as GB18030, which contains them all), and the others it may say.
+GB_CHARSETS = frozenset({"gbk", "gb2312", "gb18030", "cp936", "ms936", "x-gbk", "euc-cn", "windows-936"})
+UTF8_CHARSETS = frozenset({"utf-8", "utf8"})
+ASCII_CHARSETS = frozenset({"us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1"})
+
+
+def read_json(raw: bytes, charset: str | None, what: str = "request body") -> Any:
+    """JSON in its declared charset. UTF-8 (declared, or nothing declared) goes to the JSON reader as it is;
+    GBK, GB2312 and GB18030 are read as GB18030, the standard that contains the others. A body with no
+    charset that is not UTF-8 is read as GB18030 (Windows HIS programs send the system code page without
+    saying so). Bytes not of the charset, and bad JSON, are a BadEnvelope naming which."""
+    cs = (charset or "").strip().strip('"').lower()
+    if cs in GB_CHARSETS:
+        try:
+            text = raw.decode("gb18030")
+        except UnicodeDecodeError as e:
+            raise BadEnvelope(f"{what} is not valid {cs.upper()} (Content-Type charset={cs}): {e.reason} at byte "
+                              f"{e.start}") from None
+        try:
+            return loads(text)
+        except ValueError as e:
+            raise BadEnvelope(f"{what} is not valid JSON: {e}") from None
+    if cs and cs not in UTF8_CHARSETS and cs not in ASCII_CHARSETS:
+        raise BadEnvelope(f"{what} has charset={cs}, which fep does not read: send UTF-8, GBK or GB18030")
+    try:
+        return loads(raw)  # the common case: UTF-8, read once
+    except ValueError as e:
+        error = e
+    try:  # the JSON reader refused it: bad bytes, GB18030 sent without a charset, or bad JSON?
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if cs in UTF8_CHARSETS:
+            raise BadEnvelope(f"{what} is not valid {cs.upper()} (Content-Type charset={cs}): {e.reason} at byte "
+                              f"{e.start}") from None
+        try:
+            text = raw.decode("latin-1" if cs else "gb18030")  # Latin-1 as declared; GB18030 when nothing is
+        except UnicodeDecodeError:
+            raise BadEnvelope(f"{what} is neither UTF-8 nor GB18030 (no charset in Content-Type): {e.reason} at "
+                              f"byte {e.start}; send UTF-8, or say charset=gbk") from None
+        try:
+            return loads(text)
+        except ValueError as e2:
+            error = e2
+    raise BadEnvelope(f"{what} is not valid JSON: {error}")
+
+
+def parse_his_request(body: bytes, charset: str | None = None) -> HisRequest:
     if not body.strip():
         raise BadEnvelope("empty request body: expected a JSON object holding the national envelope")
-    try:
-        env = loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadEnvelope(f"request body is not valid JSON: {e}") from None
+    return _his_envelope(read_json(body, charset))
+
+
+def _his_envelope(env: Any) -> HisRequest:
     if not isinstance(env, dict):
         raise BadEnvelope("request body must be a JSON object (the national envelope)")
     missing = [f for f in REQUIRED_FROM_HIS if f not in env]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Sequence
 
+from multipart import parse_options_header
 from twisted.internet import address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -47,7 +48,18 @@ class HisService:
             return _json(await self.engine.confirm(path.rsplit("/", 1)[1]))
         if req.method != "POST":
             return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
-        return _json(await self.engine.submit(envelope.parse_his_request(req.body)))
+        return _json(await self.engine.submit(parse(req)))
+
+
+def parse(req: Request) -> envelope.HisRequest:
+    """The envelope of a posted trade: JSON in UTF-8, GBK or GB18030 (the charset in Content-Type)."""
+    mime, options = content_type(req.headers.get("content-type", ""))
+    return envelope.parse_his_request(req.body, options.get("charset"))
+
+
+def content_type(value: str) -> tuple[str, dict[str, str]]:
+    """("multipart/form-data", {"boundary": ...}): the media type lower-cased, its options by lower-cased name."""
+    return parse_options_header(value)
 
 
 def _json(reply: Reply) -> Response:

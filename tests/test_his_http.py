@@ -261,3 +261,63 @@ def test_real_curl_hears_100_continue(running: World) -> None:
                            f"http://127.0.0.1:{running.his_port}{CALL}"], capture_output=True, text=True, timeout=60)
     assert "< HTTP/1.1 100 Continue" in done.stderr, done.stderr
     assert envelope.loads(done.stdout)["infcode"] == 0
+
+
+# ---- bodies in GBK and GB18030 ------------------------------------------------------------------------------------
+
+def _registration(msgid: str, opter_name: str, dr_name: str) -> dict[str, Any]:
+    return {"infno": "2201", "msgid": msgid, "opter_type": "1", "opter": "0012", "opter_name": opter_name,
+            "input": {"data": {"psn_no": ZHANG["psn_no"], "insutype": ZHANG["insutype"],
+                               "begntime": "2026-11-23 09:00:00", "mdtrt_cert_type": "02",
+                               "mdtrt_cert_no": ZHANG["certno"], "ipt_otp_no": f"B{time.time_ns() % 10**12}",
+                               "atddr_no": "D001", "dr_name": dr_name, "dept_code": "01",
+                               "dept_name": "心血管内科", "caty": "A03"}}}
+
+
+def _post(world: World, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", world.his_port), timeout=30) as s:
+        s.sendall(_head(body, content_type=content_type) + body)
+        return _read(s, _Messages()).finals()[0]
+
+
+def test_a_gbk_body_reaches_the_bureau_as_the_same_text(running: World) -> None:
+    msgid = his_msgid(120)
+    env = _registration(msgid, "收费员张三", "欧阳医生")
+    body = envelope.dumps(env).decode("utf-8").encode("gbk")
+    status, _, answer = _post(running, body, "application/json; charset=GBK")
+    assert status == 200 and envelope.loads(answer)["infcode"] == 0, answer
+    seen = running.bureau_request(msgid)  # the envelope as the bureau read it
+    assert seen["opter_name"] == "收费员张三"
+    assert seen["input"]["data"]["dr_name"] == "欧阳医生" and seen["input"]["data"]["dept_name"] == "心血管内科"
+    assert '"opter_name":"收费员张三"' in running.trade(msgid)["request"]  # journalled as text, sent as UTF-8
+
+
+def test_gb2312_and_gb18030_are_honoured_and_gb18030_is_the_fallback_without_a_charset(running: World) -> None:
+    # 𠮷 is outside GBK: only GB18030 (four bytes) carries it; names like it are on ID cards.
+    for n, (text, charset) in enumerate([("收费员李四", "gb2312"), ("收费员𠮷祥", "GB18030"),
+                                         ("收费员王五", None)]):
+        msgid = his_msgid(121 + n)
+        body = envelope.dumps(_registration(msgid, text, "医生")).decode("utf-8").encode("gb18030")
+        ctype = f"application/json; charset={charset}" if charset else "text/plain"
+        status, _, answer = _post(running, body, ctype)
+        assert status == 200, answer
+        assert running.bureau_request(msgid)["opter_name"] == text
+
+
+def test_bytes_not_of_the_declared_charset_are_a_400_naming_it(running: World) -> None:
+    gbk = envelope.dumps(_registration(his_msgid(130), "收费员", "医生")).decode().encode("gbk")
+    status, _, answer = _post(running, gbk, "application/json; charset=utf-8")
+    refused = envelope.loads(answer)
+    assert status == 400 and "not valid UTF-8" in refused["err_msg"] and "charset=utf-8" in refused["err_msg"]
+    status, _, answer = _post(running, b'{"infno":"1101","opter_name":"\xff\xfe","input":{}}',
+                              "application/json; charset=gbk")
+    assert status == 400 and "not valid GBK" in envelope.loads(answer)["err_msg"]
+    status, _, answer = _post(running, b'{"infno":"1101","input":{}}', "application/json; charset=koi8-r")
+    assert status == 400 and "koi8-r" in envelope.loads(answer)["err_msg"]
+    assert running.journal("msgid=?", (his_msgid(130),)) == []
+
+
+def test_a_utf8_body_with_a_byte_order_mark_is_read() -> None:
+    """.NET's Encoding.UTF8 writes a BOM before the JSON."""
+    req = envelope.parse_his_request(envelope.BOM + _identify(opter_name="收费员"))
+    assert req.envelope["opter_name"] == "收费员"

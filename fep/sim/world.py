@@ -209,6 +209,10 @@ class World:
     def ledger(self) -> list[dict[str, Any]]:
         return _http("GET", self.control_port, "/ledger")
 
+    def bureau_request(self, msgid: str) -> dict[str, Any]:
+        """The envelope of `msgid` as the bureau read it (one of the last 200 it received)."""
+        return _http("GET", self.control_port, f"/requests/{msgid}")
+
     def sim_answers(self) -> list[tuple[str, str]]:
         with sqlite3.connect(self.dir / "sim" / "ledger.db") as c:
             return c.execute("SELECT msgid, infno FROM answers ORDER BY rowid").fetchall()
