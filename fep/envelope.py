@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote, unquote
 
 import simplejson
 
@@ -172,18 +173,82 @@ def parse_bureau_answer(body: bytes) -> BureauAnswer:
 
 def file_answer(content: bytes, disposition: str) -> bytes:
     """9102 (and 13xx downloads) answer with the file itself; fep keeps it as an envelope like any other."""
-    import base64
-
-    m = re.search(r'filename="?([^";]+)', disposition)
     return dumps({"infcode": 0, "err_msg": None, "output": {"file": {
-        "filename": m.group(1) if m else "", "size": len(content),
+        "filename": disposition_filename(disposition), "size": len(content),
         "content_base64": base64.b64encode(content).decode("ascii")}}})
 
 
-def file_content(output: Any) -> bytes:
-    import base64
+def disposition_filename(disposition: str) -> str:
+    """The file name in a Content-Disposition header (read as Latin-1): filename*=UTF-8''... first (RFC 6266),
+    else filename="...", whose bytes are taken as UTF-8 when they are (a name sent unencoded)."""
+    star = re.search(r"filename\*\s*=\s*([\w-]+)'[^']*'([^;\s]+)", disposition)
+    if star:
+        try:
+            return unquote(star.group(2), encoding=star.group(1), errors="strict")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    m = re.search(r'filename\s*=\s*"?([^";]+)', disposition)
+    if not m:
+        return ""
+    name = m.group(1).strip()
+    try:
+        return name.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return name
 
+
+def file_content(output: Any) -> bytes:
     return base64.b64decode(output["file"]["content_base64"])
+
+
+@dataclass
+class FileDownload:
+    filename: str
+    content: bytes
+
+
+def downloaded_file(answer: dict[str, Any]) -> FileDownload | None:
+    """The file in a successful download's answer (what `file_answer` kept), or None for any other answer."""
+    output = answer.get("output")
+    if answer.get("infcode") != 0 or not isinstance(output, dict) or set(output) != {"file"}:
+        return None
+    node = output["file"]
+    if not isinstance(node, dict) or not isinstance(node.get("content_base64"), str):
+        return None
+    return FileDownload(str(node.get("filename") or ""), base64.b64decode(node["content_base64"]))
+
+
+def file_response(status: int, file: FileDownload, answer: dict[str, Any]) -> Response:
+    """A download as the HIS reads it: the file itself (application/octet-stream) with its name, as the bureau
+    sends it; fep's fields (fep_msgid, fep_state, ...) are headers: X-Fep-Msgid, X-Fep-State, ..."""
+    headers = {"Content-Disposition": content_disposition(file.filename)}
+    for key, value in answer.items():
+        if key.startswith("fep_") and isinstance(value, (str, int)) and not isinstance(value, bool):
+            text = _header_safe(str(value))
+            headers["X-Fep-" + "-".join(w.capitalize() for w in key[4:].split("_"))] = text
+    return Response(status, file.content, headers, content_type="application/octet-stream")
+
+
+def content_disposition(filename: str) -> str:
+    """attachment; filename="..." for a plain name; a name outside Latin-1 gets filename*=UTF-8''... (RFC 6266)
+    beside an ASCII fallback."""
+    name = re.sub(r'[\x00-\x1f\x7f"\\/]', "_", filename) or "download"
+    try:
+        name.encode("latin-1")
+        return f'attachment; filename="{name}"'
+    except UnicodeEncodeError:
+        fallback = name.encode("ascii", "replace").decode("ascii").replace("?", "_")
+        return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def _header_safe(text: str) -> str:
+    """A header value: one line, Latin-1 (anything else percent-encoded)."""
+    text = re.sub(r"[\r\n]+", " ", text)
+    try:
+        text.encode("latin-1")
+        return text
+    except UnicodeEncodeError:
+        return quote(text, safe=" !#$%&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
 def answer(envelope: dict[str, Any], *, msgid: str, state: str, note: str = "", **extra: Any) -> dict[str, Any]:

@@ -63,6 +63,10 @@ def content_type(value: str) -> tuple[str, dict[str, str]]:
 
 
 def _json(reply: Reply) -> Response:
+    """What the HIS hears: the envelope as JSON; a download (9102) that succeeded, the file itself."""
+    file = envelope.downloaded_file(reply.body)
+    if file is not None:
+        return envelope.file_response(reply.status, file, reply.body)
     return Response(reply.status, reply.raw or envelope.dumps(reply.body))
 
 

@@ -321,3 +321,82 @@ def test_a_utf8_body_with_a_byte_order_mark_is_read() -> None:
     """.NET's Encoding.UTF8 writes a BOM before the JSON."""
     req = envelope.parse_his_request(envelope.BOM + _identify(opter_name="收费员"))
     assert req.envelope["opter_name"] == "收费员"
+
+
+# ---- 9101 and 9102: files as the baseline moves them ------------------------------------------------------------
+
+def _zip(name: str = "detail.txt") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(name, "400120001\t300170001\t43010000000000000001\t30.00\t21.00\t9.00\t0\n")
+        z.writestr("bytes.bin", bytes(range(256)) * 8 + b"\r\n--\r\n")  # every byte value, and boundary look-alikes
+    return buf.getvalue()
+
+
+def _upload_envelope(msgid: str, filename: str | None = None) -> dict[str, Any]:
+    node = {"fixmedins_code": "H43010000001"} | ({"filename": filename} if filename else {})
+    return {"infno": "9101", "msgid": msgid, "opter_type": "1", "opter": "0012", "opter_name": "对账员",
+            "infver": "V1.0", "input": {"fsUploadIn": node}}
+
+
+def _download(world: World, file_qury_no: str, filename: str, msgid: str) -> bytes:
+    return envelope.dumps({"infno": "9102", "msgid": msgid, "opter_type": "1", "opter": "0012",
+                           "opter_name": "对账员", "input": {"fsDownloadIn": {
+                               "file_qury_no": file_qury_no, "filename": filename, "fixmedins_code": "plc"}}})
+
+
+def test_9101_as_json_with_base64_is_accepted(running: World) -> None:
+    content, msgid = _zip(), his_msgid(142)
+    env = _upload_envelope(msgid, "detail.zip")
+    env["input"]["fsUploadIn"]["in"] = base64.b64encode(content).decode()  # openhis: byte[] as Newtonsoft writes it
+    answer = Client.tcp("127.0.0.1", running.his_port).request("POST", CALL, envelope.dumps(env))[1]
+    assert answer["infcode"] == 0 and answer["output"]["filename"] == "detail.zip"
+    status, _, got = _post(running, _download(running, answer["output"]["file_qury_no"], "detail.zip",
+                                              his_msgid(143)), "application/json")
+    assert status == 200 and got == content
+
+
+def _uploaded(world: World, content: bytes, filename: str) -> dict[str, Any]:
+    env = _upload_envelope(his_msgid(150), filename)
+    env["input"]["fsUploadIn"]["in"] = base64.b64encode(content).decode()
+    answer = world.his.call("9101", env["input"], msgid=env["msgid"])
+    assert answer["infcode"] == 0, answer
+    return answer["output"]
+
+
+def test_9102_answers_with_the_zip_itself_fresh_resubmitted_and_looked_up(running: World) -> None:
+    content = _zip()
+    up = _uploaded(running, content, "对账结果.zip")
+    msgid = his_msgid(151)
+    request = _download(running, up["file_qury_no"], up["filename"], msgid)
+    for attempt in ("fresh", "resubmitted"):
+        status, headers, got = _post(running, request, "application/json")
+        assert status == 200 and got == content, attempt
+        assert headers["content-type"] == "application/octet-stream"
+        assert "attachment" in headers["content-disposition"]
+        assert "filename*=UTF-8''%E5%AF%B9%E8%B4%A6%E7%BB%93%E6%9E%9C.zip" in headers["content-disposition"]
+        assert headers["x-fep-msgid"] == msgid and headers["x-fep-state"] == "ANSWERED"
+        assert zipfile.ZipFile(io.BytesIO(got)).read("bytes.bin").startswith(bytes(range(256)))
+    with socket.create_connection(("127.0.0.1", running.his_port), timeout=30) as s:
+        s.sendall(f"GET /fep/trades/{msgid} HTTP/1.1\r\nHost: fep\r\n\r\n".encode())
+        status, headers, got = _read(s, _Messages()).finals()[0]
+    assert status == 200 and headers["content-type"] == "application/octet-stream" and got == content
+    assert running.events(msgid) == ["accept", "answer"]  # sent once: the resubmission got the stored file
+
+
+def test_a_failed_9102_stays_a_json_envelope(running: World) -> None:
+    status, headers, answer = _post(running, _download(running, "F99999999", "none.zip", his_msgid(160)),
+                                    "application/json")
+    failed = envelope.loads(answer)
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert failed["infcode"] == -1 and "不存在" in failed["err_msg"] and failed["fep_state"] == "ANSWERED"
+
+
+def test_the_python_client_still_reads_a_download() -> None:
+    """fep.client (fep call, scripts) gets the envelope form back from the octet-stream answer."""
+    file = envelope.FileDownload("r.zip", b"PK\x03\x04zip")
+    resp = envelope.file_response(200, file, {"fep_msgid": "M1", "fep_state": "ANSWERED", "fep_infno": "9102"})
+    answer = Client.read_file_answer(resp.headers, resp.body)
+    assert answer["infcode"] == 0 and answer["fep_msgid"] == "M1" and answer["fep_state"] == "ANSWERED"
+    assert envelope.file_content(answer["output"]) == b"PK\x03\x04zip"
+    assert answer["output"]["file"]["filename"] == "r.zip"

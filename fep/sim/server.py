@@ -138,7 +138,7 @@ class BureauProtocol(HTTPServerProtocol):
             await task.deferLater(self.sim.reactor, fault.seconds)
         result = self.sim.ledger.handle(env)
         if isinstance(result, FileAnswer):
-            return Response(200, result.content, {"Content-Disposition": f'attachment; filename="{result.filename}"'},
+            return Response(200, result.content, {"Content-Disposition": envelope.content_disposition(result.filename)},
                             content_type="application/octet-stream")
         answer = envelope.dumps(result)
         if mode == "drop_after":
