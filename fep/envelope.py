@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
+import multipart
 import simplejson
 
 from fep.http11 import Response
@@ -124,6 +125,55 @@ def _his_envelope(env: Any) -> HisRequest:
     env["infno"] = infno
     msgid = env.get("msgid")
     return HisRequest(infno=infno, msgid=msgid if isinstance(msgid, str) and msgid else None, envelope=env)
+
+
+# ---- 9101: the file upload, as JSON with Base64 or as the baseline's multipart form -----------------------
+UPLOAD = "9101"
+FORM_JSON = "jsonStr"  # the form field holding the envelope (the baseline's Java example, HN appendix A)
+FORM_FILES = ("file", "in")  # the form field holding the file: the baseline's name, and fsUploadIn's own
+
+
+def parse_his_form(body: bytes, boundary: str | None) -> HisRequest:
+    """A multipart/form-data request: the envelope in the jsonStr part and, for 9101, the file in the file
+    part, as the baseline posts it. It becomes the envelope every other HIS sends (fsUploadIn.in the file in
+    Base64, fsUploadIn.filename from the envelope or the file part), the file's bytes exactly as they came."""
+    if not boundary:
+        raise BadEnvelope("multipart/form-data without a boundary in Content-Type")
+    fields: dict[str, tuple[Any, bytes]] = {}
+    try:
+        with multipart.PushMultipartParser(boundary, content_length=len(body), max_segment_count=16) as parser:
+            segment, chunks = None, []
+            for event in parser.parse(body):
+                if isinstance(event, multipart.MultipartSegment):
+                    segment, chunks = event, []
+                elif event:
+                    chunks.append(event)
+                elif segment is not None:
+                    fields.setdefault(segment.name or "", (segment, b"".join(chunks)))
+    except multipart.MultipartError as e:
+        raise BadEnvelope(f"malformed multipart/form-data request: {e}") from None
+    if FORM_JSON not in fields:
+        raise BadEnvelope(f"multipart/form-data request has no {FORM_JSON} part (the envelope); it has "
+                          f"{', '.join(sorted(fields)) or 'no parts'}")
+    segment, raw = fields[FORM_JSON]
+    env = read_json(raw, segment.charset, f"the {FORM_JSON} part")
+    if isinstance(env, dict) and "input" not in env and "infno" not in env:
+        env = {"infno": UPLOAD, "input": {"fsUploadIn": env}}  # fsUploadIn's fields alone, as some HIS post them
+    file = next((fields[name] for name in FORM_FILES if name in fields), None)
+    if file is None:
+        return _his_envelope(env)
+    if not isinstance(env, dict) or not isinstance(env.get("input"), dict) or str(env.get("infno")) != UPLOAD:
+        raise BadEnvelope(f"a file part comes only with 9101 (文件上传): the {FORM_JSON} part must be its envelope")
+    node = env["input"].setdefault("fsUploadIn", {})
+    if not isinstance(node, dict):
+        raise BadEnvelope("9101 input.fsUploadIn must be a JSON object")
+    if node.get("in"):
+        raise BadEnvelope("9101 carries its file once: in the file part, or as fsUploadIn.in, not both")
+    part, content = file
+    node["in"] = base64.b64encode(content).decode("ascii")
+    if not node.get("filename"):
+        node["filename"] = part.filename or ""
+    return _his_envelope(env)
 
 
 def find_psn_no(input_: dict[str, Any]) -> str | None:

@@ -52,8 +52,11 @@ class HisService:
 
 
 def parse(req: Request) -> envelope.HisRequest:
-    """The envelope of a posted trade: JSON in UTF-8, GBK or GB18030 (the charset in Content-Type)."""
+    """The envelope of a posted trade: JSON in UTF-8, GBK or GB18030 (the charset in Content-Type), or a
+    multipart/form-data 9101 (a jsonStr part and a file part)."""
     mime, options = content_type(req.headers.get("content-type", ""))
+    if mime == "multipart/form-data":
+        return envelope.parse_his_form(req.body, options.get("boundary"))
     return envelope.parse_his_request(req.body, options.get("charset"))
 
 

@@ -333,6 +333,16 @@ def _zip(name: str = "detail.txt") -> bytes:
     return buf.getvalue()
 
 
+def _form(parts: list[tuple[str, str | None, str, bytes]], boundary: str = "hF3kq7vXrZ2nP0wQ") -> tuple[bytes, str]:
+    """A multipart/form-data body as Apache HttpClient's MultipartEntityBuilder writes it."""
+    out = b""
+    for name, filename, ctype, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += (f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Transfer-Encoding: binary\r\n\r\n").encode("utf-8") + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}; charset=UTF-8"
+
+
 def _upload_envelope(msgid: str, filename: str | None = None) -> dict[str, Any]:
     node = {"fixmedins_code": "H43010000001"} | ({"filename": filename} if filename else {})
     return {"infno": "9101", "msgid": msgid, "opter_type": "1", "opter": "0012", "opter_name": "对账员",
@@ -345,6 +355,25 @@ def _download(world: World, file_qury_no: str, filename: str, msgid: str) -> byt
                                "file_qury_no": file_qury_no, "filename": filename, "fixmedins_code": "plc"}}})
 
 
+def test_9101_as_the_baselines_multipart_form_uploads_the_file_byte_for_byte(running: World) -> None:
+    content, msgid = _zip(), his_msgid(140)
+    body, ctype = _form([("jsonStr", None, "text/plain; charset=UTF-8",
+                          envelope.dumps(_upload_envelope(msgid))),
+                         ("file", "2026-11-22明细.zip", "application/octet-stream", content)])
+    status, _, answer = _post(running, body, ctype)
+    uploaded = envelope.loads(answer)
+    assert status == 200 and uploaded["infcode"] == 0, uploaded
+    out = uploaded["output"]
+    assert out["filename"] == "2026-11-22明细.zip"  # from the file part, the envelope naming none
+    # The journal holds the envelope form every other HIS sends: the file in Base64, exactly.
+    journalled = envelope.loads(running.trade(msgid)["request"])["input"]["fsUploadIn"]
+    assert base64.b64decode(journalled["in"]) == content
+    # And the bureau holds the same bytes: downloading them again gives them back.
+    status, headers, got = _post(running, _download(running, out["file_qury_no"], out["filename"], his_msgid(141)),
+                                 "application/json")
+    assert status == 200 and headers["content-type"] == "application/octet-stream" and got == content
+
+
 def test_9101_as_json_with_base64_is_accepted(running: World) -> None:
     content, msgid = _zip(), his_msgid(142)
     env = _upload_envelope(msgid, "detail.zip")
@@ -354,6 +383,17 @@ def test_9101_as_json_with_base64_is_accepted(running: World) -> None:
     status, _, got = _post(running, _download(running, answer["output"]["file_qury_no"], "detail.zip",
                                               his_msgid(143)), "application/json")
     assert status == 200 and got == content
+
+
+def test_a_malformed_or_odd_multipart_request_is_a_clear_400(running: World) -> None:
+    body, ctype = _form([("file", "a.zip", "application/octet-stream", b"PK")])
+    status, _, answer = _post(running, body, ctype)
+    assert status == 400 and "no jsonStr part" in envelope.loads(answer)["err_msg"]
+    body, ctype = _form([("jsonStr", None, "text/plain", _identify()), ("file", "a.zip", "application/zip", b"PK")])
+    status, _, answer = _post(running, body, ctype)
+    assert status == 400 and "only with 9101" in envelope.loads(answer)["err_msg"]
+    status, _, answer = _post(running, b"--x\r\nnot a form", "multipart/form-data; boundary=x")
+    assert status == 400 and "multipart" in envelope.loads(answer)["err_msg"]
 
 
 def _uploaded(world: World, content: bytes, filename: str) -> dict[str, Any]:
