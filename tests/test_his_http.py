@@ -440,3 +440,24 @@ def test_the_python_client_still_reads_a_download() -> None:
     assert answer["infcode"] == 0 and answer["fep_msgid"] == "M1" and answer["fep_state"] == "ANSWERED"
     assert envelope.file_content(answer["output"]) == b"PK\x03\x04zip"
     assert answer["output"]["file"]["filename"] == "r.zip"
+
+
+# ---- big inpatient uploads ----------------------------------------------------------------------------------------
+
+def test_the_default_limit_takes_a_20000_line_inpatient_upload(running: World) -> None:
+    cfg = config.load(ROOT / "conf" / "fep.yaml")
+    visit = Visit(running.his, ZHANG)
+    visit.open()
+    body = envelope.dumps({"infno": "2301", "opter_type": "1", "opter": "0012", "opter_name": "护士",
+                           "input": visit.inpatient_fees(20_000)})
+    assert cfg.his.max_body >= len(body) * 1.5, (cfg.his.max_body, len(body))  # room for indented JSON too
+    status, _, answer = _post(running, body, "application/json")
+    uploaded = envelope.loads(answer)
+    assert status == 200 and uploaded["infcode"] == 0, answer[:300]
+    assert len(uploaded["output"]["result"]) == 20_000
+    assert running.trade(uploaded["fep_msgid"])["state"] == "ANSWERED"
+
+
+def test_the_production_template_has_the_same_default_limit() -> None:
+    dev = config.load(ROOT / "conf" / "fep.yaml").his.max_body
+    assert f"max_body: {dev}" in (ROOT / "conf" / "fep.production.yaml").read_text()

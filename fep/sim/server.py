@@ -111,7 +111,7 @@ class BureauProtocol(HTTPServerProtocol):
     """Applies the faults that act on the connection itself; the ledger decides the rest."""
 
     def __init__(self, sim: Simulator) -> None:
-        super().__init__(self._handle, max_body=16 << 20)
+        super().__init__(self._handle, max_body=64 << 20)
         self.sim = sim
 
     def connectionMade(self) -> None:
