@@ -50,6 +50,25 @@ def dumps(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
+_field_decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+
+
+def top_field(data: bytes | str, name: str, default: Any = None) -> Any:
+    """One top-level field of a JSON object, read without building the rest: a 3.5 MB upload's sign_no in
+    1 ms, against 12 for loads. Raises ValueError on bad JSON, like loads."""
+    decoder = _field_decoders.get(name)
+    if decoder is None:
+        struct = msgspec.defstruct(f"_Top_{name}", [(name, Any, msgspec.UNSET)], forbid_unknown_fields=False)
+        decoder = _field_decoders[name] = msgspec.json.Decoder(struct, float_hook=Decimal)
+    if data[:3] == BOM or data[:1] == "\ufeff":
+        data = data[3:] if isinstance(data, (bytes, bytearray)) else data[1:]
+    try:
+        value = getattr(decoder.decode(data), name)
+    except msgspec.ValidationError as e:  # not an object at all
+        raise ValueError(str(e)) from None
+    return default if value is msgspec.UNSET else value
+
+
 DIGEST_PREFIX = "2:"  # payload digests before this prefix are of the first form (simplejson, sorted keys)
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import zipfile
+from decimal import Decimal
 from typing import Any
 
 import httptools
@@ -461,3 +462,57 @@ def test_the_default_limit_takes_a_20000_line_inpatient_upload(running: World) -
 def test_the_production_template_has_the_same_default_limit() -> None:
     dev = config.load(ROOT / "conf" / "fep.yaml").his.max_body
     assert f"max_body: {dev}" in (ROOT / "conf" / "fep.production.yaml").read_text()
+
+
+# ---- the faster JSON keeps every promise of the slower one ---------------------------------------------------------
+
+def _sample() -> dict[str, Any]:
+    return {"infno": "2207", "msgid": "H43010000099202611231044550001", "opter_name": "收费员𠮷祥",
+            "memo": "tab\there \"quoted\" back\\slash \x01 \x7f \u2028",
+            "input": {"data": {"medfee_sumamt": Decimal("4.52"), "cnt": Decimal("2"), "zero": Decimal("0.00"),
+                               "big": 12345678901234567890123, "neg": Decimal("-25.10"), "exp": Decimal("1E+2"),
+                               "none": None, "flag": True, "list": [Decimal("0.1"), "a", {"b": []}]}}}
+
+
+def test_json_is_written_byte_for_byte_as_before_and_read_decimal_exact() -> None:
+    import simplejson
+
+    env = _sample()
+    before = simplejson.dumps(env, use_decimal=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    assert envelope.dumps(env) == before
+    back = envelope.loads(before)
+    assert back == env and isinstance(back["input"]["data"]["medfee_sumamt"], Decimal)
+    assert str(back["input"]["data"]["zero"]) == "0.00" and str(back["input"]["data"]["neg"]) == "-25.10"
+    assert envelope.loads(envelope.BOM + before) == env
+    with pytest.raises(ValueError):
+        envelope.loads(b'{"infno": ')
+
+
+def test_a_payload_digest_journalled_by_an_earlier_fep_still_names_the_same_payload() -> None:
+    import hashlib
+
+    import simplejson
+
+    env = _sample()
+    core = {"infno": env["infno"], "input": env["input"], "insuplc_admdvs": ""}
+    first_form = hashlib.sha256(simplejson.dumps(core, use_decimal=True, sort_keys=True).encode()).hexdigest()
+    digest = envelope.payload_hash(env)
+    assert digest != first_form and envelope.same_payload(first_form, digest)
+    assert envelope.same_payload(str(digest), envelope.payload_hash(envelope.loads(envelope.dumps(env))))
+    reordered = dict(reversed(list(env.items())))
+    reordered["input"] = {"data": dict(reversed(list(env["input"]["data"].items())))}
+    assert envelope.payload_hash(reordered) == digest  # key order is not the payload
+    other = envelope.payload_hash(env | {"input": {"data": {"medfee_sumamt": Decimal("4.53")}}})
+    assert not envelope.same_payload(first_form, other) and not envelope.same_payload(str(digest), other)
+    assert envelope.payload_hash(env | {"inf_time": "2026-11-23 10:00:00"}) == digest  # nor is the clock
+
+
+def test_one_top_level_field_is_read_without_reading_the_rest() -> None:
+    """The sender's sign_no of a journalled request (envelope.top_field), not the one inside input."""
+    request = envelope.dumps({"infno": "9002", "input": {"signOut": {"sign_no": "OLD"}}, "sign_no": "359001"})
+    assert envelope.top_field(request, "sign_no") == "359001"
+    assert envelope.top_field(request.decode(), "sign_no") == "359001"
+    assert envelope.top_field(b'{"infno":"1101"}', "sign_no", "") == ""
+    assert envelope.top_field(b'{"n":4.52}', "n") == Decimal("4.52")
+    with pytest.raises(ValueError):
+        envelope.top_field(b'[]', "sign_no")
