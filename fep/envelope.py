@@ -73,21 +73,24 @@ DIGEST_PREFIX = "2:"  # payload digests before this prefix are of the first form
 
 
 class Digest(str):
-    """A payload digest. It remembers the payload, so that a trade journalled by an older fep (whose digest is
-    of the first form) can still be compared with it: `same_payload`."""
+    """A payload digest. It keeps the payload as it was hashed (fep maps fee codes in place afterwards), so
+    that a trade journalled by an older fep, whose digest is of the first form, can still be compared with
+    it: `same_payload`."""
 
-    core: dict[str, Any]
+    canonical: bytes
 
     def legacy(self) -> str:
-        return hashlib.sha256(simplejson.dumps(self.core, use_decimal=True, sort_keys=True).encode()).hexdigest()
+        core = loads(self.canonical)
+        return hashlib.sha256(simplejson.dumps(core, use_decimal=True, sort_keys=True).encode()).hexdigest()
 
 
 def payload_hash(envelope: dict[str, Any]) -> Digest:
     """What makes two submissions of one msgid "the same": the trade and its input, not the clock."""
     core = {"infno": envelope.get("infno"), "input": envelope.get("input"),
             "insuplc_admdvs": envelope.get("insuplc_admdvs", "")}
-    digest = Digest(DIGEST_PREFIX + hashlib.sha256(_canonical.encode(core)).hexdigest())
-    digest.core = core
+    canonical = _canonical.encode(core)
+    digest = Digest(DIGEST_PREFIX + hashlib.sha256(canonical).hexdigest())
+    digest.canonical = canonical
     return digest
 
 
