@@ -30,7 +30,7 @@ from typing import Any
 
 from fep import envelope, pki
 from fep.sim.chaos import persons
-from fep.sim.world import Visit, World, wait_for
+from fep.sim.world import ZHANG, Visit, World, wait_for
 
 LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
 
@@ -250,21 +250,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help="keep the run's state here")
     p.add_argument("--upload-only", action="store_true", help="only the 5,000-line 2301, through fep and direct")
     args = p.parse_args(argv)
-    secs = 2.0 if args.quick else 6.0
-    drain_n = 1000 if args.quick else 5000
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fep-bench-"))
     pki.ensure(base / "pki")
+    results: dict[str, Any] = {"quick": args.quick}
+    if not args.upload_only:
+        everything_else(base, args.quick, results)
+    results["upload"] = upload(base / "upload", base / "pki", 5 if args.quick else 15)
+    print_results(results, args.json)
+    return 0
+
+
+def upload(directory: Path, pki_dir: Path, rounds: int) -> dict[str, Any]:
+    """The big-upload case in a world of its own: its memory does not count in the other daemon's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    world = World(directory, pki_dir)
+    try:
+        world.start()
+        return big_upload(world, ZHANG, tls_context(world), 5000, rounds)
+    finally:
+        world.stop()
+
+
+def everything_else(base: Path, quick: bool, results: dict[str, Any]) -> None:
+    secs = 2.0 if quick else 6.0
+    drain_n = 1000 if quick else 5000
     world = World(base, base / "pki")
     people = persons(50)
     world.configure(sim={"persons": people})
-    results: dict[str, Any] = {"quick": args.quick}
     try:
         world.start()
         ctx = tls_context(world)
-        results["upload"] = big_upload(world, people[0], ctx, 5000, 5 if args.quick else 15)
-        if args.upload_only:
-            print_results(results, args.json)
-            return 0
         visits = {}
         for person in people:
             v = Visit(world.his, person, fees=[("250101001", "1", "30.00")])
@@ -299,8 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = memory(world, sample)
     finally:
         world.stop()
-    print_results(results, args.json)
-    return 0
 
 
 def drain(world: World, people: list[dict[str, str]], visits: dict[str, Visit], n: int) -> dict[str, Any]:
