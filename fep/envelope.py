@@ -215,11 +215,11 @@ def parse_his_form(body: bytes, boundary: str | None) -> HisRequest:
                           f"{', '.join(sorted(fields)) or 'no parts'}")
     segment, raw = fields[FORM_JSON]
     env = read_json(raw, segment.charset, f"the {FORM_JSON} part")
-    if isinstance(env, dict) and "input" not in env and "infno" not in env:
-        env = {"infno": UPLOAD, "input": {"fsUploadIn": env}}  # fsUploadIn's fields alone, as some HIS post them
     file = next((fields[name] for name in FORM_FILES if name in fields), None)
     if file is None:
         return _his_envelope(env)
+    if isinstance(env, dict) and "input" not in env and "infno" not in env:
+        env = {"infno": UPLOAD, "input": {"fsUploadIn": env}}  # fsUploadIn's fields alone, as some HIS post them
     if not isinstance(env, dict) or not isinstance(env.get("input"), dict) or str(env.get("infno")) != UPLOAD:
         raise BadEnvelope(f"a file part comes only with 9101 (文件上传): the {FORM_JSON} part must be its envelope")
     node = env["input"].setdefault("fsUploadIn", {})

@@ -375,6 +375,18 @@ def test_9101_as_the_baselines_multipart_form_uploads_the_file_byte_for_byte(run
     assert status == 200 and headers["content-type"] == "application/octet-stream" and got == content
 
 
+def test_9101_as_a_form_of_fsuploadin_fields_and_an_in_part_is_taken_too() -> None:
+    """Some HIS post only fsUploadIn's fields in jsonStr, and the file under fsUploadIn's own name, in."""
+    content = _zip()
+    body, ctype = _form([("jsonStr", None, "text/plain; charset=ISO-8859-1",
+                          b'{"filename":"detail.zip","fixmedins_code":"H43010000001"}'),
+                         ("in", "detail.zip", "application/octet-stream", content)])
+    req = envelope.parse_his_form(body, ctype.split("boundary=")[1].split(";")[0])
+    assert req.infno == "9101"
+    node = req.input["fsUploadIn"]
+    assert node["filename"] == "detail.zip" and base64.b64decode(node["in"]) == content
+
+
 def test_9101_as_json_with_base64_is_accepted(running: World) -> None:
     content, msgid = _zip(), his_msgid(142)
     env = _upload_envelope(msgid, "detail.zip")
