@@ -52,9 +52,23 @@ class Client:
         try:
             conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
-            return resp.status, envelope.loads(resp.read())
+            data = resp.read()
+            if (resp.getheader("Content-Type") or "").startswith("application/octet-stream"):
+                return resp.status, self.read_file_answer({k.lower(): v for k, v in resp.getheaders()}, data)
+            return resp.status, envelope.loads(data)
         finally:
             conn.close()
+
+    @staticmethod
+    def read_file_answer(headers: dict[str, str], content: bytes) -> dict[str, Any]:
+        """A download (9102) comes as the file itself, fep's fields as X-Fep-* headers; scripts get it as the
+        envelope the journal keeps: output.file (filename, size, content_base64), fep_msgid, fep_state, ..."""
+        headers = {k.lower(): v for k, v in headers.items()}
+        answer = envelope.loads(envelope.file_answer(content, headers.get("content-disposition", "")))
+        for key, value in headers.items():
+            if key.startswith("x-fep-"):
+                answer["fep_" + key[6:].replace("-", "_")] = value
+        return answer
 
     def call(self, infno: str, input_: dict[str, Any], msgid: str | None = None, **fields: Any) -> dict[str, Any]:
         env: dict[str, Any] = {"infno": infno, "input": input_, "opter_type": "1", "opter": "his",

@@ -158,7 +158,7 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         tcp_host=str(his_doc.get("tcp_host", "127.0.0.1")),
         tcp_port=int(his_doc.get("tcp_port", 8097)),
         unix=_path(base, his_doc["unix"]) if his_doc.get("unix") else None,
-        max_body=int(his_doc.get("max_body", 1 << 20)),
+        max_body=int(his_doc.get("max_body", 32 << 20)),
         allowed_networks=nets,
         # answer_budget: the name before 0.2; it still works.
         answer_within=float(his_doc.get("answer_within", his_doc.get("answer_budget", 8))),

@@ -5,12 +5,17 @@ Pure data: no sockets, no SQLite. The HIS listener, the bureau link and the simu
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
+from urllib.parse import quote, unquote
 
+import msgspec
+import multipart
 import simplejson
 
 from fep.http11 import Response
@@ -18,25 +23,85 @@ from fep.http11 import Response
 REQUIRED_FROM_HIS = ("infno", "input")
 # Never shown outside the journal (may carry card or e-certificate password material); never logged.
 SECRET_FIELDS = ("cainfo",)
+BOM = b"\xef\xbb\xbf"  # .NET's Encoding.UTF8 writes one before the JSON
 
 
 class BadEnvelope(ValueError):
     """The HIS sent something that is not a usable request; the message names what is wrong."""
 
 
+# msgspec reads and writes JSON about four times as fast as simplejson (a 3.5 MB upload: 9 ms against 20 to
+# read, 3 against 20 to write) with the same bytes out: numbers with a fraction are Decimals both ways, never
+# floats, and text is written as UTF-8, unescaped.
+_decoder = msgspec.json.Decoder(float_hook=Decimal)
+_encoder = msgspec.json.Encoder(decimal_format="number")
+_canonical = msgspec.json.Encoder(decimal_format="number", order="sorted")
+
+
 def loads(data: bytes | str) -> Any:
-    return simplejson.loads(data, use_decimal=True)
+    """JSON to Python, decimal-exact. Raises ValueError (with the byte where it went wrong) on bad JSON or bad
+    UTF-8. A leading byte-order mark is skipped."""
+    if data[:3] == BOM or data[:1] == "\ufeff":
+        data = data[3:] if isinstance(data, (bytes, bytearray)) else data[1:]
+    return _decoder.decode(data)
 
 
 def dumps(obj: Any) -> bytes:
-    return simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _encoder.encode(obj)
 
 
-def payload_hash(envelope: dict[str, Any]) -> str:
+_field_decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+
+
+def top_field(data: bytes | str, name: str, default: Any = None) -> Any:
+    """One top-level field of a JSON object, read without building the rest: a 3.5 MB upload's sign_no in
+    1 ms, against 12 for loads. Raises ValueError on bad JSON, like loads."""
+    decoder = _field_decoders.get(name)
+    if decoder is None:
+        struct = msgspec.defstruct(f"_Top_{name}", [(name, Any, msgspec.UNSET)], forbid_unknown_fields=False)
+        decoder = _field_decoders[name] = msgspec.json.Decoder(struct, float_hook=Decimal)
+    if data[:3] == BOM or data[:1] == "\ufeff":
+        data = data[3:] if isinstance(data, (bytes, bytearray)) else data[1:]
+    try:
+        value = getattr(decoder.decode(data), name)
+    except msgspec.ValidationError as e:  # not an object at all
+        raise ValueError(str(e)) from None
+    return default if value is msgspec.UNSET else value
+
+
+DIGEST_PREFIX = "2:"  # payload digests before this prefix are of the first form (simplejson, sorted keys)
+
+
+class Digest(str):
+    """A payload digest. It keeps the payload as it was hashed (fep maps fee codes in place afterwards), so
+    that a trade journalled by an older fep, whose digest is of the first form, can still be compared with
+    it: `same_payload`."""
+
+    canonical: bytes
+
+    def legacy(self) -> str:
+        core = loads(self.canonical)
+        return hashlib.sha256(simplejson.dumps(core, use_decimal=True, sort_keys=True).encode()).hexdigest()
+
+
+def payload_hash(envelope: dict[str, Any]) -> Digest:
     """What makes two submissions of one msgid "the same": the trade and its input, not the clock."""
     core = {"infno": envelope.get("infno"), "input": envelope.get("input"),
             "insuplc_admdvs": envelope.get("insuplc_admdvs", "")}
-    return hashlib.sha256(simplejson.dumps(core, use_decimal=True, sort_keys=True).encode()).hexdigest()
+    canonical = _canonical.encode(core)
+    digest = Digest(DIGEST_PREFIX + hashlib.sha256(canonical).hexdigest())
+    digest.canonical = canonical
+    return digest
+
+
+def same_payload(stored: str, digest: str) -> bool:
+    """Whether a journalled digest and a new submission's digest name the same payload, whichever form the
+    journalled one is of."""
+    if stored == digest:
+        return True
+    if stored.startswith(DIGEST_PREFIX) or not isinstance(digest, Digest):
+        return False
+    return stored == digest.legacy()
 
 
 @dataclass
@@ -50,13 +115,59 @@ class HisRequest:
         return self.envelope["input"]
 
 
-def parse_his_request(body: bytes) -> HisRequest:
+# The Chinese charsets an HIS declares (read as GB18030, which contains them all), and the others it may say.
+GB_CHARSETS = frozenset({"gbk", "gb2312", "gb18030", "cp936", "ms936", "x-gbk", "euc-cn", "windows-936"})
+UTF8_CHARSETS = frozenset({"utf-8", "utf8"})
+ASCII_CHARSETS = frozenset({"us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1"})
+
+
+def read_json(raw: bytes, charset: str | None, what: str = "request body") -> Any:
+    """JSON in its declared charset. UTF-8 (declared, or nothing declared) goes to the JSON reader as it is;
+    GBK, GB2312 and GB18030 are read as GB18030, the standard that contains the others. A body with no
+    charset that is not UTF-8 is read as GB18030 (Windows HIS programs send the system code page without
+    saying so). Bytes not of the charset, and bad JSON, are a BadEnvelope naming which."""
+    cs = (charset or "").strip().strip('"').lower()
+    if cs in GB_CHARSETS:
+        try:
+            text = raw.decode("gb18030")
+        except UnicodeDecodeError as e:
+            raise BadEnvelope(f"{what} is not valid {cs.upper()} (Content-Type charset={cs}): {e.reason} at byte "
+                              f"{e.start}") from None
+        try:
+            return loads(text)
+        except ValueError as e:
+            raise BadEnvelope(f"{what} is not valid JSON: {e}") from None
+    if cs and cs not in UTF8_CHARSETS and cs not in ASCII_CHARSETS:
+        raise BadEnvelope(f"{what} has charset={cs}, which fep does not read: send UTF-8, GBK or GB18030")
+    try:
+        return loads(raw)  # the common case: UTF-8, read once
+    except ValueError as e:
+        error = e
+    try:  # the JSON reader refused it: bad bytes, GB18030 sent without a charset, or bad JSON?
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if cs in UTF8_CHARSETS:
+            raise BadEnvelope(f"{what} is not valid {cs.upper()} (Content-Type charset={cs}): {e.reason} at byte "
+                              f"{e.start}") from None
+        try:
+            text = raw.decode("latin-1" if cs else "gb18030")  # Latin-1 as declared; GB18030 when nothing is
+        except UnicodeDecodeError:
+            raise BadEnvelope(f"{what} is neither UTF-8 nor GB18030 (no charset in Content-Type): {e.reason} at "
+                              f"byte {e.start}; send UTF-8, or say charset=gbk") from None
+        try:
+            return loads(text)
+        except ValueError as e2:
+            error = e2
+    raise BadEnvelope(f"{what} is not valid JSON: {error}")
+
+
+def parse_his_request(body: bytes, charset: str | None = None) -> HisRequest:
     if not body.strip():
         raise BadEnvelope("empty request body: expected a JSON object holding the national envelope")
-    try:
-        env = loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadEnvelope(f"request body is not valid JSON: {e}") from None
+    return _his_envelope(read_json(body, charset))
+
+
+def _his_envelope(env: Any) -> HisRequest:
     if not isinstance(env, dict):
         raise BadEnvelope("request body must be a JSON object (the national envelope)")
     missing = [f for f in REQUIRED_FROM_HIS if f not in env]
@@ -72,6 +183,55 @@ def parse_his_request(body: bytes) -> HisRequest:
     env["infno"] = infno
     msgid = env.get("msgid")
     return HisRequest(infno=infno, msgid=msgid if isinstance(msgid, str) and msgid else None, envelope=env)
+
+
+# ---- 9101: the file upload, as JSON with Base64 or as the baseline's multipart form -----------------------
+UPLOAD = "9101"
+FORM_JSON = "jsonStr"  # the form field holding the envelope (the baseline's Java example, HN appendix A)
+FORM_FILES = ("file", "in")  # the form field holding the file: the baseline's name, and fsUploadIn's own
+
+
+def parse_his_form(body: bytes, boundary: str | None) -> HisRequest:
+    """A multipart/form-data request: the envelope in the jsonStr part and, for 9101, the file in the file
+    part, as the baseline posts it. It becomes the envelope every other HIS sends (fsUploadIn.in the file in
+    Base64, fsUploadIn.filename from the envelope or the file part), the file's bytes exactly as they came."""
+    if not boundary:
+        raise BadEnvelope("multipart/form-data without a boundary in Content-Type")
+    fields: dict[str, tuple[Any, bytes]] = {}
+    try:
+        with multipart.PushMultipartParser(boundary, content_length=len(body), max_segment_count=16) as parser:
+            segment, chunks = None, []
+            for event in parser.parse(body):
+                if isinstance(event, multipart.MultipartSegment):
+                    segment, chunks = event, []
+                elif event:
+                    chunks.append(event)
+                elif segment is not None:
+                    fields.setdefault(segment.name or "", (segment, b"".join(chunks)))
+    except multipart.MultipartError as e:
+        raise BadEnvelope(f"malformed multipart/form-data request: {e}") from None
+    if FORM_JSON not in fields:
+        raise BadEnvelope(f"multipart/form-data request has no {FORM_JSON} part (the envelope); it has "
+                          f"{', '.join(sorted(fields)) or 'no parts'}")
+    segment, raw = fields[FORM_JSON]
+    env = read_json(raw, segment.charset, f"the {FORM_JSON} part")
+    file = next((fields[name] for name in FORM_FILES if name in fields), None)
+    if file is None:
+        return _his_envelope(env)
+    if isinstance(env, dict) and "input" not in env and "infno" not in env:
+        env = {"infno": UPLOAD, "input": {"fsUploadIn": env}}  # fsUploadIn's fields alone, as some HIS post them
+    if not isinstance(env, dict) or not isinstance(env.get("input"), dict) or str(env.get("infno")) != UPLOAD:
+        raise BadEnvelope(f"a file part comes only with 9101 (文件上传): the {FORM_JSON} part must be its envelope")
+    node = env["input"].setdefault("fsUploadIn", {})
+    if not isinstance(node, dict):
+        raise BadEnvelope("9101 input.fsUploadIn must be a JSON object")
+    if node.get("in"):
+        raise BadEnvelope("9101 carries its file once: in the file part, or as fsUploadIn.in, not both")
+    part, content = file
+    node["in"] = base64.b64encode(content).decode("ascii")
+    if not node.get("filename"):
+        node["filename"] = part.filename or ""
+    return _his_envelope(env)
 
 
 def find_psn_no(input_: dict[str, Any]) -> str | None:
@@ -127,18 +287,82 @@ def parse_bureau_answer(body: bytes) -> BureauAnswer:
 
 def file_answer(content: bytes, disposition: str) -> bytes:
     """9102 (and 13xx downloads) answer with the file itself; fep keeps it as an envelope like any other."""
-    import base64
-
-    m = re.search(r'filename="?([^";]+)', disposition)
     return dumps({"infcode": 0, "err_msg": None, "output": {"file": {
-        "filename": m.group(1) if m else "", "size": len(content),
+        "filename": disposition_filename(disposition), "size": len(content),
         "content_base64": base64.b64encode(content).decode("ascii")}}})
 
 
-def file_content(output: Any) -> bytes:
-    import base64
+def disposition_filename(disposition: str) -> str:
+    """The file name in a Content-Disposition header (read as Latin-1): filename*=UTF-8''... first (RFC 6266),
+    else filename="...", whose bytes are taken as UTF-8 when they are (a name sent unencoded)."""
+    star = re.search(r"filename\*\s*=\s*([\w-]+)'[^']*'([^;\s]+)", disposition)
+    if star:
+        try:
+            return unquote(star.group(2), encoding=star.group(1), errors="strict")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    m = re.search(r'filename\s*=\s*"?([^";]+)', disposition)
+    if not m:
+        return ""
+    name = m.group(1).strip()
+    try:
+        return name.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return name
 
+
+def file_content(output: Any) -> bytes:
     return base64.b64decode(output["file"]["content_base64"])
+
+
+@dataclass
+class FileDownload:
+    filename: str
+    content: bytes
+
+
+def downloaded_file(answer: dict[str, Any]) -> FileDownload | None:
+    """The file in a successful download's answer (what `file_answer` kept), or None for any other answer."""
+    output = answer.get("output")
+    if answer.get("infcode") != 0 or not isinstance(output, dict) or set(output) != {"file"}:
+        return None
+    node = output["file"]
+    if not isinstance(node, dict) or not isinstance(node.get("content_base64"), str):
+        return None
+    return FileDownload(str(node.get("filename") or ""), base64.b64decode(node["content_base64"]))
+
+
+def file_response(status: int, file: FileDownload, answer: dict[str, Any]) -> Response:
+    """A download as the HIS reads it: the file itself (application/octet-stream) with its name, as the bureau
+    sends it; fep's fields (fep_msgid, fep_state, ...) are headers: X-Fep-Msgid, X-Fep-State, ..."""
+    headers = {"Content-Disposition": content_disposition(file.filename)}
+    for key, value in answer.items():
+        if key.startswith("fep_") and isinstance(value, (str, int)) and not isinstance(value, bool):
+            text = _header_safe(str(value))
+            headers["X-Fep-" + "-".join(w.capitalize() for w in key[4:].split("_"))] = text
+    return Response(status, file.content, headers, content_type="application/octet-stream")
+
+
+def content_disposition(filename: str) -> str:
+    """attachment; filename="..." for a plain name; a name outside Latin-1 gets filename*=UTF-8''... (RFC 6266)
+    beside an ASCII fallback."""
+    name = re.sub(r'[\x00-\x1f\x7f"\\/]', "_", filename) or "download"
+    try:
+        name.encode("latin-1")
+        return f'attachment; filename="{name}"'
+    except UnicodeEncodeError:
+        fallback = name.encode("ascii", "replace").decode("ascii").replace("?", "_")
+        return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def _header_safe(text: str) -> str:
+    """A header value: one line, Latin-1 (anything else percent-encoded)."""
+    text = re.sub(r"[\r\n]+", " ", text)
+    try:
+        text.encode("latin-1")
+        return text
+    except UnicodeEncodeError:
+        return quote(text, safe=" !#$%&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
 def answer(envelope: dict[str, Any], *, msgid: str, state: str, note: str = "", **extra: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Sequence
 
+from multipart import parse_options_header
 from twisted.internet import address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -39,7 +40,7 @@ class HisService:
                 return _json(await self.engine.confirm(path.rsplit("/", 1)[1]))
             if req.method != "POST":
                 return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
-            trade_req = envelope.parse_his_request(req.body)
+            trade_req = parse(req)
             output = self.engine.trades.get(trade_req.infno).output
             return _json(await self.engine.submit(trade_req))
         except (envelope.BadEnvelope, UnknownTrade, InvalidInput) as e:
@@ -48,7 +49,25 @@ class HisService:
             return envelope.his_refusal(e.status, str(e), self.engine.cfg.his.infcode_type, output)
 
 
+def parse(req: Request) -> envelope.HisRequest:
+    """The envelope of a posted trade: JSON in UTF-8, GBK or GB18030 (the charset in Content-Type), or a
+    multipart/form-data 9101 (a jsonStr part and a file part)."""
+    mime, options = content_type(req.headers.get("content-type", ""))
+    if mime == "multipart/form-data":
+        return envelope.parse_his_form(req.body, options.get("boundary"))
+    return envelope.parse_his_request(req.body, options.get("charset"))
+
+
+def content_type(value: str) -> tuple[str, dict[str, str]]:
+    """("multipart/form-data", {"boundary": ...}): the media type lower-cased, its options by lower-cased name."""
+    return parse_options_header(value)
+
+
 def _json(reply: Reply) -> Response:
+    """What the HIS hears: the envelope as JSON; a download (9102) that succeeded, the file itself."""
+    file = envelope.downloaded_file(reply.body)
+    if file is not None:
+        return envelope.file_response(200, file, reply.body)
     return Response(200, reply.raw or envelope.dumps(reply.body))
 
 

@@ -117,7 +117,7 @@ def test_bad_requests_get_a_clear_error_naming_what_is_wrong(running: World) -> 
     assert status == 200 and "missing infno" in body["err_msg"]
     status, body = running.post_raw(envelope.dumps({"infno": "2207", "input": {"data": {"psn_no": "1"}}}))
     assert status == 200 and "input is missing data.mdtrt_id" in body["err_msg"]
-    status, body = running.post_raw(b"{" + b" " * (2 << 20) + b"}")
+    status, body = running.post_raw(b"{" + b" " * (32 << 20) + b"}")  # over the default his.max_body
     assert status == 413 and "over the limit" in body["err_msg"]
     # None of it reached the journal.
     assert all(r["infno"] == "9001" for r in running.journal())

@@ -1,7 +1,7 @@
 """`fep sim`: the bureau simulator, a separate process speaking the national envelope over mutual TLS.
 
 Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-HTTP control port on
-loopback (POST /faults, DELETE /faults[?mode=MODE], GET /ledger,
+loopback (POST /faults, DELETE /faults[?mode=MODE], GET /ledger, GET /requests/MSGID,
 POST /sessions/expire), so tests and scripts/chaos can break the link
 the way the VPN breaks it.
 """
@@ -9,6 +9,7 @@ the way the VPN breaks it.
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from datetime import datetime
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -27,6 +28,7 @@ from fep.sim.ledger import FileAnswer, Ledger, Person
 
 log = Logger()
 
+REMEMBERED = 200  # envelopes kept for GET /requests/MSGID
 MODES = ("refuse", "drop_before", "drop_after", "late", "slow", "reset_mid", "error")
 
 
@@ -119,7 +121,7 @@ class BureauProtocol(HTTPServerProtocol):
     """Applies the faults that act on the connection itself; the ledger decides the rest."""
 
     def __init__(self, sim: Simulator) -> None:
-        super().__init__(self._handle, max_body=16 << 20)
+        super().__init__(self._handle, max_body=64 << 20)
         self.sim = sim
 
     def connectionMade(self) -> None:
@@ -134,6 +136,7 @@ class BureauProtocol(HTTPServerProtocol):
             infno = str(env.get("infno", ""))
         except ValueError:
             return Response(400, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": "not JSON"}))
+        self.sim.remember(env)
         fault = self.sim.fault_for(infno)
         mode = fault.mode if fault else None
         if mode == "drop_before":
@@ -149,7 +152,7 @@ class BureauProtocol(HTTPServerProtocol):
             await task.deferLater(self.sim.reactor, fault.seconds)
         result = self.sim.ledger.handle(env)
         if isinstance(result, FileAnswer):
-            return Response(200, result.content, {"Content-Disposition": f'attachment; filename="{result.filename}"'},
+            return Response(200, result.content, {"Content-Disposition": envelope.content_disposition(result.filename)},
                             content_type="application/octet-stream")
         answer = envelope.dumps(result)
         if mode == "drop_after":
@@ -175,6 +178,15 @@ class Simulator:
         self.connections: set[BureauProtocol] = set()
         self._options = tls.server_options(cfg.tls)
         self._reopen: Any = None
+        self.requests: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the last envelopes received, by msgid
+
+    def remember(self, env: Any) -> None:
+        """The envelope as the bureau read it (GET /requests/MSGID): tests see what arrived, after every
+        decoding on the way."""
+        if isinstance(env, dict) and env.get("msgid"):
+            self.requests[str(env["msgid"])] = env
+            while len(self.requests) > REMEMBERED:
+                self.requests.popitem(last=False)
 
     def fault_for(self, infno: str) -> Fault | None:
         for f in self.faults:
@@ -216,6 +228,9 @@ class Simulator:
     async def _control(self, req: Request) -> Response:
         if req.method == "GET" and req.path == "/ledger":
             return Response(200, envelope.dumps(self.ledger.settlements()))
+        if req.method == "GET" and req.path.startswith("/requests/"):
+            env = self.requests.get(req.path.rsplit("/", 1)[1])
+            return Response(200 if env else 404, envelope.dumps(env or {"error": "no such msgid received"}))
         path, _, query = req.path.partition("?")
         if req.method == "DELETE" and path == "/faults":
             only = dict(p.partition("=")[::2] for p in query.split("&") if p).get("mode")

@@ -211,6 +211,10 @@ class World:
     def ledger(self) -> list[dict[str, Any]]:
         return _http("GET", self.control_port, "/ledger")
 
+    def bureau_request(self, msgid: str) -> dict[str, Any]:
+        """The envelope of `msgid` as the bureau read it (one of the last 200 it received)."""
+        return _http("GET", self.control_port, f"/requests/{msgid}")
+
     def sim_answers(self) -> list[tuple[str, str]]:
         with sqlite3.connect(self.dir / "sim" / "ledger.db") as c:
             return c.execute("SELECT msgid, infno FROM answers ORDER BY rowid").fetchall()
@@ -373,6 +377,26 @@ class Visit:
                   "bilg_dept_codg": "01", "bilg_dept_name": "内科", "bilg_dr_codg": "D001", "bilg_dr_name": "医生",
                   "hosp_appr_flag": "1"} for i, (code, cnt, pric) in enumerate(self.fees)]
         return self.his.call("2204", {"feedetail": lines}, **extra)
+
+    def inpatient_fees(self, n: int, batch: str = "") -> dict[str, Any]:
+        """A 2301 input of `n` fee lines as an inpatient ward uploads them (each line the fields HIS programs
+        fill, about 700 bytes of JSON): 5,000 lines are about 3.5 MB. `batch` keeps feedetl_sn unique across
+        uploads of one visit."""
+        batch = batch or self.chrg_bchno
+        lines = []
+        for i in range(n):
+            code, cnt, pric = self.fees[i % len(self.fees)]
+            lines.append({
+                "feedetl_sn": f"{batch}{i:06d}", "init_feedetl_sn": "", "mdtrt_id": self.mdtrt_id,
+                "drord_no": f"YZ{batch}{i // 10:05d}", "psn_no": self.person["psn_no"], "med_type": "21",
+                "fee_ocur_time": "2026-11-23 09:30:00", "med_list_codg": code, "medins_list_codg": f"H-{code[-6:]}",
+                "det_item_fee_sumamt": Decimal(cnt) * Decimal(pric), "cnt": Decimal(cnt), "pric": Decimal(pric),
+                "bilg_dept_codg": "0301", "bilg_dept_name": "心血管内科病区", "bilg_dr_codg": "D00123",
+                "bilg_dr_name": "王建国", "acord_dept_codg": "0301", "acord_dept_name": "心血管内科病区",
+                "orders_dr_code": "D00123", "orders_dr_name": "王建国", "hosp_appr_flag": "1",
+                "tcmdrug_used_way": "", "etip_flag": "0", "etip_hosp_code": "", "dscg_tkdrug_flag": "0",
+                "matn_fee_flag": "0", "memo": "", "expContent": ""})
+        return {"feedetail": lines}
 
     def settlement_input(self) -> dict[str, Any]:
         return {"data": {"psn_no": self.person["psn_no"], "mdtrt_cert_type": "02",
