@@ -219,7 +219,7 @@ class Engine:
         return self._reply(acc.row, resubmitted=not acc.created)
 
     async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: str, answer_by: float) -> Reply:
-        if row.payload_hash != digest:
+        if not envelope.same_payload(row.payload_hash, digest):
             raise Refused(422, f"msgid {row.msgid} was already used for a different trade ({row.infno}); "
                                f"a msgid names one trade forever")
         if row.state is not S.NOT_SENT:

@@ -42,14 +42,14 @@ class Sender:
         if endpoint is not None and endpoint not in self.link.endpoint_names:
             endpoint = None  # renamed or removed by a reload: where it went is no longer configured
         for _ in range(SESSION_TRIES):
-            sent_under = envelope.loads(row.request).get("sign_no", "")
+            sent_under = envelope.top_field(row.request, "sign_no", "")
             delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), timeout or trade.timeout, trade.path,
                                             on_late=lambda body, r=row: self._late(r, body), endpoint=endpoint)
             if delivery.answer.ok or trade.kind is Kind.SESSION or not self.session.refused(delivery.answer.err_msg):
                 return delivery  # (a sign-in's own refusal is its answer: it is how a session begins)
             self.session.forget(sent_under)
             request = await self.refreshed(row)
-            if envelope.loads(request).get("sign_no") == sent_under:
+            if envelope.top_field(request, "sign_no", "") == sent_under:
                 break  # signing in again failed: there is no new session to send under
             row = await self.journal.transition(row.msgid, "resign", note=f"the bureau asked to sign in again "
                                                 f"({delivery.answer.err_msg}); sent under the new session",

@@ -30,7 +30,7 @@ from typing import Any
 
 from fep import envelope, pki
 from fep.sim.chaos import persons
-from fep.sim.world import ZHANG, Visit, World, wait_for
+from fep.sim.world import ZHANG, Visit, World, admitted, wait_for
 
 LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
 
@@ -197,8 +197,7 @@ def big_upload(world: World, person: dict[str, str], ctx: ssl.SSLContext, lines:
     """A 2301 of `lines` realistic fee lines, through fep and straight to the simulator, alternately, each path
     on its own persistent connection (fep's over plain TCP as HIS programs post, direct over mutual TLS).
     Every upload has fee lines of its own (the bureau refuses a feedetl_sn twice)."""
-    visit = Visit(world.his, person)
-    visit.open()
+    visit = admitted(world.his, person)
     via = socket.create_connection(("127.0.0.1", world.his_port))
     direct = ctx.wrap_socket(socket.create_connection(("127.0.0.1", world.sim_port)), server_hostname="bureau.fep.test")
     times: dict[str, list[float]] = {"fep": [], "direct": []}

@@ -613,3 +613,13 @@ class Stay:
         for step in (self.admit, self.upload_fees):
             answer = step()
             assert ok(answer), said(answer)
+
+
+def admitted(his: Client, person: dict[str, str]) -> Visit:
+    """A Visit whose mdtrt_id is an inpatient stay the bureau admitted (2401): for 2301 uploads of its fees."""
+    stay = Stay(his, person)
+    answer = stay.admit()
+    assert ok(answer), answer
+    visit = Visit(his, person)
+    visit.mdtrt_id = stay.mdtrt_id
+    return visit
