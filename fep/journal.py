@@ -126,6 +126,16 @@ _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
 _NOT_FINAL = f"state NOT IN ({', '.join(repr(s.value) for s in sorted(FINAL))})"
 
 
+def stored_body(text: str) -> str | bytes:
+    """A request or an answer as the journal stores it."""
+    return text
+
+
+def body_text(value: str | bytes) -> str:
+    """A stored request or answer, as it was."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8")
+
+
 def _states(states: Iterable[State]) -> str:
     return ", ".join(repr(s.value) for s in sorted(states))
 
@@ -163,16 +173,7 @@ class Journal:
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the schema, or bring a journal of an earlier version forward, in one transaction."""
-        db = sqlite_utils.Database(conn)
-        if "trades" not in db.table_names():
-            _schema_v1(conn, db)
-        version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise JournalError(f"journal {self.path} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
-                               f"install the newer fep again")
-        for v in range(version + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS[v](conn)
-        conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        migrate(conn, str(self.path))
         last = conn.execute("SELECT value FROM meta WHERE key='msgid_counter'").fetchone()
         self._counter = MsgidCounter(self._code, last[0] if last else None)
 
@@ -455,6 +456,21 @@ class Journal:
 
 
 # --- the schema and its migrations ------------------------------------------------------------------
+def migrate(conn: sqlite3.Connection, where: str) -> None:
+    """Create the schema, or bring a journal of an earlier version to SCHEMA_VERSION (in the caller's
+    transaction). JournalError for a journal newer than this fep."""
+    db = sqlite_utils.Database(conn)
+    if "trades" not in db.table_names():
+        _schema_v1(conn, db)
+    version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise JournalError(f"journal {where} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
+                           f"install the newer fep again")
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[v](conn)
+    conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+
+
 def _schema_v1(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
     """The journal as the first release wrote it; later versions are migrations from here."""
     db["trades"].create(
