@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from fep.journal import SCHEMA_VERSION
 from fep.sim.world import ZHANG, Visit, World, wait_for
 
 FIXTURE = Path(__file__).parent / "fixtures" / "journal-v1.db"  # written by the first release (schema 1)
@@ -22,7 +23,7 @@ def test_a_journal_of_the_previous_release_opens_and_its_open_trades_are_resolve
     shutil.copy(FIXTURE, world.dir / "lib" / "journal.db")
     before = {r["msgid"]: r for r in world.journal()}
     world.start()
-    assert schema(world) == "2"
+    assert schema(world) == str(SCHEMA_VERSION)
     after = {r["msgid"]: r for r in world.journal()}
     assert set(before) <= set(after)  # nothing lost
     for msgid, row in before.items():  # what was done stays as it was

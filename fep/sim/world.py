@@ -181,9 +181,17 @@ class World:
 
     # ---- the journal, read as an auditor would ---------------------------------------------------------------
     def journal(self, where: str = "1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows as stored, requests and answers as they were sent and received (fep.journal.body_text)."""
+        from fep.journal import body_text
+
         with sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True) as c:
             c.row_factory = sqlite3.Row
-            return [dict(r) for r in c.execute(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)]
+            rows = [dict(r) for r in c.execute(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)]
+        for r in rows:
+            for k in ("request", "answer", "late_answer"):
+                if r[k] is not None:
+                    r[k] = body_text(r[k])
+        return rows
 
     def trade(self, msgid: str) -> dict[str, Any]:
         rows = self.journal("msgid=?", (msgid,))

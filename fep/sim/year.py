@@ -312,7 +312,7 @@ def _day(d: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], dict[str
     n = 0
     if first and quota:
         visits.append(first[0])
-        items.append((midnight + 7 * 3600 + rng.random() * 60, 0, 0, _visit_values(plan.person_base, d, 0)))
+        items.append((midnight + 7 * 3600 + rng.random() * 60, 0, 0, _visit_values(plan.person_base, d, 0, plan.seed)))
         n += 1
     tail = d == plan.days - 1
     names = list(MIX)
@@ -331,7 +331,7 @@ def _day(d: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], dict[str
         v = len(visits)
         visits.append(script)
         start = midnight + rng.uniform(*OPENING)
-        values = _visit_values(who, d, v)
+        values = _visit_values(who, d, v, plan.seed)
         at = start
         for i in range(len(script.rows)):
             if n >= quota:
@@ -388,9 +388,9 @@ def person(n: int) -> str:
     return f"43019{n:015d}"
 
 
-def _visit_values(n: int, d: int, v: int) -> dict[str, str]:
+def _visit_values(n: int, d: int, v: int, seed: int) -> dict[str, str]:
     """The identifiers of one copy of a script: its person's, and its own."""
-    unique = d * 100_000 + v
+    unique = (seed % 10 * 10_000 + d) * 100_000 + v
     out = {"psn": person(n), "cert": f"430199{n:012d}", "chrg": f"Y{unique:012d}"}
     for k in range(4):
         out[f"psn{k}"] = out["psn"]
@@ -399,7 +399,7 @@ def _visit_values(n: int, d: int, v: int) -> dict[str, str]:
         out[f"mdtrt{k}"] = f"7{unique:011d}{k}"
         out[f"setl{k}"] = f"8{unique:011d}{k}"
     for k in range(16):
-        out[f"ref{k}"] = f"430100{d:06d}{unique:014d}{k:02d}"
+        out[f"ref{k}"] = f"430100{unique:016d}{k:02d}"
     return out
 
 
