@@ -19,6 +19,9 @@ When the disk cannot take a write (full, read-only, I/O error), a write that rec
 happened (an answer, a transition) is held and tried again until it is durable; a new trade is refused
 at once, and `cannot_write` says why until a write goes through again.
 
+Requests and answers are kept whole, as evidence; one over COMPRESS_FROM bytes is stored as a zlib
+stream (RFC 1950, a BLOB) when that saves at least a quarter, and read back byte for byte.
+
 Callers ask by intent (`parked()`, `settlements_of(psn)`, `unresolved_between(...)`): all SQL is here.
 Storage knows the state machine (fep.states) and nothing of sockets or of the bureau.
 """
@@ -52,8 +55,9 @@ COLUMNS = ("id", "msgid", "infno", "psn_no", "state", "payload_hash", "request",
            "created", "updated")
 UPDATABLE = frozenset({"request", "answer", "late_answer", "resolver", "attempts", "next_try", "deadline",
                        "endpoint", "note", "setl_id", "cancels"})
-BODIES = frozenset({"request", "answer", "late_answer"})  # kept whole, as stored_body has them
+BODIES = frozenset({"request", "answer", "late_answer"})  # kept whole, compressed when that pays (stored_body)
 RETRY_PAUSE = 1.0  # seconds between tries of a held write while the disk cannot take it
+COMPRESS_FROM = 256  # bytes: a body this long or longer is stored compressed when that saves a quarter
 WAL_KEEP = 64 << 20  # bytes of WAL kept after a checkpoint; the rest is given back to the disk
 DECISION_READERS = 2  # threads reading what decides a trade's next step
 VIEW_READERS = 1  # threads reading for people and metrics: views, reconciliation, recovery
@@ -154,8 +158,12 @@ EVER = (-1e18, 1e18)  # no bound on `created`, as numbers SQL can print (inf it 
 
 
 def stored_body(text: str) -> str | bytes:
-    """A request or an answer as the journal stores it."""
-    return text
+    """A request or an answer as the journal stores it: the text, or its zlib stream when that pays."""
+    raw = text.encode("utf-8")
+    if len(raw) < COMPRESS_FROM:
+        return text
+    packed = zlib.compress(raw, 6)
+    return packed if len(packed) <= len(raw) * 3 // 4 else text
 
 
 def body_text(value: str | bytes) -> str:
