@@ -108,6 +108,7 @@ class Recorder:
     def __init__(self) -> None:
         self.statements: list[tuple[str, str, tuple[Any, ...] | None]] = []
         self.label = "setup"
+        self.on_writer: list[tuple[str, str]] = []  # (label, sql) of what the writer thread ran
 
 
 @pytest.fixture
@@ -115,8 +116,13 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
     fetch, connect, reader = journal_mod._fetch, Journal._connect, Journal._reader
 
-    def traced(conn: sqlite3.Connection) -> sqlite3.Connection:
-        conn.set_trace_callback(lambda sql: rec.statements.append((rec.label, sql, None)))
+    def traced(conn: sqlite3.Connection, writer: bool = False) -> sqlite3.Connection:
+        def trace(sql: str) -> None:
+            rec.statements.append((rec.label, sql, None))
+            if writer:
+                rec.on_writer.append((rec.label, sql))
+
+        conn.set_trace_callback(trace)
         return conn
 
     def recording_fetch(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
@@ -124,7 +130,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
         return fetch(conn, sql, params)
 
     monkeypatch.setattr(journal_mod, "_fetch", recording_fetch)
-    monkeypatch.setattr(Journal, "_connect", lambda self: traced(connect(self)))
+    monkeypatch.setattr(Journal, "_connect", lambda self: traced(connect(self), writer=True))
     monkeypatch.setattr(Journal, "_reader", lambda self: traced(reader(self)))
     return rec
 
@@ -294,6 +300,9 @@ def test_no_query_reads_the_whole_journal_nor_more_of_it_as_it_grows(journals: d
         recorder.statements = []
         answers[name] = _ask(path, recorder)
         statements[name] = recorder.statements
+    # The writer thread only writes: no question ran anything on it.
+    assert [(label, sql) for label, sql in recorder.on_writer if label not in ("setup", "close")] == []
+    assert any(re.match(r"(INSERT|UPDATE)", sql) for _, sql in recorder.on_writer)  # (it was watched)
     recent = {k: v for k, v in answers["small"].items() if not k.startswith("history")}
     assert recent == {k: v for k, v in answers["big"].items() if k in recent}, \
         "the questions about the recent part have the same answers in both journals"
