@@ -211,14 +211,15 @@ class Journal:
     def close(self) -> defer.Deferred[None]:
         if self._thread is None:
             return defer.succeed(None)
-        self._queue.put(None)
-        threads = [self._thread, *self._decisions.stop(), *self._views.stop()]
-        self._thread = None
+        readers = [*self._decisions.stop(), *self._views.stop()]
+        writer, self._thread = self._thread, None
         from twisted.internet.threads import deferToThreadPool
 
         def join() -> None:
-            for t in threads:
+            for t in readers:
                 t.join()
+            self._queue.put(None)  # the writer's connection closes last: it checkpoints and removes the WAL
+            writer.join()
 
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), join)
 
