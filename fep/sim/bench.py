@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -435,7 +436,7 @@ def year_case(base: Path, rows: int, workers: int) -> dict[str, Any]:
         out["built"] = {"trades": built.trades, "events": built.events}
         out["year_bytes_built"] = bytes_per_trade(lib / "journal.db")
         year.seed_ledger(world.dir / "sim" / "ledger.db", built.settlements.get(day.isoformat(), []))
-        with sqlite3.connect(f"file:{lib / 'journal.db'}?mode=ro", uri=True) as c:
+        with closing(sqlite3.connect(f"file:{lib / 'journal.db'}?mode=ro", uri=True)) as c:
             some = c.execute("SELECT msgid FROM trades WHERE infno='2207' ORDER BY id DESC LIMIT 1 OFFSET 5000"
                              ).fetchone()[0]
         out["year"] = journal_phase(world, mix, admin, day, start_timed(world), some)
