@@ -368,7 +368,7 @@ VIEWS = {  # what people ask, besides `fep status`: (name, admin path)
     "trades --state REVERSED": "/trades?state=REVERSED",
     "trades --infno 9001": "/trades?infno=9001",
     "trades --person": f"/trades?psn_no={year.person(7)}",
-    "trades --since --until (a day)": "/trades?since={day}&until={day}%2023:59:59",
+    "trades --since --until (a day, months ago)": "/trades?since={old}&until={old}%2023:59:59",
     "show MSGID": "/trades/{msgid}",
 }
 
@@ -383,7 +383,7 @@ def journal_phase(world: World, mix: Mix, admin: Client, day: date, startup: flo
     out["status_s"], _ = timed(lambda: admin.request("GET", "/status"))
     out["views_s"] = {}
     for name, path in VIEWS.items():
-        path = path.format(day=day.isoformat(), msgid=msgid)
+        path = path.format(old=(day - timedelta(days=180)).isoformat(), msgid=msgid)
         out["views_s"][name], (status, _) = timed(lambda: admin.request("GET", path))
         assert status == 200, (name, status)
     out["trades_resolving_s"] = out["views_s"]["trades --state RESOLVING"]
