@@ -6,7 +6,7 @@ others), commits with synchronous=FULL in WAL mode, and fires every waiter with 
 Concurrent trades so share fsyncs (group commit) and the reactor thread never touches SQLite.
 
 Reads never go through the writer: reader threads with connections of their own run them (WAL lets
-readers and the writer go on side by side), and a checkpointer thread copies the WAL into the journal. A read sees every write committed before it began, so a
+readers and the writer go on side by side). A read sees every write committed before it began, so a
 read issued after a write's Deferred fired sees that write. Reads that decide a trade's next step (its
 row, the person's settlements, its history) have their own threads, so a long view (`fep trades`, a
 day's reconciliation) never holds up a trade.
@@ -63,8 +63,6 @@ COMPRESS_FROM = 256  # bytes: a body this long or longer is stored compressed wh
 WAL_KEEP = 64 << 20  # bytes of WAL kept after a checkpoint; the rest is given back to the disk
 DECISION_READERS = 2  # threads reading what decides a trade's next step
 VIEW_READERS = 1  # threads reading for people and metrics: views, reconciliation, recovery
-CHECKPOINT_EVERY = 1.0  # seconds between the checkpointer's passes (WAL pages copied into the journal)
-WRITER_CHECKPOINT_PAGES = 16_000  # 64 MB of WAL: only then does a commit checkpoint on the writer itself
 # An upper bound of what building schema 3's indexes costs, per trade, on a slow disk (6 us measured
 # with the journal in the page cache): systemd is told to wait that much longer for the start.
 MIGRATE_SECONDS_PER_TRADE = 100e-6
@@ -196,7 +194,6 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._decisions = _Readers(self, "decide", DECISION_READERS)
         self._views = _Readers(self, "view", VIEW_READERS)
-        self._checkpoints = _Checkpointer(self)
         self._counter: MsgidCounter | None = None
         self._reactor: Any = None
         self._dead: Exception | None = None  # the writer could not start: every call fails with this
@@ -209,12 +206,12 @@ class Journal:
         self._reactor = reactor
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
-        return self._call(self._setup).addCallback(lambda _: self._checkpoints.start())
+        return self._call(self._setup)
 
     def close(self) -> defer.Deferred[None]:
         if self._thread is None:
             return defer.succeed(None)
-        readers = [*self._decisions.stop(), *self._views.stop(), *self._checkpoints.stop()]
+        readers = [*self._decisions.stop(), *self._views.stop()]
         writer, self._thread = self._thread, None
         from twisted.internet.threads import deferToThreadPool
 
@@ -242,8 +239,6 @@ class Journal:
             sqlite_utils.Database(conn).enable_wal()
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")  # a burst's WAL is not kept for ever
-            # Checkpoints are the checkpointer's (below); this one checkpoints only if that falls far behind.
-            conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
             return conn
         except (OSError, sqlite3.Error) as e:
             raise JournalError(f"journal {self.path} cannot be opened for writing: {e}") from None
@@ -456,8 +451,8 @@ class Journal:
     def to_recover(self) -> defer.Deferred[list[TradeRow]]:
         """What a start picks up, in journal order: every open trade, and parked originals (a parked
         upload still holds its person's queue)."""
-        return self._views.call(_rows(f"INDEXED BY {BY_STATE} WHERE state IN ({_states(OPEN | {State.NEEDS_ATTENTION})}) "
-                                      f"ORDER BY id"))
+        states = _states(OPEN | {State.NEEDS_ATTENTION})
+        return self._views.call(_rows(f"INDEXED BY {BY_STATE} WHERE state IN ({states}) ORDER BY id"))
 
     def parked(self) -> defer.Deferred[list[TradeRow]]:
         return self._views.call(_rows(f"INDEXED BY {BY_STATE} WHERE state = 'NEEDS_ATTENTION' ORDER BY id"))
@@ -593,50 +588,13 @@ class _Readers:
                     try:
                         result: tuple[bool, Any] = (True, op(conn))
                     finally:
-                        conn.execute("COMMIT")
+                        conn.execute("ROLLBACK")  # a read keeps nothing: this only ends its snapshot
                 except Exception as e:
                     result = (False, e)
+                    if conn is not None and conn.in_transaction:  # could not even end it: start afresh
+                        conn.close()
+                        conn = None
                 self._journal._reactor.callFromThread(_deliver, [(d, *result)])
-        finally:
-            if conn is not None:
-                conn.close()
-
-
-class _Checkpointer:
-    """Copies committed WAL pages into the journal file once a second, on a thread and connection of its
-    own. A commit that crossed SQLite's threshold would otherwise do it on the writer, and every trade in
-    that batch would wait for the copy and its fsync. PASSIVE: it never waits for, nor holds up, the
-    writer or a reader."""
-
-    def __init__(self, journal: Journal) -> None:
-        self._journal = journal
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> list[threading.Thread]:
-        self._stopping.set()
-        thread, self._thread = self._thread, None
-        return [thread] if thread else []
-
-    def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        failed = False
-        try:
-            while not self._stopping.wait(CHECKPOINT_EVERY):
-                try:
-                    if conn is None:
-                        conn = sqlite3.connect(self._journal.path, isolation_level=None, check_same_thread=False)
-                        conn.execute("PRAGMA synchronous=FULL")
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    failed = False
-                except sqlite3.Error as e:
-                    if not failed:  # said once; the writer checkpoints by itself if this keeps failing
-                        log.warn("journal {path}: checkpoint failed: {err}", path=str(self._journal.path), err=str(e))
-                    failed = True
         finally:
             if conn is not None:
                 conn.close()

@@ -332,5 +332,5 @@ def test_no_query_reads_the_whole_journal_nor_more_of_it_as_it_grows(journals: d
     for label, sql, params in reads["small"]:
         if not label.startswith("history"):
             small, big = _steps(journals["small"], sql, params)[0], _steps(journals["big"], sql, params)[0]
-            assert big <= small * 1.25 + 500, f"{label}: {small} steps on the small journal, {big} on the big one: {sql}"
+            assert big <= small * 1.25 + 500, f"{label}: {small} steps on the small journal, {big} on the big: {sql}"
 
