@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, unquote
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -23,6 +24,7 @@ from fep.http11 import HTTPServerProtocol, Request, Response
 from fep.journal import COLUMNS, TradeFilter, TradeRow
 from fep.states import State, UNRESOLVED
 
+log = Logger()
 LIST_COLUMNS = [c for c in COLUMNS if c not in ("request", "answer", "late_answer", "payload_hash")]
 
 
@@ -128,12 +130,20 @@ def certificate_expiry(engine: Engine) -> dict[str, float]:
 
 
 class MetricsRefresher:
-    """Gauges that are counts over the journal, refreshed every few seconds rather than per trade."""
+    """Gauges that are counts over the journal, refreshed every few seconds rather than per trade. They
+    are read on the journal's reader threads, from the counts its triggers keep and from its index of
+    states: a few index lookups, whatever the journal's size, and nothing on the writer."""
 
     def __init__(self, reactor: Any, engine: Engine) -> None:
         self.engine = engine
-        self.loop = task.LoopingCall(lambda: defer.ensureDeferred(self.refresh()))
+        self.loop = task.LoopingCall(lambda: defer.ensureDeferred(self._refresh()))
         self.loop.clock = reactor
+
+    async def _refresh(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # a failed refresh leaves the gauges as they were; the next one tries again
+            log.failure("metrics refresh failed")
 
     async def refresh(self) -> None:
         journal = self.engine.journal

@@ -1,7 +1,7 @@
 """The bureau's catalog (医保目录) and the hospital's code mapping (目录对照).
 
 Both live in the journal's database (tables `medlist` and `medlist_map`, written through the journal's
-writer). Fee lines (2204, 2301) that carry only the hospital's own code are mapped to national codes
+writer and read on its reader threads). Fee lines (2204, 2301) that carry only the hospital's own code are mapped to national codes
 before they are journalled, from an in-memory copy refreshed after every change: an unmapped item, or one
 mapped to a retired or unknown code, refuses the trade with one error naming every such item, instead of
 a reject from the bureau later.
@@ -52,7 +52,7 @@ class CodeBook:
         await self.refresh()
 
     async def refresh(self) -> None:
-        national, mapping = await self.journal.run(_load)
+        national, mapping = await self.journal.read(_load)
         self.national, self.mapping = national, mapping
 
     # ---- the hot path ----------------------------------------------------------------------------

@@ -1,13 +1,26 @@
 """The journal: one SQLite row per trade, its state, request, answer and history.
 
-One writer thread owns the database. The reactor hands it operations; it runs every operation that
-is waiting in ONE transaction (each in its own savepoint when one fails, so one failure cannot spoil
-the others), commits with synchronous=FULL in WAL mode, and fires every waiter with its own result.
+One writer thread owns every write. The reactor hands it operations; it runs every operation that is
+waiting in ONE transaction (each in its own savepoint when one fails, so one failure cannot spoil the
+others), commits with synchronous=FULL in WAL mode, and fires every waiter with its own result.
 Concurrent trades so share fsyncs (group commit) and the reactor thread never touches SQLite.
+
+Reads never go through the writer: reader threads with connections of their own run them (WAL lets
+readers and the writer go on side by side). A read sees every write committed before it began, so a
+read issued after a write's Deferred fired sees that write. Reads that decide a trade's next step (its
+row, the person's settlements, its history) have their own threads, so a long view (`fep trades`, a
+day's reconciliation) never holds up a trade.
+
+Every query names the index it reads (INDEXED BY), chosen here by what the journal knows of its rows:
+nearly all are final, open ones are few, a person has few, a day is a small slice of years. None reads
+the whole table, whatever its size (tests/test_journal_plans.py checks every one).
 
 When the disk cannot take a write (full, read-only, I/O error), a write that records what already
 happened (an answer, a transition) is held and tried again until it is durable; a new trade is refused
 at once, and `cannot_write` says why until a write goes through again.
+
+Requests and answers are kept whole, as evidence; one over COMPRESS_FROM bytes is stored as a zlib
+stream (RFC 1950, a BLOB) when that saves at least a quarter, and read back byte for byte.
 
 Callers ask by intent (`parked()`, `settlements_of(psn)`, `unresolved_between(...)`): all SQL is here.
 Storage knows the state machine (fep.states) and nothing of sockets or of the bureau.
@@ -20,6 +33,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,13 +41,15 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import sqlite_utils
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fep import envelope, metrics
+from fep import envelope, metrics, systemd
 from fep.msgid import MsgidCounter
 from fep.states import FINAL, IN_FORCE, OPEN, UNRESOLVED, State, sources, target
 
 T = TypeVar("T")
+log = Logger()
 Op = Callable[[sqlite3.Connection], Any]
 
 COLUMNS = ("id", "msgid", "infno", "psn_no", "state", "payload_hash", "request", "answer", "late_answer",
@@ -41,7 +57,15 @@ COLUMNS = ("id", "msgid", "infno", "psn_no", "state", "payload_hash", "request",
            "created", "updated", "his_msgid")
 UPDATABLE = frozenset({"request", "answer", "late_answer", "resolver", "attempts", "next_try", "deadline",
                        "endpoint", "note", "setl_id", "cancels"})
+BODIES = frozenset({"request", "answer", "late_answer"})  # kept whole, compressed when that pays (stored_body)
 RETRY_PAUSE = 1.0  # seconds between tries of a held write while the disk cannot take it
+COMPRESS_FROM = 256  # bytes: a body this long or longer is stored compressed when that saves a quarter
+WAL_KEEP = 64 << 20  # bytes of WAL kept after a checkpoint; the rest is given back to the disk
+DECISION_READERS = 2  # threads reading what decides a trade's next step
+VIEW_READERS = 1  # threads reading for people and metrics: views, reconciliation, recovery
+# An upper bound of what building schema 3's indexes costs, per trade, on a slow disk (6 us measured
+# with the journal in the page cache): systemd is told to wait that much longer for the start.
+MIGRATE_SECONDS_PER_TRADE = 100e-6
 # SQLite's primary result codes that mean "the disk would not take it", not "the operation is wrong".
 WRITE_FAILURES = {5: "database busy", 8: "read-only", 10: "disk I/O error", 13: "disk full", 14: "cannot open"}
 
@@ -84,6 +108,11 @@ class TradeRow:
     def from_db(cls, row: tuple[Any, ...]) -> TradeRow:
         r = cls(*row)
         r.state = State(r.state)
+        r.request = body_text(r.request)
+        if r.answer is not None:
+            r.answer = body_text(r.answer)
+        if r.late_answer is not None:
+            r.late_answer = body_text(r.late_answer)
         return r
 
     @property
@@ -123,9 +152,35 @@ class TradeFilter:
 
 Move = tuple[str, str, "str | None", dict[str, Any]]  # (msgid, event, note, fields)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
 _NOT_FINAL = f"state NOT IN ({', '.join(repr(s.value) for s in sorted(FINAL))})"
+# The indexes the queries name (schema 3).
+BY_MSGID, BY_PERSON, BY_STATE, BY_INFNO, BY_TIME = ("idx_trades_msgid", "idx_trades_psn_no_id", "trades_state",
+                                                    "trades_infno", "trades_created")
+BY_RELATED, SETTLED = "trades_related", "trades_settled"
+BY_HIS_MSGID = "trades_his_msgid"  # schema 4
+# Final states nearly every trade ends in: a filter on one of them narrows nothing.
+COMMON = frozenset({State.ANSWERED, State.CONFIRMED})
+EVER = (-1e18, 1e18)  # no bound on `created`, as numbers SQL can print (inf it cannot)
+
+
+def stored_body(text: str) -> str | bytes:
+    """A request or an answer as the journal stores it: the text, or its zlib stream when that pays."""
+    raw = text.encode("utf-8")
+    if len(raw) < COMPRESS_FROM:
+        return text
+    packed = zlib.compress(raw, 6)
+    return packed if len(packed) <= len(raw) * 3 // 4 else text
+
+
+def body_text(value: str | bytes) -> str:
+    """A stored request or answer, as it was sent or received."""
+    return value if isinstance(value, str) else zlib.decompress(value).decode("utf-8")
+
+
+def _body(value: str | None) -> str | bytes | None:
+    return None if value is None else stored_body(value)
 
 
 def _states(states: Iterable[State]) -> str:
@@ -140,6 +195,8 @@ class Journal:
         self._queue: queue.SimpleQueue[tuple[Op, defer.Deferred[Any], bool] | None] = queue.SimpleQueue()
         self._held: list[tuple[Op, defer.Deferred[Any], bool]] = []  # writes waiting for the disk (writer thread)
         self._thread: threading.Thread | None = None
+        self._decisions = _Readers(self, "decide", DECISION_READERS)
+        self._views = _Readers(self, "view", VIEW_READERS)
         self._counter: MsgidCounter | None = None
         self._reactor: Any = None
         self._dead: Exception | None = None  # the writer could not start: every call fails with this
@@ -157,24 +214,21 @@ class Journal:
     def close(self) -> defer.Deferred[None]:
         if self._thread is None:
             return defer.succeed(None)
-        self._queue.put(None)
-        thread, self._thread = self._thread, None
+        readers = [*self._decisions.stop(), *self._views.stop()]
+        writer, self._thread = self._thread, None
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), thread.join)
+        def join() -> None:
+            for t in readers:
+                t.join()
+            self._queue.put(None)  # the writer's connection closes last: it checkpoints and removes the WAL
+            writer.join()
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), join)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the schema, or bring a journal of an earlier version forward, in one transaction."""
-        db = sqlite_utils.Database(conn)
-        if "trades" not in db.table_names():
-            _schema_v1(conn, db)
-        version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise JournalError(f"journal {self.path} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
-                               f"install the newer fep again")
-        for v in range(version + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS[v](conn)
-        conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        migrate(conn, str(self.path))
         last = conn.execute("SELECT value FROM meta WHERE key='msgid_counter'").fetchone()
         self._counter = MsgidCounter(self._code, last[0] if last else None)
 
@@ -187,9 +241,19 @@ class Journal:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             sqlite_utils.Database(conn).enable_wal()
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")  # a burst's WAL is not kept for ever
             return conn
         except (OSError, sqlite3.Error) as e:
             raise JournalError(f"journal {self.path} cannot be opened for writing: {e}") from None
+
+    def _reader(self) -> sqlite3.Connection:
+        """A connection for one reader thread: it can only read."""
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            conn.execute("PRAGMA query_only=ON")
+            return conn
+        except sqlite3.Error as e:
+            raise JournalError(f"journal {self.path} cannot be opened for reading: {e}") from None
 
     def _run(self) -> None:
         try:
@@ -327,7 +391,7 @@ class Journal:
             cur = conn.execute(
                 "INSERT INTO trades (msgid, infno, psn_no, state, payload_hash, request, related, deadline, "
                 "attempts, created, updated, his_msgid) VALUES (?,?,?,?,?,?,?,?,0,?,?,?) ON CONFLICT(msgid) DO NOTHING",
-                (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash, request, new.related,
+                (msgid, new.infno, new.psn_no, new.state.value, new.payload_hash, stored_body(request), new.related,
                  new.deadline, now, now, new.his_msgid),
             )
             if cur.rowcount == 1:
@@ -370,7 +434,7 @@ class Journal:
     def store_late_answer(self, msgid: str, answer: str) -> defer.Deferred[TradeRow]:
         def op(conn: sqlite3.Connection) -> TradeRow:
             now = time.time()
-            conn.execute("UPDATE trades SET late_answer=?, updated=? WHERE msgid=?", (answer, now, msgid))
+            conn.execute("UPDATE trades SET late_answer=?, updated=? WHERE msgid=?", (stored_body(answer), now, msgid))
             _event(conn, msgid, now, "late_answer", None, "late answer stored for reconciliation")
             return _get(conn, msgid)  # type: ignore[return-value]
 
@@ -385,97 +449,213 @@ class Journal:
 
         return self._call(op)
 
-    # --- reads, by intent (through the writer too: they see every committed write, in order) ----------
+    # --- reads, by intent (reader threads: each sees every write committed before it began) --------------
     def get(self, msgid: str) -> defer.Deferred[TradeRow | None]:
         """By the msgid the bureau knows."""
-        return self._call(lambda conn: _get(conn, msgid))
+        return self._decisions.call(lambda conn: _get(conn, msgid))
 
     def by_his_msgid(self, key: str) -> defer.Deferred[TradeRow | None]:
         """The trade the HIS sent under its own msgid `key`."""
-        return self._call(lambda conn: _by_his_msgid(conn, key))
+        return self._decisions.call(lambda conn: _by_his_msgid(conn, key))
 
     def for_his(self, key: str) -> defer.Deferred[TradeRow | None]:
         """The trade the HIS means by `key`: its own msgid, or else the msgid fep answered it with."""
-        return self._call(lambda conn: _by_his_msgid(conn, key) or _get(conn, key))
+        return self._decisions.call(lambda conn: _by_his_msgid(conn, key) or _get(conn, key))
 
     def to_recover(self) -> defer.Deferred[list[TradeRow]]:
         """What a start picks up, in journal order: every open trade, and parked originals (a parked
         upload still holds its person's queue)."""
         states = _states(OPEN | {State.NEEDS_ATTENTION})
-        return self._rows(f"WHERE state IN ({states}) AND {_NOT_FINAL} ORDER BY id")
+        return self._views.call(_rows(f"INDEXED BY {BY_STATE} WHERE state IN ({states}) ORDER BY id"))
 
     def parked(self) -> defer.Deferred[list[TradeRow]]:
-        return self._rows(f"WHERE state = 'NEEDS_ATTENTION' AND {_NOT_FINAL} ORDER BY id")
+        return self._views.call(_rows(f"INDEXED BY {BY_STATE} WHERE state = 'NEEDS_ATTENTION' ORDER BY id"))
 
     def oldest(self, states: Iterable[State]) -> defer.Deferred[float | None]:
-        """When the oldest original trade in one of these (open) states was accepted; None: there is none."""
-        sql = (f"SELECT min(created) FROM trades INDEXED BY trades_open WHERE state IN ({_states(states)}) "
-               f"AND {_NOT_FINAL} AND related IS NULL")
-        return self._call(lambda conn: conn.execute(sql).fetchone()[0])
+        """When the oldest original trade in one of these (open) states was accepted; None: there is none.
+        Each state's trades are read oldest first, up to the first original."""
+        sql = (f"SELECT created FROM trades INDEXED BY {BY_STATE} WHERE state = ? AND related IS NULL "
+               f"ORDER BY created LIMIT 1")
+        wanted = sorted(states)
+
+        def op(conn: sqlite3.Connection) -> float | None:
+            found = [r[0] for s in wanted for r in _fetch(conn, sql, (s.value,))]
+            return min(found) if found else None
+
+        return self._views.call(op)
 
     def settlements_of(self, psn_no: str, infnos: Iterable[str]) -> defer.Deferred[list[TradeRow]]:
         """The person's settlements and cancels of these trade numbers that the bureau holds."""
         numbers = tuple(infnos)
-        return self._rows(f"WHERE psn_no = ? AND state IN ({_states(IN_FORCE)}) AND setl_id IS NOT NULL "
-                          f"AND infno IN ({', '.join('?' * len(numbers))}) ORDER BY id", (psn_no, *numbers))
+        return self._decisions.call(_rows(
+            f"INDEXED BY {BY_PERSON} WHERE psn_no = ? AND state IN ({_states(IN_FORCE)}) AND setl_id IS NOT NULL "
+            f"AND infno IN ({', '.join('?' * len(numbers))}) ORDER BY id", (psn_no, *numbers)))
 
     def pending_money_of(self, psn_no: str, infnos: Iterable[str]) -> defer.Deferred[list[TradeRow]]:
         """The person's original trades of these numbers whose outcome fep is still finding out, or that
         wait for a person: the bureau may hold them."""
         numbers = tuple(infnos)
         states = _states(UNRESOLVED | {State.NEEDS_ATTENTION})
-        return self._rows(f"WHERE psn_no = ? AND state IN ({states}) AND related IS NULL "
-                          f"AND infno IN ({', '.join('?' * len(numbers))}) ORDER BY id", (psn_no, *numbers))
+        return self._decisions.call(_rows(
+            f"INDEXED BY {BY_PERSON} WHERE psn_no = ? AND state IN ({states}) AND related IS NULL "
+            f"AND infno IN ({', '.join('?' * len(numbers))}) ORDER BY id", (psn_no, *numbers)))
 
     def settled_between(self, start: float, end: float) -> defer.Deferred[list[TradeRow]]:
         """Settlements and cancels journalled in [start, end] that the bureau holds (reconciliation)."""
-        return self._rows(f"INDEXED BY trades_settled WHERE setl_id IS NOT NULL AND state IN ({_states(IN_FORCE)}) "
-                          f"AND created BETWEEN ? AND ? ORDER BY id", (start, end))
+        return self._views.call(_rows(f"INDEXED BY {SETTLED} WHERE setl_id IS NOT NULL AND state IN "
+                                      f"({_states(IN_FORCE)}) AND created BETWEEN ? AND ? ORDER BY id", (start, end)))
 
     def unresolved_between(self, start: float, end: float) -> defer.Deferred[list[TradeRow]]:
         """Original trades accepted in [start, end] whose outcome fep is still finding out, or that wait for
         a person."""
         states = _states(UNRESOLVED | {State.NEEDS_ATTENTION})
-        return self._rows(f"INDEXED BY trades_open WHERE state IN ({states}) AND {_NOT_FINAL} AND related IS NULL "
-                          f"AND created BETWEEN ? AND ? ORDER BY id", (start, end))
+        return self._views.call(_rows(f"INDEXED BY {BY_STATE} WHERE state IN ({states}) AND related IS NULL "
+                                      f"AND created BETWEEN ? AND ? ORDER BY id", (start, end)))
 
     def resolving_trades(self, msgid: str) -> defer.Deferred[list[TradeRow]]:
-        return self._rows("WHERE related = ? ORDER BY id", (msgid,))
+        return self._decisions.call(_rows(f"INDEXED BY {BY_RELATED} WHERE related = ? ORDER BY id", (msgid,)))
 
     def find(self, f: TradeFilter) -> defer.Deferred[list[TradeRow]]:
-        """The newest `limit` trades that match, oldest first."""
+        """The newest `limit` trades that match, oldest first.
+
+        The index is the filter that narrows most: a person's trades are few; so are the trades in a
+        state other than the common final ones; then the trade number; then the time. Each is read
+        newest first from its index and stops at `limit` (a person's few are read whole and sorted)."""
+        if f.psn_no is not None:
+            index = BY_PERSON
+        elif f.state is not None and f.state not in COMMON:
+            index = BY_STATE
+        elif f.infno is not None:
+            index = BY_INFNO
+        elif f.state is not None:
+            index = BY_STATE
+        else:
+            index = BY_TIME
         where, params = [], []
         for clause, value in (("state = ?", f.state and f.state.value), ("psn_no = ?", f.psn_no),
-                              ("infno = ?", f.infno), ("created >= ?", f.since), ("created <= ?", f.until)):
+                              ("infno = ?", f.infno)):
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        if f.state is not None and f.state not in FINAL:
-            where.append(_NOT_FINAL)  # so the partial index over open trades serves it
-        sql = f"WHERE {' AND '.join(where) or '1'} ORDER BY id DESC LIMIT ?"
-        return self._rows(sql, (*params, f.limit)).addCallback(lambda rows: rows[::-1])
+        since, until = (f.since if f.since is not None else EVER[0]), (f.until if f.until is not None else EVER[1])
+        where.append("created BETWEEN ? AND ?")
+        sql = f"INDEXED BY {index} WHERE {' AND '.join(where)} ORDER BY created DESC, id DESC LIMIT ?"
+        return self._views.call(_rows(sql, (*params, since, until, f.limit))).addCallback(lambda rows: rows[::-1])
 
     def history(self, msgid: str) -> defer.Deferred[list[tuple[float, str, str, str]]]:
-        return self._call(lambda conn: conn.execute(
-            "SELECT at, event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,)).fetchall())
+        return self._decisions.call(lambda conn: _fetch(
+            conn, "SELECT at, event, state, note FROM events INDEXED BY idx_events_msgid WHERE msgid = ? "
+                  "ORDER BY id", (msgid,)))
 
     def runs(self, kind: str, key: str | None = None, limit: int = 1) -> defer.Deferred[list[dict[str, Any]]]:
-        where, params = ("kind=? AND key=?", (kind, key)) if key else ("kind=?", (kind,))
-        return self._call(lambda conn: [envelope.loads(r[0]) for r in conn.execute(
-            f"SELECT doc FROM runs WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit))])
+        if key:
+            sql, params = "SELECT doc FROM runs INDEXED BY runs_key WHERE kind = ? AND key = ?", (kind, key)
+        else:
+            sql, params = "SELECT doc FROM runs INDEXED BY runs_kind WHERE kind = ?", (kind,)
+        return self._views.call(lambda conn: [envelope.loads(r[0]) for r in _fetch(
+            conn, f"{sql} ORDER BY id DESC LIMIT ?", (*params, limit))])
+
+    def read(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
+        """Another store's read (the code book's), on a reader thread: it never holds up the writer."""
+        return self._views.call(op)
 
     def ping(self) -> defer.Deferred[None]:
         """Returns once the writer thread has run a (no-op) batch: the watchdog's proof of progress."""
         return self._call(lambda conn: None)
 
     def count_by_state(self) -> defer.Deferred[dict[str, int]]:
-        return self._call(lambda conn: dict(conn.execute("SELECT state, n FROM state_counts WHERE n > 0")))
+        return self._views.call(lambda conn: dict(_fetch(conn, "SELECT state, n FROM state_counts WHERE n > 0")))
 
-    def _rows(self, where: str, params: tuple[Any, ...] = ()) -> defer.Deferred[list[TradeRow]]:
-        return self._call(lambda conn: [TradeRow.from_db(r) for r in conn.execute(f"{_SELECT} {where}", params)])
+
+class _Readers:
+    """Threads that read, each with its own connection. Every read runs in a transaction of its own: it
+    sees the journal as committed when it began, and holds nothing once it is done."""
+
+    def __init__(self, journal: Journal, name: str, n: int) -> None:
+        self._journal = journal
+        self._name = name
+        self._n = n
+        self._queue: queue.SimpleQueue[tuple[Op, defer.Deferred[Any]] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
+
+    def call(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
+        d: defer.Deferred[T] = defer.Deferred()
+        if self._journal._dead is not None or self._stopped:
+            d.errback(Failure(self._journal._dead or JournalError(f"journal {self._journal.path} is closed")))
+            return d
+        if not self._threads:  # the first read starts them (after open: the schema is there)
+            self._threads = [threading.Thread(target=self._run, name=f"journal-{self._name}-{i}", daemon=True)
+                             for i in range(self._n)]
+            for t in self._threads:
+                t.start()
+        self._queue.put((op, d))
+        return d
+
+    def stop(self) -> list[threading.Thread]:
+        self._stopped = True
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        return threads
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while (item := self._queue.get()) is not None:
+                op, d = item
+                try:
+                    if conn is None:
+                        conn = self._journal._reader()
+                    conn.execute("BEGIN")
+                    try:
+                        result: tuple[bool, Any] = (True, op(conn))
+                    finally:
+                        conn.execute("ROLLBACK")  # a read keeps nothing: this only ends its snapshot
+                except Exception as e:
+                    result = (False, e)
+                    if conn is not None and conn.in_transaction:  # could not even end it: start afresh
+                        conn.close()
+                        conn = None
+                self._journal._reactor.callFromThread(_deliver, [(d, *result)])
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Every query of a reader goes through here, read to the end."""
+    return conn.execute(sql, params).fetchall()
+
+
+def _rows(where: str, params: tuple[Any, ...] = ()) -> Callable[[sqlite3.Connection], list[TradeRow]]:
+    return lambda conn: [TradeRow.from_db(r) for r in _fetch(conn, f"{_SELECT} {where}", params)]
 
 
 # --- the schema and its migrations ------------------------------------------------------------------
+def migrate(conn: sqlite3.Connection, where: str) -> None:
+    """Create the schema, or bring a journal of an earlier version to SCHEMA_VERSION (in the caller's
+    transaction). JournalError for a journal newer than this fep."""
+    db = sqlite_utils.Database(conn)
+    new = "trades" not in db.table_names()
+    if new:
+        _schema_v1(conn, db)
+    version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise JournalError(f"journal {where} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
+                           f"install the newer fep again")
+    if version < SCHEMA_VERSION and not new:
+        trades = conn.execute("SELECT max(id) FROM trades").fetchone()[0] or 0
+        # A migration may build indexes over every trade once: a start that takes longer than usual.
+        systemd.notify(f"EXTEND_TIMEOUT_USEC={int((120 + trades * MIGRATE_SECONDS_PER_TRADE) * 1e6)}\n"
+                       f"STATUS=journal: migrating schema {version} to {SCHEMA_VERSION} ({trades:,} trades)")
+        log.info("journal {where}: migrating schema {old} to {new} ({trades} trades), in one transaction",
+                 where=where, old=version, new=SCHEMA_VERSION, trades=trades)
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[v](conn)
+    conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+
+
 def _schema_v1(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
     """The journal as the first release wrote it; later versions are migrations from here."""
     db["trades"].create(
@@ -507,14 +687,35 @@ def _to_v2(conn: sqlite3.Connection) -> None:
 
 
 def _to_v3(conn: sqlite3.Connection) -> None:
+    """Every question the journal is asked is answered from an index, whatever its size.
+
+    - trades_state (state, created) over every trade, in place of the partial index over open ones
+      (which SQLite could not prove usable for `state = ?`): any state, newest or oldest first;
+    - trades_infno (infno, created) and trades_created (created): `fep trades --infno / --since`;
+    - the index on `related` holds resolving trades only: `related IS NULL` (nearly every row) is no
+      longer a reason to walk it, and it no longer holds a NULL for every original;
+    - runs by (kind, id) and (kind, key, id): the latest run is read, not all of them sorted.
+    Stored requests and answers are left as they were written: evidence is never rewritten."""
+    conn.execute("DROP INDEX IF EXISTS trades_open")
+    conn.execute(f"CREATE INDEX {BY_STATE} ON trades(state, created)")
+    conn.execute(f"CREATE INDEX {BY_INFNO} ON trades(infno, created)")
+    conn.execute(f"CREATE INDEX {BY_TIME} ON trades(created)")
+    conn.execute("DROP INDEX IF EXISTS idx_trades_related")
+    conn.execute(f"CREATE INDEX {BY_RELATED} ON trades(related) WHERE related IS NOT NULL")
+    conn.execute("DROP INDEX IF EXISTS idx_runs_kind_key")
+    conn.execute("CREATE INDEX runs_kind ON runs(kind, id)")
+    conn.execute("CREATE INDEX runs_key ON runs(kind, key, id)")
+
+
+def _to_v4(conn: sqlite3.Connection) -> None:
     """The HIS's msgid is its idempotency key whatever its form, kept beside the msgid the bureau sees.
     Earlier releases used a well-formed HIS msgid as the bureau's: those rows keep it as both."""
     conn.execute("ALTER TABLE trades ADD COLUMN his_msgid TEXT")
     conn.execute("UPDATE trades SET his_msgid = msgid WHERE related IS NULL AND infno NOT IN ('9001', '9002')")
-    conn.execute("CREATE UNIQUE INDEX trades_his_msgid ON trades(his_msgid) WHERE his_msgid IS NOT NULL")
+    conn.execute(f"CREATE UNIQUE INDEX {BY_HIS_MSGID} ON trades(his_msgid) WHERE his_msgid IS NOT NULL")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
 
 
 def _state_counts(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
@@ -545,13 +746,13 @@ def _deliver(results: list[tuple[defer.Deferred[Any], bool, Any]]) -> None:
 
 
 def _get(conn: sqlite3.Connection, msgid: str) -> TradeRow | None:
-    row = conn.execute(f"{_SELECT} WHERE msgid=?", (msgid,)).fetchone()
-    return TradeRow.from_db(row) if row else None
+    rows = _fetch(conn, f"{_SELECT} INDEXED BY {BY_MSGID} WHERE msgid = ?", (msgid,))
+    return TradeRow.from_db(rows[0]) if rows else None
 
 
 def _by_his_msgid(conn: sqlite3.Connection, key: str) -> TradeRow | None:
-    row = conn.execute(f"{_SELECT} WHERE his_msgid=?", (key,)).fetchone()
-    return TradeRow.from_db(row) if row else None
+    rows = _fetch(conn, f"{_SELECT} INDEXED BY {BY_HIS_MSGID} WHERE his_msgid = ?", (key,))
+    return TradeRow.from_db(rows[0]) if rows else None
 
 
 def _event(conn: sqlite3.Connection, msgid: str, at: float, event: str, state: State | None,
@@ -567,6 +768,7 @@ def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | No
         raise ValueError(f"cannot set {sorted(bad)} on a transition")
     srcs, tgt = sources(event), target(event)
     now = time.time()
+    fields = {k: (_body(v) if k in BODIES else v) for k, v in fields.items()}
     sets = "".join(f", {k}=?" for k in fields)
     if note is not None:
         sets += ", note=?"

@@ -104,3 +104,19 @@ def test_every_state_is_reachable_and_every_open_state_can_end() -> None:
     assert reachable == set(State)
     for state in set(State) - FINAL:
         assert any(state in sources for sources, _ in TRANSITIONS.values()), state
+
+
+def test_a_body_is_read_back_as_it_was_sent_whether_stored_compressed_or_not() -> None:
+    from fep.journal import COMPRESS_FROM, body_text, stored_body
+
+    real = [json.dumps(json.loads(p.read_text())["message"], ensure_ascii=False, separators=(",", ":"))
+            for p in sorted(SAMPLES.glob("*.json"))] if SAMPLES.exists() else []
+    short = '{"infcode":0,"output":{}}'
+    for text in [short, "结算" * 400, '{"input":{"data":{"psn_name":"张三"}}}' * 40, *real]:
+        stored = stored_body(text)
+        assert body_text(stored) == text  # every character, so every byte of its UTF-8
+        if isinstance(stored, bytes):
+            assert len(stored) <= len(text.encode()) * 3 // 4  # compressed only where it pays
+    assert len(short) < COMPRESS_FROM and stored_body(short) == short
+    assert isinstance(stored_body("结算" * 400), bytes)
+    assert all(isinstance(stored_body(t), bytes) for t in real if len(t.encode()) > 1000)

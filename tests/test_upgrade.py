@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 from fep import envelope
-
 from fep.journal import SCHEMA_VERSION
 from fep.sim.world import ZHANG, Visit, World, wait_for
 
@@ -23,6 +23,8 @@ def schema(world: World) -> str:
 def test_a_journal_of_the_previous_release_opens_and_its_open_trades_are_resolved(world: World) -> None:
     (world.dir / "lib").mkdir(parents=True, exist_ok=True)
     shutil.copy(FIXTURE, world.dir / "lib" / "journal.db")
+    with sqlite3.connect(world.dir / "lib" / "journal.db") as c:  # the fixture's window closed an hour after it
+        c.execute("UPDATE trades SET deadline=? WHERE state='AWAITING_CONFIRM'", (time.time() + 3600,))  # was made
     before = {r["msgid"]: r for r in world.journal()}
     world.start()
     assert schema(world) == str(SCHEMA_VERSION)

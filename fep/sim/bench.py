@@ -5,9 +5,14 @@
 - throughput: durable trades/s through fep at 1, 50 and 200 clients, the direct figure at 200, and the raw
   limit of this machine for the same journal writes (SQLite, the daemon's settings, the same rows);
 - recovery: deferrable trades queued while the bureau is down, then drained; per-person order checked;
-- memory: the daemon's resident size idle, and with 100,000 trades journalled and 10,000 queued.
+- memory: the daemon's resident size idle, and with 100,000 trades journalled and 10,000 queued;
+- a year of journal: fep on an empty journal, then on one of 3 million trades (copies of real trades
+  fep journalled in this run, over 365 days and 20,000 persons, built offline by fep.sim.year): idle
+  CPU, start-up, added latency over 15 s of back-to-back trades, `fep status`, `fep trades --state`,
+  a day's reconciliation (the simulated bureau holds that day's settlements), bytes per trade.
 
-Loopback only; bounded in time (default under 5 minutes, --quick under 1); stops by itself.
+Loopback only; bounded in time (default under 10 minutes with the year case, --quick under 1, which
+leaves the year case out unless --year is given); stops by itself.
 Timings are printed, never asserted: targets sit beside each figure.
 """
 
@@ -21,14 +26,20 @@ import re
 import socket
 import sqlite3
 import ssl
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from fep import envelope, pki
+from fep import envelope, journal, pki
+from fep.client import Client
+from fep.sim import year
 from fep.sim.chaos import persons
 from fep.sim.world import ZHANG, Visit, World, admitted, wait_for
 
@@ -244,17 +255,29 @@ def target(ok: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="under a minute: shorter runs, fewer trades")
+    p.add_argument("--quick", action="store_true", help="under a minute: shorter runs, fewer trades, and no "
+                                                        "year of journal unless --year is given")
+    p.add_argument("--year", type=int, metavar="TRADES", help="trades in the year of journal (default "
+                                                              "3,000,000; 0 leaves the case out)")
+    p.add_argument("--year-only", action="store_true", help="only the year-of-journal case")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes building the year "
+                                                                            "(default: one per core)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--dir", help="keep the run's state here")
     p.add_argument("--upload-only", action="store_true", help="only the 5,000-line 2301, through fep and direct")
     args = p.parse_args(argv)
+    year_rows = args.year if args.year is not None else (0 if args.quick else 3_000_000)
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fep-bench-"))
     pki.ensure(base / "pki")
     results: dict[str, Any] = {"quick": args.quick}
-    if not args.upload_only:
-        everything_else(base, args.quick, results)
-    results["upload"] = upload(base / "upload", base / "pki", 5 if args.quick else 15)
+    if args.year_only:
+        results["year"] = year_case(base, year_rows or 3_000_000, args.workers)
+    else:
+        if not args.upload_only:
+            everything_else(base, args.quick, results)
+        results["upload"] = upload(base / "upload", base / "pki", 5 if args.quick else 15)
+        if year_rows and not args.upload_only:
+            results["year"] = year_case(base, year_rows, args.workers)
     print_results(results, args.json)
     return 0
 
@@ -356,21 +379,215 @@ def memory(world: World, sample: dict[str, Any]) -> dict[str, float]:
     return {"idle_mb": idle, "full_mb": rss_mb(world.fep.pid)}
 
 
+# ---- a year of journal -------------------------------------------------------------------------------
+YEAR_PERSONS = 20_000
+IDLE_SECONDS = 10.0  # two metrics refreshes
+LATENCY_SECONDS = 15.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(pid: int, seconds: float) -> float:
+    """The share of one core the daemon uses while nobody asks it anything."""
+    before, t = cpu_seconds(pid), time.perf_counter()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.perf_counter() - t)
+
+
+def start_timed(world: World) -> float:
+    """Seconds from starting the daemon until its HIS port takes connections (it listens only after the
+    journal is open and recovery has run)."""
+    started = time.perf_counter()
+    fep = world.start_fep(wait=False)
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", world.his_port)) == 0:
+                return time.perf_counter() - started
+        if fep.poll() is not None:
+            raise RuntimeError(f"fep exited: {world.log('run')[-2000:]}")
+        time.sleep(0.005)
+
+
+def timed(fn: Callable[[], Any], n: int = 3) -> tuple[float, Any]:
+    """The median of n runs, in seconds, and the last result."""
+    times, out = [], None
+    for _ in range(n):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def cli(world: World, *args: str) -> float:
+    """Wall time of a `fep` command, the way a person runs it (the interpreter's start included)."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fep.cli", *args, "--config", str(world.fep_config)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=world.dir)
+    return time.perf_counter() - t
+
+
+def bytes_per_trade(path: Path) -> dict[str, float]:
+    """The journal's file (and its WAL) per trade, and what the bodies take stored against as sent."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        n = conn.execute("SELECT count(*) FROM trades").fetchone()[0]
+        stored = conn.execute("SELECT sum(length(CAST(request AS BLOB)) + coalesce(length(CAST(answer AS BLOB)), 0)) "
+                              "FROM trades").fetchone()[0]
+        sample = conn.execute("SELECT request, answer FROM trades ORDER BY random() LIMIT 2000").fetchall()
+    finally:
+        conn.close()
+    raw = sum(len(journal.body_text(b).encode()) for r in sample for b in r if b is not None)
+    kept = sum(len(b.encode() if isinstance(b, str) else b) for r in sample for b in r if b is not None)
+    files = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    return {"trades": n, "file_bytes": files, "per_trade": files / max(n, 1), "bodies_stored_per_trade":
+            (stored or 0) / max(n, 1), "bodies_stored_over_sent": kept / max(raw, 1)}
+
+
+VIEWS = {  # what people ask, besides `fep status`: (name, admin path)
+    "trades --state RESOLVING": "/trades?state=RESOLVING",
+    "trades --state REVERSED": "/trades?state=REVERSED",
+    "trades --infno 9001": "/trades?infno=9001",
+    "trades --person": f"/trades?psn_no={year.person(7)}",
+    "trades --since --until (a day, months ago)": "/trades?since={old}&until={old}%2023:59:59",
+    "show MSGID": "/trades/{msgid}",
+}
+
+
+def journal_phase(world: World, mix: Mix, admin: Client, day: date, startup: float, msgid: str) -> dict[str, Any]:
+    """What the year case measures of one journal, fep running on it."""
+    out: dict[str, Any] = {"startup_s": startup}
+    time.sleep(1.0)
+    out["idle_cpu"] = idle_cpu(world.fep.pid, IDLE_SECONDS)
+    f = load("127.0.0.1", world.his_port, None, mix, 1, LATENCY_SECONDS)
+    out.update(median_ms=f.q(0.5), worst_ms=max(f.latencies) * 1000, trades=f.completed, errors=f.errors)
+    out["status_s"], _ = timed(lambda: admin.request("GET", "/status"))
+    out["views_s"] = {}
+    for name, path in VIEWS.items():
+        path = path.format(old=(day - timedelta(days=180)).isoformat(), msgid=msgid)
+        out["views_s"][name], (status, _) = timed(lambda: admin.request("GET", path))
+        assert status == 200, (name, status)
+    out["trades_resolving_s"] = out["views_s"]["trades --state RESOLVING"]
+    out["status_cli_s"] = cli(world, "status")
+    out["trades_cli_s"] = cli(world, "trades", "--state", "RESOLVING")
+    out["reconcile_s"], (status, doc) = timed(
+        lambda: admin.request("POST", "/reconcile", envelope.dumps({"date": day.isoformat()})), n=1)
+    out["reconciled"] = {"date": day.isoformat(), "settlements": sum(int(g["fixmedins_setl_cnt"])
+                                                                     for g in doc.get("groups", [])),
+                         "balanced": doc.get("balanced"), "unbalanced": doc.get("unbalanced")} \
+        if status == 200 else {"error": doc}
+    return out
+
+
+def year_case(base: Path, rows: int, workers: int) -> dict[str, Any]:
+    """fep on an empty journal, then on a year of journal made of copies of the real trades of the first."""
+    (base / "year").mkdir(parents=True, exist_ok=True)
+    world = World(base / "year", base / "pki")
+    people = persons(20)
+    world.configure(sim={"persons": people})
+    lib = world.dir / "lib"
+    out: dict[str, Any] = {"rows": rows, "persons": YEAR_PERSONS}
+    try:
+        world.start_sim()
+        empty_startup = start_timed(world)
+        scripts = year.record(world, people)
+        visits = {}
+        for person in people:
+            v = Visit(world.his, person, fees=[("250101001", "1", "30.00")])
+            v.up_to_settlement()
+            visits[person["psn_no"]] = v
+        mix = Mix(people, visits)
+        direct = load("127.0.0.1", world.sim_port, tls_context(world), mix, 1, LATENCY_SECONDS)
+        out["direct_median_ms"] = direct.q(0.5)
+        admin = Client.unix(str(world.dir / "run" / "admin.sock"), timeout=600)
+        end = date.today()
+        day = end - timedelta(days=2)
+        out["empty"] = journal_phase(world, mix, admin, day, empty_startup, scripts["visit"][0][-1])
+        world.fep.terminate()
+        world.fep.wait(30)
+        out["empty"]["bytes"] = bytes_per_trade(lib / "journal.db")
+        templates = year.harvest(lib / "journal.db", scripts)
+        for suffix in ("", "-wal", "-shm"):
+            if (lib / f"journal.db{suffix}").exists():
+                (lib / f"journal.db{suffix}").rename(lib / f"empty.db{suffix}")
+        built = year.build(lib / "journal.db", templates, year.Plan(rows=rows, days=365, end=end,
+                                                                     persons=YEAR_PERSONS),
+                           workers=workers, ledger_days=[day])
+        out["build_s"] = built.seconds
+        out["built"] = {"trades": built.trades, "events": built.events}
+        out["year_bytes_built"] = bytes_per_trade(lib / "journal.db")
+        year.seed_ledger(world.dir / "sim" / "ledger.db", built.settlements.get(day.isoformat(), []))
+        with closing(sqlite3.connect(f"file:{lib / 'journal.db'}?mode=ro", uri=True)) as c:
+            some = c.execute("SELECT msgid FROM trades WHERE infno='2207' ORDER BY id DESC LIMIT 1 OFFSET 5000"
+                             ).fetchone()[0]
+        out["year"] = journal_phase(world, mix, admin, day, start_timed(world), some)
+        world.fep.terminate()
+        world.fep.wait(30)
+        out["year"]["bytes"] = bytes_per_trade(lib / "journal.db")
+    finally:
+        world.stop()
+    return out
+
+
+def print_year(y: dict[str, Any]) -> None:
+    e, a = y["empty"], y["year"]
+    print(f"\nA year of journal: {y['built']['trades']:,} trades ({y['built']['events']:,} events) over 365 days and "
+          f"{y['persons']:,} persons, copied from this run's real trades; built in {y['build_s']:.0f} s")
+    print(f"  reconciled {a['reconciled']}")
+    rows = [
+        ("idle CPU, % of a core", e["idle_cpu"] * 100, a["idle_cpu"] * 100, "< 1%", a["idle_cpu"] < 0.01, "{:.2f}"),
+        ("start-up, s", e["startup_s"], a["startup_s"], "within 0.2 s of empty",
+         a["startup_s"] - e["startup_s"] <= 0.2, "{:.3f}"),
+        ("added median latency, ms", e["median_ms"] - y["direct_median_ms"], a["median_ms"] - y["direct_median_ms"],
+         "", None, "{:.2f}"),
+        ("added worst latency (15 s), ms", e["worst_ms"] - y["direct_median_ms"],
+         a["worst_ms"] - y["direct_median_ms"], "", None, "{:.2f}"),
+        ("worst latency (15 s), ms", e["worst_ms"], a["worst_ms"], "<= 2x empty", a["worst_ms"] <= 2 * e["worst_ms"],
+         "{:.2f}"),
+        ("fep status (admin call), s", e["status_s"], a["status_s"], "within 0.2 s of empty",
+         a["status_s"] - e["status_s"] <= 0.2, "{:.4f}"),
+        ("fep status (the command), s", e["status_cli_s"], a["status_cli_s"], "within 0.2 s of empty",
+         a["status_cli_s"] - e["status_cli_s"] <= 0.2, "{:.3f}"),
+        *((f"fep {name}, s", e["views_s"][name], a["views_s"][name], "", None, "{:.4f}") for name in VIEWS),
+        ("fep trades --state RESOLVING (the command), s", e["trades_cli_s"], a["trades_cli_s"], "", None, "{:.3f}"),
+        ("a day's reconciliation, s", e["reconcile_s"], a["reconcile_s"], "< 1 s", a["reconcile_s"] < 1, "{:.3f}"),
+        ("bytes per trade (file)", e["bytes"]["per_trade"], a["bytes"]["per_trade"], "", None, "{:,.0f}"),
+        ("  bodies stored per trade", e["bytes"]["bodies_stored_per_trade"], a["bytes"]["bodies_stored_per_trade"],
+         "", None, "{:,.0f}"),
+        ("  bodies stored / as sent", e["bytes"]["bodies_stored_over_sent"], a["bytes"]["bodies_stored_over_sent"],
+         "", None, "{:.2f}"),
+    ]
+    print(f"  {'':46} {'empty':>10} {'year':>10}   target")
+    for name, ev, av, goal, ok, fmt in rows:
+        mark = "" if ok is None else f"   {target(ok)}"
+        print(f"  {name:46} {fmt.format(ev):>10} {fmt.format(av):>10}   {goal}{mark}")
+    print(f"  journal file: empty run {e['bytes']['file_bytes'] / 1e6:,.1f} MB for {e['bytes']['trades']:,} trades; "
+          f"year {a['bytes']['file_bytes'] / 1e9:,.2f} GB for {a['bytes']['trades']:,} "
+          f"(as built: {y['year_bytes_built']['per_trade']:,.0f} bytes per trade)")
+    print(f"  trades in the latency runs: empty {e['trades']:,} ({e['errors']} errors), year {a['trades']:,} "
+          f"({a['errors']} errors); direct median {y['direct_median_ms']:.2f} ms")
+
+
 def print_results(r: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(r, indent=2, default=float))
         return
-    u = r["upload"]
-    print(f"Big upload: a 2301 of {u['lines']:,} fee lines ({u['request_mb']:.1f} MB; answer {u['answer_mb']:.1f} MB), "
-          f"median of {u['rounds']}")
-    print(f"  through fep {u['fep_median_ms']:.0f} ms (min {u['fep_min_ms']:.0f}), "
-          f"direct {u['direct_median_ms']:.0f} ms (min {u['direct_min_ms']:.0f}): "
-          f"fep adds {u['added_ms']:.0f} ms = {u['added_ms_per_mb']:.1f} ms per MB "
-          f"(target <= 10 ms per MB: {target(u['added_ms_per_mb'] <= 10)})")
-    print(f"  fep's own CPU (all threads): {u['fep_cpu_ms']:.0f} ms an upload")
+    if "upload" in r:
+        u = r["upload"]
+        print(f"Big upload: a 2301 of {u['lines']:,} fee lines ({u['request_mb']:.1f} MB; answer {u['answer_mb']:.1f} "
+              f"MB), median of {u['rounds']}")
+        print(f"  through fep {u['fep_median_ms']:.0f} ms (min {u['fep_min_ms']:.0f}), "
+              f"direct {u['direct_median_ms']:.0f} ms (min {u['direct_min_ms']:.0f}): "
+              f"fep adds {u['added_ms']:.0f} ms = {u['added_ms_per_mb']:.1f} ms per MB "
+              f"(target <= 10 ms per MB: {target(u['added_ms_per_mb'] <= 10)})")
+        print(f"  fep's own CPU (all threads): {u['fep_cpu_ms']:.0f} ms an upload")
+        print()
     if "overhead" not in r:
+        if "year" in r:
+            print_year(r["year"])
         return
-    print()
     print("Overhead: the same mix (1101, 2206) through fep over HTTP, and straight to the simulator over mTLS")
     print(f"{'clients':>8} {'fep med':>9} {'direct med':>11} {'added':>8} {'ratio':>6} {'fep p99':>9} "
           f"{'direct p99':>11} {'added':>8}   targets (1 client): added median < 1 ms, added p99 < 5 ms")
@@ -400,6 +617,8 @@ def print_results(r: dict[str, Any], as_json: bool) -> None:
     m = r["memory"]
     print(f"\nMemory: idle {m['idle_mb']:.1f} MB; with 100,000 trades journalled and 10,000 queued {m['full_mb']:.1f} MB "
           f"(target < 150 MB: {target(m['full_mb'] < 150)})")
+    if "year" in r:
+        print_year(r["year"])
 
 
 if __name__ == "__main__":

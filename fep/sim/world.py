@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
@@ -216,14 +216,22 @@ class World:
         return _http("GET", self.control_port, f"/requests/{msgid}")
 
     def sim_answers(self) -> list[tuple[str, str]]:
-        with sqlite3.connect(self.dir / "sim" / "ledger.db") as c:
+        with closing(sqlite3.connect(self.dir / "sim" / "ledger.db")) as c:
             return c.execute("SELECT msgid, infno FROM answers ORDER BY rowid").fetchall()
 
     # ---- the journal, read as an auditor would ---------------------------------------------------------------
     def journal(self, where: str = "1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        with sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True) as c:
+        """Rows as stored, requests and answers as they were sent and received (fep.journal.body_text)."""
+        from fep.journal import body_text
+
+        with closing(sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True)) as c:
             c.row_factory = sqlite3.Row
-            return [dict(r) for r in c.execute(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)]
+            rows = [dict(r) for r in c.execute(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)]
+        for r in rows:
+            for k in ("request", "answer", "late_answer"):
+                if r[k] is not None:
+                    r[k] = body_text(r[k])
+        return rows
 
     def trade(self, msgid: str) -> dict[str, Any]:
         rows = self.journal("msgid=?", (msgid,))
@@ -231,7 +239,7 @@ class World:
         return rows[0]
 
     def events(self, msgid: str) -> list[str]:
-        with sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True) as c:
+        with closing(sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True)) as c:
             return [r[0] for r in c.execute("SELECT event FROM events WHERE msgid=? ORDER BY id", (msgid,))]
 
     def assert_ledgers_agree(self) -> None:
