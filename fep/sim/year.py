@@ -369,7 +369,8 @@ def _day(d: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], dict[str
                      msgids.get((v, r.related)) if r.related is not None else None,
                      msgids.get((v, r.resolver)) if r.resolver is not None else None,
                      r.attempts, None, None, r.endpoint, note, slot.get(r.setl_id) if r.setl_id else None,
-                     slot.get(r.cancels) if r.cancels else None, t, updated))
+                     slot.get(r.cancels) if r.cancels else None, t, updated,
+                     msgid if r.related is None and r.infno not in ("9001", "9002") else None))  # his_msgid
         for k, (event, st, nt) in enumerate(evlist):
             evs.append((msgid, t + 0.05 * k, event, st, nt))
         if r.settlement and state in ("ANSWERED", "CONFIRMED"):
