@@ -282,15 +282,21 @@ def test_a_queued_upload_whose_replay_was_lost_is_not_parked_because_the_bureau_
                                         f"then: {said(settle)}")
 
 
-def test_a_queued_upload_without_a_psn_no_is_delivered(running: World) -> None:
-    """A deferrable trade whose input carries no psn_no (2302 requires none) is acknowledged as QUEUED while the
-    bureau is down. It belongs to no person's queue, so nothing ever replays it: once the bureau is back, and even
-    after a restart, it stays QUEUED, a promise never kept."""
+def test_a_deferrable_upload_without_a_psn_no_is_never_a_promise_fep_cannot_keep(running: World) -> None:
+    """A deferrable trade whose input carries no psn_no belongs to no person's queue. It was acknowledged as
+    QUEUED and then never replayed, a promise never kept. Now fep refuses it up front, naming the field (deferred
+    work is ordered per person); nothing is queued, so nothing is left undelivered."""
     visit = Visit(running.his, ZHANG)
     visit.open()
     with running.outage():
-        status, queued = visit.post("2302", {"data": {"feedetl_sn": "0000", "mdtrt_id": visit.mdtrt_id}},
-                                    msgid=his_msgid(81))
+        status, refused = visit.post("2302", {"data": {"feedetl_sn": "0000", "mdtrt_id": visit.mdtrt_id}},
+                                     msgid=his_msgid(81))
+    assert status == 200 and refused["fep_state"] == "REFUSED" and "data.psn_no" in refused["err_msg"], said(refused)
+    assert running.journal("his_msgid=?", (his_msgid(81),)) == []
+    # With its psn_no, the same upload is queued and delivered, also across a restart.
+    with running.outage():
+        status, queued = visit.post("2302", {"data": {"feedetl_sn": "0000", "mdtrt_id": visit.mdtrt_id,
+                                                      "psn_no": ZHANG["psn_no"]}}, msgid=his_msgid(82))
         assert status == 200 and queued["fep_state"] == "QUEUED", said(queued)
     msgid = queued["fep_msgid"]
     assert visit.identify()["infcode"] == 0  # the bureau is back and fep talks to it
