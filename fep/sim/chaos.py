@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 import traceback
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -610,13 +611,18 @@ def _answer_fields(text: str | None) -> tuple[int | None, str, str | None, str |
             else None, str(medfee) if medfee is not None else None)
 
 
+def _text(stored: str | bytes | None) -> str | None:
+    """A body as the journal stores it: text, or a zlib stream of its UTF-8 (long bodies)."""
+    return zlib.decompress(stored).decode("utf-8") if isinstance(stored, bytes) else stored
+
+
 def read_journal(path: Path) -> dict[str, JRow]:
     with _ro(path) as c:
         rows = c.execute("SELECT id, msgid, infno, psn_no, state, answer, setl_id, cancels, related, resolver, note, "
                          "late_answer FROM trades ORDER BY id").fetchall()
     out = {}
     for id_, msgid, infno, psn, state, answer, setl_id, cancels, related, resolver, note, late in rows:
-        infcode, err, _, medfee = _answer_fields(answer)
+        infcode, err, _, medfee = _answer_fields(_text(answer))
         out[msgid] = JRow(id=id_, msgid=msgid, infno=infno, psn_no=psn, state=state, infcode=infcode, err_msg=err,
                           setl_id=setl_id, medfee=medfee, cancels=cancels, related=related, resolver=resolver,
                           note=note or "", late=bool(late))
