@@ -299,3 +299,140 @@ def test_the_table_of_refused_sources_stays_bounded() -> None:
     for i in range(10_000):
         rl.warn("network", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", "x {source}")
     assert len(rl._seen) <= 100
+
+
+# ---- end to end: a real daemon ---------------------------------------------------------------------------------
+
+def _identify_request(i: int) -> bytes:
+    body = envelope.dumps({"infno": "1101", "opter_type": "1", "opter": "his", "opter_name": "HIS",
+                           "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}}})
+    return (f"POST {CALL} HTTP/1.1\r\nHost: fep\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def _raise_nofile(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"needs {need} descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def test_2000_simultaneous_his_connections_are_all_answered(world: World) -> None:
+    """The burst that a backlog of 50 dropped: 2,000 connections opened at once, each sending a 1101 only
+    once all are open, from eight loopback addresses (the per-peer cap stays at its default)."""
+    import selectors
+    n = 2000
+    _raise_nofile(3 * n + 1000)  # the test's sockets, and fep's (it inherits the limit)
+    world.start()
+    socks = []
+    for i in range(n):
+        s = socket.socket()
+        s.bind((f"127.0.0.{2 + i % 8}", 0))
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", world.his_port))
+        socks.append(s)
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_WRITE)
+    unsent = set(socks)
+    deadline = time.monotonic() + 60
+    while unsent and time.monotonic() < deadline:  # every connect done, then every request written
+        for key, _ in sel.select(1):
+            s = key.fileobj
+            sel.unregister(s)
+            unsent.discard(s)
+    assert not unsent, f"{len(unsent)} connections never completed"
+    got: dict[Any, bytes] = {}
+    for i, s in enumerate(socks):
+        s.sendall(_identify_request(i))
+        sel.register(s, selectors.EVENT_READ)
+        got[s] = b""
+    open_ = set(socks)
+    deadline = time.monotonic() + 120
+    while open_ and time.monotonic() < deadline:
+        for key, _ in sel.select(1):
+            s = key.fileobj
+            try:
+                chunk = s.recv(65536)
+            except ConnectionError:
+                chunk = b""
+            if chunk:
+                got[s] += chunk
+            else:
+                sel.unregister(s)
+                open_.discard(s)
+    for s in socks:
+        s.close()
+    statuses = [Messages().feed(data) for data in got.values()]
+    answered = [m for m in statuses if len(m) == 1 and m[0][0] == 200]
+    assert len(answered) == n, f"{n - len(answered)} of {n} not answered; {len(open_)} still open"
+    assert all(envelope.loads(m[0][1]).get("fep_msgid") for m in answered)
+    assert world.fep_alive()
+
+
+def _admin_status(world: World) -> int:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(world.dir / "run" / "admin.sock"))
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: fep\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return Messages().feed(data)[0][0]
+
+
+def test_with_the_his_side_at_its_cap_the_admin_socket_and_metrics_still_answer(world: World) -> None:
+    import urllib.request
+    world.configure({"his": {"max_connections": 40, "max_connections_per_peer": 40}})
+    world.start()
+    held = []
+    for _ in range(40):  # each answered once, so fep has taken all of them; then kept open, idle
+        s = socket.create_connection(("127.0.0.1", world.his_port))
+        s.sendall(b"GET /fep/trades/NONE HTTP/1.1\r\nHost: fep\r\n\r\n")
+        s.settimeout(10)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        held.append(s)
+    assert _over_cap(world)
+    assert _admin_status(world) == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{world.metrics_port}/metrics", timeout=10) as r:
+        assert r.status == 200
+    for s in held:
+        s.close()
+    assert world.his_tcp.call("1101", {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}})[
+        "infcode"] == 0  # places come free once the held connections close
+
+
+def _over_cap(world: World) -> bool:
+    with socket.create_connection(("127.0.0.1", world.his_port)) as s:
+        s.settimeout(5)
+        try:
+            return s.recv(100).startswith(b"HTTP/1.1 503")
+        except (socket.timeout, ConnectionError):
+            return False
+
+
+def test_end_to_end_half_close_upgrade_and_a_long_url(running: World) -> None:
+    port = running.his_port
+    with socket.create_connection(("127.0.0.1", port)) as s:  # the request, then SHUT_WR: still answered
+        s.sendall(_identify_request(0).replace(b"Connection: close\r\n", b""))
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(30)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    got = Messages().feed(data)
+    assert [st for st, _ in got] == [200] and envelope.loads(got[0][1])["infcode"] == 0
+    for head, status in ((b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
+                         (b"CONNECT x:1 HTTP/1.1\r\nHost: x:1\r\n\r\n", 501),
+                         (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n", 414),
+                         (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431)):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head)
+            s.settimeout(10)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert [st for st, _ in Messages().feed(data)] == [status], head[:40]
+    assert "Traceback" not in running.log("run") and "Unhandled" not in running.log("run")
+    assert running.fep_alive()
