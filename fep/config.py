@@ -42,6 +42,16 @@ class HisSide:
     answer_within: float
     # How fep writes infcode on its own envelopes (queued, not sent, refused): as the bureau does.
     infcode_type: str = "number"
+    # What one HIS connection, and all of them, may cost (README, "Limits of the HIS side").
+    max_url: int = 8192
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    max_pipelined: int = 16
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 120.0
+    max_connections: int = 2048
+    max_connections_per_peer: int = 512
 
 
 @dataclass(frozen=True)
@@ -163,7 +173,11 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         # answer_budget: the name before 0.2; it still works.
         answer_within=float(his_doc.get("answer_within", his_doc.get("answer_budget", 8))),
         infcode_type=str(his_doc.get("infcode_type", "number")),
+        **{key: _positive(his_doc, key, kind, default) for key, kind, default in HIS_LIMITS},
     )
+    if his.max_connections_per_peer > his.max_connections:
+        raise ConfigError(f"his.max_connections_per_peer ({his.max_connections_per_peer}) must not be over "
+                          f"his.max_connections ({his.max_connections})")
     if his.answer_within < 1:
         raise ConfigError(f"his.answer_within must be at least 1 s, got {his.answer_within:g}")
     if his.infcode_type not in ("number", "string"):
@@ -197,6 +211,23 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         allow_root=bool((doc.get("security") or {}).get("allow_root", False)),
         source=path,
     )
+
+
+HIS_LIMITS = (("max_url", int, 8192), ("max_header_bytes", int, 32768), ("max_headers", int, 100),
+              ("max_pipelined", int, 16), ("header_timeout", float, 10.0), ("body_timeout", float, 60.0),
+              ("idle_timeout", float, 120.0), ("max_connections", int, 2048),
+              ("max_connections_per_peer", int, 512))
+
+
+def _positive(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = doc.get(key, default)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"his.{key} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or number <= 0:
+        raise ConfigError(f"his.{key} must be more than 0, got {value!r}")
+    return number
 
 
 def _group(doc: Any, i: int) -> tuple[str, str, str]:

@@ -8,6 +8,7 @@ re-reads the config and certificates; an invalid new config is refused and the r
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 from datetime import date
@@ -23,6 +24,7 @@ from fep import logs
 from fep.bureau import BureauLink
 from fep.engine import Engine
 from fep.his import HisFactory, HisService
+from fep.http11 import Limits
 from fep.journal import Journal, JournalError
 from fep.codebook import CodeBook
 from fep.reconcile import Reconciler, yesterday
@@ -59,11 +61,14 @@ class Daemon:
         await self.codes.open()
         self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes)
         await self.engine.start()
-        self.factory = HisFactory(HisService(self.engine), cfg.his.max_body, cfg.his.allowed_networks)
+        self.factory = HisFactory(HisService(self.engine), cfg.his.max_body, cfg.his.allowed_networks,
+                                  his_limits(cfg.his), *connection_caps(cfg.his))
         if cfg.his.unix:
-            await _listen_unix(self.reactor, cfg.his.unix, self.factory)
-        await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, interface=cfg.his.tcp_host).listen(
-            self.factory)
+            await _listen_unix(self.reactor, cfg.his.unix, self.factory, self.factory.max_connections)
+        # The listen backlog holds a burst of every connection the HIS side may open at once: a backlog of 50
+        # silently dropped 202 of 3,000 simultaneous requests (the kernel caps it at net.core.somaxconn).
+        await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, backlog=self.factory.max_connections,
+                                           interface=cfg.his.tcp_host).listen(self.factory)
         self.reconciler = Reconciler(self.engine)
         self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations,
                                  "POST catalog": self._catalog, "GET catalog": self._catalog})
@@ -100,6 +105,8 @@ class Daemon:
                                          ("journal", self.cfg.journal_path, cfg.journal_path)) if a != b]
         self.engine.reconfigure(cfg)
         self.factory.max_body, self.factory.networks = cfg.his.max_body, cfg.his.allowed_networks
+        self.factory.limits = his_limits(cfg.his)  # for connections opened from now on
+        self.factory.max_connections, self.factory.max_per_peer = connection_caps(cfg.his)
         self.cfg = cfg
         metrics.RELOADS.labels("applied").inc()
         note = f"; a restart is needed to move: {', '.join(moved)}" if moved else ""
@@ -151,11 +158,41 @@ def _day(text: str | None) -> date:
         raise ValueError(f"cannot read the date {text!r}: use YYYY-MM-DD") from None
 
 
-def _listen_unix(reactor: Any, path: Path, factory: HisFactory) -> defer.Deferred[Any]:
+def _listen_unix(reactor: Any, path: Path, factory: HisFactory, backlog: int) -> defer.Deferred[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         path.unlink()  # left by a previous run
-    return endpoints.UNIXServerEndpoint(reactor, str(path), mode=0o660).listen(factory)
+    return endpoints.UNIXServerEndpoint(reactor, str(path), backlog=backlog, mode=0o660).listen(factory)
+
+
+def his_limits(his: config_mod.HisSide) -> Limits:
+    return Limits(max_url=his.max_url, max_header_bytes=his.max_header_bytes, max_headers=his.max_headers,
+                  max_pipelined=his.max_pipelined, max_pipelined_bytes=his.max_body,
+                  header_timeout=his.header_timeout, body_timeout=his.body_timeout, idle_timeout=his.idle_timeout)
+
+
+# Descriptors kept out of the HIS side's reach: the admin socket and metrics listener and their clients, the
+# journal and its reader threads, the bureau connections, logs. With the HIS side at its cap these stay usable.
+FD_RESERVE = 256
+
+
+def connection_caps(his: config_mod.HisSide) -> tuple[int, int]:
+    """(global, per peer) caps on HIS connections, the global one kept FD_RESERVE under RLIMIT_NOFILE (raised
+    to its hard limit first): over the descriptor limit accept() fails for every listener, the admin's too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    cap = his.max_connections
+    if soft != resource.RLIM_INFINITY and cap > soft - FD_RESERVE:
+        cap = max(1, soft - FD_RESERVE)
+        log.warn("his.max_connections {want} lowered to {cap}: the descriptor limit is {soft} and {reserve} stay "
+                 "for the admin side, the journal and the bureau (raise LimitNOFILE)", want=his.max_connections,
+                 cap=cap, soft=soft, reserve=FD_RESERVE)
+    return cap, min(his.max_connections_per_peer, cap)
 
 
 def run(config_path: Path) -> int:

@@ -8,6 +8,7 @@ paths); `infno` comes from the body. fep's own calls live under /fep/.
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Any, Sequence
 
 from multipart import parse_options_header
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from fep import envelope
 from fep.trades import InvalidInput, UnknownTrade
 from fep.engine import Engine, Refused
-from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.http11 import HTTPServerProtocol, Limits, Request, Response
 from fep.replies import Reply
 
 log = Logger()
@@ -71,20 +72,106 @@ def _json(reply: Reply) -> Response:
     return Response(200, reply.raw or envelope.dumps(reply.body))
 
 
-class HisFactory(Factory):
-    """Connections from outside the configured client networks are closed before a byte is read."""
+class RateLimitedLog:
+    """One line per (what, source) per `interval` seconds; the next line says how many were left out. A
+    refused source cannot fill the disk, and the table of sources is bounded too."""
 
-    def __init__(self, service: HisService, max_body: int, networks: Sequence[Network]) -> None:
+    def __init__(self, interval: float = 60.0, clock: Any = None, max_sources: int = 10000) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.max_sources = max_sources
+        self._seen: dict[tuple[str, str], list[float]] = {}  # key -> [last logged at, left out since]
+
+    def _now(self) -> float:
+        if self.clock is not None:
+            return self.clock.seconds()
+        return time.monotonic()
+
+    def warn(self, what: str, source: str, text: str, **fields: Any) -> bool:
+        """Log `text` (a twisted.logger format; {source} and {more} are filled) unless this source was logged for
+        this reason less than `interval` ago. True when a line was written."""
+        now = self._now()
+        key = (what, source)
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return False
+        more = int(seen[1]) if seen is not None else 0
+        if len(self._seen) >= self.max_sources:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+            if len(self._seen) >= self.max_sources:  # a flood from many sources: forget the oldest half
+                keep = sorted(self._seen.items(), key=lambda kv: kv[1][0])[len(self._seen) // 2:]
+                self._seen = dict(keep)
+        self._seen[key] = [now, 0]
+        suffix = f" ({more} more since the last line)" if more else ""
+        log.warn(text + suffix, source=source, **fields)
+        return True
+
+
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 31\r\n"
+        b"Connection: close\r\nRetry-After: 1\r\n\r\nfep: too many HIS connections\r\n")
+
+
+class _Busy(Protocol):
+    """A connection over a cap: one short 503, closed at once, nothing read."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(BUSY)
+        self.transport.loseConnection()
+
+
+class HisFactory(Factory):
+    """Connections from outside the configured client networks are closed before a byte is read, and so
+    are connections over `his.max_connections` or `his.max_connections_per_peer` (after a short 503).
+    Each refusal is logged at most once a minute per source, with a count."""
+
+    def __init__(self, service: HisService, max_body: int, networks: Sequence[Network],
+                 limits: Limits | None = None, max_connections: int = 2048, max_per_peer: int = 512,
+                 clock: Any = None) -> None:
         self.service = service
         self.max_body = max_body
         self.networks = tuple(networks)
+        self.limits = limits or Limits()
+        self.max_connections = max_connections
+        self.max_per_peer = max_per_peer
+        self.clock = clock
+        self.refusals = RateLimitedLog(clock=clock)
+        self.open = 0
+        self.per_peer: dict[str, int] = {}
+        self.refused = 0  # connections refused, every reason
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         peer = ""
+        host = "unix"
         if isinstance(addr, (address.IPv4Address, address.IPv6Address)):
+            host = addr.host
             ip = ipaddress.ip_address(addr.host)
             if not any(ip in n for n in self.networks):
-                log.warn("refused HIS connection from {host}: not in his.allowed_networks", host=addr.host)
+                self.refused += 1
+                self.refusals.warn("network", host, "refused HIS connection from {source}: not in his.allowed_networks")
                 return None
             peer = f"{addr.host}:{addr.port}"
-        return HTTPServerProtocol(self.service.handle, self.max_body, peer, refuse=envelope.refusal)
+        if self.open >= self.max_connections:
+            return self._busy(host, "refused HIS connection from {source}: {n} HIS connections are open, "
+                                    "his.max_connections", self.open)
+        count = self.per_peer.get(host, 0)
+        if host != "unix" and count >= self.max_per_peer:
+            return self._busy(host, "refused HIS connection from {source}: it has {n} open, "
+                                    "his.max_connections_per_peer", count)
+        self.open += 1
+        self.per_peer[host] = count + 1
+        return HTTPServerProtocol(self.service.handle, self.max_body, peer, refuse=envelope.refusal,
+                                  limits=self.limits, clock=self.clock, on_close=lambda: self._closed(host))
+
+    def _busy(self, host: str, text: str, n: int) -> Protocol:
+        self.refused += 1
+        self.refusals.warn("busy", host, text, n=n)
+        return _Busy()
+
+    def _closed(self, host: str) -> None:
+        self.open -= 1
+        left = self.per_peer.get(host, 1) - 1
+        if left > 0:
+            self.per_peer[host] = left
+        else:
+            self.per_peer.pop(host, None)

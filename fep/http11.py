@@ -12,12 +12,12 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import httptools
 from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,6 +62,21 @@ def render_response(resp: Response, keep_alive: bool, version: str = "1.1") -> b
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + resp.body
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may cost (README, "Limits"). Timeouts of None are not enforced."""
+
+    max_url: int = 8192  # bytes of the request target; longer: 414
+    max_header_bytes: int = 32768  # bytes of header names and values together; more: 431
+    max_headers: int = 100  # header lines; more: 431
+    max_pipelined: int = 16  # requests read and not yet answered; at this many, reading stops until one is
+    max_pipelined_bytes: int = 32 << 20  # ... and at this many bytes of their bodies
+    header_timeout: float | None = None  # from a request's first byte to the end of its headers; then 408
+    body_timeout: float | None = None  # from the end of the headers to the end of the body; then 408
+    idle_timeout: float | None = None  # a kept connection with nothing owed and nothing arriving is closed
+
+
+MIN_REQUEST = 16  # the fewest bytes a request can be ("GET / HTTP/1.1\r\n\r\n" less two): see _feed
 LINGER_LIMIT = 64 << 20  # at most this much of a refused body is read before the connection is cut
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -74,49 +89,149 @@ def plain_refusal(status: int, message: str) -> Response:
     return Response(status, json.dumps({"error": message}, ensure_ascii=False).encode("utf-8"))
 
 
+@implementer(IHalfCloseableProtocol)
 class HTTPServerProtocol(Protocol):
     """One connection. Requests are answered in order, one at a time (HTTP/1.1 pipelining safe).
 
     A refusal (bad HTTP, a body too large) answers the request it refuses, so by HTTP's ordering it
     must come after every answer already owed on this connection: a client that heard only the refusal
     would take it for the answer to its first request, and believe a trade failed that stands. Nothing
-    after a refusal is taken; once it is written the connection closes."""
+    after a refusal is taken; once it is written the connection closes.
+
+    What one connection can make fep hold is bounded (`Limits`): at most `max_pipelined` requests read and
+    not yet answered (then the socket is not read until one is answered), header and URL sizes, and
+    deadlines for reading a request and for an idle kept connection. When the client goes away, requests
+    read but not yet handed to the handler are dropped: nobody is left to hear them, and nothing of them
+    was journalled. The one being handled completes (it may be journalled already). A client that shuts
+    down its sending side after its requests (half-close) still gets every answer."""
 
     # `Expect: 100-continue` (curl for large bodies, every .NET Framework HttpWebRequest): the client waits for
     # "100 Continue" before it sends the body (.NET 350 ms, curl 1 s, then it sends anyway). It is sent as soon
     # as the headers show a body that will be taken, after any answers still owed on the connection (they come
     # first, in order); a body over the limit gets its 413 instead, and the client need not send it.
 
-    def __init__(self, handler: Handler, max_body: int, peer: str = "", refuse: Refuser = plain_refusal) -> None:
+    def __init__(self, handler: Handler, max_body: int, peer: str = "", refuse: Refuser = plain_refusal,
+                 limits: Limits | None = None, clock: Any = None, on_close: Callable[[], None] | None = None) -> None:
         self._handler = handler
         self._refusal = refuse
         self._max_body = max_body
         self._peer = peer
+        self._limits = limits or Limits()
+        self._clock = clock
+        self._on_close = on_close
         self._parser = httptools.HttpRequestParser(self)
         # what is owed, in order: requests taken, and at most one refusal, last
         self._pending: deque[tuple[Request, bool] | Response] = deque()
+        self._pending_bytes = 0  # body bytes of the requests in _pending
         self._busy = False
         self._refused = False  # a refusal is queued: nothing more is taken
         self._drained = True  # False while a refused body is still being read (lingering close)
         self._finished = False  # the last answer is written; the connection closes once drained
         self._discarded = 0  # bytes read and dropped after the refusal
+        self._held = bytearray()  # bytes read and not yet parsed: reading is paused
+        self._paused = False
+        self._read_closed = False  # the client half-closed: it sends nothing more but still reads
+        self._lost = False
+        self._in_head = False  # a request has begun and its headers are not complete
+        self._in_body = False
+        self._head_bytes = 0
+        self._timer: Any = None
+        self.dropped = 0  # requests read and dropped because the client went away before their turn
         self._reset()
 
     def _reset(self) -> None:
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._header_count = 0
         self._body: list[bytes] = []
         self._size = 0
         self._continue = False  # the request in progress waits for "100 Continue" before sending its body
 
+    @property
+    def buffered(self) -> int:
+        """Requests read and not yet answered (the one being handled included)."""
+        return sum(1 for item in self._pending if not isinstance(item, Response)) + (1 if self._busy else 0)
+
+    # timers: one at a time, for the phase the connection is in
+    def _arm(self, seconds: float | None, what: str) -> None:
+        self._disarm()
+        if seconds is None or self._lost:
+            return
+        clock = self._clock
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+        self._timer = clock.callLater(seconds, self._expired, what)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _expired(self, what: str) -> None:
+        self._timer = None
+        if self._lost:
+            return
+        if what == "idle":
+            self.transport.loseConnection()
+            return
+        limit = self._limits.header_timeout if what == "headers" else self._limits.body_timeout
+        self._refuse(408, f"the request's {what} did not arrive within {limit:g} s")
+        self._drained = True
+        self._close_if_done()
+
+    def _idle_check(self) -> None:
+        """Nothing owed and no request begun: the idle deadline runs; otherwise it does not."""
+        if self._lost or self._finished:
+            return
+        if not self._busy and not self._pending and not self._in_head and not self._in_body:
+            if self._read_closed:  # the client sends nothing more and is owed nothing
+                self.transport.loseConnection()
+                return
+            self._arm(self._limits.idle_timeout, "idle")
+        elif self._timer is not None and not (self._in_head or self._in_body):
+            self._disarm()  # waiting for our own handler: no deadline on the client
+
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._arm(self._limits.header_timeout, "headers")
+
     def on_url(self, url: bytes) -> None:
+        if self._refused:
+            return
         self._url += url
+        if len(self._url) > self._limits.max_url:
+            self._refuse(414, f"the request target is over the limit of {self._limits.max_url} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        self._header_bytes += len(name) + len(value)
+        self._header_count += 1
+        if self._header_count > self._limits.max_headers:
+            self._refuse(431, f"the request has more than {self._limits.max_headers} header fields")
+            return
+        if self._header_bytes > self._limits.max_header_bytes:
+            self._refuse(431, f"the request's header fields are over the limit of {self._limits.max_header_bytes} bytes")
+            return
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._in_body = True
+        self._arm(self._limits.body_timeout, "body")
+        if self._refused:
+            return
+        if self._parser.should_upgrade():
+            method = self._parser.get_method().decode("latin-1")
+            if method == "CONNECT":
+                self._refuse(501, "CONNECT is not supported: fep is not a proxy")
+            else:
+                self._refuse(501, f"Upgrade ({self._headers.get('upgrade', '')}) is not supported: "
+                                  "post trades over HTTP/1.1 without Upgrade")
+            return
         length = self._headers.get("content-length", "0")
         if length.isdigit() and int(length) > self._max_body:
             self._refuse(413, f"request body of {length} bytes is over the limit of {self._max_body}", linger=True)
@@ -143,6 +258,8 @@ class HTTPServerProtocol(Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = self._in_body = False
+        self._disarm()
         if self._refused:  # the end of a refused body: the client is now reading, not sending
             self._drained = True
             self._close_if_done()
@@ -156,11 +273,17 @@ class HTTPServerProtocol(Protocol):
             version=self._parser.get_http_version(),
         )
         self._pending.append((req, self._parser.should_keep_alive()))
+        self._pending_bytes += len(req.body)
         self._reset()
         self._next()
 
     # Twisted
+    def connectionMade(self) -> None:
+        self._idle_check()
+
     def dataReceived(self, data: bytes) -> None:
+        if self._lost:
+            return
         if self._refused:
             self._discarded += len(data)
             if self._discarded > LINGER_LIMIT:
@@ -168,13 +291,101 @@ class HTTPServerProtocol(Protocol):
                 return
             if self._drained:  # past the refused request: read only so that closing sends no reset
                 return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            if not self._refused:
-                self._refuse(400, f"malformed HTTP request: {e}")
-            self._drained = True  # the parser reads no further: whatever follows is dropped
-            self._close_if_done()
+        self._held += data
+        self._feed()
+
+    def _full(self) -> bool:
+        return (self.buffered >= self._limits.max_pipelined
+                or (self._pending_bytes >= self._limits.max_pipelined_bytes and bool(self._pending)))
+
+    def _feed(self) -> None:
+        """Parse what is held, stopping as soon as `max_pipelined` requests are owed. llhttp cannot be paused
+        from a callback, so it is fed no more bytes at a time than can hold the requests there is still room
+        for: every request is at least MIN_REQUEST bytes long, and a body's announced rest is passed whole."""
+        while self._held and not self._lost and not (self._refused and self._drained):
+            room = self._limits.max_pipelined - self.buffered
+            if self._full() or room <= 0:
+                self._pause()
+                return
+            step = room * MIN_REQUEST
+            if self._refused:  # a refused body being read to its end: no request can come of it
+                step = len(self._held)
+            elif self._in_body:
+                length = self._headers.get("content-length", "")
+                if length.isdigit():  # the rest of this body ends this request: one of the `room`
+                    step = max(1, int(length) - self._size + (room - 1) * MIN_REQUEST)
+            piece = bytes(self._held[:step])
+            del self._held[:step]
+            began_in_head = self._in_head
+            try:
+                self._parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                # the request asking for an upgrade (refused in on_headers_complete) is complete; what follows
+                # is not HTTP and is not read
+                self._held.clear()
+                self._drained = True
+                self._close_if_done()
+                return
+            except httptools.HttpParserError as e:
+                self._held.clear()
+                if not self._refused:
+                    self._refuse(400, f"malformed HTTP request: {e}")
+                self._drained = True  # the parser reads no further: whatever follows is dropped
+                self._close_if_done()
+                return
+            if self._in_head and not self._refused:
+                # httptools gathers a header line before calling on_header: a line that never ends is caught here
+                self._head_bytes += len(piece) if began_in_head else 0
+                limit = self._limits.max_header_bytes + self._limits.max_url + 8192
+                if self._head_bytes > limit:
+                    self._held.clear()
+                    self._refuse(431, f"the request's header fields are over the limit of "
+                                      f"{self._limits.max_header_bytes} bytes")
+                    self._drained = True
+                    self._close_if_done()
+                    return
+        if self._refused and self._drained:
+            self._held.clear()
+        if not self._held:
+            self._resume()
+        self._idle_check()
+
+    def _pause(self) -> None:
+        if not self._paused and not self._lost:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused and not self._lost:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its sending side (SHUT_WR): what it sent is answered, then the connection closes."""
+        self._read_closed = True
+        if not (self._in_head or self._in_body):
+            self._idle_check()
+        else:  # a request cut short: nothing more of it will come; answer what is owed, then close
+            self._in_head = self._in_body = False
+            self._disarm()
+            self._refused = True
+            self._drained = True
+            if not self._busy and not self._pending:
+                self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._lost = True
+        self._disarm()
+        self.dropped += self.buffered - (1 if self._busy else 0)
+        self._pending.clear()  # not handed to the handler: nothing of them was journalled
+        self._pending_bytes = 0
+        self._held.clear()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
     def _refuse(self, status: int, message: str, linger: bool = False) -> None:
         """Queue the answer to a request that cannot be taken, behind the answers already owed. With
@@ -188,7 +399,7 @@ class HTTPServerProtocol(Protocol):
         self._next()
 
     def _next(self) -> None:
-        if self._busy or not self._pending or self._finished:
+        if self._busy or not self._pending or self._finished or self._lost:
             return
         item = self._pending.popleft()
         if isinstance(item, Response):  # the refusal: always the last thing owed
@@ -196,6 +407,7 @@ class HTTPServerProtocol(Protocol):
             return
         self._busy = True
         req, keep_alive = item
+        self._pending_bytes -= len(req.body)
         d = defer.maybeDeferred(self._handler, req)
         d.addErrback(self._internal_error)
         d.addCallback(self._write, keep_alive, req.version)
@@ -206,23 +418,34 @@ class HTTPServerProtocol(Protocol):
 
     def _write(self, resp: Response, keep_alive: bool, version: str) -> None:
         self._busy = False
+        if self._lost:  # the client went away: the work is done (and journalled), nobody hears it
+            return
         if not keep_alive:  # the client asked to close: whatever it sent after this is not answered
             self._pending.clear()
+            self._held.clear()
             self._drained = True
             self._finish(resp, version)
             return
         self.transport.write(render_response(resp, keep_alive, version))
         self._next()
         self._send_continue()
+        if self._held and not self._full():
+            self._feed()
+        elif not self._held:
+            self._resume()
+            self._idle_check()
+        if self._read_closed and not self._busy and not self._pending:
+            self.transport.loseConnection()
 
     def _finish(self, resp: Response, version: str = "1.1") -> None:
         self._finished = True
         self._refused = True  # nothing more is taken
+        self._disarm()
         self.transport.write(render_response(resp, keep_alive=False, version=version))
         self._close_if_done()
 
     def _close_if_done(self) -> None:
-        if self._finished and self._drained:
+        if self._finished and (self._drained or self._read_closed):
             self.transport.loseConnection()
 
 
