@@ -68,6 +68,8 @@ class Engine:
         self.windows = ConfirmWindows(reactor, now, journal, self.resolver.unconfirmed)
         self._poll: task.LoopingCall | None = None
         self._link_was_down = False
+        # msgid -> resubmissions waiting for the answer the first submission of it is getting now
+        self._waiting: dict[str, list[defer.Deferred[None]]] = {}
 
     # ---- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,9 +131,8 @@ class Engine:
     async def submit(self, req: envelope.HisRequest) -> Reply:
         started = time.perf_counter()
         trade = self.trades.get(req.infno)
-        if trade.from_his is FromHis.REFUSED:
-            raise Refused(403, f"{trade.infno} {trade.name} is fep's own business: fep signs in and out with the "
-                               f"bureau by itself; not forwarded")
+        if trade.from_his is FromHis.SESSION:
+            return await self._session_answer(trade)
         trade.validate(req.input)
         if trade.from_his is FromHis.REVERSAL:
             result = await self._reversal_asked(trade, req)
@@ -204,13 +205,34 @@ class Engine:
                 if not acc.created:
                     return self._reply(acc.row, resubmitted=True)
                 name(f"{trade.infno} {acc.row.msgid}")
-                return await self._forward(trade, acc.row, answer_by)
+                return await self._answering(acc.row.msgid, self._forward(trade, acc.row, answer_by))
         except LaneBusy as e:  # the HIS hears what it waited for, and that nothing left the box
             acc = await write(S.SENT)
             if not acc.created:
                 return self._reply(acc.row, resubmitted=True)
             return await self._not_sent(trade, acc.row, f"{e}, and fep answers the HIS within "
                                                         f"{self.cfg.his.answer_within:g} s")
+
+    async def _answering(self, msgid: str, forward: Awaitable[Reply]) -> Reply:
+        """While the first submission of `msgid` waits for the bureau, a resubmission of it (an HIS that
+        timed out and retried with its msgid) waits for the same answer instead of hearing "in progress"."""
+        self._waiting[msgid] = []
+        try:
+            return await forward
+        finally:
+            for d in self._waiting.pop(msgid):
+                if not d.called:  # (one that timed out was answered "in progress" already)
+                    d.callback(None)
+
+    async def _first_answer(self, row: TradeRow, answer_by: float) -> TradeRow:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting[row.msgid].append(d)
+        d.addTimeout(max(answer_by - self._now() - MIN_SEND, 0), self.reactor)
+        try:
+            await d
+        except defer.TimeoutError:
+            return row  # still at the bureau: the HIS hears "in progress" in time, and asks again
+        return await self.journal.get(row.msgid)  # type: ignore[return-value]
 
     async def _queue(self, write: Write) -> Reply:
         acc = await write(S.QUEUED)
@@ -222,6 +244,8 @@ class Engine:
         if not envelope.same_payload(row.payload_hash, digest):
             raise Refused(422, f"msgid {row.msgid} was already used for a different trade ({row.infno}); "
                                f"a msgid names one trade forever")
+        if row.state is S.SENT and row.msgid in self._waiting:  # the first is at the bureau: hear its answer
+            row = await self._first_answer(row, answer_by)
         if row.state is not S.NOT_SENT:
             return self._reply(row, resubmitted=True)
 
@@ -524,6 +548,19 @@ class Engine:
             "needs_attention": [{"msgid": r.msgid, "infno": r.infno, "since": _when(r.updated), "note": r.note}
                                 for r in parked],
         }
+
+    async def _session_answer(self, trade: TradeDef) -> Reply:
+        """The HIS signs in or out: fep holds the bureau session, so it answers with that, and sends nothing."""
+        sign_no = await self.session.ensure()
+        if not self.session.signed_in:
+            raise Refused(503, "fep is not signed in to the bureau yet (it signs in by itself); try again shortly")
+        when = datetime.fromtimestamp(self._now())
+        ack = envelope.local_failure("", when, trade.output)
+        ack.update(infcode=0, err_msg=None, output={trade.output: {"sign_no": sign_no,
+                                                                    "sign_time": when.strftime("%Y-%m-%d %H:%M:%S")}})
+        note = f"answered by fep, which holds the bureau session; {trade.infno} is never sent for the HIS"
+        return Reply(envelope.typed(envelope.answer(ack, msgid="", state="LOCAL", note=note, infno=trade.infno),
+                                    self.cfg.his.infcode_type))
 
     # ---- sign-in (9001), through the normal path ---------------------------------------------------
     async def _sign_in(self) -> str:

@@ -36,7 +36,9 @@ class FromHis(StrEnum):
     """What fep does with this trade number when the HIS sends it."""
     TRADE = "trade"        # forward it
     REVERSAL = "reversal"  # reverse the named trade, with the checks and transitions of `fep reverse`
-    REFUSED = "refused"    # fep's own business (sign-in, sign-out): never forwarded for the HIS
+    # fep's own session (sign-in, sign-out): answered by fep with the session it holds, never forwarded, so an
+    # HIS that signs in before it trades works unchanged and the bureau sees one session, fep's.
+    SESSION = "session"
 
 
 class OnUnknown(StrEnum):

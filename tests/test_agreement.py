@@ -200,9 +200,13 @@ def test_the_his_cannot_reverse_a_settlement_while_a_later_one_of_the_person_is_
     ("9002", {"signOut": {"sign_no": "359001", "opter_no": "HIS01"}}),
 ])
 def test_the_his_cannot_sign_fep_in_or_out(running: World, infno: str, input_: dict) -> None:
-    """The session is fep's: an HIS-sent 9001 or 9002 is refused and nothing is journalled."""
-    before = running.journal("infno=?", (infno,))
-    status, refused = running.post_raw(envelope.dumps({"infno": infno, "input": input_}))
-    assert status == 200 and (refused["fep_state"], refused["fep_reason"]) == ("REFUSED", "not_for_the_his"), \
-        said(refused)
+    """The session is fep's: an HIS-sent 9001 or 9002 is answered by fep with the session it holds (an HIS
+    that signs in before it trades works unchanged), nothing is journalled and the bureau never hears it."""
+    before, bureau_before = running.journal("infno=?", (infno,)), [a for a in running.sim_answers() if a[1] == infno]
+    status, answer = running.post_raw(envelope.dumps({"infno": infno, "input": input_}))
+    assert status == 200 and (answer["infcode"], answer["fep_state"]) == (0, "LOCAL"), said(answer)
+    node = "signinoutb" if infno == "9001" else "signoutoutb"
+    fep_sign_no = envelope.loads(running.journal("infno='9001'")[-1]["answer"])["output"]["signinoutb"]["sign_no"]
+    assert answer["output"][node]["sign_no"] == fep_sign_no
     assert running.journal("infno=?", (infno,)) == before
+    assert [a for a in running.sim_answers() if a[1] == infno] == bureau_before

@@ -66,3 +66,24 @@ def test_an_his_msgid_that_fep_used_for_its_own_trade_is_a_new_trade_not_a_refus
     assert answer["infcode"] == 0, said(answer)
     assert answer["fep_msgid"] != own and running.trade(answer["fep_msgid"])["his_msgid"] == own
     assert running.his.call("1101", visit.identity_input(), msgid=own)["fep_msgid"] == answer["fep_msgid"]
+
+
+def test_an_his_that_times_out_and_resends_its_msgid_hears_the_first_answer(running: World) -> None:
+    """As the SDK's transport retry does: the first 2207 is still at the bureau when the same body comes again.
+    The resubmission waits for the first one's answer and hears it, instead of an immediate "in progress"
+    that every HIS client reads as a failure; the patient is charged once."""
+    import threading
+
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    key = uuid.uuid4().hex.upper()[:30]
+    running.fault(mode="slow", infno="2207", seconds=1.5, times=1)
+    first: dict = {}
+    sending = threading.Thread(target=lambda: first.update(visit.settle(msgid=key)))
+    sending.start()
+    time.sleep(0.5)  # the first is at the bureau now
+    again = visit.settle(msgid=key)
+    sending.join()
+    assert again["infcode"] == 0 and again["fep_msgid"] == first["fep_msgid"], said(again)
+    assert again["output"]["setlinfo"]["setl_id"] == first["output"]["setlinfo"]["setl_id"]
+    assert len(running.live()) == 1
