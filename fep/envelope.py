@@ -271,6 +271,11 @@ _PLACES = ((re.compile(r"pric$"), 6), (re.compile(r"cnt$"), 4), (_AMOUNT, 2))
 _PLAIN = re.compile(r"-?\d{1,20}(?:\.\d{1,20})?")
 
 
+def is_amount(key: str) -> bool:
+    """Whether a field of the interface is an amount of money (*amt, *_pay, *selfpay)."""
+    return bool(_AMOUNT.search(key))
+
+
 def check_numbers(input_: Any, where: str = "input") -> None:
     """Every amount, price and quantity in `input_` (fields named *amt, *_pay, *pric, *cnt, ...), wherever it
     is: a BadEnvelope names the first that is not an exact decimal of its places within BOUND. Absent, null
