@@ -52,3 +52,71 @@ def test_a_settlements_lookup_keeps_what_the_his_acts_on(running: World) -> None
     assert setl["mdtrt_id"] == settled["output"]["setlinfo"]["mdtrt_id"]
     assert envelope.loads(envelope.dumps(setl["medfee_sumamt"])) == settled["output"]["setlinfo"]["medfee_sumamt"]
     assert not _keys(looked) & set(PERSONAL), looked
+
+
+# ---- the log mask -------------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+from twisted.internet import defer  # noqa: E402
+from twisted.logger import Logger, globalLogPublisher  # noqa: E402
+
+from fep import logs  # noqa: E402
+from fep.session import Session  # noqa: E402
+
+CERTNO, PSN_NO, NAME = "430102198001010011", "43010000000000000001", "张三"
+# The shapes the bureau's text and fep's own lines carry them in (issue 12).
+SHAPES = [f"ID{CERTNO}", f"{CERTNO}abc", "430102-19800101-0011", "430102 19800101 0011", "4301 0219 8001 0100 11",
+          "43010219800101001X", "43010219800101001x", f"psn_no={PSN_NO}", f"人员编号[{PSN_NO}]不存在",
+          f'"psn_name": "{NAME}"', f"psn_name={NAME}", f"姓名：{NAME}", f"{NAME}({CERTNO})", f"参保人{NAME} {CERTNO}",
+          "130102800101001", f"certno:{CERTNO}"]
+SECRETS = [CERTNO, PSN_NO, NAME, "19800101", "800101001", "0219 8001"]
+
+
+def _lines(emit: Any) -> str:
+    """What the daemon's log observer writes while `emit` runs, every line."""
+    import io
+    import sys
+    out, saved = io.StringIO(), sys.stderr
+    sys.stderr = out
+    globalLogPublisher.addObserver(logs.observer)
+    try:
+        emit()
+    finally:
+        globalLogPublisher.removeObserver(logs.observer)
+        sys.stderr = saved
+    return out.getvalue()
+
+
+def _clean(text: str) -> None:
+    assert text.strip(), "nothing was logged"
+    for secret in SECRETS:
+        assert secret not in text, (secret, text)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_is_masked_in_a_message(shape: str) -> None:
+    _clean(_lines(lambda: Logger().warn("{infno} {msgid} refused by the bureau: {err}; trying again",
+                                         infno="2601", msgid="H43010000099202612010925170002", err=shape)))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_is_masked_in_a_traceback(shape: str) -> None:
+    def fail() -> None:
+        try:
+            raise RuntimeError(f"bureau said: {shape}")
+        except RuntimeError:
+            Logger().failure("a resolution step failed; it is tried again")
+    _clean(_lines(fail))
+
+
+def test_the_sign_in_failed_path_masks_the_bureaus_text() -> None:
+    async def refused() -> str:
+        raise RuntimeError("签到失败: " + "; ".join(SHAPES))
+    session = Session(lambda: 1.7e9, refused, ())
+    text = _lines(lambda: defer.ensureDeferred(session.ensure()))
+    assert "sign-in (9001) failed" in text
+    _clean(text)
+
+
+def test_msgids_and_times_stay_whole() -> None:
+    line = logs.mask("2207 H43010000099202612010925170002 at 2026-11-23 09:30:00 medfee 123.45 setl_id S0001")
+    assert line == "2207 H43010000099202612010925170002 at 2026-11-23 09:30:00 medfee 123.45 setl_id S0001"
