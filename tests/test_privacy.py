@@ -120,3 +120,62 @@ def test_the_sign_in_failed_path_masks_the_bureaus_text() -> None:
 def test_msgids_and_times_stay_whole() -> None:
     line = logs.mask("2207 H43010000099202612010925170002 at 2026-11-23 09:30:00 medfee 123.45 setl_id S0001")
     assert line == "2207 H43010000099202612010925170002 at 2026-11-23 09:30:00 medfee 123.45 setl_id S0001"
+
+
+# ---- the admin socket: a malformed call is a 4xx naming the problem ------------------------------------------
+from types import SimpleNamespace  # noqa: E402
+
+from fep.admin import AdminService  # noqa: E402
+from fep.http11 import Request  # noqa: E402
+
+
+class _Journal:
+    async def find(self, flt: Any) -> list[Any]:
+        if flt.limit > 2 ** 63 - 1:
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return []
+
+
+class _AdminEngine:
+    journal = _Journal()
+
+    async def reverse(self, *args: Any) -> Any:
+        return SimpleNamespace(body={"reversed": args})
+
+    async def replay(self, msgid: str) -> Any:
+        return SimpleNamespace(body={"replayed": msgid})
+
+    async def drop(self, msgid: str, reason: str) -> Any:
+        return SimpleNamespace(body={"dropped": msgid, "reason": reason})
+
+
+def _admin(method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+    async def reload() -> str:
+        return "applied"
+    service = AdminService(_AdminEngine(), reload)  # type: ignore[arg-type]
+    box: list[Any] = []
+    defer.ensureDeferred(service.handle(Request(method, path, {}, body))).addBoth(box.append)
+    if hasattr(box[0], "raiseException"):
+        box[0].raiseException()
+    return box[0].status, envelope.loads(box[0].body)
+
+
+@pytest.mark.parametrize("method,path,body,status,words", [
+    ("POST", "/reverse", b"", 400, "MSGID"), ("POST", "/replay", b"", 400, "MSGID"), ("POST", "/drop", b"", 400, "MSGID"),
+    ("POST", "/reverse/M1", b"[1, 2]", 400, "JSON object"), ("POST", "/reverse/M1", b"{bad", 400, "not JSON"),
+    ("POST", "/drop/M1", b'"why"', 400, "JSON object"), ("POST", "/reverse/M1", b'{"psn_no": [1]}', 400, "psn_no"),
+    ("GET", "/trades?limit=99999999999999999999", b"", 400, "limit"), ("GET", "/trades?limit=-1", b"", 400, "limit"),
+    ("GET", "/trades?limit=x", b"", 400, "limit"), ("GET", "/trades?since=0001-01-01", b"", 400, "0001-01-01"),
+    ("GET", "/trades?since=yesterday", b"", 400, "yesterday"), ("GET", "/trades/a/b", b"", 404, "MSGID"),
+    ("DELETE", "/trades", b"", 404, "no admin call"), ("GET", "/nothing", b"", 404, "no admin call"),
+])
+def test_a_malformed_admin_call_is_a_4xx_naming_the_problem(method: str, path: str, body: bytes, status: int,
+                                                              words: str) -> None:
+    got, doc = _admin(method, path, body)
+    assert got == status and words in doc["error"], (got, doc)
+
+
+def test_well_formed_admin_calls_still_work() -> None:
+    assert _admin("POST", "/reverse/M1", b'{"infno": "2207", "psn_no": "P1"}') == (200, {"reversed": ["M1", "2207", "P1"]})
+    assert _admin("POST", "/drop/M1", b'{"reason": "duplicate"}')[1]["reason"] == "duplicate"
+    assert _admin("GET", "/trades?limit=5&since=2026-11-23")[0] == 200
