@@ -3,8 +3,6 @@ command), and Prometheus metrics on a loopback TCP port. A thin adapter over the
 
 from __future__ import annotations
 
-import grp
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from fep import envelope, metrics
+from fep import envelope, metrics, sockets
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
 from fep.journal import COLUMNS, TradeFilter, TradeRow
@@ -196,16 +194,14 @@ class MetricsRefresher:
             metrics.CERT_EXPIRY.labels(name).set(seconds)
 
 
-async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int) -> None:
+async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int,
+                 group: str = "fep") -> None:
     unix.parent.mkdir(parents=True, exist_ok=True)
     if unix.exists():
         unix.unlink()
     factory = Factory.forProtocol(lambda: HTTPServerProtocol(service.handle, max_body=1 << 20))
     await endpoints.UNIXServerEndpoint(reactor, str(unix), mode=0o660).listen(factory)
-    try:  # only root and the fep group may open it
-        os.chown(unix, -1, grp.getgrnam("fep").gr_gid)
-    except (KeyError, PermissionError):
-        pass  # no fep group on a development machine
+    sockets.chown_group(unix, group)  # only root and admin.unix_group (not the HIS socket's group) may open it
     root = Resource()
     root.putChild(b"metrics", MetricsResource())
     await endpoints.TCP4ServerEndpoint(reactor, metrics_port, interface=metrics_host).listen(Site(root))

@@ -179,3 +179,54 @@ def test_well_formed_admin_calls_still_work() -> None:
     assert _admin("POST", "/reverse/M1", b'{"infno": "2207", "psn_no": "P1"}') == (200, {"reversed": ["M1", "2207", "P1"]})
     assert _admin("POST", "/drop/M1", b'{"reason": "duplicate"}')[1]["reason"] == "duplicate"
     assert _admin("GET", "/trades?limit=5&since=2026-11-23")[0] == 200
+
+
+# ---- the two sockets have separate groups -------------------------------------------------------------------
+import grp as _grp  # noqa: E402
+import os  # noqa: E402
+import socket as _socket  # noqa: E402
+import stat  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from fep import config, sockets  # noqa: E402
+from fep.sim.world import ROOT  # noqa: E402
+
+
+def _config(tmp_path: Path, **changes: dict[str, Any]) -> config.Config:
+    doc = yaml.safe_load((ROOT / "conf" / "fep.yaml").read_text())
+    doc["trades"] = str(ROOT / "conf" / "trades.yaml")
+    for key, value in changes.items():
+        doc.setdefault(key, {}).update(value)
+    path = tmp_path / "fep.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return config.load(path)
+
+
+def test_the_sockets_have_separate_groups_by_default(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    assert (cfg.his.unix_group, cfg.admin.unix_group) == ("fep-his", "fep")
+    for name in ("fep.production.yaml", "fep.yaml"):
+        text = (ROOT / "conf" / name).read_text()
+        assert "unix_group" in text, name
+    assert "fep-his" in (ROOT / "scripts" / "install").read_text()
+    assert "SupplementaryGroups=fep-his" in (ROOT / "systemd" / "fep.service").read_text()
+
+
+def test_one_group_for_both_sockets_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="different groups"):
+        _config(tmp_path, his={"unix_group": "fep"})
+
+
+def test_a_socket_is_given_its_group(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    s = _socket.socket(_socket.AF_UNIX)
+    s.bind(str(path))
+    try:
+        mine = _grp.getgrgid(os.getgid()).gr_name
+        assert sockets.chown_group(path, mine)
+        assert path.stat().st_gid == os.getgid() and stat.S_IMODE(path.stat().st_mode) == 0o660
+        assert not sockets.chown_group(path, "no-such-group-fep")
+    finally:
+        s.close()
