@@ -3,8 +3,6 @@ command), and Prometheus metrics on a loopback TCP port. A thin adapter over the
 
 from __future__ import annotations
 
-import grp
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from fep import envelope, metrics
+from fep import envelope, metrics, sockets
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
 from fep.journal import COLUMNS, TradeFilter, TradeRow
@@ -34,7 +32,40 @@ def _time(value: str) -> float:
             return datetime.strptime(value, fmt).timestamp()
         except ValueError:
             pass
+        except (OverflowError, OSError):  # a date the clock cannot hold (0001-01-01): was a 500
+            raise Refused(400, f"the time {value!r} is out of range") from None
     raise Refused(400, f"cannot read the time {value!r}: use YYYY-MM-DD or YYYY-MM-DD HH:MM:SS")
+
+
+MAX_LIMIT = 100_000  # rows one `fep trades` lists
+
+
+def _msgid(req: Request, parts: list[str]) -> str:
+    """The msgid a call names (POST /reverse/MSGID): its absence was an IndexError, a 500."""
+    if len(parts) != 2 or not parts[1]:
+        raise Refused(400 if len(parts) < 2 or not parts[1] else 404,
+                      f"{req.method} /{parts[0]}/MSGID names one trade: got {req.path}")
+    return parts[1]
+
+
+def _object(req: Request) -> dict[str, Any]:
+    """A call's JSON body, which must be an object (a list or a number was an AttributeError, a 500)."""
+    try:
+        body = envelope.loads(req.body) if req.body and req.body.strip() else {}
+    except ValueError as e:
+        raise Refused(400, f"the body of {req.method} {req.path} is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise Refused(400, f"the body of {req.method} {req.path} must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _text(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise Refused(400, f"{key} must be a string, got {envelope.dumps(value).decode()[:40]}")
 
 
 def summary(row: TradeRow, full: bool = False) -> dict[str, Any]:
@@ -75,14 +106,15 @@ class AdminService:
         if key == "GET trades" and len(parts) == 1:
             return await self.trades(args)
         if key == "GET trades":
-            return await self.show(parts[1])
+            return await self.show(_msgid(req, parts))
         if key == "POST reverse":
-            body = envelope.loads(req.body or b"{}")
-            return (await self.engine.reverse(parts[1], body.get("infno"), body.get("psn_no"))).body
+            body = _object(req)
+            return (await self.engine.reverse(_msgid(req, parts), _text(body, "infno"), _text(body, "psn_no"))).body
         if key == "POST replay":
-            return (await self.engine.replay(parts[1])).body
+            return (await self.engine.replay(_msgid(req, parts))).body
         if key == "POST drop":
-            return (await self.engine.drop(parts[1], str(envelope.loads(req.body or b"{}").get("reason") or ""))).body
+            msgid, body = _msgid(req, parts), _object(req)
+            return (await self.engine.drop(msgid, _text(body, "reason") or "")).body
         if key == "POST reload":
             return {"result": await self._reload()}
         if key in self.extra:
@@ -105,6 +137,8 @@ class AdminService:
             limit = int(args.get("limit", 100))
         except ValueError:
             raise Refused(400, f"limit must be a number, got {args['limit']!r}") from None
+        if not 1 <= limit <= MAX_LIMIT:  # SQLite's integers end at 2^63: a bigger one was an OverflowError, a 500
+            raise Refused(400, f"limit must be from 1 to {MAX_LIMIT}, got {limit}")
         rows = await self.engine.journal.find(TradeFilter(
             state=State(state) if state else None, psn_no=args.get("psn_no"), infno=args.get("infno"),
             since=_time(args["since"]) if "since" in args else None,
@@ -160,16 +194,14 @@ class MetricsRefresher:
             metrics.CERT_EXPIRY.labels(name).set(seconds)
 
 
-async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int) -> None:
+async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int,
+                 group: str = "fep") -> None:
     unix.parent.mkdir(parents=True, exist_ok=True)
     if unix.exists():
         unix.unlink()
     factory = Factory.forProtocol(lambda: HTTPServerProtocol(service.handle, max_body=1 << 20))
     await endpoints.UNIXServerEndpoint(reactor, str(unix), mode=0o660).listen(factory)
-    try:  # only root and the fep group may open it
-        os.chown(unix, -1, grp.getgrnam("fep").gr_gid)
-    except (KeyError, PermissionError):
-        pass  # no fep group on a development machine
+    sockets.chown_group(unix, group)  # only root and admin.unix_group (not the HIS socket's group) may open it
     root = Resource()
     root.putChild(b"metrics", MetricsResource())
     await endpoints.TCP4ServerEndpoint(reactor, metrics_port, interface=metrics_host).listen(Site(root))

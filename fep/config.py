@@ -52,6 +52,8 @@ class HisSide:
     idle_timeout: float = 120.0
     max_connections: int = 2048
     max_connections_per_peer: int = 512
+    # The group the HIS Unix socket is given (fep.sockets): not the admin socket's.
+    unix_group: str = "fep-his"
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class AdminSide:
     unix: Path
     metrics_host: str
     metrics_port: int
+    unix_group: str = "fep"  # the group the admin socket is given (fep.sockets): only root and it may open it
 
 
 @dataclass(frozen=True)
@@ -174,12 +177,16 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         answer_within=float(his_doc.get("answer_within", his_doc.get("answer_budget", 8))),
         infcode_type=str(his_doc.get("infcode_type", "number")),
         **{key: _positive(his_doc, key, kind, default) for key, kind, default in HIS_LIMITS},
+        unix_group=str(his_doc.get("unix_group", "fep-his")),
     )
     if his.max_connections_per_peer > his.max_connections:
         raise ConfigError(f"his.max_connections_per_peer ({his.max_connections_per_peer}) must not be over "
                           f"his.max_connections ({his.max_connections})")
     if his.answer_within < 1:
         raise ConfigError(f"his.answer_within must be at least 1 s, got {his.answer_within:g}")
+    if his.unix_group == str((doc.get("admin") or {}).get("unix_group", "fep")):
+        raise ConfigError(f"his.unix_group and admin.unix_group are both {his.unix_group!r}: any HIS program could "
+                          f"then use the admin socket; give them different groups")
     if his.infcode_type not in ("number", "string"):
         raise ConfigError(f"his.infcode_type must be number or string, got {his.infcode_type!r}")
     bureau = _bureau(_need(doc, "bureau", ""), base)
@@ -203,7 +210,8 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         trades=trades,
         admin=AdminSide(unix=_path(base, (doc.get("admin") or {}).get("unix", "/run/fep/admin.sock")),
                         metrics_host=str((doc.get("admin") or {}).get("metrics_host", "127.0.0.1")),
-                        metrics_port=int((doc.get("admin") or {}).get("metrics_port", 9464))),
+                        metrics_port=int((doc.get("admin") or {}).get("metrics_port", 9464)),
+                        unix_group=str((doc.get("admin") or {}).get("unix_group", "fep"))),
         reconcile_at=_hhmm((doc.get("schedule") or {}).get("reconcile_daily_at"), "schedule.reconcile_daily_at"),
         catalog_sync_at=_hhmm((doc.get("schedule") or {}).get("catalog_sync_daily_at"),
                               "schedule.catalog_sync_daily_at"),

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from fep import admin, envelope, metrics, systemd, tls
+from fep import admin, envelope, metrics, sockets, systemd, tls
 from fep import config as config_mod
 from fep import logs
 from fep.bureau import BureauLink
@@ -65,6 +65,7 @@ class Daemon:
                                   his_limits(cfg.his), *connection_caps(cfg.his))
         if cfg.his.unix:
             await _listen_unix(self.reactor, cfg.his.unix, self.factory, self.factory.max_connections)
+            sockets.chown_group(cfg.his.unix, cfg.his.unix_group)  # not the admin socket's group
         # The listen backlog holds a burst of every connection the HIS side may open at once: a backlog of 50
         # silently dropped 202 of 3,000 simultaneous requests (the kernel caps it at net.core.somaxconn).
         await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, backlog=self.factory.max_connections,
@@ -75,7 +76,8 @@ class Daemon:
         self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday())),
                       Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync)]
         service = admin.AdminService(self.engine, self.reload, self.extra_admin)
-        await admin.listen(self.reactor, service, cfg.admin.unix, cfg.admin.metrics_host, cfg.admin.metrics_port)
+        await admin.listen(self.reactor, service, cfg.admin.unix, cfg.admin.metrics_host, cfg.admin.metrics_port,
+                           cfg.admin.unix_group)
         self.refresher = admin.MetricsRefresher(self.reactor, self.engine)
         self.refresher.loop.start(5.0)
         for job in self.daily:

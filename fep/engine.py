@@ -28,7 +28,7 @@ from fep.confirm import ConfirmWindows, NotAwaiting
 from fep.journal import Accepted, IllegalTransition, Journal, JournalError, NewTrade, TradeRow
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
-from fep.replies import Reply, reply
+from fep.replies import Reply, lookup_view, reply
 from fep.resolver import DRIVEN, Markers, Resolver
 from fep.sender import Sender, recorded
 from fep.session import Session, SignInFailed
@@ -143,14 +143,16 @@ class Engine:
         return result
 
     async def lookup(self, key: str) -> Reply:
-        """`key`: the HIS's own msgid, or the one fep answered with."""
-        return self._reply(await self._row(key))
+        """`key`: the HIS's own msgid, or the one fep answered with. The HIS hears state and codes only
+        (replies.lookup_view): a msgid is all a lookup needs, and msgids can be guessed."""
+        return lookup_view(self._reply(await self._row(key)))
 
     async def confirm(self, key: str) -> Reply:
-        """The HIS recorded a settlement that has a confirmation window."""
+        """The HIS recorded a settlement that has a confirmation window. Like a lookup, it needs only a
+        msgid: the HIS hears state and codes."""
         row = await self._row(key)
         try:
-            return self._reply(await self.windows.confirm(row.msgid))
+            return lookup_view(self._reply(await self.windows.confirm(row.msgid)))
         except NotAwaiting as e:
             raise Refused(409, str(e)) from None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,10 +41,30 @@ _canonical = msgspec.json.Encoder(decimal_format="number", order="sorted")
 
 def loads(data: bytes | str) -> Any:
     """JSON to Python, decimal-exact. Raises ValueError (with the byte where it went wrong) on bad JSON or bad
-    UTF-8. A leading byte-order mark is skipped."""
+    UTF-8, a lone UTF-16 surrogate escape, or nesting deeper than the reader's stack. A leading byte-order
+    mark is skipped."""
     if data[:3] == BOM or data[:1] == "\ufeff":
         data = data[3:] if isinstance(data, (bytes, bytearray)) else data[1:]
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except RecursionError:  # not a ValueError: it would escape every caller's handling as an internal error
+        raise ValueError(f"JSON is nested too deeply (more than {MAX_DEPTH} levels of objects and arrays)") from None
+    except ValueError as e:
+        lone = _LONE_SURROGATE.search(data if isinstance(data, str) else data.decode("latin-1"))
+        if lone is None:
+            raise
+        where = lone.start("high") if lone.group("high") else lone.start("low")
+        raise ValueError(f"a lone UTF-16 surrogate {lone.group('high') or lone.group('low')} at character {where}: "
+                         f"it is half of a character, not text (\\uD800-\\uDBFF must be followed by \\uDC00-\\uDFFF)") from e
+
+
+# National envelopes are three or four levels deep (envelope, input, node, list of nodes); 32 is far past
+# any of them and far short of what would exhaust a stack.
+MAX_DEPTH = 32
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or a low one not preceded by a high one. (Raw UTF-8
+# cannot encode a surrogate at all, and GB18030 text decoded by Python never holds one.)
+_LONE_SURROGATE = re.compile(r"(?<!\\)(?:\\\\)*(?P<high>\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})(?P<low>\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
 def dumps(obj: Any) -> bytes:
@@ -122,6 +143,10 @@ ASCII_CHARSETS = frozenset({"us-ascii", "ascii", "iso-8859-1", "latin1", "latin-
 
 
 def read_json(raw: bytes, charset: str | None, what: str = "request body") -> Any:
+    return _checked(_read_json(raw, charset, what), what)
+
+
+def _read_json(raw: bytes, charset: str | None, what: str) -> tuple[Any, bytes | str]:
     """JSON in its declared charset. UTF-8 (declared, or nothing declared) goes to the JSON reader as it is;
     GBK, GB2312 and GB18030 are read as GB18030, the standard that contains the others. A body with no
     charset that is not UTF-8 is read as GB18030 (Windows HIS programs send the system code page without
@@ -134,13 +159,13 @@ def read_json(raw: bytes, charset: str | None, what: str = "request body") -> An
             raise BadEnvelope(f"{what} is not valid {cs.upper()} (Content-Type charset={cs}): {e.reason} at byte "
                               f"{e.start}") from None
         try:
-            return loads(text)
+            return loads(text), text
         except ValueError as e:
             raise BadEnvelope(f"{what} is not valid JSON: {e}") from None
     if cs and cs not in UTF8_CHARSETS and cs not in ASCII_CHARSETS:
         raise BadEnvelope(f"{what} has charset={cs}, which fep does not read: send UTF-8, GBK or GB18030")
     try:
-        return loads(raw)  # the common case: UTF-8, read once
+        return loads(raw), raw  # the common case: UTF-8, read once
     except ValueError as e:
         error = e
     try:  # the JSON reader refused it: bad bytes, GB18030 sent without a charset, or bad JSON?
@@ -155,10 +180,58 @@ def read_json(raw: bytes, charset: str | None, what: str = "request body") -> An
             raise BadEnvelope(f"{what} is neither UTF-8 nor GB18030 (no charset in Content-Type): {e.reason} at "
                               f"byte {e.start}; send UTF-8, or say charset=gbk") from None
         try:
-            return loads(text)
+            return loads(text), text
         except ValueError as e2:
             error = e2
     raise BadEnvelope(f"{what} is not valid JSON: {error}")
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_STRING_B = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _checked(decoded: tuple[Any, bytes | str], what: str) -> Any:
+    """What the JSON reader accepts that fep does not: nesting past MAX_DEPTH, and a key twice in one object
+    (the reader keeps the last; the bureau's may keep the first, and the journal would not show what was
+    meant). Keys are counted as they were decoded and as the text has them (its colons outside strings):
+    one pass over each, and only when they differ is the text read again to name the key."""
+    obj, text = decoded
+    keys, stack = 0, [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadEnvelope(f"{what} is nested more than {MAX_DEPTH} levels deep; national envelopes are a few")
+        if isinstance(node, dict):
+            keys += len(node)
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    colons = (_STRING.sub("", text) if isinstance(text, str) else _STRING_B.sub(b"", text)).count(
+        ":" if isinstance(text, str) else b":")
+    if colons != keys:
+        raise BadEnvelope(f"{what} has {_duplicate(text)}: each key may appear once in an object")
+    return obj
+
+
+def _duplicate(text: bytes | str) -> str:
+    """The first key that appears twice in one object, read with the standard library (slow, only on error)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen and not found:
+                found.append(k)
+            seen.add(k)
+        return dict(items)
+
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "replace")
+    try:
+        json.loads(text.lstrip("\ufeff"), object_pairs_hook=pairs, parse_float=Decimal)
+    except ValueError:
+        pass
+    return f"the key {found[0]!r} twice" if found else "a key twice"
 
 
 def parse_his_request(body: bytes, charset: str | None = None) -> HisRequest:
@@ -180,9 +253,70 @@ def _his_envelope(env: Any) -> HisRequest:
         raise BadEnvelope(f"infno must be a trade number such as \"2207\", got {env['infno']!r}")
     if not isinstance(env["input"], dict):
         raise BadEnvelope("input must be a JSON object")
+    check_numbers(env["input"])
     env["infno"] = infno
     msgid = env.get("msgid")
     return HisRequest(infno=infno, msgid=msgid if isinstance(msgid, str) and msgid else None, envelope=env)
+
+
+# Amounts, prices and quantities in a trade's input (nhsa-interface.md: 数值型(16,2) for amounts, (16,6) for
+# a unit price, (16,4) for a quantity): a number, or a string holding one in plain decimal form, with at most
+# that many places after the point, below BOUND. 10^10 yuan is past any single trade a hospital makes (and
+# past any reconciliation day's total), and well within the 16 digits of the field; every number below it
+# with two places is exact in the bureau's doubles. `1E+999999999` is a number JSON allows; nobody's ledger
+# can hold it.
+BOUND = Decimal(10) ** 10
+_AMOUNT = re.compile(r"(amt|_pay|selfpay)$")
+_PLACES = ((re.compile(r"pric$"), 6), (re.compile(r"cnt$"), 4), (_AMOUNT, 2))
+_PLAIN = re.compile(r"-?\d{1,20}(?:\.\d{1,20})?")
+
+
+def is_amount(key: str) -> bool:
+    """Whether a field of the interface is an amount of money (*amt, *_pay, *selfpay)."""
+    return bool(_AMOUNT.search(key))
+
+
+def check_numbers(input_: Any, where: str = "input") -> None:
+    """Every amount, price and quantity in `input_` (fields named *amt, *_pay, *pric, *cnt, ...), wherever it
+    is: a BadEnvelope names the first that is not an exact decimal of its places within BOUND. Absent, null
+    and "" are left to the trade's own checks (the interface has optional amounts)."""
+    stack: list[tuple[Any, str]] = [(input_, where)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node) if isinstance(v, (dict, list)))
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            places = next((n for pattern, n in _PLACES if pattern.search(key)), None)
+            if places is None and isinstance(value, (dict, list)):
+                stack.append((value, f"{path}.{key}"))
+            if places is None or value is None or value == "":
+                continue
+            problem = _number_problem(value, places)
+            if problem:
+                raise BadEnvelope(f"{path}.{key} is {_show(value)}: {problem}")
+
+
+def _number_problem(value: Any, places: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):  # true, [..], {..}
+        return f"it must be a number (or a string holding one), with at most {places} decimal places"
+    if isinstance(value, str):
+        if not _PLAIN.fullmatch(value.strip()):
+            return f"it must be a plain decimal number such as 12.50, with at most {places} decimal places"
+        value = Decimal(value.strip())
+    number = Decimal(value)
+    if not number.is_finite() or (number != 0 and number.adjusted() >= BOUND.adjusted()):  # abs() overflows on 1E+999999999
+        return f"it must be below {BOUND:,.0f} in size"
+    if number != number.quantize(Decimal(1).scaleb(-places)):
+        return f"it has more than {places} decimal places"
+    return ""
+
+
+def _show(value: Any) -> str:
+    text = str(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---- 9101: the file upload, as JSON with Base64 or as the baseline's multipart form -----------------------

@@ -9,9 +9,47 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 
-# Runs of 15+ digits (ID numbers, psn_no, card numbers) standing alone are masked; a msgid starts with the
-# institution code's letter, so it stays whole and every line can still be traced to its trade.
-PERSONAL = re.compile(r"(?<![0-9A-Za-z])(\d{3})\d{8,}(\d{3}[0-9Xx]?)(?![0-9A-Za-z])")
+# What is masked in every line (the message, a traceback, the bureau's own text quoted in it):
+# - ID numbers, psn_no and card numbers: any run of 15 or more digits, an ID's final X included, written whole or
+#   with single dashes or spaces between its groups, whatever is next to it (`ID430102...`, `...0011abc`);
+# - names: the value of a name field (psn_name="...", 姓名：...), and a run of Chinese characters written just
+#   before an ID number ("张三 430102...", "张三(430102...)");
+# - psn_no and certificate fields by name, whatever their value looks like.
+# A msgid (12 letters or digits of the institution, a yyyyMMddHHmmss stamp, 4 digits) stays whole, so every line
+# can still be traced to its trade; masked digits keep their first 3 and last 4.
+_MSGID = re.compile(r"(?<![0-9A-Za-z])[0-9A-Z]{12}20\d{2}[01]\d[0-3]\d[0-2]\d[0-5]\d[0-5]\d\d{4}(?![0-9A-Za-z])")
+_DIGITS = re.compile(r"\d(?:[ \-]?\d){14,}(?:[ \-]?[Xx](?![A-Za-z]))?")
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\u00b7"
+_NAME_BEFORE_ID = re.compile(rf"[{_CJK}]{{2,4}}(?<![号码证])(?=[\s(（\[【,，:：]{{0,2}}\d{{3}}\*)")
+_FIELDS = "psn_name|patn_name|insu_name|name|psn_no|certno|mdtrt_cert_no|card_sn|cert_no"
+_BY_FIELD = re.compile(rf"(?i)(?<![A-Za-z_])((?:\w+_)?(?:{_FIELDS})\b[\"']?\s*[:=]\s*[\"']?|(?:姓名|参保人|患者|病人)\s*[:：=]\s*)"
+                       rf"([^\s\"',;|)}}\]]+)")
+
+
+def _stars(match: re.Match[str]) -> str:
+    digits = re.sub(r"[ \-]", "", match.group(0))
+    return digits[:3] + "*" * max(len(digits) - 7, 1) + digits[-4:]
+
+
+def _field(match: re.Match[str]) -> str:
+    value = match.group(2)
+    return match.group(1) + (value[:1] + "*" * (len(value) - 1) if len(value) > 1 else "*")
+
+
+def mask(text: str) -> str:
+    """`text` with every ID number, psn_no and name masked (see above); msgids untouched."""
+    kept: list[str] = []
+
+    def keep(m: re.Match[str]) -> str:
+        kept.append(m.group(0))
+        return f"\x00{len(kept) - 1}\x00"
+
+    text = _MSGID.sub(keep, text)
+    text = _BY_FIELD.sub(_field, text)
+    text = _DIGITS.sub(_stars, text)
+    text = _NAME_BEFORE_ID.sub(lambda m: m.group(0)[:1] + "*" * (len(m.group(0)) - 1), text)
+    return re.sub(r"\x00(\d+)\x00", lambda m: kept[int(m.group(1))], text)
+
 
 PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3, LogLevel.critical: 2}
 
@@ -23,8 +61,7 @@ def observer(event: dict[str, Any]) -> None:
     if failure is not None:
         text = f"{text}: {failure.getErrorMessage()} | " + failure.getTraceback().replace("\n", " | ")
     ns = event.get("log_namespace", "")
-    text = PERSONAL.sub(lambda m: m.group(1) + "*" * (len(m.group(0)) - len(m.group(1)) - len(m.group(2)))
-                        + m.group(2), text.replace("\n", " | "))
+    text = mask(text.replace("\n", " | "))
     sys.stderr.write(f"<{PRIORITY.get(level, 6)}>{ns}: {text}\n")
     sys.stderr.flush()
 

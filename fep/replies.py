@@ -76,3 +76,34 @@ def reply(row: TradeRow, trade: TradeDef, resubmitted: bool = False, answer: dic
     if resubmitted and row.state is S.SENT:  # a resubmission while the first is on the wire: not a second trade
         body["fep_reason"] = "in_progress"
     return Reply(body)
+
+
+# What a lookup (GET /fep/trades/MSGID, POST /fep/confirm/MSGID on the HIS side) shows of the bureau's output:
+# the codes the HIS needs to act on the trade (settle, cancel, upload against it) and its amounts, never who
+# the person is. A lookup needs nothing but a msgid, and msgids are guessable; the full answer goes only to a
+# resubmission of the same msgid with the same payload, and to the admin socket (`fep show`).
+LOOKUP_CODES = frozenset({
+    "setl_id", "mdtrt_id", "ipt_otp_no", "chrg_bchno", "feedetl_sn", "file_qury_no", "setl_time", "insutype",
+    "clr_type", "clr_optins", "med_type", "psn_setlway", "fund_pay_type", "stmt_rslt"})
+LOOKUP_NOTE = "a lookup shows codes and amounts only; the full answer goes to a resubmission of the same msgid and payload"
+
+
+def lookup_view(full: Reply) -> Reply:
+    """`full` with its output cut to LOOKUP_CODES and amounts (fields named *amt, *_pay), node by node; the
+    envelope's own fields (infcode, err_msg, ...) and fep's stay. Personal data (names, ID numbers, psn_no,
+    birth dates, balances) is in no field that stays."""
+    body = dict(full.body)
+    output = body.get("output")
+    if isinstance(output, dict):
+        body["output"] = {name: _codes(node) for name, node in output.items() if isinstance(node, (dict, list))}
+    elif output is not None:
+        body["output"] = {}
+    body["fep_view"] = LOOKUP_NOTE
+    return Reply(body)
+
+
+def _codes(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_codes(n) for n in node if isinstance(n, dict)]
+    return {k: v for k, v in node.items() if not isinstance(v, (dict, list)) and (
+        k in LOOKUP_CODES or envelope.is_amount(k))}

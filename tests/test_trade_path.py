@@ -98,7 +98,11 @@ def test_an_his_that_hangs_up_before_the_answer_finds_it_by_msgid(running: World
     answer = wait_for(lambda: (a := running.his.lookup(msgid))["fep_state"] == "ANSWERED" and a,
                       what="the answer")
     assert answer["infcode"] == 0 and answer["output"]["setlinfo"]["setl_id"]
-    assert visit.settle(msgid=msgid)["output"] == answer["output"]
+    # The lookup shows the settlement's codes and amounts (issue 12); the same msgid and payload again, the whole.
+    full = visit.settle(msgid=msgid)["output"]
+    assert full["setlinfo"]["setl_id"] == answer["output"]["setlinfo"]["setl_id"] and full["setlinfo"]["psn_name"]
+    assert {k: v for k, v in full["setlinfo"].items() if k in answer["output"]["setlinfo"]} == \
+        answer["output"]["setlinfo"]
     running.assert_ledgers_agree()
 
 
