@@ -664,6 +664,7 @@ class OpenHis(HisClient):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.wire: Wire | None = None  # the ServicePoint's kept connection
+        self.seen_http11 = False  # ServicePoint.HttpBehaviour learnt from an answer
 
     def new_msgid(self) -> str:
         # fixmedins_code + yyyyMMddHHmmss + new Random().Next(1, 9999).ToString().PadLeft(4, '0')
@@ -680,8 +681,9 @@ class OpenHis(HisClient):
                                ("apikey", "123456")], body
 
     def _head(self, ex: Exchange, first: bool) -> bytes:
-        """HttpWebRequest's head: the caller's headers, then Host, Content-Length, Expect, and Connection:
-        Keep-Alive only on a connection's first request."""
+        """HttpWebRequest's head (SerializeHeaders): the caller's headers, then Host, Content-Length, Expect, and
+        Connection: Keep-Alive while the ServicePoint's HttpBehaviour is still Unknown (<= HTTP10), that is until
+        it has seen an HTTP/1.1 answer."""
         lines = [f"POST {ex.path} HTTP/1.1", *(f"{k}: {v}" for k, v in ex.out_headers), f"Host: {self.host}",
                  f"Content-Length: {len(ex.body)}", "Expect: 100-continue"]
         if first:
@@ -695,7 +697,7 @@ class OpenHis(HisClient):
                     self.wire.close()
                 self.wire = Wire(self.addr, self.timeout or 100)
             wire = self.wire
-            ex.head = self._head(ex, first=wire.requests == 0)
+            ex.head = self._head(ex, first=not self.seen_http11)
             ex.request = ex.head + ex.body
             wire.requests += 1
             wire.send(ex.head)
@@ -712,6 +714,7 @@ class OpenHis(HisClient):
                 head, data, more = wire.response(self.timeout)
                 ex.interims += more
                 ex.status, ex.reason, ex.headers, ex.answer_bytes = head.status, head.reason, head.headers, data
+            self.seen_http11 = self.seen_http11 or ex.status is not None
             if ex.status is not None and not Head("HTTP/1.1", ex.status, "", ex.headers).keep_alive:
                 wire.close()
                 self.wire = None
@@ -770,6 +773,25 @@ class OpenHis(HisClient):
         if ex.infno == "9102":
             return  # ReadToFile already read result.txt
         super().uses(ex)
+
+
+class OpenHisGbk(OpenHis):
+    """openhis's other transport, ClassHelper.YBHttpRequest / YBResponse: the same HttpWebRequest with the
+    x-tif-* headers instead of apikey, and the body written with System.Text.Encoding.Default, the system code
+    page (GBK on a Chinese Windows), under a Content-Type that names no charset. Nothing in CommonYiBaoApp
+    calls it today; a fork that does sends GBK."""
+
+    name = "openhis-gbk"
+    paasid, token = "99999999404", "dec15f850fc54c77a91d245663122cb3"  # as published in ClassHelper
+
+    def build(self, infno: str, input_: dict[str, Any], msgid: str) -> tuple[str, list[tuple[str, str]], bytes]:
+        path, _, body = super().build(infno, input_, msgid)
+        nonce = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        times = str(int(self.now().timestamp()))
+        signature = hashlib.sha256((times + self.token + nonce + times).encode("utf-8")).hexdigest()
+        return path, [("Content-Type", "application/json"), ("User-Agent", self.user_agent),
+                      ("x-tif-paasid", self.paasid), ("x-tif-signature", signature), ("x-tif-timestamp", times),
+                      ("x-tif-nonce", nonce)], body.decode("utf-8").encode("gbk")
 
 
 class Sdk(HisClient):

@@ -22,7 +22,8 @@ import pytest
 
 from fep import envelope
 from fep.sim.world import ZHANG, Stay, Visit, World, his_msgid, said, setl_id
-from tests.his_clients import CLIENTS, Exchange, HisClient, Powersi, Sdk, detail_zip, result_rows, signed_bytes
+from tests.his_clients import (CLIENTS, Exchange, HisClient, OpenHisGbk, Powersi, Sdk, detail_zip, result_rows,
+                               signed_bytes)
 
 
 def start(world: World, name: str) -> HisClient:
@@ -270,6 +271,17 @@ def test_openhis_hears_100_continue_before_it_sends_the_body(world: World) -> No
     done(his, "1101 人员信息获取", Visit(his, ZHANG).identify)
     ex = his.last
     assert ex.interims == [100] and (ex.continue_wait or 0) < 0.2, ex.said()
+
+
+def test_openhis_s_gbk_transport_is_read_as_gb18030(world: World) -> None:
+    """ClassHelper.YBHttpRequest writes the envelope in the Windows code page with no charset: fep must read
+    it as GB18030 and journal and forward the same text in UTF-8."""
+    start(world, "openhis")
+    his = OpenHisGbk(("127.0.0.1", world.his_port))
+    done(his, "1101 人员信息获取 (GBK)", Visit(his, ZHANG).identify)
+    sent = envelope.loads(row_of(world, his.last.msgid)["request"])
+    assert sent["opter_name"] == "收费员" and his.last.body.decode("gbk").count("收费员") == 1
+    his.close()
 
 
 def test_each_client_s_request_is_written_as_its_code_writes_it() -> None:
