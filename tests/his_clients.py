@@ -569,11 +569,13 @@ class Powersi(HisClient):
             dto = {"infno": infno, "insuplc_admdvs": "430100", "medins_code": self.institution, "insur_code": "430199",
                    "mdtrtarea_admvs": "430100", "msgid": msgid, "opter": "0023", "opter_name": "张收费",
                    "url": f"http://{self.host}{self.url_path}", "input": compact(java_maps(input_)),
-                   "hospCode": "1000001", "isHospital": "0" if infno.startswith("22") else "1", "visitId": "V20261123001"}
+                   "hospCode": "1000001", "isHospital": "0" if infno.startswith("22") else "1",
+                   "visitId": "V20261123001"}
             doc: dict[str, Any] = {k: dto[k] for k in sorted(dto) if dto[k] is not None}  # fastjson: by name
         else:
-            doc = java_maps({"infno": infno, "msgid": msgid, "insuplc_admdvs": "430100", "medins_code": self.institution,
-                             "insur_code": "430199", "mdtrtarea_admvs": "430100", "input": input_})
+            doc = java_maps({"infno": infno, "msgid": msgid, "insuplc_admdvs": "430100",
+                             "medins_code": self.institution, "insur_code": "430199", "mdtrtarea_admvs": "430100",
+                             "input": input_})
         body = compact(doc).encode("utf-8")  # OutputStreamWriter(conn.getOutputStream(), "UTF8")
         if way == "reversal":  # sendToCall: setUseCaches(false), Charset and Content-Type, no User-Agent
             headers = [("Charset", "utf-8"), ("Content-Type", "application/json"), ("Cache-Control", "no-cache"),
@@ -754,10 +756,10 @@ class OpenHis(HisClient):
             except (zipfile.BadZipFile, KeyError, IndexError, ArithmeticError) as e:
                 failure = f"{type(e).__name__}: {e}"
         else:
-            ex.text = ex.answer_bytes.decode("utf-8")  # StreamReader(responseStm, Encoding.UTF8).ReadToEnd()
+            ex.text = ex.answer_bytes.decode("utf-8", "replace")  # StreamReader(responseStm, Encoding.UTF8)
         if failure is not None:
-            ex.text = compact({"infcode": "-1", "inf_refmsgid": "", "refmsg_time": "", "respond_time": "", "enctype": "",
-                               "signtype": "", "err_msg": "本地模拟医保返回异常: " + failure})
+            ex.text = compact({"infcode": "-1", "inf_refmsgid": "", "refmsg_time": "", "respond_time": "",
+                               "enctype": "", "signtype": "", "err_msg": "本地模拟医保返回异常: " + failure})
         try:
             doc = envelope.loads(ex.text)  # JsonConvert.DeserializeObject<OutputReturn>(outputText)
         except ValueError as e:
@@ -886,7 +888,8 @@ class Sdk(HisClient):
 
     def read(self, ex: Exchange) -> None:
         if ex.transport_error:
-            ex.error = f"NetworkException: 请求异常: http://{self.host}{self.base_path}/{ex.infno} ({ex.transport_error})"
+            url = f"http://{self.host}{self.base_path}/{ex.infno}"
+            ex.error = f"NetworkException: 请求异常: {url} ({ex.transport_error})"
             return
         if ex.status is not None and ex.status >= 400:
             ex.error = f"NetworkException: HTTP请求失败: {ex.status} {ex.reason}"

@@ -79,7 +79,7 @@ def three_views(world: World, his: HisClient, ex: Exchange, kind: str = "settle"
     return at_bureau[0]
 
 
-# ---- an outpatient visit: 1101 -> 2201 -> 2203 -> 2204 -> 2206 -> 2207 -> 2208 ------------------------------------------
+# ---- an outpatient visit: 1101 -> 2201 -> 2203 -> 2204 -> 2206 -> 2207 -> 2208 --------------------------------------
 def open_visit(his: HisClient, visit: Visit) -> None:
     person = done(his, "1101 人员信息获取", visit.identify)
     assert output(his, person)["baseinfo"]["psn_no"] == visit.person["psn_no"]
@@ -149,7 +149,7 @@ def test_a_settlement_retried_with_its_msgid_after_a_client_timeout_is_charged_o
     three_views(world, his, answer)
 
 
-# ---- the HIS's own 2601 of its settlement, naming its own msgid ----------------------------------------------------------
+# ---- the HIS's own 2601 of its settlement, naming its own msgid -----------------------------------------------------
 def test_the_client_s_own_2601_names_its_own_msgid(world: World, his: HisClient) -> None:
     visit = Visit(his, ZHANG)
     open_visit(his, visit)
@@ -163,7 +163,7 @@ def test_the_client_s_own_2601_names_its_own_msgid(world: World, his: HisClient)
     world.assert_ledgers_agree()
 
 
-# ---- a file download: 9102 of the bureau's 3202 result ---------------------------------------------------------------------
+# ---- a file download: 9102 of the bureau's 3202 result --------------------------------------------------------------
 def bureau_result_file(world: World) -> tuple[str, str, str]:
     """A settlement through fep, then the bureau's detail result for today (9101 of an empty detail file and
     3202, behind fep's back): (file_qury_no, filename, the setl_id in it)."""
@@ -198,7 +198,7 @@ def test_a_file_download_arrives_as_the_zip_the_client_reads(world: World, his: 
     assert [r[2] for r in rows] == [settled]  # the bureau's row of the settlement, as the client read it
 
 
-# ---- a queued upload: the bureau is down, the fees are acknowledged as QUEUED, then delivered ----------------------------------
+# ---- a queued upload: the bureau is down, the fees are acknowledged as QUEUED, then delivered -----------------------
 def test_an_upload_queued_while_the_bureau_is_down_is_a_success_to_the_client_then_delivered(world: World,
                                                                                               his: HisClient) -> None:
     stay = Stay(his, ZHANG)
@@ -216,7 +216,7 @@ def test_an_upload_queued_while_the_bureau_is_down_is_a_success_to_the_client_th
     three_views(world, his, settled)
 
 
-# ---- what only some clients do ---------------------------------------------------------------------------------------------------
+# ---- what only some clients do --------------------------------------------------------------------------------------
 @pytest.fixture(params=["zebone", "openhis"])
 def reconciling(request: pytest.FixtureRequest, world: World) -> Iterator[HisClient]:
     """The clients whose code runs the reconciliation detail flow itself (InsQgRecService; YiBaoController 9101)."""
@@ -290,8 +290,8 @@ def test_each_client_s_request_is_written_as_its_code_writes_it() -> None:
     for name, cls in CLIENTS.items():
         his = cls(("127.0.0.1", 8097))
         ex = Exchange(name, "2207", "M", b"")
-        ex.path, ex.out_headers, ex.body = his.build("2207", {"data": {"psn_no": "1", "medfee_sumamt": Decimal("12.50")}},
-                                                     his.new_msgid())
+        input_ = {"data": {"psn_no": "1", "medfee_sumamt": Decimal("12.50")}}
+        ex.path, ex.out_headers, ex.body = his.build("2207", input_, his.new_msgid())
         heads[name] = (ex.path, [k for k, _ in ex.out_headers], ex.body)
     assert heads["zebone"][:2] == ("/hsa/hgs/2207", [
         "x-tif-paasid", "x-tif-signature", "x-tif-timestamp", "x-tif-nonce", "Content-Length", "Content-Type", "Host",
