@@ -42,6 +42,9 @@ class HisSide:
     answer_within: float
     # How fep writes infcode on its own envelopes (queued, not sent, refused): as the bureau does.
     infcode_type: str = "number"
+    # A successful download (9102) reaches the HIS as the file itself ("file", as the baseline and most HIS
+    # programs read it), or as the JSON envelope with the file in Base64 ("json", for an HIS that reads only JSON).
+    file_answers: str = "file"
     # What one HIS connection, and all of them, may cost (README, "Limits of the HIS side").
     max_url: int = 8192
     max_header_bytes: int = 32768
@@ -176,6 +179,7 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         # answer_budget: the name before 0.2; it still works.
         answer_within=float(his_doc.get("answer_within", his_doc.get("answer_budget", 8))),
         infcode_type=str(his_doc.get("infcode_type", "number")),
+        file_answers=str(his_doc.get("file_answers", "file")),
         **{key: _positive(his_doc, key, kind, default) for key, kind, default in HIS_LIMITS},
         unix_group=str(his_doc.get("unix_group", "fep-his")),
     )
@@ -187,6 +191,8 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
     if his.unix_group == str((doc.get("admin") or {}).get("unix_group", "fep")):
         raise ConfigError(f"his.unix_group and admin.unix_group are both {his.unix_group!r}: any HIS program could "
                           f"then use the admin socket; give them different groups")
+    if his.file_answers not in ("file", "json"):
+        raise ConfigError(f"his.file_answers must be file or json, got {his.file_answers!r}")
     if his.infcode_type not in ("number", "string"):
         raise ConfigError(f"his.infcode_type must be number or string, got {his.infcode_type!r}")
     bureau = _bureau(_need(doc, "bureau", ""), base)

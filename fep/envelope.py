@@ -251,8 +251,14 @@ def _his_envelope(env: Any) -> HisRequest:
         infno = str(infno)
     if not isinstance(infno, str) or not re.fullmatch(r"[0-9A-Za-z]{4,6}", infno):
         raise BadEnvelope(f"infno must be a trade number such as \"2207\", got {env['infno']!r}")
+    if isinstance(env["input"], str):  # Powersi's settlement path sends input as a JSON string
+        try:
+            env["input"] = loads(env["input"])
+        except ValueError:
+            raise BadEnvelope("input is a string that is not a JSON object") from None
     if not isinstance(env["input"], dict):
         raise BadEnvelope("input must be a JSON object")
+    _file_as_base64(env["input"])
     check_numbers(env["input"])
     env["infno"] = infno
     msgid = env.get("msgid")
@@ -366,6 +372,15 @@ def parse_his_form(body: bytes, boundary: str | None) -> HisRequest:
     if not node.get("filename"):
         node["filename"] = part.filename or ""
     return _his_envelope(env)
+
+
+def _file_as_base64(input_: dict[str, Any]) -> None:
+    """A 9101's file as Java byte[] serialises it (Zebone: a list of signed bytes) becomes the Base64 the
+    bureau's JSON form takes, byte for byte."""
+    upload = input_.get("fsUploadIn")
+    data = upload.get("in") if isinstance(upload, dict) else None
+    if isinstance(data, list) and all(isinstance(b, int) and -128 <= b <= 255 for b in data):
+        upload["in"] = base64.b64encode(bytes(b & 0xFF for b in data)).decode("ascii")
 
 
 def find_psn_no(input_: dict[str, Any]) -> str | None:

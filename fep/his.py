@@ -36,18 +36,26 @@ class HisService:
         try:
             path = req.path.split("?", 1)[0]
             if req.method == "GET" and path.startswith("/fep/trades/"):
-                return _json(await self.engine.lookup(path.rsplit("/", 1)[1]))
+                return self._json(await self.engine.lookup(path.rsplit("/", 1)[1]))
             if req.method == "POST" and path.startswith("/fep/confirm/"):
-                return _json(await self.engine.confirm(path.rsplit("/", 1)[1]))
+                return self._json(await self.engine.confirm(path.rsplit("/", 1)[1]))
             if req.method != "POST":
                 return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
             trade_req = parse(req)
             output = self.engine.trades.get(trade_req.infno).output
-            return _json(await self.engine.submit(trade_req))
+            return self._json(await self.engine.submit(trade_req))
         except (envelope.BadEnvelope, UnknownTrade, InvalidInput) as e:
             return envelope.his_refusal(400, str(e), self.engine.cfg.his.infcode_type, output)
         except Refused as e:
             return envelope.his_refusal(e.status, str(e), self.engine.cfg.his.infcode_type, output)
+
+    def _json(self, reply: Reply) -> Response:
+        """What the HIS hears: the envelope as JSON; a download (9102) that succeeded, the file itself, unless
+        his.file_answers says this HIS reads only JSON."""
+        file = envelope.downloaded_file(reply.body) if self.engine.cfg.his.file_answers == "file" else None
+        if file is not None:
+            return envelope.file_response(200, file, reply.body)
+        return Response(200, reply.raw or envelope.dumps(reply.body))
 
 
 def parse(req: Request) -> envelope.HisRequest:
@@ -62,14 +70,6 @@ def parse(req: Request) -> envelope.HisRequest:
 def content_type(value: str) -> tuple[str, dict[str, str]]:
     """("multipart/form-data", {"boundary": ...}): the media type lower-cased, its options by lower-cased name."""
     return parse_options_header(value)
-
-
-def _json(reply: Reply) -> Response:
-    """What the HIS hears: the envelope as JSON; a download (9102) that succeeded, the file itself."""
-    file = envelope.downloaded_file(reply.body)
-    if file is not None:
-        return envelope.file_response(200, file, reply.body)
-    return Response(200, reply.raw or envelope.dumps(reply.body))
 
 
 class RateLimitedLog:

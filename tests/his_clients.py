@@ -355,6 +355,7 @@ class HisClient:
 
     name = ""
     infcode_type = "number"  # what the client's verdict needs: the bureau (and fep's own envelopes) must write it
+    file_answers = "file"  # how it reads a download: the file itself, or only JSON (his.file_answers)
     institution = ""
     timeout: float | None = None  # the client's read timeout (None: it sets none)
 
@@ -809,6 +810,7 @@ class Sdk(HisClient):
     wants a non-empty output."""
 
     name = "sdk"
+    file_answers = "json"  # it parses every answer as JSON; a file arrives in output.file, Base64
     institution = "H43010400045"
     timeout = 30.0
     base_path = "/fsi/api"  # org_config.base_url; the SDK appends "/{api_code}"
