@@ -25,7 +25,7 @@ class _Engine:
     """What HisService needs of the engine; a trade that gets through is recorded, not sent."""
 
     trades = BOOK
-    cfg = SimpleNamespace(his=SimpleNamespace(infcode_type="number"))
+    cfg = SimpleNamespace(his=SimpleNamespace(infcode_type="number", file_answers="file"))
 
     def __init__(self) -> None:
         self.submitted: list[envelope.HisRequest] = []

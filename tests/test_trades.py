@@ -75,7 +75,7 @@ def test_every_kind_and_policy_rule_holds(book: TradeBook) -> None:
             assert t.on_unknown is OnUnknown.RESEND and not t.deferrable, t.infno
         if t.moves_money and "psn_no" in paths:
             assert not t.deferrable and t.timeout >= 20, t.infno
-    assert {t.infno for t in book.defs.values() if t.from_his.value == "refused"} == {"9001", "9002"}
+    assert {t.infno for t in book.defs.values() if t.from_his.value == "session"} == {"9001", "9002"}
     assert {t.infno for t in book.defs.values() if t.from_his.value == "reversal"} == {"2601"}
     settling = {t.infno for t in book.defs.values() if t.kind is Kind.MONEY and t.on_unknown is OnUnknown.REVERSE}
     assert settling == {"2102", "2207", "2207A", "2304"}
