@@ -1,0 +1,86 @@
+"""An outside reviewer's attempts to break issues 11 and 12 (and 10's commands), as an HIS vendor or an attacker on
+an allowed HIS host would: the trade catalog, the msgid as idempotency key, refusals in the interface's shape,
+answer_within, bounds, true answers, privacy and the operator's commands."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fep import envelope
+from fep.sim.world import LI, ZHANG, Visit, World, said, setl_id, settled_visit
+
+
+def post(world: World, env: dict[str, Any]) -> dict[str, Any]:
+    status, answer = world.post_raw(envelope.dumps(env))
+    assert status == 200, (status, answer)
+    return answer
+
+
+# ---- the msgid is the HIS's idempotency key, whatever its form ---------------------------------------------------
+def test_a_numeric_msgid_is_an_idempotency_key_too(running: World) -> None:
+    """An HIS that numbers its packets writes the msgid as a JSON number ("msgid": 2611230930150001). It times out
+    and sends the same settlement again, same msgid, same bytes. It must hear the stored answer, never a second
+    trade: yet fep ignores a msgid that is not a string, so each submission is a new trade."""
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    env = {"infno": "2207", "msgid": 2611230930150001, "input": visit.settlement_input(), "opter_type": "1",
+           "opter": "his", "opter_name": "HIS"}
+    first = post(running, env)
+    assert first["infcode"] == 0, said(first)
+    again = post(running, env)
+    settles = running.journal("infno='2207'")
+    assert again["fep_msgid"] == first["fep_msgid"] and len(settles) == 1, \
+        f"the same msgid {env['msgid']} gave {len(settles)} settlements: {[r['msgid'] for r in settles]}; " \
+        f"bureau live: {running.live()}; the resubmission heard {said(again)}"
+
+
+def test_a_msgid_with_a_space_or_chinese_can_be_looked_up(running: World) -> None:
+    """"whatever its form": an HIS numbers its packets 门诊-0001 or "OP 0001". A lookup of it goes in the URL,
+    percent-encoded as every HTTP client writes it (GET /fep/trades/%E9%97%A8...). fep must find the trade."""
+    for msgid in ("门诊-20261123-0001-" + uuid.uuid4().hex[:6], "OP 0001 " + uuid.uuid4().hex[:6]):
+        a = running.his.call("1101", {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}},
+                             msgid=msgid)
+        assert a["infcode"] == 0, said(a)
+        from urllib.parse import quote
+        status, found = running.his_tcp.request("GET", "/fep/trades/" + quote(msgid))
+        assert found.get("fep_msgid") == a["fep_msgid"], f"lookup of {msgid!r}: {status} {said(found)}"
+
+
+def test_a_duplicate_key_inside_powersis_string_input_is_refused(running: World) -> None:
+    """Powersi sends `input` as a JSON string. A key twice in one object is refused in the body; inside the
+    string it must be refused too, or the journal shows one value while the HIS meant another."""
+    inner = '{"data":{"mdtrt_cert_type":"02","mdtrt_cert_no":"%s","mdtrt_cert_no":"430102199002020022"}}' % ZHANG["certno"]
+    a = post(running, {"infno": "1101", "msgid": "PW" + uuid.uuid4().hex, "input": inner})
+    sent = running.bureau_request(a["fep_msgid"]) if a.get("fep_msgid") else {}
+    assert a["fep_state"] == "REFUSED" and a.get("fep_reason") == "invalid", \
+        f"{said(a)}; the bureau was asked about {sent.get('input')}"
+
+
+def test_nesting_inside_powersis_string_input_is_bounded_too(running: World) -> None:
+    """Nesting past 32 levels is refused; the same nesting inside a string `input` must be too."""
+    deep = "[" * 200 + "]" * 200
+    inner = '{"data":{"mdtrt_cert_type":"02","mdtrt_cert_no":"%s","x":%s}}' % (ZHANG["certno"], deep)
+    a = post(running, {"infno": "1101", "msgid": "PW" + uuid.uuid4().hex, "input": inner})
+    assert a["fep_state"] == "REFUSED" and a.get("fep_reason") == "invalid", said(a)
+
+
+def test_the_his_s_2601_of_a_guessed_msgid_does_not_tell_whose_trade_it_is(running: World) -> None:
+    """msgids can be guessed, so a lookup never shows the person. An attacker on an allowed host guesses the
+    msgid of someone's settlement and sends a 2601 naming it with any psn_no. The refusal must not name the
+    settlement's psn_no."""
+    visit, settled = settled_visit(running, ZHANG)
+    stranger = Visit(running.his, LI)
+    status, a = stranger.post("2601", stranger.reversal_input(settled["fep_msgid"]))
+    assert ZHANG["psn_no"] not in json.dumps(a, ensure_ascii=False, default=str), said(a)
+
+
+def test_a_query_answers_within_answer_within_however_long_its_timeout(running: World) -> None:
+    """1312 has a bureau timeout of 20 s; fep answers the HIS within his.answer_within (8 s) whatever."""
+    running.fault(mode="slow", infno="1312", seconds=14, times=1)
+    started = time.monotonic()
+    a = running.his.call("1312", {"data": {"hilist_code": "XA01", "insu_admdvs": "430100"}})
+    took = time.monotonic() - started
+    assert took < 9, f"fep answered after {took:.1f} s: {said(a)}"
