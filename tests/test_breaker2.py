@@ -84,3 +84,47 @@ def test_a_query_answers_within_answer_within_however_long_its_timeout(running: 
     a = running.his.call("1312", {"data": {"hilist_code": "XA01", "insu_admdvs": "430100"}})
     took = time.monotonic() - started
     assert took < 9, f"fep answered after {took:.1f} s: {said(a)}"
+
+
+def test_the_fep_msgid_an_his_was_given_names_its_trade_even_after_another_his_used_it_as_its_own(
+        running: World) -> None:
+    """Two modules of one hospital's HIS: the outpatient one numbers packets with uuids, so fep gives its
+    settlement fep's own number F1 and says so (fep_msgid). The inpatient one numbers packets the national way
+    and, by chance or by a vendor's fault, sends its settlement of the same person with msgid F1 (fep numbers it
+    F2). The outpatient HIS now reverses its settlement with its own 2601 naming F1, as the README allows
+    ("your own 2601 (omsgid) take either"). Refund order says it must be refused (a later settlement is in
+    force); instead fep reverses the other module's settlement, and the HIS is told its own one was undone."""
+    first = Visit(running.his, ZHANG)
+    first.up_to_settlement()
+    a = first.settle(msgid="uuid-" + str(uuid.uuid4()))
+    assert a["infcode"] == 0, said(a)
+    f1 = a["fep_msgid"]
+    second = Visit(running.his, ZHANG)
+    second.up_to_settlement()
+    b = second.settle(msgid=f1)
+    assert b["infcode"] == 0 and b["fep_msgid"] != f1, said(b)
+    status, undo = first.post("2601", first.reversal_input(f1))
+    time.sleep(2)
+    live = running.live()
+    assert b["fep_msgid"] in live, f"the other module's settlement {b['fep_msgid']} was reversed by a 2601 naming " \
+                                   f"{f1}; the HIS heard {said(undo)}; bureau live: {live}"
+
+
+# ---- logs are masked, the bureau's text included ------------------------------------------------------------------
+def test_a_name_before_身份证号_in_the_bureaus_text_is_masked() -> None:
+    """The bureau writes its refusals as 参保人张三身份证号430102...未参保 / 人员王小明身份证430102...: a name
+    written just before an ID number (with the words 身份证号 between) must keep only its first character."""
+    from fep.logs import mask
+
+    for text, name in (("参保人张三身份证号430102198001010011未参保", "张三"),
+                       ("人员王小明身份证430102198001010011无有效待遇", "王小明"),
+                       ("参保人张三（身份证号430102198001010011）不存在", "张三")):
+        assert name not in mask(text), mask(text)
+
+
+def test_a_name_field_holding_a_spaced_or_camel_cased_name_is_masked() -> None:
+    """Java clients and bureaus write psnName, and names are often written with a space (张 三, Zhang San)."""
+    from fep.logs import mask
+
+    for text, rest in (('{"psn_name": "张 三"}', "三"), ("psnName=张三", "张三"), ("psn_name=Zhang San", "San")):
+        assert rest not in mask(text), mask(text)
