@@ -166,6 +166,11 @@ class Engine:
         digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
         if his_msgid and (known := await self.journal.by_his_msgid(his_msgid)) is not None:
             return await self._resubmitted(trade, known, digest, answer_by)
+        if his_msgid and (named := await self.journal.get(his_msgid)) is not None and named.his_msgid is not None:
+            # fep gave this number to another HIS trade (its fep_msgid): taking it as a new key would make
+            # "the trade msgid X" mean two trades (a 2601 naming it could undo the wrong one)
+            raise Refused(422, f"msgid {his_msgid} is the msgid fep gave another trade; a msgid names one trade "
+                               f"forever: send this one under a msgid of your own")
         if self.journal.cannot_write:
             raise Refused(503, f"journal cannot write: {self.journal.cannot_write}; nothing was accepted, send it "
                                f"again later")
@@ -462,7 +467,7 @@ class Engine:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
         omsgid = row.msgid
         if psn_no and row.psn_no and psn_no != row.psn_no:
-            raise Refused(400, f"{omsgid} is a trade of another person (psn_no {row.psn_no}), not of {psn_no}")
+            raise Refused(400, f"{omsgid} is not a trade of {psn_no}")  # (whose it is stays unsaid: msgids are guessed)
         if row.state in DRIVEN or row.state in (S.SENT, S.QUEUED):
             raise Refused(409, f"fep is still finding out what became of {omsgid} ({row.state}): its outcome is at "
                                f"GET /fep/trades/{omsgid}; it is undone by itself if the bureau holds it")

@@ -251,17 +251,16 @@ def _his_envelope(env: Any) -> HisRequest:
         infno = str(infno)
     if not isinstance(infno, str) or not re.fullmatch(r"[0-9A-Za-z]{4,6}", infno):
         raise BadEnvelope(f"infno must be a trade number such as \"2207\", got {env['infno']!r}")
-    if isinstance(env["input"], str):  # Powersi's settlement path sends input as a JSON string
-        try:
-            env["input"] = loads(env["input"])
-        except ValueError:
-            raise BadEnvelope("input is a string that is not a JSON object") from None
+    if isinstance(env["input"], str):  # Powersi's settlement path sends input as a JSON string: read as the body is
+        env["input"] = read_json(env["input"].encode("utf-8"), "utf-8", "input (a JSON string)")
     if not isinstance(env["input"], dict):
         raise BadEnvelope("input must be a JSON object")
     _file_as_base64(env["input"])
     check_numbers(env["input"])
     env["infno"] = infno
     msgid = env.get("msgid")
+    if isinstance(msgid, int) and not isinstance(msgid, bool):  # a msgid written as a JSON number is still a key
+        msgid = env["msgid"] = str(msgid)
     return HisRequest(infno=infno, msgid=msgid if isinstance(msgid, str) and msgid else None, envelope=env)
 
 

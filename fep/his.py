@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from typing import Any, Sequence
+from urllib.parse import unquote
 
 from multipart import parse_options_header
 from twisted.internet import address
@@ -36,9 +37,9 @@ class HisService:
         try:
             path = req.path.split("?", 1)[0]
             if req.method == "GET" and path.startswith("/fep/trades/"):
-                return self._json(await self.engine.lookup(path.rsplit("/", 1)[1]))
+                return self._json(await self.engine.lookup(unquote(path[len("/fep/trades/"):])))
             if req.method == "POST" and path.startswith("/fep/confirm/"):
-                return self._json(await self.engine.confirm(path.rsplit("/", 1)[1]))
+                return self._json(await self.engine.confirm(unquote(path[len("/fep/confirm/"):])))
             if req.method != "POST":
                 return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
             trade_req = parse(req)

@@ -45,9 +45,10 @@ class Response:
     content_type: str = "application/json; charset=utf-8"
 
 
-def render_response(resp: Response, keep_alive: bool, version: str = "1.1") -> bytes:
+def render_response(resp: Response, keep_alive: bool, version: str = "1.1", head: bool = False) -> bytes:
     """The answer's bytes. An HTTP/1.0 client keeps the connection only when told so (`Connection:
-    keep-alive`); an HTTP/1.1 client unless told otherwise (`Connection: close`)."""
+    keep-alive`); an HTTP/1.1 client unless told otherwise (`Connection: close`). The answer to a HEAD has
+    the headers of the answer and no body: the client reads none, and the next answer begins right after."""
     reason = HTTPStatus(resp.status).phrase
     lines = [
         f"HTTP/1.1 {resp.status} {reason}",
@@ -59,7 +60,7 @@ def render_response(resp: Response, keep_alive: bool, version: str = "1.1") -> b
     elif version == "1.0":
         lines.append("Connection: keep-alive")
     lines.extend(f"{k}: {v}" for k, v in resp.headers.items())
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + resp.body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else resp.body)
 
 
 @dataclass(frozen=True)
@@ -410,13 +411,13 @@ class HTTPServerProtocol(Protocol):
         self._pending_bytes -= len(req.body)
         d = defer.maybeDeferred(self._handler, req)
         d.addErrback(self._internal_error)
-        d.addCallback(self._write, keep_alive, req.version)
+        d.addCallback(self._write, keep_alive, req.version, req.method == "HEAD")
 
     def _internal_error(self, f: Failure) -> Response:
         log.failure("unhandled error answering an HTTP request", f)
         return self._refusal(500, "internal error in fep; the request is in the journal if it was accepted")
 
-    def _write(self, resp: Response, keep_alive: bool, version: str) -> None:
+    def _write(self, resp: Response, keep_alive: bool, version: str, head: bool = False) -> None:
         self._busy = False
         if self._lost:  # the client went away: the work is done (and journalled), nobody hears it
             return
@@ -426,7 +427,7 @@ class HTTPServerProtocol(Protocol):
             self._drained = True
             self._finish(resp, version)
             return
-        self.transport.write(render_response(resp, keep_alive, version))
+        self.transport.write(render_response(resp, keep_alive, version, head))
         self._next()
         self._send_continue()
         if self._held and not self._full():

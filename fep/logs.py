@@ -20,10 +20,15 @@ from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 _MSGID = re.compile(r"(?<![0-9A-Za-z])[0-9A-Z]{12}20\d{2}[01]\d[0-3]\d[0-2]\d[0-5]\d[0-5]\d\d{4}(?![0-9A-Za-z])")
 _DIGITS = re.compile(r"\d(?:[ \-]?\d){14,}(?:[ \-]?[Xx](?![A-Za-z]))?")
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\u00b7"
-_NAME_BEFORE_ID = re.compile(rf"[{_CJK}]{{2,4}}(?<![号码证])(?=[\s(（\[【,，:：]{{0,2}}\d{{3}}\*)")
-_FIELDS = "psn_name|patn_name|insu_name|name|psn_no|certno|mdtrt_cert_no|card_sn|cert_no"
-_BY_FIELD = re.compile(rf"(?i)(?<![A-Za-z_])((?:\w+_)?(?:{_FIELDS})\b[\"']?\s*[:=]\s*[\"']?|(?:姓名|参保人|患者|病人)\s*[:：=]\s*)"
-                       rf"([^\s\"',;|)}}\]]+)")
+# A name written just before an ID number, with the words the bureau puts between them (身份证号 ...).
+_ID_WORDS = "身份证号码|身份证号|身份证|证件号码|证件号"
+_NAME_BEFORE_ID = re.compile(rf"[{_CJK}]{{2,4}}(?<![号码证])(?=(?:{_ID_WORDS})?[\s(（\[【,，:：]{{0,2}}"
+                             rf"(?:{_ID_WORDS})?[\s(（\[【,，:：]{{0,2}}\d{{3}}\*)")
+# Field names as snake_case or camelCase (psn_name, psnName); a value quoted whole (spaces and all), or bare up
+# to the next separator and any further capitalised words (Zhang San).
+_FIELDS = "psn_?name|patn_?name|insu_?name|name|psn_?no|cert_?no|mdtrt_?cert_?no|card_?sn"
+_BY_FIELD = re.compile(rf"(?i)(?<![A-Za-z])((?:\w+_)?(?:{_FIELDS})\b\s*[\"']?\s*[:=]\s*[\"']?|(?:姓名|参保人|患者|病人)\s*[:：=]\s*)"
+                       rf"((?<=\")[^\"]+|(?<=')[^']+|[^\s\"',;|)}}\]]+(?:\s+(?-i:[A-Z][a-z]+))*)")
 
 
 def _stars(match: re.Match[str]) -> str:

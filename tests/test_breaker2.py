@@ -92,13 +92,16 @@ def test_the_fep_msgid_an_his_was_given_names_its_trade_even_after_another_his_u
     f1 = a["fep_msgid"]
     second = Visit(running.his, ZHANG)
     second.up_to_settlement()
-    b = second.settle(msgid=f1)
-    assert b["infcode"] == 0 and b["fep_msgid"] != f1, said(b)
+    refused = second.settle(msgid=f1)  # F1 already names A's settlement: it cannot become B's key too
+    assert refused["fep_state"] == "REFUSED" and refused["fep_reason"] == "msgid_reused", said(refused)
+    b = second.settle(msgid=f"H43010000077{time.strftime('%Y%m%d%H%M%S')}0001")
+    assert b["infcode"] == 0, said(b)
     status, undo = first.post("2601", first.reversal_input(f1))
     time.sleep(2)
     live = running.live()
-    assert b["fep_msgid"] in live, f"the other module's settlement {b['fep_msgid']} was reversed by a 2601 naming " \
-                                   f"{f1}; the HIS heard {said(undo)}; bureau live: {live}"
+    assert b["fep_msgid"] in live and f1 in live, f"a 2601 naming {f1} undid a settlement; the HIS heard " \
+                                                  f"{said(undo)}; bureau live: {live}"
+    assert undo["fep_state"] == "REFUSED" and "refunds go last settlement first" in undo["err_msg"], said(undo)
 
 
 # ---- logs are masked, the bureau's text included ------------------------------------------------------------------
