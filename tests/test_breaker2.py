@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from fep import envelope
-from fep.sim.world import LI, ZHANG, Visit, World, said, setl_id, settled_visit
+from fep.sim.world import LI, ZHANG, Visit, World, said, settled_visit
 
 
 def post(world: World, env: dict[str, Any]) -> dict[str, Any]:

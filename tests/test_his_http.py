@@ -16,13 +16,11 @@ from typing import Any
 
 import httptools
 import pytest
-from twisted.internet import defer
-from twisted.internet.testing import StringTransport
 
 from fep import config, envelope
 from fep.client import Client
-from fep.http11 import HTTPServerProtocol, Request, Response
-from fep.sim.world import ROOT, ZHANG, Visit, World, admitted, his_msgid
+from fep.sim.world import ROOT, ZHANG, World, admitted, his_msgid
+from tests.http_doubles import server
 
 CALL = "/fsi/api/rsfComIfsService/callService"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -93,29 +91,8 @@ def _head(body: bytes, version: str = "1.1", extra: str = "", content_type: str 
 
 # ---- the protocol alone: 100-continue and keep-alive, byte by byte ----------------------------------------------
 
-class _Later:
-    def __init__(self) -> None:
-        self.taken: list[tuple[Request, defer.Deferred[Response]]] = []
-
-    def __call__(self, req: Request) -> defer.Deferred[Response]:
-        d: defer.Deferred[Response] = defer.Deferred()
-        self.taken.append((req, d))
-        return d
-
-    def answer(self, i: int, text: bytes = b'{"infcode":0}') -> None:
-        self.taken[i][1].callback(Response(200, text))
-
-
-def _server(max_body: int = 1000) -> tuple[HTTPServerProtocol, StringTransport, _Later]:
-    handler = _Later()
-    proto = HTTPServerProtocol(handler, max_body=max_body)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport, handler
-
-
 def test_protocol_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     body = b'{"n": 1}'
     proto.dataReceived(_head(body, extra="Expect: 100-continue\r\n"))
     assert transport.value() == CONTINUE  # the client may now send its body
@@ -127,7 +104,7 @@ def test_protocol_expect_100_continue_is_answered_before_the_body_is_sent() -> N
 
 
 def test_protocol_expect_with_a_body_over_the_limit_gets_413_at_once_and_no_100() -> None:
-    proto, transport, handler = _server(max_body=100)
+    proto, transport, handler = server(max_body=100)
     proto.dataReceived(_head(b"x" * 500, extra="Expect: 100-continue\r\n"))
     got = _Messages().feed(transport.value())
     assert [s for s, _, _ in got] == [413], got  # the client need not send the body at all
@@ -136,7 +113,7 @@ def test_protocol_expect_with_a_body_over_the_limit_gets_413_at_once_and_no_100(
 
 
 def test_protocol_the_100_of_a_request_waits_for_the_answers_owed_before_it() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     body = b'{"n": 2}'
     proto.dataReceived(_head(b'{"n": 1}') + b'{"n": 1}' + _head(body, extra="Expect: 100-continue\r\n"))
     assert transport.value() == b""  # the first request's answer comes first, in order
@@ -149,7 +126,7 @@ def test_protocol_the_100_of_a_request_waits_for_the_answers_owed_before_it() ->
 
 def test_protocol_no_100_once_the_client_sent_its_body_anyway() -> None:
     """.NET waits 350 ms, curl 1 s, and then sends the body without the 100: none is owed any more."""
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     proto.dataReceived(_head(b'{"n": 1}') + b'{"n": 1}' + _head(b'{"n": 2}', extra="Expect: 100-continue\r\n"))
     proto.dataReceived(b'{"n": 2}')
     handler.answer(0)
@@ -158,14 +135,14 @@ def test_protocol_no_100_once_the_client_sent_its_body_anyway() -> None:
 
 
 def test_protocol_http_1_0_keeps_the_connection_only_when_asked_and_says_so() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     proto.dataReceived(_head(b"{}", "1.0", "Connection: Keep-Alive\r\n") + b"{}")
     handler.answer(0)
     got = _Messages().feed(transport.value())
     assert got[0][1]["connection"].lower() == "keep-alive" and not transport.disconnecting
     assert handler.taken[0][0].version == "1.0"
 
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     proto.dataReceived(_head(b"{}", "1.0") + b"{}")
     handler.answer(0)
     got = _Messages().feed(transport.value())
@@ -173,13 +150,13 @@ def test_protocol_http_1_0_keeps_the_connection_only_when_asked_and_says_so() ->
 
 
 def test_protocol_http_1_0_ignores_expect() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     proto.dataReceived(_head(b"{}", "1.0", "Expect: 100-continue\r\n"))
     assert transport.value() == b""  # an HTTP/1.0 client does not know 100 (RFC 9110 10.1.1)
 
 
 def test_protocol_http_1_1_connection_close_is_closed_after_the_answer() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     proto.dataReceived(_head(b"{}", extra="Connection: close\r\n") + b"{}")
     handler.answer(0)
     got = _Messages().feed(transport.value())

@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 
 from fep import envelope
-from fep.sim.world import LI, WANG, ZHANG, Stay, World, ok, said, setl_id, wait_for
+from fep.sim.world import LI, WANG, ZHANG, Stay, World, ok, said, setl_id
 
 
 @pytest.mark.parametrize("infcode_type", ["number", "string"])

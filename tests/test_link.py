@@ -8,7 +8,6 @@ import threading
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
-import httptools
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
@@ -20,8 +19,9 @@ from twisted.python.failure import Failure
 from fep import config, envelope, tls
 from fep.bureau import BureauLink, Delivery, NotSent, Unknown, _Pool
 from fep.config import Endpoint, TLSFiles
-from fep.http11 import HTTPClientProtocol, HTTPServerProtocol, Request, Response, TransportError
+from fep.http11 import HTTPClientProtocol, HTTPServerProtocol, Response, TransportError
 from fep.sim.world import LI, ZHANG, Visit, World, free_port, his_msgid, wait_for
+from tests.http_doubles import Later, Responses, server
 
 
 # ---- the HIS side: HTTP/1.1 pipelining ------------------------------------------------------------------
@@ -31,24 +31,6 @@ def _post(body: bytes, path: str = "/fsi/api/rsfComIfsService/callService") -> b
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-class _Responses:
-    """Parses what a server wrote, in order: [(status, body), ...]."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[int, bytes]] = []
-        self._body: list[bytes] = []
-        self._parser = httptools.HttpResponseParser(self)
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.got.append((self._parser.get_status_code(), b"".join(self._body)))
-        self._body = []
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self._parser.feed_data(data)
-        return self.got
 
 
 def _read_until_closed(sock: socket.socket) -> bytes:
@@ -71,7 +53,7 @@ def _pipelined(world: World, data: bytes) -> list[tuple[int, dict]]:
     with socket.create_connection(("127.0.0.1", world.his_port), timeout=30) as s:
         s.sendall(data)  # one write: both requests are in the server's hands before it answers either
         raw = _read_until_closed(s)
-    return [(status, envelope.loads(body)) for status, body in _Responses().feed(raw)]
+    return [(status, envelope.loads(body)) for status, body in Responses().feed(raw)]
 
 
 def test_a_request_pipelined_before_garbage_is_answered_first_then_the_400(running: World) -> None:
@@ -96,31 +78,8 @@ def test_a_request_pipelined_before_a_too_large_one_is_answered_first_then_the_4
     assert world.trade(msgid)["state"] == "ANSWERED"
 
 
-class _Later:
-    """A handler whose answers the test gives, one Deferred per request taken."""
-
-    def __init__(self) -> None:
-        self.taken: list[tuple[Request, defer.Deferred[Response]]] = []
-
-    def __call__(self, req: Request) -> defer.Deferred[Response]:
-        d: defer.Deferred[Response] = defer.Deferred()
-        self.taken.append((req, d))
-        return d
-
-    def answer(self, i: int, text: bytes) -> None:
-        self.taken[i][1].callback(Response(200, text))
-
-
-def _server(max_body: int = 1000) -> tuple[HTTPServerProtocol, StringTransport, _Later]:
-    handler = _Later()
-    proto = HTTPServerProtocol(handler, max_body=max_body)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport, handler
-
-
 def test_protocol_answers_what_it_took_before_refusing_garbage() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     proto.dataReceived(_post(b'{"n": 1}') + _post(b'{"n": 2}') + b"\x00GARBAGE\r\n\r\n")
     assert [r.body for r, _ in handler.taken] == [b'{"n": 1}']  # one at a time; nothing after garbage runs
     assert transport.value() == b"" and not transport.disconnecting  # the first answer is still owed
@@ -128,19 +87,19 @@ def test_protocol_answers_what_it_took_before_refusing_garbage() -> None:
     assert [r.body for r, _ in handler.taken] == [b'{"n": 1}', b'{"n": 2}']
     assert transport.value().count(b"HTTP/1.1") == 1 and not transport.disconnecting
     handler.answer(1, b"two")
-    got = _Responses().feed(transport.value())
+    got = Responses().feed(transport.value())
     assert [(s, b) for s, b in got[:2]] == [(200, b"one"), (200, b"two")]
     assert got[2][0] == 400 and len(got) == 3
     assert transport.disconnecting
 
 
 def test_protocol_answers_what_it_took_before_refusing_a_body_too_large() -> None:
-    proto, transport, handler = _server(max_body=100)
+    proto, transport, handler = server(max_body=100)
     big = b"x" * 300
     proto.dataReceived(_post(b'{"n": 1}') + _post(big)[:-200])  # the refused body is still arriving
     assert len(handler.taken) == 1 and transport.value() == b""
     handler.answer(0, b"one")
-    got = _Responses().feed(transport.value())
+    got = Responses().feed(transport.value())
     assert [s for s, _ in got] == [200, 413] and got[0][1] == b"one"
     assert not transport.disconnecting  # lingering: the client is still sending and must see the 413
     proto.dataReceived(big[-200:] + _post(b'{"n": 3}'))  # the rest of the refused body, and more
@@ -148,22 +107,22 @@ def test_protocol_answers_what_it_took_before_refusing_a_body_too_large() -> Non
 
 
 def test_protocol_refuses_at_once_when_nothing_is_owed() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     proto.dataReceived(b"\x00GARBAGE\r\n\r\n")
-    assert [s for s, _ in _Responses().feed(transport.value())] == [400] and transport.disconnecting
-    proto, transport, handler = _server(max_body=100)
+    assert [s for s, _ in Responses().feed(transport.value())] == [400] and transport.disconnecting
+    proto, transport, handler = server(max_body=100)
     proto.dataReceived(_post(b"x" * 300)[:-100])
-    assert [s for s, _ in _Responses().feed(transport.value())] == [413] and not transport.disconnecting
+    assert [s for s, _ in Responses().feed(transport.value())] == [413] and not transport.disconnecting
     proto.dataReceived(b"x" * 100)
     assert transport.disconnecting and handler.taken == []
 
 
 def test_protocol_answers_the_last_request_that_asked_to_close_and_takes_nothing_after_it() -> None:
-    proto, transport, handler = _server()
+    proto, transport, handler = server()
     closing = _post(b'{"n": 1}').replace(b"Host: fep\r\n", b"Host: fep\r\nConnection: close\r\n")
     proto.dataReceived(closing + _post(b'{"n": 2}'))
     handler.answer(0, b"one")
-    assert [s for s, _ in _Responses().feed(transport.value())] == [200] and transport.disconnecting
+    assert [s for s, _ in Responses().feed(transport.value())] == [200] and transport.disconnecting
     assert len(handler.taken) == 1
 
 
@@ -229,7 +188,7 @@ class _Wire:
             self.client_tls.dataReceived(data)
         return bool(data)
 
-    def to_server(self) -> bool:
+    def toserver(self) -> bool:
         self.clock.advance(0)
         data, _ = self.ct.value(), self.ct.clear()
         if data:
@@ -237,7 +196,7 @@ class _Wire:
         return bool(data)
 
     def pump(self) -> None:
-        while self.to_server() | self.to_client():
+        while self.toserver() | self.to_client():
             pass
 
 
@@ -308,7 +267,7 @@ def test_a_late_answer_s_connection_is_not_reused_so_its_abort_never_cuts_anothe
 
 
 def test_link_a_late_answer_closes_its_connection_and_disarms_the_abort(world: World, pki_dir) -> None:
-    clock, bureau = task.Clock(), _Later()
+    clock, bureau = task.Clock(), Later()
     wire = _Wire(pki_dir, HTTPServerProtocol(bureau, max_body=10000), clock)
     world.configure(fep={"bureau": {"late_grace": 4, "concurrency": 1}})
     link = BureauLink(clock, config.load(world.fep_config).bureau)

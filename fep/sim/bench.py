@@ -385,11 +385,6 @@ IDLE_SECONDS = 10.0  # two metrics refreshes
 LATENCY_SECONDS = 15.0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def idle_cpu(pid: int, seconds: float) -> float:
     """The share of one core the daemon uses while nobody asks it anything."""
     before, t = cpu_seconds(pid), time.perf_counter()

@@ -83,7 +83,7 @@ class Ledger:
         self.handlers: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
             "9001": self.sign_in, "9002": lambda env, inp: {"signoutoutb": {"sign_time": _now()}},
             "1101": self.person_info, "2201": self.register, "2202": self.unregister,
-            "2203": self.visit_info, "2204": self.fee_upload, "2205": self.fee_cancel, "2301": self.fee_upload,
+            "2203": self.visit_info, "2204": self.fee_upload, "2205": self.fee_cancel,
             "2206": self.presettle, "2207": self.settle, "2208": self.cancel, "2601": self.reverse,
             "3201": self.statement_total, "3202": self.statement_detail, "9101": self.file_upload,
             "9102": self.file_download, "1301": self.catalog_download, "1305": self.catalog_download,
