@@ -1145,8 +1145,11 @@ def main(argv: list[str] | None = None) -> int:
     pki.ensure(base / "pki")
     world = World(base, base / "pki")
     people = persons(n_persons)
+    # Tries spread over some 25 s, as production's are over half an hour: faults are switched every 50-250 ms
+    # here, and a resend given up after the test default's 4 s would be parked for the storm, not the bureau.
     world.configure(sim={"persons": people}, trades={i: {"timeout": 1.5} for i in MIX},
-                    fep={"bureau": {"late_grace": 5}})
+                    fep={"bureau": {"late_grace": 5},
+                         "resolution": {"max_tries": 10, "backoff": [0, 0.5, 1, 2, 4]}})
     tally = Tally(bad)
     started = time.monotonic()
     chaos = Chaos(world, tally, random.Random(rng.random()), args.trades, args.kills, args.sim_kills)

@@ -29,9 +29,19 @@ WANG = {"psn_no": "43010000000000000003", "certno": "430102197503030033", "insut
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n different free ports: each socket is held until all are chosen, so the kernel cannot hand one out twice."""
+    held = [socket.socket() for _ in range(n)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> Any:
@@ -53,8 +63,7 @@ class World:
     def __init__(self, tmp: Path, pki: Path) -> None:
         self.dir = tmp
         self.pki = pki
-        self.sim_port, self.control_port, self.his_port = free_port(), free_port(), free_port()
-        self.metrics_port = free_port()
+        self.sim_port, self.control_port, self.his_port, self.metrics_port = free_ports(4)
         self.fep_config = tmp / "conf" / "fep.yaml"
         self.sim_config = tmp / "conf" / "sim.yaml"
         self.sim: subprocess.Popen[bytes] | None = None
