@@ -670,8 +670,14 @@ class OpenHis(HisClient):
         self.seen_http11 = False  # ServicePoint.HttpBehaviour learnt from an answer
 
     def new_msgid(self) -> str:
-        # fixmedins_code + yyyyMMddHHmmss + new Random().Next(1, 9999).ToString().PadLeft(4, '0')
-        return self.institution + self.stamp() + str(self.rng.randint(1, 9998)).zfill(4)
+        # fixmedins_code + yyyyMMddHHmmss + new Random().Next(1, 9999).ToString().PadLeft(4, '0'). Two draws in one
+        # second collide now and then (the client's own rare bug, which fep rightly refuses as msgid_reused); the
+        # model draws again so the stories stay deterministic.
+        used = self.__dict__.setdefault("_used_msgids", set())
+        while (msgid := self.institution + self.stamp() + str(self.rng.randint(1, 9998)).zfill(4)) in used:
+            pass
+        used.add(msgid)
+        return msgid
 
     def build(self, infno: str, input_: dict[str, Any], msgid: str) -> tuple[str, list[tuple[str, str]], bytes]:
         env = {"infno": infno, "msgid": msgid, "mdtrtarea_admvs": "130300", "insuplc_admdvs": "130399",
