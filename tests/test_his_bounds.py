@@ -8,7 +8,6 @@ import socket
 import time
 from typing import Any
 
-import httptools
 import pytest
 from twisted.internet import address, defer, task
 from twisted.internet.testing import StringTransport
@@ -17,26 +16,9 @@ from fep import envelope
 from fep.his import BUSY, HisFactory, RateLimitedLog
 from fep.http11 import HTTPServerProtocol, Limits, Request, Response
 from fep.sim.world import ZHANG, World, wait_for
+from tests.http_doubles import Responses
 
 CALL = "/fsi/api/rsfComIfsService/callService"
-
-
-class Messages:
-    def __init__(self) -> None:
-        self.got: list[tuple[int, bytes]] = []
-        self._body: list[bytes] = []
-        self._parser = httptools.HttpResponseParser(self)
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.got.append((self._parser.get_status_code(), b"".join(self._body)))
-        self._body = []
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self._parser.feed_data(data)
-        return self.got
 
 
 class Later:
@@ -92,7 +74,7 @@ def test_pipelined_requests_are_bounded_per_connection_and_reading_resumes_as_th
     for i in range(1000):
         assert proto.buffered <= 4
         handler.answer(i)
-    got = Messages().feed(transport.value())
+    got = Responses().feed(transport.value())
     assert [b for _, b in got] == [b'{"n": %d}' % i for i in range(1000)]  # every one, in order
     assert not transport.paused and proto.buffered == 0
 
@@ -106,7 +88,7 @@ def test_pipelining_in_small_reads_is_bounded_too() -> None:
     assert transport.paused
     for i in range(50):
         handler.answer(i)
-    assert len(Messages().feed(transport.value())) == 50
+    assert len(Responses().feed(transport.value())) == 50
 
 
 def test_pipelined_bodies_are_bounded_in_bytes() -> None:
@@ -133,7 +115,7 @@ def test_requests_not_yet_handed_over_are_dropped_when_the_client_disconnects_an
 def test_a_long_url_gets_414_and_the_connection_closes() -> None:
     proto, transport, handler, _ = server(Limits(max_url=100))
     proto.dataReceived(f"GET /fep/trades/{'9' * 200} HTTP/1.1\r\nHost: fep\r\n\r\n".encode())
-    got = Messages().feed(transport.value())
+    got = Responses().feed(transport.value())
     assert [s for s, _ in got] == [414] and transport.disconnecting and handler.taken == []
 
 
@@ -141,7 +123,7 @@ def test_too_many_header_fields_get_431() -> None:
     proto, transport, handler, _ = server(Limits(max_headers=10))
     heads = "".join(f"X-H{i}: v\r\n" for i in range(11))
     proto.dataReceived(f"POST {CALL} HTTP/1.1\r\n{heads}Content-Length: 2\r\n\r\n{{}}".encode())
-    got = Messages().feed(transport.value())
+    got = Responses().feed(transport.value())
     assert [s for s, _ in got] == [431] and transport.disconnecting and handler.taken == []
     assert "header fields" in got[0][1].decode()
 
@@ -149,7 +131,7 @@ def test_too_many_header_fields_get_431() -> None:
 def test_header_fields_over_the_byte_limit_get_431() -> None:
     proto, transport, handler, _ = server(Limits(max_header_bytes=1000))
     proto.dataReceived(f"POST {CALL} HTTP/1.1\r\nCookie: {'c' * 2000}\r\nContent-Length: 2\r\n\r\n{{}}".encode())
-    assert [s for s, _ in Messages().feed(transport.value())] == [431] and handler.taken == []
+    assert [s for s, _ in Responses().feed(transport.value())] == [431] and handler.taken == []
 
 
 def test_a_header_line_that_never_ends_is_cut_off_with_431() -> None:
@@ -159,7 +141,7 @@ def test_a_header_line_that_never_ends_is_cut_off_with_431() -> None:
         proto.dataReceived(b"a" * 1000)  # httptools gathers the line: fep must not
         if transport.value():
             break
-    assert [s for s, _ in Messages().feed(transport.value())] == [431] and transport.disconnecting
+    assert [s for s, _ in Responses().feed(transport.value())] == [431] and transport.disconnecting
 
 
 def test_a_refusal_for_size_comes_after_the_answers_owed_before_it() -> None:
@@ -167,7 +149,7 @@ def test_a_refusal_for_size_comes_after_the_answers_owed_before_it() -> None:
     proto.dataReceived(post(0) + f"GET /{'x' * 200} HTTP/1.1\r\n\r\n".encode())
     assert transport.value() == b""
     handler.answer(0)
-    assert [s for s, _ in Messages().feed(transport.value())] == [200, 414]
+    assert [s for s, _ in Responses().feed(transport.value())] == [200, 414]
 
 
 # ---- deadlines -------------------------------------------------------------------------------------------------
@@ -179,7 +161,7 @@ def test_headers_not_complete_within_the_deadline_get_408_and_a_close() -> None:
     proto.dataReceived(b"e")
     assert transport.value() == b""
     clock.advance(1.5)
-    assert [s for s, _ in Messages().feed(transport.value())] == [408] and transport.disconnecting
+    assert [s for s, _ in Responses().feed(transport.value())] == [408] and transport.disconnecting
 
 
 def test_a_body_not_complete_within_the_deadline_gets_408() -> None:
@@ -188,7 +170,7 @@ def test_a_body_not_complete_within_the_deadline_gets_408() -> None:
     clock.advance(59)
     assert transport.value() == b""
     clock.advance(2)
-    assert [s for s, _ in Messages().feed(transport.value())] == [408] and handler.taken == []
+    assert [s for s, _ in Responses().feed(transport.value())] == [408] and handler.taken == []
 
 
 def test_an_idle_kept_connection_is_closed_but_not_while_its_answer_is_being_made() -> None:
@@ -203,7 +185,7 @@ def test_an_idle_kept_connection_is_closed_but_not_while_its_answer_is_being_mad
     handler.answer(1)
     clock.advance(121)
     assert transport.disconnecting
-    assert len(Messages().feed(transport.value())) == 2
+    assert len(Responses().feed(transport.value())) == 2
 
 
 def test_a_fresh_connection_that_sends_nothing_is_closed_after_the_idle_timeout() -> None:
@@ -221,7 +203,7 @@ def test_a_request_followed_by_a_half_close_is_answered_then_the_connection_clos
     assert not transport.disconnecting
     handler.answer(0)
     handler.answer(1)
-    assert [s for s, _ in Messages().feed(transport.value())] == [200, 200] and transport.disconnecting
+    assert [s for s, _ in Responses().feed(transport.value())] == [200, 200] and transport.disconnecting
 
 
 @pytest.mark.parametrize("head,status,word", [
@@ -231,7 +213,7 @@ def test_a_request_followed_by_a_half_close_is_answered_then_the_connection_clos
 def test_upgrade_and_connect_are_answered_and_closed(head: str, status: int, word: str) -> None:
     proto, transport, handler, _ = server()
     proto.dataReceived(head.encode() + b"\x00\x01 not http")
-    got = Messages().feed(transport.value())
+    got = Responses().feed(transport.value())
     assert [s for s, _ in got] == [status] and word in got[0][1].decode()
     assert transport.disconnecting and handler.taken == []
 
@@ -363,7 +345,7 @@ def test_2000_simultaneous_his_connections_are_all_answered(world: World) -> Non
                 open_.discard(s)
     for s in socks:
         s.close()
-    statuses = [Messages().feed(data) for data in got.values()]
+    statuses = [Responses().feed(data) for data in got.values()]
     answered = [m for m in statuses if len(m) == 1 and m[0][0] == 200]
     assert len(answered) == n, f"{n - len(answered)} of {n} not answered; {len(open_)} still open"
     assert all(envelope.loads(m[0][1]).get("fep_msgid") for m in answered)
@@ -378,7 +360,7 @@ def _admin_status(world: World) -> int:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    return Messages().feed(data)[0][0]
+    return Responses().feed(data)[0][0]
 
 
 def test_with_the_his_side_at_its_cap_the_admin_socket_and_metrics_still_answer(world: World) -> None:
@@ -427,7 +409,7 @@ def test_end_to_end_half_close_upgrade_and_a_long_url(running: World) -> None:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    got = Messages().feed(data)
+    got = Responses().feed(data)
     assert [st for st, _ in got] == [200] and envelope.loads(got[0][1])["infcode"] == 0
     for head, status in ((b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
                          (b"CONNECT x:1 HTTP/1.1\r\nHost: x:1\r\n\r\n", 501),
@@ -439,6 +421,6 @@ def test_end_to_end_half_close_upgrade_and_a_long_url(running: World) -> None:
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
-        assert [st for st, _ in Messages().feed(data)] == [status], head[:40]
+        assert [st for st, _ in Responses().feed(data)] == [status], head[:40]
     assert "Traceback" not in running.log("run") and "Unhandled" not in running.log("run")
     assert running.fep_alive()
