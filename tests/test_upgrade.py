@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+
+import pytest
 import time
 from pathlib import Path
 
@@ -12,7 +14,9 @@ from fep import envelope
 from fep.journal import SCHEMA_VERSION
 from fep.sim.world import ZHANG, Visit, World, wait_for
 
-FIXTURE = Path(__file__).parent / "fixtures" / "journal-v1.db"  # written by the first release (schema 1)
+FIXTURES = Path(__file__).parent / "fixtures"
+FIRST = FIXTURES / "journal-v1.db"  # written by the first release (schema 1)
+PREVIOUS = FIXTURES / "journal-v4.db"  # written by the release before this one (schema 4), HIS msgids mapped
 
 
 def schema(world: World) -> str:
@@ -20,9 +24,10 @@ def schema(world: World) -> str:
         return c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
 
 
-def test_a_journal_of_the_previous_release_opens_and_its_open_trades_are_resolved(world: World) -> None:
+@pytest.mark.parametrize("fixture", [FIRST, PREVIOUS], ids=["schema-1", "schema-4"])
+def test_a_journal_of_an_earlier_release_opens_and_its_open_trades_are_resolved(world: World, fixture: Path) -> None:
     (world.dir / "lib").mkdir(parents=True, exist_ok=True)
-    shutil.copy(FIXTURE, world.dir / "lib" / "journal.db")
+    shutil.copy(fixture, world.dir / "lib" / "journal.db")
     with sqlite3.connect(world.dir / "lib" / "journal.db") as c:  # the fixture's window closed an hour after it
         c.execute("UPDATE trades SET deadline=? WHERE state='AWAITING_CONFIRM'", (time.time() + 3600,))  # was made
     before = {r["msgid"]: r for r in world.journal()}
@@ -48,12 +53,17 @@ def test_a_journal_of_the_previous_release_opens_and_its_open_trades_are_resolve
     # The msgid counter goes on from where it was: a new trade gets a number never used.
     answer = Visit(world.his, ZHANG).identify()
     assert answer["infcode"] == 0 and answer["fep_msgid"] not in before
+    # An HIS retrying with its own msgid, mapped by the old release, hears the stored answer of its trade.
+    for msgid, row in before.items():
+        if row.get("his_msgid") and row["state"] == "ANSWERED":
+            again = world.his.call(row["infno"], envelope.loads(row["request"])["input"], msgid=row["his_msgid"])
+            assert (again["fep_msgid"], again["fep_state"]) == (msgid, "ANSWERED"), again
 
 
 def test_a_journal_newer_than_this_fep_is_refused_at_start_naming_both_versions(world: World) -> None:
     (world.dir / "lib").mkdir(parents=True, exist_ok=True)
     path = world.dir / "lib" / "journal.db"
-    shutil.copy(FIXTURE, path)
+    shutil.copy(PREVIOUS, path)
     with sqlite3.connect(path) as c:
         c.execute("UPDATE meta SET value='99' WHERE key='schema'")
     world.start_sim()
