@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from fep import envelope
@@ -72,6 +73,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fep", description="Medical-insurance front-end processor (医保前置机)")
+    p.add_argument("--version", action="version", version=f"fep {version('fep')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the daemon")

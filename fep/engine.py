@@ -28,7 +28,7 @@ from fep.confirm import ConfirmWindows, NotAwaiting
 from fep.journal import Accepted, IllegalTransition, Journal, JournalError, NewTrade, TradeRow
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
-from fep.replies import Reply, lookup_view, reply
+from fep.replies import Reply, lookup_view, outcome, reply
 from fep.resolver import DRIVEN, Markers, Resolver
 from fep.sender import Sender, recorded
 from fep.session import Session, SignInFailed
@@ -138,7 +138,7 @@ class Engine:
             result = await self._reversal_asked(trade, req)
         else:
             result = await self._take(trade, req)
-        metrics.TRADES.labels(trade.infno, result.body.get("fep_state", "?")).inc()
+        metrics.TRADES.labels(trade.infno, outcome(result.body)).inc()
         metrics.TRADE_SECONDS.labels(trade.infno).observe(time.perf_counter() - started)
         return result
 

@@ -42,6 +42,8 @@ def _pending(row: TradeRow, money: str) -> str:
     }[row.state]
 
 
+# The bureau's own answer is what the HIS hears in these states.
+BUREAU_ANSWERED = frozenset({S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED})
 QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
 
 
@@ -53,7 +55,7 @@ def reply(row: TradeRow, trade: TradeDef, resubmitted: bool = False, answer: dic
     infcode on envelopes of its own (the bureau's answers keep theirs)."""
     money = {Kind.MONEY: "settles", Kind.UNDO_MONEY: "cancels"}.get(trade.kind, "")
     extra: dict[str, Any] = {"infno": row.infno, "resolver": row.resolver}
-    if row.state in (S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED) or (
+    if row.state in BUREAU_ANSWERED or (
             row.state in (S.NEEDS_ATTENTION, S.DROPPED) and row.answer):
         parsed = answer if answer is not None else envelope.loads(row.answer or "{}")
         body = envelope.answer(parsed, msgid=row.msgid, state=row.state,
@@ -76,6 +78,16 @@ def reply(row: TradeRow, trade: TradeDef, resubmitted: bool = False, answer: dic
     if resubmitted and row.state is S.SENT:  # a resubmission while the first is on the wire: not a second trade
         body["fep_reason"] = "in_progress"
     return Reply(body)
+
+
+def outcome(body: dict[str, Any]) -> str:
+    """The trade counter's `result`: the bureau said yes ("success") or no ("refused", a business refusal),
+    the trade waits in fep's queue ("queued"), or the bureau gave no valid answer ("transport_failure": not
+    sent, or sent and its outcome unknown, then resolved)."""
+    state = body.get("fep_state")
+    if state in BUREAU_ANSWERED:
+        return "success" if envelope.succeeded(body) else "refused"
+    return "queued" if state == S.QUEUED else "transport_failure"
 
 
 # What a lookup (GET /fep/trades/MSGID, POST /fep/confirm/MSGID on the HIS side) shows of the bureau's output:

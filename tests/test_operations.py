@@ -109,7 +109,7 @@ def test_prometheus_metrics(running: World) -> None:
     assert visit.settle()["infcode"] == 0
     time.sleep(5.5)  # the journal gauges refresh every 5 s
     text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
-    for needle in ('fep_trades_total{infno="2207",result="ANSWERED"} 1.0', 'fep_trade_seconds_bucket{infno="2207",le="0.0005"}',
+    for needle in ('fep_trades_total{infno="2207",result="success"} 1.0', 'fep_trade_seconds_bucket{infno="2207",le="0.0005"}',
                    'fep_bureau_seconds_bucket', 'fep_bureau_link_up{endpoint="sim"} 1.0', "fep_bureau_signed_in 1.0",
                    'fep_trades_in_state{state="ANSWERED"}', "fep_replay_queue_depth 0.0",
                    'fep_certificate_expiry_seconds{cert="hospital"}', "fep_journal_commit_seconds_bucket",
