@@ -87,6 +87,7 @@ class AdminService:
         self.engine = engine
         self._reload = reload
         self.extra = extra or {}  # routes other parts of fep add (reconciliation, catalog)
+        self.started = time.time()
 
     async def handle(self, req: Request) -> Response:
         try:
@@ -124,9 +125,14 @@ class AdminService:
     async def status(self) -> dict[str, Any]:
         status = await self.engine.status()
         status["certificates"] = certificate_expiry(self.engine)
+        oldest = await self.engine.journal.oldest(UNRESOLVED)
+        status["oldest_unresolved_seconds"] = round(time.time() - oldest, 1) if oldest else None
         last = await self.engine.journal.runs("reconcile")
-        status["last_reconciliation"] = {k: last[0][k] for k in ("stmt_date", "run_at", "balanced", "unbalanced")
-                                         } if last else None
+        status["last_reconciliation"] = {**{k: last[0][k] for k in ("stmt_date", "run_at", "balanced", "unbalanced")},
+                                         "unresolved": len(last[0].get("unresolved", []))} if last else None
+        # What `fep status --check` needs to tell a reconciliation that did not run (fep.health).
+        status["reconcile_daily_at"] = self.engine.cfg.reconcile_at
+        status["up_seconds"] = round(time.time() - self.started)
         return status
 
     async def trades(self, args: dict[str, str]) -> list[dict[str, Any]]:
@@ -170,6 +176,7 @@ class MetricsRefresher:
 
     def __init__(self, reactor: Any, engine: Engine) -> None:
         self.engine = engine
+        self._restored = False
         self.loop = task.LoopingCall(lambda: defer.ensureDeferred(self._refresh()))
         self.loop.clock = reactor
 
@@ -192,6 +199,19 @@ class MetricsRefresher:
         metrics.JOURNAL_CANNOT_WRITE.set(1 if journal.cannot_write else 0)
         for name, seconds in certificate_expiry(self.engine).items():
             metrics.CERT_EXPIRY.labels(name).set(seconds)
+        metrics.RECONCILE_DAILY.set(1 if self.engine.cfg.reconcile_at else 0)
+        if not self._restored:
+            await self._restore_reconciliation()
+
+    async def _restore_reconciliation(self) -> None:
+        """The last reconciliation's time and result from the journal, once: a restart must not read as
+        "never reconciled" (FepReconciliationNotRun). Each run sets them from then on (fep.reconcile)."""
+        last = await self.engine.journal.runs("reconcile")
+        if last:
+            metrics.RECONCILED_AT.set(datetime.strptime(last[0]["run_at"], "%Y-%m-%d %H:%M:%S").timestamp())
+            for result in ("balanced", "unbalanced"):
+                metrics.RECONCILED_GROUPS.labels(result).set(last[0][result])
+        self._restored = True
 
 
 async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import unicodedata
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, urlencode
@@ -73,7 +74,26 @@ def cmd_status(args: argparse.Namespace) -> int:
             lines.append(table(s["needs_attention"], ["msgid", "infno", "since", "note"]))
         return "\n".join(lines)
 
+    if args.check:
+        return check(args)
     return out(args, call(args, "GET", "/status"), human)
+
+
+def check(args: argparse.Namespace) -> int:
+    """One line and exit 0, 1 or 2 (OK, WARNING, CRITICAL), as a Nagios or Zabbix check; fep unreachable is CRITICAL."""
+    from fep import health
+
+    try:
+        status = call(args, "GET", "/status")
+    except OSError as e:
+        print(f"FEP CRITICAL - cannot reach fep: {e.strerror or e}")
+        return health.Level.CRITICAL
+    except SystemExit as e:  # no config, or the admin socket refused the call
+        print(f"FEP CRITICAL - {e}")
+        return health.Level.CRITICAL
+    verdict = health.check(status, datetime.now())
+    print(verdict.line(health.summary(status)))
+    return verdict.level
 
 
 def cmd_trades(args: argparse.Namespace) -> int:
@@ -174,6 +194,8 @@ def admin_options(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Any) -> None:
     st = sub.add_parser("status", help="bureau link, sign-in, queues, needs-attention, certificates")
+    st.add_argument("--check", action="store_true", help="one line and exit 0 OK, 1 WARNING, 2 CRITICAL (Nagios, "
+                                                         "Zabbix; README, \"Monitoring\")")
     admin_options(st)
     st.set_defaults(func=cmd_status)
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import platform
+from importlib.metadata import version
+
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 # Sub-millisecond buckets: a journal commit is ~0.2 ms, a trade's overhead target is < 1 ms.
 FINE = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-TRADES = Counter("fep_trades", "Trades answered to the HIS, by trade number and result", ["infno", "result"])
+BUILD = Info("fep_build", "The running fep: its version and Python's")
+BUILD.info({"version": version("fep"), "python": platform.python_version()})
+TRADES = Counter("fep_trades", "Trades answered to the HIS, by trade number and result: success, "
+                 "refused (the bureau's business refusal), queued, transport_failure (no valid answer)",
+                 ["infno", "result"])
 TRADE_SECONDS = Histogram("fep_trade_seconds", "HIS request to HIS answer", ["infno"], buckets=FINE)
 BUREAU_SECONDS = Histogram("fep_bureau_seconds", "Request written to answer read, bureau link",
                            ["endpoint"], buckets=FINE)
@@ -31,4 +38,8 @@ CERT_EXPIRY = Gauge("fep_certificate_expiry_seconds", "Seconds until a configure
 RELOADS = Counter("fep_config_reloads", "Configuration reloads, by result", ["result"])
 RECONCILED_GROUPS = Gauge("fep_reconciliation_groups", "Groups of the last reconciliation run, by result",
                           ["result"])
-RECONCILED_AT = Gauge("fep_reconciliation_last_run_timestamp_seconds", "When the last reconciliation ran")
+for _result in ("balanced", "unbalanced"):  # exported from the start, 0 until a reconciliation has run
+    RECONCILED_GROUPS.labels(_result)
+RECONCILED_AT = Gauge("fep_reconciliation_last_run_timestamp_seconds", "When the last reconciliation ran (0: never)")
+RECONCILE_DAILY = Gauge("fep_reconciliation_scheduled", "1 when a reconciliation is due every day "
+                        "(schedule.reconcile_daily_at)")
