@@ -1,8 +1,15 @@
 """The admin side: a JSON API on a Unix socket only root and the `fep` group can open (for the `fep`
-command), and Prometheus metrics on a loopback TCP port. A thin adapter over the engine."""
+command), and Prometheus metrics on a loopback TCP port. A thin adapter over the engine.
+
+Every call that changes something (any POST) is an operator action: it goes into the audit trail with the
+caller's uid, read from the socket's peer credentials (SO_PEERCRED), before it runs. A scrape of /metrics is
+not logged: Prometheus scrapes every few seconds, and such lines would drown the ones that matter."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import struct
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,9 +24,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from fep import envelope, metrics, sockets
+from fep.archive import Archive
+from fep.audit import AuditTrail
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
-from fep.journal import COLUMNS, TradeFilter, TradeRow
+from fep.journal import COLUMNS, EVER, TradeFilter, TradeRow
 from fep.states import State, UNRESOLVED
 
 log = Logger()
@@ -38,6 +47,16 @@ def _time(value: str) -> float:
 
 
 MAX_LIMIT = 100_000  # rows one `fep trades` lists
+
+
+def _limit(args: dict[str, str]) -> int:
+    try:
+        limit = int(args.get("limit", 100))
+    except ValueError:
+        raise Refused(400, f"limit must be a number, got {args['limit']!r}") from None
+    if not 1 <= limit <= MAX_LIMIT:  # SQLite's integers end at 2^63: a bigger one was an OverflowError, a 500
+        raise Refused(400, f"limit must be from 1 to {MAX_LIMIT}, got {limit}")
+    return limit
 
 
 def _msgid(req: Request, parts: list[str]) -> str:
@@ -81,15 +100,55 @@ def summary(row: TradeRow, full: bool = False) -> dict[str, Any]:
     return out
 
 
+def _action(req: Request) -> tuple[str, dict[str, Any]]:
+    """What an operator asked for, as the audit trail keeps it: the call and its arguments. A body that is not a
+    JSON object (a mapping CSV) is kept as its size and digest: what was loaded can be matched to a file."""
+    parts = [unquote(p) for p in req.path.partition("?")[0].strip("/").split("/")]
+    action = " ".join(parts[:2]) if parts[0] == "catalog" else parts[0]
+    args: dict[str, Any] = {"msgid": parts[1]} if len(parts) == 2 and parts[0] != "catalog" else {}
+    try:
+        body = envelope.loads(req.body) if req.body and req.body.strip() else {}
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        args.update(body)
+    else:
+        args["body"] = {"bytes": len(req.body), "lines": req.body.count(b"\n"),
+                        "sha256": hashlib.sha256(req.body).hexdigest()}
+    return action, args
+
+
+def _outcome(resp: Response) -> str:
+    if resp.status == 200:
+        return "ok"
+    try:
+        return f"refused ({resp.status}): {envelope.loads(resp.body).get('error')}"
+    except (ValueError, AttributeError):
+        return f"refused ({resp.status})"
+
+
 class AdminService:
     def __init__(self, engine: Engine, reload: Callable[[], Awaitable[str]],
-                 extra: dict[str, Callable[[Request], Awaitable[Any]]] | None = None) -> None:
+                 extra: dict[str, Callable[[Request], Awaitable[Any]]] | None = None,
+                 archive: Archive | None = None, audit: AuditTrail | None = None) -> None:
         self.engine = engine
         self._reload = reload
         self.extra = extra or {}  # routes other parts of fep add (reconciliation, catalog)
         self.started = time.time()
+        self.archive = archive  # where finished trades older than journal.keep_days are read
+        self.audit = audit  # where operator actions are kept (fep run always gives one)
 
-    async def handle(self, req: Request) -> Response:
+    async def handle(self, req: Request, uid: int | None = None) -> Response:
+        """`uid`: the caller's, from the socket's peer credentials."""
+        if req.method == "GET" or self.audit is None:
+            return await self._answer(req)
+        action, args = _action(req)
+        entry = await self.audit.begin(uid, action, args)
+        resp = await self._answer(req)
+        await self.audit.end(entry, uid, action, args, _outcome(resp))
+        return resp
+
+    async def _answer(self, req: Request) -> Response:
         try:
             return Response(200, envelope.dumps(await self._route(req)))
         except Refused as e:
@@ -118,6 +177,8 @@ class AdminService:
             return (await self.engine.drop(msgid, _text(body, "reason") or "")).body
         if key == "POST reload":
             return {"result": await self._reload()}
+        if key == "GET audit":
+            return await self.audit_entries(args)
         if key in self.extra:
             return await self.extra[key](req)
         raise Refused(404, f"no admin call {req.method} {path}")
@@ -139,28 +200,40 @@ class AdminService:
         state = args.get("state")
         if state is not None and state not in State.__members__:
             raise Refused(400, f"no state {state!r}; states are {', '.join(State.__members__)}")
-        try:
-            limit = int(args.get("limit", 100))
-        except ValueError:
-            raise Refused(400, f"limit must be a number, got {args['limit']!r}") from None
-        if not 1 <= limit <= MAX_LIMIT:  # SQLite's integers end at 2^63: a bigger one was an OverflowError, a 500
-            raise Refused(400, f"limit must be from 1 to {MAX_LIMIT}, got {limit}")
-        rows = await self.engine.journal.find(TradeFilter(
-            state=State(state) if state else None, psn_no=args.get("psn_no"), infno=args.get("infno"),
-            since=_time(args["since"]) if "since" in args else None,
-            until=_time(args["until"]) if "until" in args else None, limit=limit))
+        limit = _limit(args)
+        f = TradeFilter(state=State(state) if state else None, psn_no=args.get("psn_no"), infno=args.get("infno"),
+                        since=_time(args["since"]) if "since" in args else None,
+                        until=_time(args["until"]) if "until" in args else None, limit=limit)
+        rows = await self.engine.journal.find(f)
+        if self.archive is not None:  # the newest `limit` of the journal's and the archive files' together
+            rows = sorted(rows + await self.archive.find(f), key=lambda r: (r.created, r.id))[-limit:]
         return [summary(r) for r in rows]
 
     async def show(self, msgid: str) -> dict[str, Any]:
-        row = await self.engine.journal.get(msgid)
-        if row is None:
-            raise Refused(404, f"no trade with msgid {msgid} in the journal")
+        journal = self.engine.journal
+        row = await journal.get(msgid)
+        if row is not None:
+            history, related = await journal.history(msgid), await journal.resolving_trades(msgid)
+            where = None
+        elif self.archive is not None and (found := await self.archive.get(msgid)) is not None:
+            row, history, related, where = found
+        else:
+            raise Refused(404, f"no trade with msgid {msgid} in the journal or its archive files")
         out = summary(row, full=True)
+        out["archive"] = where  # the archive file it was read from; None: the journal
         out["history"] = [{"at": datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], "event": ev,
-                           "state": st, "note": note} for at, ev, st, note in await self.engine.journal.history(msgid)]
-        related = await self.engine.journal.resolving_trades(msgid)
+                           "state": st, "note": note} for at, ev, st, note in history]
         out["resolving_trades"] = [summary(r) for r in related]
         return out
+
+    async def audit_entries(self, args: dict[str, str]) -> list[dict[str, Any]]:
+        since = _time(args["since"]) if "since" in args else EVER[0]
+        until = _time(args["until"]) if "until" in args else EVER[1]
+        if "until" in args and len(args["until"]) == 10:  # a day named alone: all of it
+            until += 86400
+        if self.audit is None:
+            raise Refused(404, "this fep keeps no audit trail")
+        return await self.audit.between(since, until, _limit(args))
 
 
 def certificate_expiry(engine: Engine) -> dict[str, float]:
@@ -214,14 +287,41 @@ class MetricsRefresher:
         self._restored = True
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process on the other end of a Unix socket, as the kernel knows it (SO_PEERCRED)."""
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+    except OSError:
+        return None
+    return uid
+
+
+class AdminConnection(HTTPServerProtocol):
+    """One connection to the admin socket: its calls are made as the uid that opened it."""
+
+    def __init__(self, service: AdminService) -> None:
+        self.uid: int | None = None
+        super().__init__(lambda req: service.handle(req, self.uid), max_body=1 << 20)
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        self.uid = peer_uid(self.transport.getHandle())
+        super().connectionMade()
+
+
+class QuietSite(Site):
+    def log(self, request: Any) -> None:
+        """A scrape is not an event: no access line."""
+
+
 async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int,
                  group: str = "fep") -> None:
     unix.parent.mkdir(parents=True, exist_ok=True)
     if unix.exists():
         unix.unlink()
-    factory = Factory.forProtocol(lambda: HTTPServerProtocol(service.handle, max_body=1 << 20))
+    factory = Factory.forProtocol(lambda: AdminConnection(service))
     await endpoints.UNIXServerEndpoint(reactor, str(unix), mode=0o660).listen(factory)
     sockets.chown_group(unix, group)  # only root and admin.unix_group (not the HIS socket's group) may open it
     root = Resource()
     root.putChild(b"metrics", MetricsResource())
-    await endpoints.TCP4ServerEndpoint(reactor, metrics_port, interface=metrics_host).listen(Site(root))
+    await endpoints.TCP4ServerEndpoint(reactor, metrics_port, interface=metrics_host).listen(QuietSite(root))

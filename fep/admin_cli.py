@@ -1,5 +1,5 @@
-"""The `fep` commands for people: status, trades, show, reverse, replay, reload (and, from other
-modules, reconcile and catalog). They talk to the running daemon over its admin socket; output is an
+"""The `fep` commands for people: status, trades, show, reverse, replay, reload, backup, archive, audit
+(and, from other modules, reconcile and catalog). They talk to the running daemon over its admin socket; output is an
 aligned table, or JSON with --json."""
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     def human(t: dict[str, Any]) -> str:
         lines = [f"{t['msgid']}  {t['infno']}  {t['state']}  person {t['psn_no'] or '-'}"
                  f"  settlement {t['setl_id'] or '-'}  tries {t['attempts']}"]
+        if t.get("archive"):
+            lines.append(f"archived: read from {t['archive']}")
         if t["related"]:
             lines.append(f"resolves {t['related']}")
         lines.append(table(t["history"], ["at", "event", "state", "note"]))
@@ -185,6 +187,26 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 1 if doc["problems"] else 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    # fep writes the copy, as its own user: the path is made absolute here, where the operator gave it.
+    doc = call(args, "POST", "/backup", {"path": str(Path(args.path).absolute())})
+    return out(args, doc, lambda d: f"backup written to {d['path']}: {d['trades']} trades, {d['bytes']} bytes, "
+                                    f"PRAGMA integrity_check {d['integrity_check']} ({d['seconds']} s)")
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    doc = call(args, "POST", "/archive", {})
+    return out(args, doc, lambda d: d.get("note") or f"{d['moved']} finished trade(s) older than {d['keep_days']} "
+                                                     f"days moved to the archive files of {', '.join(d['months']) or '-'}")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("since", args.since), ("until", args.until), ("limit", args.limit)) if v}
+    rows = call(args, "GET", "/audit?" + urlencode(query))
+    return out(args, rows, lambda rs: table([{**r, "args": envelope.dumps(r["args"]).decode()} for r in rs],
+                                            ["at", "uid", "user", "action", "args", "result"]))
+
+
 def admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="fep's config, to find its admin socket (default: conf/fep.yaml, then "
                                     "/etc/fep/fep.yaml)")
@@ -255,6 +277,25 @@ def add_commands(sub: Any) -> None:
     ck = msub.add_parser("check", help="items with no mapping, or mapped to a retired or unknown code")
     admin_options(ck)
     ck.set_defaults(func=cmd_catalog, action="check")
+
+    bk = sub.add_parser("backup", help="a consistent copy of the live journal, checked with PRAGMA integrity_check")
+    bk.add_argument("path", help="the file to write (it must not exist), or a directory to write a dated file in; "
+                                 "fep's user must be able to write there")
+    admin_options(bk)
+    bk.set_defaults(func=cmd_backup)
+
+    ar = sub.add_parser("archive", help="move finished trades older than journal.keep_days to the monthly archive "
+                                        "files now (the schedule does it daily)")
+    admin_options(ar)
+    ar.set_defaults(func=cmd_archive)
+
+    au = sub.add_parser("audit", help="what operators did through the admin socket: who (uid), what, with what "
+                                      "result")
+    au.add_argument("--since", help="YYYY-MM-DD[ HH:MM:SS]")
+    au.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS] (a day alone: to its end)")
+    au.add_argument("--limit", type=int, default=100)
+    admin_options(au)
+    au.set_defaults(func=cmd_audit)
 
     rl = sub.add_parser("reload", help="re-read config and certificates (as systemctl reload)")
     admin_options(rl)

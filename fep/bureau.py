@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fep import envelope, metrics, tls
+from fep import envelope, logs, metrics, tls
 from fep.config import BureauSide, Endpoint
 from fep.http11 import ClientResponse, HTTPClientProtocol, TransportError
 
@@ -90,13 +90,13 @@ class _Pool:
         try:
             proto = await connectProtocol(wrapClientTLS(self.creator, tcp), HTTPClientProtocol())
         except Exception as e:
-            self.mark_up(False)
+            self.mark_up(False, str(e))
             raise NotSent(f"cannot connect to {self.ep.name} ({self.ep.host}:{self.ep.port}): {e}") from None
         timer = self.reactor.callLater(self.connect_timeout, proto.transport.abortConnection)
         try:
             await proto.ready
         except TransportError as e:
-            self.mark_up(False)
+            self.mark_up(False, str(e))
             raise NotSent(f"{self.ep.name}: {e}") from None
         finally:
             if timer.active():
@@ -121,7 +121,9 @@ class _Pool:
         else:
             self.count -= 1
 
-    def mark_up(self, up: bool) -> None:
+    def mark_up(self, up: bool, why: str = "") -> None:
+        if up is not self.up:
+            logs.link(self.ep.name, self.ep.url, up, why)
         self.up = up
         metrics.LINK_UP.labels(self.ep.name).set(1 if up else 0)
 
@@ -242,7 +244,7 @@ class BureauLink:
             timer.cancel()
             e = f.value
             if isinstance(e, TransportError) and not e.sent:
-                pool.mark_up(False)
+                pool.mark_up(False, str(e))
                 result.errback(NotSent(f"{ep.name}: {e}"))
             else:
                 result.errback(Unknown(f"{ep.name}: {e}", ep.name))

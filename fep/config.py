@@ -109,6 +109,14 @@ class AdminSide:
 
 
 @dataclass(frozen=True)
+class BackupPlan:
+    """The daily backup of the journal (fep.backup)."""
+    dir: Path | None = None  # where the daily copies go; None: no daily backup
+    keep: int = 7  # copies kept: the newest
+    daily_at: str | None = None  # "HH:MM"
+
+
+@dataclass(frozen=True)
 class Config:
     institution: Institution
     his: HisSide
@@ -125,6 +133,9 @@ class Config:
     reconcile_groups: tuple[tuple[str, str, str], ...] = ()
     allow_root: bool = False
     source: Path | None = None
+    journal_keep_days: int | None = None  # finished trades older than this go to monthly archive files; None: never
+    archive_at: str | None = None  # "HH:MM": the daily move to the archive files
+    backup: BackupPlan = BackupPlan()
 
 
 def _need(doc: dict[str, Any], key: str, where: str) -> Any:
@@ -224,7 +235,31 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         reconcile_groups=tuple(_group(g, i) for i, g in enumerate(doc.get("reconcile_groups") or [])),
         allow_root=bool((doc.get("security") or {}).get("allow_root", False)),
         source=path,
+        journal_keep_days=_count(jr, "keep_days", "journal.", None),
+        archive_at=_hhmm(jr.get("archive_daily_at", "04:00"), "journal.archive_daily_at")
+        if jr.get("keep_days") is not None else None,
+        backup=_backup(doc.get("backup") or {}, base),
     )
+
+
+def _count(doc: dict[str, Any], key: str, where: str, default: int | None) -> int | None:
+    """A whole number of at least 1 (days, copies), or `default` when not given."""
+    value = doc.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}{key} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _backup(doc: dict[str, Any], base: Path) -> BackupPlan:
+    if not isinstance(doc, dict):
+        raise ConfigError("backup must be a mapping: dir, keep, daily_at")
+    directory = _path(base, doc["dir"]) if doc.get("dir") else None
+    if directory is None and doc.get("daily_at"):
+        raise ConfigError("backup.daily_at is set but backup.dir is not: say where the daily copies go")
+    return BackupPlan(dir=directory, keep=_count(doc, "keep", "backup.", 7),  # type: ignore[arg-type]
+                      daily_at=_hhmm(doc.get("daily_at", "01:30"), "backup.daily_at") if directory else None)
 
 
 HIS_LIMITS = (("max_url", int, 8192), ("max_header_bytes", int, 32768), ("max_headers", int, 100),

@@ -21,6 +21,9 @@ from twisted.logger import Logger
 from fep import admin, envelope, metrics, sockets, systemd, tls
 from fep import config as config_mod
 from fep import logs
+from fep.archive import Archive
+from fep.audit import AuditTrail
+from fep.backup import BackupError, Backups
 from fep.bureau import BureauLink
 from fep.engine import Engine
 from fep.his import HisFactory, HisService
@@ -53,6 +56,7 @@ class Daemon:
         except tls.TLSConfigError as e:
             raise StartupError(f"bureau TLS: {e}") from None
         self.journal = Journal(cfg.journal_path, cfg.institution.fixmedins_code, cfg.journal_max_batch)
+        self.journal.observers.append(logs.transition)
         try:
             await self.journal.open(self.reactor)
         except JournalError as e:
@@ -71,17 +75,24 @@ class Daemon:
         await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, backlog=self.factory.max_connections,
                                            interface=cfg.his.tcp_host).listen(self.factory)
         self.reconciler = Reconciler(self.engine)
+        self.backups = Backups(self.reactor, cfg.journal_path, cfg.backup.dir, cfg.backup.keep)
+        self.archive = Archive(self.reactor, self.journal, cfg.journal_keep_days,
+                               (t.infno for t in cfg.trades.defs.values() if t.moves_money))
         self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations,
-                                 "POST catalog": self._catalog, "GET catalog": self._catalog})
-        self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday())),
-                      Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync)]
-        service = admin.AdminService(self.engine, self.reload, self.extra_admin)
+                                 "POST catalog": self._catalog, "GET catalog": self._catalog,
+                                 "POST backup": self._backup, "POST archive": lambda req: self.archive.run()})
+        self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday()),
+                            self.journal),
+                      Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync, self.journal),
+                      Daily(self.reactor, "backup", cfg.backup.daily_at, self.backups.daily, self.journal),
+                      Daily(self.reactor, "archive", cfg.archive_at, self.archive.run, self.journal)]
+        service = admin.AdminService(self.engine, self.reload, self.extra_admin, self.archive, AuditTrail(self.journal))
         await admin.listen(self.reactor, service, cfg.admin.unix, cfg.admin.metrics_host, cfg.admin.metrics_port,
                            cfg.admin.unix_group)
         self.refresher = admin.MetricsRefresher(self.reactor, self.engine)
         self.refresher.loop.start(5.0)
         for job in self.daily:
-            job.start()
+            await job.start()
         self.reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(self.shutdown()))
         self.watchdog = systemd.start_watchdog(self.reactor, self.journal.ping)
         systemd.notify("READY=1\nSTATUS=recovered; listening")
@@ -123,6 +134,16 @@ class Daemon:
     async def _reconciliations(self, req: Any) -> list[dict[str, Any]]:
         day = req.path.partition("date=")[2][:10] or None
         return await self.journal.runs("reconcile", day, limit=1)
+
+    async def _backup(self, req: Any) -> dict[str, Any]:
+        """POST /backup {"path": "/absolute/file/or/directory"}."""
+        path = envelope.loads(req.body or b"{}").get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"backup needs an absolute path, got {path!r}")
+        try:
+            return await self.backups.write(Path(path))
+        except BackupError as e:
+            raise ValueError(str(e)) from None
 
     async def _sync(self) -> dict[str, Any]:
         return await self.codes.sync(self.reconciler.call)

@@ -152,7 +152,7 @@ class TradeFilter:
 
 Move = tuple[str, str, "str | None", dict[str, Any]]  # (msgid, event, note, fields)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
 _NOT_FINAL = f"state NOT IN ({', '.join(repr(s.value) for s in sorted(FINAL))})"
 # The indexes the queries name (schema 3).
@@ -160,6 +160,7 @@ BY_MSGID, BY_PERSON, BY_STATE, BY_INFNO, BY_TIME = ("idx_trades_msgid", "idx_tra
                                                     "trades_infno", "trades_created")
 BY_RELATED, SETTLED = "trades_related", "trades_settled"
 BY_HIS_MSGID = "trades_his_msgid"  # schema 4
+AUDIT_BY_TIME = "audit_at"  # schema 6
 # Final states nearly every trade ends in: a filter on one of them narrows nothing.
 COMMON = frozenset({State.ANSWERED, State.CONFIRMED})
 EVER = (-1e18, 1e18)  # no bound on `created`, as numbers SQL can print (inf it cannot)
@@ -202,6 +203,8 @@ class Journal:
         self._dead: Exception | None = None  # the writer could not start: every call fails with this
         self.cannot_write: str | None = None  # why the last write failed, until one goes through again
         self.last_commit = time.monotonic()  # the watchdog reads it: the writer is making progress
+        # Told (on the reactor) of every transition once it is durable: (event, the row as it now is).
+        self.observers: list[Callable[[str, TradeRow], None]] = []
 
     # --- life cycle -------------------------------------------------------------------------
     def open(self, reactor: Any) -> defer.Deferred[None]:
@@ -412,11 +415,22 @@ class Journal:
 
     def transition(self, msgid: str, event: str, note: str | None = None, **fields: Any) -> defer.Deferred[TradeRow]:
         """Move one trade; returns its row as it now is. IllegalTransition if its state does not allow it."""
-        return self._call(lambda conn: _transition(conn, msgid, event, note, fields))
+        d = self._call(lambda conn: _transition(conn, msgid, event, note, fields))
+        return d.addCallback(lambda row: self._tell([(event, row)])[0])
 
     def transitions(self, *moves: Move) -> defer.Deferred[list[TradeRow]]:
         """Several trades move together or not at all; their rows as they now are, in order."""
-        return self._call(lambda conn: [_transition(conn, *m) for m in moves])
+        d = self._call(lambda conn: [_transition(conn, *m) for m in moves])
+        return d.addCallback(lambda rows: self._tell(list(zip((m[1] for m in moves), rows))))
+
+    def _tell(self, moved: list[tuple[str, TradeRow]]) -> list[TradeRow]:
+        for event, row in moved:
+            for observer in self.observers:
+                try:
+                    observer(event, row)
+                except Exception:  # a log line that cannot be written never undoes a durable transition
+                    log.failure("an observer of {event} on {msgid} failed", event=event, msgid=row.msgid)
+        return [row for _, row in moved]
 
     def resolve_with(self, msgid: str, child: NewTrade, note: str, event: str = "resolve",
                      **fields: Any) -> defer.Deferred[tuple[TradeRow, TradeRow]]:
@@ -651,7 +665,7 @@ def migrate(conn: sqlite3.Connection, where: str) -> None:
                        f"STATUS=journal: migrating schema {version} to {SCHEMA_VERSION} ({trades:,} trades)")
         log.info("journal {where}: migrating schema {old} to {new} ({trades} trades), in one transaction",
                  where=where, old=version, new=SCHEMA_VERSION, trades=trades)
-    for v in range(version + 1, SCHEMA_VERSION + 1):
+    for v in sorted(n for n in MIGRATIONS if version < n <= SCHEMA_VERSION):
         MIGRATIONS[v](conn)
     conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
@@ -715,7 +729,17 @@ def _to_v4(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE UNIQUE INDEX {BY_HIS_MSGID} ON trades(his_msgid) WHERE his_msgid IS NOT NULL")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+def _to_v6(conn: sqlite3.Connection) -> None:
+    """What operators did through the admin socket (fep.audit), and trades leaving for the monthly archive
+    files (fep.archive): a deleted trade no longer counts in its state."""
+    conn.execute("CREATE TABLE audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, uid INTEGER, action TEXT NOT NULL, "
+                 "args TEXT NOT NULL, result TEXT, done REAL)")
+    conn.execute(f"CREATE INDEX {AUDIT_BY_TIME} ON audit(at)")
+    conn.execute("CREATE TRIGGER trades_count_delete AFTER DELETE ON trades "
+                 "BEGIN UPDATE state_counts SET n = n - 1 WHERE state = OLD.state; END")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 6: _to_v6}
 
 
 def _state_counts(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
@@ -784,3 +808,97 @@ def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | No
         raise IllegalTransition(msgid, event, current.state if current else None)
     _event(conn, msgid, now, event, tgt, note)
     return TradeRow.from_db(row)
+
+
+# --- leaving for the monthly archive files (fep.archive runs these through Journal.read and Journal.run) --------
+Raw = tuple[Any, ...]  # a trade's or an event's row exactly as stored: bodies stay as written (evidence)
+EVENT_COLUMNS = ("id", "msgid", "at", "event", "state", "note")
+
+
+@dataclass
+class Family:
+    """An original trade and its resolving trades, raw: they leave the journal together or not at all."""
+    trades: list[Raw]
+    events: list[Raw]
+
+    @property
+    def head(self) -> TradeRow:
+        return TradeRow.from_db(self.trades[0])
+
+
+def _finished(row: TradeRow, cutoff: float) -> bool:
+    """Nothing more happens to it, nothing happened to it since `cutoff`, and the bureau holds no money by it (a
+    settlement or cancel in force may still be cancelled, and refund order reads every later one)."""
+    return row.state in FINAL and row.updated < cutoff and not (row.state in IN_FORCE and row.setl_id is not None)
+
+
+def archivable(after: tuple[float, int], cutoff: float, limit: int) -> Callable[[sqlite3.Connection],
+                                                                           tuple[list[Family], tuple[float, int]]]:
+    """A read: of the next `limit` trades accepted before `cutoff` (from `after`, a (created, id) position,
+    oldest first), the families that may leave; and the position the next batch starts from. A resolving
+    trade is taken with its original; one whose original is still open stays with it."""
+
+    def op(conn: sqlite3.Connection) -> tuple[list[Family], tuple[float, int]]:
+        rows = _fetch(conn, f"{_SELECT} INDEXED BY {BY_TIME} WHERE created < ? AND (created, id) > (?, ?) "
+                            f"ORDER BY created, id LIMIT ?", (cutoff, *after, limit))
+        families = []
+        for raw in rows:
+            row = TradeRow.from_db(raw)
+            if row.related is not None and _get(conn, row.related) is not None:
+                continue  # it leaves with its original
+            members = [raw] + _fetch(conn, f"{_SELECT} INDEXED BY {BY_RELATED} WHERE related = ? ORDER BY id",
+                                     (row.msgid,))
+            if all(_finished(TradeRow.from_db(m), cutoff) for m in members):
+                events = [e for m in members for e in _fetch(
+                    conn, f"SELECT {', '.join(EVENT_COLUMNS)} FROM events INDEXED BY idx_events_msgid "
+                          f"WHERE msgid = ? ORDER BY id", (m[1],))]
+                families.append(Family(members, events))
+        last = rows[-1] if rows else None
+        return families, ((last[COLUMNS.index("created")], last[0]) if last else after)
+
+    return op
+
+
+def forget(families: list[Family]) -> Callable[[sqlite3.Connection], list[Family]]:
+    """A write: the families, now safe in an archive file, leave the journal; one that changed since it was
+    read (a reconciliation reopened it) stays whole. Returns those that left."""
+
+    def op(conn: sqlite3.Connection) -> list[Family]:
+        gone = []
+        for family in families:
+            unchanged = all(_fetch(conn, f"SELECT 1 FROM trades INDEXED BY {BY_MSGID} WHERE msgid = ? AND state = ? "
+                                         f"AND updated = ?", (t[1], t[4], t[COLUMNS.index('updated')]))
+                            for t in family.trades)
+            if not unchanged:
+                continue
+            for t in family.trades:
+                conn.execute(f"DELETE FROM trades INDEXED BY {BY_MSGID} WHERE msgid = ?", (t[1],))
+                conn.execute("DELETE FROM events INDEXED BY idx_events_msgid WHERE msgid = ?", (t[1],))
+            gone.append(family)
+        return gone
+
+    return op
+
+
+# --- the audit trail (fep.audit runs these through Journal.run and Journal.read) ----------------------------
+AUDIT_COLUMNS = ("id", "at", "uid", "action", "args", "result", "done")
+
+
+def audit_begin(uid: int | None, action: str, args: dict[str, Any]) -> Callable[[sqlite3.Connection], int]:
+    """A write, before the action runs: a crash in the middle leaves it recorded, without a result."""
+    text = envelope.dumps(args).decode("utf-8")
+    return lambda conn: conn.execute("INSERT INTO audit (at, uid, action, args) VALUES (?,?,?,?)",
+                                     (time.time(), uid, action, text)).lastrowid
+
+
+def audit_end(entry: int, result: str) -> Callable[[sqlite3.Connection], None]:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE audit SET result = ?, done = ? WHERE id = ?", (result, time.time(), entry))
+
+    return op
+
+
+def audit_between(since: float, until: float, limit: int) -> Callable[[sqlite3.Connection], list[Raw]]:
+    """A read: the newest `limit` actions begun in [since, until], oldest first."""
+    return lambda conn: _fetch(conn, f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit INDEXED BY {AUDIT_BY_TIME} "
+                                     f"WHERE at BETWEEN ? AND ? ORDER BY at DESC LIMIT ?", (since, until, limit))[::-1]

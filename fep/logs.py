@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from twisted.internet.protocol import Factory
-from twisted.logger import LogLevel, formatEvent, globalLogBeginner
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogBeginner
 
 # What is masked in every line (the message, a traceback, the bureau's own text quoted in it):
 # - ID numbers, psn_no and card numbers: any run of 15 or more digits, an ID's final X included, written whole or
@@ -74,3 +74,29 @@ def observer(event: dict[str, Any]) -> None:
 def start() -> None:
     Factory.noisy = False  # "Starting factory" on every bureau connection drowns what matters
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+# --- event lines: what an operator reading the log must see, one line each, with the msgid --------------------
+events = Logger(namespace="fep.events")
+# Transitions that end a resolution, or park a trade for a person; the others are in the trade's history.
+ENDINGS = {"undone": "REVERSED", "not_needed": "NOT_NEEDED"}
+
+
+def transition(event: str, row: Any) -> None:
+    """A durable transition of a journal row (fep.journal.Journal.observers)."""
+    whose = f" (resolving {row.related})" if row.related else ""
+    if event in ENDINGS:
+        events.info("{infno} {msgid}{whose}: resolution ended {state}: {why}", infno=row.infno, msgid=row.msgid,
+                    whose=whose, state=ENDINGS[event], why=row.note or "")
+    elif event == "give_up":
+        ended = "resolution ended NEEDS_ATTENTION, parked" if row.resolver or row.attempts else "parked NEEDS_ATTENTION"
+        events.warn("{infno} {msgid}{whose}: {ended} for a person: {why}", infno=row.infno, msgid=row.msgid,
+                    whose=whose, ended=ended, why=row.note or "")
+
+
+def link(name: str, url: str, up: bool, why: str = "") -> None:
+    """A bureau endpoint went down or came up (fep.bureau)."""
+    if up:
+        events.info("bureau link {name} up ({url})", name=name, url=url)
+    else:
+        events.warn("bureau link {name} down ({url}){why}", name=name, url=url, why=f": {why}" if why else "")
