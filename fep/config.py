@@ -236,8 +236,7 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         allow_root=bool((doc.get("security") or {}).get("allow_root", False)),
         source=path,
         journal_keep_days=_count(jr, "keep_days", "journal.", None),
-        archive_at=_hhmm(jr.get("archive_daily_at", "04:00"), "journal.archive_daily_at")
-        if jr.get("keep_days") is not None else None,
+        archive_at=_archive_at(jr),
         backup=_backup(doc.get("backup") or {}, base),
     )
 
@@ -250,6 +249,15 @@ def _count(doc: dict[str, Any], key: str, where: str, default: int | None) -> in
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}{key} must be a whole number of at least 1, got {value!r}")
     return value
+
+
+def _archive_at(jr: dict[str, Any]) -> str | None:
+    if jr.get("keep_days") is None:
+        if jr.get("archive_daily_at"):
+            raise ConfigError("journal.archive_daily_at is set but journal.keep_days is not: say how many days "
+                              "finished trades stay in the journal")
+        return None
+    return _hhmm(jr.get("archive_daily_at", "04:00"), "journal.archive_daily_at")
 
 
 def _backup(doc: dict[str, Any], base: Path) -> BackupPlan:

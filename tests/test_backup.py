@@ -12,7 +12,11 @@ from contextlib import closing
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
+from fep import config
 from fep.sim.world import LI, ZHANG, Visit, World, reversed_settlement, settled_visit, wait_for
+from tests.test_units import write
 
 
 def restore(world: World, backup: Path) -> None:
@@ -89,3 +93,15 @@ def test_a_daily_backup_missed_while_fep_was_down_runs_when_it_is_back_and_only_
     assert f"daily backup (at {a_minute_ago}) did not run for" in world.log("run")
     with closing(sqlite3.connect(backups / kept[1])) as c:
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"backup.keep": 0}, "backup.keep must be a whole number of at least 1, got 0"),
+    ({"backup.daily_at": "1:30"}, "backup.daily_at must be a time of day HH:MM"),
+    ({"backup": {"daily_at": "01:30"}}, "backup.daily_at is set but backup.dir is not"),
+    ({"journal.keep_days": "a year"}, "journal.keep_days must be a whole number of at least 1, got 'a year'"),
+    ({"journal": {"path": "j.db", "archive_daily_at": "04:00"}}, "journal.archive_daily_at is set but journal.keep_days"),
+])
+def test_a_bad_backup_or_keeping_setting_is_refused_naming_the_key(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(write(tmp_path, change))
