@@ -1,4 +1,5 @@
-"""Backups of the live journal: `fep backup PATH`, and the daily copy that keeps the newest `backup.keep`.
+"""Backups of the live journal: `fep backup PATH`, and the daily copy that keeps the newest `backup.keep` (and
+a copy of each monthly archive file that changed since the last one: they are needed for a whole restore).
 
 The copy is SQLite's online backup API in one step: one read transaction, so the copy is the journal as
 committed at one moment. In WAL mode a reader holds up neither the writer nor the reactor (a paged backup
@@ -16,7 +17,7 @@ import time
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -29,11 +30,12 @@ class BackupError(Exception):
     """The copy could not be made or did not pass its check; the message names the file and why."""
 
 
-def copy(journal: Path, dest: Path) -> dict[str, Any]:
-    """Blocking. A checked copy of `journal` at `dest` (a directory: a file named for now in it)."""
+def copy(journal: Path, dest: Path, replace: bool = False) -> dict[str, Any]:
+    """Blocking. A checked copy of `journal` at `dest` (a directory: a file named for now in it); an existing
+    `dest` is refused, or with `replace` replaced once the new copy is good."""
     if dest.is_dir():
         dest = dest / f"{journal.stem}-{datetime.now().strftime(STAMP)}.db"
-    if dest.exists():
+    if dest.exists() and not replace:
         raise BackupError(f"{dest} exists: give another name, or remove it first")
     partial = dest.with_name(f".{dest.name}.partial")
     started = time.monotonic()
@@ -86,11 +88,25 @@ def prune(directory: Path, stem: str, keep: int) -> list[Path]:
     return old
 
 
-class Backups:
-    """Copies of the journal, made on the reactor's thread pool."""
+def refresh(files: list[Path], directory: Path) -> list[Path]:
+    """Blocking: a checked copy in `directory`, under its own name, of each file changed since its last copy
+    there (the monthly archive files: written only by the archive job). Returns the copies made."""
+    made = []
+    for src in files:
+        dest = directory / src.name
+        if not dest.exists() or dest.stat().st_mtime < src.stat().st_mtime:
+            copy(src, dest, replace=True)
+            made.append(dest)
+    return made
 
-    def __init__(self, reactor: Any, journal: Path, directory: Path | None, keep: int) -> None:
+
+class Backups:
+    """Copies of the journal (and of its monthly archive files), made on the reactor's thread pool."""
+
+    def __init__(self, reactor: Any, journal: Path, directory: Path | None, keep: int,
+                 archives: Callable[[], list[Path]] = list) -> None:
         self.reactor, self.journal, self.directory, self.keep = reactor, journal, directory, keep
+        self.archives = archives  # blocking: the archive files beside the journal
 
     def _thread(self, f: Any, *args: Any) -> Any:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -112,4 +128,9 @@ class Backups:
             log.info("old backups removed, the newest {keep} kept: {names}", keep=self.keep,
                      names=", ".join(p.name for p in removed))
         done["removed"] = [str(p) for p in removed]
+        archived = await self._thread(lambda: refresh(self.archives(), self.directory))  # type: ignore[arg-type]
+        if archived:
+            log.info("archive files backed up to {dir}: {names}", dir=self.directory,
+                     names=", ".join(p.name for p in archived))
+        done["archives"] = [str(p) for p in archived]
         return done

@@ -75,9 +75,10 @@ class Daemon:
         await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, backlog=self.factory.max_connections,
                                            interface=cfg.his.tcp_host).listen(self.factory)
         self.reconciler = Reconciler(self.engine)
-        self.backups = Backups(self.reactor, cfg.journal_path, cfg.backup.dir, cfg.backup.keep)
         self.archive = Archive(self.reactor, self.journal, cfg.journal_keep_days,
                                (t.infno for t in cfg.trades.defs.values() if t.moves_money))
+        self.backups = Backups(self.reactor, cfg.journal_path, cfg.backup.dir, cfg.backup.keep,
+                               lambda: [path for _, path in self.archive.files()])
         self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations,
                                  "POST catalog": self._catalog, "GET catalog": self._catalog,
                                  "POST backup": self._backup, "POST archive": lambda req: self.archive.run()})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fep import config
+from fep import archive, config
 from fep.sim.world import LI, ZHANG, Visit, World, reversed_settlement, settled_visit, wait_for
 from tests.test_units import write
 
@@ -85,13 +85,17 @@ def test_a_daily_backup_missed_while_fep_was_down_runs_when_it_is_back_and_only_
     backups.mkdir()
     for old in ("journal-20260101-013000.db", "journal-20260102-013000.db"):
         shutil.copy(world.journal_path, backups / old)
+    with closing(sqlite3.connect(world.journal_path.with_name("journal-2025-03.db"))) as c, c:  # a month archived
+        for statement in archive._SCHEMA:
+            c.execute(statement)
 
     world.start()
     wait_for(lambda: "old backups removed" in world.log("run"), what="the missed backup to run")
     kept = sorted(p.name for p in backups.iterdir())
-    assert kept[0] == "journal-20260102-013000.db" and kept[1].startswith(f"journal-{date.today():%Y%m%d}-"), kept
+    assert kept[0] == "journal-2025-03.db"  # the archive files are copied too, under their own names
+    assert kept[1] == "journal-20260102-013000.db" and kept[2].startswith(f"journal-{date.today():%Y%m%d}-"), kept
     assert f"daily backup (at {a_minute_ago}) did not run for" in world.log("run")
-    with closing(sqlite3.connect(backups / kept[1])) as c:
+    with closing(sqlite3.connect(backups / kept[2])) as c:
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
