@@ -19,6 +19,7 @@ from twisted.web.server import Site
 from fep import envelope, metrics, sockets
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.jobs import Job, Jobs
 from fep.journal import COLUMNS, TradeFilter, TradeRow
 from fep.states import State, UNRESOLVED
 
@@ -38,6 +39,18 @@ def _time(value: str) -> float:
 
 
 MAX_LIMIT = 100_000  # rows one `fep trades` lists
+WAIT_HEADER = "x-fep-wait"  # seconds the caller waits for the answer; longer work goes on as a job (fep.jobs)
+
+
+def _wait(req: Request) -> float | None:
+    """The caller's wait, or None: it waits for the answer however long the work takes (as before jobs)."""
+    text = req.headers.get(WAIT_HEADER)
+    if text is None:
+        return None
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        raise Refused(400, f"the X-Fep-Wait header must be seconds, got {text!r}") from None
 
 
 def _msgid(req: Request, parts: list[str]) -> str:
@@ -87,16 +100,33 @@ class AdminService:
         self.engine = engine
         self._reload = reload
         self.extra = extra or {}  # routes other parts of fep add (reconciliation, catalog)
+        self.jobs = Jobs()
 
     async def handle(self, req: Request) -> Response:
+        """The answer; or, for work that outlasts the caller's X-Fep-Wait, 202 and the job it goes on as."""
         try:
-            return Response(200, envelope.dumps(await self._route(req)))
+            wait = _wait(req)
         except Refused as e:
             return Response(e.status, envelope.dumps({"error": str(e)}))
-        except ValueError as e:
-            return Response(400, envelope.dumps({"error": str(e)}))
+        if wait is None or req.path.startswith("/jobs"):
+            status, doc = await self._answer(req, wait)
+            return Response(status, envelope.dumps(doc))
+        job = Job(f"{req.method} {req.path.partition('?')[0]}")
+        job.run(lambda: self._answer(req, None))
+        if await job.wait(self.engine.reactor, wait):
+            return Response(job.status or 200, envelope.dumps(job.result))
+        self.jobs.add(job)
+        return Response(202, envelope.dumps(job.summary()))
 
-    async def _route(self, req: Request) -> Any:
+    async def _answer(self, req: Request, wait: float | None) -> tuple[int, Any]:
+        try:
+            return 200, await self._route(req, wait)
+        except Refused as e:
+            return e.status, {"error": str(e)}
+        except ValueError as e:
+            return 400, {"error": str(e)}
+
+    async def _route(self, req: Request, wait: float | None = None) -> Any:
         path, _, query = req.path.partition("?")
         args = {k: v[-1] for k, v in parse_qs(query).items()}
         parts = [unquote(p) for p in path.strip("/").split("/")]
@@ -117,6 +147,10 @@ class AdminService:
             return (await self.engine.drop(msgid, _text(body, "reason") or "")).body
         if key == "POST reload":
             return {"result": await self._reload()}
+        if key == "GET jobs" and len(parts) == 1:
+            return [j.summary() | {"result": None} for j in self.jobs.jobs.values()]
+        if key == "GET jobs":
+            return await self.job(parts[1] if len(parts) == 2 else "/".join(parts[1:]), wait or 0)
         if key in self.extra:
             return await self.extra[key](req)
         raise Refused(404, f"no admin call {req.method} {path}")
@@ -144,6 +178,15 @@ class AdminService:
             since=_time(args["since"]) if "since" in args else None,
             until=_time(args["until"]) if "until" in args else None, limit=limit))
         return [summary(r) for r in rows]
+
+    async def job(self, text: str, wait: float) -> dict[str, Any]:
+        """A job's state, waiting up to `wait` seconds for it to finish."""
+        job = self.jobs.get(int(text)) if text.isdigit() else None
+        if job is None:
+            raise Refused(404, f"no job {text} (jobs are kept in memory: a restart of fep forgets them, not their "
+                               f"results)")
+        await job.wait(self.engine.reactor, wait)
+        return job.summary()
 
     async def show(self, msgid: str) -> dict[str, Any]:
         row = await self.engine.journal.get(msgid)
