@@ -114,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     cf.set_defaults(func=cmd_confirm)
 
     args = p.parse_args(argv)
+    from fep.client import Unreachable
+
     try:
         return int(args.func(args) or 0)
-    except OSError as e:
-        where = getattr(args, "url", None) or getattr(args, "socket", "")
-        print(f"fep {args.command}: cannot reach fep at {where}: {e.strerror or e}", file=sys.stderr)
+    except Unreachable as e:
+        print(f"fep {args.command}: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:  # reached, then lost: fep restarted, or did not answer within the client's timeout
+        print(f"fep {args.command}: the connection to fep failed: {e.strerror or e}", file=sys.stderr)
         return 3
 
 
