@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from fep.trades import TradeBook, TradesError, read_yaml
 
 
 class ConfigError(ValueError):
-    pass
+    def __init__(self, message: str, at: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.at = at  # the key's place in the file, for its line: ("bureau", "endpoints", 0, "url")
 
 
 @dataclass(frozen=True)
@@ -205,32 +209,54 @@ def known_keys(keys: dict[str, Any] = KEYS, where: str = "") -> list[str]:
     return out
 
 
-def check(doc: dict[str, Any], keys: dict[str, Any] = KEYS, where: str = "") -> dict[str, Any]:
+def check(doc: dict[str, Any], keys: dict[str, Any] = KEYS, where: str = "",
+          at: tuple[str | int, ...] = ()) -> dict[str, Any]:
     """`doc` with its empty values left out (an empty value is as if the key were not given), or a
     ConfigError naming the first key that is not known or whose value is of the wrong type."""
     out = {}
     for key, value in doc.items():
-        name = f"{where}{key}"
+        name, here = f"{where}{key}", at + (key,)
         if key not in keys:
-            raise ConfigError(_unknown(str(key), name, keys, where))
+            raise ConfigError(_unknown(str(key), name, keys, where), here)
         spec = keys[key]
         if value is None:
             continue
         if isinstance(spec, list):
             if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-                raise ConfigError(f"{name} must be a list of mappings (keys {', '.join(spec[0])}), got {value!r}")
-            value = [check(item, spec[0], f"{name}[{i}].") for i, item in enumerate(value)]
+                raise ConfigError(f"{name} must be a list of mappings (keys {', '.join(spec[0])}), got {value!r}",
+                                  here)
+            value = [check(item, spec[0], f"{name}[{i}].", here + (i,)) for i, item in enumerate(value)]
         elif isinstance(spec, dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{name} must be a mapping (keys {', '.join(spec)}), got {value!r}")
-            value = check(value, spec, name + ".")
+                raise ConfigError(f"{name} must be a mapping (keys {', '.join(spec)}), got {value!r}", here)
+            value = check(value, spec, name + ".", here)
         elif not spec.fits(value):
-            raise ConfigError(f"{name} must be {spec.expected}, got {value!r}")
+            raise ConfigError(f"{name} must be {spec.expected}, got {value!r}", here)
         out[key] = value
     for old, new in RENAMED.items():
         if old.startswith(where) and {old, new} <= {where + k for k in out}:
-            raise ConfigError(f"{old} is the old name of {new}: give only {new}")
+            raise ConfigError(f"{old} is the old name of {new}: give only {new}", at + (old.rpartition(".")[2],))
     return out
+
+
+def line_of(text: str, at: tuple[str | int, ...]) -> int | None:
+    """The line (from 1) where the key at `at` is written, as an editor shows it; None if it is not found."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for step in at:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if k.value == str(step)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+            found = (node.value[step], node.value[step])
+        else:
+            found = None
+        if found is None:
+            return line
+        line, node = found[0].start_mark.line + 1, found[1]
+    return line
 
 
 def _unknown(key: str, name: str, keys: dict[str, Any], where: str) -> str:
@@ -269,7 +295,8 @@ def load(path: Path, base: Path | None = None) -> Config:
     try:
         return _build(check(doc), path, base)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        line = line_of(path.read_text(encoding="utf-8"), e.at) if e.at else None
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: {e}") from None
 
 
 def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:

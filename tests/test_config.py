@@ -34,7 +34,19 @@ def refused(tmp: Path, change: dict[str, Any]) -> str:
      "trade_overrides.2207.timout is not a known key; did you mean trade_overrides.2207.timeout?"),
 ])
 def test_a_typo_is_refused_naming_it_and_the_nearest_known_key(tmp_path: Path, change: dict, message: str) -> None:
-    assert refused(tmp_path, change) == f"{tmp_path / 'fep.yaml'}: {message}"
+    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'fep.yaml'))}(:\d+)?: {re.escape(message)}",
+                        refused(tmp_path, change))
+
+
+def test_the_error_names_the_line_the_key_is_on(tmp_path: Path) -> None:
+    """As nginx -t does: the operator's own file, comments and all, and the line to go to."""
+    lines = (ROOT / "conf" / "fep.yaml").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if line.startswith("  tcp_port:"))
+    lines[n] = lines[n].replace("tcp_port", "tcp_prot")
+    lines = [f"trades: {ROOT / 'conf' / 'trades.yaml'}" if line.startswith("trades:") else line for line in lines]
+    (tmp_path / "fep.yaml").write_text("\n".join(lines))
+    with pytest.raises(config.ConfigError, match=rf":{n + 1}: his.tcp_prot is not a known key"):
+        config.load(tmp_path / "fep.yaml")
 
 
 def test_a_key_like_no_other_is_refused_with_the_keys_of_its_section(tmp_path: Path) -> None:
