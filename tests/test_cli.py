@@ -96,7 +96,8 @@ def test_fep_trades_as_csv_and_limit_0_refused(running: World) -> None:
     assert len(rows) >= 3
 
     refused = running.cli("trades", "--limit", "0")
-    assert refused.returncode == 2 and "--limit: must be from 1 to 100000, got 0" in refused.stderr
+    assert refused.returncode == 2 and "--limit: must be 1 or more, got 0" in refused.stderr
+    assert "limit must be from 1 to 100000, got 100001" in running.cli("trades", "--limit", "100001").stderr
     assert len(json.loads(running.cli("trades", "--limit", "1", "--format", "json").stdout)) == 1
 
 
