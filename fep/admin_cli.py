@@ -11,7 +11,7 @@ import sys
 import time
 import unicodedata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 from urllib.parse import quote, urlencode
 
 from fep import envelope
@@ -46,7 +46,11 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     client = admin_client(args)
     data = body if isinstance(body, bytes) or body is None else envelope.dumps(body)
     deadline = time.monotonic() + args.timeout
-    status, doc = client.request(method, path, data, {"X-Fep-Wait": f"{min(FIRST_WAIT, args.timeout):g}"})
+    try:
+        status, doc = client.request(method, path, data, {"X-Fep-Wait": f"{min(FIRST_WAIT, args.timeout):g}"})
+    except KeyboardInterrupt:  # fep goes on with what it was given: work of over FIRST_WAIT as a job
+        raise SystemExit(f"fep {args.command}: interrupted; fep goes on with what it was asked (`fep job` lists "
+                         f"long work)") from None
     if status == 202:
         status, doc = follow(args, client, doc, deadline)
     if status != 200:
@@ -74,7 +78,7 @@ def follow(args: argparse.Namespace, client: Client, job: dict[str, Any], deadli
     return job["status"], job["result"]
 
 
-def _goes_on(args: argparse.Namespace, job: dict[str, Any], why: str) -> None:
+def _goes_on(args: argparse.Namespace, job: dict[str, Any], why: str) -> NoReturn:
     print(f"fep {args.command}: {why}; the work goes on in fep as job {job['id']} ({job['call']}"
           f"{', ' + job['progress'] if job['progress'] else ''}): follow it with `fep job {job['id']}`",
           file=sys.stderr)
