@@ -181,7 +181,8 @@ class TradeBook:
         _known(defaults, trade_keys(), where, "defaults.")
         for infno, spec in raw.items():
             _known(spec, trade_keys(), where, f"trades.{infno}.")
-            _known(spec.get("cancel") if isinstance(spec, dict) else None, CANCEL_KEYS, where, f"trades.{infno}.cancel.")
+            _known(spec.get("cancel") if isinstance(spec, dict) else None, CANCEL_KEYS, where,
+                   f"trades.{infno}.cancel.")
         for infno, spec in overrides.items():
             _known(spec, trade_keys(), "", f"trade_overrides.{infno}.")
             _known(spec.get("cancel") if isinstance(spec, dict) else None, CANCEL_KEYS, "",
