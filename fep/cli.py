@@ -23,9 +23,24 @@ def _print(doc: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.check:
+        return check_config(Path(args.config))
     from fep import daemon
 
     return daemon.run(Path(args.config))
+
+
+def check_config(path: Path) -> int:
+    """As nginx -t: read the config (and its trade catalog) as `fep run` would, say what is wrong, start nothing."""
+    from fep import config
+
+    try:
+        config.load(path)
+    except config.ConfigError as e:
+        print(f"fep: {e}", file=sys.stderr)
+        return 2
+    print(f"fep: the config {path} is valid")
+    return 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", default="conf/fep.yaml")
+    r.add_argument("--check", action="store_true", help="only check the config (as nginx -t), e.g. before "
+                                                        "systemctl reload; exit 2 if it is not valid")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("sim", help="run the bureau simulator")

@@ -67,6 +67,14 @@ def test_a_missing_or_wrong_config_is_named(tmp_path: Path) -> None:
     typo = fep("status", "--config", str(write(tmp_path, {"admin.metrics_prot": 9464})), cwd=tmp_path)
     assert "admin.metrics_prot is not a known key; did you mean admin.metrics_port?" in typo.stderr
     assert "Traceback" not in typo.stderr
+    checked = fep("run", "--check", "--config", str(tmp_path / "fep.yaml"), cwd=tmp_path)
+    assert checked.returncode == 2 and "admin.metrics_prot is not a known key" in checked.stderr
+
+
+def test_a_config_is_checked_before_a_reload_as_nginx_t_does(world: World) -> None:
+    checked = fep("run", "--check", "--config", str(world.fep_config), cwd=world.dir)
+    assert checked.returncode == 0 and f"the config {world.fep_config} is valid" in checked.stdout
+    assert not (world.dir / "run").exists()  # nothing was started
 
 
 def test_chinese_columns_line_up_by_display_width() -> None:
