@@ -114,7 +114,7 @@ class AdminService:
         job = Job(f"{req.method} {req.path.partition('?')[0]}")
         job.run(lambda: self._answer(req, None))
         if await job.wait(self.engine.reactor, wait):
-            return Response(job.status or 200, envelope.dumps(job.result))
+            return Response(job.status or 500, envelope.dumps(job.result))
         self.jobs.add(job)
         return Response(202, envelope.dumps(job.summary()))
 

@@ -49,7 +49,7 @@ class Job:
                 log.failure("admin call {call} failed", call=self.call)
                 self.status, self.result = 500, {"error": f"internal error in fep during {self.call} (logged)"}
             self.finished = time.time()
-            for w in self._waiters:
+            for w in list(self._waiters):  # a woken waiter removes itself from the list
                 if not w.called:
                     w.callback(None)
 

@@ -15,8 +15,11 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from twisted.internet import defer, task
+
 from fep import client
 from fep.admin_cli import TRADE_COLUMNS, table, width
+from fep.jobs import Job, progress
 from fep.sim.world import ZHANG, Visit, World, reversed_settlement
 from tests.test_units import write
 
@@ -131,3 +134,24 @@ def test_a_long_catalog_sync_shows_its_progress_and_finishes(running: World) -> 
     assert sync.returncode == 0, sync.stdout + sync.stderr
     assert "catalog sync 1 of 3: 1301 since version 0" in sync.stderr
     assert "1301: version 0 -> 3, 5 row(s)" in sync.stdout
+
+
+def test_two_operators_following_one_job_both_hear_its_end_and_a_timeout_only_ends_the_wait() -> None:
+    clock, bureau = task.Clock(), defer.Deferred()
+
+    async def reconciliation() -> tuple[int, dict]:
+        progress("group 1 of 1")
+        await bureau
+        return 200, {"balanced": 1}
+
+    job = Job("POST /reconcile")
+    job.run(reconciliation)
+    progress("said outside any job")  # the daily schedule's run: nobody to tell
+    assert job.progress == "group 1 of 1"
+    heard: list[bool] = []
+    for wait in (5, 60, 60):
+        defer.ensureDeferred(job.wait(clock, wait)).addCallback(heard.append)
+    clock.advance(5)
+    assert heard == [False] and job.finished is None  # the first one's wait ended, not the work
+    bureau.callback(None)
+    assert heard == [False, True, True] and (job.status, job.result) == (200, {"balanced": 1})
