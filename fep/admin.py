@@ -28,6 +28,7 @@ from fep.archive import Archive
 from fep.audit import AuditTrail
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
+from fep.jobs import Job, Jobs
 from fep.journal import COLUMNS, EVER, TradeFilter, TradeRow
 from fep.states import State, UNRESOLVED
 
@@ -47,6 +48,18 @@ def _time(value: str) -> float:
 
 
 MAX_LIMIT = 100_000  # rows one `fep trades` lists
+WAIT_HEADER = "x-fep-wait"  # seconds the caller waits for the answer; longer work goes on as a job (fep.jobs)
+
+
+def _wait(req: Request) -> float | None:
+    """The caller's wait, or None: it waits for the answer however long the work takes (as before jobs)."""
+    text = req.headers.get(WAIT_HEADER)
+    if text is None:
+        return None
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        raise Refused(400, f"the X-Fep-Wait header must be seconds, got {text!r}") from None
 
 
 def _limit(args: dict[str, str]) -> int:
@@ -118,13 +131,11 @@ def _action(req: Request) -> tuple[str, dict[str, Any]]:
     return action, args
 
 
-def _outcome(resp: Response) -> str:
-    if resp.status == 200:
+def _outcome(status: int, doc: Any) -> str:
+    if status == 200:
         return "ok"
-    try:
-        return f"refused ({resp.status}): {envelope.loads(resp.body).get('error')}"
-    except (ValueError, AttributeError):
-        return f"refused ({resp.status})"
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return f"refused ({status}): {error}" if error else f"refused ({status})"
 
 
 class AdminService:
@@ -137,26 +148,44 @@ class AdminService:
         self.started = time.time()
         self.archive = archive  # where finished trades older than journal.keep_days are read
         self.audit = audit  # where operator actions are kept (fep run always gives one)
+        self.jobs = Jobs()
 
     async def handle(self, req: Request, uid: int | None = None) -> Response:
-        """`uid`: the caller's, from the socket's peer credentials."""
-        if req.method == "GET" or self.audit is None:
-            return await self._answer(req)
-        action, args = _action(req)
-        entry = await self.audit.begin(uid, action, args)
-        resp = await self._answer(req)
-        await self.audit.end(entry, uid, action, args, _outcome(resp))
-        return resp
-
-    async def _answer(self, req: Request) -> Response:
+        """The answer; or, for work that outlasts the caller's X-Fep-Wait, 202 and the job it goes on as.
+        `uid`: the caller's, from the socket's peer credentials, for the audit trail."""
         try:
-            return Response(200, envelope.dumps(await self._route(req)))
+            wait = _wait(req)
         except Refused as e:
             return Response(e.status, envelope.dumps({"error": str(e)}))
-        except ValueError as e:
-            return Response(400, envelope.dumps({"error": str(e)}))
+        if wait is None or req.path.startswith("/jobs"):
+            status, doc = await self._audited(req, uid, wait)
+            return Response(status, envelope.dumps(doc))
+        job = Job(f"{req.method} {req.path.partition('?')[0]}")
+        job.run(lambda: self._audited(req, uid, None))
+        if await job.wait(self.engine.reactor, wait):
+            return Response(job.status or 500, envelope.dumps(job.result))
+        self.jobs.add(job)
+        return Response(202, envelope.dumps(job.summary()))
 
-    async def _route(self, req: Request) -> Any:
+    async def _audited(self, req: Request, uid: int | None, wait: float | None) -> tuple[int, Any]:
+        """An operator's action is kept before it runs and its outcome when it ends (a job's too)."""
+        if req.method == "GET" or self.audit is None:
+            return await self._answer(req, wait)
+        action, args = _action(req)
+        entry = await self.audit.begin(uid, action, args)
+        status, doc = await self._answer(req, wait)
+        await self.audit.end(entry, uid, action, args, _outcome(status, doc))
+        return status, doc
+
+    async def _answer(self, req: Request, wait: float | None) -> tuple[int, Any]:
+        try:
+            return 200, await self._route(req, wait)
+        except Refused as e:
+            return e.status, {"error": str(e)}
+        except ValueError as e:
+            return 400, {"error": str(e)}
+
+    async def _route(self, req: Request, wait: float | None = None) -> Any:
         path, _, query = req.path.partition("?")
         args = {k: v[-1] for k, v in parse_qs(query).items()}
         parts = [unquote(p) for p in path.strip("/").split("/")]
@@ -179,6 +208,10 @@ class AdminService:
             return {"result": await self._reload()}
         if key == "GET audit":
             return await self.audit_entries(args)
+        if key == "GET jobs" and len(parts) == 1:
+            return [j.summary() | {"result": None} for j in self.jobs.jobs.values()]
+        if key == "GET jobs":
+            return await self.job(parts[1] if len(parts) == 2 else "/".join(parts[1:]), wait or 0)
         if key in self.extra:
             return await self.extra[key](req)
         raise Refused(404, f"no admin call {req.method} {path}")
@@ -208,6 +241,15 @@ class AdminService:
         if self.archive is not None:  # the newest `limit` of the journal's and the archive files' together
             rows = sorted(rows + await self.archive.find(f), key=lambda r: (r.created, r.id))[-limit:]
         return [summary(r) for r in rows]
+
+    async def job(self, text: str, wait: float) -> dict[str, Any]:
+        """A job's state, waiting up to `wait` seconds for it to finish."""
+        job = self.jobs.get(int(text)) if text.isdigit() else None
+        if job is None:
+            raise Refused(404, f"no job {text} (jobs are kept in memory: a restart of fep forgets them, not their "
+                               f"results)")
+        await job.wait(self.engine.reactor, wait)
+        return job.summary()
 
     async def show(self, msgid: str) -> dict[str, Any]:
         journal = self.engine.journal

@@ -1,21 +1,28 @@
-"""The `fep` commands for people: status, trades, show, reverse, replay, reload, backup, archive, audit
-(and, from other modules, reconcile and catalog). They talk to the running daemon over its admin socket; output is an
-aligned table, or JSON with --json."""
+"""The `fep` commands for people: status, trades, show, reverse, replay, reload, backup, archive, audit, job (and,
+from other modules, reconcile and catalog). They talk to the running daemon over its admin socket; output is an
+aligned table, or JSON with --json. Work that outlasts --timeout is not cut off: it goes on in fep as a job, which
+`fep job ID` follows."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
+import time
 import unicodedata
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 from urllib.parse import quote, urlencode
 
 from fep import envelope
 from fep.client import Client
 
 DEFAULT_CONFIGS = ("conf/fep.yaml", "/etc/fep/fep.yaml")
+FIRST_WAIT = 5.0  # seconds of work before it shows progress (and becomes a job fep keeps)
+STEP = 1.0  # seconds each look at a running job waits for it: progress stays fresh, --timeout is kept
+STILL_RUNNING = 4  # the exit status when --timeout ended the wait and the work goes on in fep
 
 
 def admin_client(args: argparse.Namespace) -> Client:
@@ -23,35 +30,131 @@ def admin_client(args: argparse.Namespace) -> Client:
         return Client.unix(args.admin)
     from fep import config
 
+    if args.config and not Path(args.config).exists():
+        raise SystemExit(f"fep {args.command}: --config {args.config}: there is no such file")
     path = next((Path(p) for p in ([args.config] if args.config else DEFAULT_CONFIGS) if Path(p).exists()), None)
     if path is None:
-        raise SystemExit("fep: no config found (conf/fep.yaml, /etc/fep/fep.yaml); give --config or --admin")
-    return Client.unix(str(config.load(path).admin.unix))
+        raise SystemExit(f"fep {args.command}: no config found ({', '.join(DEFAULT_CONFIGS)}); give --config or "
+                         f"--admin")
+    try:
+        return Client.unix(str(config.load(path).admin.unix))
+    except config.ConfigError as e:
+        raise SystemExit(f"fep {args.command}: {e}") from None
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    status, doc = admin_client(args).request(method, path, envelope.dumps(body) if body is not None else None)
+    """The answer of an admin call (`body`: JSON, or bytes as they are), following it as a job, with
+    progress, when it takes long; a refusal ends the command naming what fep said."""
+    client = admin_client(args)
+    data = body if isinstance(body, bytes) or body is None else envelope.dumps(body)
+    deadline = time.monotonic() + args.timeout
+    try:
+        status, doc = client.request(method, path, data, {"X-Fep-Wait": f"{min(FIRST_WAIT, args.timeout):g}"})
+    except KeyboardInterrupt:  # fep goes on with what it was given: work of over FIRST_WAIT as a job
+        raise SystemExit(f"fep {args.command}: interrupted; fep goes on with what it was asked (`fep job` lists "
+                         f"long work)") from None
+    if status == 202:
+        status, doc = follow(args, client, doc, deadline)
     if status != 200:
-        raise SystemExit(f"fep {args.command}: {doc.get('error', doc)}")
+        raise SystemExit(f"fep {args.command}: {doc.get('error', doc) if isinstance(doc, dict) else doc}")
     return doc
 
 
+def follow(args: argparse.Namespace, client: Client, job: dict[str, Any], deadline: float) -> tuple[int, Any]:
+    """Wait for a job until `deadline`, showing its progress; its call's own status and answer."""
+    shown = Progress(sys.stderr)
+    try:
+        while job["state"] == "running":
+            shown.update(job)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                shown.clear()
+                _goes_on(args, job, f"still running after --timeout {args.timeout:g} s")
+            status, job = client.request("GET", f"/jobs/{job['id']}", headers={"X-Fep-Wait": f"{min(STEP, left):g}"})
+            if status != 200:
+                raise SystemExit(f"fep {args.command}: {job.get('error', job)}")
+    except KeyboardInterrupt:
+        shown.clear()
+        _goes_on(args, job, "interrupted")
+    shown.clear()
+    return job["status"], job["result"]
+
+
+def _goes_on(args: argparse.Namespace, job: dict[str, Any], why: str) -> NoReturn:
+    print(f"fep {args.command}: {why}; the work goes on in fep as job {job['id']} ({job['call']}"
+          f"{', ' + job['progress'] if job['progress'] else ''}): follow it with `fep job {job['id']}`",
+          file=sys.stderr)
+    raise SystemExit(STILL_RUNNING)
+
+
+class Progress:
+    """A job's progress on stderr: one line rewritten on a terminal; otherwise (a log, cron's mail) a line
+    when it changes, at most every 5 s, and one every 30 s regardless."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.tty = stream, stream.isatty()
+        self.line, self.said, self.at = "", None, float("-inf")
+
+    def update(self, job: dict[str, Any]) -> None:
+        text = f"job {job['id']}: {job['progress'] or job['call']} ({job['seconds']:g} s)"
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + text + " " * max(0, width(self.line) - width(text)))
+            self.line = text
+        elif (job["progress"] != self.said and now - self.at >= 5) or now - self.at >= 30:
+            self.stream.write(text + "\n")
+            self.said, self.at = job["progress"], now
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.line:
+            self.stream.write("\r" + " " * width(self.line) + "\r")
+            self.stream.flush()
+            self.line = ""
+
+
 def width(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """The columns a terminal gives `text`: a Chinese character (East Asian wide or fullwidth) takes two, a
+    combining mark none. The stdlib's Unicode tables suffice for what the journal holds; no wcwidth needed."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) == "Cf" else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else " ".join(str(value).splitlines())  # a bureau's err_msg may hold newlines
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max([width(c)] + [width(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    for row in cells:
-        lines.append("  ".join(v + " " * (w - width(v)) for v, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
+    """Columns aligned by display width, so 结算经办机构 lines up with the digits under it."""
+    cells = [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(width(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v + " " * (w - width(v)) for v, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    w.writerows([[_cell(r.get(c)) for c in columns] for r in rows])
+    return buf.getvalue().rstrip("\n")
 
 
 def out(args: argparse.Namespace, doc: Any, human: Callable[[Any], str]) -> int:
-    sys.stdout.write((envelope.dumps(doc).decode() if args.json else human(doc)) + "\n")
+    as_json = args.json or getattr(args, "format", None) == "json"
+    sys.stdout.write((envelope.dumps(doc).decode() if as_json else human(doc)) + "\n")
     return 0
+
+
+def limit(text: str) -> int:
+    """--limit, for every command that has one: 0 (or less) is refused, never taken as "all"; fep itself
+    refuses more than it lists at once (fep.admin.MAX_LIMIT), naming the bound."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -96,12 +199,17 @@ def check(args: argparse.Namespace) -> int:
     return verdict.level
 
 
+TRADE_COLUMNS = ["created", "msgid", "infno", "state", "psn_no", "setl_id", "resolver", "note"]
+
+
 def cmd_trades(args: argparse.Namespace) -> int:
     query = {k: v for k, v in (("state", args.state), ("psn_no", args.person), ("infno", args.infno),
                                ("since", args.since), ("until", args.until), ("limit", args.limit)) if v}
     rows = call(args, "GET", "/trades?" + urlencode(query))
-    return out(args, rows, lambda rs: table(rs, ["created", "msgid", "infno", "state", "psn_no", "setl_id",
-                                                 "resolver", "note"]))
+    if args.format == "csv" and not args.json:
+        sys.stdout.write(csv_text(rows, TRADE_COLUMNS) + "\n")
+        return 0
+    return out(args, rows, lambda rs: table(rs, TRADE_COLUMNS))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -116,13 +224,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         if t["resolving_trades"]:
             lines.append("resolving trades:")
             lines.append(table(t["resolving_trades"], ["created", "msgid", "infno", "state", "attempts", "note"]))
-        answer = t["answer"] or {}
-        lines.append(f"answer: infcode {answer.get('infcode')} {answer.get('err_msg') or ''}".rstrip())
+        lines.append(_answer("answer", t["answer"]))
         if t["late_answer"]:
-            lines.append(f"late answer kept: infcode {t['late_answer'].get('infcode')}")
+            lines.append(_answer("late answer kept", t["late_answer"]))
         return "\n".join(lines)
 
     return out(args, call(args, "GET", f"/trades/{quote(args.msgid)}"), human)
+
+
+def _answer(label: str, answer: dict[str, Any] | None) -> str:
+    """An answer's infcode and err_msg; a trade with no answer (yet) says so, never `infcode None`."""
+    if not answer:
+        return f"{label}: none"
+    code = answer.get("infcode")
+    said = answer.get("err_msg") or ""
+    return f"{label}: {'no infcode' if code is None else f'infcode {code}'} {said}".rstrip()
 
 
 def _trade_answer(doc: dict[str, Any]) -> str:
@@ -174,9 +290,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
             text = Path(args.file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"fep catalog map import: cannot read {args.file}: {e}") from None
-        status, doc = admin_client(args).request("POST", "/catalog/map", text.encode("utf-8"))
-        if status != 200:
-            raise SystemExit(f"fep catalog map import: {doc.get('error')}")
+        doc = call(args, "POST", "/catalog/map", text.encode("utf-8"))
         out(args, doc, lambda d: f"{d['imported']} mapping(s) imported; {len(d['problems'])} problem(s)"
             + ("\n" + table(d["problems"], ["hosp_code", "national_code", "problem"]) if d["problems"] else ""))
         return 0
@@ -207,11 +321,49 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                             ["at", "uid", "user", "action", "args", "result"]))
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    if args.id is None:
+        return out(args, call(args, "GET", "/jobs"), lambda jobs: table(jobs, ["id", "call", "state", "started",
+                                                                               "seconds", "progress", "status"]))
+    client = admin_client(args)
+    status, job = client.request("GET", f"/jobs/{args.id}")
+    if status != 200:
+        raise SystemExit(f"fep job: {job.get('error', job)}")
+    job["status"], job["result"] = follow(args, client, job, time.monotonic() + args.timeout)
+    job["state"] = "finished"
+    out(args, job, _finished_job)
+    return 0 if job["status"] == 200 else 1
+
+
+def _finished_job(job: dict[str, Any]) -> str:
+    from fep.reconcile import render
+
+    head = f"job {job['id']}: {job['call']} finished"
+    if job["status"] != 200:
+        return f"{head}, refused: {job['result'].get('error', job['result'])}"
+    if job["call"] == "POST /reconcile":
+        return f"{head}:\n{render(job['result'], 'table')}"
+    return f"{head}:\n{envelope.dumps(job['result']).decode()}"
+
+
+def timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be seconds, got {text!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return seconds
+
+
 def admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="fep's config, to find its admin socket (default: conf/fep.yaml, then "
                                     "/etc/fep/fep.yaml)")
     p.add_argument("--admin", help="the admin socket itself")
     p.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+    p.add_argument("--timeout", type=timeout, default=60.0,
+                   help=f"seconds to wait for fep (default 60); longer work goes on in fep as a job: the command "
+                        f"exits {STILL_RUNNING} naming it, and `fep job ID` follows it")
 
 
 def add_commands(sub: Any) -> None:
@@ -227,7 +379,8 @@ def add_commands(sub: Any) -> None:
     tr.add_argument("--infno")
     tr.add_argument("--since", help="YYYY-MM-DD[ HH:MM:SS]")
     tr.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS]")
-    tr.add_argument("--limit", type=int, default=100)
+    tr.add_argument("--limit", type=limit, default=100, help="at most this many (default 100)")
+    tr.add_argument("--format", choices=("table", "csv", "json"), default="table")
     admin_options(tr)
     tr.set_defaults(func=cmd_trades)
 
@@ -300,3 +453,9 @@ def add_commands(sub: Any) -> None:
     rl = sub.add_parser("reload", help="re-read config and certificates (as systemctl reload)")
     admin_options(rl)
     rl.set_defaults(func=cmd_reload)
+
+    jb = sub.add_parser("job", help="follow admin work that outlasted its command's --timeout (a long "
+                                    "reconciliation, a large catalog sync); without ID: the jobs fep keeps")
+    jb.add_argument("id", nargs="?", type=int)
+    admin_options(jb)
+    jb.set_defaults(func=cmd_job)

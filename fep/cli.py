@@ -24,9 +24,24 @@ def _print(doc: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.check:
+        return check_config(Path(args.config))
     from fep import daemon
 
     return daemon.run(Path(args.config))
+
+
+def check_config(path: Path) -> int:
+    """As nginx -t: read the config (and its trade catalog) as `fep run` would, say what is wrong, start nothing."""
+    from fep import config
+
+    try:
+        config.load(path)
+    except config.ConfigError as e:
+        print(f"fep: {e}", file=sys.stderr)
+        return 2
+    print(f"fep: the config {path} is valid")
+    return 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -78,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", default="conf/fep.yaml")
+    r.add_argument("--check", action="store_true", help="only check the config (as nginx -t), e.g. before "
+                                                        "systemctl reload; exit 2 if it is not valid")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("sim", help="run the bureau simulator")
@@ -116,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     cf.set_defaults(func=cmd_confirm)
 
     args = p.parse_args(argv)
+    from fep.client import Unreachable
+
     try:
         return int(args.func(args) or 0)
-    except OSError as e:
-        where = getattr(args, "url", None) or getattr(args, "socket", "")
-        print(f"fep {args.command}: cannot reach fep at {where}: {e.strerror or e}", file=sys.stderr)
+    except Unreachable as e:
+        print(f"fep {args.command}: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:  # reached, then lost: fep restarted, or did not answer within the client's timeout
+        print(f"fep {args.command}: the connection to fep failed: {e.strerror or e}", file=sys.stderr)
         return 3
 
 

@@ -8,12 +8,43 @@
 
 from __future__ import annotations
 
+import grp
 import http.client
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fep import envelope
+
+
+class Unreachable(ConnectionError):
+    """fep could not be reached; the message names where and the likely cause."""
+
+
+def unreachable(where: str, error: OSError, unix: bool) -> Unreachable:
+    """What an operator should do about a failed connect to `where` (a socket path, or host:port)."""
+    if isinstance(error, PermissionError):
+        group = socket_group(Path(where))
+        if group is None:
+            return Unreachable(f"permission denied on {where}: only root and the socket's group may use it")
+        return Unreachable(f"permission denied on {where}: only root and the group {group} may use it; join it "
+                           f"(sudo usermod -aG {group} $USER, then log in again)")
+    if isinstance(error, (FileNotFoundError, ConnectionRefusedError)):
+        what = "there is no socket there" if isinstance(error, FileNotFoundError) else "nothing listens there"
+        hint = "fep is not running, or this is not its socket" if unix else "fep is not running there"
+        return Unreachable(f"cannot reach fep at {where}: {what}; {hint} (try `systemctl status fep`)")
+    return Unreachable(f"cannot reach fep at {where}: {error.strerror or error}")
+
+
+def socket_group(path: Path) -> str | None:
+    """The group that may open a socket: the socket's own, or its directory's when that is what stops us."""
+    for p in (path, path.parent):
+        try:
+            return grp.getgrgid(p.stat().st_gid).gr_name
+        except (OSError, KeyError):
+            continue
+    return None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -42,15 +73,24 @@ class Client:
     def tcp(cls, host: str, port: int, timeout: float = 70.0) -> Client:
         return cls(host=host, port=port, timeout=timeout)
 
-    def _conn(self) -> http.client.HTTPConnection:
-        if self.unix_path:
-            return _UnixConnection(self.unix_path, self.timeout)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    @property
+    def where(self) -> str:
+        return self.unix_path or f"{self.host}:{self.port}"
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = (_UnixConnection(self.unix_path, self.timeout) if self.unix_path else
+                http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
+        try:
+            conn.connect()
+        except OSError as e:
+            raise unreachable(self.where, e, bool(self.unix_path)) from None
+        return conn
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         conn = self._conn()
         try:
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             data = resp.read()
             if (resp.getheader("Content-Type") or "").startswith("application/octet-stream"):

@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 import sqlite_utils
 
 from fep import envelope
+from fep.jobs import progress
 from fep.trades import InvalidInput, TradeDef
 from fep.journal import Journal
 
@@ -123,12 +124,16 @@ class CodeBook:
     async def sync(self, call: Call) -> dict[str, Any]:
         """Download what is new in each catalog since the local version (13xx, then 9102)."""
         result = {}
-        for infno, types in DOWNLOADS.items():
+        for n, (infno, types) in enumerate(DOWNLOADS.items(), start=1):
             since = max((e.ver for e in self.national.values() if e.list_type in types), default=0)
+            step = f"catalog sync {n} of {len(DOWNLOADS)}: {infno} since version {since}"
+            progress(f"{step}: asking the bureau")
             out = await call(infno, {"data": {"ver": str(since)}})
+            progress(f"{step}: downloading {out['filename']}")
             down = await call("9102", {"fsDownloadIn": {"file_qury_no": out["file_qury_no"],
                                                         "filename": out["filename"], "fixmedins_code": "plc"}})
             rows = _rows(envelope.file_content(down))
+            progress(f"{step}: storing {len(rows)} row(s)")
             await self.journal.run(lambda conn, rows=rows: _upsert(conn, rows))
             await self.refresh()
             result[infno] = {"from_version": since, "rows": len(rows),

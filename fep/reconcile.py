@@ -20,6 +20,7 @@ from typing import Any
 from fep import envelope, metrics
 from fep.trades import Kind
 from fep.engine import Engine
+from fep.jobs import progress
 
 ZERO = Decimal("0.00")
 INSUTYPE = {"310": "职工基本医疗保险", "320": "公务员医疗补助", "330": "大额医疗费用补助", "340": "离休人员医疗保障",
@@ -88,7 +89,11 @@ class Reconciler:
         for s in await self.settlements(day):
             groups.setdefault((s.insutype, s.setl_optins, s.clr_type), Group(s.insutype, s.setl_optins,
                                                                               s.clr_type)).rows.append(s)
-        results = [await self._group(day, g) for g in sorted(groups.values(), key=lambda g: g.key)]
+        ordered = sorted(groups.values(), key=lambda g: g.key)
+        results = []
+        for n, g in enumerate(ordered, start=1):
+            progress(f"reconciling {day}: group {n} of {len(ordered)} ({'/'.join(g.key)})")
+            results.append(await self._group(day, g))
         doc = {"stmt_date": day.isoformat(), "run_at": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
                "unresolved": unresolved, "groups": results,
                "balanced": sum(1 for g in results if g["result"] == "平"),

@@ -12,8 +12,9 @@ iterating `defs`, so a money trade number must be known from the start, never di
 
 from __future__ import annotations
 
+import difflib
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -172,9 +173,20 @@ class TradeBook:
         doc = read_yaml(path, "trade catalog", TradesError)
         if not isinstance(doc, dict) or not isinstance(doc.get("trades"), dict):
             raise TradesError(f"trade catalog {path} must have a `trades:` mapping")
+        where = f"{path}: "
+        _known(doc, CATALOG_KEYS, where)
         defaults = doc.get("defaults") or {}
         raw = {str(k): v or {} for k, v in doc["trades"].items()}
         overrides = {str(k): v or {} for k, v in (overrides or {}).items()}
+        _known(defaults, trade_keys(), where, "defaults.")
+        for infno, spec in raw.items():
+            _known(spec, trade_keys(), where, f"trades.{infno}.")
+            _known(spec.get("cancel") if isinstance(spec, dict) else None, CANCEL_KEYS, where,
+                   f"trades.{infno}.cancel.")
+        for infno, spec in overrides.items():
+            _known(spec, trade_keys(), "", f"trade_overrides.{infno}.")
+            _known(spec.get("cancel") if isinstance(spec, dict) else None, CANCEL_KEYS, "",
+                   f"trade_overrides.{infno}.cancel.")
         for infno in overrides:  # an override may name a variant the catalog does not list: it is known from now
             if infno not in raw:
                 if variant_base(infno) not in raw:
@@ -195,6 +207,27 @@ class TradeBook:
         if any(t.on_unknown is OnUnknown.REVERSE for t in trades.values()) and "2601" not in trades:
             raise TradesError(f"{path}: trades are resolved by 2601 reversal but 2601 is not defined")
         return cls(trades)
+
+
+CATALOG_KEYS = ("defaults", "trades")
+CANCEL_KEYS = ("infno", "input")
+
+
+def trade_keys() -> list[str]:
+    """What may be said of a trade (in the catalog, its defaults or trade_overrides): TradeDef's fields."""
+    return [f.name for f in fields(TradeDef) if f.name != "infno"]
+
+
+def _known(doc: Any, known: list[str] | tuple[str, ...], where: str, prefix: str = "") -> None:
+    """Refuse a key not in `known`, naming the nearest that is (a typo like `timout:` was silently ignored).
+    `where` names the file, `prefix` the key's place in it (trades.2207.)."""
+    if not isinstance(doc, dict):
+        return
+    for key in doc:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{near[0]}?" if near else f"the keys are {', '.join(known)}"
+            raise TradesError(f"{where}{prefix}{key} is not a known key; {hint}")
 
 
 def _variant_name(base_name: str, infno: str) -> str:

@@ -104,7 +104,7 @@ def test_a_reversal_waiting_out_its_backoff_does_not_hold_up_the_person_s_next_s
     for any answer (10 s); meanwhile the same person's next visit settles at once, instead of waiting behind the
     backoff and failing as not sent."""
     short = {infno: {"timeout": 5} for infno in TradeBook.load(ROOT / "conf" / "trades.yaml").defs}
-    world.configure(trades=short, fep={"his": {"answer_budget": 10}, "resolution": {"backoff": [0, 20]}})
+    world.configure(trades=short, fep={"his": {"answer_within": 10}, "resolution": {"backoff": [0, 20]}})
     world.start()
     first, second = Visit(world.his, ZHANG), Visit(world.his, ZHANG)
     for v in (first, second):
