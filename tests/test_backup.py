@@ -76,6 +76,11 @@ def test_a_daily_backup_missed_while_fep_was_down_runs_when_it_is_back_and_only_
     a_minute_ago = (datetime.now() - timedelta(minutes=1)).strftime("%H:%M")
     world.configure(fep={"backup": {"dir": str(backups), "keep": 2, "daily_at": a_minute_ago}})
     world.start()
+
+    def noted() -> bool:  # the schedule keeps the day it starts counting from
+        with closing(sqlite3.connect(world.journal_path)) as c:
+            return c.execute("SELECT 1 FROM runs WHERE kind='daily' AND key='backup'").fetchone() is not None
+    wait_for(noted, what="the schedule to note its first day")
     assert not backups.exists()  # installed after today's time: nothing was missed yet
     world.stop()
     # fep was down three days: the journal says the daily backup last ran then.
@@ -90,7 +95,8 @@ def test_a_daily_backup_missed_while_fep_was_down_runs_when_it_is_back_and_only_
             c.execute(statement)
 
     world.start()
-    wait_for(lambda: "old backups removed" in world.log("run"), what="the missed backup to run")
+    wait_for(lambda: "daily backup done" in world.log("run"), what="the missed backup to run")
+    assert "old backups removed" in world.log("run")
     kept = sorted(p.name for p in backups.iterdir())
     assert kept[0] == "journal-2025-03.db"  # the archive files are copied too, under their own names
     assert kept[1] == "journal-20260102-013000.db" and kept[2].startswith(f"journal-{date.today():%Y%m%d}-"), kept
@@ -103,7 +109,8 @@ def test_a_daily_backup_missed_while_fep_was_down_runs_when_it_is_back_and_only_
     ({"backup.keep": 0}, "backup.keep must be a whole number of at least 1, got 0"),
     ({"backup.daily_at": "1:30"}, "backup.daily_at must be a time of day HH:MM"),
     ({"backup": {"daily_at": "01:30"}}, "backup.daily_at is set but backup.dir is not"),
-    ({"journal.keep_days": "a year"}, "journal.keep_days must be a whole number of at least 1, got 'a year'"),
+    ({"journal.keep_days": "a year"}, "journal.keep_days must be a whole number, got 'a year'"),
+    ({"journal.keep_days": 0}, "journal.keep_days must be a whole number of at least 1, got 0"),
     ({"journal": {"path": "j.db", "archive_daily_at": "04:00"}}, "journal.archive_daily_at is set but journal.keep_days"),
 ])
 def test_a_bad_backup_or_keeping_setting_is_refused_naming_the_key(tmp_path: Path, change: dict, message: str) -> None:
