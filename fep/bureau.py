@@ -14,9 +14,10 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
@@ -213,9 +214,10 @@ class BureauLink:
         """One endpoint; a token the gateway no longer takes is fetched anew and the trade sent again, once."""
         for attempt in (1, 2):
             token = await pool.tokens.get() if pool.tokens else None
+            framed = await self._frame(pool.ep, infno, body, trade_path, token)
             conn = await pool.acquire()
             try:
-                return await self._exchange(pool, conn, infno, body, timeout, trade_path, on_late, token)
+                return await self._exchange(pool, conn, infno, framed, timeout, on_late)
             except gateway.Refused as e:
                 if not (e.token and pool.tokens and token and attempt == 1):
                     raise NotSent(f"{pool.ep.name}: {e}") from None
@@ -247,12 +249,19 @@ class BureauLink:
             raise NotSent(f"endpoint {endpoint} is not configured (any more); nothing was sent")
         return pinned
 
-    def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, body: bytes, timeout: float,
-                  trade_path: str | None, on_late: LateHandler | None, token: str | None
-                  ) -> defer.Deferred[Delivery]:
+    def _frame(self, ep: Endpoint, infno: str, body: bytes, trade_path: str | None,
+               token: str | None) -> defer.Deferred[gateway.Framed]:
+        """The request as the region's gateway wants it. Jilin's SM2 signature costs ~13 ms of CPU (pure
+        Python) and SM4 grows with the input: framed off the reactor thread."""
+        call = partial(gateway.frame, self.cfg.profile, infno, body, base_path=ep.path, trade_path=trade_path,
+                       now=time.time(), nonce=uuid.uuid4().hex, secrets=self.secrets, token=token)
+        if self.cfg.profile.style == "jilin":
+            return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)
+        return defer.succeed(call())
+
+    def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, framed: gateway.Framed, timeout: float,
+                  on_late: LateHandler | None) -> defer.Deferred[Delivery]:
         ep = pool.ep
-        framed = gateway.frame(self.cfg.profile, infno, body, base_path=ep.path, trade_path=trade_path,
-                               now=time.time(), nonce=uuid.uuid4().hex, secrets=self.secrets, token=token)
         headers = {"Host": ep.server_name, **framed.headers, "X-Fep-Infno": infno}
         result: defer.Deferred[Delivery] = defer.Deferred()
         started = time.perf_counter()
