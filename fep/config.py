@@ -389,8 +389,10 @@ def _secret_files(doc: Any, style: str, base: Path) -> tuple[tuple[str, Path], .
     out = []
     for name in SECRETS[style]:
         path = _need(doc, name, "bureau.profile.secrets.")
-        if not isinstance(path, str) or "\n" in path or len(path) > 4096:
-            raise ConfigError(f"bureau.profile.secrets.{name} must be the name of the file holding it, "
-                              f"never the secret itself")
+        # A path has a directory in it (/etc/fep/secrets/x, var/secrets/x): a bare word may be the secret
+        # itself pasted in, which must not reach a log line naming the file.
+        if not isinstance(path, str) or "/" not in path or "\n" in path:
+            raise ConfigError(f"bureau.profile.secrets.{name} must be the path of the file holding it (with its "
+                              f"directory), never the secret itself")
         out.append((name, _path(base, path)))
     return tuple(out)

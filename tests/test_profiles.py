@@ -3,6 +3,7 @@ region's gateway; the HIS sends the same plain envelopes everywhere and never si
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fep import config, envelope, gateway
 from fep.sim.world import ZHANG, Visit, World, ok, said
 from fep.tls import load_secrets
 
+ROOT = Path(__file__).resolve().parents[1]
 STYLES = ["baseline", "guangdong", "hunan", "jilin"]
 CALL = {"baseline": "/fsi/api/rsfComIfsService/callService", "guangdong": "/ebus/gdyb_inf/poc/hsa/hgs",
         "hunan": "/fsi/api/rsfComIfsService/callService", "jilin": "/mbs/fmi/fsi/api/callFsiService/callService"}
@@ -195,3 +198,41 @@ def test_plain_http_is_refused_unless_the_link_says_so(world: World) -> None:
 def test_mutual_tls_is_the_default_and_shown(running: World) -> None:
     assert "bureau link: mutual_tls, profile baseline" in running.cli("status").stdout
     assert 'fep_bureau_link_security{mode="mutual_tls"} 1.0' in metrics(running)
+
+
+def bureau_config(tmp_path: Path, **bureau: Any) -> config.Config:
+    doc = yaml.safe_load((ROOT / "conf" / "fep.yaml").read_text())
+    doc["trades"] = str(ROOT / "conf" / "trades.yaml")
+    doc["bureau"].update(bureau)
+    (tmp_path / "fep.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return config.load(tmp_path / "fep.yaml")
+
+
+@pytest.mark.parametrize("bureau, message", [
+    ({"profile": {"style": "hebei"}}, "bureau.profile.style must be one of baseline, guangdong, hunan, jiangsu, jilin"),
+    ({"profile": {"style": "guangdong", "secrets": {"secret_key": "/etc/fep/secrets/k"}}},
+     "bureau.profile.paasid is required by the guangdong style"),
+    ({"profile": {"style": "hunan"}}, "bureau.profile.secrets.access_key is required"),
+    ({"profile": {"style": "hunan", "secrets": {"access_key": "/etc/fep/ak", "secret_key": "8f3a9c2e1b"}}},
+     "bureau.profile.secrets.secret_key must be the path of the file holding it"),
+    ({"profile": {"style": "hunan", "secret_key": "/etc/fep/sk"}}, "secret_key is not a setting of the hunan style"),
+    ({"url_style": "infno_path", "profile": {"url_layout": "dispatcher"}},
+     "bureau.url_style is the old name of bureau.profile.url_layout"),
+    ({"link_security": "none"}, "bureau.link_security must be mutual_tls, server_tls, plain_http"),
+])
+def test_a_wrong_profile_is_refused_naming_the_key(tmp_path: Path, bureau: dict, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        bureau_config(tmp_path, **bureau)
+
+
+def test_the_keys_before_the_profile_still_work(tmp_path: Path) -> None:
+    cfg = bureau_config(tmp_path, profile=None, url_style="infno_path", content_type="text/plain").bureau
+    assert (cfg.profile.style, cfg.url_style, cfg.content_type) == ("baseline", "infno_path", "text/plain")
+
+
+def test_server_tls_needs_only_the_bureau_s_ca_and_plain_http_no_tls(tmp_path: Path) -> None:
+    cfg = bureau_config(tmp_path, link_security="server_tls", tls={"ca": "var/pki/ca.pem"}).bureau
+    assert (cfg.tls.cert, cfg.tls.key) == (None, None)
+    plain = bureau_config(tmp_path, link_security="plain_http", tls=None,
+                          endpoints=[{"name": "hn", "url": "http://10.1.2.3:8097/fsi/api/rsfComIfsService/callService"}])
+    assert plain.bureau.tls is None and plain.bureau.endpoints[0].port == 8097
