@@ -357,7 +357,8 @@ def _profile(doc: dict[str, Any], base: Path) -> Profile:
     style = str(prof.get("style", "baseline"))
     if style not in STYLES:
         raise ConfigError(f"bureau.profile.style must be one of {', '.join(STYLES)}, got {style!r}")
-    for key, value in (("bureau.url_style", doc.get("url_style")), ("bureau.profile.url_layout", prof.get("url_layout"))):
+    for key, value in (("bureau.url_style", doc.get("url_style")),
+                       ("bureau.profile.url_layout", prof.get("url_layout"))):
         if value is not None and value not in URL_LAYOUTS:
             raise ConfigError(f"{key} must be dispatcher, infno_path or per_trade, got {value!r}")
     if "url_style" in doc and "url_layout" in prof:

@@ -232,5 +232,6 @@ def token_answer(status: int, body: bytes) -> tuple[str, float]:
             return doc["access_token"], float(doc.get("expires_in", 0))
         except (TypeError, ValueError):
             raise Refused(f"the token endpoint gave expires_in {doc.get('expires_in')!r}, not seconds") from None
-    what = f"{doc.get('error')} ({doc.get('error_description', '')})" if isinstance(doc, dict) else body[:80]
+    what = (f"{doc.get('error')} ({doc.get('error_description', '')})" if isinstance(doc, dict)
+            else body[:80].decode("utf-8", "replace"))
     raise Refused(f"the token endpoint refused the password grant: HTTP {status} {what}")

@@ -15,6 +15,7 @@ from fep import envelope, gateway, pki
 from fep.config import Profile
 from fep.tls import Secret, TLSConfigError, load_secrets
 
+CALL = "/fsi/api/rsfComIfsService/callService"  # the baseline's one URL
 NOW = 1_764_547_200.5  # 2025-12-01 00:00:00.5 UTC
 TRADE = envelope.dumps({"infno": "1101", "msgid": "H43010000001202512010000000001",
                         "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": "430102198001010011"}}})
@@ -36,10 +37,9 @@ def secrets(files: dict[str, Path]) -> dict[str, Secret]:
 
 
 def test_the_baseline_adds_nothing_and_sends_the_envelope_as_journalled(secrets: dict[str, Secret]) -> None:
-    out = gateway.frame(Profile(content_type="text/plain"), "1101", TRADE, base_path="/fsi/api/rsfComIfsService/callService",
-                        trade_path=None, now=NOW, nonce="n", secrets=secrets)
-    assert (out.path, out.headers, out.body) == ("/fsi/api/rsfComIfsService/callService",
-                                                 {"Content-Type": "text/plain"}, TRADE)
+    out = gateway.frame(Profile(content_type="text/plain"), "1101", TRADE, base_path=CALL, trade_path=None, now=NOW,
+                        nonce="n", secrets=secrets)
+    assert (out.path, out.headers, out.body) == (CALL, {"Content-Type": "text/plain"}, TRADE)
 
 
 def test_guangdong_signs_timestamp_secret_nonce_timestamp_with_sha256(secrets: dict[str, Secret]) -> None:
@@ -54,8 +54,8 @@ def test_guangdong_signs_timestamp_secret_nonce_timestamp_with_sha256(secrets: d
 
 
 def test_hunan_signs_the_sorted_api_headers_with_hmac_sha1_and_names_the_trade(secrets: dict[str, Secret]) -> None:
-    out = gateway.frame(profile("hunan", api_version="1.0.0"), "2207", TRADE, base_path="/fsi/api/rsfComIfsService/callService",
-                        trade_path=None, now=NOW, nonce="n", secrets=secrets)
+    out = gateway.frame(profile("hunan", api_version="1.0.0"), "2207", TRADE, base_path=CALL, trade_path=None,
+                        now=NOW, nonce="n", secrets=secrets)
     h = out.headers
     ak, sk = secrets["access_key"].value.decode(), secrets["secret_key"].value
     assert (h["_api_name"], h["_api_version"], h["_api_timestamp"], h["_api_access_key"]) == (

@@ -17,7 +17,7 @@ import yaml
 
 from fep import config, envelope, gateway
 from fep.sim.world import ZHANG, Visit, World, ok, said
-from fep.tls import load_secrets
+from fep.tls import Secret, load_secrets
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLES = ["baseline", "guangdong", "hunan", "jilin"]
@@ -63,23 +63,33 @@ def test_a_whole_visit_and_its_reconciliation_go_through_the_region_s_gateway(wo
     assert (arrived.get("signtype"), arrived.get("enc_type")) == (("SM2", "SM4") if style == "jilin" else (None, None))
 
 
-def _framed(world: World, style: str, now: float, infno: str = "1101", spoil: str = "") -> tuple[str, bytes, dict]:
-    """A 1101 framed as fep frames it for `style` (its own config), `now` as its clock, with one part spoiled."""
+def _framed(world: World, now: float, spoil: str = "") -> tuple[str, bytes, dict[str, str]]:
+    """A 1101 framed as fep frames it under its config, `now` as its clock, with one part spoiled:
+    secret (another key), clock (as given), path, headers (one left out), token or signature (jilin)."""
     profile = config.load(world.fep_config).bureau.profile
     secrets = load_secrets(profile.secrets)
     token = None
-    if style == "jilin":
+    if profile.style == "jilin":
         req = gateway.token_request(profile, secrets)
-        status, doc = world.to_gateway(req.path, req.body, req.headers)
-        token = "not-a-token" if spoil == "token" else doc["access_token"]
-    body = envelope.dumps({"infno": infno, "msgid": f"H43010000001{time.strftime('%Y%m%d%H%M%S')}0001",
+        token = world.to_gateway(req.path, req.body, req.headers)[1]["access_token"]
+    if spoil == "token":
+        token = "not-a-token"
+    if spoil == "secret":  # another key than the bureau's
+        secrets.update({n: Secret(n, b"0123456789abcdef") for n in ("secret_key", "client_id") if n in secrets})
+    body = envelope.dumps({"infno": "1101", "msgid": f"H43010000001{time.strftime('%Y%m%d%H%M%S')}0001",
                            "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}}})
-    if spoil == "secret":
-        secrets = {**secrets, **{n: type(s)(n, b"0123456789abcdef") for n, s in secrets.items()
-                                 if n in ("secret_key", "client_id")}}
-    f = gateway.frame(profile, "1101", body, base_path=CALL[style], trade_path=None, now=now, nonce="n0nce",
+    f = gateway.frame(profile, "1101", body, base_path=CALL[profile.style], trade_path=None, now=now, nonce="n0nce",
                       secrets=secrets, token=token)
-    return f.path, f.body, f.headers
+    path, body, headers = f.path, f.body, f.headers
+    if spoil == "path":
+        path = path.replace("/1101", "/2207")
+    if spoil == "headers":
+        headers = {k: v for k, v in headers.items() if k != "_api_signature"}
+    if spoil == "signature":
+        env = envelope.loads(body)
+        env["cainfo"] = env["cainfo"][::-1]
+        body = envelope.dumps(env)
+    return path, body, headers
 
 
 WRONG = [  # (style, what is spoiled, HTTP status, the gateway's own words)
@@ -91,6 +101,7 @@ WRONG = [  # (style, what is spoiled, HTTP status, the gateway's own words)
     ("hunan", "headers", 401, "缺少服务网关的请求头"),
     ("jilin", "token", 401, "invalid_token"),
     ("jilin", "secret", 400, "报文解密失败"),
+    ("jilin", "signature", 400, "验签失败"),
 ]
 
 
@@ -99,36 +110,24 @@ def test_the_simulated_gateway_refuses_a_wrong_request_as_the_region_s_does(worl
                                                                              status: int, words: str) -> None:
     world.use_profile(style)
     world.start_sim()
-    now = time.time() - (31 * 60 if spoil == "clock" else 0)
-    good_status, good = world.to_gateway(*_framed(world, style, time.time()))
+    good_status, good = world.to_gateway(*_framed(world, time.time()))
     assert good_status == 200 and "infcode" in good, good  # the same request, unspoiled, reaches the bureau
-    path, body, headers = _framed(world, style, now, spoil=spoil)
-    if spoil == "path":
-        path = path.replace("/1101", "/2207")
-    if spoil == "headers":
-        headers = {k: v for k, v in headers.items() if k != "_api_signature"}
-    got_status, doc = world.to_gateway(path, body, headers)
+    got_status, doc = world.to_gateway(*_framed(world, time.time() - (31 * 60 if spoil == "clock" else 0), spoil))
     assert got_status == status and words in envelope.dumps(doc).decode(), (got_status, doc)
     assert "infcode" not in doc  # the gateway's answer, never the bureau's
 
 
-def test_jilin_s_wrong_signature_is_refused_by_the_gateway(world: World) -> None:
-    world.use_profile("jilin")
-    world.start_sim()
-    path, body, headers = _framed(world, "jilin", time.time())
-    env = envelope.loads(body)
-    env["cainfo"] = env["cainfo"][::-1]
-    got_status, doc = world.to_gateway(path, envelope.dumps(env), headers)
-    assert (got_status, doc) == (400, {"code": -1, "message": "验签失败"})
+HEBEI_1101 = "/fsi/api/fsiPsnInfoService/queryPsnInfo"  # reference §2.1
 
 
-def test_a_trade_path_the_layout_does_not_have_gets_404(world: World) -> None:
-    world.use_profile("baseline", url_layout="per_trade", paths={"1101": "/fsi/api/fsiPsnInfoService/queryPsnInfo"})
-    world.start_sim()
+def test_per_service_paths_come_from_the_trade_catalog_and_a_wrong_one_gets_404(world: World) -> None:
+    world.use_profile("baseline", url_layout="per_trade", paths={"1101": HEBEI_1101})
+    world.configure(trades={"1101": {"path": HEBEI_1101}})
+    world.start()
+    assert ok(Visit(world.his, ZHANG).identify())
     body = envelope.dumps({"infno": "1101", "msgid": "H43010000001202601010000000001", "input": {"data": {}}})
-    assert world.to_gateway("/fsi/api/fsiPsnInfoService/queryPsnInfoX", body, {})[0] == 404
-    status, doc = world.to_gateway("/fsi/api/fsiPsnInfoService/queryPsnInfo", body, {})
-    assert status == 200 and "infcode" in doc
+    status, doc = world.to_gateway(HEBEI_1101 + "X", body, {})
+    assert (status, doc["code"]) == (404, 404)
 
 
 def fep_reads(world: World, name: str, value: bytes, mode: int = 0o600) -> Path:
@@ -234,5 +233,5 @@ def test_server_tls_needs_only_the_bureau_s_ca_and_plain_http_no_tls(tmp_path: P
     cfg = bureau_config(tmp_path, link_security="server_tls", tls={"ca": "var/pki/ca.pem"}).bureau
     assert (cfg.tls.cert, cfg.tls.key) == (None, None)
     plain = bureau_config(tmp_path, link_security="plain_http", tls=None,
-                          endpoints=[{"name": "hn", "url": "http://10.1.2.3:8097/fsi/api/rsfComIfsService/callService"}])
+                          endpoints=[{"name": "hn", "url": f"http://10.1.2.3:8097{CALL['hunan']}"}])
     assert plain.bureau.tls is None and plain.bureau.endpoints[0].port == 8097

@@ -90,14 +90,16 @@ class SimGateway:
             return self._count(_oauth(401, "invalid_client", "Bad client credentials"))
         form = {k: v[-1] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()}
         if form.get("grant_type") != "password":
-            return self._count(_oauth(400, "unsupported_grant_type", f"Unsupported grant type: {form.get('grant_type')}"))
+            return self._count(_oauth(400, "unsupported_grant_type",
+                                      f"Unsupported grant type: {form.get('grant_type')}"))
         if form.get("username") != self.profile.username or not hmac.compare_digest(
                 form.get("password", "").encode(), self.secrets["password"].value):
             return self._count(_oauth(400, "invalid_grant", "Bad credentials"))
         token = str(uuid.uuid4())
         self.tokens[token] = self.clock() + self.profile.token_seconds
         return Response(200, envelope.dumps({"access_token": token, "token_type": "bearer",
-                                             "expires_in": int(self.profile.token_seconds), "scope": form.get("scope", "")}))
+                                             "expires_in": int(self.profile.token_seconds),
+                                             "scope": form.get("scope", "")}))
 
     def expire_tokens(self) -> int:
         """Every token issued is expired now (POST /tokens/expire), as after the gateway's restart."""

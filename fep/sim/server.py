@@ -227,8 +227,9 @@ class Simulator:
     async def _listen(self) -> None:
         if self.port is None:
             factory = Factory.forProtocol(lambda: BureauProtocol(self))
-            ep = (endpoints.SSL4ServerEndpoint(self.reactor, self.cfg.port, self._options, interface=self.cfg.host)
-                  if self._options else endpoints.TCP4ServerEndpoint(self.reactor, self.cfg.port, interface=self.cfg.host))
+            host, port = self.cfg.host, self.cfg.port
+            ep = (endpoints.SSL4ServerEndpoint(self.reactor, port, self._options, interface=host) if self._options
+                  else endpoints.TCP4ServerEndpoint(self.reactor, port, interface=host))
             self.port = await ep.listen(factory)
 
     async def _refuse(self, fault: Fault) -> None:
