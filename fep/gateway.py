@@ -114,8 +114,9 @@ def _signer(sk: bytes, uid: str) -> gmalg.SM2:
 
 
 def sm2_sign(signer: gmalg.SM2, data: bytes) -> str:
+    """r||s, each 32 bytes: gmalg gives the shortest big-endian form, and 1 signature in 128 has a leading zero."""
     r, s = signer.sign(data)
-    return base64.b64encode(r + s).decode("ascii")
+    return base64.b64encode(r.rjust(32, b"\0") + s.rjust(32, b"\0")).decode("ascii")
 
 
 def sm2_verify(public_key: bytes, uid: str, data: bytes, cainfo: str) -> bool:

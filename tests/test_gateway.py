@@ -132,3 +132,12 @@ def test_an_sm_key_of_the_wrong_size_is_refused_at_load_naming_the_secret(secret
         gateway.check(jl, {**secrets, "client_id": Secret("client_id", b"short")})
     with pytest.raises(gateway.BadSecret, match="sm2_private_key must be the private key as 64 hex digits"):
         gateway.check(jl, {**secrets, "sm2_private_key": Secret("sm2_private_key", b"not hex")})
+
+
+def test_an_sm2_signature_is_always_64_bytes_though_r_or_s_starts_with_a_zero_byte() -> None:
+    class ShortR:  # one signature in 128 has an r (or s) under 2^248: the library gives it in 31 bytes
+        def sign(self, data: bytes) -> tuple[bytes, bytes]:
+            return b"\x01" * 31, b"\x02" * 32
+
+    raw = base64.b64decode(gateway.sm2_sign(ShortR(), b"{}"))  # type: ignore[arg-type]
+    assert raw == b"\x00" + b"\x01" * 31 + b"\x02" * 32

@@ -20,9 +20,10 @@ from fep.sim.world import ZHANG, Visit, World, ok, said
 from fep.tls import Secret, load_secrets
 
 ROOT = Path(__file__).resolve().parents[1]
-STYLES = ["baseline", "guangdong", "hunan", "jilin"]
-CALL = {"baseline": "/fsi/api/rsfComIfsService/callService", "guangdong": "/ebus/gdyb_inf/poc/hsa/hgs",
-        "hunan": "/fsi/api/rsfComIfsService/callService", "jilin": "/mbs/fmi/fsi/api/callFsiService/callService"}
+STYLES = ["baseline", "guangdong", "hunan", "jiangsu", "jilin"]
+DISPATCHER = "/fsi/api/rsfComIfsService/callService"
+CALL = {"baseline": DISPATCHER, "guangdong": "/ebus/gdyb_inf/poc/hsa/hgs", "hunan": DISPATCHER, "jiangsu": DISPATCHER,
+        "jilin": "/mbs/fmi/fsi/api/callFsiService/callService"}
 
 
 def reconcile(world: World) -> subprocess.CompletedProcess[str]:
