@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def settled(world: World) -> tuple[Visit, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_a_whole_visit_and_its_reconciliation_go_through_the_region_s_gateway(world: World, style: str) -> None:
+def test_a_whole_visit_its_reconciliation_and_a_catalog_sync_go_through_the_region_s_gateway(world: World, style: str) -> None:
     world.use_profile(style)
     world.start()
     visit, answer = settled(world)
@@ -58,6 +59,9 @@ def test_a_whole_visit_and_its_reconciliation_go_through_the_region_s_gateway(wo
     assert run.returncode == 0, run.stdout + run.stderr
     assert "平" in run.stdout and "不平" not in run.stdout, run.stdout
     world.assert_ledgers_agree()
+    sync = world.cli("catalog", "sync")  # the catalog's file comes back through the gateway as a ZIP stream
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    assert {r["state"] for r in world.journal("infno IN ('1301', '9102')")} == {"ANSWERED"}
     assert world.gateway() == {"style": style, "refused": 0, "link_security": "mutual_tls"}
     arrived = world.bureau_request(answer["output"]["setlinfo"]["medins_setl_id"])
     assert arrived["input"]["data"]["psn_no"] == ZHANG["psn_no"]  # as the bureau read it, after its gateway
@@ -79,8 +83,8 @@ def _framed(world: World, now: float, spoil: str = "") -> tuple[str, bytes, dict
         secrets.update({n: Secret(n, b"0123456789abcdef") for n in ("secret_key", "client_id") if n in secrets})
     body = envelope.dumps({"infno": "1101", "msgid": f"H43010000001{time.strftime('%Y%m%d%H%M%S')}0001",
                            "input": {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"]}}})
-    f = gateway.frame(profile, "1101", body, base_path=CALL[profile.style], trade_path=None, now=now, nonce="n0nce",
-                      secrets=secrets, token=token)
+    f = gateway.frame(profile, "1101", body, base_path=CALL[profile.style], trade_path=None, now=now,
+                      nonce=uuid.uuid4().hex, secrets=secrets, token=token)
     path, body, headers = f.path, f.body, f.headers
     if spoil == "path":
         path = path.replace("/1101", "/2207")
@@ -97,6 +101,7 @@ WRONG = [  # (style, what is spoiled, HTTP status, the gateway's own words)
     ("guangdong", "secret", 401, "签名校验失败"),
     ("guangdong", "clock", 401, "请求时间戳已过期"),
     ("guangdong", "path", 404, "no service at"),
+    ("guangdong", "replay", 401, "重复的请求"),
     ("hunan", "secret", 401, "签名不一致"),
     ("hunan", "clock", 401, "签名时间戳超时"),
     ("hunan", "headers", 401, "缺少服务网关的请求头"),
@@ -111,9 +116,12 @@ def test_the_simulated_gateway_refuses_a_wrong_request_as_the_region_s_does(worl
                                                                              status: int, words: str) -> None:
     world.use_profile(style)
     world.start_sim()
-    good_status, good = world.to_gateway(*_framed(world, time.time()))
+    request = _framed(world, time.time())
+    good_status, good = world.to_gateway(*request)
     assert good_status == 200 and "infcode" in good, good  # the same request, unspoiled, reaches the bureau
-    got_status, doc = world.to_gateway(*_framed(world, time.time() - (31 * 60 if spoil == "clock" else 0), spoil))
+    if spoil != "replay":  # a replay is that very request again
+        request = _framed(world, time.time() - (31 * 60 if spoil == "clock" else 0), spoil)
+    got_status, doc = world.to_gateway(*request)
     assert got_status == status and words in envelope.dumps(doc).decode(), (got_status, doc)
     assert "infcode" not in doc  # the gateway's answer, never the bureau's
 

@@ -77,6 +77,7 @@ class SimGateway:
         self.secrets: dict[str, Secret] = load_secrets(tuple(profile.secrets.items()))
         self.window = profile.window if profile.window is not None else WINDOW.get(profile.style, 0.0)
         self.tokens: dict[str, float] = {}  # bearer token -> when it expires
+        self.nonces: dict[str, float] = {}  # x-tif-nonce seen -> until when a second use is a replay
         self.refused = 0  # requests refused at the gateway (GET /gateway)
 
     # ---- jilin's token endpoint -------------------------------------------------------------------------
@@ -124,7 +125,19 @@ class SimGateway:
         want = gateway.tif_signature(h["x-tif-timestamp"], self.secrets["secret_key"].value, h["x-tif-nonce"])
         if not hmac.compare_digest(h["x-tif-signature"].lower(), want):
             return _refusal(401, 401, "签名校验失败")
+        if not self._first_use(h["x-tif-nonce"]):
+            return _refusal(401, 401, "重复的请求(x-tif-nonce已使用)")
         return None
+
+    def _first_use(self, nonce: str) -> bool:
+        """A nonce is good once within the timestamp window: a captured request cannot be replayed."""
+        now = self.clock()
+        if len(self.nonces) > 10_000:
+            self.nonces = {n: until for n, until in self.nonces.items() if until > now}
+        if self.nonces.get(nonce, 0) > now:
+            return False
+        self.nonces[nonce] = now + 2 * self.window
+        return True
 
     def _api(self, h: dict[str, str]) -> Response | None:
         if any(not h.get(k) for k in API_HEADERS):
