@@ -221,6 +221,7 @@ class AdminService:
         status["certificates"] = certificate_expiry(self.engine)
         oldest = await self.engine.journal.oldest(UNRESOLVED)
         status["oldest_unresolved_seconds"] = round(time.time() - oldest, 1) if oldest else None
+        status["bureau_link"] = self.engine.link.security  # server_tls or plain_http show here, and in the metrics
         last = await self.engine.journal.runs("reconcile")
         status["last_reconciliation"] = {**{k: last[0][k] for k in ("stmt_date", "run_at", "balanced", "unbalanced")},
                                          "unresolved": len(last[0].get("unresolved", []))} if last else None

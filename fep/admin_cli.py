@@ -162,6 +162,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines = ["bureau endpoints:"]
         lines += [f"  {e['name']:<12} {'up' if e['up'] else ('down' if e['up'] is False else 'not tried')}"
                   f"  {e['url']}" for e in s["endpoints"]]
+        link = s.get("bureau_link") or {}
+        if link:
+            mutual = link["link_security"] == "mutual_tls"
+            lines.append(f"bureau link: {link['link_security']}"
+                         + ("" if mutual else " (NOT mutual TLS: set in bureau.link_security)")
+                         + f", profile {link['profile']}, URL layout {link['url_layout']}")
         lines.append(f"signed in: {'yes, sign_no ' + s['sign_no'] if s['signed_in'] else 'NO'}")
         lines.append(f"queued for the bureau: {s['queued']}"
                      + (f" (oldest {s['oldest_queued_seconds']} s)" if s["oldest_queued_seconds"] else ""))

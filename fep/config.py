@@ -76,17 +76,52 @@ class Endpoint:
 @dataclass(frozen=True)
 class TLSFiles:
     ca: Path
-    cert: Path
-    key: Path
+    cert: Path | None  # None: the link authenticates only the bureau (server_tls)
+    key: Path | None
     min_version: str = "1.2"
     ciphers: str | None = None
+
+
+# How the link to the bureau is secured. Mutual TLS is the default; the others only when set explicitly.
+LINK_SECURITY = ("mutual_tls", "server_tls", "plain_http")
+# Region profiles (README, "Region profiles"): the gateway scheme in front of the bureau. jiangsu is hunan's.
+STYLES = ("baseline", "guangdong", "hunan", "jiangsu", "jilin")
+URL_LAYOUTS = ("dispatcher", "infno_path", "per_trade")
+# The secret files each style needs: read when the link is (re)built, never from the YAML itself.
+SECRETS = {"baseline": (), "guangdong": ("secret_key",), "hunan": ("access_key", "secret_key"),
+           "jiangsu": ("access_key", "secret_key"),
+           "jilin": ("client_id", "client_secret", "password", "sm2_private_key")}
+# The settings (not secret) each style needs; the value None means required.
+SETTINGS: dict[str, dict[str, str | None]] = {
+    "baseline": {},
+    "guangdong": {"paasid": None},
+    "hunan": {"api_version": "1.0.0"},
+    "jiangsu": {"api_version": "1.0.0"},
+    "jilin": {"username": None, "token_path": "/auth/oauth/token", "scope": "server", "refresh_before": "60",
+              "sm2_uid": "1234567812345678"},
+}
+LAYOUT_OF = {"guangdong": "infno_path"}  # a style's URL layout unless set; the others use dispatcher
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The region's gateway: URL layout, headers and signature, token flow, payload encryption."""
+
+    style: str = "baseline"
+    url_layout: str = "dispatcher"  # dispatcher | infno_path | per_trade
+    content_type: str = "application/json"
+    settings: tuple[tuple[str, str], ...] = ()
+    secrets: tuple[tuple[str, Path], ...] = ()  # name -> file
+
+    def setting(self, name: str) -> str:
+        return dict(self.settings)[name]
 
 
 @dataclass(frozen=True)
 class BureauSide:
     endpoints: tuple[Endpoint, ...]
-    tls: TLSFiles
-    url_style: str  # dispatcher | infno_path | per_trade
+    tls: TLSFiles | None  # None with plain_http
+    profile: Profile
     concurrency: int
     connect_timeout: float
     source_address: str | None
@@ -94,8 +129,16 @@ class BureauSide:
     not_signed_in: tuple[str, ...]  # err_msg fragments meaning "sign in again"
     reversal_not_found: tuple[str, ...]  # err_msg fragments of a 2601 answer meaning "original not there"
     transient: tuple[str, ...]  # err_msg fragments of a refusal that says "not now", never "no"
-    content_type: str = "application/json"
     late_grace: float = 30.0  # after a timeout, how long a late answer is still read (and kept)
+    link_security: str = "mutual_tls"
+
+    @property
+    def url_style(self) -> str:
+        return self.profile.url_layout
+
+    @property
+    def content_type(self) -> str:
+        return self.profile.content_type
 
 
 @dataclass(frozen=True)
@@ -193,7 +236,11 @@ KEYS: dict[str, Any] = {
                "tls": {"ca": TEXT, "cert": TEXT, "key": TEXT, "min_version": TEXT, "ciphers": TEXT},
                "url_style": TEXT, "concurrency": WHOLE, "connect_timeout": NUMBER, "source_address": TEXT,
                "signin": TEXT_MAP, "not_signed_in": TEXTS, "reversal_not_found": TEXTS, "transient": TEXTS,
-               "content_type": TEXT, "late_grace": NUMBER},
+               "content_type": TEXT, "late_grace": NUMBER, "link_security": TEXT,
+               # each style's own settings and secrets are checked against its style by _profile
+               "profile": {"style": TEXT, "url_layout": TEXT, "content_type": TEXT,
+                           **{name: TEXT for style in SETTINGS.values() for name in style},
+                           "secrets": {name: TEXT for style in SECRETS.values() for name in style}}},
     "journal": {"path": TEXT, "max_batch": WHOLE, "keep_days": WHOLE, "archive_daily_at": TEXT},
     "backup": {"dir": TEXT, "keep": WHOLE, "daily_at": TEXT},
     "resolution": {"max_tries": WHOLE, "backoff": NUMBERS},
@@ -444,33 +491,32 @@ def _hhmm(value: Any, key: str) -> str | None:
 
 
 def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
+    security = str(doc.get("link_security", "mutual_tls"))
+    if security not in LINK_SECURITY:
+        raise ConfigError(f"bureau.link_security must be {', '.join(LINK_SECURITY)}, got {security!r}")
+    scheme = "http" if security == "plain_http" else "https"
     eps = _need(doc, "endpoints", "bureau.")
     if not isinstance(eps, list) or not eps:
         raise ConfigError("bureau.endpoints must be a non-empty list")
     endpoints = []
     for i, ep in enumerate(eps):
         url = str(_need(ep, "url", f"bureau.endpoints[{i}]."))
-        m = re.fullmatch(r"https://([^/:]+|\[[0-9a-fA-F:]+\]):(\d+)(/.*)?", url)
+        m = re.fullmatch(r"(https?)://([^/:]+|\[[0-9a-fA-F:]+\]):(\d+)(/.*)?", url)
         if not m:
-            raise ConfigError(f"bureau.endpoints[{i}].url must be https://host:port/path, got {url!r}")
+            raise ConfigError(f"bureau.endpoints[{i}].url must be {scheme}://host:port/path, got {url!r}")
+        if m.group(1) != scheme:
+            raise ConfigError(f"bureau.endpoints[{i}].url is {m.group(1)}:// but bureau.link_security is {security}: "
+                              + ("use https://" if scheme == "https" else "use http://") +
+                              (", or set bureau.link_security: plain_http to send in the clear over the private line"
+                               if scheme == "https" else ""))
         endpoints.append(Endpoint(
-            name=str(ep.get("name", m.group(1))), url=url, host=m.group(1).strip("[]"), port=int(m.group(2)),
-            path=m.group(3) or "/", server_name=str(ep.get("server_name", m.group(1))),
+            name=str(ep.get("name", m.group(2))), url=url, host=m.group(2).strip("[]"), port=int(m.group(3)),
+            path=m.group(4) or "/", server_name=str(ep.get("server_name", m.group(2))),
         ))
-    tls = _need(doc, "tls", "bureau.")
-    style = str(doc.get("url_style", "dispatcher"))
-    if style not in ("dispatcher", "infno_path", "per_trade"):
-        raise ConfigError(f"bureau.url_style must be dispatcher, infno_path or per_trade, got {style!r}")
-    min_version = str(tls.get("min_version", "1.2"))
-    if min_version not in ("1.2", "1.3"):
-        raise ConfigError(f"bureau.tls.min_version must be 1.2 or 1.3, got {min_version!r}")
     return BureauSide(
         endpoints=tuple(endpoints),
-        tls=TLSFiles(ca=_path(base, _need(tls, "ca", "bureau.tls.")),
-                     cert=_path(base, _need(tls, "cert", "bureau.tls.")),
-                     key=_path(base, _need(tls, "key", "bureau.tls.")),
-                     min_version=min_version, ciphers=tls.get("ciphers")),
-        url_style=style,
+        tls=None if security == "plain_http" else _tls(_need(doc, "tls", "bureau."), base, security),
+        profile=_profile(doc, base),
         concurrency=int(doc.get("concurrency", 16)),
         connect_timeout=float(doc.get("connect_timeout", 3)),
         source_address=doc.get("source_address"),
@@ -478,6 +524,67 @@ def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
         not_signed_in=tuple(doc.get("not_signed_in", ["未签到", "签到信息不存在", "not signed in"])),
         reversal_not_found=tuple(doc.get("reversal_not_found", ["原交易不存在", "not found"])),
         transient=tuple(doc.get("transient", ["系统繁忙", "数据库连接超时", "超时", "请稍后", "busy"])),
-        content_type=str(doc.get("content_type", "application/json")),
         late_grace=float(doc.get("late_grace", 30)),
+        link_security=security,
     )
+
+
+def _tls(tls: dict[str, Any], base: Path, security: str) -> TLSFiles:
+    min_version = str(tls.get("min_version", "1.2"))
+    if min_version not in ("1.2", "1.3"):
+        raise ConfigError(f"bureau.tls.min_version must be 1.2 or 1.3, got {min_version!r}")
+    mutual = security == "mutual_tls"
+    return TLSFiles(ca=_path(base, _need(tls, "ca", "bureau.tls.")),
+                    cert=_path(base, _need(tls, "cert", "bureau.tls.")) if mutual else None,
+                    key=_path(base, _need(tls, "key", "bureau.tls.")) if mutual else None,
+                    min_version=min_version, ciphers=tls.get("ciphers"))
+
+
+def _profile(doc: dict[str, Any], base: Path) -> Profile:
+    """bureau.profile; bureau.url_style and bureau.content_type, the keys before it, still work."""
+    prof = doc.get("profile") or {}
+    if not isinstance(prof, dict):
+        raise ConfigError("bureau.profile must be a mapping (README, \"Region profiles\")")
+    style = str(prof.get("style", "baseline"))
+    if style not in STYLES:
+        raise ConfigError(f"bureau.profile.style must be one of {', '.join(STYLES)}, got {style!r}")
+    for key, value in (("bureau.url_style", doc.get("url_style")),
+                       ("bureau.profile.url_layout", prof.get("url_layout"))):
+        if value is not None and value not in URL_LAYOUTS:
+            raise ConfigError(f"{key} must be dispatcher, infno_path or per_trade, got {value!r}")
+    if "url_style" in doc and "url_layout" in prof:
+        raise ConfigError("bureau.url_style is the old name of bureau.profile.url_layout: keep only the new one")
+    layout = str(prof.get("url_layout", doc.get("url_style", LAYOUT_OF.get(style, "dispatcher"))))
+    unknown = set(prof) - {"style", "url_layout", "content_type", "secrets", *SETTINGS[style]}
+    if unknown:
+        raise ConfigError(f"bureau.profile: {', '.join(sorted(unknown))} is not a setting of the {style} style "
+                          f"(it has {', '.join(['url_layout', 'content_type', 'secrets', *SETTINGS[style]])}); "
+                          f"secrets go under bureau.profile.secrets as file names")
+    settings = []
+    for name, default in SETTINGS[style].items():
+        value = prof.get(name, default)
+        if value in (None, ""):
+            raise ConfigError(f"bureau.profile.{name} is required by the {style} style")
+        settings.append((name, str(value)))
+    return Profile(style=style, url_layout=layout,
+                   content_type=str(prof.get("content_type", doc.get("content_type", "application/json"))),
+                   settings=tuple(settings), secrets=_secret_files(prof.get("secrets") or {}, style, base))
+
+
+def _secret_files(doc: Any, style: str, base: Path) -> tuple[tuple[str, Path], ...]:
+    if not isinstance(doc, dict):
+        raise ConfigError("bureau.profile.secrets must map each secret's name to the file that holds it")
+    extra = set(doc) - set(SECRETS[style])
+    if extra:
+        raise ConfigError(f"bureau.profile.secrets: the {style} style has no secret {', '.join(sorted(extra))} "
+                          f"(it needs {', '.join(SECRETS[style]) or 'none'})")
+    out = []
+    for name in SECRETS[style]:
+        path = _need(doc, name, "bureau.profile.secrets.")
+        # A path has a directory in it (/etc/fep/secrets/x, var/secrets/x): a bare word may be the secret
+        # itself pasted in, which must not reach a log line naming the file.
+        if not isinstance(path, str) or "/" not in path or "\n" in path:
+            raise ConfigError(f"bureau.profile.secrets.{name} must be the path of the file holding it (with its "
+                              f"directory), never the secret itself")
+        out.append((name, _path(base, path)))
+    return tuple(out)

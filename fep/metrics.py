@@ -22,6 +22,8 @@ JOURNAL_COMMIT = Histogram("fep_journal_commit_seconds", "One group commit of th
 JOURNAL_BATCH = Histogram("fep_journal_batch_size", "Operations sharing one journal commit",
                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 LINK_UP = Gauge("fep_bureau_link_up", "1 while the last attempt to reach the endpoint succeeded", ["endpoint"])
+LINK_SECURITY = Gauge("fep_bureau_link_security", "1 for how the bureau link is secured: mutual_tls (the "
+                      "default), server_tls or plain_http (each only when set explicitly)", ["mode"])
 SIGNED_IN = Gauge("fep_bureau_signed_in", "1 while fep holds a sign_no from 9001")
 UNKNOWN_OUTCOMES = Counter("fep_unknown_outcomes", "Trades sent that got no valid answer", ["infno"])
 LATE_SUCCESSES = Counter("fep_late_successes", "Late successes of money fep had judged not at the bureau: "

@@ -1,15 +1,18 @@
-"""A development PKI: a CA, the bureau's server certificate and the hospital's client certificate.
+"""A development PKI: a CA, the bureau's server certificate and the hospital's client certificate; and the
+gateway secrets of the region profiles (app secret, access and secret keys, OAuth2 client, SM2 key pair).
 
-For tests and `scripts/run` only; a real deployment gets its certificates from the bureau.
+For tests and `scripts/run` only; a real deployment gets its certificates and secrets from the bureau.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import gmalg
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,11 +27,14 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
+def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+        f.write(data)
 
 
 def _issue(ca_key: ec.EllipticCurvePrivateKey, issuer: x509.Name, subject: x509.Name,
@@ -78,3 +84,19 @@ def ensure(directory: Path) -> bool:
         return False
     generate(directory)
     return True
+
+
+def gateway_secrets(directory: Path) -> dict[str, Path]:
+    """Every secret a region profile names, each in its own file, mode 0600 (fep reads them only so):
+    secret_key, access_key, client_id (16 bytes: it is the SM4 key too), client_secret, password,
+    sm2_private_key (hex) and its sm2_public_key (hex, for the bureau's side). Both sides read these files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sk, pk = gmalg.SM2().generate_keypair()
+    values = {"secret_key": secrets.token_hex(16), "access_key": f"AK{secrets.token_hex(8)}",
+              "client_id": secrets.token_hex(8), "client_secret": secrets.token_urlsafe(24),
+              "password": secrets.token_urlsafe(12), "sm2_private_key": sk.hex(), "sm2_public_key": pk.hex()}
+    out = {}
+    for name, value in values.items():
+        _write_private(directory / name, value.encode("ascii") + b"\n")
+        out[name] = directory / name
+    return out

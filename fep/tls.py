@@ -1,7 +1,8 @@
-"""Mutual-TLS contexts from PEM files, with refusals that say which file is wrong and why.
+"""TLS contexts from PEM files, and the link's other secrets, with refusals that say which file is wrong and why.
 
 A context is built once per load; a reload builds a new one for new connections (pyOpenSSL >= 26.2
-forbids changing a context that a connection already uses).
+forbids changing a context that a connection already uses). The gateway's secrets (app secrets, access
+and secret keys, client secrets, SM2 keys) are files too, checked like the private key and reloaded with it.
 """
 
 from __future__ import annotations
@@ -35,13 +36,40 @@ def _read(path: Path, what: str) -> bytes:
         raise TLSConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
 
 
-def _read_key(path: Path) -> bytes:
-    data = _read(path, "private key")
+def _read_private(path: Path, what: str) -> bytes:
+    data = _read(path, what)
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TLSConfigError(f"private key {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
+        raise TLSConfigError(f"{what} {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
                              f"chmod 600 it")
     return data
+
+
+def _read_key(path: Path) -> bytes:
+    return _read_private(path, "private key")
+
+
+class Secret:
+    """A secret's bytes, kept out of every repr, log line and admin answer."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name: str, value: bytes) -> None:
+        self.name, self.value = name, value
+
+    def __repr__(self) -> str:
+        return f"<secret {self.name}>"
+
+
+def load_secrets(files: tuple[tuple[str, Path], ...]) -> dict[str, Secret]:
+    """Each named secret from its file (surrounding whitespace dropped), which only its owner may read."""
+    out = {}
+    for name, path in files:
+        value = _read_private(path, f"secret {name}").strip()
+        if not value:
+            raise TLSConfigError(f"secret {name} {path} is empty")
+        out[name] = Secret(name, value)
+    return out
 
 
 def _private(cert: Path, key: Path) -> ssl.PrivateCertificate:
@@ -60,29 +88,32 @@ def _ca(path: Path) -> ssl.Certificate:
 
 
 def client_options(files: TLSFiles, server_name: str) -> IOpenSSLClientConnectionCreator:
-    """The hospital's side: our certificate and key, trust only the configured CA, verify the name."""
+    """The hospital's side: trust only the configured CA, verify the name; our certificate and key unless
+    the link authenticates only the bureau (server_tls: no cert and key configured)."""
     extra: dict[str, object] = {"raiseMinimumTo": VERSIONS[files.min_version]}
     if files.ciphers:
         extra["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(files.ciphers)
-    return ssl.optionsForClientTLS(server_name, trustRoot=_ca(files.ca),
-                                   clientCertificate=_private(files.cert, files.key),
+    own = _private(files.cert, files.key) if files.cert and files.key else None
+    return ssl.optionsForClientTLS(server_name, trustRoot=_ca(files.ca), clientCertificate=own,
                                    extraCertificateOptions=extra)
 
 
-def server_options(files: TLSFiles) -> ssl.CertificateOptions:
-    """The bureau's side (the simulator): a client certificate from the configured CA is required."""
+def server_options(files: TLSFiles, mutual: bool = True) -> ssl.CertificateOptions:
+    """The bureau's side (the simulator): with `mutual`, a client certificate from the configured CA is required."""
+    assert files.cert and files.key, "the bureau's side always has its certificate"
     own = _private(files.cert, files.key)
+    trust = {"trustRoot": ssl.trustRootFromCertificates([_ca(files.ca)])} if mutual else {}
     return ssl.CertificateOptions(
         privateKey=own.privateKey.original, certificate=own.original,
-        trustRoot=ssl.trustRootFromCertificates([_ca(files.ca)]),
-        raiseMinimumTo=VERSIONS[files.min_version],
+        raiseMinimumTo=VERSIONS[files.min_version], **trust,
     )
 
 
-def expiry(files: TLSFiles) -> dict[str, float]:
-    """When the hospital certificate and the CA expire (Unix time), read once per (re)load."""
-    out = {}
-    for name, path in (("hospital", files.cert), ("ca", files.ca)):
-        cert = x509.load_pem_x509_certificate(_read(path, "certificate"))
-        out[name] = cert.not_valid_after_utc.timestamp()
+def expiry(files: TLSFiles | None) -> dict[str, float]:
+    """When the hospital certificate and the CA expire (Unix time), read once per (re)load; none over plain HTTP."""
+    out: dict[str, float] = {}
+    for name, path in (("hospital", files.cert if files else None), ("ca", files.ca if files else None)):
+        if path is not None:
+            cert = x509.load_pem_x509_certificate(_read(path, "certificate"))
+            out[name] = cert.not_valid_after_utc.timestamp()
     return out

@@ -1,8 +1,10 @@
-"""`fep sim`: the bureau simulator, a separate process speaking the national envelope over mutual TLS.
+"""`fep sim`: the bureau simulator, a separate process speaking the national envelope over mutual TLS
+(or, as `link_security` says, server-authenticated TLS or plain HTTP), behind the region profile's
+gateway (fep.sim.gateway; `profile:` in sim.yaml).
 
 Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-HTTP control port on
 loopback (POST /faults, DELETE /faults[?mode=MODE], GET /ledger, GET /requests/MSGID,
-POST /sessions/expire), so tests and scripts/chaos can break the link
+POST /sessions/expire, POST /tokens/expire, GET /gateway), so tests and scripts/chaos can break the link
 the way the VPN breaks it.
 """
 
@@ -24,6 +26,7 @@ from twisted.logger import Logger
 from fep import envelope, logs, tls
 from fep.config import TLSFiles
 from fep.http11 import HTTPServerProtocol, Request, Response, render_response
+from fep.sim.gateway import SimGateway, SimProfile
 from fep.sim.ledger import FileAnswer, Ledger, Person
 
 log = Logger()
@@ -83,12 +86,14 @@ class SimConfig:
     control_port: int
     admdvs: str
     clr_optins: str
-    tls: TLSFiles
+    tls: TLSFiles | None  # None with plain_http
     ledger: Path
     persons: list[Person]
     catalog: list[dict[str, str]]
     faults: list[Fault] = field(default_factory=list)
     infcode_type: str = "number"  # how the bureau writes infcode: number (0, -1) or string ("0", "-1")
+    profile: SimProfile = field(default_factory=SimProfile)
+    link_security: str = "mutual_tls"  # mutual_tls | server_tls | plain_http, as the region's link is
 
 
 def load_config(path: Path) -> SimConfig:
@@ -98,12 +103,16 @@ def load_config(path: Path) -> SimConfig:
     def p(v: str) -> Path:
         return Path(v) if Path(v).is_absolute() else base / v
 
-    t = doc["tls"]
+    security = str(doc.get("link_security", "mutual_tls"))
+    if security not in ("mutual_tls", "server_tls", "plain_http"):
+        raise ValueError(f"link_security must be mutual_tls, server_tls or plain_http, got {security!r}")
+    t = doc.get("tls") if security != "plain_http" else None
     return SimConfig(
         host=str(doc.get("listen_host", "127.0.0.1")), port=int(doc.get("listen_port", 9443)),
         control_port=int(doc.get("control_port", 9444)), admdvs=str(doc.get("admdvs", "430100")),
         clr_optins=str(doc.get("clr_optins", "430199")),
-        tls=TLSFiles(ca=p(t["ca"]), cert=p(t["cert"]), key=p(t["key"]), min_version=str(t.get("min_version", "1.2"))),
+        tls=TLSFiles(ca=p(t["ca"]), cert=p(t["cert"]), key=p(t["key"]), min_version=str(t.get("min_version", "1.2")))
+        if t else None,
         ledger=p(doc["ledger"]),
         persons=[Person(psn_no=str(x["psn_no"]), psn_name=x["psn_name"], certno=str(x["certno"]),
                         insutype=str(x["insutype"]), psn_type=str(x["psn_type"]), balc=Decimal(str(x["balc"])),
@@ -114,6 +123,8 @@ def load_config(path: Path) -> SimConfig:
                   "ver": str(c.get("ver", 1))} for c in doc.get("catalog", [])],
         faults=[Fault.parse(f) for f in (doc.get("faults") or [])],
         infcode_type=str(doc.get("infcode_type", "number")),
+        profile=SimProfile.parse(doc.get("profile") or {}, p),
+        link_security=security,
     )
 
 
@@ -131,10 +142,18 @@ class BureauProtocol(HTTPServerProtocol):
         self.sim.connections.discard(self)
 
     async def _handle(self, req: Request) -> Response:
+        gw = self.sim.gateway
+        if gw.is_token_request(req):
+            return gw.token(req)
+        refusal = gw.refusal(req)
+        if refusal is not None:
+            return refusal
         try:
-            env = envelope.loads(req.body)
+            env = gw.opened(req.path, envelope.loads(req.body))
+            if isinstance(env, Response):
+                return env
             infno = str(env.get("infno", ""))
-        except ValueError:
+        except (ValueError, AttributeError):
             return Response(400, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": "not JSON"}))
         self.sim.remember(env)
         fault = self.sim.fault_for(infno)
@@ -145,16 +164,16 @@ class BureauProtocol(HTTPServerProtocol):
         if mode == "error" and (fault.at_the_door or not self.sim.ledger.answered(env)):
             # Answered without processing, nothing stored for the msgid. A business refusal comes from the
             # bureau's own checks, which a msgid it already answered never reaches: that gets its first answer.
-            refusal = envelope.local_failure(fault.message, datetime.now())
-            refusal["infcode"] = self.sim.ledger.infcode(-1)
-            return Response(200, envelope.dumps(refusal))
+            failure = envelope.local_failure(fault.message, datetime.now())
+            failure["infcode"] = self.sim.ledger.infcode(-1)
+            return Response(200, envelope.dumps(failure))
         if mode == "slow":  # a busy bureau: the trade waits before it is processed (and then answered at once)
             await task.deferLater(self.sim.reactor, fault.seconds)
         result = self.sim.ledger.handle(env)
         if isinstance(result, FileAnswer):
             return Response(200, result.content, {"Content-Disposition": envelope.content_disposition(result.filename)},
                             content_type="application/octet-stream")
-        answer = envelope.dumps(result)
+        answer = envelope.dumps(gw.sealed(result))
         if mode == "drop_after":
             self.transport.abortConnection()
             return await defer.Deferred()
@@ -176,7 +195,8 @@ class Simulator:
         self.faults = list(cfg.faults)
         self.port: Any = None
         self.connections: set[BureauProtocol] = set()
-        self._options = tls.server_options(cfg.tls)
+        self._options = tls.server_options(cfg.tls, cfg.link_security == "mutual_tls") if cfg.tls else None
+        self.gateway = SimGateway(cfg.profile, reactor.seconds)
         self._reopen: Any = None
         self.requests: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the last envelopes received, by msgid
 
@@ -207,7 +227,9 @@ class Simulator:
     async def _listen(self) -> None:
         if self.port is None:
             factory = Factory.forProtocol(lambda: BureauProtocol(self))
-            ep = endpoints.SSL4ServerEndpoint(self.reactor, self.cfg.port, self._options, interface=self.cfg.host)
+            host, port = self.cfg.host, self.cfg.port
+            ep = (endpoints.SSL4ServerEndpoint(self.reactor, port, self._options, interface=host) if self._options
+                  else endpoints.TCP4ServerEndpoint(self.reactor, port, interface=host))
             self.port = await ep.listen(factory)
 
     async def _refuse(self, fault: Fault) -> None:
@@ -247,6 +269,11 @@ class Simulator:
             else:
                 self.ledger.forget(str(doc["setl_id"]))
             return Response(200, envelope.dumps({"ok": True}))
+        if req.method == "POST" and req.path == "/tokens/expire":  # as after a restart of the gateway
+            return Response(200, envelope.dumps({"expired": self.gateway.expire_tokens()}))
+        if req.method == "GET" and req.path == "/gateway":
+            return Response(200, envelope.dumps({"style": self.gateway.profile.style, "refused": self.gateway.refused,
+                                                 "link_security": self.cfg.link_security}))
         if req.method == "POST" and req.path == "/sessions/expire":  # as after a restart of the bureau
             self.ledger.conn.execute("DELETE FROM signins")
             return Response(200, b'{"signins":[]}')

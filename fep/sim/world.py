@@ -19,13 +19,23 @@ from typing import Any, Iterator
 
 import yaml
 
-from fep import envelope
+from fep import envelope, pki
 from fep.client import Client
+from fep.config import SECRETS as FEP_SECRETS
+from fep.sim.gateway import SECRETS as SIM_SECRETS
+from fep.sim.gateway import gateway_layout
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: conf/ holds the development defaults
 ZHANG = {"psn_no": "43010000000000000001", "certno": "430102198001010011", "insutype": "310"}
 LI = {"psn_no": "43010000000000000002", "certno": "430102199002020022", "insutype": "390"}
 WANG = {"psn_no": "43010000000000000003", "certno": "430102197503030033", "insutype": "310"}
+
+# Region profiles as the test world runs them (use_profile): each style's URL and settings, and which of
+# the generated secrets each side reads. The URLs are the regions' own (reference §2).
+REGION_PATHS = {"guangdong": "/ebus/gdyb_inf/poc/hsa/hgs", "jilin": "/mbs/fmi/fsi/api/callFsiService/callService"}
+REGION_SETTINGS: dict[str, dict[str, str]] = {"guangdong": {"paasid": "fep_test_paasid"},
+                                              "hunan": {"api_version": "1.0.0"}, "jiangsu": {"api_version": "1.0.0"},
+                                              "jilin": {"username": "fep_test"}}
 
 
 def free_port() -> int:
@@ -69,6 +79,7 @@ class World:
         self.sim: subprocess.Popen[bytes] | None = None
         self.fep: subprocess.Popen[bytes] | None = None
         self.kills = 0
+        self.region: tuple[dict[str, Any], dict[str, Any]] = ({}, {})  # (fep, sim) changes of use_profile
         self.configure()
 
     # ---- configuration ------------------------------------------------------------------------------
@@ -88,14 +99,69 @@ class World:
         doc["bureau"]["late_grace"] = 5
         doc["trades"] = str(ROOT / "conf" / "trades.yaml")
         doc["trade_overrides"] = trades or {}
+        _merge(doc, self.region[0])
         _merge(doc, fep or {})
         self.fep_config.write_text(yaml.safe_dump(doc, allow_unicode=True))
         sdoc = yaml.safe_load((ROOT / "conf" / "sim.yaml").read_text())
         sdoc.update(listen_port=self.sim_port, control_port=self.control_port, ledger=str(self.dir / "sim" / "ledger.db"))
         sdoc["tls"] = {"ca": str(self.pki / "ca.pem"), "cert": str(self.pki / "bureau.pem"),
                        "key": str(self.pki / "bureau.key")}
+        _merge(sdoc, self.region[1])
         _merge(sdoc, sim or {})
         self.sim_config.write_text(yaml.safe_dump(sdoc, allow_unicode=True))
+
+    def use_profile(self, style: str, link_security: str = "mutual_tls", url_layout: str | None = None,
+                    paths: dict[str, str] | None = None) -> dict[str, Path]:
+        """Both sides on a region profile (README, "Region profiles") and link security, with test secrets
+        generated in the world's directory, as the test PKI is. Kept through later configure() calls.
+        Returns the secret files (tests spoil one to see the gateway refuse)."""
+        files = pki.gateway_secrets(self.dir / "secrets")
+        base = REGION_PATHS.get(style, "/fsi/api/rsfComIfsService/callService")
+        scheme = "http" if link_security == "plain_http" else "https"
+        fep_profile: dict[str, Any] = {"style": style, **REGION_SETTINGS.get(style, {}),
+                                       "secrets": {n: str(files[n]) for n in FEP_SECRETS[style]}}
+        sim_profile: dict[str, Any] = {"style": style, "path": base, **REGION_SETTINGS.get(style, {}),
+                                       "secrets": {n: str(files[n]) for n in SIM_SECRETS[style]}}
+        sim_profile.pop("api_version", None)
+        fep_profile["url_layout"] = sim_profile["url_layout"] = url_layout or gateway_layout(style)
+        if paths:
+            sim_profile["paths"] = paths
+        fep_doc: dict[str, Any] = {"bureau": {"profile": fep_profile, "link_security": link_security,
+                                              "endpoints": [{"name": "sim", "server_name": pki.BUREAU_NAME,
+                                                             "url": f"{scheme}://127.0.0.1:{self.sim_port}{base}"}]}}
+        if link_security == "server_tls":
+            fep_doc["bureau"]["tls"] = {"ca": str(self.pki / "ca.pem")}
+        self.region = (fep_doc, {"profile": sim_profile, "link_security": link_security})
+        self.configure()
+        return files
+
+    def to_gateway(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+        """One raw request to the simulated bureau's gateway, as the link is secured (tests of refusals)."""
+        import http.client
+        import ssl
+
+        doc = yaml.safe_load(self.sim_config.read_text())
+        if doc.get("link_security", "mutual_tls") == "plain_http":
+            conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", self.sim_port, timeout=10)
+        else:
+            ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+            ctx.load_cert_chain(str(self.pki / "hospital.pem"), str(self.pki / "hospital.key"))
+            ctx.check_hostname = False
+            conn = http.client.HTTPSConnection("127.0.0.1", self.sim_port, context=ctx, timeout=10)
+        try:
+            conn.request("POST", path, body, headers)
+            resp = conn.getresponse()
+            return resp.status, envelope.loads(resp.read())
+        finally:
+            conn.close()
+
+    def expire_tokens(self) -> None:
+        """The gateway forgets every bearer token it issued (jilin), as after its restart."""
+        _http("POST", self.control_port, "/tokens/expire", {})
+
+    def gateway(self) -> dict[str, Any]:
+        """The simulated gateway's style and how many requests it refused."""
+        return _http("GET", self.control_port, "/gateway")
 
     # ---- processes ------------------------------------------------------------------------------------
     def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
