@@ -1,10 +1,15 @@
-"""The bureau's catalog (医保目录) and the hospital's code mapping (目录对照).
+"""The bureau's catalogs (医保目录 and the other 13xx lists) and the hospital's code mapping (目录对照).
 
-Both live in the journal's database (tables `medlist` and `medlist_map`, written through the journal's
-writer and read on its reader threads). Fee lines (2204, 2301) that carry only the hospital's own code are mapped to national codes
-before they are journalled, from an in-memory copy refreshed after every change: an unmapped item, or one
-mapped to a retired or unknown code, refuses the trade with one error naming every such item, instead of
-a reject from the bureau later.
+Both live in the journal's database, written through the journal's writer and read on its reader threads:
+each catalog in its own table (`catalog_1301`, ...) in its real layout (fep.catalogs), upserted by code and
+version for the downloaded files (1301–1327: file_qury_no, then 9102) and by rid for the paged queries (1312,
+1316–1319, followed to the last page); the mapping in `medlist_map`. A file is unpacked and parsed on a thread
+and stored in batches, so a big catalog neither blocks the reactor nor holds the writer from trades for long.
+
+Fee lines (2204, 2301) that carry only the hospital's own code are mapped to national codes before they are
+journalled, from an in-memory copy refreshed after every change: an unmapped item, or one mapped to a retired
+or unknown code, refuses the trade with one error naming every such item, instead of a reject from the bureau
+later.
 """
 
 from __future__ import annotations
@@ -12,30 +17,31 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
-import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Awaitable, Callable
 
 import sqlite_utils
+from twisted.internet import threads
 
-from fep import envelope
+from fep import catalogs, envelope
+from fep.catalogs import VALID, VERSION, Layout, Paged
 from fep.trades import InvalidInput, TradeDef
 from fep.journal import Journal
 
-# Which download holds which list types (nhsa-interface.md §6 list_type).
-DOWNLOADS = {"1301": ("101", "102", "103", "104", "105", "106"), "1305": ("201",), "1306": ("301",)}
 MAP_COLUMNS = ("hosp_code", "national_code", "hosp_name")
+BATCH = 5000  # catalog rows per journal write: the writer takes trades between batches
+PAGE_SIZE = 100  # rows asked per page of a paged query (the interface caps its paged 3260 at 100)
+FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is required)
 
 
 @dataclass(frozen=True)
 class Entry:
     code: str
     name: str
-    list_type: str
-    lv: str
+    catalog: str  # the trade it came with (1301, 1305, ...)
     valid: bool
-    ver: int
+    ver: str
 
 
 Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -121,47 +127,119 @@ class CodeBook:
         return out
 
     async def sync(self, call: Call) -> dict[str, Any]:
-        """Download what is new in each catalog since the local version (13xx, then 9102)."""
-        result = {}
-        for infno, types in DOWNLOADS.items():
-            since = max((e.ver for e in self.national.values() if e.list_type in types), default=0)
-            out = await call(infno, {"data": {"ver": str(since)}})
-            down = await call("9102", {"fsDownloadIn": {"file_qury_no": out["file_qury_no"],
-                                                        "filename": out["filename"], "fixmedins_code": "plc"}})
-            rows = _rows(envelope.file_content(down))
-            await self.journal.run(lambda conn, rows=rows: _upsert(conn, rows))
-            await self.refresh()
-            result[infno] = {"from_version": since, "rows": len(rows),
-                             "to_version": max([since] + [int(r[5]) for r in rows])}
+        """Download what is new in each catalog since the local version, then follow each paged query to its
+        last page. A catalog the bureau refuses is named in the result; the others are still brought current."""
+        result: dict[str, dict[str, Any]] = {}
+        for layout in catalogs.LAYOUTS.values():
+            result[layout.infno] = await self._attempt(self._download(call, layout))
+        for paged in catalogs.PAGED.values():
+            result[paged.infno] = await self._attempt(self._pages(call, paged))
+        await self.refresh()
         doc = {"run_at": datetime.now().strftime("%Y-%m-%d %H:%M:%S"), "downloads": result,
-               "codes": len(self.national), "retired": sum(1 for e in self.national.values() if not e.valid)}
+               "codes": len(self.national), "retired": sum(1 for e in self.national.values() if not e.valid),
+               "failed": sorted(k for k, v in result.items() if "error" in v)}
         await self.journal.save_run("catalog", "sync", doc)
         return doc
+
+    @staticmethod
+    async def _attempt(step: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return await step
+        except Exception as e:  # the bureau's refusal, a bad file: named for the operator, the next catalog goes on
+            return {"error": str(e)}
+
+    async def _download(self, call: Call, layout: Layout) -> dict[str, Any]:
+        since = await self.journal.read(lambda conn: _top_version(conn, layout)) or catalogs.FIRST_VERSION
+        out = await call(layout.infno, {"data": {"ver": since}})
+        handle = out if isinstance(out, dict) and "file_qury_no" in out else (out or {}).get("data") or {}
+        if not handle.get("file_qury_no"):
+            raise catalogs.FileLayoutError(f"{layout.infno} answered without a file_qury_no: {out}")
+        down = await call("9102", {"fsDownloadIn": {"file_qury_no": handle["file_qury_no"],
+                                                    "filename": handle.get("filename", ""),
+                                                    "fixmedins_code": catalogs.PLC}})
+        rows = await threads.deferToThread(_read, layout, down)
+        await self._store(layout.table, rows, (layout.code, VERSION))
+        top = max([since, *(r[VERSION] for r in rows)], key=catalogs.version_key)
+        return {"from_version": since, "rows": len(rows), "to_version": top}
+
+    async def _pages(self, call: Call, paged: Paged) -> dict[str, Any]:
+        since = await self.journal.read(lambda conn: _last_update(conn, paged)) or FIRST_UPDATE
+        seen: set[str] = set()
+        page = 1
+        while True:
+            out = await call(paged.infno, {"data": {"updt_time": since, "page_num": page, "page_size": PAGE_SIZE}})
+            rows, last = _page(paged, out, page)
+            fresh = {r["rid"] for r in rows} - seen
+            if rows and not fresh:
+                raise ValueError(f"{paged.infno} page {page} repeats what earlier pages brought: stopped there")
+            seen |= fresh
+            await self._store(paged.table, rows, "rid")
+            if last:
+                return {"from_update": since, "pages": page, "rows": len(seen)}
+            page += 1
+
+    async def _store(self, table: str, rows: list[dict[str, Any]], pk: str | tuple[str, ...]) -> None:
+        for start in range(0, len(rows), BATCH):
+            batch = rows[start:start + BATCH]
+            await self.journal.run(lambda conn, b=batch: sqlite_utils.Database(conn)[table].upsert_all(b, pk=pk))
 
 
 def _schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
-    db["medlist"].create({"code": str, "name": str, "list_type": str, "lv": str, "vali_flag": str, "ver": int},
-                         pk="code", if_not_exists=True)
+    for layout in catalogs.LAYOUTS.values():
+        db[layout.table].create({f: str for f in layout.fields}, pk=(layout.code, VERSION), if_not_exists=True)
+    for paged in catalogs.PAGED.values():
+        db[paged.table].create({f: str for f in paged.fields}, pk="rid", if_not_exists=True)
     db["medlist_map"].create({c: str for c in MAP_COLUMNS}, pk="hosp_code", if_not_exists=True)
 
 
 def _load(conn: sqlite3.Connection) -> tuple[dict[str, Entry], dict[str, str]]:
-    national = {r[0]: Entry(r[0], r[1], r[2], r[3], r[4] == "1", int(r[5]))
-                for r in conn.execute("SELECT code, name, list_type, lv, vali_flag, ver FROM medlist")}
+    """Each code as its newest version has it, over the catalogs whose codes fee lines carry."""
+    national: dict[str, Entry] = {}
+    for layout in catalogs.LAYOUTS.values():
+        if layout.fee_codes:
+            national.update(_current(conn, layout))
     return national, dict(conn.execute("SELECT hosp_code, national_code FROM medlist_map"))
 
 
-def _rows(zipped: bytes) -> list[list[str]]:
-    """The download: TAB-separated lines (code, name, list_type, lv, vali_flag, ver), UTF-8, in a ZIP."""
-    with zipfile.ZipFile(io.BytesIO(zipped)) as z:
-        text = z.read(z.namelist()[0]).decode("utf-8")
-    return [line.split("\t") for line in text.splitlines() if line.strip()]
+def _current(conn: sqlite3.Connection, layout: Layout) -> dict[str, Entry]:
+    out: dict[str, Entry] = {}
+    for code, name, valid, ver in conn.execute(
+            f'SELECT "{layout.code}", "{layout.name}", "{VALID}", "{VERSION}" FROM {layout.table}'):
+        held = out.get(code)
+        if held is None or catalogs.version_key(ver) >= catalogs.version_key(held.ver):
+            out[code] = Entry(code, name or "", layout.infno, valid == "1", ver)
+    return out
 
 
-def _upsert(conn: sqlite3.Connection, rows: list[list[str]]) -> None:
-    """A newer version of a code replaces the older one; an older one never replaces a newer."""
-    for code, name, list_type, lv, vali_flag, ver in rows:
-        conn.execute("INSERT INTO medlist VALUES (?,?,?,?,?,?) ON CONFLICT(code) DO UPDATE SET name=excluded.name, "
-                     "list_type=excluded.list_type, lv=excluded.lv, vali_flag=excluded.vali_flag, ver=excluded.ver "
-                     "WHERE excluded.ver >= medlist.ver", (code, name, list_type, lv, vali_flag, int(ver)))
+def _top_version(conn: sqlite3.Connection, layout: Layout) -> str | None:
+    versions = [r[0] for r in conn.execute(f'SELECT DISTINCT "{VERSION}" FROM {layout.table}')]
+    return max(versions, key=catalogs.version_key, default=None)
+
+
+def _last_update(conn: sqlite3.Connection, paged: Paged) -> str | None:
+    last = conn.execute(f"SELECT max(updt_time) FROM {paged.table}").fetchone()[0]
+    return str(last)[:10] if last else None  # updt_time is a date (yyyy-MM-dd); a repeat is upserted away
+
+
+def _read(layout: Layout, answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The downloaded file's records (on a thread: a national catalog is hundreds of thousands of lines)."""
+    name = (answer.get("file") or {}).get("filename", "")
+    return catalogs.unpack(envelope.file_content(answer), layout.fields, (layout.code, VERSION),
+                           f"{layout.infno} {layout.title} file {name}".strip())
+
+
+def _page(paged: Paged, out: Any, page: int) -> tuple[list[dict[str, Any]], bool]:
+    """One page's records, and whether it is the last. The specification names no output node (无节点): the
+    records come as a list, or under `data` (or `list`) beside the paging fields (pages, lastPage)."""
+    meta = out if isinstance(out, dict) else {}
+    records = out if isinstance(out, list) else meta.get("data", meta.get("list")) or []
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{paged.infno} page {page}: no list of records in the answer")
+    rows = [{f: None if r.get(f) in (None, "") else str(r[f]) for f in paged.fields} for r in records]
+    if any(r["rid"] is None for r in rows):
+        raise ValueError(f"{paged.infno} page {page}: a record without its rid (唯一记录号)")
+    pages = meta.get("pages")
+    last = (meta.get("lastPage") is True or (str(pages).isdigit() and page >= int(pages))
+            or len(rows) < PAGE_SIZE)
+    return rows, last

@@ -19,10 +19,10 @@ def fep(world: World, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_catalog_is_downloaded_incrementally_by_version(running: World) -> None:
     first = json.loads(fep(running, "catalog", "sync", "--json").stdout)
-    assert first["downloads"]["1301"] == {"from_version": 0, "rows": 5, "to_version": 3}
+    assert first["downloads"]["1301"] == {"from_version": "v0000", "rows": 5, "to_version": "3"}
     assert first["downloads"]["1305"]["rows"] == 2 and first["codes"] == 6 and first["retired"] == 1
     again = json.loads(fep(running, "catalog", "sync", "--json").stdout)
-    assert again["downloads"]["1301"] == {"from_version": 3, "rows": 0, "to_version": 3}
+    assert again["downloads"]["1301"] == {"from_version": "3", "rows": 0, "to_version": "3"}
     # Through the journal like any trade: the downloads are there with their answers.
     assert {r["infno"] for r in running.journal("infno IN ('1301','1305','1306','9102')")} == {
         "1301", "1305", "1306", "9102"}
