@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fep import envelope, metrics, tls
+from fep import envelope, fileform, metrics, tls
 from fep.config import BureauSide, Endpoint
 from fep.http11 import ClientResponse, HTTPClientProtocol, TransportError
 
@@ -203,7 +203,9 @@ class BureauLink:
     def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, body: bytes, timeout: float,
                   trade_path: str | None, on_late: LateHandler | None) -> defer.Deferred[Delivery]:
         ep = pool.ep
-        headers = {"Host": ep.server_name, "Content-Type": self.cfg.content_type, "X-Fep-Infno": infno}
+        form = fileform.upload_form(body) if self.cfg.file_upload == "multipart" else None
+        body, content_type = form or (body, self.cfg.content_type)
+        headers = {"Host": ep.server_name, "Content-Type": content_type, "X-Fep-Infno": infno}
         result: defer.Deferred[Delivery] = defer.Deferred()
         started = time.perf_counter()
 

@@ -91,6 +91,7 @@ class BureauSide:
     reversal_not_found: tuple[str, ...]  # err_msg fragments of a 2601 answer meaning "original not there"
     transient: tuple[str, ...]  # err_msg fragments of a refusal that says "not now", never "no"
     content_type: str = "application/json"
+    file_upload: str = "json"  # 9101 to the bureau: json (fsUploadIn.in in Base64) or multipart (jsonStr + file)
     late_grace: float = 30.0  # after a timeout, how long a late answer is still read (and kept)
 
 
@@ -256,6 +257,9 @@ def _hhmm(value: Any, key: str) -> str | None:
     return str(value)
 
 
+FILE_UPLOADS = ("json", "multipart")  # how a bureau takes 9101 (HN 附录A posts the baseline's multipart form)
+
+
 def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
     eps = _need(doc, "endpoints", "bureau.")
     if not isinstance(eps, list) or not eps:
@@ -274,6 +278,9 @@ def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
     style = str(doc.get("url_style", "dispatcher"))
     if style not in ("dispatcher", "infno_path", "per_trade"):
         raise ConfigError(f"bureau.url_style must be dispatcher, infno_path or per_trade, got {style!r}")
+    file_upload = str(doc.get("file_upload", "json"))
+    if file_upload not in FILE_UPLOADS:
+        raise ConfigError(f"bureau.file_upload must be {' or '.join(FILE_UPLOADS)}, got {file_upload!r}")
     min_version = str(tls.get("min_version", "1.2"))
     if min_version not in ("1.2", "1.3"):
         raise ConfigError(f"bureau.tls.min_version must be 1.2 or 1.3, got {min_version!r}")
@@ -292,5 +299,6 @@ def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
         reversal_not_found=tuple(doc.get("reversal_not_found", ["原交易不存在", "not found"])),
         transient=tuple(doc.get("transient", ["系统繁忙", "数据库连接超时", "超时", "请稍后", "busy"])),
         content_type=str(doc.get("content_type", "application/json")),
+        file_upload=file_upload,
         late_grace=float(doc.get("late_grace", 30)),
     )
