@@ -151,6 +151,9 @@ LAYOUTS: dict[str, Layout] = {
         数据创建时间 创建机构编号 经办人ID 经办人姓名 经办时间 经办机构编号 统筹区编号 版本号 版本名称 下发标志 传输数据ID"""),
 }
 
+# The catalog a diagnosis line's code comes from, by its diag_type (HN 表427: 1 西医诊断, 2 中医主病诊断, 3 中医主证诊断).
+DIAGNOSIS_CATALOGS = {"1": "1307", "2": "1314", "3": "1315"}
+
 PAGED: dict[str, Paged] = {
     "1312": Paged("1312", "医保目录信息查询", columns="""
         hilist_code hilist_name insu_admdvs begndate enddate med_chrgitm_type chrgitm_lv lmt_used_flag list_type

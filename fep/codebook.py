@@ -44,6 +44,12 @@ class Entry:
     ver: str
 
 
+@dataclass(frozen=True)
+class Diagnosis:
+    name: str
+    retired: str | None  # the date (yyyy-MM-dd) its newest versions retired it from; "" retired from the start
+
+
 Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -52,14 +58,14 @@ class CodeBook:
         self.journal = journal
         self.national: dict[str, Entry] = {}
         self.mapping: dict[str, str] = {}
+        self.diagnoses: dict[str, dict[str, Diagnosis]] = {}  # diagnosis catalog (1307, ...) -> code -> state
 
     async def open(self) -> None:
         await self.journal.run(_schema)
         await self.refresh()
 
     async def refresh(self) -> None:
-        national, mapping = await self.journal.read(_load)
-        self.national, self.mapping = national, mapping
+        self.national, self.mapping, self.diagnoses = await self.journal.read(_load)
 
     # ---- the hot path ----------------------------------------------------------------------------
     def map_fees(self, trade: TradeDef, input_: dict[str, Any]) -> None:
@@ -94,6 +100,34 @@ class CodeBook:
             return f"national code {code} is not in the bureau's catalog"
         if not entry.valid:
             return f"national code {code} ({entry.name}) is retired since catalog version {entry.ver}"
+        return None
+
+    def check_diagnoses(self, trade: TradeDef, input_: dict[str, Any]) -> None:
+        """Refuse diagnoses the bureau's catalog does not know, or had retired by the diagnosis's date."""
+        lines = input_.get(trade.check_diagnoses or "")
+        problems = [p for line in (lines if isinstance(lines, list) else [lines]) if isinstance(line, dict)
+                    and (p := self.diagnosis_problem(line))]
+        if problems:
+            raise InvalidInput(f"{trade.infno} {trade.name}: {len(problems)} diagnosis code(s) cannot be used: "
+                               f"{'; '.join(problems)}. Correct the diagnoses in the HIS (or bring the catalog "
+                               f"current: fep catalog sync)")
+
+    def diagnosis_problem(self, line: dict[str, Any]) -> str | None:
+        if str(line.get("vali_flag", "1")) == "0":
+            return None  # a diagnosis withdrawn (作废): the code it withdraws may since have retired
+        infno = catalogs.DIAGNOSIS_CATALOGS.get(str(line.get("diag_type") or "1"), "1307")
+        book = self.diagnoses.get(infno)
+        if not book:
+            return None  # that catalog is not downloaded: the bureau is the judge
+        code = str(line.get("diag_code") or "")
+        day = str(line.get("diag_time") or datetime.now().strftime("%Y-%m-%d"))[:10]
+        known = book.get(code)
+        if known is None:
+            named = f" ({line['diag_name']})" if line.get("diag_name") else ""
+            return f"{code or '(no code)'}{named}: not in the bureau's catalog {infno}"
+        if known.retired is not None and day >= known.retired:
+            since = f" since {known.retired}" if known.retired else ""
+            return f"{code} ({known.name}): retired in catalog {infno}{since}, diagnosed {day}"
         return None
 
     # ---- people's work: import, check, sync --------------------------------------------------------
@@ -193,13 +227,33 @@ def _schema(conn: sqlite3.Connection) -> None:
     db["medlist_map"].create({c: str for c in MAP_COLUMNS}, pk="hosp_code", if_not_exists=True)
 
 
-def _load(conn: sqlite3.Connection) -> tuple[dict[str, Entry], dict[str, str]]:
-    """Each code as its newest version has it, over the catalogs whose codes fee lines carry."""
+def _load(conn: sqlite3.Connection) -> tuple[dict[str, Entry], dict[str, str], dict[str, dict[str, Diagnosis]]]:
+    """Each fee code as its newest version has it (over the catalogs whose codes fee lines carry), the mapping,
+    and each diagnosis code with the date it was retired from, if it was."""
     national: dict[str, Entry] = {}
     for layout in catalogs.LAYOUTS.values():
         if layout.fee_codes:
             national.update(_current(conn, layout))
-    return national, dict(conn.execute("SELECT hosp_code, national_code FROM medlist_map"))
+    diagnoses = {infno: _diagnoses(conn, catalogs.LAYOUTS[infno]) for infno in set(catalogs.DIAGNOSIS_CATALOGS.values())}
+    return national, dict(conn.execute("SELECT hosp_code, national_code FROM medlist_map")), diagnoses
+
+
+def _diagnoses(conn: sqlite3.Connection, layout: Layout) -> dict[str, Diagnosis]:
+    """A code retired by its newest versions is retired from the update time of the first of them."""
+    versions: dict[str, list[tuple[str, str, str, str]]] = {}
+    for code, name, valid, ver, updated in conn.execute(
+            f'SELECT "{layout.code}", "{layout.name}", "{VALID}", "{VERSION}", "{catalogs.UPDATED}" FROM {layout.table}'):
+        versions.setdefault(code, []).append((ver, name or "", valid, updated or ""))
+    out = {}
+    for code, rows in versions.items():
+        rows.sort(key=lambda r: catalogs.version_key(r[0]))
+        retired = None
+        for ver, name, valid, updated in reversed(rows):
+            if valid == "1":
+                break
+            retired = updated[:10]
+        out[code] = Diagnosis(rows[-1][1], retired)
+    return out
 
 
 def _current(conn: sqlite3.Connection, layout: Layout) -> dict[str, Entry]:
