@@ -30,7 +30,7 @@ from fep.trades import InvalidInput, TradeDef
 from fep.journal import Journal
 
 MAP_COLUMNS = ("hosp_code", "national_code", "hosp_name")
-BATCH = 5000  # catalog rows per journal write: the writer takes trades between batches
+BATCH = 1000  # catalog rows per journal write (some 80 ms of the writer for 1301): trades go between batches
 PAGE_SIZE = 100  # rows asked per page of a paged query (the interface caps its paged 3260 at 100)
 FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is required)
 
