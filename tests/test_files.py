@@ -39,7 +39,7 @@ def test_every_catalog_arrives_in_its_real_layout_and_is_kept_by_code_and_versio
     assert len(drugs[0]) == 97 and list(drugs[0])[:4] == ["医疗目录编码", "药品商品名", "通用名编号", "药品通用名"]
     cold = sorted((r["版本号"], r["有效标志"]) for r in drugs if r["医疗目录编码"] == "XC03CCC003C003030300003")
     assert cold == [("1", "1"), ("3", "0")]
-    assert doc["downloads"]["1307"] == {"from_version": "v0000", "rows": 6, "to_version": "2"}
+    assert doc["downloads"]["1307"] == {"from_version": "v0000", "rows": 7, "to_version": "2"}
     assert {r["诊断代码"] for r in catalog_rows(running, "1307")} >= {"J06.900", "I10.x00"}
     # The catalog files came with 9102 from the bureau's policy store (fixmedins_code "plc"), as files.
     downloads = running.journal("infno = '9102'")
