@@ -111,3 +111,31 @@ def test_the_3202_result_file_is_read_in_its_real_layout(running: World) -> None
     assert all(len(line.split("\t")) == 10 for line in lines)
     assert {r["msgid"]: r["stmt_rslt"] for r in rows}[rogue] == "1"
     assert {r["stmt_rslt"] for r in rows if r["msgid"] != rogue} == {"0"}
+
+
+def zipped(text: str, name: str = "1305.txt") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(name, text.encode("utf-8"))
+    return buf.getvalue()
+
+
+def test_a_file_is_read_as_its_layout_says_even_from_an_older_bureau_or_a_windows_tool() -> None:
+    """1305 before V1.1.23 had no 生效时间 (18 columns, not 19); a BOM and CRLF as Windows tools write them."""
+    layout = catalogs.LAYOUTS["1305"]
+    old = ["001102000010000", "次", "null", "null", "null", "null", "1", "null", "null", "普通门诊诊查费", "null",
+           "2024-01-01", "null", "R1", "1.0.9", "null", "1", "T1"]
+    [row] = catalogs.unpack(zipped("\ufeff" + "\t".join(old) + "\r\n"), layout.fields, (layout.code, "版本号"), "1305")
+    assert row["医疗目录编码"] == "001102000010000" and row["医疗服务项目名称"] == "普通门诊诊查费"
+    assert row["生效时间"] is None and row["诊疗项目说明"] is None and len(row) == 19
+    no_version = "\t".join(old[:14])
+    with pytest.raises(catalogs.FileLayoutError, match="1305: line 2 has 14 field.s. and lacks 版本号"):
+        catalogs.unpack(zipped("\t".join(old) + "\n" + no_version), layout.fields, (layout.code, "版本号"), "1305")
+
+
+def test_a_bureau_upload_form_fep_does_not_know_is_refused_naming_the_key(tmp_path) -> None:
+    from fep import config
+    from tests.test_units import write
+
+    with pytest.raises(config.ConfigError, match="bureau.file_upload must be json or multipart, got 'ftp'"):
+        config.load(write(tmp_path, {"bureau.file_upload": "ftp"}))
