@@ -141,6 +141,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if not doc["unbalanced"] and not doc["unresolved"] else 1
 
 
+SYNC_WAIT = 3600.0  # seconds `fep catalog sync` waits: some thirty catalogs, the national ones large, over the VPN
+
+
 def _synced(infno: str, x: dict[str, Any]) -> str:
     if "error" in x:
         return f"{infno}: FAILED: {x['error']}"
@@ -151,7 +154,11 @@ def _synced(infno: str, x: dict[str, Any]) -> str:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     if args.action == "sync":
-        doc = call(args, "POST", "/catalog/sync", {})
+        client = admin_client(args)
+        client.timeout = SYNC_WAIT
+        status, doc = client.request("POST", "/catalog/sync", b"{}")
+        if status != 200:
+            raise SystemExit(f"fep catalog sync: {doc.get('error', doc)}")
         out(args, doc, lambda d: "\n".join([_synced(infno, x) for infno, x in d["downloads"].items()]
                                            + [f"{d['codes']} national codes, {d['retired']} retired"]))
         return 1 if doc["failed"] else 0

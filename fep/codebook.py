@@ -19,15 +19,19 @@ import io
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import sqlite_utils
 from twisted.internet import threads
+from twisted.logger import Logger
 
 from fep import catalogs, envelope
 from fep.catalogs import VALID, VERSION, Layout, Paged
 from fep.trades import InvalidInput, TradeDef
 from fep.journal import Journal
+
+log = Logger()
 
 MAP_COLUMNS = ("hosp_code", "national_code", "hosp_name")
 BATCH = 1000  # catalog rows per journal write (some 80 ms of the writer for 1301): trades go between batches
@@ -164,10 +168,13 @@ class CodeBook:
         """Download what is new in each catalog since the local version, then follow each paged query to its
         last page. A catalog the bureau refuses is named in the result; the others are still brought current."""
         result: dict[str, dict[str, Any]] = {}
-        for layout in catalogs.LAYOUTS.values():
-            result[layout.infno] = await self._attempt(self._download(call, layout))
-        for paged in catalogs.PAGED.values():
-            result[paged.infno] = await self._attempt(self._pages(call, paged))
+        steps: list[tuple[str, str, Callable[[], Awaitable[dict[str, Any]]]]] = [
+            *((t.infno, t.title, partial(self._download, call, t)) for t in catalogs.LAYOUTS.values()),
+            *((t.infno, t.title, partial(self._pages, call, t)) for t in catalogs.PAGED.values())]
+        for n, (infno, title, step) in enumerate(steps, start=1):
+            result[infno] = await self._attempt(step())
+            log.info("catalog sync {n}/{of}: {infno} {title}: {result}", n=n, of=len(steps), infno=infno,
+                     title=title, result=result[infno])
         await self.refresh()
         doc = {"run_at": datetime.now().strftime("%Y-%m-%d %H:%M:%S"), "downloads": result,
                "codes": len(self.national), "retired": sum(1 for e in self.national.values() if not e.valid),
