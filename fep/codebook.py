@@ -241,15 +241,16 @@ def _load(conn: sqlite3.Connection) -> tuple[dict[str, Entry], dict[str, str], d
     for layout in catalogs.LAYOUTS.values():
         if layout.fee_codes:
             national.update(_current(conn, layout))
-    diagnoses = {infno: _diagnoses(conn, catalogs.LAYOUTS[infno]) for infno in set(catalogs.DIAGNOSIS_CATALOGS.values())}
+    diagnoses = {infno: _diagnoses(conn, catalogs.LAYOUTS[infno])
+                 for infno in set(catalogs.DIAGNOSIS_CATALOGS.values())}
     return national, dict(conn.execute("SELECT hosp_code, national_code FROM medlist_map")), diagnoses
 
 
 def _diagnoses(conn: sqlite3.Connection, layout: Layout) -> dict[str, Diagnosis]:
     """A code retired by its newest versions is retired from the update time of the first of them."""
     versions: dict[str, list[tuple[str, str, str, str]]] = {}
-    for code, name, valid, ver, updated in conn.execute(
-            f'SELECT "{layout.code}", "{layout.name}", "{VALID}", "{VERSION}", "{catalogs.UPDATED}" FROM {layout.table}'):
+    columns = ", ".join(f'"{c}"' for c in (layout.code, layout.name, VALID, VERSION, catalogs.UPDATED))
+    for code, name, valid, ver, updated in conn.execute(f"SELECT {columns} FROM {layout.table}"):
         versions.setdefault(code, []).append((ver, name or "", valid, updated or ""))
     out = {}
     for code, rows in versions.items():

@@ -139,8 +139,8 @@ class Reconciler:
     async def _detail(self, day: date, g: Group, totals: dict[str, Any]) -> list[dict[str, Any]]:
         """9101 the hospital's detail file, 3202 against it, 9102 the result; name every difference."""
         name = f"{datetime.now():%Y%m%d%H%M%S}.txt"  # the detail file (表150), one per group, in a ZIP of its name
-        zipped = catalogs.pack(name, [(r.setl_id, r.mdtrt_id, r.psn_no, r.medfee, r.fund, r.acct, "1" if r.refund else "0")
-                                      for r in g.rows])
+        zipped = catalogs.pack(name, [(r.setl_id, r.mdtrt_id, r.psn_no, r.medfee, r.fund, r.acct,
+                                       "1" if r.refund else "0") for r in g.rows])
         up = await self.call("9101", {"fsUploadIn": {"in": base64.b64encode(zipped).decode("ascii"),
                                                       "filename": name.replace(".txt", ".zip"),
                                                       "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})

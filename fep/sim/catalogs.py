@@ -39,8 +39,8 @@ def entries(catalog: list[dict[str, str]], diagnoses: list[dict[str, str]], bulk
 def download(infno: str, published: list[dict[str, str]], since: str) -> list[list[str | None]]:
     """The lines of a 13xx file: the records of `infno` newer than version `since`, in the layout's columns."""
     layout = catalogs.LAYOUTS[infno]
-    newer = [e for e in published if e["infno"] == infno and catalogs.version_key(e["ver"]) > catalogs.version_key(since)]
-    return [_line(layout, e) for e in newer]
+    after = catalogs.version_key(since)
+    return [_line(layout, e) for e in published if e["infno"] == infno and catalogs.version_key(e["ver"]) > after]
 
 
 def _line(layout: catalogs.Layout, e: dict[str, str]) -> list[str | None]:
@@ -60,7 +60,8 @@ def page(infno: str, published: list[dict[str, str]], admdvs: str, data: dict[st
 
 def _paged(infno: str, published: list[dict[str, str]], admdvs: str) -> list[dict[str, Any]]:
     """1312 lists the catalog's codes, 1316 matches each to itself, 1319 gives the 乙类 items' self-pay share;
-    the simulator has no hospital mapping (1317) and no price limits (1318). Generated records stay in their own list."""
+    the simulator has no hospital mapping (1317) and no price limits (1318). Generated records stay in their own
+    list."""
     fields = catalogs.PAGED[infno].fields
     out = []
     for e in published:

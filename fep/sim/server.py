@@ -151,8 +151,8 @@ class BureauProtocol(HTTPServerProtocol):
         try:
             env = self._envelope(req)
             infno = str(env.get("infno", ""))
-        except ValueError as e:
-            return Response(400, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": str(e) or "not JSON"}))
+        except ValueError as e:  # not JSON, or a malformed form
+            return Response(400, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": str(e)}))
         wrong = self._wrong_form(req, env)
         if wrong:
             return Response(200, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": wrong}))
@@ -186,7 +186,6 @@ class BureauProtocol(HTTPServerProtocol):
         if mode == "late":
             await task.deferLater(self.sim.reactor, fault.seconds)
         return Response(200, answer)
-
 
     @staticmethod
     def _envelope(req: Request) -> Any:
