@@ -94,6 +94,12 @@ def test_a_9102_the_bureau_cannot_serve_comes_back_as_its_json_error(running: Wo
     answer = running.his.call("9102", {"fsDownloadIn": {"file_qury_no": "F99999999", "filename": "none.zip",
                                                         "fixmedins_code": "H43010000001"}})
     assert answer["infcode"] != 0 and "F99999999" in answer["err_msg"]
+    # A catalog file is in the policy centre's store: asked for with the hospital's own code, it is not there.
+    catalog = running.his.call("1301", {"data": {"ver": "v0000"}})["output"]
+    elsewhere = running.his.call("9102", {"fsDownloadIn": {"file_qury_no": catalog["file_qury_no"],
+                                                           "filename": catalog["filename"],
+                                                           "fixmedins_code": "H43010000001"}})
+    assert elsewhere["infcode"] != 0 and "不存在" in elsewhere["err_msg"]
 
 
 def test_the_3202_result_file_is_read_in_its_real_layout(running: World) -> None:

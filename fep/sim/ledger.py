@@ -58,6 +58,7 @@ def q(x: Decimal) -> Decimal:
 
 
 INFCODE_TYPES = ("number", "string")
+POLICY_STORE = "P"  # file_qury_no of a catalog file: in the policy centre's store (9102 with fixmedins_code plc)
 SETTLEMENT_COLUMNS = ("setl_id", "msgid", "infno", "psn_no", "mdtrt_id", "insutype", "clr_type", "clr_optins",
                       "medfee", "fund", "acct", "cash", "hosp", "dedc", "setl_time", "kind", "state", "refd_setl_id")
 
@@ -602,17 +603,18 @@ class Ledger:
                 "dld_endtime": _now()}
 
     def file_download(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """9102: the file itself. Catalog files are in the policy centre's store, which only "plc" reaches."""
         data = _node(inp, "fsDownloadIn", ("file_qury_no",))
-        row = self.conn.execute("SELECT filename, content FROM files WHERE file_qury_no=?",
-                                (data["file_qury_no"],)).fetchone()
-        if row is None:
-            raise BizError(f"文件[{data['file_qury_no']}]不存在")
+        no = str(data["file_qury_no"])
+        row = self.conn.execute("SELECT filename, content FROM files WHERE file_qury_no=?", (no,)).fetchone()
+        if row is None or no.startswith(POLICY_STORE) != (str(data.get("fixmedins_code")) == catalogs.PLC):
+            raise BizError(f"文件[{no}]不存在")  # (a catalog file is not in the hospital's store, nor the reverse)
         return FileAnswer(row[0], row[1])
 
-    def _store_file(self, name: str, rows: list[list[Any]]) -> dict[str, Any]:
-        """A file the hospital downloads with 9102: one TXT in a ZIP of the same name."""
+    def _store_file(self, name: str, rows: list[list[Any]], store: str = "F") -> dict[str, Any]:
+        """A file the hospital downloads with 9102: one TXT in a ZIP of the same name; `store` begins its number."""
         zipname = name.replace(".txt", ".zip")
-        no = f"F{self._next('file', 0):08d}"
+        no = f"{store}{self._next('file', 0):08d}"
         self.conn.execute("INSERT INTO files VALUES (?,?,?)", (no, zipname, catalogs.pack(name, rows)))
         return {"file_qury_no": no, "filename": zipname, "dld_endtime": _now(), "data_cnt": len(rows)}
 
@@ -659,7 +661,8 @@ class Ledger:
         """13xx: every record newer than `ver` (入参不能为空), as a file in the catalog's real layout."""
         since = str(_node(inp, "data", ("ver",))["ver"])
         infno = str(env["infno"])
-        handle = self._store_file(f"{infno}_{since}.txt", published.download(infno, self.published, since))
+        handle = self._store_file(f"{infno}_{since}.txt", published.download(infno, self.published, since),
+                                  POLICY_STORE)
         return {**handle, "dld_end_time": handle.pop("dld_endtime")}  # 13xx spell it so (HN 表14)
 
     def catalog_page(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
