@@ -14,8 +14,9 @@ from typing import Any
 from fep import catalogs
 from fep.catalogs import UPDATED, VALID, VERSION
 
-# Which download publishes which list_type (nhsa-interface.md §6 list_type; 104 民族药 is the paged 1304).
-DOWNLOAD_OF = {"101": "1301", "102": "1302", "103": "1303", "105": "1301", "106": "1320", "201": "1305", "301": "1306"}
+# Which download publishes which list_type (nhsa-interface.md §6 list_type; 104 民族药 is the paged 1304, 105 其他
+# goes with the drugs).
+DOWNLOAD_OF = {"101": "1301", "102": "1302", "103": "1303", "106": "1320", "201": "1305", "301": "1306"}
 BULK_PREFIX = "XS"
 
 
