@@ -607,8 +607,8 @@ class Ledger:
         data = _node(inp, "fsDownloadIn", ("file_qury_no",))
         no = str(data["file_qury_no"])
         row = self.conn.execute("SELECT filename, content FROM files WHERE file_qury_no=?", (no,)).fetchone()
-        if row is None or no.startswith(POLICY_STORE) != (str(data.get("fixmedins_code")) == catalogs.PLC):
-            raise BizError(f"文件[{no}]不存在")  # (a catalog file is not in the hospital's store, nor the reverse)
+        if row is None or no.startswith(POLICY_STORE) and str(data.get("fixmedins_code")) != catalogs.PLC:
+            raise BizError(f"文件[{no}]不存在")  # a catalog file is not in the hospital's store
         return FileAnswer(row[0], row[1])
 
     def _store_file(self, name: str, rows: list[list[Any]], store: str = "F") -> dict[str, Any]:
