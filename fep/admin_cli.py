@@ -285,12 +285,27 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if not doc["unbalanced"] and not doc["unresolved"] else 1
 
 
+SYNC_WAIT = 3600.0  # seconds `fep catalog sync` waits: some thirty catalogs, the national ones large, over the VPN
+
+
+def _synced(infno: str, x: dict[str, Any]) -> str:
+    if "error" in x:
+        return f"{infno}: FAILED: {x['error']}"
+    if "pages" in x:
+        return f"{infno}: updated since {x['from_update']}, {x['pages']} page(s), {x['rows']} row(s)"
+    return f"{infno}: version {x['from_version']} -> {x['to_version']}, {x['rows']} row(s)"
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     if args.action == "sync":
-        doc = call(args, "POST", "/catalog/sync", {})
-        return out(args, doc, lambda d: "\n".join(
-            [f"{infno}: version {x['from_version']} -> {x['to_version']}, {x['rows']} row(s)"
-             for infno, x in d["downloads"].items()] + [f"{d['codes']} national codes, {d['retired']} retired"]))
+        client = admin_client(args)
+        client.timeout = SYNC_WAIT
+        status, doc = client.request("POST", "/catalog/sync", b"{}")
+        if status != 200:
+            raise SystemExit(f"fep catalog sync: {doc.get('error', doc)}")
+        out(args, doc, lambda d: "\n".join([_synced(infno, x) for infno, x in d["downloads"].items()]
+                                           + [f"{d['codes']} national codes, {d['retired']} retired"]))
+        return 1 if doc["failed"] else 0
     if args.action == "import":
         try:
             text = Path(args.file).read_text(encoding="utf-8")
@@ -424,7 +439,7 @@ def add_commands(sub: Any) -> None:
 
     cat = sub.add_parser("catalog", help="the bureau's catalog (医保目录) and the hospital's mapping (目录对照)")
     csub = cat.add_subparsers(dest="catalog_command", required=True)
-    sy = csub.add_parser("sync", help="download what is new in the bureau's catalogs (1301/1305/1306)")
+    sy = csub.add_parser("sync", help="bring the bureau's catalogs current (1301–1327 files, 1312/1316–1319 pages)")
     admin_options(sy)
     sy.set_defaults(func=cmd_catalog, action="sync")
     mp = csub.add_parser("map", help="the hospital's code mapping")

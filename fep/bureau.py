@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fep import envelope, gateway, logs, metrics, tls
+from fep import envelope, fileform, gateway, logs, metrics, tls
 from fep.config import LINK_SECURITY, BureauSide, Endpoint
 from fep.http11 import ClientResponse, HTTPClientProtocol, TransportError
 from fep.token import TokenCache
@@ -264,7 +264,11 @@ class BureauLink:
     def _exchange(self, pool: _Pool, conn: HTTPClientProtocol, infno: str, framed: gateway.Framed, timeout: float,
                   on_late: LateHandler | None) -> defer.Deferred[Delivery]:
         ep = pool.ep
-        headers = {"Host": ep.server_name, **framed.headers, "X-Fep-Infno": infno}
+        # A file goes as the region's form wants it; signatures are over headers, so the form is the last step
+        # (under Jilin's encryption the envelope is sealed and goes as it is).
+        form = fileform.upload_form(framed.body) if self.cfg.file_upload == "multipart" else None
+        body, content_type = form or (framed.body, framed.headers["Content-Type"])
+        headers = {"Host": ep.server_name, **framed.headers, "Content-Type": content_type, "X-Fep-Infno": infno}
         result: defer.Deferred[Delivery] = defer.Deferred()
         started = time.perf_counter()
 
@@ -308,7 +312,7 @@ class BureauLink:
             else:
                 result.errback(Unknown(f"{ep.name}: {e}", ep.name))
 
-        conn.request(framed.path, framed.body, headers).addCallbacks(answered, failed)
+        conn.request(framed.path, body, headers).addCallbacks(answered, failed)
         return result
 
     def _delivery(self, ep: Endpoint, resp: ClientResponse, seconds: float) -> Delivery:

@@ -1,10 +1,15 @@
-"""The bureau's catalog (医保目录) and the hospital's code mapping (目录对照).
+"""The bureau's catalogs (医保目录 and the other 13xx lists) and the hospital's code mapping (目录对照).
 
-Both live in the journal's database (tables `medlist` and `medlist_map`, written through the journal's
-writer and read on its reader threads). Fee lines (2204, 2301) that carry only the hospital's own code are mapped to national codes
-before they are journalled, from an in-memory copy refreshed after every change: an unmapped item, or one
-mapped to a retired or unknown code, refuses the trade with one error naming every such item, instead of
-a reject from the bureau later.
+Both live in the journal's database, written through the journal's writer and read on its reader threads:
+each catalog in its own table (`catalog_1301`, ...) in its real layout (fep.catalogs), upserted by code and
+version for the downloaded files (1301–1327: file_qury_no, then 9102) and by rid for the paged queries (1312,
+1316–1319, followed to the last page); the mapping in `medlist_map`. A file is unpacked and parsed on a thread
+and stored in batches, so a big catalog neither blocks the reactor nor holds the writer from trades for long.
+
+Fee lines (2204, 2301) that carry only the hospital's own code are mapped to national codes before they are
+journalled, from an in-memory copy refreshed after every change: an unmapped item, or one mapped to a retired
+or unknown code, refuses the trade with one error naming every such item, instead of a reject from the bureau
+later.
 """
 
 from __future__ import annotations
@@ -12,31 +17,42 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
-import zipfile
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import sqlite_utils
+from twisted.internet import threads
+from twisted.logger import Logger
 
-from fep import envelope
+from fep import catalogs, envelope
+from fep.catalogs import VALID, VERSION, Layout, Paged
 from fep.jobs import progress
 from fep.trades import InvalidInput, TradeDef
 from fep.journal import Journal
 
-# Which download holds which list types (nhsa-interface.md §6 list_type).
-DOWNLOADS = {"1301": ("101", "102", "103", "104", "105", "106"), "1305": ("201",), "1306": ("301",)}
+log = Logger()
+
 MAP_COLUMNS = ("hosp_code", "national_code", "hosp_name")
+BATCH = 1000  # catalog rows per journal write (some 80 ms of the writer for 1301): trades go between batches
+PAGE_SIZE = 100  # rows asked per page of a paged query (the interface caps its paged 3260 at 100)
+FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is required)
 
 
 @dataclass(frozen=True)
 class Entry:
     code: str
     name: str
-    list_type: str
-    lv: str
+    catalog: str  # the trade it came with (1301, 1305, ...)
     valid: bool
-    ver: int
+    ver: str
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    name: str
+    retired: str | None  # the date (yyyy-MM-dd) its newest versions retired it from; "" retired from the start
 
 
 Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -47,14 +63,14 @@ class CodeBook:
         self.journal = journal
         self.national: dict[str, Entry] = {}
         self.mapping: dict[str, str] = {}
+        self.diagnoses: dict[str, dict[str, Diagnosis]] = {}  # diagnosis catalog (1307, ...) -> code -> state
 
     async def open(self) -> None:
         await self.journal.run(_schema)
         await self.refresh()
 
     async def refresh(self) -> None:
-        national, mapping = await self.journal.read(_load)
-        self.national, self.mapping = national, mapping
+        self.national, self.mapping, self.diagnoses = await self.journal.read(_load)
 
     # ---- the hot path ----------------------------------------------------------------------------
     def map_fees(self, trade: TradeDef, input_: dict[str, Any]) -> None:
@@ -91,6 +107,34 @@ class CodeBook:
             return f"national code {code} ({entry.name}) is retired since catalog version {entry.ver}"
         return None
 
+    def check_diagnoses(self, trade: TradeDef, input_: dict[str, Any]) -> None:
+        """Refuse diagnoses the bureau's catalog does not know, or had retired by the diagnosis's date."""
+        lines = input_.get(trade.check_diagnoses or "")
+        problems = [p for line in (lines if isinstance(lines, list) else [lines]) if isinstance(line, dict)
+                    and (p := self.diagnosis_problem(line))]
+        if problems:
+            raise InvalidInput(f"{trade.infno} {trade.name}: {len(problems)} diagnosis code(s) cannot be used: "
+                               f"{'; '.join(problems)}. Correct the diagnoses in the HIS (or bring the catalog "
+                               f"current: fep catalog sync)")
+
+    def diagnosis_problem(self, line: dict[str, Any]) -> str | None:
+        if str(line.get("vali_flag", "1")) == "0":
+            return None  # a diagnosis withdrawn (作废): the code it withdraws may since have retired
+        infno = catalogs.DIAGNOSIS_CATALOGS.get(str(line.get("diag_type") or "1"), "1307")
+        book = self.diagnoses.get(infno)
+        if not book:
+            return None  # that catalog is not downloaded: the bureau is the judge
+        code = str(line.get("diag_code") or "")
+        day = str(line.get("diag_time") or datetime.now().strftime("%Y-%m-%d"))[:10]
+        known = book.get(code)
+        if known is None:
+            named = f" ({line['diag_name']})" if line.get("diag_name") else ""
+            return f"{code or '(no code)'}{named}: not in the bureau's catalog {infno}"
+        if known.retired is not None and day >= known.retired:
+            since = f" since {known.retired}" if known.retired else ""
+            return f"{code} ({known.name}): retired in catalog {infno}{since}, diagnosed {day}"
+        return None
+
     # ---- people's work: import, check, sync --------------------------------------------------------
     async def import_mapping(self, text: str) -> dict[str, Any]:
         """CSV with a header: hosp_code, national_code[, hosp_name]. Replaces the mapping of those codes."""
@@ -122,51 +166,144 @@ class CodeBook:
         return out
 
     async def sync(self, call: Call) -> dict[str, Any]:
-        """Download what is new in each catalog since the local version (13xx, then 9102)."""
-        result = {}
-        for n, (infno, types) in enumerate(DOWNLOADS.items(), start=1):
-            since = max((e.ver for e in self.national.values() if e.list_type in types), default=0)
-            step = f"catalog sync {n} of {len(DOWNLOADS)}: {infno} since version {since}"
-            progress(f"{step}: asking the bureau")
-            out = await call(infno, {"data": {"ver": str(since)}})
-            progress(f"{step}: downloading {out['filename']}")
-            down = await call("9102", {"fsDownloadIn": {"file_qury_no": out["file_qury_no"],
-                                                        "filename": out["filename"], "fixmedins_code": "plc"}})
-            rows = _rows(envelope.file_content(down))
-            progress(f"{step}: storing {len(rows)} row(s)")
-            await self.journal.run(lambda conn, rows=rows: _upsert(conn, rows))
-            await self.refresh()
-            result[infno] = {"from_version": since, "rows": len(rows),
-                             "to_version": max([since] + [int(r[5]) for r in rows])}
+        """Download what is new in each catalog since the local version, then follow each paged query to its
+        last page. A catalog the bureau refuses is named in the result; the others are still brought current."""
+        result: dict[str, dict[str, Any]] = {}
+        steps: list[tuple[str, str, Callable[[], Awaitable[dict[str, Any]]]]] = [
+            *((t.infno, t.title, partial(self._download, call, t)) for t in catalogs.LAYOUTS.values()),
+            *((t.infno, t.title, partial(self._pages, call, t)) for t in catalogs.PAGED.values())]
+        for n, (infno, title, step) in enumerate(steps, start=1):
+            progress(f"catalog sync {n} of {len(steps)}: {infno} {title}")
+            result[infno] = await self._attempt(step())
+            log.info("catalog sync {n}/{of}: {infno} {title}: {result}", n=n, of=len(steps), infno=infno,
+                     title=title, result=result[infno])
+        await self.refresh()
         doc = {"run_at": datetime.now().strftime("%Y-%m-%d %H:%M:%S"), "downloads": result,
-               "codes": len(self.national), "retired": sum(1 for e in self.national.values() if not e.valid)}
+               "codes": len(self.national), "retired": sum(1 for e in self.national.values() if not e.valid),
+               "failed": sorted(k for k, v in result.items() if "error" in v)}
         await self.journal.save_run("catalog", "sync", doc)
         return doc
+
+    @staticmethod
+    async def _attempt(step: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return await step
+        except Exception as e:  # the bureau's refusal, a bad file: named for the operator, the next catalog goes on
+            return {"error": str(e)}
+
+    async def _download(self, call: Call, layout: Layout) -> dict[str, Any]:
+        since = await self.journal.read(lambda conn: _top_version(conn, layout)) or catalogs.FIRST_VERSION
+        out = await call(layout.infno, {"data": {"ver": since}})
+        handle = out if isinstance(out, dict) and "file_qury_no" in out else (out or {}).get("data") or {}
+        if not handle.get("file_qury_no"):
+            raise catalogs.FileLayoutError(f"{layout.infno} answered without a file_qury_no: {out}")
+        down = await call("9102", {"fsDownloadIn": {"file_qury_no": handle["file_qury_no"],
+                                                    "filename": handle.get("filename", ""),
+                                                    "fixmedins_code": catalogs.PLC}})
+        rows = await threads.deferToThread(_read, layout, down)
+        await self._store(layout.table, rows, (layout.code, VERSION))
+        top = max([since, *(r[VERSION] for r in rows)], key=catalogs.version_key)
+        return {"from_version": since, "rows": len(rows), "to_version": top}
+
+    async def _pages(self, call: Call, paged: Paged) -> dict[str, Any]:
+        since = await self.journal.read(lambda conn: _last_update(conn, paged)) or FIRST_UPDATE
+        seen: set[str] = set()
+        page = 1
+        while True:
+            out = await call(paged.infno, {"data": {"updt_time": since, "page_num": page, "page_size": PAGE_SIZE}})
+            rows, last = _page(paged, out, page)
+            fresh = {r["rid"] for r in rows} - seen
+            if rows and not fresh:
+                raise ValueError(f"{paged.infno} page {page} repeats what earlier pages brought: stopped there")
+            seen |= fresh
+            await self._store(paged.table, rows, "rid")
+            if last:
+                return {"from_update": since, "pages": page, "rows": len(seen)}
+            page += 1
+
+    async def _store(self, table: str, rows: list[dict[str, Any]], pk: str | tuple[str, ...]) -> None:
+        for start in range(0, len(rows), BATCH):
+            batch = rows[start:start + BATCH]
+            await self.journal.run(lambda conn, b=batch: sqlite_utils.Database(conn)[table].upsert_all(b, pk=pk))
 
 
 def _schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
-    db["medlist"].create({"code": str, "name": str, "list_type": str, "lv": str, "vali_flag": str, "ver": int},
-                         pk="code", if_not_exists=True)
+    for layout in catalogs.LAYOUTS.values():
+        db[layout.table].create({f: str for f in layout.fields}, pk=(layout.code, VERSION), if_not_exists=True)
+    for paged in catalogs.PAGED.values():
+        db[paged.table].create({f: str for f in paged.fields}, pk="rid", if_not_exists=True)
     db["medlist_map"].create({c: str for c in MAP_COLUMNS}, pk="hosp_code", if_not_exists=True)
 
 
-def _load(conn: sqlite3.Connection) -> tuple[dict[str, Entry], dict[str, str]]:
-    national = {r[0]: Entry(r[0], r[1], r[2], r[3], r[4] == "1", int(r[5]))
-                for r in conn.execute("SELECT code, name, list_type, lv, vali_flag, ver FROM medlist")}
-    return national, dict(conn.execute("SELECT hosp_code, national_code FROM medlist_map"))
+def _load(conn: sqlite3.Connection) -> tuple[dict[str, Entry], dict[str, str], dict[str, dict[str, Diagnosis]]]:
+    """Each fee code as its newest version has it (over the catalogs whose codes fee lines carry), the mapping,
+    and each diagnosis code with the date it was retired from, if it was."""
+    national: dict[str, Entry] = {}
+    for layout in catalogs.LAYOUTS.values():
+        if layout.fee_codes:
+            national.update(_current(conn, layout))
+    diagnoses = {infno: _diagnoses(conn, catalogs.LAYOUTS[infno])
+                 for infno in set(catalogs.DIAGNOSIS_CATALOGS.values())}
+    return national, dict(conn.execute("SELECT hosp_code, national_code FROM medlist_map")), diagnoses
 
 
-def _rows(zipped: bytes) -> list[list[str]]:
-    """The download: TAB-separated lines (code, name, list_type, lv, vali_flag, ver), UTF-8, in a ZIP."""
-    with zipfile.ZipFile(io.BytesIO(zipped)) as z:
-        text = z.read(z.namelist()[0]).decode("utf-8")
-    return [line.split("\t") for line in text.splitlines() if line.strip()]
+def _diagnoses(conn: sqlite3.Connection, layout: Layout) -> dict[str, Diagnosis]:
+    """A code retired by its newest versions is retired from the update time of the first of them."""
+    versions: dict[str, list[tuple[str, str, str, str]]] = {}
+    columns = ", ".join(f'"{c}"' for c in (layout.code, layout.name, VALID, VERSION, catalogs.UPDATED))
+    for code, name, valid, ver, updated in conn.execute(f"SELECT {columns} FROM {layout.table}"):
+        versions.setdefault(code, []).append((ver, name or "", valid, updated or ""))
+    out = {}
+    for code, rows in versions.items():
+        rows.sort(key=lambda r: catalogs.version_key(r[0]))
+        retired = None
+        for ver, name, valid, updated in reversed(rows):
+            if valid == "1":
+                break
+            retired = updated[:10]
+        out[code] = Diagnosis(rows[-1][1], retired)
+    return out
 
 
-def _upsert(conn: sqlite3.Connection, rows: list[list[str]]) -> None:
-    """A newer version of a code replaces the older one; an older one never replaces a newer."""
-    for code, name, list_type, lv, vali_flag, ver in rows:
-        conn.execute("INSERT INTO medlist VALUES (?,?,?,?,?,?) ON CONFLICT(code) DO UPDATE SET name=excluded.name, "
-                     "list_type=excluded.list_type, lv=excluded.lv, vali_flag=excluded.vali_flag, ver=excluded.ver "
-                     "WHERE excluded.ver >= medlist.ver", (code, name, list_type, lv, vali_flag, int(ver)))
+def _current(conn: sqlite3.Connection, layout: Layout) -> dict[str, Entry]:
+    out: dict[str, Entry] = {}
+    for code, name, valid, ver in conn.execute(
+            f'SELECT "{layout.code}", "{layout.name}", "{VALID}", "{VERSION}" FROM {layout.table}'):
+        held = out.get(code)
+        if held is None or catalogs.version_key(ver) >= catalogs.version_key(held.ver):
+            out[code] = Entry(code, name or "", layout.infno, valid == "1", ver)
+    return out
+
+
+def _top_version(conn: sqlite3.Connection, layout: Layout) -> str | None:
+    versions = [r[0] for r in conn.execute(f'SELECT DISTINCT "{VERSION}" FROM {layout.table}')]
+    return max(versions, key=catalogs.version_key, default=None)
+
+
+def _last_update(conn: sqlite3.Connection, paged: Paged) -> str | None:
+    last = conn.execute(f"SELECT max(updt_time) FROM {paged.table}").fetchone()[0]
+    return str(last)[:10] if last else None  # updt_time is a date (yyyy-MM-dd); a repeat is upserted away
+
+
+def _read(layout: Layout, answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The downloaded file's records (on a thread: a national catalog is hundreds of thousands of lines)."""
+    name = (answer.get("file") or {}).get("filename", "")
+    return catalogs.unpack(envelope.file_content(answer), layout.fields, (layout.code, VERSION),
+                           f"{layout.infno} {layout.title} file {name}".strip())
+
+
+def _page(paged: Paged, out: Any, page: int) -> tuple[list[dict[str, Any]], bool]:
+    """One page's records, and whether it is the last. The specification names no output node (无节点): the
+    records come as a list, or under `data` (or `list`) beside the paging fields (pages, lastPage)."""
+    meta = out if isinstance(out, dict) else {}
+    records = out if isinstance(out, list) else meta.get("data", meta.get("list")) or []
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{paged.infno} page {page}: no list of records in the answer")
+    rows = [{f: None if r.get(f) in (None, "") else str(r[f]) for f in paged.fields} for r in records]
+    if any(r["rid"] is None for r in rows):
+        raise ValueError(f"{paged.infno} page {page}: a record without its rid (唯一记录号)")
+    pages = meta.get("pages")
+    last = (meta.get("lastPage") is True or (str(pages).isdigit() and page >= int(pages))
+            or len(rows) < PAGE_SIZE)
+    return rows, last

@@ -129,6 +129,7 @@ class BureauSide:
     not_signed_in: tuple[str, ...]  # err_msg fragments meaning "sign in again"
     reversal_not_found: tuple[str, ...]  # err_msg fragments of a 2601 answer meaning "original not there"
     transient: tuple[str, ...]  # err_msg fragments of a refusal that says "not now", never "no"
+    file_upload: str = "json"  # 9101 to the bureau: json (fsUploadIn.in in Base64) or multipart (jsonStr + file)
     late_grace: float = 30.0  # after a timeout, how long a late answer is still read (and kept)
     link_security: str = "mutual_tls"
 
@@ -236,7 +237,7 @@ KEYS: dict[str, Any] = {
                "tls": {"ca": TEXT, "cert": TEXT, "key": TEXT, "min_version": TEXT, "ciphers": TEXT},
                "url_style": TEXT, "concurrency": WHOLE, "connect_timeout": NUMBER, "source_address": TEXT,
                "signin": TEXT_MAP, "not_signed_in": TEXTS, "reversal_not_found": TEXTS, "transient": TEXTS,
-               "content_type": TEXT, "late_grace": NUMBER, "link_security": TEXT,
+               "content_type": TEXT, "late_grace": NUMBER, "link_security": TEXT, "file_upload": TEXT,
                # each style's own settings and secrets are checked against its style by _profile
                "profile": {"style": TEXT, "url_layout": TEXT, "content_type": TEXT,
                            **{name: TEXT for style in SETTINGS.values() for name in style},
@@ -490,6 +491,9 @@ def _hhmm(value: Any, key: str) -> str | None:
     return str(value)
 
 
+FILE_UPLOADS = ("json", "multipart")  # how a bureau takes 9101 (HN 附录A posts the baseline's multipart form)
+
+
 def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
     security = str(doc.get("link_security", "mutual_tls"))
     if security not in LINK_SECURITY:
@@ -513,6 +517,9 @@ def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
             name=str(ep.get("name", m.group(2))), url=url, host=m.group(2).strip("[]"), port=int(m.group(3)),
             path=m.group(4) or "/", server_name=str(ep.get("server_name", m.group(2))),
         ))
+    file_upload = str(doc.get("file_upload", "json"))
+    if file_upload not in FILE_UPLOADS:
+        raise ConfigError(f"bureau.file_upload must be {' or '.join(FILE_UPLOADS)}, got {file_upload!r}")
     return BureauSide(
         endpoints=tuple(endpoints),
         tls=None if security == "plain_http" else _tls(_need(doc, "tls", "bureau."), base, security),
@@ -524,6 +531,7 @@ def _bureau(doc: dict[str, Any], base: Path) -> BureauSide:
         not_signed_in=tuple(doc.get("not_signed_in", ["未签到", "签到信息不存在", "not signed in"])),
         reversal_not_found=tuple(doc.get("reversal_not_found", ["原交易不存在", "not found"])),
         transient=tuple(doc.get("transient", ["系统繁忙", "数据库连接超时", "超时", "请稍后", "busy"])),
+        file_upload=file_upload,
         late_grace=float(doc.get("late_grace", 30)),
         link_security=security,
     )

@@ -176,6 +176,8 @@ class Engine:
                                f"again later")
         if trade.map_codes and self.codes is not None:
             self.codes.map_fees(trade, req.input)
+        if trade.check_diagnoses and self.codes is not None:
+            self.codes.check_diagnoses(trade, req.input)
         psn = envelope.find_psn_no(req.input)
         env = self._complete(req.envelope)
 

@@ -8,16 +8,16 @@ settlement time, as the interface requires. The trades themselves go through the
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import time
-import zipfile
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from fep import envelope, metrics
+from fep import catalogs, envelope, metrics
 from fep.trades import Kind
 from fep.engine import Engine
 from fep.jobs import progress
@@ -137,21 +137,16 @@ class Reconciler:
                        error="" if balanced else str(info.get("stmt_rslt_dscr") or ""), differences=[])
             if not balanced:
                 row["differences"] = await self._detail(day, g, totals)
-        except ReconcileError as e:
+        except (ReconcileError, catalogs.FileLayoutError) as e:  # a result file not in its layout: named
             row.update(result="未对账", error=str(e), differences=[])
         return row
 
     async def _detail(self, day: date, g: Group, totals: dict[str, Any]) -> list[dict[str, Any]]:
         """9101 the hospital's detail file, 3202 against it, 9102 the result; name every difference."""
-        lines = "\n".join("\t".join(str(v) for v in (r.setl_id, r.mdtrt_id, r.psn_no, r.medfee, r.fund, r.acct,
-                                                      "1" if r.refund else "0")) for r in g.rows)
-        name = f"{datetime.now():%Y%m%d%H%M%S}.txt"
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as z:
-            z.writestr(name, lines.encode("utf-8"))
-        import base64
-
-        up = await self.call("9101", {"fsUploadIn": {"in": base64.b64encode(buf.getvalue()).decode(),
+        name = f"{datetime.now():%Y%m%d%H%M%S}.txt"  # the detail file (表150), one per group, in a ZIP of its name
+        zipped = catalogs.pack(name, [(r.setl_id, r.mdtrt_id, r.psn_no, r.medfee, r.fund, r.acct,
+                                       "1" if r.refund else "0") for r in g.rows])
+        up = await self.call("9101", {"fsUploadIn": {"in": base64.b64encode(zipped).decode("ascii"),
                                                       "filename": name.replace(".txt", ".zip"),
                                                       "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
         out = await self.call("3202", {"data": {
@@ -164,16 +159,15 @@ class Reconciler:
         down = await self.call("9102", {"fsDownloadIn": {"file_qury_no": info["file_qury_no"],
                                                           "filename": info["filename"],
                                                           "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
-        with zipfile.ZipFile(io.BytesIO(envelope.file_content(down))) as z:
-            text = z.read(z.namelist()[0]).decode("utf-8")
+        rows = catalogs.unpack(envelope.file_content(down), catalogs.STATEMENT_RESULT, ("psn_no", "stmt_rslt"),
+                               f"3202 result file {info['filename']}")
         ours = {r.setl_id: r for r in g.rows}
         diffs = []
-        for line in filter(None, text.splitlines()):
-            cols = [None if c == "null" else c for c in line.split("\t")]
-            psn_no, mdtrt_id, setl_id, msgid, rslt, refd, memo, medfee, fund, acct = cols
-            if rslt == "1":
-                diffs.append(await self._name(g, ours.get(setl_id or ""), psn_no, setl_id, msgid, refd, memo,
-                                              medfee, fund, acct))
+        for r in rows:
+            if r["stmt_rslt"] == "1":
+                diffs.append(await self._name(g, ours.get(r["setl_id"] or ""), r["psn_no"], r["setl_id"], r["msgid"],
+                                              r["refd_setl_flag"], r["memo"], r["medfee_sumamt"],
+                                              r["fund_pay_sumamt"], r["acct_pay"]))
         return diffs
 
     async def _name(self, g: Group, ours: Settlement | None, psn_no: str | None, setl_id: str | None,

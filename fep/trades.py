@@ -91,6 +91,7 @@ class TradeDef:
     confirm_within: float | None = None  # seconds the HIS has to confirm a success; None: no window
     path: str | None = None  # per-trade bureau URL path, when the province uses them
     map_codes: str | None = None  # the node of fee lines to map from hospital to national codes
+    check_diagnoses: str | None = None  # the node of diagnosis lines checked against the diagnosis catalogs
     from_his: FromHis = FromHis.TRADE
     output: str = "data"  # the output node of its answer ("result[]": a list), on fep's own envelopes too
 
@@ -257,6 +258,7 @@ def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
             confirm_within=float(spec["confirm_within"]) if spec.get("confirm_within") else None,
             path=spec.get("path"),
             map_codes=spec.get("map_codes"),
+            check_diagnoses=spec.get("check_diagnoses") or None,
             from_his=FromHis(spec.get("from_his", "trade")),
             output=str(spec.get("output", "data")),
         )

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from fep import envelope
-from fep.sim.world import ZHANG, Visit, World
+from fep.sim.world import ZHANG, Stay, Visit, World
 
 RETIRED = "XC03CCC003C003030300003"
 
@@ -19,10 +19,10 @@ def fep(world: World, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_catalog_is_downloaded_incrementally_by_version(running: World) -> None:
     first = json.loads(fep(running, "catalog", "sync", "--json").stdout)
-    assert first["downloads"]["1301"] == {"from_version": 0, "rows": 5, "to_version": 3}
+    assert first["downloads"]["1301"] == {"from_version": "v0000", "rows": 5, "to_version": "3"}
     assert first["downloads"]["1305"]["rows"] == 2 and first["codes"] == 6 and first["retired"] == 1
     again = json.loads(fep(running, "catalog", "sync", "--json").stdout)
-    assert again["downloads"]["1301"] == {"from_version": 3, "rows": 0, "to_version": 3}
+    assert again["downloads"]["1301"] == {"from_version": "3", "rows": 0, "to_version": "3"}
     # Through the journal like any trade: the downloads are there with their answers.
     assert {r["infno"] for r in running.journal("infno IN ('1301','1305','1306','9102')")} == {
         "1301", "1305", "1306", "9102"}
@@ -81,3 +81,48 @@ def test_an_unmapped_or_retired_item_refuses_the_upload_with_one_clear_error(run
     assert "(H-COLD): national code XC03CCC003C003030300003 (复方感冒灵颗粒) is retired" in body["err_msg"]
     assert "(H-UNKNOWN): no mapping to a national code" in body["err_msg"]
     assert len(running.journal()) == before and "2204" not in {i for _, i in running.sim_answers()}
+
+
+def diagnosis(world: World, visit: Visit, *lines: tuple[str, str, str, str]) -> tuple[int, dict]:
+    """A 2203 with diagnosis lines (code, name, diag_time, vali_flag), as the HIS posts it."""
+    diseinfo = [{"diag_type": "1", "diag_srt_no": str(n), "diag_code": code, "diag_name": name, "diag_dept": "内科",
+                 "dise_dor_no": "D001", "dise_dor_name": "医生", "diag_time": at, "vali_flag": flag}
+                for n, (code, name, at, flag) in enumerate(lines, start=1)]
+    return world.his_tcp.request("POST", "/", envelope.dumps({"infno": "2203", "input": {
+        "mdtrtinfo": {"mdtrt_id": visit.mdtrt_id, "psn_no": ZHANG["psn_no"], "med_type": "11",
+                      "begntime": "2026-11-23 09:00:00"}, "diseinfo": diseinfo}}))
+
+
+def test_a_diagnosis_unknown_or_retired_by_its_date_refuses_the_trade_with_one_error(running: World) -> None:
+    fep(running, "catalog", "sync")
+    visit = Visit(running.his, ZHANG)
+    visit.open()  # its 2203 diagnoses J06.900, in the catalog
+    before = len(running.journal())
+    status, body = diagnosis(running, visit, ("J11.100", "流行性感冒", "2026-11-23 09:10:00", "1"),
+                             ("X99.999", "笔误", "2026-11-23 09:10:00", "1"),
+                             ("I10.x00", "高血压", "2026-11-23 09:10:00", "1"))
+    assert status == 200 and body["fep_reason"] == "invalid"
+    assert "2 diagnosis code(s) cannot be used" in body["err_msg"]
+    assert "J11.100 (流行性感冒): retired in catalog 1307 since 2024-01-02" in body["err_msg"]
+    assert "X99.999 (笔误): not in the bureau's catalog 1307" in body["err_msg"]
+    assert "I10.x00" not in body["err_msg"] and len(running.journal()) == before
+    # Diagnosed before it was retired, or withdrawn (vali_flag 0): the code may still go.
+    assert diagnosis(running, visit, ("J11.100", "流行性感冒", "2024-01-01 10:00:00", "1"))[1]["infcode"] == 0
+    assert diagnosis(running, visit, ("J11.100", "流行性感冒", "2026-11-23 09:10:00", "0"))[1]["infcode"] == 0
+
+
+def test_the_diagnosis_check_is_switched_off_per_trade(world: World) -> None:
+    world.configure(trades={"2203": {"check_diagnoses": None}})
+    world.start()
+    fep(world, "catalog", "sync")
+    visit = Visit(world.his, ZHANG)
+    visit.open()
+    _, body = diagnosis(world, visit, ("X99.999", "笔误", "2026-11-23 09:10:00", "1"))
+    assert body["infcode"] == 0 and world.bureau_request(body["fep_msgid"])["infno"] == "2203"  # the bureau judges
+    stay = Stay(world.his, ZHANG)
+    assert stay.admit()["infcode"] == 0
+    _, changed = world.his_tcp.request("POST", "/", envelope.dumps({"infno": "2403", "input": {
+        "adminfo": {"mdtrt_id": stay.mdtrt_id, "psn_no": ZHANG["psn_no"]},
+        "diseinfo": [{"diag_type": "1", "diag_srt_no": "2", "diag_code": "X99.999", "diag_name": "笔误",
+                      "diag_time": "2026-11-23 10:00:00", "vali_flag": "1"}]}}))
+    assert changed["fep_reason"] == "invalid" and "X99.999" in changed["err_msg"]  # 2403 is still checked

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import sqlite_utils
 
-from fep import envelope
+from fep import catalogs, envelope
+from fep.sim import catalogs as published
 
 FEN = Decimal("0.01")
 ZERO = Decimal("0.00")
@@ -57,13 +58,15 @@ def q(x: Decimal) -> Decimal:
 
 
 INFCODE_TYPES = ("number", "string")
+POLICY_STORE = "P"  # file_qury_no of a catalog file: in the policy centre's store (9102 with fixmedins_code plc)
 SETTLEMENT_COLUMNS = ("setl_id", "msgid", "infno", "psn_no", "mdtrt_id", "insutype", "clr_type", "clr_optins",
                       "medfee", "fund", "acct", "cash", "hosp", "dedc", "setl_time", "kind", "state", "refd_setl_id")
 
 
 class Ledger:
     def __init__(self, path: Path, persons: list[Person], catalog: list[dict[str, str]], admdvs: str,
-                 clr_optins: str, infcode_type: str = "number") -> None:
+                 clr_optins: str, infcode_type: str = "number", diagnoses: list[dict[str, str]] | None = None,
+                 catalog_bulk: dict[str, int] | None = None) -> None:
         if infcode_type not in INFCODE_TYPES:
             raise ValueError(f"infcode_type must be one of {', '.join(INFCODE_TYPES)}, got {infcode_type!r}")
         self.infcode_type = infcode_type
@@ -72,7 +75,8 @@ class Ledger:
         self.db = sqlite_utils.Database(self.conn)
         self.db.enable_wal()
         self.conn.execute("PRAGMA synchronous=NORMAL")  # a test double, not the system of record
-        self.catalog_versions = catalog  # every version of every code, as the bureau publishes them
+        # every version of every record, as the bureau publishes them (13xx files, paged queries)
+        self.published = published.entries(catalog, diagnoses or [], catalog_bulk or {})
         self.catalog: dict[str, dict[str, str]] = {}  # the current version of the codes in force
         for c in sorted(catalog, key=lambda c: int(c["ver"])):
             self.catalog[c["code"]] = c
@@ -86,8 +90,9 @@ class Ledger:
             "2203": self.visit_info, "2204": self.fee_upload, "2205": self.fee_cancel,
             "2206": self.presettle, "2207": self.settle, "2208": self.cancel, "2601": self.reverse,
             "3201": self.statement_total, "3202": self.statement_detail, "9101": self.file_upload,
-            "9102": self.file_download, "1301": self.catalog_download, "1305": self.catalog_download,
-            "1306": self.catalog_download,
+            "9102": self.file_download,
+            **{infno: self.catalog_download for infno in catalogs.LAYOUTS},
+            **{infno: self.catalog_page for infno in catalogs.PAGED},
             # the inpatient stay (住院): admission and discharge, fees, settlement; and the settlement query
             "2401": self.admit, "2402": self.discharge, "2403": self.admission_change, "2404": self.admission_cancel,
             "2405": self.discharge_cancel, "2301": self.fee_upload, "2302": self.fee_cancel_ipt,
@@ -598,41 +603,33 @@ class Ledger:
                 "dld_endtime": _now()}
 
     def file_download(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """9102: the file itself. Catalog files are in the policy centre's store, which only "plc" reaches."""
         data = _node(inp, "fsDownloadIn", ("file_qury_no",))
-        row = self.conn.execute("SELECT filename, content FROM files WHERE file_qury_no=?",
-                                (data["file_qury_no"],)).fetchone()
-        if row is None:
-            raise BizError(f"文件[{data['file_qury_no']}]不存在")
+        no = str(data["file_qury_no"])
+        row = self.conn.execute("SELECT filename, content FROM files WHERE file_qury_no=?", (no,)).fetchone()
+        if row is None or no.startswith(POLICY_STORE) and str(data.get("fixmedins_code")) != catalogs.PLC:
+            raise BizError(f"文件[{no}]不存在")  # a catalog file is not in the hospital's store
         return FileAnswer(row[0], row[1])
 
-    def _store_file(self, name: str, rows: list[list[Any]]) -> dict[str, Any]:
-        import io
-        import zipfile
-
-        text = "\n".join("\t".join("null" if v is None else str(v) for v in r) for r in rows)
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as z:
-            z.writestr(name, text.encode("utf-8"))
-        no = f"F{self._next('file', 0):08d}"
-        self.conn.execute("INSERT INTO files VALUES (?,?,?)", (no, name.replace(".txt", ".zip"), buf.getvalue()))
-        return {"file_qury_no": no, "filename": name.replace(".txt", ".zip"), "dld_endtime": _now(),
-                "data_cnt": len(rows)}
+    def _store_file(self, name: str, rows: list[list[Any]], store: str = "F") -> dict[str, Any]:
+        """A file the hospital downloads with 9102: one TXT in a ZIP of the same name; `store` begins its number."""
+        zipname = name.replace(".txt", ".zip")
+        no = f"{store}{self._next('file', 0):08d}"
+        self.conn.execute("INSERT INTO files VALUES (?,?,?)", (no, zipname, catalogs.pack(name, rows)))
+        return {"file_qury_no": no, "filename": zipname, "dld_endtime": _now(), "data_cnt": len(rows)}
 
     def statement_detail(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
-        """3202: compare the hospital's detail file with the ledger; the result file names every row."""
-        import io
-        import zipfile
-
+        """3202: compare the hospital's detail file (表150) with the ledger; the result file (表151) names every row."""
         data = _node(inp, "data", ("file_qury_no", "stmt_begndate", "stmt_enddate", "setl_optins", "clr_type"))
         row = self.conn.execute("SELECT content FROM files WHERE file_qury_no=?", (data["file_qury_no"],)).fetchone()
         if row is None:
             raise BizError(f"文件[{data['file_qury_no']}]不存在")
-        with zipfile.ZipFile(io.BytesIO(row[0])) as z:
-            text = z.read(z.namelist()[0]).decode("utf-8")
-        theirs = {}
-        for line in filter(None, text.splitlines()):
-            setl_id, mdtrt_id, psn_no, medfee, fund, acct, refd = line.split("\t")
-            theirs[setl_id] = (mdtrt_id, psn_no, Decimal(medfee), Decimal(fund), Decimal(acct), refd)
+        try:
+            lines = catalogs.unpack(row[0], catalogs.STATEMENT_UPLOAD, catalogs.STATEMENT_UPLOAD, "对明细账文件")
+        except catalogs.FileLayoutError as e:
+            raise BizError(str(e)) from None
+        theirs = {r["setl_id"]: (r["mdtrt_id"], r["psn_no"], Decimal(r["medfee_sumamt"]), Decimal(r["fund_pay_sumamt"]),
+                                 Decimal(r["acct_pay"]), r["refd_setl_flag"]) for r in lines}
         ours = {r["setl_id"]: r for r in self._day_group({**data, "insutype": data.get("insutype", "")})
                 } if data.get("insutype") else {r["setl_id"]: r for r in self._group_any_insutype(data)}
         result = []
@@ -661,13 +658,17 @@ class Ledger:
 
     # ---- the catalog (医保目录), by version -------------------------------------------------------------
     def catalog_download(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
-        """1301 (drugs), 1305 (service items), 1306 (consumables): every row newer than `ver`, as a file."""
-        data = _node(inp, "data", ("ver",))
-        list_types = {"1301": ("101", "102", "103"), "1305": ("201",), "1306": ("301",)}[str(env["infno"])]
-        since = int(str(data["ver"]) or 0)
-        rows = [[c["code"], c["name"], c["list_type"], c["lv"], c["vali_flag"], c["ver"]]
-                for c in self.catalog_versions if int(c["ver"]) > since and c["list_type"] in list_types]
-        return self._store_file(f"{env['infno']}_{since}.txt", rows)
+        """13xx: every record newer than `ver` (入参不能为空), as a file in the catalog's real layout."""
+        since = str(_node(inp, "data", ("ver",))["ver"])
+        infno = str(env["infno"])
+        handle = self._store_file(f"{infno}_{since}.txt", published.download(infno, self.published, since),
+                                  POLICY_STORE)
+        return {**handle, "dld_end_time": handle.pop("dld_endtime")}  # 13xx spell it so (HN 表14)
+
+    def catalog_page(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """1312, 1316–1319: one page of the records updated since `updt_time`."""
+        data = _node(inp, "data", ("updt_time", "page_num", "page_size"))
+        return published.page(str(env["infno"]), self.published, self.admdvs, data)
 
     # ---- faults in the ledger itself (tests of reconciliation) ---------------------------------------
     def adjust(self, setl_id: str, medfee: Decimal) -> None:

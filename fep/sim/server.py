@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from multipart import parse_options_header
 from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -94,6 +95,9 @@ class SimConfig:
     infcode_type: str = "number"  # how the bureau writes infcode: number (0, -1) or string ("0", "-1")
     profile: SimProfile = field(default_factory=SimProfile)
     link_security: str = "mutual_tls"  # mutual_tls | server_tls | plain_http, as the region's link is
+    diagnoses: list[dict[str, str]] = field(default_factory=list)  # ICD-10 (1307), version by version
+    catalog_bulk: dict[str, int] = field(default_factory=dict)  # generated records per 13xx catalog or paged query
+    file_upload: str = "any"  # 9101 taken as: json (Base64), multipart (jsonStr + file), or any
 
 
 def load_config(path: Path) -> SimConfig:
@@ -125,7 +129,20 @@ def load_config(path: Path) -> SimConfig:
         infcode_type=str(doc.get("infcode_type", "number")),
         profile=SimProfile.parse(doc.get("profile") or {}, p),
         link_security=security,
+        diagnoses=[{"code": str(d["code"]), "name": d["name"], "vali_flag": str(d.get("vali_flag", "1")),
+                    "ver": str(d.get("ver", 1))} for d in doc.get("diagnoses", [])],
+        catalog_bulk={str(k): int(v) for k, v in (doc.get("catalog_bulk") or {}).items()},
+        file_upload=_one_of(str(doc.get("file_upload", "any")), FILE_UPLOADS, "file_upload"),
     )
+
+
+FILE_UPLOADS = ("any", "json", "multipart")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 class BureauProtocol(HTTPServerProtocol):
@@ -149,12 +166,15 @@ class BureauProtocol(HTTPServerProtocol):
         if refusal is not None:
             return refusal
         try:
-            env = gw.opened(req.path, envelope.loads(req.body))
+            env = gw.opened(req.path, self._envelope(req))
             if isinstance(env, Response):
                 return env
             infno = str(env.get("infno", ""))
-        except (ValueError, AttributeError):
-            return Response(400, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": "not JSON"}))
+        except (ValueError, AttributeError) as e:  # not JSON, or a malformed form
+            return Response(400, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": str(e) or "not JSON"}))
+        wrong = self._wrong_form(req, env)
+        if wrong:
+            return Response(200, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": wrong}))
         self.sim.remember(env)
         fault = self.sim.fault_for(infno)
         mode = fault.mode if fault else None
@@ -186,12 +206,33 @@ class BureauProtocol(HTTPServerProtocol):
             await task.deferLater(self.sim.reactor, fault.seconds)
         return Response(200, answer)
 
+    @staticmethod
+    def _envelope(req: Request) -> Any:
+        """The envelope, from the JSON body, or from a 9101 form's jsonStr and file parts (the file into
+        fsUploadIn.in, as the JSON form carries it)."""
+        mime, options = parse_options_header(req.headers.get("content-type", ""))
+        if mime.lower() == "multipart/form-data":
+            return envelope.parse_his_form(req.body, options.get("boundary")).envelope
+        return envelope.loads(req.body)
+
+    def _wrong_form(self, req: Request, env: Any) -> str | None:
+        """A bureau that takes 9101 one way only refuses the other, as a real one does."""
+        want = self.sim.cfg.file_upload
+        if want == "any" or not isinstance(env, dict) or "fsUploadIn" not in (env.get("input") or {}):
+            return None
+        form = "multipart" if req.headers.get("content-type", "").lower().startswith("multipart/") else "json"
+        if form == want:
+            return None
+        return ("文件上传须以multipart/form-data提交(jsonStr, file)" if want == "multipart"
+                else "文件上传须以JSON提交(fsUploadIn.in)")
+
 
 class Simulator:
     def __init__(self, reactor: Any, cfg: SimConfig) -> None:
         self.reactor = reactor
         self.cfg = cfg
-        self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins, cfg.infcode_type)
+        self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins, cfg.infcode_type,
+                             cfg.diagnoses, cfg.catalog_bulk)
         self.faults = list(cfg.faults)
         self.port: Any = None
         self.connections: set[BureauProtocol] = set()
