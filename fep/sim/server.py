@@ -2,7 +2,7 @@
 
 Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-HTTP control port on
 loopback (POST /faults, DELETE /faults[?mode=MODE], GET /ledger, GET /requests/MSGID,
-POST /sessions/expire), so tests and scripts/chaos can break the link
+POST /sessions/expire, POST /clearing/refuse), so tests and scripts/chaos can break the link
 the way the VPN breaks it.
 """
 
@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from fep import envelope, logs, tls
 from fep.config import TLSFiles
 from fep.http11 import HTTPServerProtocol, Request, Response, render_response
-from fep.sim.ledger import FileAnswer, Ledger, Person
+from fep.sim.ledger import FileAnswer, Ledger, Person, Remote
 
 log = Logger()
 
@@ -89,6 +89,7 @@ class SimConfig:
     catalog: list[dict[str, str]]
     faults: list[Fault] = field(default_factory=list)
     infcode_type: str = "number"  # how the bureau writes infcode: number (0, -1) or string ("0", "-1")
+    remote: Remote = Remote()  # how 异地 settlements are cleared (sim.yaml `remote:`)
 
 
 def load_config(path: Path) -> SimConfig:
@@ -108,12 +109,14 @@ def load_config(path: Path) -> SimConfig:
         persons=[Person(psn_no=str(x["psn_no"]), psn_name=x["psn_name"], certno=str(x["certno"]),
                         insutype=str(x["insutype"]), psn_type=str(x["psn_type"]), balc=Decimal(str(x["balc"])),
                         deductible=Decimal(str(x["deductible"])), ratio=Decimal(str(x["ratio"])),
-                        insuplc_admdvs=str(x["insuplc_admdvs"])) for x in doc.get("persons", [])],
+                        insuplc_admdvs=str(x["insuplc_admdvs"]), filing_required=bool(x.get("filing_required")))
+                 for x in doc.get("persons", [])],
         catalog=[{"code": str(c["code"]), "name": c["name"], "lv": str(c["lv"]), "list_type": str(c["list_type"]),
                   "selfpay_prop": str(c.get("selfpay_prop", "0")), "vali_flag": str(c.get("vali_flag", "1")),
                   "ver": str(c.get("ver", 1))} for c in doc.get("catalog", [])],
         faults=[Fault.parse(f) for f in (doc.get("faults") or [])],
         infcode_type=str(doc.get("infcode_type", "number")),
+        remote=Remote(**{k: (int(v) if k == "page_size" else str(v)) for k, v in (doc.get("remote") or {}).items()}),
     )
 
 
@@ -172,7 +175,8 @@ class Simulator:
     def __init__(self, reactor: Any, cfg: SimConfig) -> None:
         self.reactor = reactor
         self.cfg = cfg
-        self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins, cfg.infcode_type)
+        self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins, cfg.infcode_type,
+                             cfg.remote)
         self.faults = list(cfg.faults)
         self.port: Any = None
         self.connections: set[BureauProtocol] = set()
@@ -246,6 +250,10 @@ class Simulator:
                 self.ledger.adjust(str(doc["setl_id"]), doc["medfee"])
             else:
                 self.ledger.forget(str(doc["setl_id"]))
+            return Response(200, envelope.dumps({"ok": True}))
+        if req.method == "POST" and req.path == "/clearing/refuse":  # the audit refuses (拒付) part of a settlement
+            doc = envelope.loads(req.body)
+            self.ledger.refuse(str(doc["setl_id"]), Decimal(str(doc["amount"])), str(doc["reason"]))
             return Response(200, envelope.dumps({"ok": True}))
         if req.method == "POST" and req.path == "/sessions/expire":  # as after a restart of the bureau
             self.ledger.conn.execute("DELETE FROM signins")
