@@ -7,7 +7,7 @@ fund_pay_sumamt + psn_part_amt + hosp_part_amt; psn_part_amt = acct_pay + psn_ca
 and discharge, 23xx fees and settlement) as for an outpatient visit (22xx). A msgid already processed gets
 its first answer again (rule 13 of fep-semantics.md). `infcode_type`: the bureau answers infcode as a
 number (0, -1) or, as some bureaus do, as a string ("0", "-1").
-异地 patients (insured elsewhere: insuplc_admdvs is not the bureau's admdvs) settle under their home region's
+异地 patients (insured in another pooling region: insuplc_admdvs of another city) settle under their home region's
 policy (the person's own deductible, ratio, account); a trade naming one must carry their insuplc_admdvs,
 one who needs a filing (备案, 2501/2505) settles only with one in force, and their settlements are cleared
 under the clearing types and agency of `Remote`. Month end: clearing applications (3203/3204), their audit
@@ -224,7 +224,7 @@ class Ledger:
         psn_no = envelope.find_psn_no(inp)
         row = self.conn.execute("SELECT insuplc_admdvs FROM persons WHERE psn_no=?", (psn_no,)).fetchone() \
             if psn_no else None
-        if row is None or row[0] == self.admdvs:
+        if row is None or not self._remote(row[0]):
             return
         given = str(env.get("insuplc_admdvs") or "")
         if not given:
@@ -358,7 +358,7 @@ class Ledger:
         psn = self._person(data["psn_no"])
         _, name, certno, insutype, psn_type, balc, deductible, dedc_used, ratio, insuplc = psn
         self._visit(data["mdtrt_id"], data["psn_no"])
-        remote = insuplc != self.admdvs
+        remote = self._remote(insuplc)
         if remote:
             self._check_filing(data["psn_no"])
         fees = self.conn.execute("SELECT amount, lv, selfpay_prop FROM fees WHERE mdtrt_id=? AND setl_id IS NULL",
@@ -724,6 +724,11 @@ class Ledger:
         return self._store_file(f"{env['infno']}_{since}.txt", rows)
 
     # ---- 异地 patients: filings (备案 2501-2507) ------------------------------------------------------------
+    def _remote(self, insuplc_admdvs: str) -> bool:
+        """Insured in another pooling region (统筹区, the city: the first 4 digits); 430199, the city's own
+        agency, is of this one."""
+        return insuplc_admdvs[:4] != self.admdvs[:4]
+
     def _remote_clr_type(self, clr_type: str) -> str:
         return self.remote.inpatient if clr_type.startswith("2") else self.remote.outpatient
 
@@ -806,8 +811,8 @@ class Ledger:
     def _remote_month(self, month: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT s.*, p.certno, p.insuplc_admdvs FROM settlements s JOIN persons p ON p.psn_no = s.psn_no "
-            "WHERE s.state != 'reversed' AND p.insuplc_admdvs != ? AND substr(s.setl_time, 1, 7) = ? "
-            "ORDER BY s.setl_time, s.setl_id", (self.admdvs, month)).fetchall()
+            "WHERE s.state != 'reversed' AND substr(p.insuplc_admdvs, 1, 4) != ? AND substr(s.setl_time, 1, 7) = ? "
+            "ORDER BY s.setl_time, s.setl_id", (self.admdvs[:4], month)).fetchall()
         return [dict(zip((*SETTLEMENT_COLUMNS, "certno", "insuplc_admdvs"), r)) for r in rows]
 
     def remote_detail(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
