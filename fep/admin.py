@@ -3,6 +3,9 @@ command), and Prometheus metrics on a loopback TCP port. A thin adapter over the
 
 from __future__ import annotations
 
+import pwd
+import socket
+import struct
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from fep import envelope, metrics, sockets
+from fep.clearing import Clearing, ClearingError, group_of
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
 from fep.journal import COLUMNS, TradeFilter, TradeRow
@@ -194,12 +198,66 @@ class MetricsRefresher:
             metrics.CERT_EXPIRY.labels(name).set(seconds)
 
 
+def clearing_routes(clearing: Clearing) -> dict[str, Callable[[Request], Awaitable[Any]]]:
+    """`fep clearing`: POST /clearing/apply|cancel|remote|paid (a JSON body naming the month, and the group
+    where one is meant), GET /clearing/status?month=YYYY-MM. A payment keeps who entered it: the peer."""
+
+    async def post(req: Request) -> Any:
+        what, body = req.path.strip("/").split("/")[1:2], _object(req)
+        month = _text(body, "month") or ""
+        try:
+            if what == ["apply"]:
+                return await clearing.apply(month)
+            if what == ["cancel"]:
+                return await clearing.cancel(month, group_of(_text(body, "group")))
+            if what == ["remote"]:
+                return await clearing.remote(month)
+            if what == ["paid"]:
+                return await clearing.paid(month, group_of(_text(body, "group")), body.get("amount"),
+                                           _text(body, "note") or "", req.peer or "unknown")
+        except ClearingError as e:
+            raise Refused(409, str(e)) from None
+        raise Refused(404, "clearing calls: POST /clearing/apply|cancel|remote|paid, GET /clearing/status?month=")
+
+    async def get(req: Request) -> Any:
+        path, _, query = req.path.partition("?")
+        if path.strip("/") != "clearing/status":
+            raise Refused(404, "clearing calls: POST /clearing/apply|cancel|remote|paid, GET /clearing/status?month=")
+        try:
+            return await clearing.status({k: v[-1] for k, v in parse_qs(query).items()}.get("month", ""))
+        except ClearingError as e:
+            raise Refused(400, str(e)) from None
+
+    return {"POST clearing": post, "GET clearing": get}
+
+
+class AdminProtocol(HTTPServerProtocol):
+    """Each request carries who is at the other end of the admin socket, as the kernel says (SO_PEERCRED):
+    what a person enters by hand (a disbursement) keeps it."""
+
+    def connectionMade(self) -> None:
+        self._peer = peer_of(self.transport.getHandle())
+        super().connectionMade()
+
+
+def peer_of(sock: socket.socket) -> str:
+    """"uid 1001 (zhang)" of a Unix-socket peer."""
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return ""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int,
                  group: str = "fep") -> None:
     unix.parent.mkdir(parents=True, exist_ok=True)
     if unix.exists():
         unix.unlink()
-    factory = Factory.forProtocol(lambda: HTTPServerProtocol(service.handle, max_body=1 << 20))
+    factory = Factory.forProtocol(lambda: AdminProtocol(service.handle, max_body=1 << 20))
     await endpoints.UNIXServerEndpoint(reactor, str(unix), mode=0o660).listen(factory)
     sockets.chown_group(unix, group)  # only root and admin.unix_group (not the HIS socket's group) may open it
     root = Resource()

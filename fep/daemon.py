@@ -27,6 +27,7 @@ from fep.his import HisFactory, HisService
 from fep.http11 import Limits
 from fep.journal import Journal, JournalError
 from fep.codebook import CodeBook
+from fep.clearing import Clearing
 from fep.reconcile import Reconciler, yesterday
 from fep.schedule import Daily
 
@@ -72,7 +73,8 @@ class Daemon:
                                            interface=cfg.his.tcp_host).listen(self.factory)
         self.reconciler = Reconciler(self.engine)
         self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations,
-                                 "POST catalog": self._catalog, "GET catalog": self._catalog})
+                                 "POST catalog": self._catalog, "GET catalog": self._catalog,
+                                 **admin.clearing_routes(Clearing(self.reconciler))})
         self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday())),
                       Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync)]
         service = admin.AdminService(self.engine, self.reload, self.extra_admin)
