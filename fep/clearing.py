@@ -66,25 +66,38 @@ class Clearing:
         return [first.replace(day=d) for d in range(1, min(last, date.today()).day + 1)] if first <= date.today() \
             else []
 
-    async def _settlements(self, month: str) -> dict[Group, list[Settlement]]:
-        groups: dict[Group, list[Settlement]] = {}
+    async def _by_day(self, month: str) -> dict[date, dict[Group, list[Settlement]]]:
+        days: dict[date, dict[Group, list[Settlement]]] = {}
         for day in self._days(month):
+            groups = days[day] = {}
             for s in await self.reconciler.settlements(day):
                 groups.setdefault((s.insutype, s.setl_optins, s.clr_type), []).append(s)
-        return groups
+        return days
 
-    async def _not_balanced(self, month: str) -> dict[Group | None, list[str]]:
-        """Days whose stored reconciliation did not balance, per group; under None, days never reconciled."""
+    async def _settlements(self, month: str) -> dict[Group, list[Settlement]]:
+        return merged(await self._by_day(month))
+
+    async def _not_balanced(self, by_day: dict[date, dict[Group, list[Settlement]]]) -> dict[Group | None, list[str]]:
+        """Days that did not balance, per group: its stored reconciliation said 不平 (or could not ask), or it
+        holds other settlements than the journal now does (the amounts applied for would not be the ones that
+        balanced); under None, days never reconciled."""
         out: dict[Group | None, list[str]] = {}
-        for day in self._days(month):
+        for day, groups in by_day.items():
             runs = await self.engine.journal.runs("reconcile", day.isoformat(), limit=1)
             if not runs:
                 out.setdefault(None, []).append(f"{day} (not reconciled)")
                 continue
-            for g in runs[0]["groups"]:
+            reconciled = {(g["insutype"], g["setl_optins"], g["clr_type"]): g for g in runs[0]["groups"]}
+            for group, g in reconciled.items():
                 if g["result"] != "平":
-                    out.setdefault((g["insutype"], g["setl_optins"], g["clr_type"]), []).append(
-                        f"{day} ({g['result']})")
+                    out.setdefault(group, []).append(f"{day} ({g['result']})")
+            for group, rows in groups.items():
+                g = reconciled.get(group)
+                if g and g["result"] == "平" and (g["fixmedins_setl_cnt"], _dec(g["medfee_sumamt"])) != (
+                        len(rows), totals(rows)["medfee"]):
+                    out.setdefault(group, []).append(f"{day} (settlements since it was reconciled)")
+                elif g is None:
+                    out.setdefault(group, []).append(f"{day} (not reconciled)")
         return out
 
     def _named(self, group: Group) -> dict[str, str]:
@@ -99,8 +112,9 @@ class Clearing:
     # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
     async def apply(self, month: str) -> dict[str, Any]:
         first, last = month_of(month)
-        groups = await self._settlements(month)
-        bad = await self._not_balanced(month)
+        by_day = await self._by_day(month)
+        groups = merged(by_day)
+        bad = await self._not_balanced(by_day)
         done = await self._clearings(month)
         results = []
         for group, rows in sorted(groups.items()):
@@ -226,6 +240,15 @@ class Clearing:
             return await self.engine.journal.run(journal.clearing_paid(month, group, str(value), note.strip(), by))
         except LookupError as e:
             raise ClearingError(f"{e}: apply first (fep clearing apply --month {month})") from None
+
+
+def merged(by_day: dict[date, dict[Group, list[Settlement]]]) -> dict[Group, list[Settlement]]:
+    """The month's settlements per group."""
+    groups: dict[Group, list[Settlement]] = {}
+    for day_groups in by_day.values():
+        for group, rows in day_groups.items():
+            groups.setdefault(group, []).extend(rows)
+    return groups
 
 
 def totals(rows: list[Settlement]) -> dict[str, Any]:

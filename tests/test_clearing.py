@@ -121,6 +121,17 @@ def test_a_day_that_did_not_balance_keeps_its_groups_from_being_applied_for(mont
     assert groups(doc)["310/430199/11"]["result"] == "applied"  # the others go
 
 
+def test_a_settlement_after_the_day_was_reconciled_keeps_its_group_from_being_applied_for(
+        month: dict[str, dict], world: World) -> None:
+    for day in DAYS:
+        assert world.cli("reconcile", "--date", day).returncode == 0, day
+    settled_visit(world, ZHANG)  # the journal now holds more than what balanced
+    held = groups(clearing(world, "apply")[1])["310/430199/11"]
+    assert held["result"] == "not applied" and held["days"] == [f"{DAYS[-1]} (settlements since it was reconciled)"]
+    assert world.cli("reconcile", "--date", DAYS[-1]).returncode == 0
+    assert groups(clearing(world, "apply")[1])["310/430199/11"]["result"] == "applied"
+
+
 def test_a_payment_is_refused_without_an_application_or_a_notice(running: World) -> None:
     settled_visit(running, ZHANG)
     no_app = running.cli("clearing", "paid", "--month", MONTH, "--group", "310/430199/11", "--amount", "10.00",

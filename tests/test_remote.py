@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import pytest
 
+from fep import config
 from fep.sim.world import QIAN, ZHANG, ZHAO, Stay, Visit, World, ok, reversed_settlement, said, wait_for
 
 # All 甲类 items, 450.00 in all: enough to pass a deductible and show the home region's ratio
@@ -100,3 +101,13 @@ def test_an_unknown_outcome_of_a_remote_inpatient_settlement_is_reversed_in_the_
     assert again["output"]["setlinfo"]["clr_type"] == "99968"  # 域外异地住院
     assert ok(stay.discharge())
     remote.assert_ledgers_agree()
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"remote": {"without_1101": "sometimes"}}, "remote.without_1101 must be refuse or forward"),
+    ({"clearing": {"status_trade": "3299"}}, "clearing.status_trade 3299 is not in the trade catalog"),
+])
+def test_a_wrong_remote_or_clearing_setting_is_refused_naming_the_key(world: World, change: dict, error: str) -> None:
+    world.configure(fep=change)
+    with pytest.raises(config.ConfigError, match=error):
+        config.load(world.fep_config)
