@@ -200,21 +200,22 @@ class MetricsRefresher:
 
 def clearing_routes(clearing: Clearing) -> dict[str, Callable[[Request], Awaitable[Any]]]:
     """`fep clearing`: POST /clearing/apply|cancel|remote|paid (a JSON body naming the month, and the group
-    where one is meant), GET /clearing/status?month=YYYY-MM. A payment keeps who entered it: the peer."""
+    where one is meant), GET /clearing/status?month=YYYY-MM. Applications, cancels and payments keep who
+    made them: the socket's peer."""
 
     async def post(req: Request) -> Any:
         what, body = req.path.strip("/").split("/")[1:2], _object(req)
-        month = _text(body, "month") or ""
+        month, by = _text(body, "month") or "", req.peer or "unknown"
         try:
             if what == ["apply"]:
-                return await clearing.apply(month)
+                return await clearing.apply(month, by)
             if what == ["cancel"]:
-                return await clearing.cancel(month, group_of(_text(body, "group")))
+                return await clearing.cancel(month, group_of(_text(body, "group")), by)
             if what == ["remote"]:
                 return await clearing.remote(month)
             if what == ["paid"]:
                 return await clearing.paid(month, group_of(_text(body, "group")), body.get("amount"),
-                                           _text(body, "note") or "", req.peer or "unknown")
+                                           _text(body, "note") or "", by)
         except ClearingError as e:
             raise Refused(409, str(e)) from None
         raise Refused(404, "clearing calls: POST /clearing/apply|cancel|remote|paid, GET /clearing/status?month=")

@@ -8,7 +8,7 @@
   journal's 异地 settlements; every difference named; confirmed (3261) only when there is none.
 - status: per group, settlements, applied, approved and refused (拒付, with reasons: the region's status
   trade, fep.yaml `clearing.status_trade`), disbursed (拨付) and what is still to come.
-- paid: a disbursement from the bank's notice, kept with who entered it.
+- paid: a disbursement from the bank's notice, kept with who entered it (as are applications and cancels).
 
 The state is the journal's (schema 7: fep.journal's clearing queries), every change one durable write; the
 trades go through the engine like any other (fep.reconcile.Reconciler.call).
@@ -110,7 +110,7 @@ class Clearing:
         return {(r["insutype"], r["setl_optins"], r["clr_type"]): r for r in rows}
 
     # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
-    async def apply(self, month: str) -> dict[str, Any]:
+    async def apply(self, month: str, by: str) -> dict[str, Any]:
         first, last = month_of(month)
         by_day = await self._by_day(month)
         groups = merged(by_day)
@@ -127,11 +127,12 @@ class Clearing:
                 r.update(result="not applied", days=days,
                          why=f"every day must balance first: {', '.join(days)} (fep reconcile --date DAY)")
             else:
-                r.update(await self._apply(month, first, last, group, t))
+                r.update(await self._apply(month, first, last, group, t, by))
             results.append(r)
         return {"month": month, "groups": results, "applied": sum(r["result"] == "applied" for r in results)}
 
-    async def _apply(self, month: str, first: date, last: date, group: Group, t: dict[str, Any]) -> dict[str, Any]:
+    async def _apply(self, month: str, first: date, last: date, group: Group, t: dict[str, Any],
+                     by: str) -> dict[str, Any]:
         insutype, setl_optins, clr_type = group
         try:
             out = await self.reconciler.call("3203", {"data": {
@@ -144,10 +145,10 @@ class Clearing:
         evt = str((out.get("data") or {}).get("clr_appy_evt_id") or "")
         if not evt:
             return {"result": "refused", "why": "3203 answered without clr_appy_evt_id"}
-        await self.engine.journal.run(journal.clearing_applied(month, group, t, evt))
+        await self.engine.journal.run(journal.clearing_applied(month, group, t, evt, by))
         return {"result": "applied", "clr_appy_evt_id": evt}
 
-    async def cancel(self, month: str, group: Group) -> dict[str, Any]:
+    async def cancel(self, month: str, group: Group, by: str) -> dict[str, Any]:
         row = (await self._clearings(month)).get(group)
         if row is None or row["state"] != "applied":
             raise ClearingError(f"{month} {'/'.join(group)} has no application in force to cancel")
@@ -156,7 +157,7 @@ class Clearing:
                                                          "clr_type": group[2]}})
         except ReconcileError as e:
             raise ClearingError(str(e)) from None
-        return await self.engine.journal.run(journal.clearing_cancelled(month, group, row["clr_appy_evt_id"]))
+        return await self.engine.journal.run(journal.clearing_cancelled(month, group, row["clr_appy_evt_id"], by))
 
     # ---- 3260 / 3261: the 异地 clearing detail -------------------------------------------------------------
     async def remote(self, month: str) -> dict[str, Any]:

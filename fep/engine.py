@@ -332,7 +332,7 @@ class Engine:
     async def _insured_place(self, trade: TradeDef, psn: str) -> str:
         """The person's insured region (参保地) from their last 1101, for an envelope the HIS left without
         one: the bureau routes a 异地 patient's trade by it. "" where fep has none and may forward it so."""
-        place = await self.journal.read(insured_place(psn))
+        place = await self.journal.read(insured_place(psn), decides=True)
         if place is None and self.cfg.remote_without_1101 == "refuse":
             raise Refused(400, f"{trade.infno} {trade.name}: insuplc_admdvs (参保地医保区划) is empty and fep has no "
                                f"1101 answer of this person to fill it from: call 1101 (人员信息获取) for the "

@@ -556,9 +556,11 @@ class Journal:
         return self._views.call(lambda conn: [envelope.loads(r[0]) for r in _fetch(
             conn, f"{sql} ORDER BY id DESC LIMIT ?", (*params, limit))])
 
-    def read(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
-        """Another store's read (the code book's), on a reader thread: it never holds up the writer."""
-        return self._views.call(op)
+    def read(self, op: Callable[[sqlite3.Connection], T], decides: bool = False) -> defer.Deferred[T]:
+        """Another store's read (the code book's, a named query below), on a reader thread: it never holds up
+        the writer. `decides`: it decides a trade's next step, so it goes to the decision readers, where no
+        long view waits ahead of it."""
+        return (self._decisions if decides else self._views).call(op)
 
     def ping(self) -> defer.Deferred[None]:
         """Returns once the writer thread has run a (no-op) batch: the watchdog's proof of progress."""
@@ -729,7 +731,8 @@ def _to_v7(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE clearings (month TEXT NOT NULL, insutype TEXT NOT NULL, setl_optins TEXT NOT NULL, "
                  "clr_type TEXT NOT NULL, state TEXT NOT NULL, settlements INTEGER NOT NULL, medfee TEXT NOT NULL, "
                  "fund TEXT NOT NULL, acct TEXT NOT NULL, cash TEXT NOT NULL, clr_appy_evt_id TEXT, "
-                 "approved TEXT, refused TEXT, refusals TEXT, paid TEXT NOT NULL DEFAULT '0.00', updated REAL NOT NULL, "
+                 "approved TEXT, refused TEXT, refusals TEXT, paid TEXT NOT NULL DEFAULT '0.00', "
+                 "updated REAL NOT NULL, "
                  "PRIMARY KEY (month, insutype, setl_optins, clr_type))")
     conn.execute("CREATE TABLE clearing_events (id INTEGER PRIMARY KEY, month TEXT NOT NULL, grp TEXT NOT NULL, "
                  "at REAL NOT NULL, event TEXT NOT NULL, amount TEXT, note TEXT, by TEXT)")
@@ -848,31 +851,32 @@ def _clearing_event(conn: sqlite3.Connection, month: str, group: Group, event: s
                  (month, "/".join(group), time.time(), event, None if amount is None else str(amount), note, by))
 
 
-def clearing_applied(month: str, group: Group, totals: dict[str, Any], evt_id: str) -> Op:
+def clearing_applied(month: str, group: Group, totals: dict[str, Any], evt_id: str, by: str) -> Op:
     """The bureau took the month's application (3203) for the group: its figures and clr_appy_evt_id."""
 
     def op(conn: sqlite3.Connection) -> dict[str, Any]:
         conn.execute("INSERT INTO clearings (month, insutype, setl_optins, clr_type, state, settlements, medfee, "
                      "fund, acct, cash, clr_appy_evt_id, updated) VALUES (?,?,?,?,'applied',?,?,?,?,?,?,?) "
-                     "ON CONFLICT(month, insutype, setl_optins, clr_type) DO UPDATE SET state='applied', settlements=excluded.settlements, "
+                     "ON CONFLICT(month, insutype, setl_optins, clr_type) DO UPDATE SET state='applied', "
+                     "settlements=excluded.settlements, "
                      "medfee=excluded.medfee, fund=excluded.fund, acct=excluded.acct, cash=excluded.cash, "
                      "clr_appy_evt_id=excluded.clr_appy_evt_id, approved=NULL, refused=NULL, refusals=NULL, "
                      "updated=excluded.updated",
                      (month, *group, totals["settlements"], str(totals["medfee"]), str(totals["fund"]),
                       str(totals["acct"]), str(totals["cash"]), evt_id, time.time()))
-        _clearing_event(conn, month, group, "applied", totals["fund"], f"clr_appy_evt_id {evt_id}")
+        _clearing_event(conn, month, group, "applied", totals["fund"], f"clr_appy_evt_id {evt_id}", by)
         return _clearing_row(conn, month, group)  # type: ignore[return-value]
 
     return op
 
 
-def clearing_cancelled(month: str, group: Group, evt_id: str) -> Op:
+def clearing_cancelled(month: str, group: Group, evt_id: str, by: str) -> Op:
     """The bureau cancelled the application (3204)."""
 
     def op(conn: sqlite3.Connection) -> dict[str, Any]:
         conn.execute("UPDATE clearings SET state='cancelled', updated=? WHERE month = ? AND insutype = ? AND "
                      "setl_optins = ? AND clr_type = ?", (time.time(), month, *group))
-        _clearing_event(conn, month, group, "cancelled", None, f"clr_appy_evt_id {evt_id}")
+        _clearing_event(conn, month, group, "cancelled", None, f"clr_appy_evt_id {evt_id}", by)
         return _clearing_row(conn, month, group)  # type: ignore[return-value]
 
     return op

@@ -385,7 +385,8 @@ class Ledger:
                 "psn_cash_pay": psn_part - acct, "hosp_part_amt": ZERO, "acct_mulaid_pay": ZERO,
                 "balc": Decimal(balc) - acct, "med_type": data.get("med_type", "11"),
                 "clr_type": self._remote_clr_type(clr_type) if remote else clr_type,
-                "clr_way": "1", "clr_optins": self.remote.clr_optins if remote else self.clr_optins, "mdtrt_cert_type": data.get("mdtrt_cert_type", "02"),
+                "clr_way": "1", "clr_optins": self.remote.clr_optins if remote else self.clr_optins,
+                "mdtrt_cert_type": data.get("mdtrt_cert_type", "02"),
                 "psn_cert_type": "01", "gend": "1", "naty": "01", "cvlserv_flag": "0"}
 
     def _setl_output(self, info: dict[str, Any], fund_pay_type: str) -> dict[str, Any]:
@@ -802,7 +803,8 @@ class Ledger:
         rej = sum((Decimal(a) for _, a, _ in refused), ZERO)
         return {"data": {"clr_appy_evt_id": app["clr_appy_evt_id"], "clr_stas": app["state"],
                          "appy_amt": Decimal(app["fund"]), "appr_amt": Decimal(app["fund"]) - rej, "rej_amt": rej,
-                         "rejinfo": [{"setl_id": sid, "rej_amt": Decimal(a), "rej_rea": why} for sid, a, why in refused]}}
+                         "rejinfo": [{"setl_id": sid, "rej_amt": Decimal(a), "rej_rea": why}
+                                     for sid, a, why in refused]}}
 
     def refuse(self, setl_id: str, amount: Decimal, reason: str) -> None:
         """The audit refuses (拒付) part of a settlement."""
