@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import Any
 
 from fep import envelope, journal
-from fep.reconcile import CLR_TYPE, INSUTYPE, ZERO, Reconciler, ReconcileError, Settlement, _dec
+from fep.reconcile import CLR_TYPE, INSUTYPE, ZERO, Reconciler, ReconcileError, Settlement, dec
 
 Group = tuple[str, str, str]  # (insutype, setl_optins, clr_type)
 STATUS_HEADERS = ["险种类别", "结算经办机构", "清算类别", "结算笔数", "申请金额", "审核通过", "拒付", "拒付原因", "已拨付",
@@ -67,12 +67,14 @@ class Clearing:
             else []
 
     async def _by_day(self, month: str) -> dict[date, dict[Group, list[Settlement]]]:
-        days: dict[date, dict[Group, list[Settlement]]] = {}
-        for day in self._days(month):
-            groups = days[day] = {}
-            for s in await self.reconciler.settlements(day):
+        days = self._days(month)
+        found = await self.reconciler.settlements_between(days[0], days[-1]) if days else {}
+        by_day: dict[date, dict[Group, list[Settlement]]] = {}
+        for day in days:
+            groups = by_day[day] = {}
+            for s in found.get(day, []):
                 groups.setdefault((s.insutype, s.setl_optins, s.clr_type), []).append(s)
-        return days
+        return by_day
 
     async def _settlements(self, month: str) -> dict[Group, list[Settlement]]:
         return merged(await self._by_day(month))
@@ -93,7 +95,7 @@ class Clearing:
                     out.setdefault(group, []).append(f"{day} ({g['result']})")
             for group, rows in groups.items():
                 g = reconciled.get(group)
-                if g and g["result"] == "平" and (g["fixmedins_setl_cnt"], _dec(g["medfee_sumamt"])) != (
+                if g and g["result"] == "平" and (g["fixmedins_setl_cnt"], dec(g["medfee_sumamt"])) != (
                         len(rows), totals(rows)["medfee"]):
                     out.setdefault(group, []).append(f"{day} (settlements since it was reconciled)")
                 elif g is None:
@@ -173,7 +175,7 @@ class Clearing:
                    "action": "ask the clearing centre why it does not clear it: unconfirmed, it is not paid this "
                              "month"} for sid, s in ours.items() if sid not in listed]
         doc: dict[str, Any] = {"month": month, "rows": len(theirs), "journal": len(ours),
-                               "medfee": sum((_dec(r.get("medfee_sumamt")) for r in theirs), ZERO),
+                               "medfee": sum((dec(r.get("medfee_sumamt")) for r in theirs), ZERO),
                                "differences": diffs, "confirmed": False}
         if not diffs:
             try:
@@ -209,10 +211,10 @@ class Clearing:
         rows = []
         for group in sorted(set(groups) | set(done)):
             c = done.get(group) or {}
-            applied = _dec(c.get("fund")) if c.get("state") == "applied" else ZERO
-            refused, paid = _dec(c.get("refused")), _dec(c.get("paid"))
+            applied = dec(c.get("fund")) if c.get("state") == "applied" else ZERO
+            refused, paid = dec(c.get("refused")), dec(c.get("paid"))
             rows.append({**self._named(group), "settlements": len(groups.get(group, [])), "applied": applied,
-                         "approved": None if c.get("approved") is None else _dec(c["approved"]), "refused": refused,
+                         "approved": None if c.get("approved") is None else dec(c["approved"]), "refused": refused,
                          "refusals": envelope.loads(c["refusals"]) if c.get("refusals") else [], "paid": paid,
                          "outstanding": applied - refused - paid, "state": STATES.get(c.get("state")),
                          "clr_appy_evt_id": c.get("clr_appy_evt_id")})
@@ -226,10 +228,10 @@ class Clearing:
                 "data") or {}
         except ReconcileError:
             return row
-        refusals = [{"setl_id": r.get("setl_id"), "amount": _dec(r.get("rej_amt")), "reason": r.get("rej_rea")}
+        refusals = [{"setl_id": r.get("setl_id"), "amount": dec(r.get("rej_amt")), "reason": r.get("rej_rea")}
                     for r in out.get("rejinfo") or []]
         return await self.engine.journal.run(journal.clearing_audited(
-            month, group, str(_dec(out.get("appr_amt"))), str(_dec(out.get("rej_amt"))), refusals))
+            month, group, str(dec(out.get("appr_amt"))), str(dec(out.get("rej_amt"))), refusals))
 
     async def paid(self, month: str, group: Group, amount: Any, note: str, by: str) -> dict[str, Any]:
         if not AMOUNT.fullmatch(str(amount)) or Decimal(str(amount)) <= 0:
@@ -261,7 +263,7 @@ def totals(rows: list[Settlement]) -> dict[str, Any]:
 
 def _compared(row: dict[str, Any], ours: Settlement | None) -> dict[str, Any] | None:
     """The difference between a row of the clearing detail and the journal's settlement, or None."""
-    medfee, pays = _dec(row.get("medfee_sumamt")), _dec(row.get("optins_pay_sumamt"))
+    medfee, pays = dec(row.get("medfee_sumamt")), dec(row.get("optins_pay_sumamt"))
     base = {"setl_id": row.get("setl_sn"), "detail_medfee": medfee}
     if ours is None:
         return {**base, "kind": "in the clearing detail, not in the journal", "msgid": None, "journal_medfee": None,
@@ -284,10 +286,10 @@ def status_rows(doc: dict[str, Any]) -> list[list[str]]:
     rows = [[*_name(g), str(g["settlements"]), str(g["applied"]), "" if g["approved"] is None else str(g["approved"]),
              str(g["refused"]), "; ".join(f"{r['setl_id']} {r['amount']} {r['reason']}" for r in g["refusals"]),
              str(g["paid"]), str(g["outstanding"]), g["state"]] for g in doc["groups"]]
-    total = {k: sum((_dec(g[k]) for g in doc["groups"]), ZERO) for k in ("applied", "refused", "paid", "outstanding")}
+    total = {k: sum((dec(g[k]) for g in doc["groups"]), ZERO) for k in ("applied", "refused", "paid", "outstanding")}
     approved = [g["approved"] for g in doc["groups"] if g["approved"] is not None]
     rows.append(["合计", "", "", str(sum(g["settlements"] for g in doc["groups"])), str(total["applied"]),
-                 str(sum((_dec(a) for a in approved), ZERO)) if approved else "", str(total["refused"]), "",
+                 str(sum((dec(a) for a in approved), ZERO)) if approved else "", str(total["refused"]), "",
                  str(total["paid"]), str(total["outstanding"]), ""])
     return rows
 

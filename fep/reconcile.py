@@ -23,7 +23,10 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from twisted.internet import threads
+
 from fep import envelope, metrics
+from fep.journal import TradeRow
 from fep.trades import Kind
 from fep.engine import Engine
 
@@ -77,20 +80,18 @@ class Reconciler:
 
     async def settlements(self, day: date) -> list[Settlement]:
         """The day's settlements and cancels in force in the journal, by the bureau's settlement time."""
+        return (await self.settlements_between(day, day)).get(day, [])
+
+    async def settlements_between(self, first: date, last: date) -> dict[date, list[Settlement]]:
+        """The settlements and cancels in force of the days first..last, per day of the bureau's settlement
+        time (a trade journalled just before midnight may be settled after it), read in one go: a month's
+        clearing reads it once. Their answers are read on a worker thread, not the reactor's."""
         money = {t.infno for t in self.engine.trades.defs.values() if t.moves_money}
-        start = datetime.combine(day, datetime.min.time()).timestamp()
-        rows = await self.engine.journal.settled_between(start - 86400, start + 2 * 86400)
-        out = []
-        for r in rows:
-            info = (envelope.loads(r.answer or "{}").get("output") or {}).get("setlinfo") or {}
-            if r.infno not in money or str(info.get("setl_time", ""))[:10] != day.isoformat():
-                continue
-            out.append(Settlement(
-                r.msgid, r.infno, r.psn_no or "", r.setl_id or "", str(info.get("mdtrt_id", "")),
-                str(info.get("insutype", "")), str(info.get("clr_type", "")), str(info.get("clr_optins", "")),
-                _dec(info.get("medfee_sumamt")), _dec(info.get("fund_pay_sumamt")), _dec(info.get("acct_pay")),
-                self.engine.trades.get(r.infno).kind is Kind.UNDO_MONEY, str(r.envelope.get("insuplc_admdvs") or "")))
-        return out
+        undo = {t.infno for t in self.engine.trades.defs.values() if t.kind is Kind.UNDO_MONEY}
+        start = datetime.combine(first, datetime.min.time()).timestamp()
+        end = datetime.combine(last, datetime.min.time()).timestamp() + 86400
+        rows = await self.engine.journal.settled_between(start - 86400, end + 86400)
+        return await threads.deferToThread(_by_day, rows, money, undo, first.isoformat(), last.isoformat())
 
     async def run(self, day: date) -> dict[str, Any]:
         unresolved = await self._unresolved(day)
@@ -217,7 +218,24 @@ class ReconcileError(Exception):
     pass
 
 
-def _dec(value: Any) -> Decimal:
+def _by_day(rows: list[TradeRow], money: set[str], undo: set[str], first: str,
+            last: str) -> dict[date, list[Settlement]]:
+    """The money trades among `rows` settled by the bureau on a day from first to last (ISO dates), per day."""
+    out: dict[date, list[Settlement]] = {}
+    for r in rows:
+        info = (envelope.loads(r.answer or "{}").get("output") or {}).get("setlinfo") or {}
+        day = str(info.get("setl_time", ""))[:10]
+        if r.infno not in money or not first <= day <= last:
+            continue
+        out.setdefault(date.fromisoformat(day), []).append(Settlement(
+            r.msgid, r.infno, r.psn_no or "", r.setl_id or "", str(info.get("mdtrt_id", "")),
+            str(info.get("insutype", "")), str(info.get("clr_type", "")), str(info.get("clr_optins", "")),
+            dec(info.get("medfee_sumamt")), dec(info.get("fund_pay_sumamt")), dec(info.get("acct_pay")),
+            r.infno in undo, str(envelope.top_field(r.request, "insuplc_admdvs", "") or "")))
+    return out
+
+
+def dec(value: Any) -> Decimal:
     return Decimal(str(value)) if value not in (None, "") else ZERO
 
 
@@ -226,7 +244,7 @@ def more(differences: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     medical-fee money, for the office's "相差几笔，相差多少钱，哪边多哪边少"."""
     sides = {"bureau": {"settlements": 0, "medfee": ZERO}, "journal": {"settlements": 0, "medfee": ZERO}}
     for d in differences:
-        bureau, journal = _dec(d.get("bureau_medfee")), _dec(d.get("journal_medfee"))
+        bureau, journal = dec(d.get("bureau_medfee")), dec(d.get("journal_medfee"))
         if d.get("journal_medfee") is None:
             sides["bureau"]["settlements"] += 1
             sides["bureau"]["medfee"] += bureau
