@@ -7,6 +7,7 @@ home region's policy, and clears it under the 异地 clearing types; a reversal 
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -111,3 +112,17 @@ def test_a_wrong_remote_or_clearing_setting_is_refused_naming_the_key(world: Wor
     world.configure(fep=change)
     with pytest.raises(config.ConfigError, match=error):
         config.load(world.fep_config)
+
+
+def test_a_remote_settlement_made_behind_fep_s_back_is_reversed_in_the_home_region(remote: World) -> None:
+    """Reconciliation finds a 异地 settlement the journal does not hold (单边账); `fep reverse` makes its 2601,
+    which carries the person's insured region from their 1101 as any trade of theirs does."""
+    visit = Visit(remote.his, QIAN)
+    visit.up_to_settlement()
+    rogue = f"H43010000001{time.strftime('%Y%m%d%H%M%S')}9990"  # fep's own numbering, as an operator's would be
+    assert ok(remote.bypass("2207", rogue, visit.settlement_input(), insuplc_admdvs="430400"))
+    undo = remote.cli("reverse", rogue, "--infno", "2207", "--person", QIAN["psn_no"])
+    assert undo.returncode == 0, undo.stdout + undo.stderr
+    [reversal] = remote.journal("infno='2601'")
+    assert remote.bureau_request(reversal["msgid"])["insuplc_admdvs"] == "430400"
+    assert rogue not in remote.live()

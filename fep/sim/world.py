@@ -200,14 +200,14 @@ class World:
     def expire_sessions(self) -> None:
         _http("POST", self.control_port, "/sessions/expire", {})
 
-    def bypass(self, infno: str, msgid: str, input_: dict[str, Any]) -> dict[str, Any]:
+    def bypass(self, infno: str, msgid: str, input_: dict[str, Any], **fields: Any) -> dict[str, Any]:
         """Post a trade straight to the bureau with the hospital's certificate, behind fep's back (as an
-        operator working in the bureau's own system does)."""
+        operator working in the bureau's own system does); `fields`: more of the envelope (insuplc_admdvs)."""
         import ssl
 
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
         ctx.load_cert_chain(str(self.pki / "hospital.pem"), str(self.pki / "hospital.key"))
-        body = envelope.dumps({"infno": infno, "msgid": msgid, "input": input_})
+        body = envelope.dumps({"infno": infno, "msgid": msgid, "input": input_, **fields})
         with socket.create_connection(("127.0.0.1", self.sim_port)) as raw:
             with ctx.wrap_socket(raw, server_hostname="bureau.fep.test") as s:
                 s.sendall(b"POST / HTTP/1.1\r\nHost: bureau\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
