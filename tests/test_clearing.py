@@ -88,7 +88,7 @@ def test_a_month_is_applied_for_pulled_audited_and_paid(month: dict[str, dict], 
     assert code == 0 and pulled["confirmed"] and pulled["differences"] == []
 
     # The audit refuses part of a settlement (拒付); the bank pays the rest, and who entered it is kept.
-    world.refuse(month["zhang"]["setl_id"], "20.00", "超限价")
+    world.refuse(month["zhang2"]["setl_id"], "20.00", "超限价")
     status = groups(clearing(world, "status")[1])["310/430199/11"]
     assert Decimal(str(status["refused"])) == Decimal("20.00") and status["refusals"][0]["reason"] == "超限价"
     assert Decimal(str(status["approved"])) == Decimal(str(local["fund"])) - Decimal("20.00")

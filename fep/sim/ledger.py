@@ -797,13 +797,14 @@ class Ledger:
         app = self._application(str(data["clr_appy_evt_id"]))
         month = f"{app['setlym'][:4]}-{app['setlym'][4:6]}"
         refused = self.conn.execute(
-            "SELECT r.setl_id, r.amount, r.reason FROM refusals r JOIN settlements s ON s.setl_id = r.setl_id "
+            "SELECT r.setl_id, r.amount, s.fund, r.reason FROM refusals r JOIN settlements s ON s.setl_id = r.setl_id "
             "WHERE s.insutype=? AND s.clr_optins=? AND s.clr_type=? AND substr(s.setl_time, 1, 7)=? ORDER BY r.setl_id",
             (app["insutype"], app["clr_optins"], app["clr_type"], month)).fetchall()
-        rej = sum((Decimal(a) for _, a, _ in refused), ZERO)
+        refused = [(sid, min(Decimal(a), Decimal(fund)), why) for sid, a, fund, why in refused]  # at most what it paid
+        rej = sum((a for _, a, _ in refused), ZERO)
         return {"data": {"clr_appy_evt_id": app["clr_appy_evt_id"], "clr_stas": app["state"],
                          "appy_amt": Decimal(app["fund"]), "appr_amt": Decimal(app["fund"]) - rej, "rej_amt": rej,
-                         "rejinfo": [{"setl_id": sid, "rej_amt": Decimal(a), "rej_rea": why}
+                         "rejinfo": [{"setl_id": sid, "rej_amt": a, "rej_rea": why}
                                      for sid, a, why in refused]}}
 
     def refuse(self, setl_id: str, amount: Decimal, reason: str) -> None:
