@@ -190,14 +190,24 @@ class Clearing:
     async def _remote_detail(self, first: date) -> list[dict[str, Any]]:
         """Every page of 3260, from the first row until a page comes back empty."""
         rows: list[dict[str, Any]] = []
+        seen: set[str] = set()
         while True:
-            out = await self.reconciler.call("3260", {"data": {"trt_year": f"{first:%Y}", "trt_month": f"{first:%m}",
-                                                               "startrow": len(rows) + 1}})
+            try:
+                out = await self.reconciler.call("3260", {"data": {
+                    "trt_year": f"{first:%Y}", "trt_month": f"{first:%m}", "startrow": len(rows) + 1}})
+            except ReconcileError as e:
+                raise ClearingError(f"the 异地 clearing detail could not be fetched after {len(rows)} row(s): "
+                                    f"{e}; nothing was confirmed") from None
             page = out.get("data") or []
             if not isinstance(page, list):
                 raise ClearingError(f"3260 answered with {type(page).__name__} where a list of rows belongs")
             if not page:
                 return rows
+            again = seen & {str(r.get("setl_sn")) for r in page}
+            if again:  # a bureau that ignores startrow would page for ever
+                raise ClearingError(f"3260 from row {len(rows) + 1} answered rows already read "
+                                    f"({', '.join(sorted(again))})")
+            seen |= {str(r.get("setl_sn")) for r in page}
             rows += page
 
     # ---- status, and the bank's notice ------------------------------------------------------------------------
