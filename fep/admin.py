@@ -25,7 +25,8 @@ from twisted.web.server import Site
 
 from fep import envelope, metrics, sockets
 from fep.archive import Archive
-from fep.audit import AuditTrail
+from fep.audit import AuditTrail, user_name
+from fep.clearing import Clearing, ClearingError, group_of
 from fep.engine import Engine, Refused
 from fep.http11 import HTTPServerProtocol, Request, Response
 from fep.jobs import Job, Jobs
@@ -349,12 +350,48 @@ class AdminConnection(HTTPServerProtocol):
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         self.uid = peer_uid(self.transport.getHandle())
+        # what a person enters by hand (a disbursement) keeps who entered it: "uid 1001 (zhang)"
+        self._peer = "" if self.uid is None else f"uid {self.uid} ({user_name(self.uid)})"
         super().connectionMade()
 
 
 class QuietSite(Site):
     def log(self, request: Any) -> None:
         """A scrape is not an event: no access line."""
+
+
+def clearing_routes(clearing: Clearing) -> dict[str, Callable[[Request], Awaitable[Any]]]:
+    """`fep clearing`: POST /clearing/apply|cancel|remote|paid (a JSON body naming the month, and the group
+    where one is meant), GET /clearing/status?month=YYYY-MM. Applications, cancels and payments keep who
+    made them: the socket's peer."""
+
+    async def post(req: Request) -> Any:
+        what, body = req.path.strip("/").split("/")[1:2], _object(req)
+        month, by = _text(body, "month") or "", req.peer or "unknown"
+        try:
+            if what == ["apply"]:
+                return await clearing.apply(month, by)
+            if what == ["cancel"]:
+                return await clearing.cancel(month, group_of(_text(body, "group")), by)
+            if what == ["remote"]:
+                return await clearing.remote(month)
+            if what == ["paid"]:
+                return await clearing.paid(month, group_of(_text(body, "group")), body.get("amount"),
+                                           _text(body, "note") or "", by)
+        except ClearingError as e:
+            raise Refused(409, str(e)) from None
+        raise Refused(404, "clearing calls: POST /clearing/apply|cancel|remote|paid, GET /clearing/status?month=")
+
+    async def get(req: Request) -> Any:
+        path, _, query = req.path.partition("?")
+        if path.strip("/") != "clearing/status":
+            raise Refused(404, "clearing calls: POST /clearing/apply|cancel|remote|paid, GET /clearing/status?month=")
+        try:
+            return await clearing.status({k: v[-1] for k, v in parse_qs(query).items()}.get("month", ""))
+        except ClearingError as e:
+            raise Refused(400, str(e)) from None
+
+    return {"POST clearing": post, "GET clearing": get}
 
 
 async def listen(reactor: Any, service: AdminService, unix: Path, metrics_host: str, metrics_port: int,

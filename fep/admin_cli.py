@@ -375,6 +375,27 @@ def timeout(text: str) -> float:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
     return seconds
+def cmd_clearing(args: argparse.Namespace) -> int:
+    from fep.clearing import render
+
+    what, fmt = args.clearing_command, "json" if args.json else args.format
+    if what == "status":
+        doc = call(args, "GET", f"/clearing/status?month={args.month}")
+    elif what in ("apply", "remote"):
+        doc = call(args, "POST", f"/clearing/{what}", {"month": args.month})
+    else:
+        body = {"month": args.month, "group": args.group}
+        if what == "paid":
+            body.update(amount=args.amount, note=args.note)
+        doc = call(args, "POST", f"/clearing/{what}", body)
+        sys.stdout.write((envelope.dumps(doc).decode() if args.json else
+                          f"{doc['month']} {doc['insutype']}/{doc['setl_optins']}/{doc['clr_type']}: {doc['state']}, "
+                          f"paid {doc['paid']} (clr_appy_evt_id {doc['clr_appy_evt_id']})") + "\n")
+        return 0
+    sys.stdout.write(render(doc, fmt, what) + "\n")
+    if what == "apply":
+        return 0 if all(g["result"] in ("applied", "already applied") for g in doc["groups"]) else 1
+    return 0 if what == "status" or doc["confirmed"] else 1
 
 
 def admin_options(p: argparse.ArgumentParser) -> None:
@@ -470,6 +491,25 @@ def add_commands(sub: Any) -> None:
     au.add_argument("--limit", type=int, default=100)
     admin_options(au)
     au.set_defaults(func=cmd_audit)
+    cl = sub.add_parser("clearing", help="month-end clearing (清算): apply, cancel, the 异地 detail, status, payments")
+    clsub = cl.add_subparsers(dest="clearing_command", required=True)
+    for name, text in (("apply", "apply (3203) for each group of the month whose every day balanced; exit 1 if "
+                                 "one could not be"),
+                       ("cancel", "cancel a group's application (3204)"),
+                       ("remote", "pull the month's 异地 clearing detail (3260), compare it with the journal, and "
+                                  "confirm it (3261) when nothing differs; exit 1 otherwise"),
+                       ("status", "per group: settlements, applied, approved, refused (拒付), paid (拨付)"),
+                       ("paid", "record a disbursement (拨付) from the bank's notice")):
+        c = clsub.add_parser(name, help=text)
+        c.add_argument("--month", required=True, help="YYYY-MM")
+        if name in ("cancel", "paid"):
+            c.add_argument("--group", required=True, help="INSUTYPE/SETL_OPTINS/CLR_TYPE, e.g. 310/430199/11")
+        if name == "paid":
+            c.add_argument("--amount", required=True, help="yuan, as the bank's notice says")
+            c.add_argument("--note", required=True, help="which notice (its number and date)")
+        c.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        admin_options(c)
+        c.set_defaults(func=cmd_clearing)
 
     rl = sub.add_parser("reload", help="re-read config and certificates (as systemctl reload)")
     admin_options(rl)

@@ -179,6 +179,13 @@ class Config:
     # (insutype, setl_optins, clr_type) reconciled every day even when the journal has nothing in them,
     # so that a settlement made at the bureau behind fep's back is found there too
     reconcile_groups: tuple[tuple[str, str, str], ...] = ()
+    # A trade whose insuplc_admdvs is to be filled (trades.yaml `insuplc: fill`) for a person fep has seen no
+    # 1101 of: "refuse" it (the HIS is told to call 1101 first), or "forward" it as the HIS sent it
+    remote_without_1101: str = "refuse"
+    # Month-end clearing: the region's trade that tells what the bureau approved and refused of an application
+    # (None: the region has none); and names of clearing types (清算类别) besides the national ones
+    clearing_status_trade: str | None = "3205A"
+    clr_type_names: tuple[tuple[str, str], ...] = ()
     allow_root: bool = False
     source: Path | None = None
     journal_keep_days: int | None = None  # finished trades older than this go to monthly archive files; None: never
@@ -244,6 +251,8 @@ KEYS: dict[str, Any] = {
                            "secrets": {name: TEXT for style in SECRETS.values() for name in style}}},
     "journal": {"path": TEXT, "max_batch": WHOLE, "keep_days": WHOLE, "archive_daily_at": TEXT},
     "backup": {"dir": TEXT, "keep": WHOLE, "daily_at": TEXT},
+    "remote": {"without_1101": TEXT},
+    "clearing": {"status_trade": TEXT, "clr_type_names": TEXT_MAP},
     "resolution": {"max_tries": WHOLE, "backoff": NUMBERS},
     "trades": TEXT,
     "trade_overrides": TRADE_MAP,
@@ -436,6 +445,7 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         journal_keep_days=_count(jr, "keep_days", "journal.", None),
         archive_at=_archive_at(jr),
         backup=_backup(doc.get("backup") or {}, base),
+        **_month_end(doc, trades),
     )
 
 
@@ -477,6 +487,22 @@ def _positive(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     if isinstance(value, bool) or number <= 0:
         raise ConfigError(f"his.{key} must be more than 0, got {value!r}")
     return number
+
+
+def _month_end(doc: dict[str, Any], trades: TradeBook) -> dict[str, Any]:
+    """`remote:` (异地 patients) and `clearing:` (清算)."""
+    remote, clearing = doc.get("remote") or {}, doc.get("clearing") or {}
+    without = str(remote.get("without_1101", "refuse"))
+    if without not in ("refuse", "forward"):
+        raise ConfigError(f"remote.without_1101 must be refuse or forward, got {without!r}")
+    status = clearing.get("status_trade", "3205A")
+    if status is not None and str(status) not in trades.defs:
+        raise ConfigError(f"clearing.status_trade {status} is not in the trade catalog")
+    names = clearing.get("clr_type_names") or {}
+    if not isinstance(names, dict):
+        raise ConfigError("clearing.clr_type_names must map a clearing type (清算类别) to its name")
+    return {"remote_without_1101": without, "clearing_status_trade": None if status is None else str(status),
+            "clr_type_names": tuple((str(k), str(v)) for k, v in names.items())}
 
 
 def _group(doc: Any, i: int) -> tuple[str, str, str]:

@@ -30,6 +30,7 @@ from fep.his import HisFactory, HisService
 from fep.http11 import Limits
 from fep.journal import Journal, JournalError
 from fep.codebook import CodeBook
+from fep.clearing import Clearing
 from fep.reconcile import Reconciler, yesterday
 from fep.schedule import Daily
 
@@ -81,7 +82,8 @@ class Daemon:
                                lambda: [path for _, path in self.archive.files()])
         self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations,
                                  "POST catalog": self._catalog, "GET catalog": self._catalog,
-                                 "POST backup": self._backup, "POST archive": lambda req: self.archive.run()})
+                                 "POST backup": self._backup, "POST archive": lambda req: self.archive.run(),
+                                 **admin.clearing_routes(Clearing(self.reconciler))})
         self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday()),
                             self.journal),
                       Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync, self.journal),

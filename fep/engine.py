@@ -25,7 +25,8 @@ from fep.bureau import BureauLink, Delivery, NotSent, Unknown
 from fep.codebook import CodeBook
 from fep.config import Config
 from fep.confirm import ConfirmWindows, NotAwaiting
-from fep.journal import Accepted, IllegalTransition, Journal, JournalError, NewTrade, TradeRow
+from fep.journal import (Accepted, IllegalTransition, Journal, JournalError, NewTrade, TradeRow,
+                         answer_with_place, insured_place)
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
 from fep.replies import Reply, lookup_view, outcome, reply
@@ -180,6 +181,8 @@ class Engine:
             self.codes.check_diagnoses(trade, req.input)
         psn = envelope.find_psn_no(req.input)
         env = self._complete(req.envelope)
+        if trade.insuplc == "fill" and psn and not env["insuplc_admdvs"]:
+            env["insuplc_admdvs"] = await self._insured_place(trade, psn)
 
         async def write(state: State) -> Accepted:
             env["sign_no"] = self.session.sign_no
@@ -305,6 +308,8 @@ class Engine:
             row = await self.journal.transition(row.msgid, "answer_held", deadline=self._now() + trade.confirm_within,
                                                 **fields)
             self.windows.arm(row)
+        elif ans.ok and (place := _place_in(trade, ans.output)):
+            row = await self.journal.run(answer_with_place(row.msgid, fields, *place))
         else:
             row = await self.journal.transition(row.msgid, "answer", **fields)
         if ans.ok:
@@ -325,6 +330,16 @@ class Engine:
                     await self.windows.confirm(s.msgid, f"cancelled by {row.infno} {row.msgid}")
                 except NotAwaiting:
                     pass  # its window closed first: the cancel and the undo are both in the journal
+
+    async def _insured_place(self, trade: TradeDef, psn: str) -> str:
+        """The person's insured region (参保地) from their last 1101, for an envelope the HIS left without
+        one: the bureau routes a 异地 patient's trade by it. "" where fep has none and may forward it so."""
+        place = await self.journal.read(insured_place(psn), decides=True)
+        if place is None and self.cfg.remote_without_1101 == "refuse":
+            raise Refused(400, f"{trade.infno} {trade.name}: insuplc_admdvs (参保地医保区划) is empty and fep has no "
+                               f"1101 answer of this person to fill it from: call 1101 (人员信息获取) for the "
+                               f"person first, or send insuplc_admdvs")
+        return place or ""
 
     async def _accept(self, new: NewTrade) -> Accepted:
         try:
@@ -592,6 +607,17 @@ class Engine:
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:
         return reply(row, self.trades.get(row.infno), infcode_type=self.cfg.his.infcode_type, **kw)
+
+
+def _place_in(trade: TradeDef, output: Any) -> tuple[str, str] | None:
+    """(psn_no, insuplc_admdvs) a 1101 answer names (`insuplc: remember`); its insuinfo is a list or one object."""
+    if trade.insuplc != "remember" or not isinstance(output, dict):
+        return None
+    psn = (output.get("baseinfo") or {}).get("psn_no") if isinstance(output.get("baseinfo"), dict) else None
+    insuinfo = output.get("insuinfo")
+    places = [i.get("insuplc_admdvs") for i in (insuinfo if isinstance(insuinfo, list) else [insuinfo])
+              if isinstance(i, dict) and i.get("insuplc_admdvs")]
+    return (str(psn), str(places[0])) if psn and places else None
 
 
 def _spawn(coro: Any) -> defer.Deferred[Any]:

@@ -36,6 +36,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -152,7 +153,7 @@ class TradeFilter:
 
 Move = tuple[str, str, "str | None", dict[str, Any]]  # (msgid, event, note, fields)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
 _NOT_FINAL = f"state NOT IN ({', '.join(repr(s.value) for s in sorted(FINAL))})"
 # The indexes the queries name (schema 3).
@@ -569,9 +570,11 @@ class Journal:
         return self._views.call(lambda conn: [envelope.loads(r[0]) for r in _fetch(
             conn, f"{sql} ORDER BY id DESC LIMIT ?", (*params, limit))])
 
-    def read(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
-        """Another store's read (the code book's), on a reader thread: it never holds up the writer."""
-        return self._views.call(op)
+    def read(self, op: Callable[[sqlite3.Connection], T], decides: bool = False) -> defer.Deferred[T]:
+        """Another store's read (the code book's, a named query below), on a reader thread: it never holds up
+        the writer. `decides`: it decides a trade's next step, so it goes to the decision readers, where no
+        long view waits ahead of it."""
+        return (self._decisions if decides else self._views).call(op)
 
     def ping(self) -> defer.Deferred[None]:
         """Returns once the writer thread has run a (no-op) batch: the watchdog's proof of progress."""
@@ -739,7 +742,29 @@ def _to_v6(conn: sqlite3.Connection) -> None:
                  "BEGIN UPDATE state_counts SET n = n - 1 WHERE state = OLD.state; END")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 6: _to_v6}
+def _to_v7(conn: sqlite3.Connection) -> None:
+    """异地 patients and month-end clearing (issue 14).
+
+    - insured_places: each person's insured region (参保地, insuplc_admdvs) from their last 1101 answer,
+      written in the same write as that answer, so a later trade whose HIS left it empty is filled from it;
+    - clearings: one row per month and group (insutype, setl_optins, clr_type), what was applied (3203),
+      what the bureau approved and refused, and what the bank paid; clearing_events: every change of one,
+      with who made it (a payment is entered by a person)."""
+    conn.execute("CREATE TABLE insured_places (psn_no TEXT PRIMARY KEY, insuplc_admdvs TEXT NOT NULL, "
+                 "msgid TEXT NOT NULL, at REAL NOT NULL)")
+    conn.execute("CREATE TABLE clearings (month TEXT NOT NULL, insutype TEXT NOT NULL, setl_optins TEXT NOT NULL, "
+                 "clr_type TEXT NOT NULL, state TEXT NOT NULL, settlements INTEGER NOT NULL, medfee TEXT NOT NULL, "
+                 "fund TEXT NOT NULL, acct TEXT NOT NULL, cash TEXT NOT NULL, clr_appy_evt_id TEXT, "
+                 "approved TEXT, refused TEXT, refusals TEXT, paid TEXT NOT NULL DEFAULT '0.00', "
+                 "updated REAL NOT NULL, "
+                 "PRIMARY KEY (month, insutype, setl_optins, clr_type))")
+    conn.execute("CREATE TABLE clearing_events (id INTEGER PRIMARY KEY, month TEXT NOT NULL, grp TEXT NOT NULL, "
+                 "at REAL NOT NULL, event TEXT NOT NULL, amount TEXT, note TEXT, by TEXT)")
+    conn.execute("CREATE INDEX clearing_events_month ON clearing_events(month, id)")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 6: _to_v6,
+                                                             7: _to_v7}
 
 
 def _state_counts(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
@@ -856,6 +881,19 @@ def archivable(after: tuple[float, int], cutoff: float, limit: int) -> Callable[
         last = rows[-1] if rows else None
         return families, ((last[COLUMNS.index("created")], last[0]) if last else after)
 
+
+# --- 异地 persons and month-end clearing (schema 7): named queries, run through Journal.run / Journal.read ----------
+# Each write below is one op, so one durable write on the journal's writer; each read is one op on a reader.
+def answer_with_place(msgid: str, fields: dict[str, Any], psn_no: str, insuplc_admdvs: str) -> Op:
+    """A 1101's answer and the person's insured region it names, in one write."""
+
+    def op(conn: sqlite3.Connection) -> TradeRow:
+        row = _transition(conn, msgid, "answer", None, fields)
+        conn.execute("INSERT INTO insured_places VALUES (?,?,?,?) ON CONFLICT(psn_no) DO UPDATE SET "
+                     "insuplc_admdvs=excluded.insuplc_admdvs, msgid=excluded.msgid, at=excluded.at",
+                     (psn_no, insuplc_admdvs, msgid, time.time()))
+        return row
+
     return op
 
 
@@ -877,6 +915,13 @@ def forget(families: list[Family]) -> Callable[[sqlite3.Connection], list[Family
             gone.append(family)
         return gone
 
+
+def insured_place(psn_no: str) -> Callable[[sqlite3.Connection], str | None]:
+    """The person's insured region from their last 1101 answer; None: fep has seen no 1101 of theirs."""
+    def op(conn: sqlite3.Connection) -> str | None:
+        rows = _fetch(conn, "SELECT insuplc_admdvs FROM insured_places WHERE psn_no = ?", (psn_no,))
+        return rows[0][0] if rows else None
+
     return op
 
 
@@ -895,6 +940,40 @@ def audit_end(entry: int, result: str) -> Callable[[sqlite3.Connection], None]:
     def op(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE audit SET result = ?, done = ? WHERE id = ?", (result, time.time(), entry))
 
+
+CLEARING_COLUMNS = ("month", "insutype", "setl_optins", "clr_type", "state", "settlements", "medfee", "fund", "acct",
+                    "cash", "clr_appy_evt_id", "approved", "refused", "refusals", "paid", "updated")
+Group = tuple[str, str, str]  # (insutype, setl_optins, clr_type)
+
+
+def _clearing_row(conn: sqlite3.Connection, month: str, group: Group) -> dict[str, Any] | None:
+    rows = _fetch(conn, f"SELECT {', '.join(CLEARING_COLUMNS)} FROM clearings WHERE month = ? AND insutype = ? AND "
+                        f"setl_optins = ? AND clr_type = ?", (month, *group))
+    return dict(zip(CLEARING_COLUMNS, rows[0])) if rows else None
+
+
+def _clearing_event(conn: sqlite3.Connection, month: str, group: Group, event: str, amount: Any = None,
+                    note: str | None = None, by: str | None = None) -> None:
+    conn.execute("INSERT INTO clearing_events (month, grp, at, event, amount, note, by) VALUES (?,?,?,?,?,?,?)",
+                 (month, "/".join(group), time.time(), event, None if amount is None else str(amount), note, by))
+
+
+def clearing_applied(month: str, group: Group, totals: dict[str, Any], evt_id: str, by: str) -> Op:
+    """The bureau took the month's application (3203) for the group: its figures and clr_appy_evt_id."""
+
+    def op(conn: sqlite3.Connection) -> dict[str, Any]:
+        conn.execute("INSERT INTO clearings (month, insutype, setl_optins, clr_type, state, settlements, medfee, "
+                     "fund, acct, cash, clr_appy_evt_id, updated) VALUES (?,?,?,?,'applied',?,?,?,?,?,?,?) "
+                     "ON CONFLICT(month, insutype, setl_optins, clr_type) DO UPDATE SET state='applied', "
+                     "settlements=excluded.settlements, "
+                     "medfee=excluded.medfee, fund=excluded.fund, acct=excluded.acct, cash=excluded.cash, "
+                     "clr_appy_evt_id=excluded.clr_appy_evt_id, approved=NULL, refused=NULL, refusals=NULL, "
+                     "updated=excluded.updated",
+                     (month, *group, totals["settlements"], str(totals["medfee"]), str(totals["fund"]),
+                      str(totals["acct"]), str(totals["cash"]), evt_id, time.time()))
+        _clearing_event(conn, month, group, "applied", totals["fund"], f"clr_appy_evt_id {evt_id}", by)
+        return _clearing_row(conn, month, group)  # type: ignore[return-value]
+
     return op
 
 
@@ -902,3 +981,66 @@ def audit_between(since: float, until: float, limit: int) -> Callable[[sqlite3.C
     """A read: the newest `limit` actions begun in [since, until], oldest first."""
     return lambda conn: _fetch(conn, f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit INDEXED BY {AUDIT_BY_TIME} "
                                      f"WHERE at BETWEEN ? AND ? ORDER BY at DESC LIMIT ?", (since, until, limit))[::-1]
+
+
+def clearing_cancelled(month: str, group: Group, evt_id: str, by: str) -> Op:
+    """The bureau cancelled the application (3204)."""
+
+    def op(conn: sqlite3.Connection) -> dict[str, Any]:
+        conn.execute("UPDATE clearings SET state='cancelled', updated=? WHERE month = ? AND insutype = ? AND "
+                     "setl_optins = ? AND clr_type = ?", (time.time(), month, *group))
+        _clearing_event(conn, month, group, "cancelled", None, f"clr_appy_evt_id {evt_id}", by)
+        return _clearing_row(conn, month, group)  # type: ignore[return-value]
+
+    return op
+
+
+def clearing_audited(month: str, group: Group, approved: str, refused: str, refusals: list[dict[str, Any]]) -> Op:
+    """What the bureau's audit says of the application (the status trade): approved, refused (拒付) and why.
+    An unchanged answer is not recorded again."""
+
+    def op(conn: sqlite3.Connection) -> dict[str, Any]:
+        text = envelope.dumps(refusals).decode("utf-8")
+        before = _clearing_row(conn, month, group)
+        if before and (before["approved"], before["refused"], before["refusals"]) != (approved, refused, text):
+            conn.execute("UPDATE clearings SET approved=?, refused=?, refusals=?, updated=? WHERE month = ? AND "
+                         "insutype = ? AND setl_optins = ? AND clr_type = ?",
+                         (approved, refused, text, time.time(), month, *group))
+            _clearing_event(conn, month, group, "audited", approved, f"refused {refused}")
+        return _clearing_row(conn, month, group)  # type: ignore[return-value]
+
+    return op
+
+
+def clearing_paid(month: str, group: Group, amount: str, note: str, by: str) -> Op:
+    """A disbursement (拨付) from the bank's notice, entered by a person (`by`)."""
+
+    def op(conn: sqlite3.Connection) -> dict[str, Any]:
+        row = _clearing_row(conn, month, group)
+        if row is None:
+            raise LookupError(f"no clearing application for {month} {'/'.join(group)}")
+        conn.execute("UPDATE clearings SET paid=?, updated=? WHERE month = ? AND insutype = ? AND setl_optins = ? "
+                     "AND clr_type = ?", (str(Decimal(row["paid"]) + Decimal(amount)), time.time(), month, *group))
+        _clearing_event(conn, month, group, "paid", amount, note, by)
+        return _clearing_row(conn, month, group)  # type: ignore[return-value]
+
+    return op
+
+
+def clearings_of(month: str) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
+    def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        return [dict(zip(CLEARING_COLUMNS, r)) for r in _fetch(
+            conn, f"SELECT {', '.join(CLEARING_COLUMNS)} FROM clearings WHERE month = ? "
+                  f"ORDER BY insutype, setl_optins, clr_type", (month,))]
+
+    return op
+
+
+def clearing_history(month: str) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
+    def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        cols = ("grp", "at", "event", "amount", "note", "by")
+        return [dict(zip(cols, r)) for r in _fetch(
+            conn, f"SELECT {', '.join(cols)} FROM clearing_events INDEXED BY clearing_events_month WHERE month = ? "
+                  f"ORDER BY id", (month,))]
+
+    return op

@@ -3,7 +3,13 @@ group does not balance, and every difference named with what to do about it.
 
 The journal is the hospital's side: every settlement and cancel the bureau answered (a cancel is its
 own negative settlement and counts). Groups are (insutype, setl_optins, clr_type) over the bureau's
-settlement time, as the interface requires. The trades themselves go through the engine like any other.
+settlement time, as the interface requires: 异地 settlements fall in the clearing types and agency the
+bureau reported on them (99963 异地门诊, ...) and balance like any other group. The trades themselves go
+through the engine like any other.
+
+The table reads as the insurance office reads it (908 hospital paper, figure 1): clearing types by name
+beside their codes, a totals row, and for a group that does not balance, how many settlements and how
+much money each side has more ("相差几笔，相差多少钱，哪边多哪边少").
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from twisted.internet import threads
+
 from fep import catalogs, envelope, metrics
+from fep.journal import TradeRow
 from fep.trades import Kind
 from fep.engine import Engine
 from fep.jobs import progress
@@ -27,7 +36,10 @@ INSUTYPE = {"310": "职工基本医疗保险", "320": "公务员医疗补助", "
             "390": "城乡居民基本医疗保险", "391": "城镇居民基本医疗保险", "392": "城乡居民大病医疗保险", "510": "生育保险"}
 CLR_TYPE = {"11": "门诊", "1103": "意外伤害门诊", "12": "门诊挂号", "13": "急诊", "14": "门诊慢特病", "15": "两病门诊",
             "18": "特药购药", "21": "住院", "22": "意外伤害住院", "27": "单病种住院", "28": "日间手术", "41": "药店购药",
-            "51": "暂缓结算", "53": "生育门诊", "99": "其他"}
+            "51": "暂缓结算", "53": "生育门诊", "99": "其他",
+            # provincial 99xx codes (nhsa-interface.md §6); 99963/99968 are 域外异地门诊/住院 in the code table,
+            # 异地门诊/异地住院 on the insurance office's table. A region's own: fep.yaml clearing.clr_type_names
+            "9907": "总控", "9909": "域内异地", "99952": "异地医疗费用清算", "99963": "异地门诊", "99968": "异地住院"}
 HEADERS = ["险种类别", "结算经办机构", "清算类别", "医疗费总额", "基金支付总额", "个人账户支付金额", "结算笔数", "结果", "错误说明"]
 
 
@@ -45,6 +57,7 @@ class Settlement:
     fund: Decimal
     acct: Decimal
     refund: bool  # a cancel: its own negative settlement
+    insuplc: str = ""  # the insured region (参保地) its envelope carried: 异地 when not the hospital's
 
 
 @dataclass
@@ -68,20 +81,18 @@ class Reconciler:
 
     async def settlements(self, day: date) -> list[Settlement]:
         """The day's settlements and cancels in force in the journal, by the bureau's settlement time."""
+        return (await self.settlements_between(day, day)).get(day, [])
+
+    async def settlements_between(self, first: date, last: date) -> dict[date, list[Settlement]]:
+        """The settlements and cancels in force of the days first..last, per day of the bureau's settlement
+        time (a trade journalled just before midnight may be settled after it), read in one go: a month's
+        clearing reads it once. Their answers are read on a worker thread, not the reactor's."""
         money = {t.infno for t in self.engine.trades.defs.values() if t.moves_money}
-        start = datetime.combine(day, datetime.min.time()).timestamp()
-        rows = await self.engine.journal.settled_between(start - 86400, start + 2 * 86400)
-        out = []
-        for r in rows:
-            info = (envelope.loads(r.answer or "{}").get("output") or {}).get("setlinfo") or {}
-            if r.infno not in money or str(info.get("setl_time", ""))[:10] != day.isoformat():
-                continue
-            out.append(Settlement(
-                r.msgid, r.infno, r.psn_no or "", r.setl_id or "", str(info.get("mdtrt_id", "")),
-                str(info.get("insutype", "")), str(info.get("clr_type", "")), str(info.get("clr_optins", "")),
-                _dec(info.get("medfee_sumamt")), _dec(info.get("fund_pay_sumamt")), _dec(info.get("acct_pay")),
-                self.engine.trades.get(r.infno).kind is Kind.UNDO_MONEY))
-        return out
+        undo = {t.infno for t in self.engine.trades.defs.values() if t.kind is Kind.UNDO_MONEY}
+        start = datetime.combine(first, datetime.min.time()).timestamp()
+        end = datetime.combine(last, datetime.min.time()).timestamp() + 86400
+        rows = await self.engine.journal.settled_between(start - 86400, end + 86400)
+        return await threads.deferToThread(_by_day, rows, money, undo, first.isoformat(), last.isoformat())
 
     async def run(self, day: date) -> dict[str, Any]:
         unresolved = await self._unresolved(day)
@@ -94,6 +105,9 @@ class Reconciler:
         for n, g in enumerate(ordered, start=1):
             progress(f"reconciling {day}: group {n} of {len(ordered)} ({'/'.join(g.key)})")
             results.append(await self._group(day, g))
+        names = {**CLR_TYPE, **dict(self.engine.cfg.clr_type_names)}
+        for r in results:  # the run keeps the names as the office saw them that day
+            r["clr_type_name"] = names.get(r["clr_type"], "")
         doc = {"stmt_date": day.isoformat(), "run_at": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
                "unresolved": unresolved, "groups": results,
                "balanced": sum(1 for g in results if g["result"] == "平"),
@@ -137,6 +151,7 @@ class Reconciler:
                        error="" if balanced else str(info.get("stmt_rslt_dscr") or ""), differences=[])
             if not balanced:
                 row["differences"] = await self._detail(day, g, totals)
+                row["more"] = more(row["differences"])
         except (ReconcileError, catalogs.FileLayoutError) as e:  # a result file not in its layout: named
             row.update(result="未对账", error=str(e), differences=[])
         return row
@@ -202,8 +217,53 @@ class ReconcileError(Exception):
     pass
 
 
-def _dec(value: Any) -> Decimal:
+def _by_day(rows: list[TradeRow], money: set[str], undo: set[str], first: str,
+            last: str) -> dict[date, list[Settlement]]:
+    """The money trades among `rows` settled by the bureau on a day from first to last (ISO dates), per day."""
+    out: dict[date, list[Settlement]] = {}
+    for r in rows:
+        info = (envelope.loads(r.answer or "{}").get("output") or {}).get("setlinfo") or {}
+        day = str(info.get("setl_time", ""))[:10]
+        if r.infno not in money or not first <= day <= last:
+            continue
+        out.setdefault(date.fromisoformat(day), []).append(Settlement(
+            r.msgid, r.infno, r.psn_no or "", r.setl_id or "", str(info.get("mdtrt_id", "")),
+            str(info.get("insutype", "")), str(info.get("clr_type", "")), str(info.get("clr_optins", "")),
+            dec(info.get("medfee_sumamt")), dec(info.get("fund_pay_sumamt")), dec(info.get("acct_pay")),
+            r.infno in undo, str(envelope.top_field(r.request, "insuplc_admdvs", "") or "")))
+    return out
+
+
+def dec(value: Any) -> Decimal:
     return Decimal(str(value)) if value not in (None, "") else ZERO
+
+
+def more(differences: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What each side has that the other has not: settlements (a cancel counts, with its negative amount) and
+    medical-fee money, for the office's "相差几笔，相差多少钱，哪边多哪边少"."""
+    sides = {"bureau": {"settlements": 0, "medfee": ZERO}, "journal": {"settlements": 0, "medfee": ZERO}}
+    for d in differences:
+        bureau, journal = dec(d.get("bureau_medfee")), dec(d.get("journal_medfee"))
+        if d.get("journal_medfee") is None:
+            sides["bureau"]["settlements"] += 1
+            sides["bureau"]["medfee"] += bureau
+        elif d.get("bureau_medfee") is None:
+            sides["journal"]["settlements"] += 1
+            sides["journal"]["medfee"] += journal
+        else:
+            side = "bureau" if bureau > journal else "journal"
+            sides[side]["medfee"] += abs(bureau - journal)
+    return sides
+
+
+def _error_cell(g: dict[str, Any]) -> str:
+    """错误说明: for a group that does not balance, what each side has more, then the bureau's own words."""
+    m = g.get("more")
+    if not m:
+        return g["error"]
+    said = f"中心多{m['bureau']['settlements']}笔 {m['bureau']['medfee']}元; 医院多{m['journal']['settlements']}笔 " \
+           f"{m['journal']['medfee']}元"
+    return f"{said} ({g['error']})" if g["error"] else said
 
 
 def yesterday() -> date:
@@ -214,10 +274,11 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
     """The table the insurance office works from (908 hospital paper, figure 1), with a totals row."""
     rows = []
     for g in doc["groups"]:
+        name = g.get("clr_type_name", CLR_TYPE.get(g["clr_type"], ""))
         rows.append([f"{g['insutype']} {INSUTYPE.get(g['insutype'], '')}".strip(), g["setl_optins"],
-                     f"{g['clr_type']} {CLR_TYPE.get(g['clr_type'], '')}".strip(), str(g["medfee_sumamt"]),
+                     f"{g['clr_type']} {name}".strip(), str(g["medfee_sumamt"]),
                      str(g["fund_pay_sumamt"]), str(g["acct_pay"]), str(g["fixmedins_setl_cnt"]), g["result"],
-                     g["error"]])
+                     _error_cell(g)])
     totals = [sum((Decimal(str(g[k])) for g in doc["groups"]), ZERO) for k in ("medfee_sumamt", "fund_pay_sumamt",
                                                                                  "acct_pay")]
     rows.append(["合计", "", "", *(str(t) for t in totals), str(sum(g["fixmedins_setl_cnt"] for g in doc["groups"])),

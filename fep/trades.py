@@ -94,6 +94,9 @@ class TradeDef:
     check_diagnoses: str | None = None  # the node of diagnosis lines checked against the diagnosis catalogs
     from_his: FromHis = FromHis.TRADE
     output: str = "data"  # the output node of its answer ("result[]": a list), on fep's own envelopes too
+    # The envelope's insuplc_admdvs (参保地): "remember" (1101) keeps the person's from the answer; "fill" fills an
+    # empty one from the person's last 1101, or refuses the trade (the bureau routes 异地 trades by it)
+    insuplc: str | None = None
 
     @property
     def moves_money(self) -> bool:
@@ -261,11 +264,14 @@ def _trade(infno: str, spec: dict[str, Any], path: Path) -> TradeDef:
             check_diagnoses=spec.get("check_diagnoses") or None,
             from_his=FromHis(spec.get("from_his", "trade")),
             output=str(spec.get("output", "data")),
+            insuplc=spec.get("insuplc"),
         )
     except KeyError as e:
         raise TradesError(f"{where}: missing {e.args[0]}") from None
     except (ValueError, TypeError) as e:
         raise TradesError(f"{where}: {e}") from None
+    if t.insuplc not in (None, "remember", "fill"):
+        raise TradesError(f"{where}: insuplc must be remember or fill, got {t.insuplc!r}")
     if t.on_unknown is OnUnknown.CANCEL and t.cancel is None:
         raise TradesError(f"{where}: on_unknown is cancel but no `cancel:` is given")
     if t.timeout <= 0:

@@ -10,7 +10,7 @@ import time
 from datetime import date
 from decimal import Decimal
 
-from fep.sim.world import LI, ZHANG, Visit, World, parked_settlement
+from fep.sim.world import LI, QIAN, ZHANG, ZHAO, Visit, World, parked_settlement
 
 TODAY = date.today().isoformat()
 
@@ -155,3 +155,33 @@ def test_a_settlement_left_unresolved_just_before_midnight_keeps_the_next_day_fr
     running.start_fep()
     run = reconcile(running, "--format", "json")
     assert [u["msgid"] for u in json.loads(run.stdout)["unresolved"]] == [msgid], run.stdout + run.stderr
+
+
+def test_remote_settlements_balance_in_their_own_clearing_types_named_as_the_office_names_them(running: World) -> None:
+    """异地 settlements fall in the clearing types and agency the bureau reports for them; a group that does not
+    balance says how many settlements and how much money each side has more."""
+    zhao = Visit(running.his, ZHAO)
+    zhao.open()
+    assert zhao.file()["infcode"] == 0
+    assert zhao.upload_fees()["infcode"] == 0
+    remote = zhao.settle()["output"]["setlinfo"]
+    _, qian = settled(running, QIAN)
+    _, local = settled(running, ZHANG)
+    run = reconcile(running)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {tuple(l.split()[:5]): l for l in run.stdout.splitlines()[2:] if l[:1].isdigit()}
+    assert ("310", "职工基本医疗保险", "439900", "99963", "异地门诊") in rows
+    assert ("390", "城乡居民基本医疗保险", "439900", "99963", "异地门诊") in rows
+    assert ("310", "职工基本医疗保险", "430199", "11", "门诊") in rows
+    total = next(l for l in run.stdout.splitlines() if l.startswith("合计"))
+    assert total.split()[1] == str(remote["medfee_sumamt"] + qian["medfee_sumamt"] + local["medfee_sumamt"])
+
+    running.adjust(remote["setl_id"], str(remote["medfee_sumamt"] - Decimal("10.00")))  # an audit deduction
+    settled_behind_fep(running, ZHANG, 9995)
+    doc = json.loads(reconcile(running, "--json").stdout)
+    groups = {g["clr_type"] + "/" + g["insutype"]: g for g in doc["groups"]}
+    assert groups["99963/310"]["more"] == {"bureau": {"settlements": 0, "medfee": Decimal("0.00")},
+                                           "journal": {"settlements": 0, "medfee": Decimal("10.00")}}
+    assert groups["11/310"]["more"]["bureau"]["settlements"] == 1
+    table = reconcile(running, "--show").stdout
+    assert "医院多0笔 10.00元" in table and "中心多1笔" in table

@@ -7,6 +7,11 @@ fund_pay_sumamt + psn_part_amt + hosp_part_amt; psn_part_amt = acct_pay + psn_ca
 and discharge, 23xx fees and settlement) as for an outpatient visit (22xx). A msgid already processed gets
 its first answer again (rule 13 of fep-semantics.md). `infcode_type`: the bureau answers infcode as a
 number (0, -1) or, as some bureaus do, as a string ("0", "-1").
+异地 patients (insured in another pooling region: insuplc_admdvs of another city) settle under their home region's
+policy (the person's own deductible, ratio, account); a trade naming one must carry their insuplc_admdvs,
+one who needs a filing (备案, 2501/2505) settles only with one in force, and their settlements are cleared
+under the clearing types and agency of `Remote`. Month end: clearing applications (3203/3204), their audit
+(3205A: approved, refused 拒付 with reasons) and the 异地 clearing detail (3260, paged; confirmed by 3261).
 No sockets here: the server hands in an envelope and gets one back.
 """
 
@@ -51,6 +56,21 @@ class Person:
     deductible: Decimal
     ratio: Decimal
     insuplc_admdvs: str
+    filing_required: bool = False  # a 异地 patient who may settle only under a filing (备案) in force
+
+
+@dataclass(frozen=True)
+class Remote:
+    """How the bureau clears 异地 settlements: under the province's agency, with clearing types of their own
+    (nhsa-interface.md §6: 99963 域外异地门诊, 99968 域外异地住院, 9909 域内异地, ...)."""
+    clr_optins: str = "439900"
+    outpatient: str = "99963"
+    inpatient: str = "99968"
+    page_size: int = 100  # rows a 3260 page holds at most
+
+
+FILINGS = {"2501": "2502", "2503": "2504", "2505": "2506", "2507": None}  # a filing and its cancel
+SETTLES_UNDER = ("2501", "2505")  # the filings (转院, 定点) under which a 异地 patient who needs one may settle
 
 
 def q(x: Decimal) -> Decimal:
@@ -66,7 +86,7 @@ SETTLEMENT_COLUMNS = ("setl_id", "msgid", "infno", "psn_no", "mdtrt_id", "insuty
 class Ledger:
     def __init__(self, path: Path, persons: list[Person], catalog: list[dict[str, str]], admdvs: str,
                  clr_optins: str, infcode_type: str = "number", diagnoses: list[dict[str, str]] | None = None,
-                 catalog_bulk: dict[str, int] | None = None) -> None:
+                 catalog_bulk: dict[str, int] | None = None, remote: Remote = Remote()) -> None:
         if infcode_type not in INFCODE_TYPES:
             raise ValueError(f"infcode_type must be one of {', '.join(INFCODE_TYPES)}, got {infcode_type!r}")
         self.infcode_type = infcode_type
@@ -83,6 +103,7 @@ class Ledger:
         self.catalog = {k: v for k, v in self.catalog.items() if v["vali_flag"] == "1"}
         self.admdvs = admdvs
         self.clr_optins = clr_optins
+        self.remote = remote
         self._schema(persons)
         self.handlers: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
             "9001": self.sign_in, "9002": lambda env, inp: {"signoutoutb": {"sign_time": _now()}},
@@ -97,6 +118,10 @@ class Ledger:
             "2401": self.admit, "2402": self.discharge, "2403": self.admission_change, "2404": self.admission_cancel,
             "2405": self.discharge_cancel, "2301": self.fee_upload, "2302": self.fee_cancel_ipt,
             "2303": self.presettle_ipt, "2304": self.settle_ipt, "2305": self.cancel, "5203": self.settlement_query,
+            # filings (备案) and month-end clearing (清算)
+            **{f: self.file for f in FILINGS}, **{c: self.file_cancel for c in FILINGS.values() if c},
+            "3203": self.clearing_apply, "3204": self.clearing_cancel, "3205A": self.clearing_status,
+            "3260": self.remote_detail, "3261": self.remote_confirm,
         }
 
     def _schema(self, persons: list[Person]) -> None:
@@ -120,11 +145,21 @@ class Ledger:
         # stay beside it: in hospital (open), discharged, cancelled (2404) or reversed (2601 of the 2401).
         db["stays"].create({"mdtrt_id": str, "msgid": str, "psn_no": str, "ipt_no": str, "begntime": str,
                             "endtime": str, "state": str}, pk="mdtrt_id", if_not_exists=True)
+        db["filings"].create({"trt_dcla_detl_sn": str, "msgid": str, "infno": str, "psn_no": str, "state": str},
+                             pk="trt_dcla_detl_sn", if_not_exists=True)
+        db["filing_rules"].create({"psn_no": str, "required": int}, pk="psn_no", if_not_exists=True)
+        db["clearings"].create({"clr_appy_evt_id": str, "msgid": str, "setlym": str, "insutype": str,
+                                "clr_optins": str, "clr_type": str, "medfee": str, "fund": str, "psntime": str,
+                                "state": str}, pk="clr_appy_evt_id", if_not_exists=True)
+        db["refusals"].create({"setl_id": str, "amount": str, "reason": str}, pk="setl_id", if_not_exists=True)
+        db["remote_confirmations"].create({"month": str, "msgid": str, "rows": int, "at": str}, pk="month",
+                                          if_not_exists=True)
         for p in persons:
             self.conn.execute(
                 "INSERT OR IGNORE INTO persons VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (p.psn_no, p.psn_name, p.certno, p.insutype, p.psn_type, str(p.balc), str(p.deductible), "0.00",
                  str(p.ratio), p.insuplc_admdvs))
+            self.conn.execute("INSERT OR IGNORE INTO filing_rules VALUES (?,?)", (p.psn_no, int(p.filing_required)))
 
     # ---- the envelope ---------------------------------------------------------------------------
     def answered(self, env: dict[str, Any]) -> bool:
@@ -185,7 +220,22 @@ class Ledger:
         inp = env.get("input")
         if not isinstance(inp, dict):
             raise BizError("input节点缺失")
+        self._check_insured_place(env, inp)
         return handler(env, inp)
+
+    def _check_insured_place(self, env: dict[str, Any], inp: dict[str, Any]) -> None:
+        """A trade of a 异地 patient is routed to their home region by the envelope's insuplc_admdvs: without it
+        (or with another region's) the bureau cannot route it, and refuses."""
+        psn_no = envelope.find_psn_no(inp)
+        row = self.conn.execute("SELECT insuplc_admdvs FROM persons WHERE psn_no=?", (psn_no,)).fetchone() \
+            if psn_no else None
+        if row is None or not self._remote(row[0]):
+            return
+        given = str(env.get("insuplc_admdvs") or "")
+        if not given:
+            raise BizError("异地就医人员交易参保地医保区划(insuplc_admdvs)不能为空，请先调用【1101】获取参保地")
+        if given != row[0]:
+            raise BizError(f"参保地医保区划[{given}]与人员参保地不符")
 
     def _next(self, name: str, start: int) -> int:
         row = self.conn.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
@@ -311,8 +361,11 @@ class Ledger:
         """The policy: deductible, then the fund pays `ratio` of the in-scope amount. `clr_type`: 11 门诊,
         21 住院."""
         psn = self._person(data["psn_no"])
-        _, name, certno, insutype, psn_type, balc, deductible, dedc_used, ratio, _insuplc = psn
+        _, name, certno, insutype, psn_type, balc, deductible, dedc_used, ratio, insuplc = psn
         self._visit(data["mdtrt_id"], data["psn_no"])
+        remote = self._remote(insuplc)
+        if remote:
+            self._check_filing(data["psn_no"])
         fees = self.conn.execute("SELECT amount, lv, selfpay_prop FROM fees WHERE mdtrt_id=? AND setl_id IS NULL",
                                  (str(data["mdtrt_id"]),)).fetchall()
         if not fees:
@@ -335,8 +388,10 @@ class Ledger:
                 "cvlserv_pay": ZERO, "hifes_pay": ZERO, "hifmi_pay": ZERO, "hifob_pay": ZERO, "maf_pay": ZERO,
                 "oth_pay": ZERO, "fund_pay_sumamt": fund, "psn_part_amt": psn_part, "acct_pay": acct,
                 "psn_cash_pay": psn_part - acct, "hosp_part_amt": ZERO, "acct_mulaid_pay": ZERO,
-                "balc": Decimal(balc) - acct, "med_type": data.get("med_type", "11"), "clr_type": clr_type,
-                "clr_way": "1", "clr_optins": self.clr_optins, "mdtrt_cert_type": data.get("mdtrt_cert_type", "02"),
+                "balc": Decimal(balc) - acct, "med_type": data.get("med_type", "11"),
+                "clr_type": self._remote_clr_type(clr_type) if remote else clr_type,
+                "clr_way": "1", "clr_optins": self.remote.clr_optins if remote else self.clr_optins,
+                "mdtrt_cert_type": data.get("mdtrt_cert_type", "02"),
                 "psn_cert_type": "01", "gend": "1", "naty": "01", "cvlserv_flag": "0"}
 
     def _setl_output(self, info: dict[str, Any], fund_pay_type: str) -> dict[str, Any]:
@@ -669,6 +724,125 @@ class Ledger:
         """1312, 1316–1319: one page of the records updated since `updt_time`."""
         data = _node(inp, "data", ("updt_time", "page_num", "page_size"))
         return published.page(str(env["infno"]), self.published, self.admdvs, data)
+
+    # ---- 异地 patients: filings (备案 2501-2507) ------------------------------------------------------------
+    def _remote(self, insuplc_admdvs: str) -> bool:
+        """Insured in another pooling region (统筹区, the city: the first 4 digits); 430199, the city's own
+        agency, is of this one."""
+        return insuplc_admdvs[:4] != self.admdvs[:4]
+
+    def _remote_clr_type(self, clr_type: str) -> str:
+        return self.remote.inpatient if clr_type.startswith("2") else self.remote.outpatient
+
+    def _check_filing(self, psn_no: str) -> None:
+        rule = self.conn.execute("SELECT required FROM filing_rules WHERE psn_no=?", (psn_no,)).fetchone()
+        if not rule or not rule[0]:
+            return
+        marks = ", ".join("?" * len(SETTLES_UNDER))
+        if not self.conn.execute(f"SELECT 1 FROM filings WHERE psn_no=? AND state='live' AND infno IN ({marks})",
+                                 (psn_no, *SETTLES_UNDER)).fetchone():
+            raise BizError("异地就医人员未备案或备案已撤销，请先办理异地就医备案(【2501】转院备案/【2505】定点备案)")
+
+    def file(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """2501/2503/2505/2507: a filing for the person, in force until its cancel."""
+        data = _node(inp, "data", ("psn_no",))
+        self._person(data["psn_no"])
+        sn = f"B{self._next('filing', 0):010d}"
+        self.conn.execute("INSERT INTO filings VALUES (?,?,?,?,?)",
+                          (sn, env.get("msgid"), str(env.get("infno")), data["psn_no"], "live"))
+        return {"result": {"trt_dcla_detl_sn": sn}}
+
+    def file_cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("psn_no", "trt_dcla_detl_sn"))
+        filing = {c: f for f, c in FILINGS.items() if c}[str(env.get("infno"))]
+        if self.conn.execute("UPDATE filings SET state='cancelled' WHERE trt_dcla_detl_sn=? AND psn_no=? AND infno=? "
+                             "AND state='live'", (str(data["trt_dcla_detl_sn"]), data["psn_no"], filing)).rowcount != 1:
+            raise BizError(f"备案[{data['trt_dcla_detl_sn']}]不存在或已撤销")
+        return {}
+
+    # ---- month-end clearing (清算 3203/3204, audit 3205A; 异地清分 3260/3261) --------------------------------
+    def clearing_apply(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """3203: the month's application for a clearing type; one in force per month and group."""
+        data = _node(inp, "data", ("clr_type", "setlym", "medfee_sumamt", "fund_appy_sum", "begndate", "enddate"))
+        group = (str(data["setlym"]), str(data.get("insutype") or ""), str(data.get("clr_optins") or self.clr_optins),
+                 str(data["clr_type"]))
+        if self.conn.execute("SELECT 1 FROM clearings WHERE setlym=? AND insutype=? AND clr_optins=? AND clr_type=? "
+                             "AND state='applied'", group).fetchone():
+            raise BizError(f"清算类别[{data['clr_type']}]{data['setlym']}已申请清算，请先撤销")
+        evt = f"{self.admdvs}{data['setlym']}{self._next('clr_appy', 0):08d}"
+        self.conn.execute("INSERT INTO clearings VALUES (?,?,?,?,?,?,?,?,?,?)",
+                          (evt, env.get("msgid"), *group, str(data["medfee_sumamt"]), str(data["fund_appy_sum"]),
+                           str(data.get("psntime") or ""), "applied"))
+        return {"data": {"clr_appy_evt_id": evt}}
+
+    def _application(self, evt: str) -> dict[str, Any]:
+        cols = ("clr_appy_evt_id", "msgid", "setlym", "insutype", "clr_optins", "clr_type", "medfee", "fund",
+                "psntime", "state")
+        row = self.conn.execute("SELECT * FROM clearings WHERE clr_appy_evt_id=?", (evt,)).fetchone()
+        if row is None:
+            raise BizError(f"清算申请事件[{evt}]不存在")
+        return dict(zip(cols, row))
+
+    def clearing_cancel(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        data = _node(inp, "data", ("clr_appy_evt_id",))
+        app = self._application(str(data["clr_appy_evt_id"]))
+        if app["state"] != "applied":
+            raise BizError(f"清算申请事件[{app['clr_appy_evt_id']}]已撤销")
+        self.conn.execute("UPDATE clearings SET state='cancelled' WHERE clr_appy_evt_id=?", (app["clr_appy_evt_id"],))
+        return {}
+
+    def clearing_status(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """3205A: the audit of an application: what it approves, and what it refuses (拒付) of which settlement
+        and why (refusals planted with `refuse`)."""
+        data = _node(inp, "data", ("clr_appy_evt_id",))
+        app = self._application(str(data["clr_appy_evt_id"]))
+        month = f"{app['setlym'][:4]}-{app['setlym'][4:6]}"
+        refused = self.conn.execute(
+            "SELECT r.setl_id, r.amount, s.fund, r.reason FROM refusals r JOIN settlements s ON s.setl_id = r.setl_id "
+            "WHERE s.insutype=? AND s.clr_optins=? AND s.clr_type=? AND substr(s.setl_time, 1, 7)=? ORDER BY r.setl_id",
+            (app["insutype"], app["clr_optins"], app["clr_type"], month)).fetchall()
+        refused = [(sid, min(Decimal(a), Decimal(fund)), why) for sid, a, fund, why in refused]  # at most what it paid
+        rej = sum((a for _, a, _ in refused), ZERO)
+        return {"data": {"clr_appy_evt_id": app["clr_appy_evt_id"], "clr_stas": app["state"],
+                         "appy_amt": Decimal(app["fund"]), "appr_amt": Decimal(app["fund"]) - rej, "rej_amt": rej,
+                         "rejinfo": [{"setl_id": sid, "rej_amt": a, "rej_rea": why}
+                                     for sid, a, why in refused]}}
+
+    def refuse(self, setl_id: str, amount: Decimal, reason: str) -> None:
+        """The audit refuses (拒付) part of a settlement."""
+        self.conn.execute("INSERT OR REPLACE INTO refusals VALUES (?,?,?)", (setl_id, str(amount), reason))
+
+    def _remote_month(self, month: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT s.*, p.certno, p.insuplc_admdvs FROM settlements s JOIN persons p ON p.psn_no = s.psn_no "
+            "WHERE s.state != 'reversed' AND substr(p.insuplc_admdvs, 1, 4) != ? AND substr(s.setl_time, 1, 7) = ? "
+            "ORDER BY s.setl_time, s.setl_id", (self.admdvs[:4], month)).fetchall()
+        return [dict(zip((*SETTLEMENT_COLUMNS, "certno", "insuplc_admdvs"), r)) for r in rows]
+
+    def remote_detail(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """3260: the month's 异地 settlements of the institution as the clearing centre holds them, a page of
+        at most `page_size` rows from `startrow` (1 is the first); an empty page after the last."""
+        data = _node(inp, "data", ("trt_year", "trt_month", "startrow"))
+        month = f"{int(data['trt_year']):04d}-{int(data['trt_month']):02d}"
+        start = max(int(data["startrow"]), 1) - 1
+        rows = self._remote_month(month)
+        page = rows[start:start + self.remote.page_size]
+        return {"data": [{"seqno": start + i + 1, "mdtrtarea": self.admdvs, "medins_no": env.get("fixmedins_code"),
+                          "certno": r["certno"], "psn_no": r["psn_no"], "insuplc_admdvs": r["insuplc_admdvs"],
+                          "mdtrt_id": r["mdtrt_id"], "mdtrt_setl_time": r["setl_time"], "setl_sn": r["setl_id"],
+                          "fulamt_advpay_flag": "0", "medfee_sumamt": Decimal(r["medfee"]),
+                          "optins_pay_sumamt": Decimal(r["fund"]) + Decimal(r["acct"])}
+                         for i, r in enumerate(page)], "recordCounts": len(rows)}
+
+    def remote_confirm(self, env: dict[str, Any], inp: dict[str, Any]) -> Any:
+        """3261: the institution confirms the month's 异地 clearing detail."""
+        data = _node(inp, "data", ("trt_year", "trt_month"))
+        month = f"{int(data['trt_year']):04d}-{int(data['trt_month']):02d}"
+        if self.conn.execute("SELECT 1 FROM remote_confirmations WHERE month=?", (month,)).fetchone():
+            raise BizError(f"{month}异地清分结果已确认")
+        self.conn.execute("INSERT INTO remote_confirmations VALUES (?,?,?,?)",
+                          (month, env.get("msgid"), len(self._remote_month(month)), _now()))
+        return {}
 
     # ---- faults in the ledger itself (tests of reconciliation) ---------------------------------------
     def adjust(self, setl_id: str, medfee: Decimal) -> None:

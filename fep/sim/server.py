@@ -4,7 +4,8 @@ gateway (fep.sim.gateway; `profile:` in sim.yaml).
 
 Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-HTTP control port on
 loopback (POST /faults, DELETE /faults[?mode=MODE], GET /ledger, GET /requests/MSGID,
-POST /sessions/expire, POST /tokens/expire, GET /gateway), so tests and scripts/chaos can break the link
+POST /sessions/expire, POST /tokens/expire, GET /gateway, POST /clearing/refuse), so tests and scripts/chaos can
+break the link
 the way the VPN breaks it.
 """
 
@@ -28,7 +29,7 @@ from fep import envelope, logs, tls
 from fep.config import TLSFiles
 from fep.http11 import HTTPServerProtocol, Request, Response, render_response
 from fep.sim.gateway import SimGateway, SimProfile
-from fep.sim.ledger import FileAnswer, Ledger, Person
+from fep.sim.ledger import FileAnswer, Ledger, Person, Remote
 
 log = Logger()
 
@@ -98,6 +99,7 @@ class SimConfig:
     diagnoses: list[dict[str, str]] = field(default_factory=list)  # ICD-10 (1307), version by version
     catalog_bulk: dict[str, int] = field(default_factory=dict)  # generated records per 13xx catalog or paged query
     file_upload: str = "any"  # 9101 taken as: json (Base64), multipart (jsonStr + file), or any
+    remote: Remote = Remote()  # how 异地 settlements are cleared (sim.yaml `remote:`)
 
 
 def load_config(path: Path) -> SimConfig:
@@ -121,7 +123,8 @@ def load_config(path: Path) -> SimConfig:
         persons=[Person(psn_no=str(x["psn_no"]), psn_name=x["psn_name"], certno=str(x["certno"]),
                         insutype=str(x["insutype"]), psn_type=str(x["psn_type"]), balc=Decimal(str(x["balc"])),
                         deductible=Decimal(str(x["deductible"])), ratio=Decimal(str(x["ratio"])),
-                        insuplc_admdvs=str(x["insuplc_admdvs"])) for x in doc.get("persons", [])],
+                        insuplc_admdvs=str(x["insuplc_admdvs"]), filing_required=bool(x.get("filing_required")))
+                 for x in doc.get("persons", [])],
         catalog=[{"code": str(c["code"]), "name": c["name"], "lv": str(c["lv"]), "list_type": str(c["list_type"]),
                   "selfpay_prop": str(c.get("selfpay_prop", "0")), "vali_flag": str(c.get("vali_flag", "1")),
                   "ver": str(c.get("ver", 1))} for c in doc.get("catalog", [])],
@@ -133,6 +136,7 @@ def load_config(path: Path) -> SimConfig:
                     "ver": str(d.get("ver", 1))} for d in doc.get("diagnoses", [])],
         catalog_bulk={str(k): int(v) for k, v in (doc.get("catalog_bulk") or {}).items()},
         file_upload=_one_of(str(doc.get("file_upload", "any")), FILE_UPLOADS, "file_upload"),
+        remote=Remote(**{k: (int(v) if k == "page_size" else str(v)) for k, v in (doc.get("remote") or {}).items()}),
     )
 
 
@@ -232,7 +236,7 @@ class Simulator:
         self.reactor = reactor
         self.cfg = cfg
         self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins, cfg.infcode_type,
-                             cfg.diagnoses, cfg.catalog_bulk)
+                             cfg.diagnoses, cfg.catalog_bulk, cfg.remote)
         self.faults = list(cfg.faults)
         self.port: Any = None
         self.connections: set[BureauProtocol] = set()
@@ -315,6 +319,10 @@ class Simulator:
         if req.method == "GET" and req.path == "/gateway":
             return Response(200, envelope.dumps({"style": self.gateway.profile.style, "refused": self.gateway.refused,
                                                  "link_security": self.cfg.link_security}))
+        if req.method == "POST" and req.path == "/clearing/refuse":  # the audit refuses (拒付) part of a settlement
+            doc = envelope.loads(req.body)
+            self.ledger.refuse(str(doc["setl_id"]), Decimal(str(doc["amount"])), str(doc["reason"]))
+            return Response(200, envelope.dumps({"ok": True}))
         if req.method == "POST" and req.path == "/sessions/expire":  # as after a restart of the bureau
             self.ledger.conn.execute("DELETE FROM signins")
             return Response(200, b'{"signins":[]}')

@@ -29,6 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: conf/ holds the de
 ZHANG = {"psn_no": "43010000000000000001", "certno": "430102198001010011", "insutype": "310"}
 LI = {"psn_no": "43010000000000000002", "certno": "430102199002020022", "insutype": "390"}
 WANG = {"psn_no": "43010000000000000003", "certno": "430102197503030033", "insutype": "310"}
+# 异地 patients (conf/sim.yaml): ZHAO insured in another province, who settles only under a filing (备案);
+# QIAN in another city of this province
+ZHAO = {"psn_no": "44030000000000000004", "certno": "440301198504040044", "insutype": "310",
+        "insuplc_admdvs": "440300"}
+QIAN = {"psn_no": "43040000000000000005", "certno": "430405196605050055", "insutype": "390",
+        "insuplc_admdvs": "430400"}
 
 # Region profiles as the test world runs them (use_profile): each style's URL and settings, and which of
 # the generated secrets each side reads. The URLs are the regions' own (reference §2).
@@ -98,6 +104,9 @@ class World:
         # A 2601's "no record" is believed this long after the original was lost (the late grace): short here.
         doc["bureau"]["late_grace"] = 5
         doc["trades"] = str(ROOT / "conf" / "trades.yaml")
+        # Most stories begin at registration, without the 1101 an HIS makes first: their trades go as the HIS
+        # sent them. The stories of 异地 patients (tests/test_remote.py) ask for the production default, refuse.
+        doc["remote"] = {"without_1101": "forward"}
         doc["trade_overrides"] = trades or {}
         _merge(doc, self.region[0])
         _merge(doc, fep or {})
@@ -257,14 +266,14 @@ class World:
     def expire_sessions(self) -> None:
         _http("POST", self.control_port, "/sessions/expire", {})
 
-    def bypass(self, infno: str, msgid: str, input_: dict[str, Any]) -> dict[str, Any]:
+    def bypass(self, infno: str, msgid: str, input_: dict[str, Any], **fields: Any) -> dict[str, Any]:
         """Post a trade straight to the bureau with the hospital's certificate, behind fep's back (as an
-        operator working in the bureau's own system does)."""
+        operator working in the bureau's own system does); `fields`: more of the envelope (insuplc_admdvs)."""
         import ssl
 
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
         ctx.load_cert_chain(str(self.pki / "hospital.pem"), str(self.pki / "hospital.key"))
-        body = envelope.dumps({"infno": infno, "msgid": msgid, "input": input_})
+        body = envelope.dumps({"infno": infno, "msgid": msgid, "input": input_, **fields})
         with socket.create_connection(("127.0.0.1", self.sim_port)) as raw:
             with ctx.wrap_socket(raw, server_hostname="bureau.fep.test") as s:
                 s.sendall(b"POST / HTTP/1.1\r\nHost: bureau\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
@@ -279,6 +288,10 @@ class World:
 
     def forget(self, setl_id: str) -> None:
         _http("POST", self.control_port, "/ledger/forget", {"setl_id": setl_id})
+
+    def refuse(self, setl_id: str, amount: str, reason: str) -> None:
+        """The bureau's audit refuses (拒付) `amount` of a settlement, saying why (the status trade reports it)."""
+        _http("POST", self.control_port, "/clearing/refuse", {"setl_id": setl_id, "amount": amount, "reason": reason})
 
     def clear_faults(self) -> None:
         _http("DELETE", self.control_port, "/faults")
@@ -528,6 +541,12 @@ class Visit:
         """What the HIS sends to have one of its own trades reversed (2601)."""
         return {"data": {"psn_no": self.person["psn_no"], "omsgid": omsgid, "oinfno": oinfno}}
 
+    def file(self, infno: str = "2501") -> dict[str, Any]:
+        """A filing (备案) for the person: 2501 转院备案, under which a 异地 patient who needs one may settle."""
+        return self.his.call(infno, {"data": {"psn_no": self.person["psn_no"], "insutype": self.person["insutype"],
+                                              "begndate": "2026-11-01", "enddate": "2027-10-31",
+                                              "fixmedins_code": "H43010000001", "memo": "转外就医"}})
+
     def discharge(self) -> dict[str, Any]:
         return self.his.call("2402", {"dscginfo": {"mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"],
                                                    "insutype": self.person["insutype"],
@@ -633,7 +652,8 @@ class Stay:
                           "mdtrt_cert_no": self.person["certno"], "med_type": "21", "ipt_no": self.ipt_no,
                           "atddr_no": "D001", "chfpdr_name": "医生", "adm_diag_dscr": "肺炎", "adm_dept_codg": "03",
                           "adm_dept_name": "呼吸内科", "adm_bed": "12", "dscg_maindiag_code": "J18.900",
-                          "dscg_maindiag_name": "肺炎", "insuplc_admdvs": "430100", "mdtrtarea_admvs": "430100"},
+                          "dscg_maindiag_name": "肺炎", "insuplc_admdvs": self.person.get("insuplc_admdvs", "430100"),
+                          "mdtrtarea_admvs": "430100"},
             "diseinfo": [{"psn_no": self.person["psn_no"], "diag_type": "1", "maindiag_flag": "1", "diag_srt_no": "1",
                           "diag_code": "J18.900", "diag_name": "肺炎", "diag_time": "2026-11-23 08:00:00",
                           "vali_flag": "1"}]}, msgid=msgid)
@@ -657,7 +677,8 @@ class Stay:
         return {"data": {"psn_no": self.person["psn_no"], "mdtrt_cert_type": "02",
                          "mdtrt_cert_no": self.person["certno"],
                          "medfee_sumamt": self.medfee, "psn_setlway": "01", "mdtrt_id": self.mdtrt_id,
-                         "insutype": self.person["insutype"], "acct_used_flag": "1", "insuplc_admdvs": "430100",
+                         "insutype": self.person["insutype"], "acct_used_flag": "1",
+                         "insuplc_admdvs": self.person.get("insuplc_admdvs", "430100"),
                          "mdtrtarea_admvs": "430100", "mid_setl_flag": "0"}}
 
     def presettle(self) -> dict[str, Any]:

@@ -1,0 +1,335 @@
+"""Month-end clearing (清算), as the insurance office and finance do it.
+
+- apply: one application (3203) per group (insutype, setl_optins, clr_type) of the month's settlements, its
+  amounts summed from the journal, and only for a group every day of which has balanced in the daily
+  reconciliation (else the days that have not are named); the bureau's clr_appy_evt_id is kept.
+- cancel: the application undone (3204), to be made again after a correction.
+- remote: the month's 异地 clearing detail (3260, paged to the last page) compared row by row with the
+  journal's 异地 settlements; every difference named; confirmed (3261) only when there is none.
+- status: per group, settlements, applied, approved and refused (拒付, with reasons: the region's status
+  trade, fep.yaml `clearing.status_trade`), disbursed (拨付) and what is still to come.
+- paid: a disbursement from the bank's notice, kept with who entered it (as are applications and cancels).
+
+The state is the journal's (schema 7: fep.journal's clearing queries), every change one durable write; the
+trades go through the engine like any other (fep.reconcile.Reconciler.call).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from calendar import monthrange
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from fep import envelope, journal
+from fep.reconcile import CLR_TYPE, INSUTYPE, ZERO, Reconciler, ReconcileError, Settlement, dec
+
+Group = tuple[str, str, str]  # (insutype, setl_optins, clr_type)
+STATUS_HEADERS = ["险种类别", "结算经办机构", "清算类别", "结算笔数", "申请金额", "审核通过", "拒付", "拒付原因", "已拨付",
+                  "未拨付", "状态"]
+AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")  # as the bank's notice writes yuan: plain, to the fen
+STATES = {"applied": "已申请", "cancelled": "已撤销", None: "未申请"}
+
+
+class ClearingError(ValueError):
+    """A clearing command cannot be done as asked; the message says why and what to do."""
+
+
+def month_of(text: Any) -> tuple[date, date]:
+    """"YYYY-MM" -> its first and last day."""
+    try:
+        first = datetime.strptime(str(text), "%Y-%m").date()
+    except ValueError:
+        raise ClearingError(f"month must be YYYY-MM, got {text!r}") from None
+    return first, first.replace(day=monthrange(first.year, first.month)[1])
+
+
+def group_of(text: Any) -> Group:
+    parts = str(text or "").split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ClearingError(f"a group is INSUTYPE/SETL_OPTINS/CLR_TYPE (e.g. 310/430199/11), got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+class Clearing:
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.reconciler = reconciler
+        self.engine = reconciler.engine
+
+    # ---- the month as the journal holds it --------------------------------------------------------------
+    def _days(self, month: str) -> list[date]:
+        """The month's days, up to today."""
+        first, last = month_of(month)
+        return [first.replace(day=d) for d in range(1, min(last, date.today()).day + 1)] if first <= date.today() \
+            else []
+
+    async def _by_day(self, month: str) -> dict[date, dict[Group, list[Settlement]]]:
+        days = self._days(month)
+        found = await self.reconciler.settlements_between(days[0], days[-1]) if days else {}
+        by_day: dict[date, dict[Group, list[Settlement]]] = {}
+        for day in days:
+            groups = by_day[day] = {}
+            for s in found.get(day, []):
+                groups.setdefault((s.insutype, s.setl_optins, s.clr_type), []).append(s)
+        return by_day
+
+    async def _settlements(self, month: str) -> dict[Group, list[Settlement]]:
+        return merged(await self._by_day(month))
+
+    async def _not_balanced(self, by_day: dict[date, dict[Group, list[Settlement]]]) -> dict[Group | None, list[str]]:
+        """Days that did not balance, per group: its stored reconciliation said 不平 (or could not ask), or it
+        holds other settlements than the journal now does (the amounts applied for would not be the ones that
+        balanced); under None, days never reconciled."""
+        out: dict[Group | None, list[str]] = {}
+        for day, groups in by_day.items():
+            runs = await self.engine.journal.runs("reconcile", day.isoformat(), limit=1)
+            if not runs:
+                out.setdefault(None, []).append(f"{day} (not reconciled)")
+                continue
+            reconciled = {(g["insutype"], g["setl_optins"], g["clr_type"]): g for g in runs[0]["groups"]}
+            for group, g in reconciled.items():
+                if g["result"] != "平":
+                    out.setdefault(group, []).append(f"{day} ({g['result']})")
+            for group, rows in groups.items():
+                g = reconciled.get(group)
+                if g and g["result"] == "平" and (g["fixmedins_setl_cnt"], dec(g["medfee_sumamt"])) != (
+                        len(rows), totals(rows)["medfee"]):
+                    out.setdefault(group, []).append(f"{day} (settlements since it was reconciled)")
+                elif g is None:
+                    out.setdefault(group, []).append(f"{day} (not reconciled)")
+        return out
+
+    def _named(self, group: Group) -> dict[str, str]:
+        names = {**CLR_TYPE, **dict(self.engine.cfg.clr_type_names)}
+        return {"insutype": group[0], "setl_optins": group[1], "clr_type": group[2],
+                "clr_type_name": names.get(group[2], "")}
+
+    async def _clearings(self, month: str) -> dict[Group, dict[str, Any]]:
+        rows = await self.engine.journal.read(journal.clearings_of(month))
+        return {(r["insutype"], r["setl_optins"], r["clr_type"]): r for r in rows}
+
+    # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
+    async def apply(self, month: str, by: str) -> dict[str, Any]:
+        first, last = month_of(month)
+        by_day = await self._by_day(month)
+        groups = merged(by_day)
+        bad = await self._not_balanced(by_day)
+        done = await self._clearings(month)
+        results = []
+        for group, rows in sorted(groups.items()):
+            t = totals(rows)
+            r: dict[str, Any] = {**self._named(group), **{k: t[k] for k in ("settlements", "medfee", "fund", "acct")}}
+            days = bad.get(None, []) + bad.get(group, [])
+            if done.get(group, {}).get("state") == "applied":
+                r.update(result="already applied", clr_appy_evt_id=done[group]["clr_appy_evt_id"])
+            elif days:
+                r.update(result="not applied", days=days,
+                         why=f"every day must balance first: {', '.join(days)} (fep reconcile --date DAY)")
+            else:
+                r.update(await self._apply(month, first, last, group, t, by))
+            results.append(r)
+        return {"month": month, "groups": results, "applied": sum(r["result"] == "applied" for r in results)}
+
+    async def _apply(self, month: str, first: date, last: date, group: Group, t: dict[str, Any],
+                     by: str) -> dict[str, Any]:
+        insutype, setl_optins, clr_type = group
+        try:
+            out = await self.reconciler.call("3203", {"data": {
+                "insutype": insutype, "clr_optins": setl_optins, "clr_type": clr_type, "clr_way": "1",
+                "setlym": first.strftime("%Y%m"), "psntime": t["settlements"], "medfee_sumamt": t["medfee"],
+                "med_sumfee": t["medfee"], "fund_appy_sum": t["fund"], "cash_payamt": t["cash"], "acct_pay": t["acct"],
+                "begndate": first.isoformat(), "enddate": last.isoformat()}})
+        except ReconcileError as e:
+            return {"result": "refused", "why": str(e)}
+        evt = str((out.get("data") or {}).get("clr_appy_evt_id") or "")
+        if not evt:
+            return {"result": "refused", "why": "3203 answered without clr_appy_evt_id"}
+        await self.engine.journal.run(journal.clearing_applied(month, group, t, evt, by))
+        return {"result": "applied", "clr_appy_evt_id": evt}
+
+    async def cancel(self, month: str, group: Group, by: str) -> dict[str, Any]:
+        row = (await self._clearings(month)).get(group)
+        if row is None or row["state"] != "applied":
+            raise ClearingError(f"{month} {'/'.join(group)} has no application in force to cancel")
+        try:
+            await self.reconciler.call("3204", {"data": {"clr_appy_evt_id": row["clr_appy_evt_id"],
+                                                         "clr_type": group[2]}})
+        except ReconcileError as e:
+            raise ClearingError(str(e)) from None
+        return await self.engine.journal.run(journal.clearing_cancelled(month, group, row["clr_appy_evt_id"], by))
+
+    # ---- 3260 / 3261: the 异地 clearing detail -------------------------------------------------------------
+    async def remote(self, month: str) -> dict[str, Any]:
+        first, _ = month_of(month)
+        theirs = await self._remote_detail(first)
+        home = self.engine.cfg.institution.mdtrtarea_admvs[:4]
+        ours = {s.setl_id: s for rows in (await self._settlements(month)).values() for s in rows
+                if s.insuplc and s.insuplc[:4] != home}
+        diffs = [d for row in theirs if (d := _compared(row, ours.get(str(row.get("setl_sn")))))]
+        listed = {str(row.get("setl_sn")) for row in theirs}
+        diffs += [{"kind": "in the journal, not in the clearing detail", "setl_id": s.setl_id, "msgid": s.msgid,
+                   "journal_medfee": s.medfee, "detail_medfee": None,
+                   "action": "ask the clearing centre why it does not clear it: unconfirmed, it is not paid this "
+                             "month"} for sid, s in ours.items() if sid not in listed]
+        doc: dict[str, Any] = {"month": month, "rows": len(theirs), "journal": len(ours),
+                               "medfee": sum((dec(r.get("medfee_sumamt")) for r in theirs), ZERO),
+                               "differences": diffs, "confirmed": False}
+        if not diffs:
+            try:
+                await self.reconciler.call("3261", {"data": {"trt_year": f"{first:%Y}", "trt_month": f"{first:%m}",
+                                                             "data_cnt": len(theirs), "medfee_sumamt": doc["medfee"]}})
+                doc["confirmed"] = True
+            except ReconcileError as e:
+                doc["why"] = str(e)
+        await self.engine.journal.save_run("clearing-remote", month, doc)
+        return doc
+
+    async def _remote_detail(self, first: date) -> list[dict[str, Any]]:
+        """Every page of 3260, from the first row until a page comes back empty."""
+        rows: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while True:
+            try:
+                out = await self.reconciler.call("3260", {"data": {
+                    "trt_year": f"{first:%Y}", "trt_month": f"{first:%m}", "startrow": len(rows) + 1}})
+            except ReconcileError as e:
+                raise ClearingError(f"the 异地 clearing detail could not be fetched after {len(rows)} row(s): "
+                                    f"{e}; nothing was confirmed") from None
+            page = out.get("data") or []
+            if not isinstance(page, list):
+                raise ClearingError(f"3260 answered with {type(page).__name__} where a list of rows belongs")
+            if not page:
+                return rows
+            again = seen & {str(r.get("setl_sn")) for r in page}
+            if again:  # a bureau that ignores startrow would page for ever
+                raise ClearingError(f"3260 from row {len(rows) + 1} answered rows already read "
+                                    f"({', '.join(sorted(again))})")
+            seen |= {str(r.get("setl_sn")) for r in page}
+            rows += page
+
+    # ---- status, and the bank's notice ------------------------------------------------------------------------
+    async def status(self, month: str) -> dict[str, Any]:
+        groups = await self._settlements(month)
+        done = await self._clearings(month)
+        trade = self.engine.cfg.clearing_status_trade
+        for group, row in list(done.items()):
+            if trade and row["state"] == "applied":
+                done[group] = await self._audit(trade, month, group, row)
+        rows = []
+        for group in sorted(set(groups) | set(done)):
+            c = done.get(group) or {}
+            applied = dec(c.get("fund")) if c.get("state") == "applied" else ZERO
+            refused, paid = dec(c.get("refused")), dec(c.get("paid"))
+            rows.append({**self._named(group), "settlements": len(groups.get(group, [])), "applied": applied,
+                         "approved": None if c.get("approved") is None else dec(c["approved"]), "refused": refused,
+                         "refusals": envelope.loads(c["refusals"]) if c.get("refusals") else [], "paid": paid,
+                         "outstanding": applied - refused - paid, "state": STATES.get(c.get("state")),
+                         "clr_appy_evt_id": c.get("clr_appy_evt_id")})
+        history = await self.engine.journal.read(journal.clearing_history(month))
+        return {"month": month, "groups": rows, "history": history}
+
+    async def _audit(self, trade: str, month: str, group: Group, row: dict[str, Any]) -> dict[str, Any]:
+        """What the bureau's audit says now; kept as it last said when the bureau cannot be asked."""
+        try:
+            out = (await self.reconciler.call(trade, {"data": {"clr_appy_evt_id": row["clr_appy_evt_id"]}})).get(
+                "data") or {}
+        except ReconcileError:
+            return row
+        refusals = [{"setl_id": r.get("setl_id"), "amount": dec(r.get("rej_amt")), "reason": r.get("rej_rea")}
+                    for r in out.get("rejinfo") or []]
+        return await self.engine.journal.run(journal.clearing_audited(
+            month, group, str(dec(out.get("appr_amt"))), str(dec(out.get("rej_amt"))), refusals))
+
+    async def paid(self, month: str, group: Group, amount: Any, note: str, by: str) -> dict[str, Any]:
+        if not AMOUNT.fullmatch(str(amount)) or Decimal(str(amount)) <= 0:
+            raise ClearingError(f"amount must be positive yuan with at most 2 places (1234.50), got {amount!r}")
+        value = Decimal(str(amount))
+        if not note.strip():
+            raise ClearingError("say which bank notice it is (--note): it is kept with the payment")
+        try:
+            return await self.engine.journal.run(journal.clearing_paid(month, group, str(value), note.strip(), by))
+        except LookupError as e:
+            raise ClearingError(f"{e}: apply first (fep clearing apply --month {month})") from None
+
+
+def merged(by_day: dict[date, dict[Group, list[Settlement]]]) -> dict[Group, list[Settlement]]:
+    """The month's settlements per group."""
+    groups: dict[Group, list[Settlement]] = {}
+    for day_groups in by_day.values():
+        for group, rows in day_groups.items():
+            groups.setdefault(group, []).extend(rows)
+    return groups
+
+
+def totals(rows: list[Settlement]) -> dict[str, Any]:
+    medfee, fund, acct = (sum((getattr(r, k) for r in rows), ZERO) for k in ("medfee", "fund", "acct"))
+    return {"settlements": len(rows), "medfee": medfee, "fund": fund, "acct": acct, "cash": medfee - fund - acct}
+
+
+
+
+def _compared(row: dict[str, Any], ours: Settlement | None) -> dict[str, Any] | None:
+    """The difference between a row of the clearing detail and the journal's settlement, or None."""
+    medfee, pays = dec(row.get("medfee_sumamt")), dec(row.get("optins_pay_sumamt"))
+    base = {"setl_id": row.get("setl_sn"), "detail_medfee": medfee}
+    if ours is None:
+        return {**base, "kind": "in the clearing detail, not in the journal", "msgid": None, "journal_medfee": None,
+                "action": "a settlement cleared that fep does not hold: look it up (5203) and in the day's "
+                          "reconciliation; a 单边账 is reversed with fep reverse"}
+    if (medfee, pays) != (ours.medfee, ours.fund + ours.acct):
+        return {**base, "kind": "amounts differ", "msgid": ours.msgid, "journal_medfee": ours.medfee,
+                "action": f"the detail has {medfee} (the insured region pays {pays}), the journal {ours.medfee} "
+                          f"(pays {ours.fund + ours.acct}): raise it with the clearing centre before confirming"}
+    return None
+
+
+def _name(g: dict[str, Any]) -> list[str]:
+    return [f"{g['insutype']} {INSUTYPE.get(g['insutype'], '')}".strip(), g["setl_optins"],
+            f"{g['clr_type']} {g.get('clr_type_name', '')}".strip()]
+
+
+def status_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """The month's table, one row per group, with a totals row."""
+    rows = [[*_name(g), str(g["settlements"]), str(g["applied"]), "" if g["approved"] is None else str(g["approved"]),
+             str(g["refused"]), "; ".join(f"{r['setl_id']} {r['amount']} {r['reason']}" for r in g["refusals"]),
+             str(g["paid"]), str(g["outstanding"]), g["state"]] for g in doc["groups"]]
+    total = {k: sum((dec(g[k]) for g in doc["groups"]), ZERO) for k in ("applied", "refused", "paid", "outstanding")}
+    approved = [g["approved"] for g in doc["groups"] if g["approved"] is not None]
+    rows.append(["合计", "", "", str(sum(g["settlements"] for g in doc["groups"])), str(total["applied"]),
+                 str(sum((dec(a) for a in approved), ZERO)) if approved else "", str(total["refused"]), "",
+                 str(total["paid"]), str(total["outstanding"]), ""])
+    return rows
+
+
+def render(doc: dict[str, Any], fmt: str, what: str) -> str:
+    """`what`: status, apply or remote; as a table, CSV or JSON, like reconciliation."""
+    if fmt == "json":
+        return envelope.dumps(doc).decode("utf-8")
+    from fep.admin_cli import table
+
+    if what == "status":
+        headers, rows = STATUS_HEADERS, status_rows(doc)
+    elif what == "apply":
+        headers = ["险种类别", "结算经办机构", "清算类别", "结算笔数", "医疗费总额", "基金申请金额", "结果", "清算申请事件ID", "说明"]
+        rows = [[*_name(g), str(g["settlements"]), str(g["medfee"]), str(g["fund"]), g["result"],
+                 g.get("clr_appy_evt_id") or "", g.get("why") or ""] for g in doc["groups"]]
+    else:
+        headers = ["kind", "setl_id", "msgid", "journal_medfee", "detail_medfee", "action"]
+        rows = [[str(d.get(h) if d.get(h) is not None else "") for h in headers] for d in doc["differences"]]
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(headers)
+        w.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    lines = [f"清算月份 {doc['month']}"]
+    if what == "remote":
+        lines.append(f"异地清分明细 {doc['rows']} 行 (journal: {doc['journal']}), {len(doc['differences'])} difference(s); "
+                     + ("confirmed (3261)" if doc["confirmed"] else "NOT confirmed" + (f": {doc['why']}"
+                                                                                       if doc.get("why") else "")))
+    if rows:
+        lines.append(table([dict(zip(headers, r)) for r in rows], headers))
+    return "\n".join(lines)
