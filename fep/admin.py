@@ -224,7 +224,7 @@ class AdminService:
         status["oldest_unresolved_seconds"] = round(time.time() - oldest, 1) if oldest else None
         status["bureau_link"] = self.engine.link.security  # server_tls or plain_http show here, and in the metrics
         last = await self.engine.journal.runs("reconcile")
-        status["last_reconciliation"] = {**{k: last[0][k] for k in ("stmt_date", "run_at", "balanced", "unbalanced")},
+        status["last_reconciliation"] = {**{k: last[0].get(k) for k in ("stmt_date", "run_at", "balanced", "unbalanced")},
                                          "unresolved": len(last[0].get("unresolved", []))} if last else None
         # What `fep status --check` needs to tell a reconciliation that did not run (fep.health).
         status["reconcile_daily_at"] = self.engine.cfg.reconcile_at
@@ -324,10 +324,11 @@ class MetricsRefresher:
         """The last reconciliation's time and result from the journal, once: a restart must not read as
         "never reconciled" (FepReconciliationNotRun). Each run sets them from then on (fep.reconcile)."""
         last = await self.engine.journal.runs("reconcile")
-        if last:
+        if last and "run_at" in last[0]:  # a run kept by an early release may lack the time and the counts
             metrics.RECONCILED_AT.set(datetime.strptime(last[0]["run_at"], "%Y-%m-%d %H:%M:%S").timestamp())
             for result in ("balanced", "unbalanced"):
-                metrics.RECONCILED_GROUPS.labels(result).set(last[0][result])
+                if type(last[0].get(result)) is int:
+                    metrics.RECONCILED_GROUPS.labels(result).set(last[0][result])
         self._restored = True
 
 

@@ -881,19 +881,6 @@ def archivable(after: tuple[float, int], cutoff: float, limit: int) -> Callable[
         last = rows[-1] if rows else None
         return families, ((last[COLUMNS.index("created")], last[0]) if last else after)
 
-
-# --- 异地 persons and month-end clearing (schema 7): named queries, run through Journal.run / Journal.read ----------
-# Each write below is one op, so one durable write on the journal's writer; each read is one op on a reader.
-def answer_with_place(msgid: str, fields: dict[str, Any], psn_no: str, insuplc_admdvs: str) -> Op:
-    """A 1101's answer and the person's insured region it names, in one write."""
-
-    def op(conn: sqlite3.Connection) -> TradeRow:
-        row = _transition(conn, msgid, "answer", None, fields)
-        conn.execute("INSERT INTO insured_places VALUES (?,?,?,?) ON CONFLICT(psn_no) DO UPDATE SET "
-                     "insuplc_admdvs=excluded.insuplc_admdvs, msgid=excluded.msgid, at=excluded.at",
-                     (psn_no, insuplc_admdvs, msgid, time.time()))
-        return row
-
     return op
 
 
@@ -915,13 +902,6 @@ def forget(families: list[Family]) -> Callable[[sqlite3.Connection], list[Family
             gone.append(family)
         return gone
 
-
-def insured_place(psn_no: str) -> Callable[[sqlite3.Connection], str | None]:
-    """The person's insured region from their last 1101 answer; None: fep has seen no 1101 of theirs."""
-    def op(conn: sqlite3.Connection) -> str | None:
-        rows = _fetch(conn, "SELECT insuplc_admdvs FROM insured_places WHERE psn_no = ?", (psn_no,))
-        return rows[0][0] if rows else None
-
     return op
 
 
@@ -939,6 +919,38 @@ def audit_begin(uid: int | None, action: str, args: dict[str, Any]) -> Callable[
 def audit_end(entry: int, result: str) -> Callable[[sqlite3.Connection], None]:
     def op(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE audit SET result = ?, done = ? WHERE id = ?", (result, time.time(), entry))
+
+    return op
+
+
+def audit_between(since: float, until: float, limit: int) -> Callable[[sqlite3.Connection], list[Raw]]:
+    """A read: the newest `limit` actions begun in [since, until], oldest first."""
+    return lambda conn: _fetch(conn, f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit INDEXED BY {AUDIT_BY_TIME} "
+                                     f"WHERE at BETWEEN ? AND ? ORDER BY at DESC LIMIT ?", (since, until, limit))[::-1]
+
+
+# --- 异地 persons and month-end clearing (schema 7): named queries, run through Journal.run / Journal.read ----------
+# Each write below is one op, so one durable write on the journal's writer; each read is one op on a reader.
+def answer_with_place(msgid: str, fields: dict[str, Any], psn_no: str, insuplc_admdvs: str) -> Op:
+    """A 1101's answer and the person's insured region it names, in one write."""
+
+    def op(conn: sqlite3.Connection) -> TradeRow:
+        row = _transition(conn, msgid, "answer", None, fields)
+        conn.execute("INSERT INTO insured_places VALUES (?,?,?,?) ON CONFLICT(psn_no) DO UPDATE SET "
+                     "insuplc_admdvs=excluded.insuplc_admdvs, msgid=excluded.msgid, at=excluded.at",
+                     (psn_no, insuplc_admdvs, msgid, time.time()))
+        return row
+
+    return op
+
+
+def insured_place(psn_no: str) -> Callable[[sqlite3.Connection], str | None]:
+    """The person's insured region from their last 1101 answer; None: fep has seen no 1101 of theirs."""
+    def op(conn: sqlite3.Connection) -> str | None:
+        rows = _fetch(conn, "SELECT insuplc_admdvs FROM insured_places WHERE psn_no = ?", (psn_no,))
+        return rows[0][0] if rows else None
+
+    return op
 
 
 CLEARING_COLUMNS = ("month", "insutype", "setl_optins", "clr_type", "state", "settlements", "medfee", "fund", "acct",
@@ -975,12 +987,6 @@ def clearing_applied(month: str, group: Group, totals: dict[str, Any], evt_id: s
         return _clearing_row(conn, month, group)  # type: ignore[return-value]
 
     return op
-
-
-def audit_between(since: float, until: float, limit: int) -> Callable[[sqlite3.Connection], list[Raw]]:
-    """A read: the newest `limit` actions begun in [since, until], oldest first."""
-    return lambda conn: _fetch(conn, f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit INDEXED BY {AUDIT_BY_TIME} "
-                                     f"WHERE at BETWEEN ? AND ? ORDER BY at DESC LIMIT ?", (since, until, limit))[::-1]
 
 
 def clearing_cancelled(month: str, group: Group, evt_id: str, by: str) -> Op:

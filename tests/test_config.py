@@ -138,12 +138,17 @@ def test_every_key_fep_reads_is_in_the_one_list_of_known_keys_and_every_listed_k
     path = ROOT / "conf" / "fep.yaml"
     seen: set[str] = set()
     config._build(Reads(config.check(yaml.safe_load(path.read_text())), config.KEYS, "", seen), path, ROOT)
+    for style in config.STYLES:  # each region profile reads its own settings and secrets
+        doc = yaml.safe_load(path.read_text())
+        doc["bureau"]["profile"] = {"style": style, **{k: v or "x" for k, v in config.SETTINGS[style].items()},
+                                    "secrets": {name: f"secrets/{name}" for name in config.SECRETS[style]}}
+        config._build(Reads(config.check(doc), config.KEYS, "", seen), path, ROOT)
     known = set(config.known_keys())
     assert seen - known == set(), "read by fep.config but not in config.KEYS (add them there)"
     assert known - seen == set(), "in config.KEYS but never read (a key that does nothing)"
 
 
 def test_the_known_keys_are_named_as_an_operator_writes_them() -> None:
-    assert all(re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", k) for k in config.known_keys())
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*", k) for k in config.known_keys())
     assert {"his.tcp_port", "bureau.endpoints.url", "bureau.tls.ca", "reconcile_groups.insutype"} <= set(
         config.known_keys())
