@@ -285,7 +285,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if not doc["unbalanced"] and not doc["unresolved"] else 1
 
 
-SYNC_WAIT = 3600.0  # seconds `fep catalog sync` waits: some thirty catalogs, the national ones large, over the VPN
+SYNC_WAIT = 3600.0  # seconds `fep catalog sync` waits by default: some thirty catalogs, the national ones large, over the VPN
 
 
 def _synced(infno: str, x: dict[str, Any]) -> str:
@@ -298,11 +298,7 @@ def _synced(infno: str, x: dict[str, Any]) -> str:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     if args.action == "sync":
-        client = admin_client(args)
-        client.timeout = SYNC_WAIT
-        status, doc = client.request("POST", "/catalog/sync", b"{}")
-        if status != 200:
-            raise SystemExit(f"fep catalog sync: {doc.get('error', doc)}")
+        doc = call(args, "POST", "/catalog/sync", {})
         out(args, doc, lambda d: "\n".join([_synced(infno, x) for infno, x in d["downloads"].items()]
                                            + [f"{d['codes']} national codes, {d['retired']} retired"]))
         return 1 if doc["failed"] else 0
@@ -462,7 +458,7 @@ def add_commands(sub: Any) -> None:
     csub = cat.add_subparsers(dest="catalog_command", required=True)
     sy = csub.add_parser("sync", help="bring the bureau's catalogs current (1301–1327 files, 1312/1316–1319 pages)")
     admin_options(sy)
-    sy.set_defaults(func=cmd_catalog, action="sync")
+    sy.set_defaults(func=cmd_catalog, action="sync", timeout=SYNC_WAIT)
     mp = csub.add_parser("map", help="the hospital's code mapping")
     msub = mp.add_subparsers(dest="map_command", required=True)
     im = msub.add_parser("import", help="load a CSV: hosp_code,national_code[,hosp_name]")

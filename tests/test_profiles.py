@@ -223,7 +223,7 @@ def bureau_config(tmp_path: Path, **bureau: Any) -> config.Config:
     ({"profile": {"style": "hunan"}}, "bureau.profile.secrets.access_key is required"),
     ({"profile": {"style": "hunan", "secrets": {"access_key": "/etc/fep/ak", "secret_key": "8f3a9c2e1b"}}},
      "bureau.profile.secrets.secret_key must be the path of the file holding it"),
-    ({"profile": {"style": "hunan", "secret_key": "/etc/fep/sk"}}, "secret_key is not a setting of the hunan style"),
+    ({"profile": {"style": "hunan", "secret_key": "/etc/fep/sk"}}, "bureau.profile.secret_key is not a known key; did you mean bureau.profile.secrets?"),
     ({"url_style": "infno_path", "profile": {"url_layout": "dispatcher"}},
      "bureau.url_style is the old name of bureau.profile.url_layout"),
     ({"link_security": "none"}, "bureau.link_security must be mutual_tls, server_tls, plain_http"),
