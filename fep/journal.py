@@ -61,6 +61,9 @@ UPDATABLE = frozenset({"request", "answer", "late_answer", "resolver", "attempts
 BODIES = frozenset({"request", "answer", "late_answer"})  # kept whole, compressed when that pays (stored_body)
 RETRY_PAUSE = 1.0  # seconds between tries of a held write while the disk cannot take it
 COMPRESS_FROM = 256  # bytes: a body this long or longer is stored compressed when that saves a quarter
+# zlib's fastest level: a 3.4 MB upload in 3.5 ms against 8.4 at the default 6 (it is journalled before it is
+# sent), for 5% more bytes on the bureau's sample answers (23% on the bench's repetitive fee lines).
+COMPRESS_LEVEL = 1
 WAL_KEEP = 64 << 20  # bytes of WAL kept after a checkpoint; the rest is given back to the disk
 DECISION_READERS = 2  # threads reading what decides a trade's next step
 VIEW_READERS = 1  # threads reading for people and metrics: views, reconciliation, recovery
@@ -186,7 +189,7 @@ def stored_body(body: str | bytes) -> str | bytes:
     when that pays."""
     raw = body.encode("utf-8") if isinstance(body, str) else body
     if len(raw) >= COMPRESS_FROM:
-        packed = zlib.compress(raw, 6)
+        packed = zlib.compress(raw, COMPRESS_LEVEL)
         if len(packed) <= len(raw) * 3 // 4:
             return packed
     return body if isinstance(body, str) else raw.decode("utf-8")
