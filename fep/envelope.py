@@ -502,14 +502,26 @@ def inf_time(now: datetime) -> str:
 
 @dataclass
 class BureauAnswer:
+    """The bureau's answer: infcode and err_msg read at once, the envelope itself (`raw`, `output`) only when
+    something reads it. Most answers go to the HIS as they came, and an inpatient upload's is 2 MB."""
+
     infcode: int
     err_msg: str
-    output: Any
-    raw: dict[str, Any]
+    body: bytes
 
     @property
     def ok(self) -> bool:
         return self.infcode == 0
+
+    @functools.cached_property
+    def raw(self) -> dict[str, Any]:
+        env = loads(self.body)
+        env["infcode"] = self.infcode  # fep's own readers of the parsed answer compare numbers; the stored bytes stay as sent
+        return env  # type: ignore[no-any-return]
+
+    @property
+    def output(self) -> Any:
+        return self.raw.get("output")
 
 
 def succeeded(answer: dict[str, Any]) -> bool:
@@ -521,20 +533,50 @@ class BadAnswer(ValueError):
     """The bureau's bytes are not an envelope: the outcome of the trade is unknown."""
 
 
+class _Head(msgspec.Struct, forbid_unknown_fields=False):
+    """What every answer is read for at once; the rest of the text is checked to be JSON, and skipped."""
+    infcode: Any = msgspec.UNSET
+    err_msg: Any = None
+
+
+_head_decoder = msgspec.json.Decoder(_Head, float_hook=Decimal)
+
+
 def parse_bureau_answer(body: bytes) -> BureauAnswer:
-    """Lenient as the real answers need: infcode as number or string, null err_msg, no inf_refmsgid."""
+    """Lenient as the real answers need: infcode as number or string, null err_msg, no inf_refmsgid. Only
+    infcode and err_msg are built; the rest is checked to be JSON, as the full reader would (bad UTF-8, a lone
+    surrogate, nesting past what can be read are BadAnswer), and read in full only for a refusal's reason."""
+    try:
+        head = _head_decoder.decode(body[3:] if body[:3] == BOM else body)
+        if not body.isascii():
+            body.decode("utf-8")  # in a string the head skipped: the reader checks only what it builds
+        if b"\\u" in body:
+            loads(body)  # an escape the head skipped may be half a character
+    except (ValueError, UnicodeDecodeError, RecursionError):  # not JSON, or not an object
+        return _parse_in_full(body)
+    if head.infcode is msgspec.UNSET:
+        raise BadAnswer("bureau answer has no infcode")
+    return BureauAnswer(infcode=_infcode(head.infcode), err_msg=head.err_msg or "", body=body)
+
+
+def _parse_in_full(body: bytes) -> BureauAnswer:
     try:
         env = loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadAnswer(f"bureau answer is not JSON: {e}") from None
     if not isinstance(env, dict) or "infcode" not in env:
         raise BadAnswer("bureau answer has no infcode")
+    answer = BureauAnswer(infcode=_infcode(env["infcode"]), err_msg=env.get("err_msg") or "", body=body)
+    env["infcode"] = answer.infcode
+    answer.raw = env
+    return answer
+
+
+def _infcode(value: Any) -> int:
     try:
-        code = int(str(env["infcode"]).strip())
+        return int(str(value).strip())
     except ValueError:
-        raise BadAnswer(f"bureau answer has a non-numeric infcode {env['infcode']!r}") from None
-    env["infcode"] = code  # fep's own readers of the parsed answer compare numbers; the stored bytes stay as sent
-    return BureauAnswer(infcode=code, err_msg=env.get("err_msg") or "", output=env.get("output"), raw=env)
+        raise BadAnswer(f"bureau answer has a non-numeric infcode {value!r}") from None
 
 
 def file_answer(content: bytes, disposition: str) -> bytes:
@@ -631,7 +673,8 @@ def answer(envelope: dict[str, Any], *, msgid: str, state: str, note: str = "", 
 def splice(raw: bytes, fields: dict[str, Any]) -> bytes:
     """fep's fields added to the bureau's answer as it came, without decoding and encoding it again.
     `raw` is an answer parse_bureau_answer accepted: a JSON object with at least infcode in it."""
-    return raw.rstrip()[:-1] + b"," + dumps(fields)[1:]
+    end = len(raw.rstrip()) - 1  # the closing brace
+    return b"".join((memoryview(raw)[:end], b",", memoryview(dumps(fields))[1:]))  # one copy of a 2 MB answer
 
 
 def local_failure(message: str, when: datetime, output: str = "data") -> dict[str, Any]:
