@@ -355,7 +355,7 @@ def _numbers_fine(input_: Any) -> bool:
     return True
 
 
-_BOUND_INT = int(BOUND)
+_BOUND_INT, _BOUND_DIGITS = int(BOUND), BOUND.adjusted()
 
 
 def _all_fine(values: Iterable[Any], places: int) -> bool:
@@ -368,7 +368,7 @@ def _all_fine(values: Iterable[Any], places: int) -> bool:
                 continue
         elif cls is Decimal:
             _, digits, exponent = value.as_tuple()
-            if exponent.__class__ is int and exponent >= -places and len(digits) + exponent <= BOUND.adjusted():
+            if exponent.__class__ is int and exponent >= -places and len(digits) + exponent <= _BOUND_DIGITS:
                 continue
         elif value is None or value == "":
             continue
