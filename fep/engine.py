@@ -29,7 +29,7 @@ from fep.journal import (Accepted, IllegalTransition, Journal, JournalError, New
                          answer_with_place, insured_place)
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
-from fep.replies import Reply, lookup_view, outcome, reply
+from fep.replies import Reply, lookup_view, outcome, passed_on, reply
 from fep.resolver import DRIVEN, Markers, Resolver
 from fep.sender import Sender, recorded
 from fep.session import Session, SignInFailed
@@ -139,7 +139,7 @@ class Engine:
             result = await self._reversal_asked(trade, req)
         else:
             result = await self._take(trade, req)
-        metrics.TRADES.labels(trade.infno, outcome(result.body)).inc()
+        metrics.TRADES.labels(trade.infno, outcome(result.head)).inc()
         metrics.TRADE_SECONDS.labels(trade.infno).observe(time.perf_counter() - started)
         return result
 
@@ -314,10 +314,9 @@ class Engine:
             row = await self.journal.transition(row.msgid, "answer", **fields)
         if ans.ok:
             await self._after_answer(trade, row)
-        result = self._reply(row, answer=ans.raw)
-        if row.state is S.ANSWERED:  # the common case: pass the bureau's bytes through, fep's fields added
-            result.raw = envelope.splice(delivery.body, {k: v for k, v in result.body.items() if k.startswith("fep_")})
-        return result
+        if row.state is S.ANSWERED:  # the common case: the bureau's bytes passed through, fep's fields added
+            return passed_on(row, ans)
+        return self._reply(row, answer=ans.raw)
 
     async def _after_answer(self, trade: TradeDef, row: TradeRow) -> None:
         """A successful cancel of a settlement still in its confirmation window: the HIS evidently recorded

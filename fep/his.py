@@ -53,7 +53,7 @@ class HisService:
     def _json(self, reply: Reply) -> Response:
         """What the HIS hears: the envelope as JSON; a download (9102) that succeeded, the file itself, unless
         his.file_answers says this HIS reads only JSON."""
-        file = envelope.downloaded_file(reply.body) if self.engine.cfg.his.file_answers == "file" else None
+        file = reply.download() if self.engine.cfg.his.file_answers == "file" else None
         if file is not None:
             return envelope.file_response(200, file, reply.body)
         return Response(200, reply.raw or envelope.dumps(reply.body))

@@ -7,6 +7,7 @@ said nothing yet); `fep_state` is where the trade is in its life.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,37 @@ S = State
 class Reply:
     body: dict[str, Any]
     raw: bytes | None = None  # the body already encoded, when it could be had without encoding it
+
+    @property
+    def head(self) -> dict[str, Any]:
+        """What `outcome` reads: the envelope's infcode and fep's fields (here, the whole body)."""
+        return self.body
+
+    def download(self) -> envelope.FileDownload | None:
+        """The file of a download that succeeded, for an HIS that hears files as files."""
+        return envelope.downloaded_file(self.body)
+
+
+class PassedOn(Reply):
+    """The bureau's answer as it came, fep's fields added (`raw`). Its envelope (`body`) is parsed only if
+    something reads it: the HIS is sent the bytes, and an inpatient upload's answer is 2 MB."""
+
+    def __init__(self, answer: envelope.BureauAnswer, fields: dict[str, Any]) -> None:
+        self.answer, self.fields = answer, fields
+        self.raw = envelope.splice(answer.body, fields)
+
+    @functools.cached_property
+    def body(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.answer.raw | self.fields
+
+    @property
+    def head(self) -> dict[str, Any]:
+        return {"infcode": self.answer.infcode, **self.fields}
+
+    def download(self) -> envelope.FileDownload | None:
+        # A download's answer is fep's own file envelope (the bureau sends the file itself, fep.bureau): one
+        # that does not name content_base64 is no download, and is not parsed to find that out.
+        return super().download() if b'"content_base64"' in self.answer.body else None
 
 
 def _pending(row: TradeRow, money: str) -> str:
@@ -45,6 +77,13 @@ def _pending(row: TradeRow, money: str) -> str:
 # The bureau's own answer is what the HIS hears in these states.
 BUREAU_ANSWERED = frozenset({S.ANSWERED, S.AWAITING_CONFIRM, S.CONFIRMED})
 QUEUED_NOTE = "queued in fep: the bureau is unreachable; it is sent with this msgid, in order, when the link returns"
+
+
+def passed_on(row: TradeRow, answer: envelope.BureauAnswer) -> Reply:
+    """What the HIS hears of a fresh answer its trade is ANSWERED with: the bureau's own bytes, fep's fields
+    added (those `reply` gives it)."""
+    return PassedOn(answer, envelope.answer({}, msgid=row.msgid, state=row.state, infno=row.infno,
+                                            resolver=row.resolver))
 
 
 def reply(row: TradeRow, trade: TradeDef, resubmitted: bool = False, answer: dict[str, Any] | None = None,

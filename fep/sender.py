@@ -42,8 +42,8 @@ class Sender:
         if endpoint is not None and endpoint not in self.link.endpoint_names:
             endpoint = None  # renamed or removed by a reload: where it went is no longer configured
         for _ in range(SESSION_TRIES):
-            sent_under = envelope.top_field(row.request, "sign_no", "")
-            delivery = await self.link.send(trade.infno, row.request.encode("utf-8"), timeout or trade.timeout, trade.path,
+            sent_under = envelope.top_field(row.request_bytes, "sign_no", "")
+            delivery = await self.link.send(trade.infno, row.request_bytes, timeout or trade.timeout, trade.path,
                                             on_late=lambda body, r=row: self._late(r, body), endpoint=endpoint)
             if delivery.answer.ok or trade.kind is Kind.SESSION or not self.session.refused(delivery.answer.err_msg):
                 return delivery  # (a sign-in's own refusal is its answer: it is how a session begins)
@@ -61,7 +61,7 @@ class Sender:
 def recorded(trade: TradeDef, row: TradeRow, delivery: Delivery) -> dict[str, Any]:
     """What the journal keeps of an answer: the bytes, where it came from, and what reconciliation and
     refund order need from a successful settlement or cancel."""
-    fields: dict[str, Any] = {"answer": delivery.body.decode("utf-8"), "endpoint": delivery.endpoint}
+    fields: dict[str, Any] = {"answer": delivery.body, "endpoint": delivery.endpoint}
     ans = delivery.answer
     if not (ans.ok and trade.moves_money):
         return fields

@@ -85,7 +85,8 @@ def test_nesting_as_deep_as_any_trade_goes_through() -> None:
 
 
 @pytest.mark.parametrize("text", ['{"data":{"psn_no":"1","psn_no":"2"}}', '{"data":{},"data":{}}',
-                                  '{"data":{"x":[{"k":1,"k":1}]}}'])
+                                  '{"data":{"x":[{"k":1,"k":1}]}}', '{"data":[{"a":"1"},{"b":{"k":"1","k":"2"}}]}',
+                                  '{"data":[{"k":":","k":" :"}]}'])
 def test_a_key_twice_is_refused_naming_it(text: str) -> None:
     refused(trade("1101", text), "twice")
 
@@ -96,6 +97,13 @@ def test_a_key_twice_at_the_top() -> None:
 
 def test_colons_and_quotes_inside_strings_are_not_keys() -> None:
     _, _, engine = post(trade("1101", r'{"data":{"memo":"a:b \":\" c\\","x":"::"}}'))
+    assert engine.submitted
+
+
+@pytest.mark.parametrize("text", ['{"data":{"memo":":x","y":" : z"}}', '{"data":[{"memo":":"},{"memo":"x:"}]}',
+                                  '{"data":{":":1,"a":{"\\u0022":":"}}}'])
+def test_a_text_that_begins_with_a_colon_is_not_a_key(text: str) -> None:
+    _, _, engine = post(trade("1101", text))
     assert engine.submitted
 
 
@@ -117,6 +125,11 @@ def test_fee_lines_are_checked_wherever_they_are(field: str, value: str) -> None
     line[field] = value
     text = envelope.dumps({"feedetail": [{"feedetl_sn": "0"}, line]}).decode()
     refused(trade("2204", text), f"input.feedetail[1].{field}")
+
+
+def test_an_amount_inside_an_object_of_a_fee_line_is_checked() -> None:
+    lines = [{"feedetl_sn": "0", "cnt": 1}, {"feedetl_sn": "1", "extra": {"memo": "x", "ownpay_amt": "1.001"}}]
+    refused(trade("2204", envelope.dumps({"feedetail": lines}).decode()), "input.feedetail[1].extra.ownpay_amt")
 
 
 @pytest.mark.parametrize("value", ['"100.00"', "100.00", "100", "9999999999.99", '"-0.50"', '""', "null", "0.1E1",

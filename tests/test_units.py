@@ -47,6 +47,23 @@ def test_every_real_bureau_answer_parses_with_exact_decimals() -> None:
         envelope.parse_bureau_answer(b'{"output": {}}')
 
 
+@pytest.mark.parametrize("body,reason", [
+    (b'{"infcode":0,"output":{"a":"\xff"}}', "not JSON"), (rb'{"infcode":0,"output":{"a":"\ud800"}}', "surrogate"),
+    (b'{"infcode":0,"output":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"infcode":0,"output":{"a":[1,]}}', "trailing comma"), (b'[{"infcode":0}]', "no infcode"),
+    (b'{"infcode":0} x', "trailing characters"), (b'{"infcode":"0a"}', "non-numeric infcode"),
+])
+def test_a_bureau_answer_read_for_its_head_is_refused_for_what_is_wrong_anywhere_in_it(body: bytes, reason: str) -> None:
+    with pytest.raises(envelope.BadAnswer, match=reason):
+        envelope.parse_bureau_answer(body)
+
+
+def test_a_bureau_answer_is_parsed_in_full_only_when_read() -> None:
+    answer = envelope.parse_bureau_answer('\ufeff{"infcode":"0","err_msg":null,"output":{"结果":[1.10]}}'.encode())
+    assert answer.ok and answer.err_msg == "" and "raw" not in vars(answer)
+    assert answer.output == {"结果": [Decimal("1.10")]} and answer.raw["infcode"] == 0  # compared as a number
+
+
 def _leaves(obj: object) -> list[object]:
     if isinstance(obj, dict):
         return [x for v in obj.values() for x in _leaves(v)]
