@@ -1,0 +1,88 @@
+"""An outside review of issues 13 and 14, from the finance office's and the operator's side: where month-end
+clearing tells the office something false, or leaves a trade at the bureau that fep no longer knows about.
+Each test fails because of a defect in fep, not in the test."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Any
+
+from fep.sim.world import QIAN, ZHANG, World, ok, said, settled_visit, wait_for
+
+TODAY = date.today()
+MONTH = TODAY.strftime("%Y-%m")
+DAYS = [TODAY.replace(day=d).isoformat() for d in range(1, TODAY.day + 1)]
+
+
+def clearing(world: World, *args: str) -> tuple[int, dict[str, Any]]:
+    run = world.cli("clearing", *args, "--month", MONTH, "--json")
+    assert run.stdout, run.stderr
+    return run.returncode, json.loads(run.stdout)
+
+
+def reconciled(world: World) -> None:
+    """Every day of the month so far reconciled and balanced, as the office does before applying."""
+    for day in DAYS:
+        run = world.cli("reconcile", "--date", day)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+
+def group(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    return {f"{g['insutype']}/{g['setl_optins']}/{g['clr_type']}": g for g in doc["groups"]}[key]
+
+
+def bureau_applications(world: World) -> list[dict[str, Any]]:
+    """The clearing applications the bureau holds in force, read from its own ledger."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(f"file:{world.sim_ledger_path}?mode=ro", uri=True)) as c:
+        c.row_factory = sqlite3.Row
+        return [dict(r) for r in c.execute("SELECT * FROM clearings WHERE state='applied'")]
+
+
+def test_an_application_whose_answer_was_lost_is_still_known_to_fep_and_can_be_cancelled(running: World) -> None:
+    """The office applies for the month; the bureau takes the 3203 but its answer is lost on the line. fep
+    resends it (on_unknown: resend) and the bureau's answer, with its clr_appy_evt_id, arrives in the journal.
+    The office must then see the group as applied (or be able to cancel it): instead fep's clearing table
+    never learns of the application, a new `apply` is refused by the bureau (已申请清算，请先撤销) and
+    `cancel` says there is nothing to cancel: the group is stuck with an application only the bureau knows."""
+    settled_visit(running, ZHANG)
+    reconciled(running)
+    running.fault(mode="drop_after", infno="3203", times=1)
+    clearing(running, "apply")  # its answer lost: whatever fep says now, the bureau applied
+    [lost] = running.journal("infno='3203'")
+    running.wait_state(lost["msgid"], "ANSWERED", "CONFIRMED", timeout=30)
+    [held] = bureau_applications(running)
+
+    code, doc = clearing(running, "apply")
+    g = group(doc, "310/430199/11")
+    assert g["result"] in ("applied", "already applied") and g.get("clr_appy_evt_id") == held["clr_appy_evt_id"], \
+        f"the bureau holds {held['clr_appy_evt_id']}; fep says {g}"
+
+
+def test_running_the_remote_pull_again_after_it_was_confirmed_does_not_say_it_is_not_confirmed(
+        running: World) -> None:
+    """`fep clearing remote` finds no difference and confirms the month (3261). The office (or cron) runs it
+    again the next morning: the month is confirmed at the clearing centre, so fep must say so and exit 0.
+    Instead it sends 3261 again, the centre refuses (已确认), and fep prints NOT confirmed and exits 1: the
+    office is told the month is unconfirmed when it is, and cron raises an alarm every day after."""
+    settled_visit(running, QIAN)  # 省内异地: in the 异地 clearing detail
+    first, doc = clearing(running, "remote")
+    assert first == 0 and doc["confirmed"], doc
+    again, doc = clearing(running, "remote")
+    assert again == 0 and doc["confirmed"], f"exit {again}: {doc.get('why')}"
+
+
+def test_a_month_that_is_not_over_is_not_applied_for(running: World) -> None:
+    """Month-end clearing applies for a whole month (3203 carries the month's begndate and enddate) only
+    when every day of it has balanced. Today is not the month's last day, or it is but the day is not over:
+    the days still to come cannot have balanced. fep applies anyway, with the settlements so far; a
+    settlement later this month is then never applied for, and `apply` only says "already applied"."""
+    settled_visit(running, ZHANG)
+    reconciled(running)
+    code, doc = clearing(running, "apply")
+    g = group(doc, "310/430199/11")
+    assert g["result"] != "applied" and "3203" not in {i for _, i in running.sim_answers()}, \
+        f"applied for all of {MONTH} on {TODAY}: {g}"
