@@ -86,3 +86,20 @@ def test_a_month_that_is_not_over_is_not_applied_for(running: World) -> None:
     g = group(doc, "310/430199/11")
     assert g["result"] != "applied" and "3203" not in {i for _, i in running.sim_answers()}, \
         f"applied for all of {MONTH} on {TODAY}: {g}"
+
+
+def test_a_secret_pasted_into_the_yaml_is_refused_without_being_printed(world: World) -> None:
+    """An integration engineer pastes the gateway's secret key into fep.yaml instead of the path of its file.
+    The secret is Base64, as gateways issue them, so it has a '/' in it. fep must refuse it naming the key
+    and never write the secret out (README: "never in the YAML ..., never logged"). Instead fep takes it for
+    a path and refuses to start with "secret secret_key /…/<the secret> does not exist": the secret is on the
+    console and in the system journal."""
+    world.use_profile("hunan")
+    pasted = "q8Zt/Jx3+Lm9Wv2Pa7Nc=="
+    world.configure(fep={"bureau": {"profile": {"secrets": {"secret_key": pasted}}}})
+    proc = world.start_fep(wait=False)
+    proc.wait(30)
+    log = world.log("run")
+    assert "secret_key" in log, log
+    assert pasted not in log, f"the secret is in fep's log: {log[-400:]}"
+
