@@ -103,3 +103,36 @@ def test_a_secret_pasted_into_the_yaml_is_refused_without_being_printed(world: W
     assert "secret_key" in log, log
     assert pasted not in log, f"the secret is in fep's log: {log[-400:]}"
 
+
+
+def test_a_cancel_whose_answer_was_lost_leaves_the_group_free_to_apply_again(running: World) -> None:
+    """The office cancels an application (3204) to correct it; the bureau cancels it but the answer is lost.
+    fep resends it and the answer arrives in the journal. The group must then be free to apply again: instead
+    fep still holds it as applied ("already applied"), while a second cancel is refused by the bureau (已撤销):
+    the office can neither apply nor cancel, and the month is never cleared."""
+    settled_visit(running, ZHANG)
+    reconciled(running)
+    assert group(clearing(running, "apply")[1], "310/430199/11")["result"] == "applied"
+    running.fault(mode="drop_after", infno="3204", times=1)
+    running.cli("clearing", "cancel", "--month", MONTH, "--group", "310/430199/11")
+    [lost] = running.journal("infno='3204'")
+    running.wait_state(lost["msgid"], "ANSWERED", "CONFIRMED", timeout=30)
+    assert bureau_applications(running) == []  # the bureau cancelled it
+
+    g = group(clearing(running, "apply")[1], "310/430199/11")
+    assert g["result"] == "applied" and len(bureau_applications(running)) == 1, f"fep says {g}"
+
+
+def test_a_cancelled_application_owes_nothing_in_the_status_table(running: World) -> None:
+    """The audit refused part of an application (拒付); the office cancels it to apply again. Until it does,
+    the status table must not show money owed either way for a cancelled application: fep shows 申请金额 0,
+    the old 拒付 still counted, and 未拨付 negative (the bureau "owes" minus the refusal)."""
+    _, answer = settled_visit(running, ZHANG)
+    reconciled(running)
+    assert group(clearing(running, "apply")[1], "310/430199/11")["result"] == "applied"
+    running.refuse(str(answer["output"]["setlinfo"]["setl_id"]), "5.00", "超限价")
+    clearing(running, "status")  # the audit is read: 5.00 refused
+    assert running.cli("clearing", "cancel", "--month", MONTH, "--group", "310/430199/11").returncode == 0
+    g = group(clearing(running, "status")[1], "310/430199/11")
+    assert float(g["outstanding"]) >= 0, f"a cancelled application shows 未拨付 {g['outstanding']}: {g}"
+
