@@ -136,3 +136,77 @@ def test_a_cancelled_application_owes_nothing_in_the_status_table(running: World
     g = group(clearing(running, "status")[1], "310/430199/11")
     assert float(g["outstanding"]) >= 0, f"a cancelled application shows 未拨付 {g['outstanding']}: {g}"
 
+
+
+class TimingOutGateway:
+    """The region's gateway as a plain-HTTP proxy in front of the simulated bureau (the 医保专网): it passes
+    every request on, but for the trade numbers in `timeout_on` it gives up waiting for the bureau's answer
+    and answers as gateways do, with its own JSON: HTTP 504 {"code":504,"message":"调用后端服务超时"}. The
+    bureau has processed the trade by then."""
+
+    def __init__(self, world: World, timeout_on: set[str]) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from fep.sim.world import free_port
+
+        sim_port = world.sim_port
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream = http.client.HTTPConnection("127.0.0.1", sim_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection")}
+                upstream.request("POST", self.path, body, headers)
+                resp = upstream.getresponse()
+                status, answer = resp.status, resp.read()
+                upstream.close()
+                if self.headers.get("_api_name") in timeout_on:
+                    status, answer = 504, json.dumps({"code": 504, "message": "调用后端服务超时"}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_gateway_timeout_on_a_settlement_is_an_unknown_outcome_not_a_refusal(world: World) -> None:
+    """Hunan, over the private line: the gateway passes the 2207 to the bureau, which settles it, but the
+    gateway stops waiting and answers with its own JSON error (HTTP 504, code/message). That is not a
+    refusal before the bureau (签名不一致, 非法用户, a bad timestamp): the trade reached it. fep must treat the
+    outcome as unknown and resolve it (reverse the 2207), so that the bureau holds no settlement the journal
+    and the HIS do not. Instead fep reads any {"code","message"} body as "the gateway refused it before the
+    bureau": not sent, safe to resend. The HIS settles the patient again, and the fund and the patient's
+    account are charged twice."""
+    from fep.sim.world import Visit
+
+    world.use_profile("hunan", link_security="plain_http")
+    world.start_sim()
+    proxy = TimingOutGateway(world, {"2207"})
+    try:
+        world.configure(fep={"bureau": {"endpoints": [
+            {"name": "hunan", "url": f"http://127.0.0.1:{proxy.port}/fsi/api/rsfComIfsService/callService"}]}})
+        world.start_fep()
+        visit = Visit(world.his, ZHANG)
+        visit.up_to_settlement()
+        heard = visit.settle()
+        msgid = heard["fep_msgid"]
+        assert msgid in world.live(), "the bureau settled it"
+        wait_for(lambda: msgid not in world.live() or world.trade(msgid)["state"] in ("ANSWERED", "CONFIRMED"),
+                 timeout=30, what=f"fep to resolve the 2207 the bureau settled (the HIS heard: {said(heard)}; "
+                                  f"journal: {world.trade(msgid)['state']} {world.trade(msgid)['note']})")
+    finally:
+        world.stop()
+        proxy.close()
