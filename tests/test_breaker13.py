@@ -210,3 +210,29 @@ def test_a_gateway_timeout_on_a_settlement_is_an_unknown_outcome_not_a_refusal(w
     finally:
         world.stop()
         proxy.close()
+
+
+def test_every_trade_of_a_remote_patient_carries_the_insured_region_from_1101(running: World) -> None:
+    """An HIS leaves insuplc_admdvs empty on every trade; fep fills it from the person's 1101 answer, because
+    the bureau routes a 异地 patient's trade by it and refuses one without it. That holds for the visit's
+    trades (2201-2208), but not for the person's other trades an HIS makes around the visit: 2001 (待遇检查,
+    before settling), 5201/5205/5206 (queries of the person's visits and totals), 5301/5302 (the person's
+    filings, 备案), 4101 (the settlement list, 结算清单). They go to the bureau with it empty."""
+    from fep.sim.world import Visit
+
+    visit = Visit(running.his, QIAN)
+    assert ok(visit.identify())
+    person = {"psn_no": QIAN["psn_no"], "insutype": QIAN["insutype"]}
+    empty = []
+    for infno, input_ in (("2001", {"data": {**person, "med_type": "11", "fixmedins_code": "H43010000001",
+                                             "begntime": "2026-11-23 09:00:00"}}),
+                          ("5201", {"data": {**person, "begntime": "2026-11-01 00:00:00"}}),
+                          ("5205", {"data": {**person, "begntime": "2026-11-01 00:00:00"}}),
+                          ("5206", {"data": {**person, "cum_ym": "202611"}}),
+                          ("5301", {"data": person}), ("5302", {"data": person}),
+                          ("4101", {"setlinfo": {**person, "setl_id": "1", "mdtrt_id": "1"}})):
+        heard = running.his.call(infno, input_)
+        sent = running.bureau_request(heard["fep_msgid"])
+        if not sent.get("insuplc_admdvs"):
+            empty.append(infno)
+    assert empty == [], f"sent to the bureau without the patient's insured region (430400): {empty}"
