@@ -236,3 +236,24 @@ def test_every_trade_of_a_remote_patient_carries_the_insured_region_from_1101(ru
         if not sent.get("insuplc_admdvs"):
             empty.append(infno)
     assert empty == [], f"sent to the bureau without the patient's insured region (430400): {empty}"
+
+
+
+def test_a_diagnosis_is_judged_on_the_visit_s_date_when_the_line_has_no_diagnosis_time(running: World) -> None:
+    """The HIS uploads a visit of 2024-01-01 late (2203, mdtrtinfo.begntime 2024-01-01), its diagnosis line
+    without diag_time, as many HIS programs send it (diag_time is not required). J11.100 was retired by the
+    catalog only on 2024-01-02: on the visit's date it was valid, so the upload must go (issue 14: a code
+    "retired on the visit's date" refuses). fep judges it on today's date instead and refuses it."""
+    from fep import envelope
+    from fep.sim.world import Visit
+
+    sync = running.cli("catalog", "sync")
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    visit = Visit(running.his, ZHANG)
+    visit.open()
+    _, body = running.his_tcp.request("POST", "/", envelope.dumps({"infno": "2203", "input": {
+        "mdtrtinfo": {"mdtrt_id": visit.mdtrt_id, "psn_no": ZHANG["psn_no"], "med_type": "11",
+                      "begntime": "2024-01-01 09:00:00"},
+        "diseinfo": [{"diag_type": "1", "diag_srt_no": "1", "diag_code": "J11.100", "diag_name": "流行性感冒",
+                      "diag_dept": "内科", "dise_dor_no": "D001", "dise_dor_name": "医生", "vali_flag": "1"}]}}))
+    assert ok(body), said(body)
