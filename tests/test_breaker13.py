@@ -257,3 +257,4 @@ def test_a_diagnosis_is_judged_on_the_visit_s_date_when_the_line_has_no_diagnosi
         "diseinfo": [{"diag_type": "1", "diag_srt_no": "1", "diag_code": "J11.100", "diag_name": "流行性感冒",
                       "diag_dept": "内科", "dise_dor_no": "D001", "dise_dor_name": "医生", "vali_flag": "1"}]}}))
     assert ok(body), said(body)
+
