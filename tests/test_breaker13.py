@@ -138,13 +138,12 @@ def test_a_cancelled_application_owes_nothing_in_the_status_table(running: World
 
 
 
-class TimingOutGateway:
+class GatewayProxy:
     """The region's gateway as a plain-HTTP proxy in front of the simulated bureau (the 医保专网): it passes
-    every request on, but for the trade numbers in `timeout_on` it gives up waiting for the bureau's answer
-    and answers as gateways do, with its own JSON: HTTP 504 {"code":504,"message":"调用后端服务超时"}. The
-    bureau has processed the trade by then."""
+    every request on, after `request` (headers, body -> body) has had its say, and gives fep the answer after
+    `answer` (headers, status, body -> status, body) has."""
 
-    def __init__(self, world: World, timeout_on: set[str]) -> None:
+    def __init__(self, world: World, request: Any = None, answer: Any = None) -> None:
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -156,19 +155,22 @@ class TimingOutGateway:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if request:
+                    body = request(self.headers, body)
                 upstream = http.client.HTTPConnection("127.0.0.1", sim_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection")}
                 upstream.request("POST", self.path, body, headers)
                 resp = upstream.getresponse()
-                status, answer = resp.status, resp.read()
+                status, text = resp.status, resp.read()
+                kind = resp.getheader("Content-Type") or "application/json"
                 upstream.close()
-                if self.headers.get("_api_name") in timeout_on:
-                    status, answer = 504, json.dumps({"code": 504, "message": "调用后端服务超时"}).encode()
+                if answer:
+                    status, text = answer(self.headers, status, text)
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(text)))
                 self.end_headers()
-                self.wfile.write(answer)
+                self.wfile.write(text)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -176,6 +178,8 @@ class TimingOutGateway:
         self.port = free_port()
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        world.configure(fep={"bureau": {"endpoints": [
+            {"name": "gateway", "url": f"http://127.0.0.1:{self.port}/fsi/api/rsfComIfsService/callService"}]}})
 
     def close(self) -> None:
         self.server.shutdown()
@@ -194,10 +198,14 @@ def test_a_gateway_timeout_on_a_settlement_is_an_unknown_outcome_not_a_refusal(w
 
     world.use_profile("hunan", link_security="plain_http")
     world.start_sim()
-    proxy = TimingOutGateway(world, {"2207"})
+
+    def gives_up(headers: Any, status: int, text: bytes) -> tuple[int, bytes]:
+        if headers.get("_api_name") == "2207":  # the bureau has settled it by now
+            return 504, json.dumps({"code": 504, "message": "调用后端服务超时"}).encode()
+        return status, text
+
+    proxy = GatewayProxy(world, answer=gives_up)
     try:
-        world.configure(fep={"bureau": {"endpoints": [
-            {"name": "hunan", "url": f"http://127.0.0.1:{proxy.port}/fsi/api/rsfComIfsService/callService"}]}})
         world.start_fep()
         visit = Visit(world.his, ZHANG)
         visit.up_to_settlement()
@@ -258,3 +266,30 @@ def test_a_diagnosis_is_judged_on_the_visit_s_date_when_the_line_has_no_diagnosi
                       "diag_dept": "内科", "dise_dor_no": "D001", "dise_dor_name": "医生", "vali_flag": "1"}]}}))
     assert ok(body), said(body)
 
+
+
+def test_a_paged_catalog_is_read_to_the_last_page_the_bureau_names_when_it_pages_smaller(world: World) -> None:
+    """fep asks the paged queries (1312, 1316-1319) for 100 records a page. A bureau that pages by 50 at most
+    answers 50 records with pageSize 50, pages 6 and lastPage false. fep must follow the pages the bureau
+    names to the last (issue 13: "followed to the last page"); it stops after the first, because that page
+    is shorter than the size it asked for, and reports the sync done: the catalog is silently short."""
+    world.use_profile("baseline", link_security="plain_http")
+    world.configure(sim={"catalog_bulk": {"1312": 250}})
+    world.start_sim()
+
+    def pages_by_50(headers: Any, body: bytes) -> bytes:
+        if headers.get("X-Fep-Infno") != "1312":
+            return body
+        doc = json.loads(body)
+        doc["input"]["data"]["page_size"] = 50
+        return json.dumps(doc, ensure_ascii=False).encode()
+
+    proxy = GatewayProxy(world, request=pages_by_50)
+    try:
+        world.start_fep()
+        run = world.cli("catalog", "sync", "--json")
+        doc = json.loads(run.stdout)
+        assert doc["downloads"]["1312"]["rows"] == 258, doc["downloads"]["1312"]
+    finally:
+        world.stop()
+        proxy.close()
