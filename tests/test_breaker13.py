@@ -5,6 +5,8 @@ Each test fails because of a defect in fep, not in the test."""
 from __future__ import annotations
 
 import json
+import sqlite3
+from contextlib import closing
 from datetime import date
 from typing import Any
 
@@ -34,9 +36,6 @@ def group(doc: dict[str, Any], key: str) -> dict[str, Any]:
 
 def bureau_applications(world: World) -> list[dict[str, Any]]:
     """The clearing applications the bureau holds in force, read from its own ledger."""
-    import sqlite3
-    from contextlib import closing
-
     with closing(sqlite3.connect(f"file:{world.sim_ledger_path}?mode=ro", uri=True)) as c:
         c.row_factory = sqlite3.Row
         return [dict(r) for r in c.execute("SELECT * FROM clearings WHERE state='applied'")]
@@ -290,6 +289,37 @@ def test_a_paged_catalog_is_read_to_the_last_page_the_bureau_names_when_it_pages
         run = world.cli("catalog", "sync", "--json")
         doc = json.loads(run.stdout)
         assert doc["downloads"]["1312"]["rows"] == 258, doc["downloads"]["1312"]
+    finally:
+        world.stop()
+        proxy.close()
+
+
+def test_a_paged_catalog_interrupted_half_way_is_complete_after_the_next_sync(world: World) -> None:
+    """The bureau fails page 2 of 1312 (系统繁忙) during a sync: the sync names 1312 FAILED. The next sync,
+    with the bureau well again, must leave the catalog complete. Instead fep starts it from the newest update
+    among the records page 1 brought (2024-01-03): the records of pages 2 and 3 updated before that are never
+    asked for again, the sync says it is done, and the catalog stays short (100 of 258) for good."""
+    world.use_profile("baseline", link_security="plain_http")
+    world.configure(sim={"catalog_bulk": {"1312": 250}})
+    world.start_sim()
+    failing = [True]
+
+    def busy_on_page_2(headers: Any, status: int, text: bytes) -> tuple[int, bytes]:
+        if failing[0] and headers.get("X-Fep-Infno") == "1312" and json.loads(text).get("output", {}).get(
+                "pageNum") == 2:
+            failing[0] = False
+            return 200, json.dumps({"infcode": -1, "err_msg": "系统繁忙", "output": None}).encode()
+        return status, text
+
+    proxy = GatewayProxy(world, answer=busy_on_page_2)
+    try:
+        world.start_fep()
+        first = world.cli("catalog", "sync", "--json")
+        assert first.returncode == 1 and not failing[0], first.stdout
+        again = world.cli("catalog", "sync", "--json")
+        with closing(sqlite3.connect(f"file:{world.journal_path}?mode=ro", uri=True)) as c:
+            rows = c.execute("SELECT count(*) FROM catalog_1312").fetchone()[0]
+        assert rows == 258, f"{rows} rows after: {json.loads(again.stdout)['downloads']['1312']}"
     finally:
         world.stop()
         proxy.close()
