@@ -323,3 +323,20 @@ def test_a_paged_catalog_interrupted_half_way_is_complete_after_the_next_sync(wo
     finally:
         world.stop()
         proxy.close()
+
+
+
+
+
+def test_an_insured_region_the_his_pads_with_blanks_is_filled_as_an_empty_one(running: World) -> None:
+    """An HIS that keeps insuplc_admdvs in a CHAR(6) column sends six blanks when it has none, as
+    PowerBuilder and Delphi HIS programs do. That is an empty insured region: fep must fill it from the
+    patient's 1101 as it fills an empty one. It sends the blanks on, and the bureau refuses to register the
+    异地 patient (参保地医保区划[      ]与人员参保地不符)."""
+    from fep.sim.world import Visit
+
+    visit = Visit(running.his, QIAN)
+    assert ok(visit.identify())
+    answer = running.his.call("2201", {"data": {"psn_no": QIAN["psn_no"], "insutype": "390", "ipt_otp_no": "X9",
+                                                "begntime": "2026-12-01 09:00:00"}}, insuplc_admdvs="      ")
+    assert ok(answer), said(answer)
