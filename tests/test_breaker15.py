@@ -9,14 +9,16 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
+import re
+from datetime import date
+from decimal import Decimal
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from fep.sim.world import LI, ZHANG, Visit, World, parked_upload, said
+from fep.sim.world import LI, ZHANG, Visit, World, settled_visit, setl_id
 from tests.test_units import write
 
 DAY = 86400
@@ -90,38 +92,21 @@ def test_fep_run_check_refuses_a_value_fep_cannot_run_as_meant_naming_the_key(tm
     assert done.returncode == 2 and key in done.stdout + done.stderr, (done.returncode, done.stdout, done.stderr)
 
 
-def test_status_check_when_fep_is_down_is_one_critical_line_exit_2(world: World) -> None:
-    """NRPE runs `fep status --check` while fep is stopped: Nagios must get exit 2 and one line saying
-    FEP CRITICAL and that fep cannot be reached."""
-    done = world.cli("status", "--check")
-    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("FEP CRITICAL"), done.stdout + done.stderr
-
-
-def test_a_settlement_fep_refuses_behind_a_parked_upload_is_not_counted_as_a_transport_failure(
-        running: World) -> None:
-    """fep refuses a person's settlement (409) while one of their uploads is parked for a person. The bureau
-    was never asked and the link is fine, yet the trade counter labels it `transport_failure`, the series the
-    link alerts read. (fep.replies.outcome: every state but the bureau-answered ones and QUEUED is
-    transport_failure.)"""
+def test_fep_job_of_an_unbalanced_reconciliation_exits_as_fep_reconcile_would(running: World) -> None:
+    """A month's reconciliation run from cron outlasts --timeout: `fep reconcile` exits 4 naming the job, and the
+    script follows it with `fep job ID`. The bureau's figures differ from the journal's (unbalanced), which
+    `fep reconcile` says with exit 1; `fep job` exits 0 for the same result, and the script reports the day as
+    fine. (fep.admin_cli.cmd_job: exit 0 for any call fep answered with 200, whatever the work found.)"""
     world = running
-    visit = Visit(world.his, ZHANG)
-    visit.open()
-    parked_upload(world, visit)
-    before = _counter(world, "2207")
-    answer = visit.settle()
-    assert answer.get("infcode") != 0, said(answer)
-    after = _counter(world, "2207")
-    assert after.get("transport_failure", 0) == before.get("transport_failure", 0), (said(answer), before, after)
-
-
-def _counter(world: World, infno: str) -> dict[str, float]:
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{world.metrics_port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("fep_trades_total{") and f'infno="{infno}"' in line:
-            result = line.split('result="')[1].split('"')[0]
-            out[result] = float(line.rsplit(" ", 1)[1])
-    return out
+    _, settled = settled_visit(world, ZHANG)
+    medfee = Decimal(str(settled["output"]["setlinfo"]["medfee_sumamt"]))
+    world.adjust(setl_id(settled), str(medfee - Decimal("10.00")))
+    world.fault(mode="slow", infno="3201", seconds=3, times=1)
+    first = world.cli("reconcile", "--date", date.today().isoformat(), "--timeout", "1")
+    assert first.returncode == 4, first.stdout + first.stderr
+    job = re.search(r"`fep job (\d+)`", first.stderr).group(1)  # type: ignore[union-attr]
+    followed = world.cli("job", job)
+    assert "job " + job + ": POST /reconcile finished" in followed.stdout, followed.stdout + followed.stderr
+    again = world.cli("reconcile", "--date", date.today().isoformat(), "--show")
+    assert again.returncode == 1  # what the stored run says: unbalanced
+    assert followed.returncode == 1, "fep job called an unbalanced reconciliation a success (exit 0)"
