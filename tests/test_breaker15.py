@@ -110,3 +110,34 @@ def test_fep_job_of_an_unbalanced_reconciliation_exits_as_fep_reconcile_would(ru
     again = world.cli("reconcile", "--date", date.today().isoformat(), "--show")
     assert again.returncode == 1  # what the stored run says: unbalanced
     assert followed.returncode == 1, "fep job called an unbalanced reconciliation a success (exit 0)"
+
+
+@pytest.mark.parametrize("value", ["thirty", True])
+def test_a_trade_override_of_the_wrong_type_is_refused_naming_the_key_and_the_type(tmp_path: Path, value: object) -> None:
+    """An operator lengthens the settlement's timeout in fep.yaml. `timeout: thirty` is refused with Python's
+    "could not convert string to float: 'thirty'", naming neither the key nor the type expected; `timeout: yes`
+    (true) is taken as a one-second timeout for every 2207, where `his.tcp_port: true` is refused. (fep.trades:
+    the override's values are passed to float() unchecked; config.KEYS has no types for trade_overrides.)"""
+    done = fep_cli("run", "--check", "--config", str(write(tmp_path, {"trade_overrides": {"2207": {"timeout": value}}})),
+                   cwd=tmp_path)
+    said_ = done.stdout + done.stderr
+    assert done.returncode == 2 and "2207" in said_ and "timeout" in said_ and "number" in said_, (done.returncode,
+                                                                                                 said_)
+
+
+def test_after_a_restart_fep_job_never_answers_for_a_different_job_under_an_old_number(running: World) -> None:
+    """The operator's `fep reconcile` outlasted --timeout as job 1; fep is restarted (an upgrade, a reload gone
+    wrong). Asked `fep job 1`, fep follows whatever call got number 1 since the restart, here a backup, and exits
+    0: the script that waited for the reconciliation hears a success it never had. A restart forgets jobs
+    (README): it must say so ("no job 1"), not reuse the number. (fep.jobs.Jobs.last_id starts at 0 on every
+    start.)"""
+    world = running
+    world.fault(mode="slow", infno="3201", seconds=3, times=1)
+    first = world.cli("reconcile", "--date", date.today().isoformat(), "--timeout", "1")
+    assert first.returncode == 4 and "`fep job 1`" in first.stderr, first.stdout + first.stderr
+    world.stop()
+    world.start()
+    (world.dir / "backups").mkdir()
+    world.cli("backup", str(world.dir / "backups"), "--timeout", "0")  # now job 1 of this run
+    followed = world.cli("job", "1")
+    assert "POST /reconcile" in followed.stdout or followed.returncode != 0, followed.stdout + followed.stderr
