@@ -162,3 +162,19 @@ def test_status_check_keeps_warning_of_an_unbalanced_day_after_another_day_is_re
     again = world.cli("status", "--check")
     assert again.returncode == 1 and today.isoformat() in again.stdout, (
         f"the unbalanced {today} is no longer reported: {again.stdout.strip()} (exit {again.returncode})")
+
+
+def test_a_reload_that_changes_keep_days_is_applied_or_says_a_restart_is_needed(running: World) -> None:
+    """The hospital's disk fills: the operator lowers `journal.keep_days` from 400 to 30 in fep.yaml and runs
+    `systemctl reload fep` (`fep reload`). fep answers "applied", naming nothing that needs a restart; `fep
+    archive` and the nightly job go on keeping 400 days. The same holds for backup.dir, backup.keep and the
+    schedule's times. (fep.daemon.Fep.reload: the Archive, Backups and Daily jobs are built once at start; the
+    "a restart is needed to move" list names only the HIS listeners and the journal path.)"""
+    world = running
+    world.configure(fep={"journal": {"keep_days": 30}})
+    reloaded = world.cli("reload")
+    assert reloaded.returncode == 0 and "applied" in reloaded.stdout, reloaded.stdout + reloaded.stderr
+    archived = world.cli("archive")
+    told_restart = "keep_days" in reloaded.stdout
+    assert told_restart or "older than 30 days" in archived.stdout, (reloaded.stdout.strip(),
+                                                                      archived.stdout.strip())
