@@ -220,3 +220,36 @@ def test_two_operators_running_fep_archive_at_once_lose_no_trade(world: World) -
             found |= {r[0] for r in c.execute("SELECT msgid FROM trades WHERE infno = '1101'")}
     lost = old - found
     assert not lost, f"{len(lost)} of {len(old)} identity checks are in neither the journal nor an archive file"
+
+
+def audited(world: World, action: str, msgid: str) -> dict:
+    entries = json.loads(world.cli("audit", "--json").stdout)
+    return [e for e in entries if e["action"] == action and e["args"].get("msgid") == msgid][-1]
+
+
+def test_an_operator_action_that_failed_inside_fep_shows_its_failure_in_the_audit_trail(running: World) -> None:
+    """An operator mistypes the trade number of a reversal: `fep reverse MSGID --infno 9999 --person ...`. fep
+    answers "internal error in fep during POST /reverse/... (logged)" (a 500, where a 400 naming the trade number
+    was due), and `fep audit` shows the action as "(none yet: under way, or fep stopped during it)", neither of
+    which is true, and no audit line is logged. (fep.admin.AdminService._audited: audit.end is skipped when
+    _answer raises anything but Refused or ValueError; the reversal's unknown trade number raises KeyError.)"""
+    world = running
+    done = world.cli("reverse", "H43010000001202611300000000001", "--infno", "9999", "--person", ZHANG["psn_no"])
+    assert done.returncode != 0
+    entry = audited(world, "reverse", "H43010000001202611300000000001")
+    assert entry["done"] is not None and "refused" in entry["result"], entry
+    assert "9999" in done.stderr and "internal error" not in done.stderr, done.stderr
+
+
+def test_a_reversal_the_bureau_refused_is_not_reported_ok_to_the_operator_or_the_audit_trail(running: World) -> None:
+    """The operator reverses by hand a msgid without giving --person. The bureau refuses the 2601 (input.data
+    缺少必填项: psn_no): nothing was undone. `fep reverse` exits 0 and `fep audit` records the action as "ok",
+    so the operator and the auditor both believe the 单边账 was undone. (fep.admin_cli.cmd_reverse exits 0 for
+    any 200 from fep; fep.admin._outcome calls every 200 "ok", whatever the bureau answered.)"""
+    world = running
+    identity = Visit(world.his, ZHANG).identify()["fep_msgid"]
+    done = world.cli("reverse", identity, "--infno", "2207")
+    answer = done.stdout + done.stderr
+    assert "psn_no" in answer, answer  # the bureau's refusal, as fep passes it on
+    entry = audited(world, "reverse", identity)
+    assert done.returncode != 0 and entry["result"] != "ok", (done.returncode, answer, entry["result"])
