@@ -242,14 +242,16 @@ def test_an_operator_action_that_failed_inside_fep_shows_its_failure_in_the_audi
 
 
 def test_a_reversal_the_bureau_refused_is_not_reported_ok_to_the_operator_or_the_audit_trail(running: World) -> None:
-    """The operator reverses by hand a msgid without giving --person. The bureau refuses the 2601 (input.data
-    缺少必填项: psn_no): nothing was undone. `fep reverse` exits 0 and `fep audit` records the action as "ok",
-    so the operator and the auditor both believe the 单边账 was undone. (fep.admin_cli.cmd_reverse exits 0 for
-    any 200 from fep; fep.admin._outcome calls every 200 "ok", whatever the bureau answered.)"""
+    """The operator reverses by hand a trade fep holds (here an identity check, taken for a settlement). The
+    bureau refuses the 2601 (input.data缺少必填项: psn_no): nothing was undone, the trade stands. `fep reverse`
+    exits 0 and `fep audit` records the action as "ok", so the operator and the auditor both believe it was
+    undone. (fep.admin_cli.cmd_reverse exits 0 for any 200 from fep; fep.admin._outcome calls every 200 "ok",
+    whatever the bureau answered.)"""
     world = running
     identity = Visit(world.his, ZHANG).identify()["fep_msgid"]
     done = world.cli("reverse", identity, "--infno", "2207")
     answer = done.stdout + done.stderr
     assert "psn_no" in answer, answer  # the bureau's refusal, as fep passes it on
+    assert world.trade(identity)["state"] != "REVERSED"  # it stands
     entry = audited(world, "reverse", identity)
     assert done.returncode != 0 and entry["result"] != "ok", (done.returncode, answer, entry["result"])
