@@ -1,24 +1,24 @@
-"""Issue 15 tried from the outside: backups and restore, the monthly archive files, config checks, status --check,
-the trade counter and the CLI, as a hospital's operators and finance office meet them. Each test here failed on
+"""Issue 15 tried from the outside: backups and restore, the monthly archive files, config checks and reload,
+status --check, jobs and the audit trail, as a hospital's operators and finance office meet them. Each test here failed on
 the code it was written against, because of the defect its docstring names."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
-import re
-from datetime import date, timedelta
-from decimal import Decimal
 from collections import Counter
 from contextlib import closing
+from datetime import date, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from fep.journal import COLUMNS as _COLUMNS
+from fep.journal import COLUMNS
 from fep.sim.world import LI, ZHANG, Visit, World, settled_visit, setl_id
 from tests.test_units import write
 
@@ -114,16 +114,17 @@ def test_fep_job_of_an_unbalanced_reconciliation_exits_as_fep_reconcile_would(ru
 
 
 @pytest.mark.parametrize("value", ["thirty", True])
-def test_a_trade_override_of_the_wrong_type_is_refused_naming_the_key_and_the_type(tmp_path: Path, value: object) -> None:
+def test_a_trade_override_of_the_wrong_type_is_refused_naming_the_key_and_the_type(tmp_path: Path,
+                                                                                  value: object) -> None:
     """An operator lengthens the settlement's timeout in fep.yaml. `timeout: thirty` is refused with Python's
     "could not convert string to float: 'thirty'", naming neither the key nor the type expected; `timeout: yes`
     (true) is taken as a one-second timeout for every 2207, where `his.tcp_port: true` is refused. (fep.trades:
     the override's values are passed to float() unchecked; config.KEYS has no types for trade_overrides.)"""
-    done = fep_cli("run", "--check", "--config", str(write(tmp_path, {"trade_overrides": {"2207": {"timeout": value}}})),
-                   cwd=tmp_path)
+    config = write(tmp_path, {"trade_overrides": {"2207": {"timeout": value}}})
+    done = fep_cli("run", "--check", "--config", str(config), cwd=tmp_path)
     said_ = done.stdout + done.stderr
-    assert done.returncode == 2 and "2207" in said_ and "timeout" in said_ and "number" in said_, (done.returncode,
-                                                                                                 said_)
+    assert done.returncode == 2 and "2207" in said_ and "timeout" in said_ and "number" in said_, \
+        (done.returncode, said_)
 
 
 def test_after_a_restart_fep_job_never_answers_for_a_different_job_under_an_old_number(running: World) -> None:
@@ -185,7 +186,7 @@ def many_old_identity_checks(world: World, n: int) -> set[str]:
     """`n` finished 1101s made 40 days ago (copies of one the HIS made; fep stopped): a busy clinic's month."""
     assert Visit(world.his, ZHANG).identify()["infcode"] == 0
     world.stop()
-    cols = ", ".join(c for c in _COLUMNS if c not in ("id", "msgid", "his_msgid"))
+    cols = ", ".join(c for c in COLUMNS if c not in ("id", "msgid", "his_msgid"))
     with closing(sqlite3.connect(world.journal_path)) as c, c:
         [(msgid,)] = c.execute("SELECT msgid FROM trades WHERE infno = '1101'").fetchall()
         for i in range(n):
