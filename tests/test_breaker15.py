@@ -256,3 +256,20 @@ def test_a_reversal_the_bureau_refused_is_not_reported_ok_to_the_operator_or_the
     assert world.trade(identity)["state"] != "REVERSED"  # it stands
     entry = audited(world, "reverse", identity)
     assert done.returncode != 0 and entry["result"] != "ok", (done.returncode, answer, entry["result"])
+
+
+def test_an_operator_code_written_with_leading_zeros_reaches_the_bureau_as_written(world: World) -> None:
+    """The production template reads `opter: CHANGE-ME` and `signin: {opter_no: FEP01, ...}`, unquoted. The
+    hospital's 经办人 code is 0001 and its sign-in operator 0017; the operator writes them as the template does,
+    unquoted. YAML reads them as numbers (0017 is octal: 15) and fep, asking for text, takes str() of the number:
+    every envelope fep fills names operator "1", and the 9001 signs in as operator "15". `fep run --check` calls it
+    valid; the bureau records the wrong person. (fep.config: TEXT accepts an int and _build takes str(value);
+    the scalar as written is lost to YAML 1.1's number rules.)"""
+    text = world.fep_config.read_text()
+    assert "opter: '0001'" in text and "opter_no: FEP01" in text
+    world.fep_config.write_text(text.replace("opter: '0001'", "opter: 0001").replace("opter_no: FEP01",
+                                                                                     "opter_no: 0017"))
+    world.start()
+    [signin] = world.journal("infno = '9001'")[:1]
+    sent = world.bureau_request(signin["msgid"])
+    assert (sent["opter"], sent["input"]["signIn"]["opter_no"]) == ("0001", "0017"), (sent["opter"], sent["input"])
