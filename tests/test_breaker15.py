@@ -273,3 +273,16 @@ def test_an_operator_code_written_with_leading_zeros_reaches_the_bureau_as_writt
     [signin] = world.journal("infno = '9001'")[:1]
     sent = world.bureau_request(signin["msgid"])
     assert (sent["opter"], sent["input"]["signIn"]["opter_no"]) == ("0001", "0017"), (sent["opter"], sent["input"])
+
+
+def test_fep_trades_until_a_day_includes_that_day_as_fep_audit_does(running: World) -> None:
+    """The finance office exports a day, or a month to its last day, with `fep trades --since 2026-11-01 --until
+    2026-11-30 --format csv`. A day named alone in --until means its midnight, so the last day's trades are all
+    missing from the export, and `--since D --until D` lists nothing; `fep audit --until D` takes all of D.
+    (fep.admin.AdminService.trades passes _time(until) as is; audit_entries adds the day.)"""
+    world = running
+    made = Visit(world.his, ZHANG).identify()["fep_msgid"]
+    today = date.today().isoformat()
+    listed = world.cli("trades", "--since", today, "--until", today, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert made in {r["msgid"] for r in json.loads(listed.stdout)}, f"today's trade is not in --until {today}"
