@@ -371,6 +371,8 @@ def timeout(text: str) -> float:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
     return seconds
+
+
 def cmd_clearing(args: argparse.Namespace) -> int:
     from fep.clearing import render
 
