@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import ipaddress
 import json
 import subprocess
 import sys
@@ -14,8 +15,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.web.resource import Resource
 
 from fep import config, logs
+from fep.console.server import OfficeSite
 from fep.reconcile import HEADERS
 from fep.sim.world import LI, ZHANG, Visit, World, free_port, parked_settlement
 from tests.browser import MISSING, Browser
@@ -216,6 +220,13 @@ def test_fep_user_keeps_only_hashes_and_refuses_what_it_cannot_keep(world: World
     assert user(world, "list").stdout.split() == ["name", "role", "zhao", "operator"]
     assert user(world, "remove", "zhao").returncode == 0
     assert user(world, "list").stdout.split() == ["name", "role"]
+
+
+def test_only_loopback_and_the_office_networks_may_connect() -> None:
+    site = OfficeSite(Resource(), (ipaddress.ip_network("10.20.30.0/24"),))
+    assert site.buildProtocol(IPv4Address("TCP", "10.20.30.7", 50000)) is not None
+    assert site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000)) is not None
+    assert site.buildProtocol(IPv4Address("TCP", "10.20.31.7", 50000)) is None  # the HIS's network, say
 
 
 def test_the_console_is_never_served_on_the_his_port(world: World) -> None:

@@ -66,9 +66,11 @@ class Console(Resource):
     def render(self, request: Request) -> Any:
         for k, v in HEADERS.items():
             request.setHeader(k, v)
+        gone: list[bool] = []  # the browser went away (closed, or moved on) before the page was made
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = defer.ensureDeferred(self._handle(request))
         d.addErrback(self._failed, request)
-        d.addBoth(lambda _: request.finish() if not request.finished and not request._disconnected else None)
+        d.addCallback(lambda _: None if gone else request.finish())
         return NOT_DONE_YET
 
     def _failed(self, failure: Any, request: Request) -> None:
