@@ -90,6 +90,11 @@ def test_every_page_needs_a_sign_in_and_a_wrong_password_is_refused(console: Wor
     browser.sign_out()
     browser.open("/")
     assert browser.path.startswith("/signin")
+    # Someone guessing: after five wrong passwords the name is refused, even with the right one.
+    for _ in range(5):
+        browser.sign_in(OPERATOR, "a-guess-at-it")
+    browser.sign_in(OPERATOR, PASSWORD)
+    assert browser.text("#message").startswith(f"Too many wrong passwords for {OPERATOR}")
 
 
 def test_the_office_reads_the_day_as_figure_1_and_downloads_what_fep_reconcile_prints(console: World,

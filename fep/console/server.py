@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-from datetime import date
+from datetime import date, timedelta
 from importlib.resources import files
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -27,7 +27,7 @@ from fep.clearing import ClearingError
 from fep.config import ConsoleSide
 from fep.console import users as users_mod
 from fep.console.pages import Pages
-from fep.console.sessions import Session, Sessions, same
+from fep.console.sessions import Failures, Session, Sessions, same
 from fep.engine import Refused
 
 log = Logger()
@@ -48,7 +48,6 @@ class HttpError(Exception):
 def templates() -> Environment:
     env = Environment(loader=PackageLoader("fep.console"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters["qs"] = lambda d: urlencode(d)
     return env
 
 
@@ -59,6 +58,7 @@ class Console(Resource):
         super().__init__()
         self.pages, self.cfg, self.audit = pages, cfg, audit
         self.sessions = Sessions(cfg.session_minutes)
+        self.failures = Failures()
         self.env = templates()
         self.css = (files("fep.console") / "templates" / "style.css").read_bytes()
         self.institution = pages.engine.cfg.institution.fixmedins_name
@@ -105,7 +105,7 @@ class Console(Resource):
             request.addCookie(SESSION, "", path="/", max_age="0", httpOnly=True, sameSite="strict")
             await self.audit.viewed(user.name, "console sign-out", {})
             return _redirect(request, "/signin")
-        if request.method != b"GET":
+        if request.method not in (b"GET", b"HEAD"):
             raise HttpError(405, "the console only shows: nothing is changed from it")
         await self._view(request, path, args, user, session)
 
@@ -131,19 +131,24 @@ class Console(Resource):
         host = request.getHeader("host")
         if not same(args.get("csrf"), _cookie(request, CSRF)) or (origin and origin.split("://")[-1] != host):
             raise HttpError(403, "the sign-in form has expired or came from another page: open /signin again")
-        name, password = args.get("name", "").strip(), args.get("password", "")
+        name, password = args.get("name", "").strip()[:32], args.get("password", "")
+        peer = request.getClientAddress().host
+        if self.failures.blocked(name):
+            await self.audit.viewed(name, "console sign-in", {"peer": peer}, result="refused: too many wrong passwords")
+            return await self._sign_in_form(request, args, f"Too many wrong passwords for {name}: wait "
+                                            f"{Failures.WINDOW / 60:.0f} minutes, or ask the administrator "
+                                            f"(fep user passwd).", status=429, name=name)
         known = await threads.deferToThread(users_mod.read, self.cfg.users)
         user = known.get(name)
         ok = user is not None and await threads.deferToThread(users_mod.matches, user, password)
         if not ok or user is None:
-            await self.audit.viewed(name[:32], "console sign-in", {"peer": request.getClientAddress().host},
-                                    result="refused: wrong name or password")
-            log.warn("console: sign-in refused for {name!r} from {peer}", name=name[:32],
-                     peer=request.getClientAddress().host)
+            self.failures.add(name)
+            await self.audit.viewed(name, "console sign-in", {"peer": peer}, result="refused: wrong name or password")
+            log.warn("console: sign-in refused for {name!r} from {peer}", name=name, peer=peer)
             return await self._sign_in_form(request, args, "Wrong name or password.", status=401, name=name)
+        self.failures.clear(name)
         session = self.sessions.new(user.name, user.role)
-        await self.audit.viewed(user.name, "console sign-in", {"peer": request.getClientAddress().host,
-                                                               "role": user.role})
+        await self.audit.viewed(user.name, "console sign-in", {"peer": peer, "role": user.role})
         request.addCookie(SESSION, session.token, path="/", httpOnly=True, sameSite="strict")
         _redirect(request, _local(args.get("next")))
 
@@ -233,8 +238,9 @@ def _local(target: str | None) -> str:
 
 
 def _date(text: str | None) -> date:
+    """The day asked for; unasked, yesterday: the last day the daily run has reconciled."""
     if not text:
-        return date.today()
+        return date.today() - timedelta(days=1)
     try:
         return date.fromisoformat(text)
     except ValueError:

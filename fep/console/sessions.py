@@ -51,5 +51,30 @@ class Sessions:
         self._by_token.pop(token, None)
 
 
+class Failures:
+    """Wrong passwords per name: after LIMIT within WINDOW seconds the name is refused, its password not even
+    tried, until the window has passed since the last one (a guesser on the office network is slowed to a crawl)."""
+    LIMIT, WINDOW = 5, 900.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._times: dict[str, list[float]] = {}
+
+    def _recent(self, name: str) -> list[float]:
+        now = self.clock()
+        for n in [n for n, ts in self._times.items() if now - ts[-1] > self.WINDOW]:
+            del self._times[n]  # the old ones go: a list of every name ever tried would only grow
+        return [t for t in self._times.get(name, []) if now - t <= self.WINDOW]
+
+    def blocked(self, name: str) -> bool:
+        return len(self._recent(name)) >= self.LIMIT
+
+    def add(self, name: str) -> None:
+        self._times[name] = self._recent(name) + [self.clock()]
+
+    def clear(self, name: str) -> None:
+        self._times.pop(name, None)
+
+
 def same(a: str | None, b: str | None) -> bool:
     return bool(a) and bool(b) and hmac.compare_digest(str(a), str(b))
