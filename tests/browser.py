@@ -3,6 +3,7 @@ the insurance office renders them, read back from the DOM, with a screenshot of 
 
 from __future__ import annotations
 
+import base64
 import shutil
 import urllib.error
 import urllib.parse
@@ -79,12 +80,13 @@ class Browser:
         return self.driver.page_source
 
     def shot(self, name: str) -> Path:
-        """The whole page as a PNG under the test's tmp dir (the window grown to the page's height first)."""
-        height = self.driver.execute_script("return document.documentElement.scrollHeight")
-        self.driver.set_window_size(1280, max(int(height) + 40, 600))
+        """The whole page, beyond the window too, as a PNG under the test's tmp dir (Chromium's DevTools call)."""
+        size = self.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+        shot = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
         path = self.shots / f"{name}.png"
-        self.driver.save_screenshot(str(path))
-        self.driver.set_window_size(1280, 1000)
+        path.write_bytes(base64.b64decode(shot["data"]))
         return path
 
     def fetch(self, path: str, data: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
