@@ -18,6 +18,7 @@ from urllib.parse import quote, urlencode
 from jinja2 import Environment, PackageLoader, select_autoescape
 from twisted.internet import defer, endpoints, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -70,8 +71,15 @@ class Console(Resource):
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = defer.ensureDeferred(self._handle(request))
         d.addErrback(self._failed, request)
-        d.addCallback(lambda _: None if gone else request.finish())
+        d.addBoth(self._done, request, gone)
         return NOT_DONE_YET
+
+    def _done(self, result: Any, request: Request, gone: list[bool]) -> None:
+        if isinstance(result, Failure):  # even the error page could not be made
+            log.failure("console page {path}: no error page either", result, path=request.path.decode("latin-1"))
+            request.setResponseCode(500)
+        if not gone:
+            request.finish()
 
     def _failed(self, failure: Any, request: Request) -> None:
         if failure.check(HttpError, Refused, ClearingError):
@@ -96,7 +104,8 @@ class Console(Resource):
         session = self.sessions.get(_cookie(request, SESSION))
         user = await self._user(session)
         if session is None or user is None:
-            target = path + (f"?{request.uri.decode().partition('?')[2]}" if b"?" in request.uri else "")
+            query = request.uri.decode("utf-8", "replace").partition("?")[2]
+            target = path + (f"?{query}" if query else "")
             return _redirect(request, "/signin?" + urlencode({"next": target}))
         if path == "/signout":
             if request.method != b"POST" or not same(args.get("csrf"), session.csrf):
@@ -277,3 +286,10 @@ async def listen(reactor: Any, cfg: ConsoleSide, pages: Pages, audit: AuditTrail
     await endpoints.TCP4ServerEndpoint(reactor, cfg.port, interface=cfg.host).listen(site)
     log.info("console on http://{host}:{port}/ (office networks: {nets})", host=cfg.host, port=cfg.port,
              nets=", ".join(map(str, cfg.office_networks)) or "none; loopback only")
+    try:
+        known = await threads.deferToThread(users_mod.read, cfg.users)
+    except users_mod.UsersError as e:
+        log.error("console: {err}: no one can sign in until it is mended", err=str(e))
+        return
+    if not known:
+        log.warn("console: {path} holds no users yet: add them with `fep user add NAME --role office`", path=cfg.users)
