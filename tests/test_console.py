@@ -218,6 +218,7 @@ def test_fep_user_keeps_only_hashes_and_refuses_what_it_cannot_keep(world: World
     world.configure(fep={"console": {"port": free_port(), "users": str(users)}})
     assert user(world, "add", "zhao", "--role", "office").returncode == 0
     assert PASSWORD not in users.read_text() and users.stat().st_mode & 0o777 == 0o640
+    assert users.stat().st_gid == users.parent.stat().st_gid  # /etc/fep's group, fep's: fep can read it
     assert "is a user already" in user(world, "add", "zhao", "--role", "office").stderr
     assert "at least 10 characters" in user(world, "passwd", "zhao", password="short").stderr
     assert "invalid choice" in user(world, "add", "qian", "--role", "admin").stderr

@@ -81,12 +81,17 @@ def read(path: Path) -> dict[str, User]:
 
 def write(path: Path, users: dict[str, User]) -> None:
     """The whole file anew, in place at once (a rename): fep never reads half of it. Readable by its owner and
-    group only (fep runs in the group)."""
+    group only: the group the file had, or else its directory's (/etc/fep is root:fep), so fep can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     lines = ["# fep console users: name role hash (kept by `fep user`; passwords are not in it)"]
     lines += [f"{u.name} {u.role} {u.hash}" for u in sorted(users.values(), key=lambda u: u.name)]
+    group = (path if path.exists() else path.parent).stat().st_gid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        os.fchown(fd, -1, group)
+    except PermissionError:  # not root nor in that group: the file keeps the writer's group
+        pass
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
         f.flush()
