@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -47,9 +48,20 @@ class Browser:
         """On the sign-in page (where any page sends one not signed in)."""
         if not self.path.startswith("/signin"):
             self.open("/signin")
-        self.driver.find_element(By.ID, "name").clear()
-        self.driver.find_element(By.ID, "name").send_keys(name)
-        self.driver.find_element(By.ID, "password").send_keys(password)
+        for tries in range(3):  # chromedriver may still hold the nodes of the page it came from: look again
+            try:
+                WebDriverWait(self.driver, 30).until(lambda d: d.execute_script("return document.readyState")
+                                                     == "complete")
+                field = self.driver.find_element(By.ID, "name")
+                field.clear()
+                field.send_keys(name)
+                secret = self.driver.find_element(By.ID, "password")
+                secret.clear()
+                secret.send_keys(password)
+                break
+            except WebDriverException:
+                if tries == 2:
+                    raise
         self.submit(self.driver.find_element(By.ID, "signin"))
 
     def sign_out(self) -> None:

@@ -170,10 +170,16 @@ def test_a_trade_s_life_is_shown_as_fep_show_prints_it_masked_for_the_office(con
     assert ZHANG["psn_no"] not in browser.source and ZHANG["certno"] not in browser.source
     browser.shot("trade-office")
 
+    identified = Visit(console.his, ZHANG).identify()["fep_msgid"]  # 1101: the bureau answers with the name
+    browser.open(f"/trade/{identified}")
+    assert "张三" not in browser.source and "张*" in browser.text("#answer")
+
     browser.sign_out()
     browser.sign_in(OPERATOR, PASSWORD)
     browser.open(f"/trade/{msgid}")
     assert browser.text("#life") == shown and browser.text("#person") == ZHANG["psn_no"]
+    browser.open(f"/trade/{identified}")
+    assert "张三" in browser.text("#answer")
     browser.open("/trade/H430100000012026010100000000")
     assert "no trade with msgid" in browser.text("#message")
 
