@@ -136,8 +136,11 @@ def test_today_names_what_needs_a_person_and_the_operator_sees_the_fep_command(c
     assert browser.path == "/"
     [item] = [i for i in browser.all("#attention tr.item") if parked in i]
     assert f"fep replay {parked}" in item and "2207" in item
-    kinds = {r[0]: r for r in browser.table("#kinds table")[1:]}
-    assert kinds["2207 门诊结算"][-1] == "2"
+    [head, *rows] = browser.table("#kinds table")
+    assert head[:3] == ["trade", "succeeded", "refused by the bureau"]
+    kinds = {r[0]: dict(zip(head, r)) for r in rows}
+    assert kinds["2207 门诊结算"]["succeeded"] == "1" and kinds["2207 门诊结算"]["NEEDS_ATTENTION"] == "1"
+    assert kinds["2601 冲正交易"]["refused by the bureau"] != ""  # the reversals the bureau kept refusing (系统繁忙)
     assert browser.count("#kinds svg.chart rect.s0") >= 24  # trades per hour: today's bars
     assert "up" in browser.text(".endpoint")
     browser.shot("today-operator")

@@ -14,7 +14,7 @@ from typing import Any
 import simplejson
 from twisted.internet import threads
 
-from fep import health, reconcile
+from fep import envelope, health, reconcile
 from fep.admin import MAX_LIMIT, AdminService
 from fep.admin_cli import show_text
 from fep.clearing import STATUS_HEADERS, Clearing, month_of, render as clearing_render, status_rows
@@ -166,13 +166,29 @@ def pretty(doc: Any) -> str:
     return simplejson.dumps(doc, use_decimal=True, indent=1, ensure_ascii=False)
 
 
+SUCCEEDED, REFUSED = "succeeded", "refused by the bureau"
+ANSWERED = {State.ANSWERED, State.AWAITING_CONFIRM, State.CONFIRMED}
+
+
+def result(r: TradeRow) -> str:
+    """What the office calls a trade's result: the bureau's yes or no once answered, else where it stands."""
+    if r.state not in ANSWERED or not r.answer:
+        return r.state.value
+    try:
+        code = envelope.top_field(r.answer, "infcode")  # its infcode alone: a 9102 answer holds a whole file
+    except ValueError:
+        return r.state.value
+    return SUCCEEDED if str(code).strip() == "0" else REFUSED
+
+
 def by_kind(rows: list[TradeRow]) -> tuple[dict[str, Counter[str]], list[str]]:
-    """Trades per trade number and state (their result), and the states that occur, in the order of fep.states."""
+    """Trades per trade number and result, and the results that occur: the bureau's yes and no first, then the
+    states in the order of fep.states."""
     kinds: dict[str, Counter[str]] = {}
     for r in rows:
-        kinds.setdefault(r.infno, Counter())[r.state.value] += 1
+        kinds.setdefault(r.infno, Counter())[result(r)] += 1
     seen = {s for c in kinds.values() for s in c}
-    return kinds, [s.value for s in State if s.value in seen]
+    return kinds, [s for s in (SUCCEEDED, REFUSED, *(s.value for s in State)) if s in seen]
 
 
 def hours(rows: list[TradeRow]) -> list[int]:
