@@ -140,7 +140,7 @@ def test_today_names_what_needs_a_person_and_the_operator_sees_the_fep_command(c
     assert head[:3] == ["trade", "succeeded", "refused by the bureau"]
     kinds = {r[0]: dict(zip(head, r)) for r in rows}
     assert kinds["2207 门诊结算"]["succeeded"] == "1" and kinds["2207 门诊结算"]["NEEDS_ATTENTION"] == "1"
-    assert kinds["2601 冲正交易"]["refused by the bureau"] != ""  # the reversals the bureau kept refusing (系统繁忙)
+    assert kinds["2601 冲正交易"]["refused by the bureau"] != ""  # the reversals it kept refusing (系统繁忙)
     assert browser.count("#kinds svg.chart rect.s0") >= 24  # trades per hour: today's bars
     assert "up" in browser.text(".endpoint")
     browser.shot("today-operator")

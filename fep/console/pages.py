@@ -48,19 +48,18 @@ class Pages:
         today = date.today()
         rows = await self._day_rows(today)
         week_ago = await self._day_rows(today - timedelta(days=7))
-        kinds, states = await threads.deferToThread(by_kind, rows)
+        kinds, results = await threads.deferToThread(by_kind, rows)
         queued = await self.journal.find(TradeFilter(state=State.QUEUED, limit=LISTED))
-        resolving = sorted([r for s in BEING_RESOLVED for r in await self.journal.find(TradeFilter(state=s, limit=LISTED))],
-                           key=lambda r: r.created)
-        now = hours(rows), hours(week_ago)
+        resolving = [r for s in BEING_RESOLVED for r in await self.journal.find(TradeFilter(state=s, limit=LISTED))]
         chart = bars(f"trades per hour, today and {today - timedelta(days=7):%A} last week",
-                     [f"{h:02d}" for h in range(24)], [Series("today", now[0]), Series("a week ago", now[1])], every=2)
+                     [f"{h:02d}" for h in range(24)],
+                     [Series("today", hours(rows)), Series("a week ago", hours(week_ago))], every=2)
         return {"status": status, "day": today.isoformat(), "total": len(rows), "capped": len(rows) >= MAX_LIMIT,
-                "kinds": [{"infno": infno, "name": self._name(infno), "states": c, "total": sum(c.values())}
-                          for infno, c in sorted(kinds.items())], "states": states,
-                "queued": [self._brief(r) for r in queued], "resolving": [self._brief(r) for r in resolving],
-                "attention": await self._attention(status), "chart": chart,
-                "yesterday": (today - timedelta(days=1)).isoformat()}
+                "kinds": [{"infno": infno, "name": self._name(infno), "results": c, "total": sum(c.values())}
+                          for infno, c in sorted(kinds.items())], "results": results,
+                "queued": [self._brief(r) for r in queued],
+                "resolving": [self._brief(r) for r in sorted(resolving, key=lambda r: r.created)],
+                "attention": await self._attention(status), "chart": chart}
 
     async def _day_rows(self, day: date) -> list[TradeRow]:
         start = midnight(day)
@@ -106,7 +105,8 @@ class Pages:
                  link=f"/day?date={yesterday}")
         for name, seconds in sorted(status.get("certificates", {}).items()):
             if seconds < health.CERT_WARNING:
-                need(f"the certificate {name} {'has expired' if seconds <= 0 else f'expires in {seconds // 86400} days'}",
+                when = "has expired" if seconds <= 0 else f"expires in {seconds // 86400} days"
+                need(f"the certificate {name} {when}",
                      "have a new one issued, put it in place, then reload", "fep reload")
         return items
 
@@ -143,8 +143,8 @@ class Pages:
         settled = await self.clearing.reconciler.settlements_between(first, min(last, date.today())) \
             if first <= date.today() else {}
         amounts = [sum((s.medfee for s in settled.get(first.replace(day=d), [])), ZERO) for d in range(1, last.day + 1)]
-        chart = bars(f"settled amount (医疗费总额, yuan) per day of {month}", [str(d) for d in range(1, last.day + 1)],
-                     [Series("settled", amounts)])
+        chart = bars(f"settled amount (医疗费总额, yuan) per day of {month}",
+                     [str(d) for d in range(1, last.day + 1)], [Series("settled", amounts)])
         return {"month": month, "status": status, "headers": STATUS_HEADERS, "rows": status_rows(status),
                 "days": days, "remote": remote[0] if remote else None, "chart": chart, "total": sum(amounts, ZERO),
                 "before": (first - timedelta(days=1)).strftime("%Y-%m"),

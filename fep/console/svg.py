@@ -41,7 +41,8 @@ def bars(title: str, labels: list[str], series: list[Series], every: int = 1) ->
     for i in range(5):
         y = TOP + plot_h - plot_h * i / 4
         out.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}"/>'
-                   f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_number(scale * i / 4)}</text>')
+                   f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
+                   f'{_number(scale * i / 4)}</text>')
     for k, s in enumerate(series):
         for i, v in enumerate(s.values):
             h = plot_h * float(v) / float(scale)
