@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.web.resource import Resource
 
 from fep import config, logs
+from fep.console.pages import month_attention
 from fep.console.server import OfficeSite
 from fep.reconcile import HEADERS
 from fep.sim.world import LI, ZHANG, Visit, World, free_port, parked_settlement
@@ -206,6 +207,16 @@ def test_the_month_shows_each_day_and_the_clearing_status_fep_clearing_status_pr
     status, _, body = browser.fetch(f"/month.csv?month={month}")
     assert status == 200 and body.decode("utf-8-sig") == printed.stdout
 
+    # The days before today were never reconciled in this new world: the month cannot be applied for yet.
+    browser.sign_out()
+    browser.sign_in(OPERATOR, PASSWORD)
+    browser.open("/month")
+    earlier = [f"{month}-{d:02d}" for d in range(1, int(TODAY[8:]))]
+    if earlier:
+        assert f"fep reconcile --date {earlier[0]}" in browser.text("#attention")
+    else:
+        assert browser.count("#attention") == 0
+
 
 def test_a_session_unused_longer_than_console_session_minutes_ends(world: World, tmp_path: Path) -> None:
     if MISSING:
@@ -235,6 +246,19 @@ def test_fep_user_keeps_only_hashes_and_refuses_what_it_cannot_keep(world: World
     assert user(world, "list").stdout.split() == ["name", "role", "zhao", "operator"]
     assert user(world, "remove", "zhao").returncode == 0
     assert user(world, "list").stdout.split() == ["name", "role"]
+
+
+def test_a_month_is_applied_for_only_once_every_day_balanced_and_the_month_is_over() -> None:
+    days = [{"day": "2026-11-01", "result": "平"}, {"day": "2026-11-02", "result": "不平"},
+            {"day": "2026-11-03", "result": None}]
+    status = {"groups": [{"state": "未申请", "settlements": 3}]}
+    [item] = month_attention("2026-11", days, status, over=True)
+    assert item["what"].endswith(": 02, 03") and item["commands"] == ["fep reconcile --date 2026-11-02",
+                                                                    "fep reconcile --date 2026-11-03"]
+    balanced = [{**d, "result": "平"} for d in days]
+    [item] = month_attention("2026-11", balanced, status, over=True)
+    assert item["commands"] == ["fep clearing apply --month 2026-11"]
+    assert month_attention("2026-11", balanced, status, over=False) == []
 
 
 def test_only_loopback_and_the_office_networks_may_connect() -> None:

@@ -146,6 +146,7 @@ class Pages:
         chart = bars(f"settled amount (医疗费总额, yuan) per day of {month}",
                      [str(d) for d in range(1, last.day + 1)], [Series("settled", amounts)])
         return {"month": month, "status": status, "headers": STATUS_HEADERS, "rows": status_rows(status),
+                "attention": month_attention(month, days, status, last < date.today()),
                 "days": days, "remote": remote[0] if remote else None, "chart": chart, "total": sum(amounts, ZERO),
                 "before": (first - timedelta(days=1)).strftime("%Y-%m"),
                 "after": (last + timedelta(days=1)).strftime("%Y-%m")}
@@ -164,6 +165,23 @@ class Pages:
 def pretty(doc: Any) -> str:
     """JSON for reading, its amounts exact (Decimal) and its Chinese as written."""
     return simplejson.dumps(doc, use_decimal=True, indent=1, ensure_ascii=False)
+
+
+def month_attention(month: str, days: list[dict[str, Any]], status: dict[str, Any], over: bool) -> list[dict[str, Any]]:
+    """What the month still needs before it can be cleared, and the commands that do it."""
+    items = []
+    bad = [d["day"] for d in days if d["result"] != "平"]
+    if bad:
+        items.append({"what": f"{len(bad)} day(s) not balanced or not reconciled: {', '.join(b[8:] for b in bad)}",
+                      "todo": "undo each day's differences and reconcile it again: the month is applied for only "
+                              "when every day balanced", "commands": [f"fep reconcile --date {d}" for d in bad[:5]],
+                      "link": f"/day?date={bad[0]}", "msgid": None})
+    waiting = [g for g in status["groups"] if g["state"] == "未申请" and g["settlements"]]
+    if over and waiting and not bad:
+        items.append({"what": f"{len(waiting)} group(s) not applied for clearing (清算申请)",
+                      "todo": "apply for the month's clearing", "commands": [f"fep clearing apply --month {month}"],
+                      "link": None, "msgid": None})
+    return items
 
 
 SUCCEEDED, REFUSED = "succeeded", "refused by the bureau"
