@@ -218,24 +218,26 @@ def cmd_trades(args: argparse.Namespace) -> int:
     return out(args, rows, lambda rs: table(rs, TRADE_COLUMNS))
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    def human(t: dict[str, Any]) -> str:
-        lines = [f"{t['msgid']}  {t['infno']}  {t['state']}  person {t['psn_no'] or '-'}"
-                 f"  settlement {t['setl_id'] or '-'}  tries {t['attempts']}"]
-        if t.get("archive"):
-            lines.append(f"archived: read from {t['archive']}")
-        if t["related"]:
-            lines.append(f"resolves {t['related']}")
-        lines.append(table(t["history"], ["at", "event", "state", "note"]))
-        if t["resolving_trades"]:
-            lines.append("resolving trades:")
-            lines.append(table(t["resolving_trades"], ["created", "msgid", "infno", "state", "attempts", "note"]))
-        lines.append(_answer("answer", t["answer"]))
-        if t["late_answer"]:
-            lines.append(_answer("late answer kept", t["late_answer"]))
-        return "\n".join(lines)
+def show_text(t: dict[str, Any]) -> str:
+    """A trade's whole life as `fep show` prints it (the console's trade page shows the same)."""
+    lines = [f"{t['msgid']}  {t['infno']}  {t['state']}  person {t['psn_no'] or '-'}"
+             f"  settlement {t['setl_id'] or '-'}  tries {t['attempts']}"]
+    if t.get("archive"):
+        lines.append(f"archived: read from {t['archive']}")
+    if t["related"]:
+        lines.append(f"resolves {t['related']}")
+    lines.append(table(t["history"], ["at", "event", "state", "note"]))
+    if t["resolving_trades"]:
+        lines.append("resolving trades:")
+        lines.append(table(t["resolving_trades"], ["created", "msgid", "infno", "state", "attempts", "note"]))
+    lines.append(_answer("answer", t["answer"]))
+    if t["late_answer"]:
+        lines.append(_answer("late answer kept", t["late_answer"]))
+    return "\n".join(lines)
 
-    return out(args, call(args, "GET", f"/trades/{quote(args.msgid)}"), human)
+
+def cmd_show(args: argparse.Namespace) -> int:
+    return out(args, call(args, "GET", f"/trades/{quote(args.msgid)}"), show_text)
 
 
 def _answer(label: str, answer: dict[str, Any] | None) -> str:
@@ -396,6 +398,62 @@ def cmd_clearing(args: argparse.Namespace) -> int:
     return 0 if what == "status" or doc["confirmed"] else 1
 
 
+def users_file(args: argparse.Namespace) -> Path:
+    """--users, else console.users of the config fep runs with."""
+    if args.users:
+        return Path(args.users)
+    from fep import config
+
+    path = next((Path(p) for p in ([args.config] if args.config else DEFAULT_CONFIGS) if Path(p).exists()), None)
+    if path is None:
+        raise SystemExit(f"fep user: no config found ({', '.join(DEFAULT_CONFIGS)}); give --config or --users")
+    try:
+        return config.load(path).console.users
+    except config.ConfigError as e:
+        raise SystemExit(f"fep user: {e}") from None
+
+
+def new_password(name: str) -> str:
+    """Asked twice on a terminal; from a script, the first line of stdin."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass(f"new password for {name}: ")
+    if getpass.getpass("again: ") != first:
+        raise SystemExit("fep user: the two passwords differ; nothing changed")
+    return first
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    """The console's users (fep.console.users): the file is changed here; fep reads it at each sign-in."""
+    from fep.console import users as u
+
+    path, what = users_file(args), args.user_command
+    try:
+        known = u.read(path)
+        if what == "list":
+            sys.stdout.write(table([{"name": x.name, "role": x.role} for x in known.values()], ["name", "role"]) + "\n")
+            return 0
+        if what == "add" and args.name in known:
+            raise u.UsersError(f"{args.name} is a user already (fep user passwd {args.name} changes the password)")
+        if what in ("passwd", "remove") and args.name not in known:
+            raise u.UsersError(f"no user {args.name} in {path}")
+        if what == "remove":
+            del known[args.name]
+        else:
+            role = args.role or known[args.name].role
+            password = new_password(args.name)
+            u.check_new(args.name, role, password)
+            known[args.name] = u.User(args.name, role, u.hashed(password))
+        u.write(path, known)
+    except u.UsersError as e:
+        raise SystemExit(f"fep user {what}: {e}") from None
+    print(f"{args.name}: {'removed' if what == 'remove' else ('added' if what == 'add' else 'changed')} "
+          f"(sessions of a removed or changed user end at their next page)")
+    return 0
+
+
 def admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="fep's config, to find its admin socket (default: conf/fep.yaml, then "
                                     "/etc/fep/fep.yaml)")
@@ -508,6 +566,23 @@ def add_commands(sub: Any) -> None:
         c.add_argument("--format", choices=("table", "csv", "json"), default="table")
         admin_options(c)
         c.set_defaults(func=cmd_clearing)
+
+    us = sub.add_parser("user", help="who may sign in to the office's console (README, \"The office's console\")")
+    usub = us.add_subparsers(dest="user_command", required=True)
+    for name, text in (("add", "add a user: the password is asked twice (or read from stdin)"),
+                       ("passwd", "set a user's password (and, with --role, role) anew"),
+                       ("remove", "remove a user: their sessions end"), ("list", "the users and their roles")):
+        u = usub.add_parser(name, help=text)
+        if name != "list":
+            u.add_argument("name")
+        if name in ("add", "passwd"):
+            u.add_argument("--role", choices=("office", "operator"), required=name == "add",
+                           help="office: views the pages; operator: also sees the fep command of each action, and "
+                                "ID numbers and names unmasked")
+        u.add_argument("--config", help="fep's config, for console.users (default: conf/fep.yaml, then "
+                                        "/etc/fep/fep.yaml)")
+        u.add_argument("--users", help="the users file itself")
+        u.set_defaults(func=cmd_user)
 
     rl = sub.add_parser("reload", help="re-read config and certificates (as systemctl reload)")
     admin_options(rl)

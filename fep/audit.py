@@ -1,5 +1,6 @@
 """The audit trail: every operator action through the admin socket, who asked (the caller's uid, from the
-socket's peer credentials) and with what, journalled (the audit table) and logged.
+socket's peer credentials) and with what, journalled (the audit table) and logged. The office's console adds
+every page a signed-in person views, and every sign-in, under its user's name (fep.console).
 
 An action is journalled before it runs and its result added when it ends: one that a crash cut short is
 still there, without a result. Reads (status, trades, show, audit itself) change nothing and are not kept.
@@ -40,6 +41,11 @@ class AuditTrail:
         log.info("audit: uid {uid} ({user}) {action} {args}: {result}", uid=uid, user=user_name(uid), action=action,
                  args=envelope.dumps(args).decode("utf-8"), result=result)
 
+    async def viewed(self, user: str, action: str, args: dict[str, Any], result: str = "ok") -> None:
+        """A console user's page view or sign-in: done when it is kept, so kept whole in one write."""
+        args = {"console_user": user, **args}
+        await self.journal.run(lambda conn: audit_end(audit_begin(None, action, args)(conn), result)(conn))
+
     async def between(self, since: float, until: float, limit: int) -> list[dict[str, Any]]:
         rows = await self.journal.read(audit_between(since, until, limit))
         return [_entry(dict(zip(AUDIT_COLUMNS, r))) for r in rows]
@@ -47,7 +53,10 @@ class AuditTrail:
 
 def _entry(row: dict[str, Any]) -> dict[str, Any]:
     stamp = datetime.fromtimestamp
-    return {"at": stamp(row["at"]).strftime("%Y-%m-%d %H:%M:%S"), "uid": row["uid"], "user": user_name(row["uid"]),
-            "action": row["action"], "args": envelope.loads(row["args"]),
+    args = envelope.loads(row["args"])
+    who = f"console:{args['console_user']}" if isinstance(args, dict) and "console_user" in args else \
+        user_name(row["uid"])
+    return {"at": stamp(row["at"]).strftime("%Y-%m-%d %H:%M:%S"), "uid": row["uid"], "user": who,
+            "action": row["action"], "args": args,
             "result": row["result"] if row["result"] is not None else "(none yet: under way, or fep stopped during it)",
             "done": stamp(row["done"]).strftime("%Y-%m-%d %H:%M:%S") if row["done"] else None}

@@ -157,6 +157,17 @@ class AdminSide:
 
 
 @dataclass(frozen=True)
+class ConsoleSide:
+    """The office's read-only web console (fep.console): its own listener, never the HIS port."""
+    port: int | None = None  # None: no console
+    host: str = "127.0.0.1"
+    # peers besides loopback that may open it (the insurance office's and finance's networks)
+    office_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    users: Path = Path("/etc/fep/console-users")  # kept by `fep user`
+    session_minutes: float = 30.0  # a session unused this long is ended: sign in again
+
+
+@dataclass(frozen=True)
 class BackupPlan:
     """The daily backup of the journal (fep.backup)."""
     dir: Path | None = None  # where the daily copies go; None: no daily backup
@@ -191,6 +202,7 @@ class Config:
     journal_keep_days: int | None = None  # finished trades older than this go to monthly archive files; None: never
     archive_at: str | None = None  # "HH:MM": the daily move to the archive files
     backup: BackupPlan = BackupPlan()
+    console: ConsoleSide = ConsoleSide()
 
 
 @dataclass(frozen=True)
@@ -260,6 +272,7 @@ KEYS: dict[str, Any] = {
     "reconcile_groups": [{"insutype": TEXT, "setl_optins": TEXT, "clr_type": TEXT}],
     "admin": {"unix": TEXT, "metrics_host": TEXT, "metrics_port": WHOLE, "unix_group": TEXT},
     "security": {"allow_root": BOOL},
+    "console": {"port": WHOLE, "host": TEXT, "office_networks": TEXTS, "users": TEXT, "session_minutes": NUMBER},
 }
 # Old names that still work (and are never suggested for a typo): old -> new.
 RENAMED = {"his.answer_budget": "his.answer_within"}
@@ -445,6 +458,7 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         journal_keep_days=_count(jr, "keep_days", "journal.", None),
         archive_at=_archive_at(jr),
         backup=_backup(doc.get("backup") or {}, base),
+        console=_console(doc.get("console") or {}, base, his, doc.get("admin") or {}),
         **_month_end(doc, trades),
     )
 
@@ -476,6 +490,33 @@ def _backup(doc: dict[str, Any], base: Path) -> BackupPlan:
         raise ConfigError("backup.daily_at is set but backup.dir is not: say where the daily copies go")
     return BackupPlan(dir=directory, keep=_count(doc, "keep", "backup.", 7),  # type: ignore[arg-type]
                       daily_at=_hhmm(doc.get("daily_at", "01:30"), "backup.daily_at") if directory else None)
+
+
+def _console(doc: dict[str, Any], base: Path, his: HisSide, admin: dict[str, Any]) -> ConsoleSide:
+    """console: off unless a port is given; on loopback unless office networks are named (then on every address,
+    and only those networks and loopback may connect)."""
+    port, host, networks, users, minutes = (doc.get(k) for k in ("port", "host", "office_networks", "users",
+                                                                   "session_minutes"))
+    if port is None:
+        given = [k for k, v in (("host", host), ("office_networks", networks), ("users", users),
+                                ("session_minutes", minutes)) if v is not None]
+        if given:
+            raise ConfigError(f"console.{given[0]} is set but console.port is not: say which port the office's "
+                              f"console listens on")
+        return ConsoleSide()
+    taken = {his.tcp_port: "his.tcp_port", int(admin.get("metrics_port", 9464)): "admin.metrics_port"}
+    if int(port) in taken:
+        raise ConfigError(f"console.port {port} is {taken[int(port)]}'s: the console has a port of its own, never "
+                          f"the HIS side's")
+    try:
+        nets = tuple(ipaddress.ip_network(n) for n in networks or [])
+    except ValueError as e:
+        raise ConfigError(f"console.office_networks: {e}") from None
+    if minutes is not None and float(minutes) <= 0:
+        raise ConfigError(f"console.session_minutes must be more than 0, got {minutes!r}")
+    return ConsoleSide(port=int(port), host=str(host or ("0.0.0.0" if nets else "127.0.0.1")), office_networks=nets,
+                       users=_path(base, users or "/etc/fep/console-users"),
+                       session_minutes=float(minutes if minutes is not None else 30))
 
 
 def _positive(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:

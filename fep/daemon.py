@@ -89,9 +89,14 @@ class Daemon:
                       Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync, self.journal),
                       Daily(self.reactor, "backup", cfg.backup.daily_at, self.backups.daily, self.journal),
                       Daily(self.reactor, "archive", cfg.archive_at, self.archive.run, self.journal)]
-        service = admin.AdminService(self.engine, self.reload, self.extra_admin, self.archive, AuditTrail(self.journal))
+        audit = AuditTrail(self.journal)
+        service = admin.AdminService(self.engine, self.reload, self.extra_admin, self.archive, audit)
         await admin.listen(self.reactor, service, cfg.admin.unix, cfg.admin.metrics_host, cfg.admin.metrics_port,
                            cfg.admin.unix_group)
+        if cfg.console.port is not None:  # the office's console: the admin side's, on a listener of its own
+            from fep.console import pages, server
+
+            await server.listen(self.reactor, cfg.console, pages.Pages(service, Clearing(self.reconciler)), audit)
         self.refresher = admin.MetricsRefresher(self.reactor, self.engine)
         self.refresher.loop.start(5.0)
         for job in self.daily:
