@@ -11,7 +11,7 @@ import hashlib
 import socket
 import struct
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, unquote
@@ -46,6 +46,15 @@ def _time(value: str) -> float:
         except (OverflowError, OSError):  # a date the clock cannot hold (0001-01-01): was a 500
             raise Refused(400, f"the time {value!r} is out of range") from None
     raise Refused(400, f"cannot read the time {value!r}: use YYYY-MM-DD or YYYY-MM-DD HH:MM:SS")
+
+
+def _until(value: str) -> float:
+    """The end of a range: a day named alone (YYYY-MM-DD) means all of it, as the finance office means it."""
+    end = _time(value)
+    if len(value) != 10:
+        return end
+    # the next midnight (the clock's, whatever a day's length), less a microsecond: ranges include their ends
+    return (datetime.fromtimestamp(end) + timedelta(days=1)).timestamp() - 1e-6
 
 
 MAX_LIMIT = 100_000  # rows one `fep trades` lists
@@ -238,7 +247,7 @@ class AdminService:
         limit = _limit(args)
         f = TradeFilter(state=State(state) if state else None, psn_no=args.get("psn_no"), infno=args.get("infno"),
                         since=_time(args["since"]) if "since" in args else None,
-                        until=_time(args["until"]) if "until" in args else None, limit=limit)
+                        until=_until(args["until"]) if "until" in args else None, limit=limit)
         rows = await self.engine.journal.find(f)
         if self.archive is not None:  # the newest `limit` of the journal's and the archive files' together
             rows = sorted(rows + await self.archive.find(f), key=lambda r: (r.created, r.id))[-limit:]
@@ -272,9 +281,7 @@ class AdminService:
 
     async def audit_entries(self, args: dict[str, str]) -> list[dict[str, Any]]:
         since = _time(args["since"]) if "since" in args else EVER[0]
-        until = _time(args["until"]) if "until" in args else EVER[1]
-        if "until" in args and len(args["until"]) == 10:  # a day named alone: all of it
-            until += 86400
+        until = _until(args["until"]) if "until" in args else EVER[1]
         if self.audit is None:
             raise Refused(404, "this fep keeps no audit trail")
         return await self.audit.between(since, until, _limit(args))

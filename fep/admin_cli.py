@@ -416,7 +416,7 @@ def add_commands(sub: Any) -> None:
     tr.add_argument("--person", help="psn_no")
     tr.add_argument("--infno")
     tr.add_argument("--since", help="YYYY-MM-DD[ HH:MM:SS]")
-    tr.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS]")
+    tr.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS] (a day alone: to its end)")
     tr.add_argument("--limit", type=limit, default=100, help="at most this many (default 100)")
     tr.add_argument("--format", choices=("table", "csv", "json"), default="table")
     admin_options(tr)
