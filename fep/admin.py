@@ -148,6 +148,13 @@ def _outcome(status: int, doc: Any) -> str:
     return f"refused ({status}): {error}" if error else f"refused ({status})"
 
 
+def _merged(journal: list[TradeRow], archived: list[TradeRow]) -> list[TradeRow]:
+    """One row per trade. A trade is in both after a restore (a backup made before the archive job moved it
+    became the journal again, and its archive file stayed): the journal's row is the live one."""
+    live = {r.msgid for r in journal}
+    return journal + [r for r in archived if r.msgid not in live]
+
+
 class AdminService:
     def __init__(self, engine: Engine, reload: Callable[[], Awaitable[str]],
                  extra: dict[str, Callable[[Request], Awaitable[Any]]] | None = None,
@@ -250,7 +257,7 @@ class AdminService:
                         until=_until(args["until"]) if "until" in args else None, limit=limit)
         rows = await self.engine.journal.find(f)
         if self.archive is not None:  # the newest `limit` of the journal's and the archive files' together
-            rows = sorted(rows + await self.archive.find(f), key=lambda r: (r.created, r.id))[-limit:]
+            rows = sorted(_merged(rows, await self.archive.find(f)), key=lambda r: (r.created, r.id))[-limit:]
         return [summary(r) for r in rows]
 
     async def job(self, text: str, wait: float) -> dict[str, Any]:
