@@ -190,8 +190,11 @@ class AdminService:
             return await self._answer(req, wait)
         action, args = _action(req)
         entry = await self.audit.begin(uid, action, args)
-        status, doc = await self._answer(req, wait)
-        await self.audit.end(entry, uid, action, args, _outcome(status, doc))
+        status, doc = 500, {"error": f"internal error in fep during {req.method} {req.path} (logged)"}
+        try:
+            status, doc = await self._answer(req, wait)
+        finally:  # whatever ended it: an action that failed inside fep is not left "under way"
+            await self.audit.end(entry, uid, action, args, _outcome(status, doc))
         return status, doc
 
     async def _answer(self, req: Request, wait: float | None) -> tuple[int, Any]:
