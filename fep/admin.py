@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from fep import envelope, metrics, sockets
+from fep import envelope, metrics, replies, sockets
 from fep.archive import Archive
 from fep.audit import AuditTrail, user_name
 from fep.clearing import Clearing, ClearingError, group_of
@@ -142,6 +142,10 @@ def _action(req: Request) -> tuple[str, dict[str, Any]]:
 
 
 def _outcome(status: int, doc: Any) -> str:
+    """What the audit trail keeps: fep's refusal, the bureau's (a 200 carrying its infcode, as a reversal the
+    bureau refused: nothing was undone), or ok."""
+    if status == 200 and isinstance(doc, dict) and replies.outcome(doc) == "refused":
+        return f"refused by the bureau (infcode {doc.get('infcode')}): {doc.get('err_msg') or ''}".rstrip()
     if status == 200:
         return "ok"
     error = doc.get("error") if isinstance(doc, dict) else None

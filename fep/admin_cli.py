@@ -253,8 +253,13 @@ def _trade_answer(doc: dict[str, Any]) -> str:
 
 
 def cmd_reverse(args: argparse.Namespace) -> int:
+    """Exit 1 when the bureau refused the 2601: nothing was undone, the trade stands."""
+    from fep.replies import outcome
+
     body = {k: v for k, v in (("infno", args.infno), ("psn_no", args.person)) if v}
-    return out(args, call(args, "POST", f"/reverse/{quote(args.msgid)}", body), _trade_answer)
+    doc = call(args, "POST", f"/reverse/{quote(args.msgid)}", body)
+    out(args, doc, _trade_answer)
+    return 1 if outcome(doc) == "refused" else 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -427,7 +432,8 @@ def add_commands(sub: Any) -> None:
     admin_options(sh)
     sh.set_defaults(func=cmd_show)
 
-    rv = sub.add_parser("reverse", help="undo a trade the bureau holds and this box does not (2601)")
+    rv = sub.add_parser("reverse", help="undo a trade the bureau holds and this box does not (2601); exit 1 when "
+                                        "the bureau refuses it")
     rv.add_argument("msgid")
     rv.add_argument("--infno", help="its trade number, when the journal does not have it")
     rv.add_argument("--person", help="its psn_no, when the journal does not have it")
