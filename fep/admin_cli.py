@@ -254,11 +254,16 @@ def _trade_answer(doc: dict[str, Any]) -> str:
 
 def cmd_reverse(args: argparse.Namespace) -> int:
     """Exit 1 when the bureau refused the 2601: nothing was undone, the trade stands."""
-    from fep.replies import outcome
-
     body = {k: v for k, v in (("infno", args.infno), ("psn_no", args.person)) if v}
     doc = call(args, "POST", f"/reverse/{quote(args.msgid)}", body)
     out(args, doc, _trade_answer)
+    return reversed_exit(doc)
+
+
+def reversed_exit(doc: dict[str, Any]) -> int:
+    """`fep reverse`'s exit, and `fep job`'s for one: 1 when the bureau refused the 2601."""
+    from fep.replies import outcome
+
     return 1 if outcome(doc) == "refused" else 0
 
 
@@ -287,6 +292,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     else:
         doc = call(args, "POST", "/reconcile", {"date": args.date} if args.date else {})
     sys.stdout.write(render(doc, "json" if args.json else args.format) + "\n")
+    return reconciled_exit(doc)
+
+
+def reconciled_exit(doc: dict[str, Any]) -> int:
+    """`fep reconcile`'s exit, and `fep job`'s for a reconciliation: 1 when the day does not balance."""
     return 0 if not doc["unbalanced"] and not doc["unresolved"] else 1
 
 
@@ -301,12 +311,17 @@ def _synced(infno: str, x: dict[str, Any]) -> str:
     return f"{infno}: version {x['from_version']} -> {x['to_version']}, {x['rows']} row(s)"
 
 
+def synced_exit(doc: dict[str, Any]) -> int:
+    """`fep catalog sync`'s exit, and `fep job`'s for one: 1 when a catalog failed."""
+    return 1 if doc["failed"] else 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     if args.action == "sync":
         doc = call(args, "POST", "/catalog/sync", {})
         out(args, doc, lambda d: "\n".join([_synced(infno, x) for infno, x in d["downloads"].items()]
                                            + [f"{d['codes']} national codes, {d['retired']} retired"]))
-        return 1 if doc["failed"] else 0
+        return synced_exit(doc)
     if args.action == "import":
         try:
             text = Path(args.file).read_text(encoding="utf-8")
@@ -354,7 +369,22 @@ def cmd_job(args: argparse.Namespace) -> int:
     job["status"], job["result"] = follow(args, client, job, time.monotonic() + args.timeout)
     job["state"] = "finished"
     out(args, job, _finished_job)
-    return 0 if job["status"] == 200 else 1
+    return job_exit(job)
+
+
+def job_exit(job: dict[str, Any]) -> int:
+    """A finished job exits as the command it follows would: a refusal 1, and an answer by that command's rule
+    (an unbalanced reconciliation, a failed catalog, a reversal the bureau refused: 1)."""
+    if job["status"] != 200:
+        return 1
+    call_, result = job["call"], job["result"]
+    if call_ == "POST /reconcile":
+        return reconciled_exit(result)
+    if call_ == "POST /catalog/sync":
+        return synced_exit(result)
+    if call_.startswith("POST /reverse/"):
+        return reversed_exit(result)
+    return 0
 
 
 def _finished_job(job: dict[str, Any]) -> str:
