@@ -169,7 +169,7 @@ class AdminService:
         self.started = time.time()
         self.archive = archive  # where finished trades older than journal.keep_days are read
         self.audit = audit  # where operator actions are kept (fep run always gives one)
-        self.jobs = Jobs()
+        self.jobs = Jobs(engine.journal)
 
     async def handle(self, req: Request, uid: int | None = None) -> Response:
         """The answer; or, for work that outlasts the caller's X-Fep-Wait, 202 and the job it goes on as.
@@ -185,7 +185,7 @@ class AdminService:
         job.run(lambda: self._audited(req, uid, None))
         if await job.wait(self.engine.reactor, wait):
             return Response(job.status or 500, envelope.dumps(job.result))
-        self.jobs.add(job)
+        await self.jobs.add(job)
         return Response(202, envelope.dumps(job.summary()))
 
     async def _audited(self, req: Request, uid: int | None, wait: float | None) -> tuple[int, Any]:
