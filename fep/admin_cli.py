@@ -347,8 +347,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     doc = call(args, "POST", "/archive", {})
-    return out(args, doc, lambda d: d.get("note") or f"{d['moved']} finished trade(s) older than {d['keep_days']} "
-                                                     f"days moved to the archive files of {', '.join(d['months']) or '-'}")
+    return out(args, doc, lambda d: ("another archive run was under way: waited for it; then " if d.get("waited")
+                                     else "") + (d.get("note") or f"{d['moved']} finished trade(s) older than "
+                                                 f"{d['keep_days']} days moved to the archive files of "
+                                                 f"{', '.join(d['months']) or '-'}"))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
