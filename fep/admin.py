@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from fep import envelope, metrics, replies, sockets
+from fep import envelope, metrics, reconcile, replies, sockets
 from fep.archive import Archive
 from fep.audit import AuditTrail, user_name
 from fep.clearing import Clearing, ClearingError, group_of
@@ -249,6 +249,8 @@ class AdminService:
         last = await self.engine.journal.runs("reconcile")
         status["last_reconciliation"] = {**{k: last[0].get(k) for k in ("stmt_date", "run_at", "balanced", "unbalanced")},
                                          "unresolved": len(last[0].get("unresolved", []))} if last else None
+        # each watched day by its latest run: reconciling another day hides no difference (fep.health)
+        status["days_not_balanced"] = reconcile.not_balanced(await reconcile.latest_of_each_day(self.engine.journal))
         # What `fep status --check` needs to tell a reconciliation that did not run (fep.health).
         status["reconcile_daily_at"] = self.engine.cfg.reconcile_at
         status["up_seconds"] = round(time.time() - self.started)
@@ -347,9 +349,7 @@ class MetricsRefresher:
         last = await self.engine.journal.runs("reconcile")
         if last and "run_at" in last[0]:  # a run kept by an early release may lack the time and the counts
             metrics.RECONCILED_AT.set(datetime.strptime(last[0]["run_at"], "%Y-%m-%d %H:%M:%S").timestamp())
-            for result in ("balanced", "unbalanced"):
-                if type(last[0].get(result)) is int:
-                    metrics.RECONCILED_GROUPS.labels(result).set(last[0][result])
+        reconcile.show_groups(await reconcile.latest_of_each_day(self.engine.journal))
         self._restored = True
 
 
