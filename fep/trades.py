@@ -49,10 +49,25 @@ class OnUnknown(StrEnum):
     PERSON = "person"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loading, but a number written with leading zeros stays the text as written: YAML 1.1 reads
+    `opter: 0001` as 1 and `opter_no: 0017` as octal 15, and the bureau would record another operator. A key
+    that is text (operator codes) then has the code as written; one that is a number reads 0017 as 17."""
+
+
+def _int_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    if re.fullmatch(r"[-+]?0[0-9_]+", node.value):
+        return node.value
+    return loader.construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int_as_written)
+
+
 def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
     """A YAML file of fep's; `error` names the file and what is wrong with it."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader: no Python objects
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
