@@ -39,6 +39,7 @@ def copy(journal: Path, dest: Path, replace: bool = False) -> dict[str, Any]:
         raise BackupError(f"{dest} exists: give another name, or remove it first")
     partial = dest.with_name(f".{dest.name}.partial")
     started = time.monotonic()
+    _clean_stale(dest.parent)
     try:
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # personal data: 0600 as the journal
     except OSError as e:
@@ -53,6 +54,23 @@ def copy(journal: Path, dest: Path, replace: bool = False) -> dict[str, Any]:
         raise
     return {"path": str(dest), "bytes": dest.stat().st_size, "trades": trades, "integrity_check": "ok",
             "seconds": round(time.monotonic() - started, 3)}
+
+
+STALE = 3600  # s a partial copy has not been written to: its backup was killed (kill -9, a power cut)
+PARTIAL = re.compile(r"\..+\.db\.partial")
+
+
+def _clean_stale(directory: Path) -> None:
+    """Partial copies a killed backup left (hidden: nothing else would ever remove them). One another backup is
+    writing now is recent, and stays."""
+    now = time.time()
+    for p in directory.iterdir() if directory.is_dir() else ():
+        try:
+            if PARTIAL.fullmatch(p.name) and now - p.stat().st_mtime > STALE:
+                p.unlink()
+                log.warn("removed {path}, a partial copy left by a backup that did not finish", path=str(p))
+        except FileNotFoundError:  # removed meanwhile
+            pass
 
 
 def _copy(journal: Path, target: Path) -> int:
