@@ -43,9 +43,9 @@ def copy(journal: Path, dest: Path, replace: bool = False) -> dict[str, Any]:
     try:
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # personal data: 0600 as the journal
     except OSError as e:
-        raise BackupError(f"cannot write {partial}: {e.strerror or e}") from None
+        raise BackupError(f"cannot write {dest}: {e.strerror or e}") from None
     try:
-        trades = _copy(journal, partial)
+        trades = _copy(journal, partial, dest)
         _fsync(partial)
         os.rename(partial, dest)
         _fsync(dest.parent)
@@ -73,7 +73,8 @@ def _clean_stale(directory: Path) -> None:
             pass
 
 
-def _copy(journal: Path, target: Path) -> int:
+def _copy(journal: Path, target: Path, named: Path) -> int:
+    """Copies into `target`; errors name `named`, the file the operator asked for (not the hidden partial)."""
     try:
         with closing(sqlite3.connect(journal, isolation_level=None)) as src, \
                 closing(sqlite3.connect(target, isolation_level=None)) as dst:
@@ -82,10 +83,10 @@ def _copy(journal: Path, target: Path) -> int:
             dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, not a WAL database
             problems = [r[0] for r in dst.execute("PRAGMA integrity_check")]
             if problems != ["ok"]:
-                raise BackupError(f"the copy at {target} fails PRAGMA integrity_check: {'; '.join(problems[:5])}")
+                raise BackupError(f"the copy for {named} fails PRAGMA integrity_check: {'; '.join(problems[:5])}")
             return int(dst.execute("SELECT count(*) FROM trades").fetchone()[0])
     except sqlite3.Error as e:
-        raise BackupError(f"cannot copy {journal} to {target}: {e}") from None
+        raise BackupError(f"cannot copy {journal} to {named}: {e}") from None
 
 
 def _fsync(path: Path) -> None:
