@@ -213,7 +213,7 @@ def cmd_trades(args: argparse.Namespace) -> int:
                                ("since", args.since), ("until", args.until), ("limit", args.limit)) if v}
     rows = call(args, "GET", "/trades?" + urlencode(query))
     if args.format == "csv" and not args.json:
-        sys.stdout.write(csv_text(rows, TRADE_COLUMNS) + "\n")
+        write_out(args, csv_text(rows, TRADE_COLUMNS), "csv")
         return 0
     return out(args, rows, lambda rs: table(rs, TRADE_COLUMNS))
 
@@ -291,7 +291,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         doc = runs[0]
     else:
         doc = call(args, "POST", "/reconcile", {"date": args.date} if args.date else {})
-    sys.stdout.write(render(doc, "json" if args.json else args.format) + "\n")
+    fmt = "json" if args.json else args.format
+    write_out(args, render(doc, fmt), fmt)
     return reconciled_exit(doc)
 
 
@@ -425,10 +426,22 @@ def cmd_clearing(args: argparse.Namespace) -> int:
                           f"{doc['month']} {doc['insutype']}/{doc['setl_optins']}/{doc['clr_type']}: {doc['state']}, "
                           f"paid {doc['paid']} (clr_appy_evt_id {doc['clr_appy_evt_id']})") + "\n")
         return 0
-    sys.stdout.write(render(doc, fmt, what) + "\n")
+    write_out(args, render(doc, fmt, what), fmt)
     if what == "apply":
         return 0 if all(g["result"] in ("applied", "already applied") for g in doc["groups"]) else 1
     return 0 if what == "status" or doc["confirmed"] else 1
+
+
+def format_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--bom", action="store_true", help="begin CSV with a UTF-8 byte order mark, so Excel on Chinese "
+                                                      "Windows reads its 中文 as UTF-8 (not GBK)")
+
+
+def write_out(args: argparse.Namespace, text: str, fmt: str) -> None:
+    """A table, CSV or JSON on stdout; CSV with the byte order mark Excel needs when --bom is given (not by
+    default: scripts, psql's COPY and Python's csv module would read the mark into the first column's name)."""
+    sys.stdout.write(("\ufeff" if fmt == "csv" and args.bom else "") + text + "\n")
 
 
 def admin_options(p: argparse.ArgumentParser) -> None:
@@ -455,7 +468,7 @@ def add_commands(sub: Any) -> None:
     tr.add_argument("--since", help="YYYY-MM-DD[ HH:MM:SS]")
     tr.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS] (a day alone: to its end)")
     tr.add_argument("--limit", type=limit, default=100, help="at most this many (default 100)")
-    tr.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    format_options(tr)
     admin_options(tr)
     tr.set_defaults(func=cmd_trades)
 
@@ -488,7 +501,7 @@ def add_commands(sub: Any) -> None:
                                           "balance); exit 1 when it does not balance")
     rc.add_argument("--date", help="YYYY-MM-DD (default: yesterday)")
     rc.add_argument("--show", action="store_true", help="show the stored run instead of running again")
-    rc.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    format_options(rc)
     admin_options(rc)
     rc.set_defaults(func=cmd_reconcile)
 
@@ -541,7 +554,7 @@ def add_commands(sub: Any) -> None:
         if name == "paid":
             c.add_argument("--amount", required=True, help="yuan, as the bank's notice says")
             c.add_argument("--note", required=True, help="which notice (its number and date)")
-        c.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        format_options(c)
         admin_options(c)
         c.set_defaults(func=cmd_clearing)
 
