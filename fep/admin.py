@@ -11,7 +11,7 @@ import hashlib
 import socket
 import struct
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, unquote
@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from fep import envelope, metrics, sockets
+from fep import envelope, metrics, reconcile, replies, sockets
 from fep.archive import Archive
 from fep.audit import AuditTrail, user_name
 from fep.clearing import Clearing, ClearingError, group_of
@@ -46,6 +46,15 @@ def _time(value: str) -> float:
         except (OverflowError, OSError):  # a date the clock cannot hold (0001-01-01): was a 500
             raise Refused(400, f"the time {value!r} is out of range") from None
     raise Refused(400, f"cannot read the time {value!r}: use YYYY-MM-DD or YYYY-MM-DD HH:MM:SS")
+
+
+def _until(value: str) -> float:
+    """The end of a range: a day named alone (YYYY-MM-DD) means all of it, as the finance office means it."""
+    end = _time(value)
+    if len(value) != 10:
+        return end
+    # the next midnight (the clock's, whatever a day's length), less a microsecond: ranges include their ends
+    return (datetime.fromtimestamp(end) + timedelta(days=1)).timestamp() - 1e-6
 
 
 MAX_LIMIT = 100_000  # rows one `fep trades` lists
@@ -133,10 +142,21 @@ def _action(req: Request) -> tuple[str, dict[str, Any]]:
 
 
 def _outcome(status: int, doc: Any) -> str:
+    """What the audit trail keeps: fep's refusal, the bureau's (a 200 carrying its infcode, as a reversal the
+    bureau refused: nothing was undone), or ok."""
+    if status == 200 and isinstance(doc, dict) and replies.outcome(doc) == "refused":
+        return f"refused by the bureau (infcode {doc.get('infcode')}): {doc.get('err_msg') or ''}".rstrip()
     if status == 200:
         return "ok"
     error = doc.get("error") if isinstance(doc, dict) else None
     return f"refused ({status}): {error}" if error else f"refused ({status})"
+
+
+def _merged(journal: list[TradeRow], archived: list[TradeRow]) -> list[TradeRow]:
+    """One row per trade. A trade is in both after a restore (a backup made before the archive job moved it
+    became the journal again, and its archive file stayed): the journal's row is the live one."""
+    live = {r.msgid for r in journal}
+    return journal + [r for r in archived if r.msgid not in live]
 
 
 class AdminService:
@@ -149,7 +169,7 @@ class AdminService:
         self.started = time.time()
         self.archive = archive  # where finished trades older than journal.keep_days are read
         self.audit = audit  # where operator actions are kept (fep run always gives one)
-        self.jobs = Jobs()
+        self.jobs = Jobs(engine.journal)
 
     async def handle(self, req: Request, uid: int | None = None) -> Response:
         """The answer; or, for work that outlasts the caller's X-Fep-Wait, 202 and the job it goes on as.
@@ -165,7 +185,7 @@ class AdminService:
         job.run(lambda: self._audited(req, uid, None))
         if await job.wait(self.engine.reactor, wait):
             return Response(job.status or 500, envelope.dumps(job.result))
-        self.jobs.add(job)
+        await self.jobs.add(job)
         return Response(202, envelope.dumps(job.summary()))
 
     async def _audited(self, req: Request, uid: int | None, wait: float | None) -> tuple[int, Any]:
@@ -174,8 +194,11 @@ class AdminService:
             return await self._answer(req, wait)
         action, args = _action(req)
         entry = await self.audit.begin(uid, action, args)
-        status, doc = await self._answer(req, wait)
-        await self.audit.end(entry, uid, action, args, _outcome(status, doc))
+        status, doc = 500, {"error": f"internal error in fep during {req.method} {req.path} (logged)"}
+        try:
+            status, doc = await self._answer(req, wait)
+        finally:  # whatever ended it: an action that failed inside fep is not left "under way"
+            await self.audit.end(entry, uid, action, args, _outcome(status, doc))
         return status, doc
 
     async def _answer(self, req: Request, wait: float | None) -> tuple[int, Any]:
@@ -226,6 +249,8 @@ class AdminService:
         last = await self.engine.journal.runs("reconcile")
         status["last_reconciliation"] = {**{k: last[0].get(k) for k in ("stmt_date", "run_at", "balanced", "unbalanced")},
                                          "unresolved": len(last[0].get("unresolved", []))} if last else None
+        # each watched day by its latest run: reconciling another day hides no difference (fep.health)
+        status["days_not_balanced"] = reconcile.not_balanced(await reconcile.latest_of_each_day(self.engine.journal))
         # What `fep status --check` needs to tell a reconciliation that did not run (fep.health).
         status["reconcile_daily_at"] = self.engine.cfg.reconcile_at
         status["up_seconds"] = round(time.time() - self.started)
@@ -238,10 +263,10 @@ class AdminService:
         limit = _limit(args)
         f = TradeFilter(state=State(state) if state else None, psn_no=args.get("psn_no"), infno=args.get("infno"),
                         since=_time(args["since"]) if "since" in args else None,
-                        until=_time(args["until"]) if "until" in args else None, limit=limit)
+                        until=_until(args["until"]) if "until" in args else None, limit=limit)
         rows = await self.engine.journal.find(f)
         if self.archive is not None:  # the newest `limit` of the journal's and the archive files' together
-            rows = sorted(rows + await self.archive.find(f), key=lambda r: (r.created, r.id))[-limit:]
+            rows = sorted(_merged(rows, await self.archive.find(f)), key=lambda r: (r.created, r.id))[-limit:]
         return [summary(r) for r in rows]
 
     async def job(self, text: str, wait: float) -> dict[str, Any]:
@@ -272,9 +297,7 @@ class AdminService:
 
     async def audit_entries(self, args: dict[str, str]) -> list[dict[str, Any]]:
         since = _time(args["since"]) if "since" in args else EVER[0]
-        until = _time(args["until"]) if "until" in args else EVER[1]
-        if "until" in args and len(args["until"]) == 10:  # a day named alone: all of it
-            until += 86400
+        until = _until(args["until"]) if "until" in args else EVER[1]
         if self.audit is None:
             raise Refused(404, "this fep keeps no audit trail")
         return await self.audit.between(since, until, _limit(args))
@@ -326,9 +349,7 @@ class MetricsRefresher:
         last = await self.engine.journal.runs("reconcile")
         if last and "run_at" in last[0]:  # a run kept by an early release may lack the time and the counts
             metrics.RECONCILED_AT.set(datetime.strptime(last[0]["run_at"], "%Y-%m-%d %H:%M:%S").timestamp())
-            for result in ("balanced", "unbalanced"):
-                if type(last[0].get(result)) is int:
-                    metrics.RECONCILED_GROUPS.labels(result).set(last[0][result])
+        reconcile.show_groups(await reconcile.latest_of_each_day(self.engine.journal))
         self._restored = True
 
 

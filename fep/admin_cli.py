@@ -213,7 +213,7 @@ def cmd_trades(args: argparse.Namespace) -> int:
                                ("since", args.since), ("until", args.until), ("limit", args.limit)) if v}
     rows = call(args, "GET", "/trades?" + urlencode(query))
     if args.format == "csv" and not args.json:
-        sys.stdout.write(csv_text(rows, TRADE_COLUMNS) + "\n")
+        write_out(args, csv_text(rows, TRADE_COLUMNS), "csv")
         return 0
     return out(args, rows, lambda rs: table(rs, TRADE_COLUMNS))
 
@@ -255,8 +255,18 @@ def _trade_answer(doc: dict[str, Any]) -> str:
 
 
 def cmd_reverse(args: argparse.Namespace) -> int:
+    """Exit 1 when the bureau refused the 2601: nothing was undone, the trade stands."""
     body = {k: v for k, v in (("infno", args.infno), ("psn_no", args.person)) if v}
-    return out(args, call(args, "POST", f"/reverse/{quote(args.msgid)}", body), _trade_answer)
+    doc = call(args, "POST", f"/reverse/{quote(args.msgid)}", body)
+    out(args, doc, _trade_answer)
+    return reversed_exit(doc)
+
+
+def reversed_exit(doc: dict[str, Any]) -> int:
+    """`fep reverse`'s exit, and `fep job`'s for one: 1 when the bureau refused the 2601."""
+    from fep.replies import outcome
+
+    return 1 if outcome(doc) == "refused" else 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -283,7 +293,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         doc = runs[0]
     else:
         doc = call(args, "POST", "/reconcile", {"date": args.date} if args.date else {})
-    sys.stdout.write(render(doc, "json" if args.json else args.format) + "\n")
+    fmt = "json" if args.json else args.format
+    write_out(args, render(doc, fmt), fmt)
+    return reconciled_exit(doc)
+
+
+def reconciled_exit(doc: dict[str, Any]) -> int:
+    """`fep reconcile`'s exit, and `fep job`'s for a reconciliation: 1 when the day does not balance."""
     return 0 if not doc["unbalanced"] and not doc["unresolved"] else 1
 
 
@@ -298,12 +314,17 @@ def _synced(infno: str, x: dict[str, Any]) -> str:
     return f"{infno}: version {x['from_version']} -> {x['to_version']}, {x['rows']} row(s)"
 
 
+def synced_exit(doc: dict[str, Any]) -> int:
+    """`fep catalog sync`'s exit, and `fep job`'s for one: 1 when a catalog failed."""
+    return 1 if doc["failed"] else 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     if args.action == "sync":
         doc = call(args, "POST", "/catalog/sync", {})
         out(args, doc, lambda d: "\n".join([_synced(infno, x) for infno, x in d["downloads"].items()]
                                            + [f"{d['codes']} national codes, {d['retired']} retired"]))
-        return 1 if doc["failed"] else 0
+        return synced_exit(doc)
     if args.action == "import":
         try:
             text = Path(args.file).read_text(encoding="utf-8")
@@ -329,8 +350,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     doc = call(args, "POST", "/archive", {})
-    return out(args, doc, lambda d: d.get("note") or f"{d['moved']} finished trade(s) older than {d['keep_days']} "
-                                                     f"days moved to the archive files of {', '.join(d['months']) or '-'}")
+    return out(args, doc, lambda d: ("another archive run was under way: waited for it; then " if d.get("waited")
+                                     else "") + (d.get("note") or f"{d['moved']} finished trade(s) older than "
+                                                 f"{d['keep_days']} days moved to the archive files of "
+                                                 f"{', '.join(d['months']) or '-'}"))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -351,7 +374,22 @@ def cmd_job(args: argparse.Namespace) -> int:
     job["status"], job["result"] = follow(args, client, job, time.monotonic() + args.timeout)
     job["state"] = "finished"
     out(args, job, _finished_job)
-    return 0 if job["status"] == 200 else 1
+    return job_exit(job)
+
+
+def job_exit(job: dict[str, Any]) -> int:
+    """A finished job exits as the command it follows would: a refusal 1, and an answer by that command's rule
+    (an unbalanced reconciliation, a failed catalog, a reversal the bureau refused: 1)."""
+    if job["status"] != 200:
+        return 1
+    call_, result = job["call"], job["result"]
+    if call_ == "POST /reconcile":
+        return reconciled_exit(result)
+    if call_ == "POST /catalog/sync":
+        return synced_exit(result)
+    if call_.startswith("POST /reverse/"):
+        return reversed_exit(result)
+    return 0
 
 
 def _finished_job(job: dict[str, Any]) -> str:
@@ -392,7 +430,7 @@ def cmd_clearing(args: argparse.Namespace) -> int:
                           f"{doc['month']} {doc['insutype']}/{doc['setl_optins']}/{doc['clr_type']}: {doc['state']}, "
                           f"paid {doc['paid']} (clr_appy_evt_id {doc['clr_appy_evt_id']})") + "\n")
         return 0
-    sys.stdout.write(render(doc, fmt, what) + "\n")
+    write_out(args, render(doc, fmt, what), fmt)
     if what == "apply":
         return 0 if all(g["result"] in ("applied", "already applied") for g in doc["groups"]) else 1
     return 0 if what == "status" or doc["confirmed"] else 1
@@ -454,6 +492,18 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--bom", action="store_true", help="begin CSV with a UTF-8 byte order mark, so Excel on Chinese "
+                                                      "Windows reads its 中文 as UTF-8 (not GBK)")
+
+
+def write_out(args: argparse.Namespace, text: str, fmt: str) -> None:
+    """A table, CSV or JSON on stdout; CSV with the byte order mark Excel needs when --bom is given (not by
+    default: scripts, psql's COPY and Python's csv module would read the mark into the first column's name)."""
+    sys.stdout.write(("\ufeff" if fmt == "csv" and args.bom else "") + text + "\n")
+
+
 def admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="fep's config, to find its admin socket (default: conf/fep.yaml, then "
                                     "/etc/fep/fep.yaml)")
@@ -476,9 +526,9 @@ def add_commands(sub: Any) -> None:
     tr.add_argument("--person", help="psn_no")
     tr.add_argument("--infno")
     tr.add_argument("--since", help="YYYY-MM-DD[ HH:MM:SS]")
-    tr.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS]")
+    tr.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS] (a day alone: to its end)")
     tr.add_argument("--limit", type=limit, default=100, help="at most this many (default 100)")
-    tr.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    format_options(tr)
     admin_options(tr)
     tr.set_defaults(func=cmd_trades)
 
@@ -487,7 +537,8 @@ def add_commands(sub: Any) -> None:
     admin_options(sh)
     sh.set_defaults(func=cmd_show)
 
-    rv = sub.add_parser("reverse", help="undo a trade the bureau holds and this box does not (2601)")
+    rv = sub.add_parser("reverse", help="undo a trade the bureau holds and this box does not (2601); exit 1 when "
+                                        "the bureau refuses it")
     rv.add_argument("msgid")
     rv.add_argument("--infno", help="its trade number, when the journal does not have it")
     rv.add_argument("--person", help="its psn_no, when the journal does not have it")
@@ -510,7 +561,7 @@ def add_commands(sub: Any) -> None:
                                           "balance); exit 1 when it does not balance")
     rc.add_argument("--date", help="YYYY-MM-DD (default: yesterday)")
     rc.add_argument("--show", action="store_true", help="show the stored run instead of running again")
-    rc.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    format_options(rc)
     admin_options(rc)
     rc.set_defaults(func=cmd_reconcile)
 
@@ -563,7 +614,7 @@ def add_commands(sub: Any) -> None:
         if name == "paid":
             c.add_argument("--amount", required=True, help="yuan, as the bank's notice says")
             c.add_argument("--note", required=True, help="which notice (its number and date)")
-        c.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        format_options(c)
         admin_options(c)
         c.set_defaults(func=cmd_clearing)
 

@@ -28,6 +28,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -54,6 +55,7 @@ class Archive:
                  batch: int = BATCH) -> None:
         self.reactor, self.journal, self.keep_days, self.batch = reactor, journal, keep_days, batch
         self.money = frozenset(money)  # trade numbers that move money: they wait for their day's reconciliation
+        self._one_at_a_time = defer.DeferredLock()  # two runs at once: the second would delete the first's copies
         self._pattern = re.compile(rf"{re.escape(journal.path.stem)}-(\d{{4}}-\d{{2}})\.db")
 
     def _thread(self, f: Callable[..., T], *args: Any) -> Any:
@@ -71,7 +73,13 @@ class Archive:
 
     # --- moving ------------------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
-        """Move what may leave, batch by batch; what was moved, and into which files."""
+        """Move what may leave, batch by batch; what was moved, and into which files. One run at a time: a
+        second caller (another operator, the nightly job) waits for the run under way, then finds what is left."""
+        waited = self._one_at_a_time.locked
+        result = await self._one_at_a_time.run(lambda: defer.ensureDeferred(self._run()))
+        return {**result, "waited": True} if waited else result
+
+    async def _run(self) -> dict[str, Any]:
         if self.keep_days is None:
             return {"moved": 0, "months": [], "note": "journal.keep_days is not set: every trade stays"}
         cutoff = time.time() - self.keep_days * 86400
@@ -87,13 +95,18 @@ class Archive:
                 continue
             months |= await self._thread(self._store, ready)
             gone = await self.journal.run(forget(ready))
-            stale = [f for f in ready if all(f is not g for g in gone)]
+            stale = [f for f in ready if all(f is not g for g in gone) and await self._in_journal(f)]
             if stale:  # changed while it was copied: it stays in the journal only
                 await self._thread(self._discard, stale)
             moved += sum(len(f.trades) for f in gone)
         log.info("archive: {moved} finished trades older than {days} days moved to {files}", moved=moved,
                  days=self.keep_days, files=", ".join(self.path(m).name for m in sorted(months)) or "no file")
         return {"moved": moved, "months": sorted(months), "keep_days": self.keep_days}
+
+    async def _in_journal(self, family: Family) -> bool:
+        """A family `forget` left is in the journal still (changed); one no longer there left it another way
+        (moved by an earlier run): its archive copy is then its only one and stays."""
+        return any([await self.journal.get(t[1]) is not None for t in family.trades])
 
     async def _reconciled(self, family: Family, known: dict[date, bool]) -> bool:
         """Every money trade of the family is of a day reconciled and balanced, and so is the day after it."""

@@ -39,12 +39,13 @@ def copy(journal: Path, dest: Path, replace: bool = False) -> dict[str, Any]:
         raise BackupError(f"{dest} exists: give another name, or remove it first")
     partial = dest.with_name(f".{dest.name}.partial")
     started = time.monotonic()
+    _clean_stale(dest.parent)
     try:
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # personal data: 0600 as the journal
     except OSError as e:
-        raise BackupError(f"cannot write {partial}: {e.strerror or e}") from None
+        raise BackupError(f"cannot write {dest}: {e.strerror or e}") from None
     try:
-        trades = _copy(journal, partial)
+        trades = _copy(journal, partial, dest)
         _fsync(partial)
         os.rename(partial, dest)
         _fsync(dest.parent)
@@ -55,7 +56,25 @@ def copy(journal: Path, dest: Path, replace: bool = False) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def _copy(journal: Path, target: Path) -> int:
+STALE = 3600  # s a partial copy has not been written to: its backup was killed (kill -9, a power cut)
+PARTIAL = re.compile(r"\..+\.db\.partial")
+
+
+def _clean_stale(directory: Path) -> None:
+    """Partial copies a killed backup left (hidden: nothing else would ever remove them). One another backup is
+    writing now is recent, and stays."""
+    now = time.time()
+    for p in directory.iterdir() if directory.is_dir() else ():
+        try:
+            if PARTIAL.fullmatch(p.name) and now - p.stat().st_mtime > STALE:
+                p.unlink()
+                log.warn("removed {path}, a partial copy left by a backup that did not finish", path=str(p))
+        except FileNotFoundError:  # removed meanwhile
+            pass
+
+
+def _copy(journal: Path, target: Path, named: Path) -> int:
+    """Copies into `target`; errors name `named`, the file the operator asked for (not the hidden partial)."""
     try:
         with closing(sqlite3.connect(journal, isolation_level=None)) as src, \
                 closing(sqlite3.connect(target, isolation_level=None)) as dst:
@@ -64,10 +83,10 @@ def _copy(journal: Path, target: Path) -> int:
             dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, not a WAL database
             problems = [r[0] for r in dst.execute("PRAGMA integrity_check")]
             if problems != ["ok"]:
-                raise BackupError(f"the copy at {target} fails PRAGMA integrity_check: {'; '.join(problems[:5])}")
+                raise BackupError(f"the copy for {named} fails PRAGMA integrity_check: {'; '.join(problems[:5])}")
             return int(dst.execute("SELECT count(*) FROM trades").fetchone()[0])
     except sqlite3.Error as e:
-        raise BackupError(f"cannot copy {journal} to {target}: {e}") from None
+        raise BackupError(f"cannot copy {journal} to {named}: {e}") from None
 
 
 def _fsync(path: Path) -> None:

@@ -207,9 +207,12 @@ class Config:
 
 @dataclass(frozen=True)
 class Value:
-    """What a key's value must be, in the words of the error that refuses it."""
+    """What a key's value must be, in the words of the error that refuses it: its type (`fits`), then its
+    bounds (`within`, said as `bounds`), so a wrong type and a value out of range are told apart."""
     expected: str
     fits: Callable[[Any], bool]
+    within: Callable[[Any], bool] = lambda v: True
+    bounds: str = ""
 
 
 def _scalar(v: Any) -> bool:
@@ -233,7 +236,20 @@ WHOLE = Value("a whole number", _converts(int))
 NUMBER = Value("a number", _converts(float))
 BOOL = Value("true or false", lambda v: isinstance(v, bool))
 TEXTS = Value("a list of text", lambda v: isinstance(v, list) and all(_scalar(x) for x in v))
+# err_msg fragments fep matches: an empty one is in every err_msg, so every refusal would match it
+FRAGMENTS = Value(TEXTS.expected, TEXTS.fits, lambda v: all(str(x).strip() for x in v),
+                  "a list of text, none of it empty")
 NUMBERS = Value("a list of numbers", lambda v: isinstance(v, list) and all(_converts(float)(x) for x in v))
+
+
+def _whole_in(low: int, high: int | None = None) -> Value:
+    """A whole number within bounds: a port past 65535, a concurrency of 0 are refused naming the key."""
+    bounds = f"a whole number from {low} to {high}" if high is not None else f"a whole number of at least {low}"
+    return Value(WHOLE.expected, WHOLE.fits, lambda v: int(v) >= low and (high is None or int(v) <= high), bounds)
+
+
+PORT = _whole_in(1, 65535)
+COUNT = _whole_in(1)  # connections, bytes, tries, days, copies: 0 of them and fep cannot work as meant
 TEXT_MAP = Value("a mapping of names to text", lambda v: isinstance(v, dict) and all(_scalar(x) for x in v.values()))
 # its keys are trade numbers, and what may be said of each is the trade catalog's to check (fep.trades)
 TRADE_MAP = Value("a mapping of trade numbers to their settings", lambda v: isinstance(v, dict))
@@ -249,28 +265,28 @@ HIS_LIMITS = (("max_url", int, 8192), ("max_header_bytes", int, 32768), ("max_he
 KEYS: dict[str, Any] = {
     "institution": {"fixmedins_code": TEXT, "fixmedins_name": TEXT, "mdtrtarea_admvs": TEXT, "infver": TEXT,
                     "recer_sys_code": TEXT, "opter_type": TEXT, "opter": TEXT, "opter_name": TEXT},
-    "his": {"tcp_host": TEXT, "tcp_port": WHOLE, "unix": TEXT, "max_body": WHOLE, "allowed_networks": TEXTS,
+    "his": {"tcp_host": TEXT, "tcp_port": PORT, "unix": TEXT, "max_body": COUNT, "allowed_networks": TEXTS,
             "answer_within": NUMBER, "answer_budget": NUMBER, "infcode_type": TEXT, "file_answers": TEXT,
-            "unix_group": TEXT, **{key: WHOLE if kind is int else NUMBER for key, kind, _ in HIS_LIMITS}},
+            "unix_group": TEXT, **{key: COUNT if kind is int else NUMBER for key, kind, _ in HIS_LIMITS}},
     "bureau": {"endpoints": [{"name": TEXT, "url": TEXT, "server_name": TEXT}],
                "tls": {"ca": TEXT, "cert": TEXT, "key": TEXT, "min_version": TEXT, "ciphers": TEXT},
-               "url_style": TEXT, "concurrency": WHOLE, "connect_timeout": NUMBER, "source_address": TEXT,
-               "signin": TEXT_MAP, "not_signed_in": TEXTS, "reversal_not_found": TEXTS, "transient": TEXTS,
+               "url_style": TEXT, "concurrency": COUNT, "connect_timeout": NUMBER, "source_address": TEXT,
+               "signin": TEXT_MAP, "not_signed_in": FRAGMENTS, "reversal_not_found": FRAGMENTS, "transient": FRAGMENTS,
                "content_type": TEXT, "late_grace": NUMBER, "link_security": TEXT, "file_upload": TEXT,
                # each style's own settings and secrets are checked against its style by _profile
                "profile": {"style": TEXT, "url_layout": TEXT, "content_type": TEXT,
                            **{name: TEXT for style in SETTINGS.values() for name in style},
                            "secrets": {name: TEXT for style in SECRETS.values() for name in style}}},
-    "journal": {"path": TEXT, "max_batch": WHOLE, "keep_days": WHOLE, "archive_daily_at": TEXT},
-    "backup": {"dir": TEXT, "keep": WHOLE, "daily_at": TEXT},
+    "journal": {"path": TEXT, "max_batch": COUNT, "keep_days": COUNT, "archive_daily_at": TEXT},
+    "backup": {"dir": TEXT, "keep": COUNT, "daily_at": TEXT},
     "remote": {"without_1101": TEXT},
     "clearing": {"status_trade": TEXT, "clr_type_names": TEXT_MAP},
-    "resolution": {"max_tries": WHOLE, "backoff": NUMBERS},
+    "resolution": {"max_tries": COUNT, "backoff": NUMBERS},
     "trades": TEXT,
     "trade_overrides": TRADE_MAP,
     "schedule": {"reconcile_daily_at": TEXT, "catalog_sync_daily_at": TEXT},
     "reconcile_groups": [{"insutype": TEXT, "setl_optins": TEXT, "clr_type": TEXT}],
-    "admin": {"unix": TEXT, "metrics_host": TEXT, "metrics_port": WHOLE, "unix_group": TEXT},
+    "admin": {"unix": TEXT, "metrics_host": TEXT, "metrics_port": PORT, "unix_group": TEXT},
     "security": {"allow_root": BOOL},
     "console": {"port": WHOLE, "host": TEXT, "office_networks": TEXTS, "users": TEXT, "session_minutes": NUMBER},
 }
@@ -314,6 +330,8 @@ def check(doc: dict[str, Any], keys: dict[str, Any] = KEYS, where: str = "",
             value = check(value, spec, name + ".", here)
         elif not spec.fits(value):
             raise ConfigError(f"{name} must be {spec.expected}, got {value!r}", here)
+        elif not spec.within(value):
+            raise ConfigError(f"{name} must be {spec.bounds}, got {value!r}", here)
         out[key] = value
     for old, new in RENAMED.items():
         if old.startswith(where) and {old, new} <= {where + k for k in out}:

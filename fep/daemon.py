@@ -128,12 +128,26 @@ class Daemon:
         self.factory.max_body, self.factory.networks = cfg.his.max_body, cfg.his.allowed_networks
         self.factory.limits = his_limits(cfg.his)  # for connections opened from now on
         self.factory.max_connections, self.factory.max_per_peer = connection_caps(cfg.his)
+        await self._reschedule(cfg)
         self.cfg = cfg
         metrics.RELOADS.labels("applied").inc()
         note = f"; a restart is needed to move: {', '.join(moved)}" if moved else ""
         log.info("configuration and certificates reloaded{note}", note=note)
         systemd.notify("READY=1")
         return f"applied{note}"
+
+    async def _reschedule(self, cfg: config_mod.Config) -> None:
+        """What the archive, the backups and the daily jobs were built with at start, as the new config says
+        (journal.keep_days, backup.dir and keep, the schedule's times): a reload that said "applied" applies them."""
+        self.archive.keep_days = cfg.journal_keep_days
+        self.archive.money = frozenset(t.infno for t in cfg.trades.defs.values() if t.moves_money)
+        self.backups.directory, self.backups.keep = cfg.backup.dir, cfg.backup.keep
+        times = (cfg.reconcile_at, cfg.catalog_sync_at, cfg.backup.daily_at, cfg.archive_at)  # as self.daily
+        for job, at in zip(self.daily, times):
+            if job.at != at:
+                job.stop()
+                job.at = at
+                await job.start()  # none when unset; a time already past today runs now, once
 
     async def _reconcile(self, req: Any) -> dict[str, Any]:
         body = envelope.loads(req.body or b"{}")

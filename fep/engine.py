@@ -34,7 +34,7 @@ from fep.resolver import DRIVEN, Markers, Resolver
 from fep.sender import Sender, recorded
 from fep.session import Session, SignInFailed
 from fep.states import FINAL, IN_FORCE, State
-from fep.trades import FromHis, Kind, OnUnknown, TradeDef
+from fep.trades import FromHis, Kind, OnUnknown, TradeDef, UnknownTrade
 
 log = Logger()
 S = State
@@ -509,7 +509,11 @@ class Engine:
         if not oinfno or not psn_no:
             raise Refused(400, f"{omsgid} is not in the journal: give its trade number and psn_no "
                                f"(they are in the reconciliation detail)")
-        if self.trades.get(oinfno).kind is not Kind.UNDO_MONEY:  # undoing a cancel is not a refund
+        try:
+            original = self.trades.get(oinfno)
+        except UnknownTrade as e:  # an operator's typo (--infno 9999): was a KeyError, a 500
+            raise Refused(400, f"cannot reverse {omsgid} as trade {oinfno}: {e}") from None
+        if original.kind is not Kind.UNDO_MONEY:  # undoing a cancel is not a refund
             await self._check_reversal(psn_no, omsgid, _msgid_time(omsgid))
         req = req or envelope.HisRequest("2601", None, {
             "infno": "2601", "input": {"data": {"psn_no": psn_no, "omsgid": omsgid, "oinfno": oinfno}}})

@@ -83,9 +83,12 @@ def _certificates(v: Verdict, certificates: dict[str, float]) -> None:
 
 def _reconciliation(v: Verdict, status: dict[str, Any], now: datetime) -> None:
     last = status.get("last_reconciliation")
-    if last and (last["unbalanced"] or last.get("unresolved")):
-        v.add(Level.WARNING, f"reconciliation of {last['stmt_date']}: {last['unbalanced']} group(s) not balanced"
-                             + (f", {last['unresolved']} trade(s) unresolved" if last.get("unresolved") else ""))
+    days = status.get("days_not_balanced")
+    if days is None:  # a fep of before the window: its last run only
+        days = [last] if last and (last["unbalanced"] or last.get("unresolved")) else []
+    for day in days:
+        v.add(Level.WARNING, f"reconciliation of {day['stmt_date']}: {day['unbalanced']} group(s) not balanced"
+                             + (f", {day['unresolved']} trade(s) unresolved" if day.get("unresolved") else ""))
     if not status.get("reconcile_daily_at"):
         return
     if last:

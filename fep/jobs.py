@@ -3,7 +3,9 @@ as a job: it is never cut off, the caller gets its id, and follows it or looks i
 The work says how far it is with `progress(...)`, which is a no-op outside a job (the daily schedule).
 
 Jobs live in memory: a restart forgets them, not their work's results (reconciliations and syncs are stored
-runs in the journal)."""
+runs in the journal). Their numbers are never given twice: each is kept in the journal (a "job" run) before the
+caller hears it, and numbering goes on from the last one after a restart, so `fep job 1` asked after a restart
+is "no job 1", never some later call that got the same number."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from fep.journal import Journal
 
 log = Logger()
 KEEP = 100  # finished jobs kept to be looked up; the oldest go first
@@ -75,14 +79,21 @@ class Job:
                 "result": self.result}
 
 
-@dataclass
 class Jobs:
-    jobs: dict[int, Job] = field(default_factory=dict)
-    last_id: int = 0
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.jobs: dict[int, Job] = {}
+        self.last_id: int | None = None  # read from the journal at the first job
 
-    def add(self, job: Job) -> Job:
+    async def add(self, job: Job) -> Job:
+        """Numbers the job, durably, and keeps it to be looked up."""
+        if self.last_id is None:
+            last = await self.journal.runs("job")
+            if self.last_id is None:  # a job added meanwhile has read it already
+                self.last_id = int(last[0]["id"]) if last else 0
         self.last_id += 1
         job.id = self.last_id
+        await self.journal.save_run("job", str(job.id), {"id": job.id, "call": job.call})
         self.jobs[job.id] = job
         done = [j for j in self.jobs.values() if j.finished is not None]
         for old in done[:max(0, len(done) - KEEP)]:

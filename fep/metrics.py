@@ -38,7 +38,8 @@ UNKNOWN_OLDEST = Gauge("fep_unknown_oldest_seconds", "Age of the oldest trade wh
 RESOLUTIONS = Counter("fep_resolutions", "Unknown outcomes resolved, by how they ended", ["result"])
 CERT_EXPIRY = Gauge("fep_certificate_expiry_seconds", "Seconds until a configured certificate expires", ["cert"])
 RELOADS = Counter("fep_config_reloads", "Configuration reloads, by result", ["result"])
-RECONCILED_GROUPS = Gauge("fep_reconciliation_groups", "Groups of the last reconciliation run, by result",
+RECONCILED_GROUPS = Gauge("fep_reconciliation_groups", "Groups of the latest run of each of the last 31 statement "
+                          "days, by result",
                           ["result"])
 for _result in ("balanced", "unbalanced"):  # exported from the start, 0 until a reconciliation has run
     RECONCILED_GROUPS.labels(_result)

@@ -26,12 +26,13 @@ from typing import Any
 from twisted.internet import threads
 
 from fep import catalogs, envelope, metrics
-from fep.journal import TradeRow
+from fep.journal import Journal, TradeRow
 from fep.trades import Kind
 from fep.engine import Engine
 from fep.jobs import progress
 
 ZERO = Decimal("0.00")
+WINDOW_DAYS = 31  # statement days `fep status --check` and the unbalanced alert watch: what a month's clearing needs
 INSUTYPE = {"310": "职工基本医疗保险", "320": "公务员医疗补助", "330": "大额医疗费用补助", "340": "离休人员医疗保障",
             "390": "城乡居民基本医疗保险", "391": "城镇居民基本医疗保险", "392": "城乡居民大病医疗保险", "510": "生育保险"}
 CLR_TYPE = {"11": "门诊", "1103": "意外伤害门诊", "12": "门诊挂号", "13": "急诊", "14": "门诊慢特病", "15": "两病门诊",
@@ -113,8 +114,7 @@ class Reconciler:
                "balanced": sum(1 for g in results if g["result"] == "平"),
                "unbalanced": sum(1 for g in results if g["result"] != "平")}
         await self.engine.journal.save_run("reconcile", day.isoformat(), doc)
-        metrics.RECONCILED_GROUPS.labels("balanced").set(doc["balanced"])
-        metrics.RECONCILED_GROUPS.labels("unbalanced").set(doc["unbalanced"])
+        show_groups(await latest_of_each_day(self.engine.journal))
         metrics.RECONCILED_AT.set(time.time())
         return doc
 
@@ -309,3 +309,26 @@ def render(doc: dict[str, Any], fmt: str) -> str:
             lines.append(table(g["differences"], ["kind", "setl_id", "msgid", "journal_medfee", "bureau_medfee",
                                                   "action"]))
     return "\n".join(lines)
+
+
+async def latest_of_each_day(journal: Journal, today: date | None = None) -> list[dict[str, Any]]:
+    """The latest run of each statement day of the last WINDOW_DAYS, newest day first, and the newest run of all
+    if its day is older: an earlier day reconciled by hand must not hide today's difference."""
+    today = today or date.today()
+    days = [run for n in range(WINDOW_DAYS + 1)
+            for run in await journal.runs("reconcile", (today - timedelta(days=n)).isoformat())]
+    newest = await journal.runs("reconcile")
+    return days + [r for r in newest if all(r.get("stmt_date") != d.get("stmt_date") for d in days)]
+
+
+def not_balanced(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of the latest runs of each day, those with groups not balanced or trades unresolved."""
+    return [{"stmt_date": r.get("stmt_date"), "unbalanced": r.get("unbalanced") or 0,
+             "unresolved": len(r.get("unresolved") or [])} for r in runs if r.get("unbalanced") or r.get("unresolved")]
+
+
+def show_groups(runs: list[dict[str, Any]]) -> None:
+    """fep_reconciliation_groups: the groups of the latest run of each watched day, by result (the alert fires
+    while any day's are unbalanced, not only the last run's)."""
+    for result in ("balanced", "unbalanced"):
+        metrics.RECONCILED_GROUPS.labels(result).set(sum(r[result] for r in runs if type(r.get(result)) is int))

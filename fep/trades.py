@@ -49,10 +49,25 @@ class OnUnknown(StrEnum):
     PERSON = "person"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loading, but a number written with leading zeros stays the text as written: YAML 1.1 reads
+    `opter: 0001` as 1 and `opter_no: 0017` as octal 15, and the bureau would record another operator. A key
+    that is text (operator codes) then has the code as written; one that is a number reads 0017 as 17."""
+
+
+def _int_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    if re.fullmatch(r"[-+]?0[0-9_]+", node.value):
+        return node.value
+    return loader.construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int_as_written)
+
+
 def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
     """A YAML file of fep's; `error` names the file and what is wrong with it."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader: no Python objects
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -183,12 +198,15 @@ class TradeBook:
         raw = {str(k): v or {} for k, v in doc["trades"].items()}
         overrides = {str(k): v or {} for k, v in (overrides or {}).items()}
         _known(defaults, trade_keys(), where, "defaults.")
+        _typed(defaults, where, "defaults.")
         for infno, spec in raw.items():
             _known(spec, trade_keys(), where, f"trades.{infno}.")
+            _typed(spec, where, f"trades.{infno}.")
             _known(spec.get("cancel") if isinstance(spec, dict) else None, CANCEL_KEYS, where,
                    f"trades.{infno}.cancel.")
         for infno, spec in overrides.items():
             _known(spec, trade_keys(), "", f"trade_overrides.{infno}.")
+            _typed(spec, "", f"trade_overrides.{infno}.")
             _known(spec.get("cancel") if isinstance(spec, dict) else None, CANCEL_KEYS, "",
                    f"trade_overrides.{infno}.cancel.")
         for infno in overrides:  # an override may name a variant the catalog does not list: it is known from now
@@ -232,6 +250,49 @@ def _known(doc: Any, known: list[str] | tuple[str, ...], where: str, prefix: str
             near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hint = f"did you mean {prefix}{near[0]}?" if near else f"the keys are {', '.join(known)}"
             raise TradesError(f"{where}{prefix}{key} is not a known key; {hint}")
+
+
+def _number(v: Any) -> bool:
+    """A number, or text that is one ("30"), as the config's keys take it; never true/false (yes is not 1 s)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        return False
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, (str, int)) and not isinstance(v, bool)
+
+
+def _one_of(kind: type[StrEnum]) -> tuple[str, Any]:
+    return f"one of {', '.join(kind)}", lambda v: v in set(kind)
+
+
+# What each setting of a trade must be (in the catalog, its defaults, trade_overrides): the type named in the
+# error, as the config's keys are (fep.config.KEYS). A setting left empty is as if it were not given.
+SETTING_TYPES: dict[str, tuple[str, Any]] = {
+    "name": ("text", _text), "kind": _one_of(Kind), "timeout": ("a number of seconds", _number),
+    "deferrable": ("true or false", lambda v: isinstance(v, bool)), "on_unknown": _one_of(OnUnknown),
+    "cancel": ("a mapping (infno, input)", lambda v: isinstance(v, dict)),
+    "required": ("a list of node.field paths", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "confirm_within": ("a number of seconds", _number), "path": ("text", _text), "map_codes": ("text", _text),
+    "check_diagnoses": ("text", _text), "from_his": _one_of(FromHis), "output": ("text", _text),
+    "insuplc": ("text", _text),
+}
+
+
+def _typed(doc: Any, where: str, prefix: str) -> None:
+    """Refuse a setting of the wrong type, naming it and the type expected (`timeout: thirty` was Python's
+    "could not convert string to float", and `timeout: true` a one-second timeout)."""
+    if not isinstance(doc, dict):
+        return
+    for key, value in doc.items():
+        expected, fits = SETTING_TYPES[key]
+        if value is not None and not fits(value):
+            raise TradesError(f"{where}{prefix}{key} must be {expected}, got {value!r}")
 
 
 def _variant_name(base_name: str, infno: str) -> str:

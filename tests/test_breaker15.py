@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fep.journal import COLUMNS
-from fep.sim.world import LI, ZHANG, Visit, World, settled_visit, setl_id
+from fep.sim.world import LI, ZHANG, Visit, World, settled_visit, setl_id, wait_for
 from tests.test_units import write
 
 DAY = 86400
@@ -270,7 +270,8 @@ def test_an_operator_code_written_with_leading_zeros_reaches_the_bureau_as_writt
     world.fep_config.write_text(text.replace("opter: '0001'", "opter: 0001").replace("opter_no: FEP01",
                                                                                      "opter_no: 0017"))
     world.start()
-    [signin] = world.journal("infno = '9001'")[:1]
+    [signin] = wait_for(lambda: world.journal("infno = '9001' AND answer IS NOT NULL")[:1],
+                        what="fep's sign-in at start")  # fep signs in after it listens
     sent = world.bureau_request(signin["msgid"])
     assert (sent["opter"], sent["input"]["signIn"]["opter_no"]) == ("0001", "0017"), (sent["opter"], sent["input"])
 
