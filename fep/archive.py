@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from fep.backup import fsync
 from fep.journal import COLUMNS, EVENT_COLUMNS, EVER, Family, Journal, TradeFilter, TradeRow, archivable, forget
 from fep.states import State
 
@@ -138,7 +139,7 @@ class Archive:
                     conn.executemany(f"INSERT OR REPLACE INTO events ({', '.join(EVENT_COLUMNS)}) VALUES "
                                      f"({', '.join('?' * len(EVENT_COLUMNS))})", [e for f in group for e in f.events])
             if new:
-                _fsync_dir(path.parent)
+                fsync(path.parent)
         return set(by_month)
 
     def _discard(self, families: list[Family]) -> None:
@@ -206,11 +207,3 @@ class Archive:
 
 def _reader(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -46,9 +46,9 @@ def copy(journal: Path, dest: Path, replace: bool = False) -> dict[str, Any]:
         raise BackupError(f"cannot write {dest}: {e.strerror or e}") from None
     try:
         trades = _copy(journal, partial, dest)
-        _fsync(partial)
+        fsync(partial)
         os.rename(partial, dest)
-        _fsync(dest.parent)
+        fsync(dest.parent)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -89,7 +89,8 @@ def _copy(journal: Path, target: Path, named: Path) -> int:
         raise BackupError(f"cannot copy {journal} to {named}: {e}") from None
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """A file's bytes, or a directory's entries (a rename into it), on the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
