@@ -37,6 +37,7 @@ log = Logger()
 MAP_COLUMNS = ("hosp_code", "national_code", "hosp_name")
 BATCH = 1000  # catalog rows per journal write (some 80 ms of the writer for 1301): trades go between batches
 PAGE_SIZE = 100  # rows asked per page of a paged query (the interface caps its paged 3260 at 100)
+VISIT_TIMES = ("begntime", "adm_time", "endtime")  # a visit's date, the first of these a trade's input has
 FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is required)
 
 
@@ -109,15 +110,18 @@ class CodeBook:
 
     def check_diagnoses(self, trade: TradeDef, input_: dict[str, Any]) -> None:
         """Refuse diagnoses the bureau's catalog does not know, or had retired by the diagnosis's date."""
-        lines = input_.get(trade.check_diagnoses or "")
+        node = trade.check_diagnoses or ""
+        lines = input_.get(node)
+        visit = visit_day(input_, node)
         problems = [p for line in (lines if isinstance(lines, list) else [lines]) if isinstance(line, dict)
-                    and (p := self.diagnosis_problem(line))]
+                    and (p := self.diagnosis_problem(line, visit))]
         if problems:
             raise InvalidInput(f"{trade.infno} {trade.name}: {len(problems)} diagnosis code(s) cannot be used: "
                                f"{'; '.join(problems)}. Correct the diagnoses in the HIS (or bring the catalog "
                                f"current: fep catalog sync)")
 
-    def diagnosis_problem(self, line: dict[str, Any]) -> str | None:
+    def diagnosis_problem(self, line: dict[str, Any], visit: tuple[str, str] | None = None) -> str | None:
+        """`visit`: (the visit's date, where it was read), the date of a line without diag_time."""
         if str(line.get("vali_flag", "1")) == "0":
             return None  # a diagnosis withdrawn (作废): the code it withdraws may since have retired
         infno = catalogs.DIAGNOSIS_CATALOGS.get(str(line.get("diag_type") or "1"), "1307")
@@ -125,14 +129,17 @@ class CodeBook:
         if not book:
             return None  # that catalog is not downloaded: the bureau is the judge
         code = str(line.get("diag_code") or "")
-        day = str(line.get("diag_time") or datetime.now().strftime("%Y-%m-%d"))[:10]
+        if line.get("diag_time"):
+            day, source = str(line["diag_time"])[:10], "its diag_time"
+        else:
+            day, source = visit or (datetime.now().strftime("%Y-%m-%d"), "today: no diag_time and no visit date")
         known = book.get(code)
         if known is None:
             named = f" ({line['diag_name']})" if line.get("diag_name") else ""
             return f"{code or '(no code)'}{named}: not in the bureau's catalog {infno}"
         if known.retired is not None and day >= known.retired:
             since = f" since {known.retired}" if known.retired else ""
-            return f"{code} ({known.name}): retired in catalog {infno}{since}, diagnosed {day}"
+            return f"{code} ({known.name}): retired in catalog {infno}{since}, diagnosed {day} ({source})"
         return None
 
     # ---- people's work: import, check, sync --------------------------------------------------------
@@ -225,6 +232,18 @@ class CodeBook:
         for start in range(0, len(rows), BATCH):
             batch = rows[start:start + BATCH]
             await self.journal.run(lambda conn, b=batch: sqlite_utils.Database(conn)[table].upsert_all(b, pk=pk))
+
+
+def visit_day(input_: dict[str, Any], node: str) -> tuple[str, str] | None:
+    """The visit's date (yyyy-MM-dd) a trade's input names beside its diagnosis lines, and the field it came
+    from: a visit uploaded late is diagnosed on its own date, not the day it reaches fep."""
+    for name, value in input_.items():
+        if name == node or not isinstance(value, dict):
+            continue
+        for field in VISIT_TIMES:
+            if value.get(field):
+                return str(value[field])[:10], f"{name}.{field}"
+    return None
 
 
 def _schema(conn: sqlite3.Connection) -> None:
