@@ -218,7 +218,7 @@ class CodeBook:
         page = 1
         while True:
             out = await call(paged.infno, {"data": {"updt_time": since, "page_num": page, "page_size": PAGE_SIZE}})
-            rows, last = _page(paged, out, page)
+            rows, last = _page(paged, out, page, len(seen))
             fresh = {r["rid"] for r in rows} - seen
             if rows and not fresh:
                 raise ValueError(f"{paged.infno} page {page} repeats what earlier pages brought: stopped there")
@@ -312,9 +312,10 @@ def _read(layout: Layout, answer: dict[str, Any]) -> list[dict[str, Any]]:
                            f"{layout.infno} {layout.title} file {name}".strip())
 
 
-def _page(paged: Paged, out: Any, page: int) -> tuple[list[dict[str, Any]], bool]:
-    """One page's records, and whether it is the last. The specification names no output node (无节点): the
-    records come as a list, or under `data` (or `list`) beside the paging fields (pages, lastPage)."""
+def _page(paged: Paged, out: Any, page: int, read: int) -> tuple[list[dict[str, Any]], bool]:
+    """One page's records, and whether it is the last (`read`: the records earlier pages brought). The
+    specification names no output node (无节点): the records come as a list, or under `data` (or `list`)
+    beside the paging fields (pages, lastPage, recordCounts)."""
     meta = out if isinstance(out, dict) else {}
     records = out if isinstance(out, list) else meta.get("data", meta.get("list")) or []
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -322,7 +323,20 @@ def _page(paged: Paged, out: Any, page: int) -> tuple[list[dict[str, Any]], bool
     rows = [{f: None if r.get(f) in (None, "") else str(r[f]) for f in paged.fields} for r in records]
     if any(r["rid"] is None for r in rows):
         raise ValueError(f"{paged.infno} page {page}: a record without its rid (唯一记录号)")
-    pages = meta.get("pages")
-    last = (meta.get("lastPage") is True or (str(pages).isdigit() and page >= int(pages))
-            or len(rows) < PAGE_SIZE)
-    return rows, last
+    return rows, _last(meta, page, len(rows), read + len(rows))
+
+
+def _last(meta: dict[str, Any], page: int, rows: int, read: int) -> bool:
+    """Whether a page is the last, by the bureau's paging fields (lastPage, pages, recordCounts), which it
+    may set smaller than the size asked: only a bureau that gives none ends with a page short of its size.
+    An empty page always ends it."""
+    if not rows:
+        return True
+    flag = meta.get("lastPage")
+    if isinstance(flag, bool) or str(flag).lower() in ("true", "false"):
+        return flag is True or str(flag).lower() == "true"
+    for field, done in (("pages", page), ("recordCounts", read)):
+        if str(meta.get(field)).isdigit():
+            return done >= int(meta[field])
+    size = meta.get("pageSize")
+    return rows < (int(size) if str(size).isdigit() and int(size) > 0 else PAGE_SIZE)
