@@ -39,6 +39,9 @@ BATCH = 1000  # catalog rows per journal write (some 80 ms of the writer for 130
 PAGE_SIZE = 100  # rows asked per page of a paged query (the interface caps its paged 3260 at 100)
 VISIT_TIMES = ("begntime", "adm_time", "endtime")  # a visit's date, the first of these a trade's input has
 FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is required)
+# A paged query's run that reached its last page, kept with the newest update it brought: the next run asks
+# from that date (updt_time is a date, yyyy-MM-dd, asked with >=: a repeat is upserted away by rid)
+PAGED_RUN = "catalog-paged"
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,12 @@ class CodeBook:
         return {"from_version": since, "rows": len(rows), "to_version": top}
 
     async def _pages(self, call: Call, paged: Paged) -> dict[str, Any]:
-        since = await self.journal.read(lambda conn: _last_update(conn, paged)) or FIRST_UPDATE
+        """From the newest update a run that reached the last page brought: a run interrupted half-way moves
+        nothing on, or the pages it never read would be skipped for good by the next."""
+        done = await self.journal.runs(PAGED_RUN, paged.infno, limit=1)
+        since = str(done[0]["next_update"]) if done else FIRST_UPDATE
         seen: set[str] = set()
+        newest = since
         page = 1
         while True:
             out = await call(paged.infno, {"data": {"updt_time": since, "page_num": page, "page_size": PAGE_SIZE}})
@@ -224,7 +231,9 @@ class CodeBook:
                 raise ValueError(f"{paged.infno} page {page} repeats what earlier pages brought: stopped there")
             seen |= fresh
             await self._store(paged.table, rows, "rid")
+            newest = max([newest, *(str(r["updt_time"])[:10] for r in rows if r.get("updt_time"))])
             if last:
+                await self.journal.save_run(PAGED_RUN, paged.infno, {"next_update": newest, "pages": page})
                 return {"from_update": since, "pages": page, "rows": len(seen)}
             page += 1
 
@@ -298,11 +307,6 @@ def _current(conn: sqlite3.Connection, layout: Layout) -> dict[str, Entry]:
 def _top_version(conn: sqlite3.Connection, layout: Layout) -> str | None:
     versions = [r[0] for r in conn.execute(f'SELECT DISTINCT "{VERSION}" FROM {layout.table}')]
     return max(versions, key=catalogs.version_key, default=None)
-
-
-def _last_update(conn: sqlite3.Connection, paged: Paged) -> str | None:
-    last = conn.execute(f"SELECT max(updt_time) FROM {paged.table}").fetchone()[0]
-    return str(last)[:10] if last else None  # updt_time is a date (yyyy-MM-dd); a repeat is upserted away
 
 
 def _read(layout: Layout, answer: dict[str, Any]) -> list[dict[str, Any]]:
