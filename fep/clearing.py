@@ -221,12 +221,16 @@ class Clearing:
         rows = []
         for group in sorted(set(groups) | set(done)):
             c = done.get(group) or {}
-            applied = dec(c.get("fund")) if c.get("state") == "applied" else ZERO
-            refused, paid = dec(c.get("refused")), dec(c.get("paid"))
+            # a cancelled application owes nothing either way: its audit (拒付) went with it
+            in_force = c.get("state") == "applied"
+            applied = dec(c.get("fund")) if in_force else ZERO
+            refused, paid = dec(c.get("refused")) if in_force else ZERO, dec(c.get("paid"))
             rows.append({**self._named(group), "settlements": len(groups.get(group, [])), "applied": applied,
-                         "approved": None if c.get("approved") is None else dec(c["approved"]), "refused": refused,
-                         "refusals": envelope.loads(c["refusals"]) if c.get("refusals") else [], "paid": paid,
-                         "outstanding": applied - refused - paid, "state": STATES.get(c.get("state")),
+                         "approved": None if not in_force or c.get("approved") is None else dec(c["approved"]),
+                         "refused": refused,
+                         "refusals": envelope.loads(c["refusals"]) if in_force and c.get("refusals") else [],
+                         "paid": paid,
+                         "outstanding": applied - refused - paid if in_force else ZERO, "state": STATES.get(c.get("state")),
                          "clr_appy_evt_id": c.get("clr_appy_evt_id")})
         history = await self.engine.journal.read(journal.clearing_history(month))
         return {"month": month, "groups": rows, "history": history}
