@@ -32,6 +32,8 @@ STATUS_HEADERS = ["险种类别", "结算经办机构", "清算类别", "结算�
                   "未拨付", "状态"]
 AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")  # as the bank's notice writes yuan: plain, to the fen
 STATES = {"applied": "已申请", "cancelled": "已撤销", None: "未申请"}
+ALREADY_CONFIRMED = "已确认"  # the clearing centre's refusal of a 3261 for a month it holds confirmed
+CONFIRM_RUNS = 50  # the month's stored remote pulls searched for fep's own confirmation
 
 
 class ClearingError(ValueError):
@@ -178,14 +180,27 @@ class Clearing:
                                "medfee": sum((dec(r.get("medfee_sumamt")) for r in theirs), ZERO),
                                "differences": diffs, "confirmed": False}
         if not diffs:
-            try:
-                await self.reconciler.call("3261", {"data": {"trt_year": f"{first:%Y}", "trt_month": f"{first:%m}",
-                                                             "data_cnt": len(theirs), "medfee_sumamt": doc["medfee"]}})
-                doc["confirmed"] = True
-            except ReconcileError as e:
-                doc["why"] = str(e)
+            await self._confirm(month, first, doc)
         await self.engine.journal.save_run("clearing-remote", month, doc)
         return doc
+
+    async def _confirm(self, month: str, first: date, doc: dict[str, Any]) -> None:
+        """3261, once: a month fep confirmed before (the same rows and fees) is not sent again, and the
+        centre's "already confirmed" (已确认) is a confirmation, so a second run (cron's) says so and exits 0."""
+        earlier = [r for r in await self.engine.journal.runs("clearing-remote", month, limit=CONFIRM_RUNS)
+                   if r.get("confirmed") and (r.get("rows"), dec(r.get("medfee"))) == (doc["rows"], doc["medfee"])]
+        if earlier:
+            doc.update(confirmed=True, confirmed_earlier="by an earlier run of fep clearing remote")
+            return
+        try:
+            await self.reconciler.call("3261", {"data": {"trt_year": f"{first:%Y}", "trt_month": f"{first:%m}",
+                                                         "data_cnt": doc["rows"], "medfee_sumamt": doc["medfee"]}})
+            doc["confirmed"] = True
+        except ReconcileError as e:
+            if ALREADY_CONFIRMED in str(e):
+                doc.update(confirmed=True, confirmed_earlier=f"the clearing centre says so: {e}")
+            else:
+                doc["why"] = str(e)
 
     async def _remote_detail(self, first: date) -> list[dict[str, Any]]:
         """Every page of 3260, from the first row until a page comes back empty."""
@@ -308,6 +323,12 @@ def status_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _confirmation(doc: dict[str, Any]) -> str:
+    if doc["confirmed"]:
+        return f"confirmed (3261, {doc['confirmed_earlier']})" if doc.get("confirmed_earlier") else "confirmed (3261)"
+    return "NOT confirmed" + (f": {doc['why']}" if doc.get("why") else "")
+
+
 def render(doc: dict[str, Any], fmt: str, what: str) -> str:
     """`what`: status, apply or remote; as a table, CSV or JSON, like reconciliation."""
     if fmt == "json":
@@ -332,8 +353,7 @@ def render(doc: dict[str, Any], fmt: str, what: str) -> str:
     lines = [f"清算月份 {doc['month']}"]
     if what == "remote":
         lines.append(f"异地清分明细 {doc['rows']} 行 (journal: {doc['journal']}), {len(doc['differences'])} difference(s); "
-                     + ("confirmed (3261)" if doc["confirmed"] else "NOT confirmed" + (f": {doc['why']}"
-                                                                                       if doc.get("why") else "")))
+                     + _confirmation(doc))
     if rows:
         lines.append(table([dict(zip(headers, r)) for r in rows], headers))
     return "\n".join(lines)
