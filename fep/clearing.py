@@ -33,6 +33,7 @@ STATUS_HEADERS = ["险种类别", "结算经办机构", "清算类别", "结算�
 AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")  # as the bank's notice writes yuan: plain, to the fen
 STATES = {"applied": "已申请", "cancelled": "已撤销", None: "未申请"}
 ALREADY_CONFIRMED = "已确认"  # the clearing centre's refusal of a 3261 for a month it holds confirmed
+LEARN_LIMIT = 1000  # the month's 3203/3204 trades read back: a few per group, however often they are retried
 CONFIRM_RUNS = 50  # the month's stored remote pulls searched for fep's own confirmation
 
 
@@ -110,8 +111,32 @@ class Clearing:
                 "clr_type_name": names.get(group[2], "")}
 
     async def _clearings(self, month: str) -> dict[Group, dict[str, Any]]:
+        await self._learn(month)
         rows = await self.engine.journal.read(journal.clearings_of(month))
         return {(r["insutype"], r["setl_optins"], r["clr_type"]): r for r in rows}
+
+    async def _learn(self, month: str) -> None:
+        """Bring the clearing table up to the journal's stored answers of the month's 3203: one whose
+        answer was lost when it was sent is resent by fep and answered later, and the bureau holds what that
+        answer says whether or not the office was told."""
+        first, _ = month_of(month)
+        since = datetime.combine(first, datetime.min.time()).timestamp()  # a month is applied for after it began
+        trades = sorted([t for infno in ("3203",) for t in await self.engine.journal.find(
+            journal.TradeFilter(infno=infno, since=since, limit=LEARN_LIMIT))], key=lambda t: t.id)
+        events = await self.engine.journal.read(journal.clearing_history(month))
+        done = {(e["event"], e["note"]) for e in events}
+        for t in trades:
+            answer = envelope.loads(t.answer) if t.answer else {}
+            if not envelope.succeeded(answer):
+                continue
+            data = envelope.loads(t.request_bytes).get("input", {}).get("data") or {}
+            if t.infno == "3203" and data.get("setlym") == f"{first:%Y%m}":
+                evt = str(((answer.get("output") or {}).get("data") or {}).get("clr_appy_evt_id") or "")
+                if evt and ("applied", f"clr_appy_evt_id {evt}") not in done:
+                    await self.engine.journal.run(journal.clearing_applied(
+                        month, (str(data["insutype"]), str(data["clr_optins"]), str(data["clr_type"])),
+                        _applied_totals(data), evt, f"fep, from the stored answer of 3203 {t.msgid}"))
+                    done.add(("applied", f"clr_appy_evt_id {evt}"))
 
     # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
     async def apply(self, month: str, by: str) -> dict[str, Any]:
@@ -272,6 +297,13 @@ class Clearing:
             return await self.engine.journal.run(journal.clearing_paid(month, group, str(value), note.strip(), by))
         except LookupError as e:
             raise ClearingError(f"{e}: apply first (fep clearing apply --month {month})") from None
+
+
+def _applied_totals(data: dict[str, Any]) -> dict[str, Any]:
+    """The figures of an application, as its 3203 sent them."""
+    return {"settlements": int(data.get("psntime") or 0), "medfee": dec(data.get("medfee_sumamt")),
+            "fund": dec(data.get("fund_appy_sum")), "acct": dec(data.get("acct_pay")),
+            "cash": dec(data.get("cash_payamt"))}
 
 
 def merged(by_day: dict[date, dict[Group, list[Settlement]]]) -> dict[Group, list[Settlement]]:
