@@ -116,12 +116,12 @@ class Clearing:
         return {(r["insutype"], r["setl_optins"], r["clr_type"]): r for r in rows}
 
     async def _learn(self, month: str) -> None:
-        """Bring the clearing table up to the journal's stored answers of the month's 3203: one whose
-        answer was lost when it was sent is resent by fep and answered later, and the bureau holds what that
-        answer says whether or not the office was told."""
+        """Bring the clearing table up to the journal's stored answers of the month's 3203 and 3204: one
+        whose answer was lost when it was sent is resent by fep and answered later, and the bureau holds what
+        that answer says whether or not the office was told."""
         first, _ = month_of(month)
         since = datetime.combine(first, datetime.min.time()).timestamp()  # a month is applied for after it began
-        trades = sorted([t for infno in ("3203",) for t in await self.engine.journal.find(
+        trades = sorted([t for infno in ("3203", "3204") for t in await self.engine.journal.find(
             journal.TradeFilter(infno=infno, since=since, limit=LEARN_LIMIT))], key=lambda t: t.id)
         events = await self.engine.journal.read(journal.clearing_history(month))
         done = {(e["event"], e["note"]) for e in events}
@@ -137,6 +137,14 @@ class Clearing:
                         month, (str(data["insutype"]), str(data["clr_optins"]), str(data["clr_type"])),
                         _applied_totals(data), evt, f"fep, from the stored answer of 3203 {t.msgid}"))
                     done.add(("applied", f"clr_appy_evt_id {evt}"))
+            elif t.infno == "3204":
+                evt = str(data.get("clr_appy_evt_id") or "")
+                row = next((r for r in await self.engine.journal.read(journal.clearings_of(month))
+                            if r["clr_appy_evt_id"] == evt and r["state"] == "applied"), None)
+                if row is not None:
+                    await self.engine.journal.run(journal.clearing_cancelled(
+                        month, (row["insutype"], row["setl_optins"], row["clr_type"]), evt,
+                        f"fep, from the stored answer of 3204 {t.msgid}"))
 
     # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
     async def apply(self, month: str, by: str) -> dict[str, Any]:
