@@ -20,7 +20,7 @@ import csv
 import io
 import re
 from calendar import monthrange
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -48,6 +48,15 @@ def month_of(text: Any) -> tuple[date, date]:
     except ValueError:
         raise ClearingError(f"month must be YYYY-MM, got {text!r}") from None
     return first, first.replace(day=monthrange(first.year, first.month)[1])
+
+
+def not_over(month: str) -> str | None:
+    """Why the month cannot be applied for or confirmed yet, or None once its last day is over: the days still
+    to come cannot have balanced, and a settlement on them would never be applied for."""
+    _, last = month_of(month)
+    if date.today() > last:
+        return None
+    return f"{month} is not over: it ends on {last} (apply from {last + timedelta(days=1)})"
 
 
 def group_of(text: Any) -> Group:
@@ -149,6 +158,7 @@ class Clearing:
     # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
     async def apply(self, month: str, by: str) -> dict[str, Any]:
         first, last = month_of(month)
+        unfinished = not_over(month)
         by_day = await self._by_day(month)
         groups = merged(by_day)
         bad = await self._not_balanced(by_day)
@@ -160,6 +170,8 @@ class Clearing:
             days = bad.get(None, []) + bad.get(group, [])
             if done.get(group, {}).get("state") == "applied":
                 r.update(result="already applied", clr_appy_evt_id=done[group]["clr_appy_evt_id"])
+            elif unfinished:
+                r.update(result="not applied", why=unfinished)
             elif days:
                 r.update(result="not applied", days=days,
                          why=f"every day must balance first: {', '.join(days)} (fep reconcile --date DAY)")
@@ -212,7 +224,10 @@ class Clearing:
         doc: dict[str, Any] = {"month": month, "rows": len(theirs), "journal": len(ours),
                                "medfee": sum((dec(r.get("medfee_sumamt")) for r in theirs), ZERO),
                                "differences": diffs, "confirmed": False}
-        if not diffs:
+        unfinished = not_over(month)
+        if unfinished:
+            doc["why"] = unfinished
+        elif not diffs:
             await self._confirm(month, first, doc)
         await self.engine.journal.save_run("clearing-remote", month, doc)
         return doc
