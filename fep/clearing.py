@@ -293,7 +293,8 @@ class Clearing:
                          "refused": refused,
                          "refusals": envelope.loads(c["refusals"]) if in_force and c.get("refusals") else [],
                          "paid": paid,
-                         "outstanding": applied - refused - paid if in_force else ZERO, "state": STATES.get(c.get("state")),
+                         "outstanding": applied - refused - paid if in_force else ZERO,
+                         "state": STATES.get(c.get("state")),
                          "clr_appy_evt_id": c.get("clr_appy_evt_id")})
         history = await self.engine.journal.read(journal.clearing_history(month))
         return {"month": month, "groups": rows, "history": history}
