@@ -321,6 +321,8 @@ class Clearing:
             return await self.engine.journal.run(journal.clearing_paid(month, group, str(value), note.strip(), by))
         except LookupError as e:
             raise ClearingError(f"{e}: apply first (fep clearing apply --month {month})") from None
+        except ValueError as e:
+            raise ClearingError(str(e)) from None
 
 
 def _applied_totals(data: dict[str, Any]) -> dict[str, Any]:

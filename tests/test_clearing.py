@@ -104,6 +104,10 @@ def test_a_month_is_applied_for_pulled_audited_and_paid(month: dict[str, dict], 
     assert Decimal(str(status["paid"])) == due and Decimal(str(status["outstanding"])) == 0
     [entered] = [h for h in doc["history"] if h["event"] == "paid"]
     assert entered["by"].startswith("uid ") and entered["note"] == "工商银行到账通知 0001"
+    twice = world.cli("clearing", "paid", "--month", MONTH, "--group", "310/430199/11", "--amount", str(due),
+                      "--note", "工商银行到账通知 0001")  # the same notice entered again
+    assert twice.returncode != 0 and "entered already" in twice.stderr
+    assert Decimal(str(groups(clearing(world, "status")[1])["310/430199/11"]["paid"])) == due
 
     table = world.cli("clearing", "status", "--month", MONTH).stdout
     assert "异地门诊" in table and "超限价" in table and table.splitlines()[-1].startswith("合计")
