@@ -1046,13 +1046,15 @@ def clearing_audited(month: str, group: Group, approved: str, refused: str, refu
 
 
 def clearing_paid(month: str, group: Group, amount: str, note: str, by: str) -> Op:
-    """A disbursement (拨付) from the bank's notice, entered by a person (`by`); LookupError without an
-    application, ValueError for a notice already entered."""
+    """A disbursement (拨付) from the bank's notice, entered by a person (`by`), against an application in
+    force; LookupError without one, ValueError for a notice already entered."""
 
     def op(conn: sqlite3.Connection) -> dict[str, Any]:
         row = _clearing_row(conn, month, group)
         if row is None:
             raise LookupError(f"no clearing application for {month} {'/'.join(group)}")
+        if row["state"] != "applied":
+            raise LookupError(f"the clearing application for {month} {'/'.join(group)} is {row['state']}")
         entered = _fetch(conn, "SELECT at, by FROM clearing_events INDEXED BY clearing_events_month WHERE "
                                "month = ? AND grp = ? AND event = 'paid' AND note = ?", (month, "/".join(group), note))
         if entered:

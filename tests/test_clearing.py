@@ -108,6 +108,10 @@ def test_a_month_is_applied_for_pulled_audited_and_paid(month: dict[str, dict], 
                       "--note", "工商银行到账通知 0001")  # the same notice entered again
     assert twice.returncode != 0 and "entered already" in twice.stderr
     assert Decimal(str(groups(clearing(world, "status")[1])["310/430199/11"]["paid"])) == due
+    assert world.cli("clearing", "cancel", "--month", MONTH, "--group", "390/430199/11").returncode == 0
+    cancelled = world.cli("clearing", "paid", "--month", MONTH, "--group", "390/430199/11", "--amount", "1.00",
+                          "--note", "工商银行到账通知 0002")  # a notice for an application no longer in force
+    assert cancelled.returncode != 0 and "is cancelled" in cancelled.stderr
 
     table = world.cli("clearing", "status", "--month", MONTH).stdout
     assert "异地门诊" in table and "超限价" in table and table.splitlines()[-1].startswith("合计")
