@@ -4,7 +4,8 @@ unless the region's link is set otherwise (bureau.link_security), framed for the
 
 It answers one question per send, precisely: did the bureau answer, did the request provably never
 leave (NotSent: safe to fail, queue or try another endpoint), or may it have arrived (Unknown)?
-A refusal of the gateway itself (signature, timestamp, token) never reached the bureau: NotSent.
+A refusal of the gateway itself (signature, timestamp, token, a path it has no service at, throttling) never
+reached the bureau: NotSent; its backend's timeout or 5xx (HTTP 504 调用后端服务超时) may have: Unknown.
 Failover happens only for NotSent. The link knows nothing of the journal or of what a trade means.
 """
 

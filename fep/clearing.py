@@ -20,7 +20,7 @@ import csv
 import io
 import re
 from calendar import monthrange
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -32,6 +32,9 @@ STATUS_HEADERS = ["险种类别", "结算经办机构", "清算类别", "结算�
                   "未拨付", "状态"]
 AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")  # as the bank's notice writes yuan: plain, to the fen
 STATES = {"applied": "已申请", "cancelled": "已撤销", None: "未申请"}
+ALREADY_CONFIRMED = "已确认"  # the clearing centre's refusal of a 3261 for a month it holds confirmed
+LEARN_LIMIT = 1000  # the month's 3203/3204 trades read back: a few per group, however often they are retried
+CONFIRM_RUNS = 50  # the month's stored remote pulls searched for fep's own confirmation
 
 
 class ClearingError(ValueError):
@@ -45,6 +48,15 @@ def month_of(text: Any) -> tuple[date, date]:
     except ValueError:
         raise ClearingError(f"month must be YYYY-MM, got {text!r}") from None
     return first, first.replace(day=monthrange(first.year, first.month)[1])
+
+
+def not_over(month: str) -> str | None:
+    """Why the month cannot be applied for or confirmed yet, or None once its last day is over: the days still
+    to come cannot have balanced, and a settlement on them would never be applied for."""
+    _, last = month_of(month)
+    if date.today() > last:
+        return None
+    return f"{month} is not over: it ends on {last} (apply from {last + timedelta(days=1)})"
 
 
 def group_of(text: Any) -> Group:
@@ -108,12 +120,45 @@ class Clearing:
                 "clr_type_name": names.get(group[2], "")}
 
     async def _clearings(self, month: str) -> dict[Group, dict[str, Any]]:
+        await self._learn(month)
         rows = await self.engine.journal.read(journal.clearings_of(month))
         return {(r["insutype"], r["setl_optins"], r["clr_type"]): r for r in rows}
+
+    async def _learn(self, month: str) -> None:
+        """Bring the clearing table up to the journal's stored answers of the month's 3203 and 3204: one
+        whose answer was lost when it was sent is resent by fep and answered later, and the bureau holds what
+        that answer says whether or not the office was told."""
+        first, _ = month_of(month)
+        since = datetime.combine(first, datetime.min.time()).timestamp()  # a month is applied for after it began
+        trades = sorted([t for infno in ("3203", "3204") for t in await self.engine.journal.find(
+            journal.TradeFilter(infno=infno, since=since, limit=LEARN_LIMIT))], key=lambda t: t.id)
+        events = await self.engine.journal.read(journal.clearing_history(month))
+        done = {(e["event"], e["note"]) for e in events}
+        for t in trades:
+            answer = envelope.loads(t.answer) if t.answer else {}
+            if not envelope.succeeded(answer):
+                continue
+            data = envelope.loads(t.request_bytes).get("input", {}).get("data") or {}
+            if t.infno == "3203" and data.get("setlym") == f"{first:%Y%m}":
+                evt = str(((answer.get("output") or {}).get("data") or {}).get("clr_appy_evt_id") or "")
+                if evt and ("applied", f"clr_appy_evt_id {evt}") not in done:
+                    await self.engine.journal.run(journal.clearing_applied(
+                        month, (str(data["insutype"]), str(data["clr_optins"]), str(data["clr_type"])),
+                        _applied_totals(data), evt, f"fep, from the stored answer of 3203 {t.msgid}"))
+                    done.add(("applied", f"clr_appy_evt_id {evt}"))
+            elif t.infno == "3204":
+                evt = str(data.get("clr_appy_evt_id") or "")
+                row = next((r for r in await self.engine.journal.read(journal.clearings_of(month))
+                            if r["clr_appy_evt_id"] == evt and r["state"] == "applied"), None)
+                if row is not None:
+                    await self.engine.journal.run(journal.clearing_cancelled(
+                        month, (row["insutype"], row["setl_optins"], row["clr_type"]), evt,
+                        f"fep, from the stored answer of 3204 {t.msgid}"))
 
     # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
     async def apply(self, month: str, by: str) -> dict[str, Any]:
         first, last = month_of(month)
+        unfinished = not_over(month)
         by_day = await self._by_day(month)
         groups = merged(by_day)
         bad = await self._not_balanced(by_day)
@@ -125,6 +170,8 @@ class Clearing:
             days = bad.get(None, []) + bad.get(group, [])
             if done.get(group, {}).get("state") == "applied":
                 r.update(result="already applied", clr_appy_evt_id=done[group]["clr_appy_evt_id"])
+            elif unfinished:
+                r.update(result="not applied", why=unfinished)
             elif days:
                 r.update(result="not applied", days=days,
                          why=f"every day must balance first: {', '.join(days)} (fep reconcile --date DAY)")
@@ -177,15 +224,31 @@ class Clearing:
         doc: dict[str, Any] = {"month": month, "rows": len(theirs), "journal": len(ours),
                                "medfee": sum((dec(r.get("medfee_sumamt")) for r in theirs), ZERO),
                                "differences": diffs, "confirmed": False}
-        if not diffs:
-            try:
-                await self.reconciler.call("3261", {"data": {"trt_year": f"{first:%Y}", "trt_month": f"{first:%m}",
-                                                             "data_cnt": len(theirs), "medfee_sumamt": doc["medfee"]}})
-                doc["confirmed"] = True
-            except ReconcileError as e:
-                doc["why"] = str(e)
+        unfinished = not_over(month)
+        if unfinished:
+            doc["why"] = unfinished
+        elif not diffs:
+            await self._confirm(month, first, doc)
         await self.engine.journal.save_run("clearing-remote", month, doc)
         return doc
+
+    async def _confirm(self, month: str, first: date, doc: dict[str, Any]) -> None:
+        """3261, once: a month fep confirmed before (the same rows and fees) is not sent again, and the
+        centre's "already confirmed" (已确认) is a confirmation, so a second run (cron's) says so and exits 0."""
+        earlier = [r for r in await self.engine.journal.runs("clearing-remote", month, limit=CONFIRM_RUNS)
+                   if r.get("confirmed") and (r.get("rows"), dec(r.get("medfee"))) == (doc["rows"], doc["medfee"])]
+        if earlier:
+            doc.update(confirmed=True, confirmed_earlier="by an earlier run of fep clearing remote")
+            return
+        try:
+            await self.reconciler.call("3261", {"data": {"trt_year": f"{first:%Y}", "trt_month": f"{first:%m}",
+                                                         "data_cnt": doc["rows"], "medfee_sumamt": doc["medfee"]}})
+            doc["confirmed"] = True
+        except ReconcileError as e:
+            if ALREADY_CONFIRMED in str(e):
+                doc.update(confirmed=True, confirmed_earlier=f"the clearing centre says so: {e}")
+            else:
+                doc["why"] = str(e)
 
     async def _remote_detail(self, first: date) -> list[dict[str, Any]]:
         """Every page of 3260, from the first row until a page comes back empty."""
@@ -221,12 +284,17 @@ class Clearing:
         rows = []
         for group in sorted(set(groups) | set(done)):
             c = done.get(group) or {}
-            applied = dec(c.get("fund")) if c.get("state") == "applied" else ZERO
-            refused, paid = dec(c.get("refused")), dec(c.get("paid"))
+            # a cancelled application owes nothing either way: its audit (拒付) went with it
+            in_force = c.get("state") == "applied"
+            applied = dec(c.get("fund")) if in_force else ZERO
+            refused, paid = dec(c.get("refused")) if in_force else ZERO, dec(c.get("paid"))
             rows.append({**self._named(group), "settlements": len(groups.get(group, [])), "applied": applied,
-                         "approved": None if c.get("approved") is None else dec(c["approved"]), "refused": refused,
-                         "refusals": envelope.loads(c["refusals"]) if c.get("refusals") else [], "paid": paid,
-                         "outstanding": applied - refused - paid, "state": STATES.get(c.get("state")),
+                         "approved": None if not in_force or c.get("approved") is None else dec(c["approved"]),
+                         "refused": refused,
+                         "refusals": envelope.loads(c["refusals"]) if in_force and c.get("refusals") else [],
+                         "paid": paid,
+                         "outstanding": applied - refused - paid if in_force else ZERO,
+                         "state": STATES.get(c.get("state")),
                          "clr_appy_evt_id": c.get("clr_appy_evt_id")})
         history = await self.engine.journal.read(journal.clearing_history(month))
         return {"month": month, "groups": rows, "history": history}
@@ -253,6 +321,15 @@ class Clearing:
             return await self.engine.journal.run(journal.clearing_paid(month, group, str(value), note.strip(), by))
         except LookupError as e:
             raise ClearingError(f"{e}: apply first (fep clearing apply --month {month})") from None
+        except ValueError as e:
+            raise ClearingError(str(e)) from None
+
+
+def _applied_totals(data: dict[str, Any]) -> dict[str, Any]:
+    """The figures of an application, as its 3203 sent them."""
+    return {"settlements": int(data.get("psntime") or 0), "medfee": dec(data.get("medfee_sumamt")),
+            "fund": dec(data.get("fund_appy_sum")), "acct": dec(data.get("acct_pay")),
+            "cash": dec(data.get("cash_payamt"))}
 
 
 def merged(by_day: dict[date, dict[Group, list[Settlement]]]) -> dict[Group, list[Settlement]]:
@@ -304,6 +381,12 @@ def status_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _confirmation(doc: dict[str, Any]) -> str:
+    if doc["confirmed"]:
+        return f"confirmed (3261, {doc['confirmed_earlier']})" if doc.get("confirmed_earlier") else "confirmed (3261)"
+    return "NOT confirmed" + (f": {doc['why']}" if doc.get("why") else "")
+
+
 def render(doc: dict[str, Any], fmt: str, what: str) -> str:
     """`what`: status, apply or remote; as a table, CSV or JSON, like reconciliation."""
     if fmt == "json":
@@ -328,8 +411,7 @@ def render(doc: dict[str, Any], fmt: str, what: str) -> str:
     lines = [f"清算月份 {doc['month']}"]
     if what == "remote":
         lines.append(f"异地清分明细 {doc['rows']} 行 (journal: {doc['journal']}), {len(doc['differences'])} difference(s); "
-                     + ("confirmed (3261)" if doc["confirmed"] else "NOT confirmed" + (f": {doc['why']}"
-                                                                                       if doc.get("why") else "")))
+                     + _confirmation(doc))
     if rows:
         lines.append(table([dict(zip(headers, r)) for r in rows], headers))
     return "\n".join(lines)

@@ -37,7 +37,11 @@ log = Logger()
 MAP_COLUMNS = ("hosp_code", "national_code", "hosp_name")
 BATCH = 1000  # catalog rows per journal write (some 80 ms of the writer for 1301): trades go between batches
 PAGE_SIZE = 100  # rows asked per page of a paged query (the interface caps its paged 3260 at 100)
+VISIT_TIMES = ("begntime", "adm_time", "endtime")  # a visit's date, the first of these a trade's input has
 FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is required)
+# A paged query's run that reached its last page, kept with the newest update it brought: the next run asks
+# from that date (updt_time is a date, yyyy-MM-dd, asked with >=: a repeat is upserted away by rid)
+PAGED_RUN = "catalog-paged"
 
 
 @dataclass(frozen=True)
@@ -109,15 +113,18 @@ class CodeBook:
 
     def check_diagnoses(self, trade: TradeDef, input_: dict[str, Any]) -> None:
         """Refuse diagnoses the bureau's catalog does not know, or had retired by the diagnosis's date."""
-        lines = input_.get(trade.check_diagnoses or "")
+        node = trade.check_diagnoses or ""
+        lines = input_.get(node)
+        visit = visit_day(input_, node)
         problems = [p for line in (lines if isinstance(lines, list) else [lines]) if isinstance(line, dict)
-                    and (p := self.diagnosis_problem(line))]
+                    and (p := self.diagnosis_problem(line, visit))]
         if problems:
             raise InvalidInput(f"{trade.infno} {trade.name}: {len(problems)} diagnosis code(s) cannot be used: "
                                f"{'; '.join(problems)}. Correct the diagnoses in the HIS (or bring the catalog "
                                f"current: fep catalog sync)")
 
-    def diagnosis_problem(self, line: dict[str, Any]) -> str | None:
+    def diagnosis_problem(self, line: dict[str, Any], visit: tuple[str, str] | None = None) -> str | None:
+        """`visit`: (the visit's date, where it was read), the date of a line without diag_time."""
         if str(line.get("vali_flag", "1")) == "0":
             return None  # a diagnosis withdrawn (作废): the code it withdraws may since have retired
         infno = catalogs.DIAGNOSIS_CATALOGS.get(str(line.get("diag_type") or "1"), "1307")
@@ -125,14 +132,17 @@ class CodeBook:
         if not book:
             return None  # that catalog is not downloaded: the bureau is the judge
         code = str(line.get("diag_code") or "")
-        day = str(line.get("diag_time") or datetime.now().strftime("%Y-%m-%d"))[:10]
+        if line.get("diag_time"):
+            day, source = str(line["diag_time"])[:10], "its diag_time"
+        else:
+            day, source = visit or (datetime.now().strftime("%Y-%m-%d"), "today: no diag_time and no visit date")
         known = book.get(code)
         if known is None:
             named = f" ({line['diag_name']})" if line.get("diag_name") else ""
             return f"{code or '(no code)'}{named}: not in the bureau's catalog {infno}"
         if known.retired is not None and day >= known.retired:
             since = f" since {known.retired}" if known.retired else ""
-            return f"{code} ({known.name}): retired in catalog {infno}{since}, diagnosed {day}"
+            return f"{code} ({known.name}): retired in catalog {infno}{since}, diagnosed {day} ({source})"
         return None
 
     # ---- people's work: import, check, sync --------------------------------------------------------
@@ -206,18 +216,24 @@ class CodeBook:
         return {"from_version": since, "rows": len(rows), "to_version": top}
 
     async def _pages(self, call: Call, paged: Paged) -> dict[str, Any]:
-        since = await self.journal.read(lambda conn: _last_update(conn, paged)) or FIRST_UPDATE
+        """From the newest update a run that reached the last page brought: a run interrupted half-way moves
+        nothing on, or the pages it never read would be skipped for good by the next."""
+        done = await self.journal.runs(PAGED_RUN, paged.infno, limit=1)
+        since = str(done[0]["next_update"]) if done else FIRST_UPDATE
         seen: set[str] = set()
+        newest = since
         page = 1
         while True:
             out = await call(paged.infno, {"data": {"updt_time": since, "page_num": page, "page_size": PAGE_SIZE}})
-            rows, last = _page(paged, out, page)
+            rows, last = _page(paged, out, page, len(seen))
             fresh = {r["rid"] for r in rows} - seen
             if rows and not fresh:
                 raise ValueError(f"{paged.infno} page {page} repeats what earlier pages brought: stopped there")
             seen |= fresh
             await self._store(paged.table, rows, "rid")
+            newest = max([newest, *(str(r["updt_time"])[:10] for r in rows if r.get("updt_time"))])
             if last:
+                await self.journal.save_run(PAGED_RUN, paged.infno, {"next_update": newest, "pages": page})
                 return {"from_update": since, "pages": page, "rows": len(seen)}
             page += 1
 
@@ -225,6 +241,18 @@ class CodeBook:
         for start in range(0, len(rows), BATCH):
             batch = rows[start:start + BATCH]
             await self.journal.run(lambda conn, b=batch: sqlite_utils.Database(conn)[table].upsert_all(b, pk=pk))
+
+
+def visit_day(input_: dict[str, Any], node: str) -> tuple[str, str] | None:
+    """The visit's date (yyyy-MM-dd) a trade's input names beside its diagnosis lines, and the field it came
+    from: a visit uploaded late is diagnosed on its own date, not the day it reaches fep."""
+    for name, value in input_.items():
+        if name == node or not isinstance(value, dict):
+            continue
+        for field in VISIT_TIMES:
+            if value.get(field):
+                return str(value[field])[:10], f"{name}.{field}"
+    return None
 
 
 def _schema(conn: sqlite3.Connection) -> None:
@@ -281,11 +309,6 @@ def _top_version(conn: sqlite3.Connection, layout: Layout) -> str | None:
     return max(versions, key=catalogs.version_key, default=None)
 
 
-def _last_update(conn: sqlite3.Connection, paged: Paged) -> str | None:
-    last = conn.execute(f"SELECT max(updt_time) FROM {paged.table}").fetchone()[0]
-    return str(last)[:10] if last else None  # updt_time is a date (yyyy-MM-dd); a repeat is upserted away
-
-
 def _read(layout: Layout, answer: dict[str, Any]) -> list[dict[str, Any]]:
     """The downloaded file's records (on a thread: a national catalog is hundreds of thousands of lines)."""
     name = (answer.get("file") or {}).get("filename", "")
@@ -293,9 +316,10 @@ def _read(layout: Layout, answer: dict[str, Any]) -> list[dict[str, Any]]:
                            f"{layout.infno} {layout.title} file {name}".strip())
 
 
-def _page(paged: Paged, out: Any, page: int) -> tuple[list[dict[str, Any]], bool]:
-    """One page's records, and whether it is the last. The specification names no output node (无节点): the
-    records come as a list, or under `data` (or `list`) beside the paging fields (pages, lastPage)."""
+def _page(paged: Paged, out: Any, page: int, read: int) -> tuple[list[dict[str, Any]], bool]:
+    """One page's records, and whether it is the last (`read`: the records earlier pages brought). The
+    specification names no output node (无节点): the records come as a list, or under `data` (or `list`)
+    beside the paging fields (pages, lastPage, recordCounts)."""
     meta = out if isinstance(out, dict) else {}
     records = out if isinstance(out, list) else meta.get("data", meta.get("list")) or []
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -303,7 +327,20 @@ def _page(paged: Paged, out: Any, page: int) -> tuple[list[dict[str, Any]], bool
     rows = [{f: None if r.get(f) in (None, "") else str(r[f]) for f in paged.fields} for r in records]
     if any(r["rid"] is None for r in rows):
         raise ValueError(f"{paged.infno} page {page}: a record without its rid (唯一记录号)")
-    pages = meta.get("pages")
-    last = (meta.get("lastPage") is True or (str(pages).isdigit() and page >= int(pages))
-            or len(rows) < PAGE_SIZE)
-    return rows, last
+    return rows, _last(meta, page, len(rows), read + len(rows))
+
+
+def _last(meta: dict[str, Any], page: int, rows: int, read: int) -> bool:
+    """Whether a page is the last, by the bureau's paging fields (lastPage, pages, recordCounts), which it
+    may set smaller than the size asked: only a bureau that gives none ends with a page short of its size.
+    An empty page always ends it."""
+    if not rows:
+        return True
+    flag = meta.get("lastPage")
+    if isinstance(flag, bool) or str(flag).lower() in ("true", "false"):
+        return flag is True or str(flag).lower() == "true"
+    for field, done in (("pages", page), ("recordCounts", read)):
+        if str(meta.get(field)).isdigit():
+            return done >= int(meta[field])
+    size = meta.get("pageSize")
+    return rows < (int(size) if str(size).isdigit() and int(size) > 0 else PAGE_SIZE)

@@ -181,7 +181,8 @@ class Engine:
             self.codes.check_diagnoses(trade, req.input)
         psn = envelope.find_psn_no(req.input)
         env = self._complete(req.envelope)
-        if trade.insuplc == "fill" and psn and not env["insuplc_admdvs"]:
+        if trade.insuplc == "fill" and psn and not str(env["insuplc_admdvs"] or "").strip():
+            # blanks are empty: an HIS keeping it in a CHAR(6) column pads "none" to six spaces
             env["insuplc_admdvs"] = await self._insured_place(trade, psn)
 
         async def write(state: State) -> Accepted:

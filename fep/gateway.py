@@ -194,9 +194,17 @@ def unframe(profile: Profile, status: int, body: bytes, secrets: Secrets) -> byt
     return envelope.dumps(env)
 
 
+# What a gateway answers when it refused a request before forwarding it (reference §2: 缺少服务网关的请求头,
+# 签名时间戳超时, 非法用户, 签名不一致 are 401): a bad request or header, authentication, a path it has no service
+# at, throttling. Anything else of its own (500, 502, 503, 504 调用后端服务超时...) is of its backend, which may
+# have taken the trade: an unknown outcome, never "not sent".
+REFUSED_BEFORE = frozenset({400, 401, 403, 404, 405, 429})
+
+
 def _gateway_refusal(status: int, body: bytes) -> Refused | None:
-    """A gateway's own answer: {"code":401,"message":…} (Hunan CSB, x-tif) or an OAuth2 error ({"error":
-    "invalid_token"}); never an envelope, which always has infcode."""
+    """A gateway's own refusal before forwarding: {"code":401,"message":…} (Hunan CSB, x-tif) or an OAuth2
+    error ({"error":"invalid_token"}), under a status of REFUSED_BEFORE (the body's code where HTTP says 200);
+    never an envelope, which always has infcode."""
     try:
         doc = envelope.loads(body)
     except ValueError:
@@ -206,9 +214,19 @@ def _gateway_refusal(status: int, body: bytes) -> Refused | None:
     if isinstance(doc.get("error"), str) and status in (400, 401, 403):
         return Refused(f"the gateway refused the token: {doc['error']} ({doc.get('error_description', '')})",
                        token=doc["error"] == "invalid_token")
-    if "code" in doc and "message" in doc:
+    if "code" in doc and "message" in doc and _code(status, doc["code"]) in REFUSED_BEFORE:
         return Refused(f"the gateway refused it before the bureau: {doc.get('code')} {doc.get('message')}")
     return None
+
+
+def _code(status: int, code: Any) -> int:
+    """The HTTP status says what the gateway did; its body's code only where it answers every call with 200."""
+    if status != 200:
+        return status
+    try:
+        return int(code)
+    except (TypeError, ValueError):
+        return status
 
 
 # ---- the token (jilin) ---------------------------------------------------------------------------------

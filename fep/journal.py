@@ -1046,12 +1046,21 @@ def clearing_audited(month: str, group: Group, approved: str, refused: str, refu
 
 
 def clearing_paid(month: str, group: Group, amount: str, note: str, by: str) -> Op:
-    """A disbursement (拨付) from the bank's notice, entered by a person (`by`)."""
+    """A disbursement (拨付) from the bank's notice, entered by a person (`by`), against an application in
+    force; LookupError without one, ValueError for a notice already entered."""
 
     def op(conn: sqlite3.Connection) -> dict[str, Any]:
         row = _clearing_row(conn, month, group)
         if row is None:
             raise LookupError(f"no clearing application for {month} {'/'.join(group)}")
+        if row["state"] != "applied":
+            raise LookupError(f"the clearing application for {month} {'/'.join(group)} is {row['state']}")
+        entered = _fetch(conn, "SELECT at, by FROM clearing_events INDEXED BY clearing_events_month WHERE "
+                               "month = ? AND grp = ? AND event = 'paid' AND note = ?", (month, "/".join(group), note))
+        if entered:
+            at = time.strftime("%Y-%m-%d %H:%M", time.localtime(entered[0][0]))
+            raise ValueError(f"the bank notice {note!r} was entered already ({entered[0][1]}, {at}): a notice "
+                             f"is paid once")
         conn.execute("UPDATE clearings SET paid=?, updated=? WHERE month = ? AND insutype = ? AND setl_optins = ? "
                      "AND clr_type = ?", (str(Decimal(row["paid"]) + Decimal(amount)), time.time(), month, *group))
         _clearing_event(conn, month, group, "paid", amount, note, by)

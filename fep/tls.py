@@ -65,6 +65,7 @@ def load_secrets(files: tuple[tuple[str, Path], ...]) -> dict[str, Secret]:
     """Each named secret from its file (surrounding whitespace dropped), which only its owner may read."""
     out = {}
     for name, path in files:
+        _reachable(name, path)
         value = _read_private(path, f"secret {name}").strip()
         if not value:
             raise TLSConfigError(f"secret {name} {path} is empty")
@@ -117,3 +118,17 @@ def expiry(files: TLSFiles | None) -> dict[str, float]:
             cert = x509.load_pem_x509_certificate(_read(path, "certificate"))
             out[name] = cert.not_valid_after_utc.timestamp()
     return out
+
+
+def _reachable(name: str, path: Path) -> None:
+    """A secret's file that is not there is named by its key, not its path: the "path" may be the secret
+    itself, pasted into fep.yaml (Base64 has '/' in it), and an error is printed and logged."""
+    try:
+        found = path.is_file()
+    except OSError:
+        found = False
+    if not found:
+        raise TLSConfigError(f"secret {name}: bureau.profile.secrets.{name} names a file that does not exist "
+                             f"(or that this user cannot reach); "
+                             f"it must be the path of the file that holds the secret, never the secret itself "
+                             f"(the value is not shown, in case it is the secret)")

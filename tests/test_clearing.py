@@ -1,20 +1,22 @@
 """Month end (清算), as the insurance office and finance do it: a month of settlements, local and 异地, is
 reconciled day by day, applied for per group (3203) only once every day balanced, the 异地 clearing detail
 pulled (3260, every page) and compared with the journal, the bureau's audit read (approved, 拒付), and the
-bank's disbursement (拨付) recorded by whoever entered it."""
+bank's disbursement (拨付) recorded by whoever entered it. A month is cleared once it is over: the month's
+settlements are made today and moved to the last day of last month (World.backdate_settlements)."""
 
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 
 import pytest
 
 from fep.sim.world import LI, QIAN, ZHANG, ZHAO, Stay, Visit, World, ok, said, settled_visit
 
-MONTH = date.today().strftime("%Y-%m")
-DAYS = [date.today().replace(day=d).isoformat() for d in range(1, date.today().day + 1)]
+LAST_DAY = date.today().replace(day=1) - timedelta(days=1)
+MONTH = LAST_DAY.strftime("%Y-%m")  # last month: over
+DAYS = [LAST_DAY.replace(day=d).isoformat() for d in range(1, LAST_DAY.day + 1)]
 
 
 @pytest.fixture
@@ -36,6 +38,7 @@ def month(world: World) -> dict[str, dict]:
     out["zhao_stay"] = stay.settle()
     for name, answer in out.items():
         assert ok(answer), f"{name}: {said(answer)}"
+    world.backdate_settlements(LAST_DAY)
     return {name: answer["output"]["setlinfo"] for name, answer in out.items()}
 
 
@@ -101,6 +104,14 @@ def test_a_month_is_applied_for_pulled_audited_and_paid(month: dict[str, dict], 
     assert Decimal(str(status["paid"])) == due and Decimal(str(status["outstanding"])) == 0
     [entered] = [h for h in doc["history"] if h["event"] == "paid"]
     assert entered["by"].startswith("uid ") and entered["note"] == "工商银行到账通知 0001"
+    twice = world.cli("clearing", "paid", "--month", MONTH, "--group", "310/430199/11", "--amount", str(due),
+                      "--note", "工商银行到账通知 0001")  # the same notice entered again
+    assert twice.returncode != 0 and "entered already" in twice.stderr
+    assert Decimal(str(groups(clearing(world, "status")[1])["310/430199/11"]["paid"])) == due
+    assert world.cli("clearing", "cancel", "--month", MONTH, "--group", "390/430199/11").returncode == 0
+    cancelled = world.cli("clearing", "paid", "--month", MONTH, "--group", "390/430199/11", "--amount", "1.00",
+                          "--note", "工商银行到账通知 0002")  # a notice for an application no longer in force
+    assert cancelled.returncode != 0 and "is cancelled" in cancelled.stderr
 
     table = world.cli("clearing", "status", "--month", MONTH).stdout
     assert "异地门诊" in table and "超限价" in table and table.splitlines()[-1].startswith("合计")
@@ -126,6 +137,7 @@ def test_a_settlement_after_the_day_was_reconciled_keeps_its_group_from_being_ap
     for day in DAYS:
         assert world.cli("reconcile", "--date", day).returncode == 0, day
     settled_visit(world, ZHANG)  # the journal now holds more than what balanced
+    world.backdate_settlements(LAST_DAY)
     held = groups(clearing(world, "apply")[1])["310/430199/11"]
     assert held["result"] == "not applied" and held["days"] == [f"{DAYS[-1]} (settlements since it was reconciled)"]
     assert world.cli("reconcile", "--date", DAYS[-1]).returncode == 0
@@ -141,3 +153,19 @@ def test_a_payment_is_refused_without_an_application_or_a_notice(running: World)
                       "--note", "n")
     assert bad.returncode != 0 and "amount" in bad.stderr
     assert running.cli("clearing", "status", "--month", "2026-13").returncode != 0
+
+
+def test_a_month_that_is_not_over_is_neither_applied_for_nor_confirmed(running: World) -> None:
+    """The days still to come cannot have balanced: fep names the month's last day and sends neither 3203
+    nor 3261, however the days so far reconcile and the 异地 detail compares."""
+    settled_visit(running, QIAN)
+    this_month = date.today().strftime("%Y-%m")
+    for d in range(1, date.today().day + 1):
+        assert running.cli("reconcile", "--date", date.today().replace(day=d).isoformat()).returncode == 0
+    last = (date.today().replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1)
+    for what in ("apply", "remote"):
+        run = running.cli("clearing", what, "--month", this_month, "--json")
+        doc = json.loads(run.stdout)
+        why = doc["groups"][0]["why"] if what == "apply" else doc["why"]
+        assert run.returncode == 1 and f"ends on {last}" in why, doc
+    assert not {"3203", "3261"} & {infno for _, infno in running.sim_answers()}

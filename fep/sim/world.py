@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from contextlib import closing, contextmanager
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
@@ -292,6 +293,35 @@ class World:
     def refuse(self, setl_id: str, amount: str, reason: str) -> None:
         """The bureau's audit refuses (拒付) `amount` of a settlement, saying why (the status trade reports it)."""
         _http("POST", self.control_port, "/clearing/refuse", {"setl_id": setl_id, "amount": amount, "reason": reason})
+
+    def backdate_settlements(self, to: date) -> None:
+        """Move today's settlements to the day `to`, at the bureau and in fep's journal alike (the bureau's
+        setl_time, in its ledger and in the answer fep stored, and when fep journalled it): a month's
+        settlements told on a day after the month, for month-end clearing. Both are stopped for it and
+        started again, as after a night's maintenance."""
+        from fep.journal import body_text, stored_body
+
+        today, days = date.today().isoformat(), (date.today() - to).days
+
+        def earlier(text: str) -> str:
+            return (datetime.strptime(text[:19], "%Y-%m-%d %H:%M:%S") - timedelta(days=days)).strftime(
+                "%Y-%m-%d %H:%M:%S")
+
+        self.stop()
+        with closing(sqlite3.connect(self.sim_ledger_path)) as c, c:
+            for setl_id, at in c.execute("SELECT setl_id, setl_time FROM settlements WHERE substr(setl_time, 1, 10) "
+                                         "= ?", (today,)).fetchall():
+                c.execute("UPDATE settlements SET setl_time=? WHERE setl_id=?", (earlier(at), setl_id))
+        with closing(sqlite3.connect(self.journal_path)) as c, c:
+            for id_, answer, created in c.execute("SELECT id, answer, created FROM trades WHERE setl_id IS NOT NULL "
+                                                  "AND answer IS NOT NULL").fetchall():
+                doc = envelope.loads(body_text(answer))
+                info = (doc.get("output") or {}).get("setlinfo") or {}
+                if str(info.get("setl_time", ""))[:10] == today:
+                    info["setl_time"] = earlier(str(info["setl_time"]))
+                    c.execute("UPDATE trades SET answer=?, created=? WHERE id=?",
+                              (stored_body(envelope.dumps(doc).decode("utf-8")), created - days * 86400, id_))
+        self.start()
 
     def clear_faults(self) -> None:
         _http("DELETE", self.control_port, "/faults")
