@@ -24,9 +24,12 @@ from psycopg import pq
 from fep import dialect
 
 CONNECT_TIMEOUT = 5  # seconds: a journal that cannot be reached in this time is a write failure, tried again
-# The server notices a session whose node is gone (power, network) within about idle + interval * count
-# seconds and ends it: its locks (the leader's lease, fep.leader) are released with it.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3}
+# A session whose node is gone (power, network) is noticed within about idle + interval * count seconds and
+# ended: its locks (the leader's lease, fep.leader) are released with it.
+# Both ends: libpq's keepalives tell this node, the server's (set per session) tell PostgreSQL.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3,
+              "options": "-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 "
+                         "-c tcp_user_timeout=5000"}
 SCHEMA_LOCK = 0x66657001  # pg_advisory_xact_lock key: two nodes starting at once create the schema once
 
 

@@ -133,3 +133,20 @@ def test_the_leader_killed_in_the_middle_of_the_day_the_standby_takes_over_and_n
     assert len(msgids) == len(set(msgids)), "a msgid was used twice"
     assert "lost" in pair.events(pair.journal("his_msgid = ?", (first_key,))[0]["msgid"]), \
         "the new leader picked up the settlement that was at the bureau as unknown"
+
+
+def test_a_leader_whose_database_session_is_ended_stops_leading_and_the_standby_takes_over(pair: World) -> None:
+    """As when the database's own failover or an operator ends the leader's session (pg_terminate_backend)."""
+    import psycopg
+
+    with psycopg.connect(pair.journal_url, autocommit=True) as db:  # type: ignore[arg-type]
+        ended = db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE application_name = 'fep lease a 127.0.0.1:' || %s", (str(pair.his_port),)).fetchall()
+    assert ended == [(True,)]
+    wait_for(lambda: pair.fep.poll() is not None, timeout=TAKEOVER, what="node a to stop leading")  # type: ignore[union-attr]
+    assert pair.fep.returncode == 3, pair.log("run")  # type: ignore[union-attr]  # systemd starts it again
+    wait_for(lambda: pair.role("b").get("role") == "leader", timeout=TAKEOVER, what="node b to take over")
+    answer = Visit(EitherNode(pair.his_port, pair.peer.his_port), ZHANG).identify()  # type: ignore[union-attr,arg-type]
+    assert answer["infcode"] == 0, answer
+    pair.start_fep()  # node a, started again, stands by
+    wait_for(lambda: pair.role("a").get("role") == "standby", what="node a to stand by")

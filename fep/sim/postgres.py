@@ -55,22 +55,28 @@ def install() -> Path:
 class Postgres:
     """One cluster: `start`, `url(db)` for a new database, `restart` (chaos), `stop`."""
 
-    def __init__(self, base: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, where: Path | None = None, port: int | None = None) -> None:
+        """`where`: the cluster's directory, kept between runs (scripts/run --ha); None: a new temporary one."""
         from fep.sim.world import free_port
 
         self.bin = install()
-        # Its own directory, reachable by the user the server runs as (a test's tmp dir is root's, 0700).
-        self.dir = Path(tempfile.mkdtemp(prefix="fep-pg-", dir=base))
+        # A directory the server's user can reach (a test's tmp dir is root's, 0700).
+        self.dir = where or Path(tempfile.mkdtemp(prefix="fep-pg-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
         self.data = self.dir / "data"
         self.port = port or free_port()
         self._as_root = os.geteuid() == 0
         if self._as_root:
             shutil.chown(self.dir, RUN_AS)
-        self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-instructions")
-        with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.dir}'\n"
-                       "fsync = on\nsynchronous_commit = on\nmax_connections = 200\n")
+        if not (self.data / "PG_VERSION").exists():
+            self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-instructions")
+            with open(self.data / "postgresql.conf", "a") as conf:
+                conf.write("include_if_exists = 'fep.conf'\n")
+        # Written at each start: the port is chosen anew. fep.conf belongs to root; the server only reads it.
+        (self.data / "fep.conf").write_text(
+            f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.dir}'\n"
+            "fsync = on\nsynchronous_commit = on\nmax_connections = 200\n")
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [str(self.bin / tool), *args]
