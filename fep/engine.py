@@ -492,6 +492,7 @@ class Engine:
         given up, which the bureau holds after all (reconciliation found it), is resolved afresh. One the
         journal does not hold (单边账: settled behind fep's back) is reversed by a 2601 of its own, resent
         until answered. Each obeys refund order like a cancel."""
+        self._must_lead()
         row = await self.journal.for_his(omsgid)  # the HIS names its trade by its own msgid
         if row is None:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
@@ -539,6 +540,7 @@ class Engine:
     async def replay(self, msgid: str) -> Reply:
         """A person sends a parked trade on, after fixing its cause: an upload the bureau refused goes back
         to the head of its queue; a trade whose outcome is unknown is resolved afresh."""
+        self._must_lead()
         row = await self._parked(msgid)
         if row.related:  # a resolving trade is replayed through the trade it resolves
             return await self.replay(row.related)
@@ -552,6 +554,7 @@ class Engine:
 
     async def drop(self, msgid: str, reason: str) -> Reply:
         """A person gives a parked trade up, saying why; the person's later uploads then go on."""
+        self._must_lead()
         row = await self._parked(msgid)
         if row.related:
             raise Refused(409, f"{msgid} resolves {row.related}: drop or replay that one")

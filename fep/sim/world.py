@@ -113,7 +113,8 @@ class World:
         _merge(doc, self.region[0])
         _merge(doc, fep or {})
         if self.peer is not None:
-            doc["journal"].update(url=self.journal_url, node=f"a 127.0.0.1:{self.his_port}", lease_check=0.5)
+            doc["journal"].update(url=self.journal_url, node=f"a 127.0.0.1:{self.his_port}", lease_check=0.5,
+                                  path=str(self.dir / "lib" / "catalogs.db"))
             self.peer.write_config(doc)
         self.fep_config.write_text(yaml.safe_dump(doc, allow_unicode=True))
         sdoc = yaml.safe_load((ROOT / "conf" / "sim.yaml").read_text())
@@ -217,9 +218,35 @@ class World:
         self.peer.proc.wait()
         self.kills += 1
 
+    def admin_socket(self, node: str = "a") -> Path:
+        return self.dir / "run" / "admin.sock" if node == "a" else self.peer.dir / "run" / "admin.sock"  # type: ignore[union-attr]
+
+    def his_socket(self, node: str = "a") -> Path:
+        return self.dir / "run" / "his.sock" if node == "a" else self.peer.dir / "run" / "his.sock"  # type: ignore[union-attr]
+
+    def node_alive(self, node: str) -> bool:
+        return self.fep_alive() if node == "a" else self.peer is not None and self.peer.alive()
+
+    def start_node(self, node: str) -> None:
+        self.start_fep() if node == "a" else self.start_peer()
+
+    def kill_node(self, node: str) -> None:
+        self.kill_fep() if node == "a" else self.kill_peer()
+
+    def leading(self) -> str | None:
+        """The node that leads now (takes trades), as each says over its admin socket; None: neither."""
+        for node in ("a", "b"):
+            try:
+                status, doc = Client.unix(str(self.admin_socket(node)), timeout=5).request("GET", "/status")
+            except OSError:
+                continue
+            if status == 200 and doc.get("role") == "leader":
+                return node
+        return None
+
     def role(self, node: str = "a") -> dict[str, Any]:
         """`fep status` of node a or b, as JSON (its role and who leads among it)."""
-        admin = self.dir / "run" / "admin.sock" if node == "a" else self.peer.dir / "run" / "admin.sock"  # type: ignore[union-attr]
+        admin = self.admin_socket(node)
         done = subprocess.run([sys.executable, "-m", "fep.cli", "status", "--json", "--admin", str(admin)],
                               capture_output=True, text=True, timeout=60, cwd=self.dir)
         return json.loads(done.stdout) if done.returncode == 0 else {"role": None, "error": done.stderr}
@@ -343,7 +370,7 @@ class World:
             return c.execute("SELECT msgid, infno FROM answers ORDER BY rowid").fetchall()
 
     # ---- the journal, read as an auditor would ---------------------------------------------------------------
-    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         """A read of the journal, SQLite's or (share_journal) PostgreSQL's, in the journal's own SQL."""
         if self.journal_url is not None:
             import psycopg
@@ -361,7 +388,7 @@ class World:
         """Rows as stored, requests and answers as they were sent and received (fep.journal.body_text)."""
         from fep.journal import body_text
 
-        rows = self._read(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)
+        rows = self.query(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)
         for r in rows:
             for k in ("request", "answer", "late_answer"):
                 if r[k] is not None:
@@ -374,7 +401,7 @@ class World:
         return rows[0]
 
     def events(self, msgid: str) -> list[str]:
-        return [r["event"] for r in self._read("SELECT event FROM events WHERE msgid=? ORDER BY id", (msgid,))]
+        return [r["event"] for r in self.query("SELECT event FROM events WHERE msgid=? ORDER BY id", (msgid,))]
 
     def assert_ledgers_agree(self) -> None:
         """Every settlement the bureau holds is one the journal holds as settled, to the fen, and back."""
@@ -414,7 +441,7 @@ class World:
 
     def history(self, msgid: str) -> list[tuple[str, str, str | None]]:
         """(event, state, note) of each transition of a trade, oldest first: what `fep show` prints."""
-        return [(r["event"], r["state"], r["note"]) for r in self._read(
+        return [(r["event"], r["state"], r["note"]) for r in self.query(
             "SELECT event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,))]
 
     def sim_answer(self, msgid: str) -> dict[str, Any] | None:
