@@ -15,6 +15,8 @@ the journal's own zlib streams are unpacked before they are written.
 
 from __future__ import annotations
 
+import time
+import uuid
 import zlib
 from typing import Any, Sequence
 
@@ -30,6 +32,8 @@ CONNECT_TIMEOUT = 5  # seconds: a journal that cannot be reached in this time is
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3,
               "options": "-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 "
                          "-c tcp_user_timeout=5000"}
+READ_PATIENCE = 30.0  # seconds a read waits for a database that is not there (restarting) before it fails
+COMMIT_TOKEN = "last_commit"  # the meta key a writer's commit writes its token under (PgConnection)
 SCHEMA_LOCK = 0x66657001  # pg_advisory_xact_lock key: two nodes starting at once create the schema once
 
 
@@ -79,13 +83,20 @@ class Result:
 
 
 class PgConnection:
-    """One session on the journal's database, opened again at the next BEGIN when it was lost."""
+    """One session on the journal's database, opened again at the next BEGIN when it was lost.
+
+    A commit whose answer is lost (the server restarted, the network dropped at that moment) may or may not
+    have happened: the writer's commit also writes a token of its own into `meta`, and such a commit is then
+    settled by asking, on a new session, whether the token is there, waiting until the database can say. So a
+    trade is never refused as "nothing accepted" when it was journalled, nor held as journalled when not.
+    """
 
     def __init__(self, url: str, reader: bool) -> None:
         self.url = url
         self._reader = reader
         self._pg: psycopg.Connection[Any] | None = None
         self.total_changes = 0  # rows written through this connection, as sqlite3's counter
+        self._wrote = False  # this transaction has written: its commit carries a token
         self._open()
 
     def _open(self) -> None:
@@ -108,19 +119,72 @@ class PgConnection:
         text = dialect.to_postgres(sql)
         if text is None:
             return Result(None, False)
-        if self._lost:
-            if text == "ROLLBACK":
-                return Result(None, False)
-            if text == "BEGIN":
-                self._open()
+        if text == "BEGIN":
+            return self._begin()
+        if text == "COMMIT":
+            return self._commit()
+        if text == "ROLLBACK" and self._lost:
+            return Result(None, False)
         cur = self._pg.execute(text, [_param(p) for p in params] if params else None)  # type: ignore[union-attr]
         if cur.rowcount > 0 and not text.startswith("SELECT"):
             self.total_changes += cur.rowcount
+            self._wrote = True
         return Result(cur, text.endswith(" RETURNING id") and "RETURNING" not in sql.upper())
 
-    def close(self) -> None:
+    def _begin(self) -> Result:
+        """A transaction on a live session: one found dead at BEGIN (the server restarted since the last
+        transaction) is opened again; nothing was done on it yet, so nothing is lost. The writer tries once
+        more (its writes are held and tried again by the journal); a reader waits up to READ_PATIENCE for the
+        database, so a lookup during a restart of PostgreSQL is answered late rather than failed."""
+        self._wrote = False
+        give_up = time.monotonic() + (READ_PATIENCE if self._reader else 0)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                if self._lost:
+                    self._open()
+                self._pg.execute("BEGIN")  # type: ignore[union-attr]
+                return Result(None, False)
+            except psycopg.OperationalError:
+                self._drop()
+                if tries >= 2 and time.monotonic() >= give_up:
+                    raise
+                if tries >= 2:
+                    time.sleep(0.5)
+
+    def _commit(self) -> Result:
+        if not self._wrote:
+            self._pg.execute("COMMIT")  # type: ignore[union-attr]
+            return Result(None, False)
+        token = uuid.uuid4().hex
+        try:
+            self._pg.execute(f"INSERT INTO meta VALUES ('{COMMIT_TOKEN}', '{token}') ON CONFLICT (key) "  # type: ignore[union-attr]
+                             f"DO UPDATE SET value = excluded.value; COMMIT")
+        except psycopg.OperationalError as e:
+            self._drop()
+            if not self._committed(token):
+                raise e
+        return Result(None, False)
+
+    def _committed(self, token: str) -> bool:
+        """Whether the commit that wrote `token` happened, asked on a new session until one answers."""
+        while True:
+            try:
+                self._open()
+                row = self._pg.execute("SELECT value FROM meta WHERE key = %s", (COMMIT_TOKEN,)).fetchone()  # type: ignore[union-attr]
+                return row is not None and row[0] == token
+            except psycopg.OperationalError:
+                self._drop()
+                time.sleep(1.0)
+
+    def _drop(self) -> None:
         if self._pg is not None:
             self._pg.close()
+        self._pg = None
+
+    def close(self) -> None:
+        self._drop()
 
 
 def _param(value: Any) -> Any:

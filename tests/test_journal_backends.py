@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -197,3 +197,13 @@ def test_on_a_shared_journal_a_node_whose_epoch_ended_can_move_nothing_to_sent(s
 def test_a_postgresql_journal_is_named_without_its_password() -> None:
     j = Journal(Path("unused.db"), FIXMEDINS, url="postgresql://fep:secret@127.0.0.1:5433/fep")
     assert j.where == "postgresql://fep@127.0.0.1:5433/fep"
+
+
+def test_postgresql_restarted_between_trades_the_next_trade_and_lookup_go_through(shared: Bench, postgres: Any) -> None:
+    first = shared.accept("1101", {"psn_no": "P15"})
+    postgres.restart()  # every session ends, as in a crash of the server; it recovers from its WAL
+    second = shared.accept("1101", {"psn_no": "P15"})
+    assert second.msgid > first.msgid
+    assert [r.msgid for r in shared.run(shared.journal.find(TradeFilter(psn_no="P15")))] == [first.msgid,
+                                                                                              second.msgid]
+    assert shared.journal.cannot_write is None
