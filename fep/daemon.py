@@ -55,7 +55,6 @@ class Daemon:
         self.cfg = cfg
         self.extra_admin: dict[str, Any] = {}
         self.lease: leader.Lease | None = None
-        self.exit_code: int | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -152,12 +151,14 @@ class Daemon:
         self.engine.leader = who.node
 
     def _lost(self, why: str) -> None:
-        if self.exit_code is not None:
-            return
-        self.engine.role = "standby"  # from this moment the HIS is sent elsewhere
-        self.exit_code = LOST_LEAD
-        log.error("stopping: this node no longer leads ({why}); it starts again as a standby", why=why)
-        self.reactor.stop()
+        """It stops as if killed: what it had in hand the new leader recovers from the journal, and the HIS,
+        its connection cut, asks the other node. A graceful stop would answer requests in flight from a
+        journal closing under them."""
+        self.engine.role = "standby"
+        log.error("stopping now: this node no longer leads ({why}); it starts again as a standby", why=why)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(LOST_LEAD)
 
     async def reload(self) -> str:
         """Config and certificates anew, without dropping trades in flight; an invalid config changes nothing."""
@@ -175,7 +176,8 @@ class Daemon:
         moved = [name for name, a, b in (("his tcp", (self.cfg.his.tcp_host, self.cfg.his.tcp_port),
                                           (cfg.his.tcp_host, cfg.his.tcp_port)),
                                          ("his unix", self.cfg.his.unix, cfg.his.unix),
-                                         ("journal", self.cfg.journal_path, cfg.journal_path)) if a != b]
+                                         ("journal", self.cfg.journal_path, cfg.journal_path),
+                                         ("journal url", self.cfg.journal_url, cfg.journal_url)) if a != b]
         self.engine.reconfigure(cfg)
         self.factory.max_body, self.factory.networks = cfg.his.max_body, cfg.his.allowed_networks
         self.factory.limits = his_limits(cfg.his)  # for connections opened from now on
@@ -309,4 +311,4 @@ def run(config_path: Path) -> int:
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(lambda: defer.ensureDeferred(daemon.reload())))
     reactor.run(installSignalHandlers=False)
-    return outcome.get("code", daemon.exit_code or 0)
+    return outcome.get("code", 0)

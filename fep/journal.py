@@ -639,7 +639,7 @@ class _Readers:
     def call(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
         d: defer.Deferred[T] = defer.Deferred()
         if self._journal._dead is not None or self._stopped:
-            d.errback(Failure(self._journal._dead or JournalError(f"journal {self._journal.path} is closed")))
+            d.errback(Failure(self._journal._dead or JournalError(f"journal {self._journal.where} is closed")))
             return d
         if not self._threads:  # the first read starts them (after open: the schema is there)
             self._threads = [threading.Thread(target=self._run, name=f"journal-{self._name}-{i}", daemon=True)

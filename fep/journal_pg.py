@@ -83,7 +83,8 @@ class Result:
 
 
 class PgConnection:
-    """One session on the journal's database, opened again at the next BEGIN when it was lost.
+    """One session on the journal's database, opened again at the next BEGIN when it was lost (a reader's is
+    first opened there).
 
     A commit whose answer is lost (the server restarted, the network dropped at that moment) may or may not
     have happened: the writer's commit also writes a token of its own into `meta`, and such a commit is then
@@ -97,7 +98,8 @@ class PgConnection:
         self._pg: psycopg.Connection[Any] | None = None
         self.total_changes = 0  # rows written through this connection, as sqlite3's counter
         self._wrote = False  # this transaction has written: its commit carries a token
-        self._open()
+        if not reader:
+            self._open()  # a journal that cannot be written is refused at start; a reader connects at its BEGIN
 
     def _open(self) -> None:
         self._pg = connect(self.url)
