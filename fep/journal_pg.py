@@ -125,8 +125,8 @@ class PgConnection:
             return self._begin()
         if text == "COMMIT":
             return self._commit()
-        if text == "ROLLBACK" and self._lost:
-            return Result(None, False)
+        if text == "ROLLBACK":
+            return self._rollback()
         cur = self._pg.execute(text, [_param(p) for p in params] if params else None)  # type: ignore[union-attr]
         if cur.rowcount > 0 and not text.startswith("SELECT"):
             self.total_changes += cur.rowcount
@@ -154,6 +154,15 @@ class PgConnection:
                     raise
                 if tries >= 2:
                     time.sleep(0.5)
+
+    def _rollback(self) -> Result:
+        """A session that died is rolled back already (the server did it): a read's answer, had before, stands."""
+        try:
+            if not self._lost:
+                self._pg.execute("ROLLBACK")  # type: ignore[union-attr]
+        except psycopg.OperationalError:
+            self._drop()
+        return Result(None, False)
 
     def _commit(self) -> Result:
         if not self._wrote:

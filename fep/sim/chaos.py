@@ -1272,8 +1272,6 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 time.sleep(0.5)
         watch.done.set()
-        if postgres is not None:
-            export_journal(world, base / "lib" / "journal.db")
     except Exception:
         world.stop()
         if postgres is not None:
@@ -1282,7 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scripts/chaos: the run could not be carried out; state kept in {base}", file=sys.stderr)
         return 2
     world.stop()
-    if postgres is not None:
+    if postgres is not None:  # read once every node has stopped, as a single box's journal file is
+        export_journal(world, base / "lib" / "journal.db")
         postgres.remove()
     run = {"seed": args.seed, "HIS msgids": tally.sent, "clients": clients, "persons": n_persons,
            "seconds": round(time.monotonic() - started, 1), "fep kills": chaos.fep_killed,
