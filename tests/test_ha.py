@@ -72,7 +72,7 @@ def pair(world: World, pg_url: str) -> World:
     world.share_journal(pg_url)
     world.start_sim()
     world.start_fep()
-    wait_for(lambda: world.role("a").get("role") == "leader", what="node a to lead")
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
     world.start_peer()
     wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
     return world
@@ -123,7 +123,7 @@ def test_the_leader_killed_in_the_middle_of_the_day_the_standby_takes_over_and_n
     wait_for(lambda: pair.journal("infno = '2207' AND state = 'SENT'"), what="the settlement to be at the bureau")
     killed = time.monotonic()
     pair.kill_fep()  # no shutdown code runs
-    wait_for(lambda: pair.role("b").get("role") == "leader", timeout=TAKEOVER, what="node b to take over")
+    wait_for(lambda: pair.leading() == "b", timeout=TAKEOVER, what="node b to take over")
     print(f"takeover: node b led {time.monotonic() - killed:.1f} s after node a was killed")
     at_bureau.join(120)
     assert first_key in heard, "the HIS never heard of its settlement"
@@ -160,7 +160,7 @@ def test_a_leader_whose_database_session_is_ended_stops_leading_and_the_standby_
     assert ended == [(True,)]
     wait_for(lambda: pair.fep.poll() is not None, timeout=TAKEOVER, what="node a to stop leading")  # type: ignore[union-attr]
     assert pair.fep.returncode == 3, pair.log("run")  # type: ignore[union-attr]  # systemd starts it again
-    wait_for(lambda: pair.role("b").get("role") == "leader", timeout=TAKEOVER, what="node b to take over")
+    wait_for(lambda: pair.leading() == "b", timeout=TAKEOVER, what="node b to take over")
     answer = Visit(EitherNode(pair.his_port, pair.peer.his_port), ZHANG).identify()  # type: ignore[union-attr,arg-type]
     assert answer["infcode"] == 0, answer
     pair.start_fep()  # node a, started again, stands by
