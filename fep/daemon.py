@@ -41,7 +41,7 @@ from fep.reconcile import Reconciler, yesterday
 from fep.schedule import Daily
 
 log = Logger()
-LOST_LEAD = 3  # exit status of a leader that lost its lease (systemd starts it again: Restart=always)
+LOST_LEAD = 3  # exit status of a leader that lost its lease (systemd starts it again: Restart=on-failure)
 
 
 class StartupError(Exception):
@@ -106,7 +106,8 @@ class Daemon:
                                  **admin.clearing_routes(Clearing(self.reconciler))})
         self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday()),
                             self.journal),
-                      Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync, self.journal),
+                      # Each node's catalogs are its own (above): so is the record of when it last synced them.
+                      Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync, self.catalogs),
                       *([] if cfg.journal_url else [Daily(self.reactor, "backup", cfg.backup.daily_at,
                                                           self.backups.daily, self.journal)]),
                       Daily(self.reactor, "archive", cfg.archive_at, self.archive.run, self.journal)]
