@@ -10,7 +10,10 @@ and names the node. The journal fences every move to SENT with the epoch (fep.jo
 lost the lock cannot journal another send, even before it notices, so it sends nothing more to the bureau.
 
 A leader that cannot confirm its session for `timeout` seconds (a probe hanging on a network that is gone)
-counts the lease as lost. The thread below does every blocking call; the reactor hears what it found.
+counts the lease as lost. A leader that hangs (stopped, swapping) sends no probe, and its operating system
+still answers the keepalives: the lease's session therefore has idle_session_timeout set to `timeout`, so
+PostgreSQL ends it and a standby takes over; woken, the old leader finds its epoch fenced and its lease gone.
+The thread below does every blocking call; the reactor hears what it found.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class Lease:
             try:
                 if conn is None:
                     conn = journal_pg.connect(self.url, application_name=f"fep lease {self.node}")
+                    conn.execute("SELECT set_config('idle_session_timeout', %s, false)",
+                                 (str(int(self.timeout * 1000)),))  # PostgreSQL 14 and later
                 if leading:
                     conn.execute("SELECT 1")  # the session lives, so the lock it holds does
                     self.reactor.callFromThread(self._seen_alive, time.monotonic())

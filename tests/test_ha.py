@@ -180,3 +180,18 @@ def test_a_short_chaos_run_on_two_nodes_finds_every_must_be_zero_figure_zero(tmp
     nonzero = {k: n for k, n in doc["figures"].items() if n}
     assert not nonzero, json.dumps({"figures": nonzero, "details": doc["details"]}, ensure_ascii=False, indent=1)
     assert run.returncode == 0
+
+
+def test_a_leader_that_hangs_loses_the_lead_and_woken_it_stops(pair: World) -> None:
+    """A leader frozen (SIGSTOP: its kernel still answers keepalives) sends no probe of its lease: PostgreSQL
+    ends the lease's idle session, the standby takes over, and the old leader, woken, stops."""
+    import signal
+
+    pair.fep.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+    try:
+        wait_for(lambda: pair.leading(among=("b",)) == "b", timeout=TAKEOVER,
+                 what="node b to take over from a hung leader")
+    finally:
+        pair.fep.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+    wait_for(lambda: pair.fep.poll() is not None, timeout=TAKEOVER, what="node a, woken, to stop")  # type: ignore[union-attr]
+    assert pair.fep.returncode == 3  # type: ignore[union-attr]

@@ -233,9 +233,10 @@ class World:
     def kill_node(self, node: str) -> None:
         self.kill_fep() if node == "a" else self.kill_peer()
 
-    def leading(self) -> str | None:
-        """The node that leads now (takes trades), as each says over its admin socket; None: neither."""
-        for node in ("a", "b"):
+    def leading(self, among: tuple[str, ...] = ("a", "b")) -> str | None:
+        """The node that leads now (takes trades), as each says over its admin socket; None: neither. `among`:
+        only those asked (a hung node would hold the question up)."""
+        for node in among:
             try:
                 status, doc = Client.unix(str(self.admin_socket(node)), timeout=5).request("GET", "/status")
             except OSError:
