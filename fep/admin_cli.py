@@ -200,8 +200,8 @@ def check(args: argparse.Namespace) -> int:
     except SystemExit as e:  # no config, or the admin socket refused the call
         print(f"FEP CRITICAL - {e}")
         return health.Level.CRITICAL
-    verdict = health.check(status, datetime.now())
-    print(verdict.line(health.summary(status)))
+    verdict = health.role(status, args.role) if args.role else health.check(status, datetime.now())
+    print(verdict.line(health.summary(status) if not args.role else f"this node leads ({status.get('role')})"))
     return verdict.level
 
 
@@ -518,6 +518,9 @@ def add_commands(sub: Any) -> None:
     st = sub.add_parser("status", help="bureau link, sign-in, queues, needs-attention, certificates")
     st.add_argument("--check", action="store_true", help="one line and exit 0 OK, 1 WARNING, 2 CRITICAL (Nagios, "
                                                          "Zabbix; README, \"Monitoring\")")
+    st.add_argument("--role", choices=["leader"], help="with --check: exit 0 only on the node that leads (the "
+                                                       "check script of a keepalived virtual address; README, \"Two "
+                                                       "boxes (PostgreSQL)\")")
     admin_options(st)
     st.set_defaults(func=cmd_status)
 

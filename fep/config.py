@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -176,6 +177,14 @@ class BackupPlan:
 
 
 @dataclass(frozen=True)
+class LeasePlan:
+    """Leadership among the nodes sharing a PostgreSQL journal (fep.leader)."""
+    node: str  # this node's name in the journal's leader row and in a standby's refusals
+    check: float = 1.0  # seconds between a standby's tries for the lease (and the leader's checks of it)
+    timeout: float = 3.0  # seconds without a sign of its lease's session after which a leader gives it up
+
+
+@dataclass(frozen=True)
 class Config:
     institution: Institution
     his: HisSide
@@ -203,6 +212,8 @@ class Config:
     archive_at: str | None = None  # "HH:MM": the daily move to the archive files
     backup: BackupPlan = BackupPlan()
     console: ConsoleSide = ConsoleSide()
+    journal_url: str | None = None  # PostgreSQL's; None: the journal is SQLite at journal_path
+    lease: LeasePlan | None = None  # with journal_url: this node's part in choosing the leader
 
 
 @dataclass(frozen=True)
@@ -277,7 +288,8 @@ KEYS: dict[str, Any] = {
                "profile": {"style": TEXT, "url_layout": TEXT, "content_type": TEXT,
                            **{name: TEXT for style in SETTINGS.values() for name in style},
                            "secrets": {name: TEXT for style in SECRETS.values() for name in style}}},
-    "journal": {"path": TEXT, "max_batch": COUNT, "keep_days": COUNT, "archive_daily_at": TEXT},
+    "journal": {"path": TEXT, "max_batch": COUNT, "keep_days": COUNT, "archive_daily_at": TEXT, "url": TEXT,
+                "node": TEXT, "lease_check": NUMBER, "lease_timeout": NUMBER},
     "backup": {"dir": TEXT, "keep": COUNT, "daily_at": TEXT},
     "remote": {"without_1101": TEXT},
     "clearing": {"status_trade": TEXT, "clr_type_names": TEXT_MAP},
@@ -477,8 +489,29 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         archive_at=_archive_at(jr),
         backup=_backup(doc.get("backup") or {}, base),
         console=_console(doc.get("console") or {}, base, his, doc.get("admin") or {}),
+        **_shared_journal(jr, his),
         **_month_end(doc, trades),
     )
+
+
+def _shared_journal(jr: dict[str, Any], his: HisSide) -> dict[str, Any]:
+    """journal.url: the journal on PostgreSQL, shared by the nodes that name it, one of them leading."""
+    url = jr.get("url")
+    if url is None:
+        for key in ("node", "lease_check", "lease_timeout"):
+            if key in jr:
+                raise ConfigError(f"journal.{key} is set but journal.url is not: leadership is among nodes that "
+                                  f"share a PostgreSQL journal")
+        return {}
+    if not str(url).startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"journal.url must be a PostgreSQL URL (postgresql://user@host:port/database), got "
+                          f"{str(url).split('@')[-1]!r}")
+    check, timeout = float(jr.get("lease_check", 1.0)), float(jr.get("lease_timeout", 3.0))
+    if not 0 < check < timeout:
+        raise ConfigError(f"journal.lease_check ({check:g} s) must be more than 0 and less than journal.lease_timeout "
+                          f"({timeout:g} s): a leader checks its lease several times before giving it up")
+    node = str(jr.get("node") or f"{socket.gethostname()}:{his.tcp_port}")
+    return {"journal_url": str(url), "lease": LeasePlan(node, check, timeout)}
 
 
 def _count(doc: dict[str, Any], key: str, where: str, default: int | None) -> int | None:

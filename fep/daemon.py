@@ -3,6 +3,12 @@
 The journal opens and recovery runs before any listener is bound, so no HIS request can race the
 picking-up of trades from the last run; systemd hears READY=1 only after that. SIGHUP (systemctl reload)
 re-reads the config and certificates; an invalid new config is refused and the running one stays.
+
+With journal.url (PostgreSQL) the node shares its journal with others and one of them leads (fep.leader). A
+node starts as a standby: its listeners answer lookups from the journal and refuse trades, naming the leader.
+When it wins the lease it runs the recovery a restart runs, then takes trades and starts the daily jobs. A
+leader that loses its lease exits (LOST_LEAD) and is started again as a standby: nothing of a half-stopped
+engine can linger, and the journal's fence has already stopped its sends.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from fep import admin, envelope, metrics, sockets, systemd, tls
+from fep import admin, envelope, leader, metrics, sockets, systemd, tls
 from fep import config as config_mod
 from fep import logs
 from fep.archive import Archive
@@ -35,6 +41,7 @@ from fep.reconcile import Reconciler, yesterday
 from fep.schedule import Daily
 
 log = Logger()
+LOST_LEAD = 3  # exit status of a leader that lost its lease (systemd starts it again: Restart=on-failure)
 
 
 class StartupError(Exception):
@@ -47,6 +54,7 @@ class Daemon:
         self.config_path = config_path
         self.cfg = cfg
         self.extra_admin: dict[str, Any] = {}
+        self.lease: leader.Lease | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -56,16 +64,28 @@ class Daemon:
             self.link = BureauLink(self.reactor, cfg.bureau)
         except tls.TLSConfigError as e:
             raise StartupError(f"bureau TLS: {e}") from None
-        self.journal = Journal(cfg.journal_path, cfg.institution.fixmedins_code, cfg.journal_max_batch)
+        self.journal = Journal(cfg.journal_path, cfg.institution.fixmedins_code, cfg.journal_max_batch,
+                               url=cfg.journal_url)
         self.journal.observers.append(logs.transition)
+        if cfg.lease is not None:
+            self.journal.fence = leader.NO_EPOCH  # a standby journals no send
+        # On PostgreSQL the catalogs stay in each node's own file at journal.path: a cache of the bureau's,
+        # synced daily, that no trade's record depends on.
+        self.catalogs = self.journal if cfg.journal_url is None else Journal(cfg.journal_path,
+                                                                               cfg.institution.fixmedins_code)
         try:
             await self.journal.open(self.reactor)
+            if self.catalogs is not self.journal:
+                await self.catalogs.open(self.reactor)
         except JournalError as e:
             raise StartupError(str(e)) from None
-        self.codes = CodeBook(self.journal)
+        self.codes = CodeBook(self.catalogs)
         await self.codes.open()
         self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes)
-        await self.engine.start()
+        if cfg.lease is None:
+            await self.engine.start()
+        else:
+            self.engine.role = "standby"
         self.factory = HisFactory(HisService(self.engine), cfg.his.max_body, cfg.his.allowed_networks,
                                   his_limits(cfg.his), *connection_caps(cfg.his))
         if cfg.his.unix:
@@ -86,8 +106,10 @@ class Daemon:
                                  **admin.clearing_routes(Clearing(self.reconciler))})
         self.daily = [Daily(self.reactor, "reconciliation", cfg.reconcile_at, lambda: self.reconciler.run(yesterday()),
                             self.journal),
-                      Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync, self.journal),
-                      Daily(self.reactor, "backup", cfg.backup.daily_at, self.backups.daily, self.journal),
+                      # Each node's catalogs are its own (above): so is the record of when it last synced them.
+                      Daily(self.reactor, "catalog sync", cfg.catalog_sync_at, self._sync, self.catalogs),
+                      *([] if cfg.journal_url else [Daily(self.reactor, "backup", cfg.backup.daily_at,
+                                                          self.backups.daily, self.journal)]),
                       Daily(self.reactor, "archive", cfg.archive_at, self.archive.run, self.journal)]
         audit = AuditTrail(self.journal)
         service = admin.AdminService(self.engine, self.reload, self.extra_admin, self.archive, audit)
@@ -99,13 +121,50 @@ class Daemon:
             await server.listen(self.reactor, cfg.console, pages.Pages(service, Clearing(self.reconciler)), audit)
         self.refresher = admin.MetricsRefresher(self.reactor, self.engine)
         self.refresher.loop.start(5.0)
-        for job in self.daily:
-            await job.start()
         self.reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(self.shutdown()))
         self.watchdog = systemd.start_watchdog(self.reactor, self.journal.ping)
-        systemd.notify("READY=1\nSTATUS=recovered; listening")
+        if cfg.lease is None:
+            for job in self.daily:
+                await job.start()
+            systemd.notify("READY=1\nSTATUS=recovered; listening")
+        else:
+            self.lease = leader.Lease(self.reactor, cfg.journal_url, cfg.lease.node, cfg.lease.check,  # type: ignore[arg-type]
+                                      cfg.lease.timeout, self._won, self._lost, self._seen)
+            self.lease.start()
+            if cfg.backup.daily_at:
+                log.warn("backup.daily_at does not apply to a journal in PostgreSQL: back it up with PostgreSQL's "
+                         "own tools (pg_basebackup and WAL archiving)")
+            systemd.notify(f"READY=1\nSTATUS=standby ({cfg.lease.node}); listening")
         log.info("fep ready: HIS on {unix} and {host}:{port}; bureau {eps}", unix=cfg.his.unix,
                  host=cfg.his.tcp_host, port=cfg.his.tcp_port, eps=", ".join(e.url for e in cfg.bureau.endpoints))
+
+    # ---- leadership (journal.url) ------------------------------------------------------------------
+    def _won(self, epoch: int) -> None:
+        defer.ensureDeferred(self._take_over(epoch)).addErrback(
+            lambda f: self._lost(f"taking over failed: {f.getErrorMessage()}"))
+
+    async def _take_over(self, epoch: int) -> None:
+        """The recovery a restart runs, under the new epoch; trades are taken once it is done."""
+        await self.journal.lead(epoch)
+        await self.engine.start()
+        self.engine.role, self.engine.leader = "leader", self.cfg.lease.node  # type: ignore[union-attr]
+        for job in self.daily:
+            await job.start()
+        systemd.notify(f"STATUS=leading ({self.engine.leader}, epoch {epoch}); recovered; listening")
+        log.info("took over as leader, epoch {epoch}: recovered, taking trades", epoch=epoch)
+
+    def _seen(self, who: leader.Leader) -> None:
+        self.engine.leader = who.node
+
+    def _lost(self, why: str) -> None:
+        """It stops as if killed: what it had in hand the new leader recovers from the journal, and the HIS,
+        its connection cut, asks the other node. A graceful stop would answer requests in flight from a
+        journal closing under them."""
+        self.engine.role = "standby"
+        log.error("stopping now: this node no longer leads ({why}); it starts again as a standby", why=why)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(LOST_LEAD)
 
     async def reload(self) -> str:
         """Config and certificates anew, without dropping trades in flight; an invalid config changes nothing."""
@@ -123,7 +182,8 @@ class Daemon:
         moved = [name for name, a, b in (("his tcp", (self.cfg.his.tcp_host, self.cfg.his.tcp_port),
                                           (cfg.his.tcp_host, cfg.his.tcp_port)),
                                          ("his unix", self.cfg.his.unix, cfg.his.unix),
-                                         ("journal", self.cfg.journal_path, cfg.journal_path)) if a != b]
+                                         ("journal", self.cfg.journal_path, cfg.journal_path),
+                                         ("journal url", self.cfg.journal_url, cfg.journal_url)) if a != b]
         self.engine.reconfigure(cfg)
         self.factory.max_body, self.factory.networks = cfg.his.max_body, cfg.his.allowed_networks
         self.factory.limits = his_limits(cfg.his)  # for connections opened from now on
@@ -159,6 +219,9 @@ class Daemon:
 
     async def _backup(self, req: Any) -> dict[str, Any]:
         """POST /backup {"path": "/absolute/file/or/directory"}."""
+        if self.cfg.journal_url:
+            raise ValueError("the journal is in PostgreSQL: back it up with PostgreSQL's own tools, pg_basebackup "
+                             "with WAL archiving (point-in-time recovery) or pg_dump (README, \"Two boxes\")")
         path = envelope.loads(req.body or b"{}").get("path")
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"backup needs an absolute path, got {path!r}")
@@ -189,9 +252,13 @@ class Daemon:
         for loop in (self.refresher.loop, self.watchdog):
             if loop is not None and loop.running:
                 loop.stop()
+        if self.lease is not None:
+            self.lease.stop()
         self.engine.stop()
         self.link.close()
         await self.journal.close()
+        if self.catalogs is not self.journal:
+            await self.catalogs.close()
 
 
 def _day(text: str | None) -> date:

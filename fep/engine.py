@@ -25,7 +25,7 @@ from fep.bureau import BureauLink, Delivery, NotSent, Unknown
 from fep.codebook import CodeBook
 from fep.config import Config
 from fep.confirm import ConfirmWindows, NotAwaiting
-from fep.journal import (Accepted, IllegalTransition, Journal, JournalError, NewTrade, TradeRow,
+from fep.journal import (Accepted, Fenced, IllegalTransition, Journal, JournalError, NewTrade, TradeRow,
                          answer_with_place, insured_place)
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
@@ -71,6 +71,9 @@ class Engine:
         self._link_was_down = False
         # msgid -> resubmissions waiting for the answer the first submission of it is getting now
         self._waiting: dict[str, list[defer.Deferred[None]]] = {}
+        # One node of several sharing a journal (fep.leader): "leader" or "standby"; "single" alone.
+        self.role = "single"
+        self.leader: str | None = None  # who leads, as this node last read it (shared journals)
 
     # ---- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,7 +132,14 @@ class Engine:
         return Markers(self.cfg.bureau.reversal_not_found, self.cfg.bureau.transient, self.cfg.bureau.late_grace)
 
     # ---- HIS entry points ----------------------------------------------------------------------
+    def _must_lead(self) -> None:
+        """A standby takes no trade: the HIS is told which node leads. Lookups it answers from the journal."""
+        if self.role == "standby":
+            raise Refused(envelope.STANDBY, f"this fep node stands by; the leader is {self.leader or 'being chosen'}: "
+                                            f"send trades there (nothing was accepted here)")
+
     async def submit(self, req: envelope.HisRequest) -> Reply:
+        self._must_lead()
         started = time.perf_counter()
         trade = self.trades.get(req.infno)
         if trade.from_his is FromHis.SESSION:
@@ -151,6 +161,7 @@ class Engine:
     async def confirm(self, key: str) -> Reply:
         """The HIS recorded a settlement that has a confirmation window. Like a lookup, it needs only a
         msgid: the HIS hears state and codes."""
+        self._must_lead()
         row = await self._row(key)
         try:
             return lookup_view(self._reply(await self.windows.confirm(row.msgid)))
@@ -346,6 +357,8 @@ class Engine:
             return await self.journal.accept(new)
         except JournalError as e:
             raise Refused(503, f"{e}; nothing was accepted, send it again later") from None
+        except Fenced as e:  # another node took the lead a moment ago: nothing was journalled here
+            raise Refused(envelope.STANDBY, f"{e}; nothing was accepted: send it to the leader") from None
 
     def _complete(self, his_envelope: dict[str, Any]) -> dict[str, Any]:
         """Fill what the box owns; keep what the HIS says of itself."""
@@ -479,6 +492,7 @@ class Engine:
         given up, which the bureau holds after all (reconciliation found it), is resolved afresh. One the
         journal does not hold (单边账: settled behind fep's back) is reversed by a 2601 of its own, resent
         until answered. Each obeys refund order like a cancel."""
+        self._must_lead()
         row = await self.journal.for_his(omsgid)  # the HIS names its trade by its own msgid
         if row is None:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
@@ -530,6 +544,7 @@ class Engine:
     async def replay(self, msgid: str) -> Reply:
         """A person sends a parked trade on, after fixing its cause: an upload the bureau refused goes back
         to the head of its queue; a trade whose outcome is unknown is resolved afresh."""
+        self._must_lead()
         row = await self._parked(msgid)
         if row.related:  # a resolving trade is replayed through the trade it resolves
             return await self.replay(row.related)
@@ -543,6 +558,7 @@ class Engine:
 
     async def drop(self, msgid: str, reason: str) -> Reply:
         """A person gives a parked trade up, saying why; the person's later uploads then go on."""
+        self._must_lead()
         row = await self._parked(msgid)
         if row.related:
             raise Refused(409, f"{msgid} resolves {row.related}: drop or replay that one")
@@ -570,6 +586,7 @@ class Engine:
             "endpoints": [{"name": p.ep.name, "url": p.ep.url, "up": p.up} for p in self.link.pools],
             "signed_in": self.session.signed_in, "sign_no": self.session.sign_no,
             "journal_cannot_write": self.journal.cannot_write,
+            "role": self.role, "leader": self.leader,
             "trades_by_state": counts,
             "queued": counts.get(S.QUEUED, 0),
             "oldest_queued_seconds": round(self._now() - oldest, 1) if oldest else None,

@@ -689,7 +689,8 @@ def local_failure(message: str, when: datetime, output: str = "data") -> dict[st
 # Why fep refused, for programs that branch on it; the HIS hears every refusal as HTTP 200, infcode -1,
 # because HIS clients turn any other status into a transport error and lose the message.
 REASONS = {400: "invalid", 403: "not_for_the_his", 404: "not_found", 409: "conflict", 413: "too_large",
-           422: "msgid_reused", 503: "journal_cannot_write"}
+           421: "standby", 422: "msgid_reused", 503: "journal_cannot_write"}
+STANDBY = 421  # this node of a pair stands by: the refusal names the leader, where the HIS sends trades
 
 
 def refusal(status: int, message: str, **fields: Any) -> Response:

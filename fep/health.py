@@ -53,6 +53,16 @@ def check(status: dict[str, Any], now: datetime) -> Verdict:
     return v
 
 
+def role(status: dict[str, Any], wanted: str) -> Verdict:
+    """`--role leader`: only whether this node leads (a single box leads itself), for keepalived's check script:
+    a standby is CRITICAL whatever its health, a leader OK whatever its warnings (those are check's business)."""
+    v = Verdict()
+    current = status.get("role", "single")
+    if wanted == "leader" and current not in ("leader", "single"):
+        v.add(Level.CRITICAL, f"this node does not lead ({current}); the leader is {status.get('leader') or 'unknown'}")
+    return v
+
+
 def _link(v: Verdict, status: dict[str, Any]) -> None:
     down = [e["name"] for e in status["endpoints"] if e["up"] is False]
     if down and len(down) == len(status["endpoints"]):

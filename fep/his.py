@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from fep import envelope
 from fep.trades import InvalidInput, UnknownTrade
 from fep.engine import Engine, Refused
+from fep.journal import Fenced, IllegalTransition
 from fep.http11 import HTTPServerProtocol, Limits, Request, Response
 from fep.replies import Reply
 
@@ -49,6 +50,13 @@ class HisService:
             return envelope.his_refusal(400, str(e), self.engine.cfg.his.infcode_type, output)
         except Refused as e:
             return envelope.his_refusal(e.status, str(e), self.engine.cfg.his.infcode_type, output)
+        except (Fenced, IllegalTransition) as e:
+            if self.engine.role == "single":
+                raise
+            # Another node took the lead while this one had the trade in hand: the leader has it now.
+            return envelope.his_refusal(envelope.STANDBY, f"this fep node no longer leads ({e}); the leader is "
+                                        f"{self.engine.leader or 'being chosen'}: ask it, with the same msgid",
+                                        self.engine.cfg.his.infcode_type, output)
 
     def _json(self, reply: Reply) -> Response:
         """What the HIS hears: the envelope as JSON; a download (9102) that succeeded, the file itself, unless

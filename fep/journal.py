@@ -24,6 +24,10 @@ stream (RFC 1950, a BLOB) when that saves at least a quarter, and read back byte
 
 Callers ask by intent (`parked()`, `settlements_of(psn)`, `unresolved_between(...)`): all SQL is here.
 Storage knows the state machine (fep.states) and nothing of sockets or of the bureau.
+
+With `url` (journal.url: postgresql://...) the same journal lives in PostgreSQL (fep.journal_pg): the same
+writer and readers, the same named queries, taken to PostgreSQL's SQL by fep.dialect. There several nodes
+may share it, and `fence` makes every move to SENT conditional on this node's leader epoch (fep.leader).
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+import psycopg
 import sqlite_utils
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fep import envelope, metrics, systemd
+from fep import envelope, journal_pg, metrics, systemd
 from fep.msgid import MsgidCounter
 from fep.states import FINAL, IN_FORCE, OPEN, UNRESOLVED, State, sources, target
 
@@ -73,10 +78,15 @@ VIEW_READERS = 1  # threads reading for people and metrics: views, reconciliatio
 MIGRATE_SECONDS_PER_TRADE = 100e-6
 # SQLite's primary result codes that mean "the disk would not take it", not "the operation is wrong".
 WRITE_FAILURES = {5: "database busy", 8: "read-only", 10: "disk I/O error", 13: "disk full", 14: "cannot open"}
+DB_ERRORS = (sqlite3.Error, psycopg.Error)  # what either backend raises for a statement or a session
 
 
 class JournalError(Exception):
     """The journal cannot be opened, or cannot take a new trade now; the message says why."""
+
+
+class Fenced(Exception):
+    """This node's leader epoch is no longer the journal's: another node leads, and nothing more is sent."""
 
 
 class IllegalTransition(Exception):
@@ -215,8 +225,11 @@ def _states(states: Iterable[State]) -> str:
 
 
 class Journal:
-    def __init__(self, path: Path, fixmedins_code: str, max_batch: int = 512) -> None:
+    def __init__(self, path: Path, fixmedins_code: str, max_batch: int = 512, url: str | None = None) -> None:
         self.path = path
+        self.url = url  # PostgreSQL's; None: SQLite at `path`
+        self.where = journal_pg.redacted(url) if url else str(path)  # for messages: never the password
+        self.fence: int | None = None  # the leader epoch every move to SENT must still hold (shared journals)
         self._code = fixmedins_code
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[Op, defer.Deferred[Any], bool] | None] = queue.SimpleQueue()
@@ -257,12 +270,32 @@ class Journal:
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the schema, or bring a journal of an earlier version forward, in one transaction."""
-        migrate(conn, str(self.path))
+        if self.url:
+            migrate_pg(conn, self.where)
+        else:
+            migrate(conn, str(self.path))
+        self._load_counter(conn)
+
+    def _load_counter(self, conn: sqlite3.Connection) -> None:
         last = conn.execute("SELECT value FROM meta WHERE key='msgid_counter'").fetchone()
         self._counter = MsgidCounter(self._code, last[0] if last else None)
 
+    def lead(self, epoch: int) -> defer.Deferred[None]:
+        """This node leads under `epoch` (fep.leader): moves to SENT hold it, and msgids go on from the last
+        one the journal numbered, whoever numbered it."""
+        def op(conn: sqlite3.Connection) -> None:
+            self.fence = epoch
+            self._load_counter(conn)
+
+        return self._call(op)
+
     # --- the writer thread --------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        if self.url:
+            try:
+                return journal_pg.PgConnection(self.url, reader=False)  # type: ignore[return-value]
+            except psycopg.Error as e:
+                raise JournalError(f"journal {self.where} cannot be opened for writing: {e}") from None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Created 0600: it holds personal data and the bureau's answers.
@@ -277,6 +310,11 @@ class Journal:
 
     def _reader(self) -> sqlite3.Connection:
         """A connection for one reader thread: it can only read."""
+        if self.url:
+            try:
+                return journal_pg.PgConnection(self.url, reader=True)  # type: ignore[return-value]
+            except psycopg.Error as e:
+                raise JournalError(f"journal {self.where} cannot be opened for reading: {e}") from None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
             conn.execute("PRAGMA query_only=ON")
@@ -328,7 +366,7 @@ class Journal:
         changes = conn.total_changes
         try:
             results = self._apply(conn, batch, guarded=False)
-        except sqlite3.Error:  # rare: run the batch again, each op in its own savepoint
+        except DB_ERRORS:  # rare: run the batch again, each op in its own savepoint
             results = self._apply(conn, batch, guarded=True)
         self.last_commit = time.monotonic()
         if not self._held and conn.total_changes > changes:
@@ -364,7 +402,7 @@ class Journal:
                     if not self._disk_refused(e, item):
                         results.append((d, False, e))
             conn.execute("COMMIT")
-        except sqlite3.Error as e:  # the transaction itself failed: nothing in the batch is durable
+        except DB_ERRORS as e:  # the transaction itself failed: nothing in the batch is durable
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if not guarded and _write_failure(e) is None:
@@ -413,6 +451,8 @@ class Journal:
         now = time.time()
         if new.his_msgid is not None and (seen := _by_his_msgid(conn, new.his_msgid)) is not None:
             return Accepted(seen, created=False)  # the HIS sent it before: the first submission stands
+        if new.state is State.SENT:
+            _hold_epoch(conn, self.fence)
         while True:
             msgid = new.msgid or self._number(conn)
             new.envelope["msgid"] = msgid
@@ -443,12 +483,12 @@ class Journal:
 
     def transition(self, msgid: str, event: str, note: str | None = None, **fields: Any) -> defer.Deferred[TradeRow]:
         """Move one trade; returns its row as it now is. IllegalTransition if its state does not allow it."""
-        d = self._call(lambda conn: _transition(conn, msgid, event, note, fields))
+        d = self._call(lambda conn: _transition(conn, msgid, event, note, fields, self.fence))
         return d.addCallback(lambda row: self._tell([(event, row)])[0])
 
     def transitions(self, *moves: Move) -> defer.Deferred[list[TradeRow]]:
         """Several trades move together or not at all; their rows as they now are, in order."""
-        d = self._call(lambda conn: [_transition(conn, *m) for m in moves])
+        d = self._call(lambda conn: [_transition(conn, *m, self.fence) for m in moves])
         return d.addCallback(lambda rows: self._tell(list(zip((m[1] for m in moves), rows))))
 
     def _tell(self, moved: list[tuple[str, TradeRow]]) -> list[TradeRow]:
@@ -469,7 +509,7 @@ class Journal:
             acc = self._accept(conn, child)
             if not acc.created:
                 raise IllegalTransition(acc.row.msgid, "accept", acc.row.state)
-            return _transition(conn, msgid, event, note, {"resolver": acc.row.msgid, **fields}), acc.row
+            return _transition(conn, msgid, event, note, {"resolver": acc.row.msgid, **fields}, self.fence), acc.row
 
         return self._call(op)
 
@@ -626,7 +666,7 @@ class _Readers:
     def call(self, op: Callable[[sqlite3.Connection], T]) -> defer.Deferred[T]:
         d: defer.Deferred[T] = defer.Deferred()
         if self._journal._dead is not None or self._stopped:
-            d.errback(Failure(self._journal._dead or JournalError(f"journal {self._journal.path} is closed")))
+            d.errback(Failure(self._journal._dead or JournalError(f"journal {self._journal.where} is closed")))
             return d
         if not self._threads:  # the first read starts them (after open: the schema is there)
             self._threads = [threading.Thread(target=self._run, name=f"journal-{self._name}-{i}", daemon=True)
@@ -695,6 +735,19 @@ def migrate(conn: sqlite3.Connection, where: str) -> None:
                        f"STATUS=journal: migrating schema {version} to {SCHEMA_VERSION} ({trades:,} trades)")
         log.info("journal {where}: migrating schema {old} to {new} ({trades} trades), in one transaction",
                  where=where, old=version, new=SCHEMA_VERSION, trades=trades)
+    for v in sorted(n for n in MIGRATIONS if version < n <= SCHEMA_VERSION):
+        MIGRATIONS[v](conn)
+    conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+
+
+def migrate_pg(conn: sqlite3.Connection, where: str) -> None:
+    """A PostgreSQL journal: created at journal_pg.BASE_VERSION, then the migrations after it, in the caller's
+    transaction, as on SQLite."""
+    journal_pg.create_schema(conn)  # type: ignore[arg-type]
+    version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise JournalError(f"journal {where} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
+                           f"install the newer fep again")
     for v in sorted(n for n in MIGRATIONS if version < n <= SCHEMA_VERSION):
         MIGRATIONS[v](conn)
     conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
@@ -809,6 +862,8 @@ def _state_counts(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
 # --- helpers of the writer thread ----------------------------------------------------------------------
 def _write_failure(e: BaseException) -> str | None:
     """What kept the disk from taking a write, or None when `e` is something else."""
+    if isinstance(e, psycopg.Error):
+        return journal_pg.write_failure(e)
     code = getattr(e, "sqlite_errorcode", None)
     return WRITE_FAILURES.get(code & 0xFF) if isinstance(e, sqlite3.Error) and code is not None else None
 
@@ -837,12 +892,22 @@ def _event(conn: sqlite3.Connection, msgid: str, at: float, event: str, state: S
                  (msgid, at, event, state.value if state else None, note))
 
 
+def _hold_epoch(conn: sqlite3.Connection, fence: int | None) -> None:
+    """A move to SENT on a shared journal: only while `fence` is still the leader epoch. The row lock (FOR SHARE)
+    holds a takeover's epoch bump until this write commits, so the new leader's recovery sees it; once the
+    epoch moved on, the write fails and nothing is sent. No fence (SQLite, one node): nothing to check."""
+    if fence is not None and not conn.execute("SELECT 1 FROM leader WHERE epoch = ? FOR SHARE", (fence,)).fetchone():
+        raise Fenced(f"leader epoch {fence} has ended: another node leads, this one sends nothing more")
+
+
 def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | None,
-                fields: dict[str, Any]) -> TradeRow:
+                fields: dict[str, Any], fence: int | None = None) -> TradeRow:
     bad = set(fields) - UPDATABLE
     if bad:
         raise ValueError(f"cannot set {sorted(bad)} on a transition")
     srcs, tgt = sources(event), target(event)
+    if tgt is State.SENT:
+        _hold_epoch(conn, fence)
     now = time.time()
     fields = {k: (_body(v) if k in BODIES else v) for k, v in fields.items()}
     sets = "".join(f", {k}=?" for k in fields)

@@ -115,14 +115,14 @@ class Tracked:
 class Bench:
     """The reactor the journal is given (callFromThread queues; time is the Clock) and the test's pump."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, url: str | None = None) -> None:
         self.clock = task.Clock()
         self.clock.advance(START)
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = \
             queue.SimpleQueue()
         self.failures: list[str] = []  # what the code under test logged as failures, formatted
         globalLogPublisher.addObserver(self._observe)
-        self.journal = Tracked(Journal(path, FIXMEDINS), self)
+        self.journal = Tracked(Journal(path, FIXMEDINS, url=url), self)
         self.run(self.journal.open(self))
 
     # -- what the journal and the rooms see of a reactor --

@@ -37,7 +37,7 @@ from fep.states import UNRESOLVED
 # What the journal offers that writes (or opens and closes); everything else public is a read, and every
 # read must be asked below.
 WRITES = {"open", "close", "accept", "transition", "transitions", "resolve_with", "store_late_answer", "save_run",
-          "run", "ping"}
+          "run", "ping", "lead"}
 RECENT_DAYS, RECENT_ROWS, HISTORY_DAYS, HISTORY_ROWS = 30, 20_000, 700, 40_000
 END = date.today()
 RECENT_START = datetime.combine(END - timedelta(days=RECENT_DAYS), datetime.min.time()).timestamp()

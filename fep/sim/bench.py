@@ -9,7 +9,10 @@
 - a year of journal: fep on an empty journal, then on one of 3 million trades (copies of real trades
   fep journalled in this run, over 365 days and 20,000 persons, built offline by fep.sim.year): idle
   CPU, start-up, added latency over 15 s of back-to-back trades, `fep status`, `fep trades --state`,
-  a day's reconciliation (the simulated bureau holds that day's settlements), bytes per trade.
+  a day's reconciliation (the simulated bureau holds that day's settlements), bytes per trade;
+- the journal's two backends side by side: the same daemon on SQLite and on PostgreSQL (a throwaway local
+  server, fsync and synchronous_commit on, the leader of a pair with its standby not started): added latency
+  at 1 client, durable trades/s at 200 clients.
 
 Loopback only; bounded in time (default under 10 minutes with the year case, --quick under 1, which
 leaves the year case out unless --year is given); stops by itself.
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--dir", help="keep the run's state here")
     p.add_argument("--upload-only", action="store_true", help="only the 5,000-line 2301, through fep and direct")
+    p.add_argument("--backends-only", action="store_true", help="only the journal on SQLite and on PostgreSQL")
     args = p.parse_args(argv)
     year_rows = args.year if args.year is not None else (0 if args.quick else 3_000_000)
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fep-bench-"))
@@ -272,10 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"quick": args.quick}
     if args.year_only:
         results["year"] = year_case(base, year_rows or 3_000_000, args.workers)
+    elif args.backends_only:
+        results["backends"] = backends(base, args.quick)
     else:
         if not args.upload_only:
             everything_else(base, args.quick, results)
         results["upload"] = upload(base / "upload", base / "pki", 5 if args.quick else 15)
+        if not args.upload_only:
+            results["backends"] = backends(base, args.quick)
         if year_rows and not args.upload_only:
             results["year"] = year_case(base, year_rows, args.workers)
     print_results(results, args.json)
@@ -291,6 +299,50 @@ def upload(directory: Path, pki_dir: Path, rounds: int) -> dict[str, Any]:
         return big_upload(world, ZHANG, tls_context(world), 5000, rounds)
     finally:
         world.stop()
+
+
+def backends(base: Path, quick: bool) -> dict[str, Any]:
+    """The same mix through fep with its journal on SQLite and on PostgreSQL: added latency over the direct
+    figure at 1 client, and durable trades/s at 200 clients. Each backend in a world of its own."""
+    from fep.sim.postgres import Postgres, Unavailable
+
+    secs = 2.0 if quick else 6.0
+    out: dict[str, Any] = {}
+    try:
+        server: Postgres | None = Postgres().start()
+    except Unavailable as e:
+        server, out["postgresql_unavailable"] = None, str(e)
+    try:
+        for name in ("sqlite", "postgresql"):
+            if name == "postgresql" and server is None:
+                continue
+            (base / f"backend-{name}").mkdir(parents=True, exist_ok=True)
+            world = World(base / f"backend-{name}", base / "pki")
+            people = persons(50)
+            if server is not None and name == "postgresql":
+                world.share_journal(server.new_database("bench"))
+            world.configure(sim={"persons": people})
+            try:
+                world.start()
+                if name == "postgresql":
+                    wait_for(lambda: world.leading() == "a", what="the node to lead")
+                visits = {}
+                for person in people:
+                    v = Visit(world.his, person, fees=[("250101001", "1", "30.00")])
+                    v.up_to_settlement()
+                    visits[person["psn_no"]] = v
+                mix = Mix(people, visits)
+                via = load("127.0.0.1", world.his_port, None, mix, 1, secs)
+                direct = load("127.0.0.1", world.sim_port, tls_context(world), mix, 1, secs)
+                at200 = load("127.0.0.1", world.his_port, None, mix, 200, secs)
+                out[name] = {"added_median_ms": via.q(0.5) - direct.q(0.5), "added_p99_ms": via.q(0.99) - direct.q(0.99),
+                             "trades_per_s_200": round(at200.rate), "errors": via.errors + at200.errors}
+            finally:
+                world.stop()
+    finally:
+        if server is not None:
+            server.remove()
+    return out
 
 
 def everything_else(base: Path, quick: bool, results: dict[str, Any]) -> None:
@@ -579,6 +631,8 @@ def print_results(r: dict[str, Any], as_json: bool) -> None:
               f"(target <= 10 ms per MB: {target(u['added_ms_per_mb'] <= 10)})")
         print(f"  fep's own CPU (all threads): {u['fep_cpu_ms']:.0f} ms an upload")
         print()
+    if "backends" in r:
+        print_backends(r["backends"])
     if "overhead" not in r:
         if "year" in r:
             print_year(r["year"])
@@ -614,6 +668,19 @@ def print_results(r: dict[str, Any], as_json: bool) -> None:
           f"(target < 150 MB: {target(m['full_mb'] < 150)})")
     if "year" in r:
         print_year(r["year"])
+
+
+def print_backends(b: dict[str, Any]) -> None:
+    print("The journal's backends side by side: the same mix (1101, 2206) through fep")
+    print(f"{'journal':>12} {'added med':>10} {'added p99':>10} {'trades/s at 200':>16} {'errors':>7}")
+    for name in ("sqlite", "postgresql"):
+        if name in b:
+            x = b[name]
+            print(f"{name:>12} {x['added_median_ms']:>8.2f}ms {x['added_p99_ms']:>8.2f}ms {x['trades_per_s_200']:>16} "
+                  f"{x['errors']:>7}")
+    if "postgresql_unavailable" in b:
+        print(f"  PostgreSQL left out: {b['postgresql_unavailable']}")
+    print()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ could not be carried out.
 
 The judge (`judge`) is a pure function of the three views, so it is tested on hand-made snapshots
 (tests/test_chaos.py) independently of the engine it judges.
+
+--ha: two fep nodes share a journal on a throwaway PostgreSQL server (under var/, removed after the run); the
+HIS clients know both nodes' sockets and go to the other when one is gone or stands by. The kills are of
+whichever node leads (it comes back as a standby), PostgreSQL itself is restarted (--pg-restarts), and the
+run also tells the longest time no node led. The journal view is PostgreSQL's, copied at the end into the
+run's lib/journal.db so that --rejudge reads it as it reads a single box's.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import sqlite3
 import sys
@@ -41,7 +48,8 @@ from typing import Any, Iterable
 
 from fep import envelope, pki
 from fep.client import Client
-from fep.sim.world import World
+from fep.sim.postgres import Postgres
+from fep.sim.world import ROOT, World
 
 # ---- the rules of the game ----------------------------------------------------------------------------------
 MIX = ("1101", "2201", "2203", "2204", "2206", "2207", "2208", "2601", "9001")  # every trade kind that flows
@@ -718,7 +726,10 @@ class CarefulHis:
         self.world, self.tally, self.client = world, tally, client
         self.prefix = f"H43019{client:06d}"  # 12 characters, never fep's own code (H43010000001)
         self.n = 0
-        self.http = Client.unix(str(world.dir / "run" / "his.sock"), timeout=65)
+        # An HIS configured with every node's address (README, "Two boxes"): it uses one until it is gone
+        # or stands by, then the other.
+        self.nodes = [Client.unix(str(world.his_socket(n)), timeout=65) for n in (("a", "b") if world.peer else "a")]
+        self.http = self.nodes[0]
 
     def _msgid(self) -> str:
         self.n += 1
@@ -728,8 +739,17 @@ class CarefulHis:
         try:
             status, doc = self.http.request(method, path, body)
         except (OSError, http.client.HTTPException, ValueError):
+            self._other_node()
+            return None
+        if isinstance(doc, dict) and doc.get("fep_reason") == "standby":  # not taken there: ask the leader
+            self.tally.note("standby refusals heard (sent to the other node)")
+            self._other_node()
             return None
         return Heard.of(status, doc, via)
+
+    def _other_node(self) -> None:
+        self.nodes.append(self.nodes.pop(0))
+        self.http = self.nodes[0]
 
     def call(self, infno: str, input_: dict[str, Any], purpose: str, psn_no: str, mdtrt_id: str = "",
              target: str | None = None, medfee: Decimal | None = None) -> HisTrade:
@@ -956,10 +976,12 @@ def fault_combos() -> list[tuple[str, str | None]]:
 
 class Chaos(threading.Thread):
     def __init__(self, world: World, tally: Tally, rng: random.Random, trades: int, fep_kills: int,
-                 sim_kills: int) -> None:
+                 sim_kills: int, postgres: Postgres | None = None, pg_restarts: int = 0) -> None:
         super().__init__(name="chaos", daemon=True)
         self.world, self.tally, self.rng, self.trades = world, tally, rng, trades
         self.fep_kills, self.sim_kills = fep_kills, sim_kills
+        self.postgres, self.pg_restarts, self.pg_restarted = postgres, pg_restarts, 0
+        self.stepped_down = 0  # --ha: leaders that exited on losing their lease (as designed), started again
         self.done = threading.Event()
         self.complete = threading.Event()
         self.armed: Counter[str] = Counter()
@@ -982,17 +1004,26 @@ class Chaos(threading.Thread):
 
     def step(self) -> None:
         w = self.world
-        if not w.fep_alive():
-            self.fep_died += 1
-            w.start_fep()
+        for node in ("a", "b") if w.peer else ("a",):
+            if not w.node_alive(node):
+                proc = w.fep if node == "a" else w.peer.proc  # type: ignore[union-attr]
+                if w.peer and proc is not None and proc.returncode == 3:
+                    self.stepped_down += 1
+                else:
+                    self.fep_died += 1
+                w.start_node(node)
         if not w.sim_alive():
             self.sim_died += 1
             w.restart_sim()
         if self._due(self.fep_killed, self.fep_kills, 1.0):
-            w.kill_fep()
+            node = w.leading() or "a" if w.peer else "a"  # --ha: the leader dies
+            w.kill_node(node)
             self.fep_killed += 1
             time.sleep(self.rng.uniform(0.0, 0.5))
-            w.start_fep()
+            w.start_node(node)
+        elif self.postgres is not None and self._due(self.pg_restarted, self.pg_restarts, 0.7):
+            self.postgres.restart()  # every session ends: the leader loses its lease, both nodes reconnect
+            self.pg_restarted += 1
         elif self._due(self.sim_killed, self.sim_kills, 0.5):
             w.kill_sim()
             self.sim_killed += 1
@@ -1013,6 +1044,7 @@ class Chaos(threading.Thread):
                 for _ in range(self.rng.randint(1, 3) + (4 if behind else 0)):
                     self.arm()
         if (self.fep_killed >= self.fep_kills and self.sim_killed >= self.sim_kills and self.expiries
+                and self.pg_restarted >= self.pg_restarts
                 and len(self.armed) == len(fault_combos())):
             self.complete.set()  # every kill made, every fault combination met, sessions expired
 
@@ -1045,6 +1077,44 @@ class Chaos(threading.Thread):
             self.expiries += 1
 
 
+class LeaderWatch(threading.Thread):
+    """--ha: which node leads, several times a second; the longest stretch in which none did."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(name="leader-watch", daemon=True)
+        self.world = world
+        self.done = threading.Event()
+        self.longest = 0.0
+        self.takeovers = 0
+
+    def run(self) -> None:
+        last, lost_at = None, None
+        while not self.done.is_set():
+            now = self.world.leading()
+            if now is None and lost_at is None:
+                lost_at = time.monotonic()
+            elif now is not None:
+                if lost_at is not None:
+                    self.longest = max(self.longest, time.monotonic() - lost_at)
+                    lost_at = None
+                if last is not None and now != last:
+                    self.takeovers += 1
+                last = now
+            time.sleep(0.1)
+
+
+def export_journal(world: World, path: Path) -> None:
+    """--ha: the PostgreSQL journal's trades copied into a SQLite file of the run, the auditor's copy that
+    read_journal (and --rejudge) reads as it reads a single box's journal."""
+    rows = world.query("SELECT id, msgid, infno, psn_no, state, answer, setl_id, cancels, related, resolver, note, "
+                       "late_answer FROM trades ORDER BY id")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE TABLE trades (id INTEGER PRIMARY KEY, msgid TEXT, infno TEXT, psn_no TEXT, state TEXT, "
+                  "answer TEXT, setl_id TEXT, cancels TEXT, related TEXT, resolver TEXT, note TEXT, late_answer TEXT)")
+        c.executemany("INSERT INTO trades VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [tuple(r.values()) for r in rows])
+
+
 def quiesce(world: World, seconds: float, still_for: float = 12.0) -> tuple[int, float]:
     """Wait (bounded) until the journal has no open trade, or nothing has moved for `still_for` seconds.
     Only a wait: the judge does not use it. Returns the open rows left and the seconds waited."""
@@ -1053,9 +1123,9 @@ def quiesce(world: World, seconds: float, still_for: float = 12.0) -> tuple[int,
     open_states = ", ".join(f"'{s}'" for s in OPEN)
     while True:
         try:
-            with _ro(world.journal_path) as c:
-                now = c.execute(f"SELECT msgid, state, attempts FROM trades WHERE state IN ({open_states})").fetchall()
-        except sqlite3.Error:
+            now = [tuple(r.values()) for r in world.query(
+                f"SELECT msgid, state, attempts FROM trades WHERE state IN ({open_states})")]
+        except Exception:  # noqa: BLE001 - the journal is not there yet, or PostgreSQL restarts: ask again
             now = None
         if now == []:
             return 0, time.monotonic() - started
@@ -1086,6 +1156,10 @@ def render(verdict: Verdict, views: Views, run: dict[str, Any], first: int) -> t
              f"{run['sim kills']}x, sessions expired {run['session expiries']}x, "
              f"{run['fault combinations armed']} fault combinations armed {run['faults armed']}x", "",
              "must be 0:"]
+    if "longest time without a leader (s)" in run:
+        lines[1:1] = [f"two nodes on PostgreSQL: the leader killed {run['fep kills']}x, PostgreSQL restarted "
+                      f"{run['PostgreSQL restarts']}x; longest time without a leader "
+                      f"{run['longest time without a leader (s)']} s"]
     for k, n in counts.items():
         lines.append(f"  {FIGURES[k]:<58} {n:>6}{'   <-- must be 0' if n else ''}")
     for k, found in verdict.figures.items():
@@ -1130,6 +1204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help="keep the run's state here (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print the figures and details as JSON")
     p.add_argument("--rejudge", metavar="DIR", help="judge a finished run's directory again (no new run)")
+    p.add_argument("--ha", action="store_true", help="two nodes on a PostgreSQL journal; the leader is the one killed")
+    p.add_argument("--pg-restarts", type=int, default=1, help="with --ha: restarts of PostgreSQL (default 1)")
     args = p.parse_args(argv)
     if args.rejudge:
         return verdict(Path(args.rejudge), args)
@@ -1144,6 +1220,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pki.ensure(base / "pki")
     world = World(base, base / "pki")
+    postgres = Postgres(ROOT / "var" / f"chaos-pg-{os.getpid()}").start() if args.ha else None
+    if postgres is not None:
+        world.share_journal(postgres.new_database("fep"))
     people = persons(n_persons)
     # Tries spread over some 25 s, as production's are over half an hour: faults are switched every 50-250 ms
     # here, and a resend given up after the test default's 4 s would be parked for the storm, not the bureau.
@@ -1152,9 +1231,14 @@ def main(argv: list[str] | None = None) -> int:
                          "resolution": {"max_tries": 10, "backoff": [0, 0.5, 1, 2, 4]}})
     tally = Tally(bad)
     started = time.monotonic()
-    chaos = Chaos(world, tally, random.Random(rng.random()), args.trades, args.kills, args.sim_kills)
+    chaos = Chaos(world, tally, random.Random(rng.random()), args.trades, args.kills, args.sim_kills, postgres,
+                  args.pg_restarts if postgres else 0)
+    watch = LeaderWatch(world)
     try:
         world.start()
+        if postgres is not None:
+            world.start_peer()
+            watch.start()
         stop_at = time.monotonic() + max_seconds
 
         def more() -> bool:
@@ -1175,8 +1259,9 @@ def main(argv: list[str] | None = None) -> int:
         if not world.sim_alive():
             world.restart_sim()
         world.clear_faults()
-        if not world.fep_alive():
-            world.start_fep()
+        for node in ("a", "b") if postgres else ("a",):
+            if not world.node_alive(node):
+                world.start_node(node)
         left, waited = quiesce(world, args.drain_seconds)
         looker = CarefulHis(world, tally, 999)
         lookups, give_up_at = 0, time.monotonic() + 60
@@ -1186,12 +1271,18 @@ def main(argv: list[str] | None = None) -> int:
                 if looker.lookup(t) is not None:
                     break
                 time.sleep(0.5)
+        watch.done.set()
     except Exception:
         world.stop()
+        if postgres is not None:
+            postgres.remove()
         print(traceback.format_exc(), file=sys.stderr)
         print(f"scripts/chaos: the run could not be carried out; state kept in {base}", file=sys.stderr)
         return 2
     world.stop()
+    if postgres is not None:  # read once every node has stopped, as a single box's journal file is
+        export_journal(world, base / "lib" / "journal.db")
+        postgres.remove()
     run = {"seed": args.seed, "HIS msgids": tally.sent, "clients": clients, "persons": n_persons,
            "seconds": round(time.monotonic() - started, 1), "fep kills": chaos.fep_killed,
            "sim kills": chaos.sim_killed, "session expiries": chaos.expiries,
@@ -1202,6 +1293,10 @@ def main(argv: list[str] | None = None) -> int:
            "chaos control errors": len(chaos.errors), "open rows when the wait ended": left,
            "seconds waited for open trades": round(waited, 1), "final lookups": lookups,
            "HIS events": dict(sorted(tally.events.items())), "state dir": str(base)}
+    if postgres is not None:
+        run.update({"PostgreSQL restarts": chaos.pg_restarted, "leaders that stepped down (lost the lease)":
+                    chaos.stepped_down, "takeovers seen": watch.takeovers,
+                    "longest time without a leader (s)": round(watch.longest, 1)})
     save_his_view(base, list(tally.trades.values()), run)
     return verdict(base, args)
 

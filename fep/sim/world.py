@@ -86,6 +86,8 @@ class World:
         self.sim: subprocess.Popen[bytes] | None = None
         self.fep: subprocess.Popen[bytes] | None = None
         self.kills = 0
+        self.journal_url: str | None = None  # share_journal: the journal on PostgreSQL, shared with a peer node
+        self.peer: Peer | None = None
         self.region: tuple[dict[str, Any], dict[str, Any]] = ({}, {})  # (fep, sim) changes of use_profile
         self.configure()
 
@@ -111,6 +113,10 @@ class World:
         doc["trade_overrides"] = trades or {}
         _merge(doc, self.region[0])
         _merge(doc, fep or {})
+        if self.peer is not None:
+            doc["journal"].update(url=self.journal_url, node=f"a 127.0.0.1:{self.his_port}", lease_check=0.5,
+                                  path=str(self.dir / "lib" / "catalogs.db"))
+            self.peer.write_config(doc)
         self.fep_config.write_text(yaml.safe_dump(doc, allow_unicode=True))
         sdoc = yaml.safe_load((ROOT / "conf" / "sim.yaml").read_text())
         sdoc.update(listen_port=self.sim_port, control_port=self.control_port, ledger=str(self.dir / "sim" / "ledger.db"))
@@ -144,6 +150,14 @@ class World:
         self.region = (fep_doc, {"profile": sim_profile, "link_security": link_security})
         self.configure()
         return files
+
+    def share_journal(self, url: str) -> Peer:
+        """Two nodes on one PostgreSQL journal (README, "Two boxes"): this world's fep is node a, the peer is
+        node b with listeners and local files of its own; both reach the same simulated bureau."""
+        self.journal_url = url
+        self.peer = Peer(self.dir / "b")
+        self.configure()
+        return self.peer
 
     def to_gateway(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
         """One raw request to the simulated bureau's gateway, as the link is secured (tests of refusals)."""
@@ -190,6 +204,55 @@ class World:
             assert self.fep.poll() is None, f"fep exited: {self.log('run')}"
         return self.fep
 
+    def start_peer(self) -> subprocess.Popen[bytes]:
+        assert self.peer is not None, "share_journal first"
+        log = open(self.dir / "run-b.log", "ab")
+        self.peer.proc = subprocess.Popen([sys.executable, "-m", "fep.cli", "run", "--config", str(self.peer.config)],
+                                          cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.peer.proc.poll() is not None or _port_open(self.peer.his_port), what="node b to listen")
+        assert self.peer.proc.poll() is None, f"node b exited: {self.log('run-b')}"
+        return self.peer.proc
+
+    def kill_peer(self) -> None:
+        assert self.peer is not None and self.peer.proc is not None
+        self.peer.proc.send_signal(signal.SIGKILL)
+        self.peer.proc.wait()
+        self.kills += 1
+
+    def admin_socket(self, node: str = "a") -> Path:
+        return self.dir / "run" / "admin.sock" if node == "a" else self.peer.dir / "run" / "admin.sock"  # type: ignore[union-attr]
+
+    def his_socket(self, node: str = "a") -> Path:
+        return self.dir / "run" / "his.sock" if node == "a" else self.peer.dir / "run" / "his.sock"  # type: ignore[union-attr]
+
+    def node_alive(self, node: str) -> bool:
+        return self.fep_alive() if node == "a" else self.peer is not None and self.peer.alive()
+
+    def start_node(self, node: str) -> None:
+        self.start_fep() if node == "a" else self.start_peer()
+
+    def kill_node(self, node: str) -> None:
+        self.kill_fep() if node == "a" else self.kill_peer()
+
+    def leading(self, among: tuple[str, ...] = ("a", "b")) -> str | None:
+        """The node that leads now (takes trades), as each says over its admin socket; None: neither. `among`:
+        only those asked (a hung node would hold the question up)."""
+        for node in among:
+            try:
+                status, doc = Client.unix(str(self.admin_socket(node)), timeout=5).request("GET", "/status")
+            except OSError:
+                continue
+            if status == 200 and doc.get("role") == "leader":
+                return node
+        return None
+
+    def role(self, node: str = "a") -> dict[str, Any]:
+        """`fep status` of node a or b, as JSON (its role and who leads among it)."""
+        admin = self.admin_socket(node)
+        done = subprocess.run([sys.executable, "-m", "fep.cli", "status", "--json", "--admin", str(admin)],
+                              capture_output=True, text=True, timeout=60, cwd=self.dir)
+        return json.loads(done.stdout) if done.returncode == 0 else {"role": None, "error": done.stderr}
+
     def start(self) -> World:
         self.start_sim()
         self.start_fep()
@@ -235,7 +298,7 @@ class World:
         return self.fep is not None and self.fep.poll() is None
 
     def stop(self) -> None:
-        for proc in (self.fep, self.sim):
+        for proc in (self.fep, self.peer and self.peer.proc, self.sim):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
@@ -338,13 +401,25 @@ class World:
             return c.execute("SELECT msgid, infno FROM answers ORDER BY rowid").fetchall()
 
     # ---- the journal, read as an auditor would ---------------------------------------------------------------
-    def journal(self, where: str = "1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """A read of the journal, SQLite's or (share_journal) PostgreSQL's, in the journal's own SQL."""
+        if self.journal_url is not None:
+            import psycopg
+            from psycopg.rows import dict_row
+
+            from fep.dialect import to_postgres
+
+            with psycopg.connect(self.journal_url, row_factory=dict_row) as pg:
+                return list(pg.execute(to_postgres(sql), params or None))  # type: ignore[arg-type]
+        with closing(sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True)) as c:
+            c.row_factory = sqlite3.Row
+            return [dict(r) for r in c.execute(sql, params)]
+
+    def journal(self, where: str = "1 = 1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         """Rows as stored, requests and answers as they were sent and received (fep.journal.body_text)."""
         from fep.journal import body_text
 
-        with closing(sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True)) as c:
-            c.row_factory = sqlite3.Row
-            rows = [dict(r) for r in c.execute(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)]
+        rows = self.query(f"SELECT * FROM trades WHERE {where} ORDER BY id", params)
         for r in rows:
             for k in ("request", "answer", "late_answer"):
                 if r[k] is not None:
@@ -357,8 +432,7 @@ class World:
         return rows[0]
 
     def events(self, msgid: str) -> list[str]:
-        with closing(sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True)) as c:
-            return [r[0] for r in c.execute("SELECT event FROM events WHERE msgid=? ORDER BY id", (msgid,))]
+        return [r["event"] for r in self.query("SELECT event FROM events WHERE msgid=? ORDER BY id", (msgid,))]
 
     def assert_ledgers_agree(self) -> None:
         """Every settlement the bureau holds is one the journal holds as settled, to the fen, and back."""
@@ -398,8 +472,8 @@ class World:
 
     def history(self, msgid: str) -> list[tuple[str, str, str | None]]:
         """(event, state, note) of each transition of a trade, oldest first: what `fep show` prints."""
-        with sqlite3.connect(f"file:{self.dir / 'lib' / 'journal.db'}?mode=ro", uri=True) as c:
-            return c.execute("SELECT event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,)).fetchall()
+        return [(r["event"], r["state"], r["note"]) for r in self.query(
+            "SELECT event, state, note FROM events WHERE msgid=? ORDER BY id", (msgid,))]
 
     def sim_answer(self, msgid: str) -> dict[str, Any] | None:
         """The answer the bureau stored for a msgid it processed (None: it never processed it)."""
@@ -441,6 +515,29 @@ class World:
             self.stop()
             if subprocess.run(["umount", str(lib)], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", str(lib)], capture_output=True)
+
+
+class Peer:
+    """Node b of a pair (World.share_journal): its own ports, sockets and local files, the same journal."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base
+        self.his_port, self.metrics_port = free_ports(2)
+        self.config = base / "fep.yaml"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, node_a: dict[str, Any]) -> None:
+        import copy
+
+        doc = copy.deepcopy(node_a)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        doc["his"].update(tcp_port=self.his_port, unix=str(self.dir / "run" / "his.sock"))
+        doc["admin"] = {"unix": str(self.dir / "run" / "admin.sock"), "metrics_port": self.metrics_port}
+        doc["journal"].update(path=str(self.dir / "lib" / "catalogs.db"), node=f"b 127.0.0.1:{self.his_port}")
+        self.config.write_text(yaml.safe_dump(doc, allow_unicode=True))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> None:
