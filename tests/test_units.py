@@ -106,7 +106,7 @@ def test_a_bad_trade_catalog_is_refused_naming_the_trade(tmp_path: Path) -> None
     base = yaml.safe_load((ROOT / "conf" / "trades.yaml").read_text())
     for change, message in (({"2207": {"deferrable": True}}, "trade 2207: a money trade cannot be deferred"),
                             ({"2204": {"cancel": {"infno": "7777", "input": {}}}}, "cancelled by 7777"),
-                            ({"2207": {"on_unknown": "pray"}}, "trade 2207: 'pray' is not a valid OnUnknown"),
+                            ({"2207": {"on_unknown": "pray"}}, "trades.2207.on_unknown must be one of reverse, resend, cancel, person, got 'pray'"),
                             ({"2206": {"timeout": 0}}, "trade 2206: timeout must be positive")):
         doc = json.loads(json.dumps(base))
         for infno, spec in change.items():
