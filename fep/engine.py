@@ -308,7 +308,7 @@ class Engine:
             row = await self.journal.transition(row.msgid, "answer_held", deadline=self._now() + trade.confirm_within,
                                                 **fields)
             self.windows.arm(row)
-        elif ans.ok and (place := _place_in(trade, ans.output)):
+        elif ans.ok and trade.insuplc == "remember" and (place := _place_in(ans.output)):  # (else left unparsed)
             row = await self.journal.run(answer_with_place(row.msgid, fields, *place))
         else:
             row = await self.journal.transition(row.msgid, "answer", **fields)
@@ -608,9 +608,9 @@ class Engine:
         return reply(row, self.trades.get(row.infno), infcode_type=self.cfg.his.infcode_type, **kw)
 
 
-def _place_in(trade: TradeDef, output: Any) -> tuple[str, str] | None:
+def _place_in(output: Any) -> tuple[str, str] | None:
     """(psn_no, insuplc_admdvs) a 1101 answer names (`insuplc: remember`); its insuinfo is a list or one object."""
-    if trade.insuplc != "remember" or not isinstance(output, dict):
+    if not isinstance(output, dict):
         return None
     psn = (output.get("baseinfo") or {}).get("psn_no") if isinstance(output.get("baseinfo"), dict) else None
     insuinfo = output.get("insuinfo")
