@@ -476,6 +476,7 @@ def slow_bureau(base: Path, quick: bool) -> dict[str, Any]:
 def drain(world: World, people: list[dict[str, str]], visits: dict[str, Visit], n: int) -> dict[str, Any]:
     """Queue n uploads while the bureau is down, bring it back, time the drain, check per-person order."""
     world.fault(mode="refuse")
+    time.sleep(0.5)  # fep sees its idle connections closed (one written to as it closes is an unknown outcome)
     acks = []
     for i in range(n):
         person = people[i % len(people)]
@@ -738,23 +739,27 @@ def print_results(r: dict[str, Any], as_json: bool) -> None:
         return
     print("Overhead: the same mix (1101, 2206) through fep over HTTP, and straight to the simulator over mTLS")
     print(f"{'clients':>8} {'fep med':>9} {'direct med':>11} {'added':>8} {'ratio':>6} {'fep p99':>9} "
-          f"{'direct p99':>11} {'added':>8}   targets (1 client): added median < 1 ms, added p99 < 5 ms")
+          f"{'direct p99':>11} {'added':>8} {'fep CPU':>8}   targets (1 client): added median < 1 ms, added p99 < 5 ms")
     for c, o in r["overhead"].items():
         mark = ""
         if c == "1":
             mark = f"   {target(o['added_median_ms'] < 1)} / {target(o['added_p99_ms'] < 5)}"
         print(f"{c:>8} {o['fep_median_ms']:>8.2f}ms {o['direct_median_ms']:>10.2f}ms {o['added_median_ms']:>7.2f}ms "
               f"{o['ratio_median']:>6.2f} {o['fep_p99_ms']:>8.2f}ms {o['direct_p99_ms']:>10.2f}ms "
-              f"{o['added_p99_ms']:>7.2f}ms{mark}")
+              f"{o['added_p99_ms']:>7.2f}ms {o['fep_cpu_per_trade_ms']:>6.3f}ms{mark}")
     t = r["throughput"]
     print("\nThroughput: durable trades per second (each: two journal commits, one bureau round trip)")
     for c, v in t["fep"].items():
-        print(f"  through fep, {c:>3} clients: {v:>7}")
+        print(f"  through fep, {c:>3} clients: {v:>7}   fep's CPU a trade (from /proc, every thread): "
+              f"{t['fep_cpu_per_trade_ms'][c]:.3f} ms")
     print(f"  direct to the simulator, 200 clients: {t['direct_200']:>7}")
     for k, v in t["raw_journal_trades_per_s"].items():
         print(f"  raw journal limit, {k}: {v:>7} trades/s (2 durable writes each)")
-    print(f"  fep at 200 / direct at 200: {t['fep_200_vs_direct']:.2f}   (target >= 0.5: "
-          f"{target(t['fep_200_vs_direct'] >= 0.5)})")
+    print(f"  fep at 200 / direct at 200: {t['fep_200_vs_direct']:.2f}   (target >= 0.6: "
+          f"{target(t['fep_200_vs_direct'] >= 0.6)})")
+    cpu = t["fep_cpu_per_trade_ms"]["200"]
+    print(f"  fep's CPU a trade at 200 clients: {cpu:.3f} ms   (target <= 0.35 ms: {target(cpu <= 0.35)}; it holds "
+          f"on a busy machine, where the rates do not)")
     print(f"  fep at 200 / raw batched limit: {t['fep_200_vs_raw_batched']:.2f};  / raw one-per-commit limit: "
           f"{t['fep_200_vs_raw_one_per_commit']:.2f}")
     print(f"  target >= 2000/s at 200 clients: {target(t['fep']['200'] >= 2000)}   errors: {t['fep_errors']}")
