@@ -165,9 +165,11 @@ class Engine:
         his_msgid = req.msgid
         msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
         digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
-        if his_msgid and (known := await self.journal.by_his_msgid(his_msgid)) is not None:
+        # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's
+        known = await self.journal.for_his(his_msgid) if his_msgid else None
+        if known is not None and known.his_msgid == his_msgid:
             return await self._resubmitted(trade, known, digest, answer_by)
-        if his_msgid and (named := await self.journal.get(his_msgid)) is not None and named.his_msgid is not None:
+        if known is not None and known.his_msgid is not None:
             # fep gave this number to another HIS trade (its fep_msgid): taking it as a new key would make
             # "the trade msgid X" mean two trades (a 2601 naming it could undo the wrong one)
             raise Refused(422, f"msgid {his_msgid} is the msgid fep gave another trade; a msgid names one trade "
