@@ -14,7 +14,7 @@
   CPU, start-up, added latency over 15 s of back-to-back trades, `fep status`, `fep trades --state`,
   a day's reconciliation (the simulated bureau holds that day's settlements), bytes per trade.
 
-Loopback only; bounded in time (default under 10 minutes with the year case, --quick under 1, which
+Loopback only; bounded in time (default under 12 minutes with the year case, --quick about 3, which
 leaves the year case out unless --year is given); stops by itself.
 Timings are printed, never asserted: targets sit beside each figure.
 """
@@ -343,7 +343,7 @@ def target(ok: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="under a minute: shorter runs, fewer trades, and no "
+    p.add_argument("--quick", action="store_true", help="about 3 minutes: shorter runs, fewer trades, and no "
                                                         "year of journal unless --year is given")
     p.add_argument("--year", type=int, metavar="TRADES", help="trades in the year of journal (default "
                                                               "3,000,000; 0 leaves the case out)")
