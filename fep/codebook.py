@@ -78,25 +78,27 @@ class CodeBook:
 
     # ---- the hot path ----------------------------------------------------------------------------
     def map_fees(self, trade: TradeDef, input_: dict[str, Any]) -> None:
-        """Fill med_list_codg from the mapping where the HIS sent only its own code; refuse what cannot go."""
+        """Fill med_list_codg from the mapping where the HIS sent only its own code; refuse what cannot go.
+        A national code is judged once per upload: its 5,000 lines name a few hundred codes at most."""
         lines = input_.get(trade.map_codes or "")
         if not isinstance(lines, list):
             return
         problems = []
+        judged: dict[str, str | None] = {}
         for line in lines:
             if not isinstance(line, dict):
                 continue
-            own, national = str(line.get("medins_list_codg") or ""), str(line.get("med_list_codg") or "")
-            item = f"{line.get('feedetl_sn', '?')} ({own or 'no hospital code'})"
+            national = str(line.get("med_list_codg") or "")
             if not national:
-                national = self.mapping.get(own, "")
+                national = self.mapping.get(str(line.get("medins_list_codg") or ""), "")
                 if not national:
-                    problems.append(f"{item}: no mapping to a national code")
+                    problems.append(f"{_item(line)}: no mapping to a national code")
                     continue
                 line["med_list_codg"] = national
-            problem = self.national_problem(national)
-            if problem:
-                problems.append(f"{item}: {problem}")
+            if national not in judged:
+                judged[national] = self.national_problem(national)
+            if judged[national]:
+                problems.append(f"{_item(line)}: {judged[national]}")
         if problems:
             raise InvalidInput(f"{trade.infno} {trade.name}: {len(problems)} fee item(s) cannot be uploaded: "
                                f"{'; '.join(problems)}. Fix the mapping (fep catalog map import) or the items")
@@ -344,3 +346,8 @@ def _last(meta: dict[str, Any], page: int, rows: int, read: int) -> bool:
             return done >= int(meta[field])
     size = meta.get("pageSize")
     return rows < (int(size) if str(size).isdigit() and int(size) > 0 else PAGE_SIZE)
+
+
+def _item(line: dict[str, Any]) -> str:
+    """A fee line as a refusal names it: its feedetl_sn and the hospital's own code."""
+    return f"{line.get('feedetl_sn', '?')} ({line.get('medins_list_codg') or 'no hospital code'})"

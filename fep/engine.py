@@ -176,9 +176,11 @@ class Engine:
         his_msgid = req.msgid
         msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
         digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
-        if his_msgid and (known := await self.journal.by_his_msgid(his_msgid)) is not None:
+        # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's
+        known = await self.journal.for_his(his_msgid) if his_msgid else None
+        if known is not None and known.his_msgid == his_msgid:
             return await self._resubmitted(trade, known, digest, answer_by)
-        if his_msgid and (named := await self.journal.get(his_msgid)) is not None and named.his_msgid is not None:
+        if known is not None and known.his_msgid is not None:
             # fep gave this number to another HIS trade (its fep_msgid): taking it as a new key would make
             # "the trade msgid X" mean two trades (a 2601 naming it could undo the wrong one)
             raise Refused(422, f"msgid {his_msgid} is the msgid fep gave another trade; a msgid names one trade "
@@ -320,7 +322,7 @@ class Engine:
             row = await self.journal.transition(row.msgid, "answer_held", deadline=self._now() + trade.confirm_within,
                                                 **fields)
             self.windows.arm(row)
-        elif ans.ok and (place := _place_in(trade, ans.output)):
+        elif ans.ok and trade.insuplc == "remember" and (place := _place_in(ans.output)):  # (else left unparsed)
             row = await self.journal.run(answer_with_place(row.msgid, fields, *place))
         else:
             row = await self.journal.transition(row.msgid, "answer", **fields)
@@ -630,9 +632,9 @@ class Engine:
         return reply(row, self.trades.get(row.infno), infcode_type=self.cfg.his.infcode_type, **kw)
 
 
-def _place_in(trade: TradeDef, output: Any) -> tuple[str, str] | None:
+def _place_in(output: Any) -> tuple[str, str] | None:
     """(psn_no, insuplc_admdvs) a 1101 answer names (`insuplc: remember`); its insuinfo is a list or one object."""
-    if trade.insuplc != "remember" or not isinstance(output, dict):
+    if not isinstance(output, dict):
         return None
     psn = (output.get("baseinfo") or {}).get("psn_no") if isinstance(output.get("baseinfo"), dict) else None
     insuinfo = output.get("insuinfo")

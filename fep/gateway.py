@@ -200,16 +200,20 @@ def unframe(profile: Profile, status: int, body: bytes, secrets: Secrets) -> byt
 # have taken the trade: an unknown outcome, never "not sent".
 REFUSED_BEFORE = frozenset({400, 401, 403, 404, 405, 429})
 
+_NONE = object()
+
 
 def _gateway_refusal(status: int, body: bytes) -> Refused | None:
     """A gateway's own refusal before forwarding: {"code":401,"message":…} (Hunan CSB, x-tif) or an OAuth2
     error ({"error":"invalid_token"}), under a status of REFUSED_BEFORE (the body's code where HTTP says 200);
     never an envelope, which always has infcode."""
     try:
+        if envelope.top_field(body, "infcode", _NONE) is not _NONE:  # an envelope (a 2 MB one is not parsed)
+            return None
         doc = envelope.loads(body)
     except ValueError:
         return None
-    if not isinstance(doc, dict) or "infcode" in doc:
+    if not isinstance(doc, dict):
         return None
     if isinstance(doc.get("error"), str) and status in (400, 401, 403):
         return Refused(f"the gateway refused the token: {doc['error']} ({doc.get('error_description', '')})",

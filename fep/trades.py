@@ -141,9 +141,17 @@ def _nodes(input_: dict[str, Any], node: str) -> list[Any]:
 
 
 def _present(input_: dict[str, Any], path: str) -> bool:
+    """Every node of `node` (one, or each of a list) has `name`, neither null nor empty. At C speed: a
+    5,000-line upload is checked field by field."""
     node, _, name = path.partition(".")
     items = _nodes(input_, node)
-    return bool(items) and all(isinstance(i, dict) and i.get(name) not in (None, "") for i in items)
+    if not items:
+        return False
+    try:
+        values = [i[name] for i in items]
+    except (KeyError, TypeError):  # a node without it, or not an object (null, a number, text, a list)
+        return False
+    return None not in values and "" not in values
 
 
 def _lookup(input_: dict[str, Any], path: str) -> Any:

@@ -4,6 +4,7 @@ sent, not sent or unknown."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Awaitable, Callable, Iterator
@@ -387,3 +388,29 @@ def test_unknown_names_the_endpoint_the_request_may_have_reached(world: World, r
             assert lost.value.endpoint == "sim" and msgid in {m for m, _ in world.sim_answers()}
     finally:
         on_reactor(reactor, lambda: defer.succeed(link.close()))
+
+
+# ---- the simulated bureau, as slow as real ones --------------------------------------------------------
+
+def test_a_slow_bureau_keeps_serving_other_trades_while_one_waits_out_its_latency(world: World) -> None:
+    world.start_sim()
+    assert world.latency()["ms"] == 0
+    world.latency(60_000)  # a trade sent now waits a minute inside the bureau
+    ctx = ssl.create_default_context(cafile=str(world.pki / "ca.pem"))
+    ctx.load_cert_chain(str(world.pki / "hospital.pem"), str(world.pki / "hospital.key"))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", world.sim_port)),
+                         server_hostname="bureau.fep.test") as waiting:
+        waiting.sendall(_post(envelope.dumps({"infno": "1101", "msgid": his_msgid(1), "input": {"data": {}}})))
+        wait_for(lambda: world.latency()["waiting"] == 1, what="the first trade to reach the bureau")
+        assert world.latency(0)["ms"] == 0  # the control port answers: the simulator's reactor is not blocked
+        answer = world.bypass("1101", his_msgid(2), {"data": {"mdtrt_cert_type": "02",
+                                                              "mdtrt_cert_no": ZHANG["certno"]}})
+        assert answer["infcode"] == 0 and world.latency()["waiting"] == 1  # the first still waits its minute
+
+
+def test_a_latency_that_is_not_a_number_of_milliseconds_is_refused_naming_the_key(world: World) -> None:
+    from fep.sim.server import load_config
+
+    world.configure(sim={"latency_ms": "fast"})
+    with pytest.raises(ValueError, match="latency_ms"):
+        load_config(world.sim_config)

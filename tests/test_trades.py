@@ -149,6 +149,22 @@ def test_the_baseline_s_own_1101_example_validates(book: TradeBook) -> None:
         book.get("2601").validate({"data": {"psn_no": "P1", "oinfno": "2304"}})
 
 
+@pytest.mark.parametrize("lines", [
+    [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"}, {"mdtrt_id": "M1", "psn_no": "P1"}],
+    [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"},
+     {"mdtrt_id": "M1", "psn_no": None, "medins_list_codg": "H-CBC"}],
+    [{"mdtrt_id": "M1", "psn_no": "", "medins_list_codg": "H-CBC"}],
+    [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"}, "not a line"],
+    [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"}, None],
+    [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"}, ["a", "list"]],
+    [],
+])
+def test_an_upload_with_one_line_short_of_a_required_field_is_refused_naming_it(book: TradeBook, lines) -> None:
+    with pytest.raises(InvalidInput, match="2301 住院费用明细上传: input is missing feedetail"):
+        book.get("2301").validate({"feedetail": lines})
+    book.get("2301").validate({"feedetail": [{"mdtrt_id": "M1", "psn_no": 0, "medins_list_codg": "H-CBC"}] * 3})
+
+
 @pytest.mark.parametrize("change, message", [
     ({"2205": {"required": []}}, "trade 2205: deferred work waits in its insured person's queue"),
     ({"2304": {"on_unknown": "resend"}}, "trade 2304: the unknown outcome of a money trade is never resolved by "

@@ -6,7 +6,8 @@ Faults are switched at start (sim.yaml `faults:`) and at run time over a plain-H
 loopback (POST /faults, DELETE /faults[?mode=MODE], GET /ledger, GET /requests/MSGID,
 POST /sessions/expire, POST /tokens/expire, GET /gateway, POST /clearing/refuse), so tests and scripts/chaos can
 break the link
-the way the VPN breaks it.
+the way the VPN breaks it. `latency_ms` (sim.yaml, and GET/POST /latency {"ms": N} at run time) makes every
+answer take that long, as real bureaus take 50-500 ms: a timer, so the simulator keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class SimConfig:
     catalog_bulk: dict[str, int] = field(default_factory=dict)  # generated records per 13xx catalog or paged query
     file_upload: str = "any"  # 9101 taken as: json (Base64), multipart (jsonStr + file), or any
     remote: Remote = Remote()  # how 异地 settlements are cleared (sim.yaml `remote:`)
+    latency_ms: float = 0.0  # every request waits this long before the bureau handles it
 
 
 def load_config(path: Path) -> SimConfig:
@@ -137,7 +139,15 @@ def load_config(path: Path) -> SimConfig:
         catalog_bulk={str(k): int(v) for k, v in (doc.get("catalog_bulk") or {}).items()},
         file_upload=_one_of(str(doc.get("file_upload", "any")), FILE_UPLOADS, "file_upload"),
         remote=Remote(**{k: (int(v) if k == "page_size" else str(v)) for k, v in (doc.get("remote") or {}).items()}),
+        latency_ms=latency_ms(doc.get("latency_ms", 0), "latency_ms"),
     )
+
+
+def latency_ms(value: Any, key: str) -> float:
+    """A latency in milliseconds: a number, zero or more."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{key} must be a number of milliseconds, zero or more, got {value!r}")
+    return float(value)
 
 
 FILE_UPLOADS = ("any", "json", "multipart")
@@ -163,6 +173,12 @@ class BureauProtocol(HTTPServerProtocol):
         self.sim.connections.discard(self)
 
     async def _handle(self, req: Request) -> Response:
+        if self.sim.latency_ms:  # a timer, not a sleep: the other connections are served meanwhile
+            self.sim.waiting += 1
+            try:
+                await task.deferLater(self.sim.reactor, self.sim.latency_ms / 1000)
+            finally:
+                self.sim.waiting -= 1
         gw = self.sim.gateway
         if gw.is_token_request(req):
             return gw.token(req)
@@ -238,6 +254,8 @@ class Simulator:
         self.ledger = Ledger(cfg.ledger, cfg.persons, cfg.catalog, cfg.admdvs, cfg.clr_optins, cfg.infcode_type,
                              cfg.diagnoses, cfg.catalog_bulk, cfg.remote)
         self.faults = list(cfg.faults)
+        self.latency_ms = cfg.latency_ms
+        self.waiting = 0  # requests waiting out the latency now
         self.port: Any = None
         self.connections: set[BureauProtocol] = set()
         self._options = tls.server_options(cfg.tls, cfg.link_security == "mutual_tls") if cfg.tls else None
@@ -326,6 +344,13 @@ class Simulator:
         if req.method == "POST" and req.path == "/sessions/expire":  # as after a restart of the bureau
             self.ledger.conn.execute("DELETE FROM signins")
             return Response(200, b'{"signins":[]}')
+        if req.path == "/latency" and req.method in ("GET", "POST"):
+            if req.method == "POST":
+                try:
+                    self.latency_ms = latency_ms(envelope.loads(req.body).get("ms"), "ms")
+                except (ValueError, AttributeError) as e:
+                    return Response(400, envelope.dumps({"error": str(e)}))
+            return Response(200, envelope.dumps({"ms": self.latency_ms, "waiting": self.waiting}))
         if req.method == "POST" and req.path == "/faults":
             try:
                 doc = envelope.loads(req.body)
@@ -336,7 +361,8 @@ class Simulator:
             if fault.mode == "refuse":
                 await self._refuse(fault)
             return Response(200, envelope.dumps({"faults": [f.mode for f in self.faults]}))
-        return Response(404, b'{"error":"GET /ledger, POST /faults, DELETE /faults[?mode=MODE], POST /sessions/expire"}')
+        return Response(404, b'{"error":"GET /ledger, POST /faults, DELETE /faults[?mode=MODE], POST /sessions/expire, '
+                             b'GET|POST /latency"}')
 
 
 def run(config_path: Path) -> int:

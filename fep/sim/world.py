@@ -330,6 +330,11 @@ class World:
     def expire_sessions(self) -> None:
         _http("POST", self.control_port, "/sessions/expire", {})
 
+    def latency(self, ms: float | None = None) -> dict[str, float]:
+        """The simulated bureau's latency: set it (ms, when given); {"ms": ..., "waiting": requests in it now}."""
+        return _http("POST", self.control_port, "/latency", {"ms": ms}) if ms is not None else \
+            _http("GET", self.control_port, "/latency")
+
     def bypass(self, infno: str, msgid: str, input_: dict[str, Any], **fields: Any) -> dict[str, Any]:
         """Post a trade straight to the bureau with the hospital's certificate, behind fep's back (as an
         operator working in the bureau's own system does); `fields`: more of the envelope (insuplc_admdvs)."""
