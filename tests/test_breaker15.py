@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 
 from fep.journal import COLUMNS
 from fep.sim.world import LI, ZHANG, Visit, World, settled_visit, setl_id, wait_for
+from tests.test_backup import restore
 from tests.test_units import write
 
 DAY = 86400
@@ -30,15 +30,6 @@ def age(world: World, days: int) -> None:
     with closing(sqlite3.connect(world.journal_path)) as c, c:
         c.execute("UPDATE trades SET created = created - ?, updated = updated - ?", (days * DAY, days * DAY))
         c.execute("UPDATE events SET at = at - ?", (days * DAY,))
-
-
-def restore(world: World, backup: Path) -> None:
-    """The README's restore: stop fep, the backup becomes the journal (the old WAL goes), start fep."""
-    world.stop()
-    for leftover in ("-wal", "-shm"):
-        Path(f"{world.journal_path}{leftover}").unlink(missing_ok=True)
-    shutil.copy(backup, world.journal_path)
-    world.start()
 
 
 def fep_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

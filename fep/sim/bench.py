@@ -418,12 +418,7 @@ def backends(base: Path, quick: bool) -> dict[str, Any]:
                 world.start()
                 if name == "postgresql":
                     wait_for(lambda: world.leading() == "a", what="the node to lead")
-                visits = {}
-                for person in people:
-                    v = Visit(world.his, person, fees=[("250101001", "1", "30.00")])
-                    v.up_to_settlement()
-                    visits[person["psn_no"]] = v
-                mix = Mix(people, visits)
+                mix = ready_mix(world, people)
                 via = load("127.0.0.1", world.his_port, None, mix, 1, secs)
                 direct = load("127.0.0.1", world.sim_port, tls_context(world), mix, 1, secs)
                 at200 = load("127.0.0.1", world.his_port, None, mix, 200, secs)
@@ -437,6 +432,16 @@ def backends(base: Path, quick: bool) -> dict[str, Any]:
     return out
 
 
+def ready_mix(world: World, people: list[dict[str, Any]]) -> Mix:
+    """Each person's visit brought up to its settlement, and the trade mix over them."""
+    visits = {}
+    for person in people:
+        v = Visit(world.his, person, fees=[("250101001", "1", "30.00")])
+        v.up_to_settlement()
+        visits[person["psn_no"]] = v
+    return Mix(people, visits)
+
+
 def everything_else(base: Path, quick: bool, results: dict[str, Any]) -> None:
     secs = 2.0 if quick else 6.0
     drain_n = 1000 if quick else 5000
@@ -446,12 +451,7 @@ def everything_else(base: Path, quick: bool, results: dict[str, Any]) -> None:
     try:
         world.start()
         ctx = tls_context(world)
-        visits = {}
-        for person in people:
-            v = Visit(world.his, person, fees=[("250101001", "1", "30.00")])
-            v.up_to_settlement()
-            visits[person["psn_no"]] = v
-        mix = Mix(people, visits)
+        mix = ready_mix(world, people)
 
         overhead = {}
         for clients in (1, 50):
@@ -478,7 +478,7 @@ def everything_else(base: Path, quick: bool, results: dict[str, Any]) -> None:
         results["throughput"]["fep_200_vs_direct"] = fep200 / direct200.rate
         results["throughput"]["fep_200_vs_raw_batched"] = fep200 / limit["100 per commit"]
         results["throughput"]["fep_200_vs_raw_one_per_commit"] = fep200 / limit["1 per commit"]
-        results["recovery"] = drain(world, people, visits, drain_n)
+        results["recovery"] = drain(world, people, mix.visits, drain_n)
         results["memory"] = memory(world, sample)
     finally:
         world.stop()
@@ -679,12 +679,7 @@ def year_case(base: Path, rows: int, workers: int) -> dict[str, Any]:
         world.start_sim()
         empty_startup = start_timed(world)
         scripts = year.record(world, people)
-        visits = {}
-        for person in people:
-            v = Visit(world.his, person, fees=[("250101001", "1", "30.00")])
-            v.up_to_settlement()
-            visits[person["psn_no"]] = v
-        mix = Mix(people, visits)
+        mix = ready_mix(world, people)
         direct = load("127.0.0.1", world.sim_port, tls_context(world), mix, 1, LATENCY_SECONDS)
         out["direct_median_ms"] = direct.q(0.5)
         admin = Client.unix(str(world.dir / "run" / "admin.sock"), timeout=600)
