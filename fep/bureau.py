@@ -195,7 +195,8 @@ class BureauLink:
         return all(p.up is False for p in self.pools)
 
     async def send(self, infno: str, body: bytes, timeout: float, trade_path: str | None = None,
-                   on_late: LateHandler | None = None, endpoint: str | None = None) -> Delivery:
+                   on_late: LateHandler | None = None, endpoint: str | None = None,
+                   base_path: str | None = None) -> Delivery:
         """Send to the first endpoint that takes it, or with `endpoint` to that one only. Raises NotSent
         or Unknown (whose `endpoint` says where it may have arrived).
 
@@ -203,21 +204,22 @@ class BureauLink:
         another bureau system that never saw it. A pinned send never fails over.
 
         An answer that comes after `timeout` (within the late grace) goes to `on_late`: the caller has
-        already been told Unknown and acted on it; the late answer is kept for reconciliation."""
+        already been told Unknown and acted on it; the late answer is kept for reconciliation. `base_path`, where
+        set, stands for the endpoint's own path (a region's path for 异地 trades: remote.path)."""
         reasons = []
         for pool in self._candidates(endpoint):
             try:
-                return await self._send_to(pool, infno, body, timeout, trade_path, on_late)
+                return await self._send_to(pool, infno, body, timeout, trade_path, on_late, base_path)
             except NotSent as e:  # provably never left: the next endpoint may take it
                 reasons.append(str(e))
         raise NotSent("; ".join(reasons))
 
     async def _send_to(self, pool: _Pool, infno: str, body: bytes, timeout: float, trade_path: str | None,
-                       on_late: LateHandler | None) -> Delivery:
+                       on_late: LateHandler | None, base_path: str | None = None) -> Delivery:
         """One endpoint; a token the gateway no longer takes is fetched anew and the trade sent again, once."""
         for attempt in (1, 2):
             token = await pool.tokens.get() if pool.tokens else None
-            framed = await self._frame(pool.ep, infno, body, trade_path, token)
+            framed = await self._frame(pool.ep, infno, body, trade_path, token, base_path)
             conn = await pool.acquire()
             try:
                 return await self._exchange(pool, conn, infno, framed, timeout, on_late)
@@ -253,10 +255,11 @@ class BureauLink:
         return pinned
 
     def _frame(self, ep: Endpoint, infno: str, body: bytes, trade_path: str | None,
-               token: str | None) -> defer.Deferred[gateway.Framed]:
+               token: str | None, base_path: str | None = None) -> defer.Deferred[gateway.Framed]:
         """The request as the region's gateway wants it. Jilin's SM2 signature costs ~13 ms of CPU (pure
         Python) and SM4 grows with the input: framed off the reactor thread."""
-        call = partial(gateway.frame, self.cfg.profile, infno, body, base_path=ep.path, trade_path=trade_path,
+        call = partial(gateway.frame, self.cfg.profile, infno, body, base_path=base_path or ep.path,
+                       trade_path=trade_path,
                        now=time.time(), nonce=uuid.uuid4().hex, secrets=self.secrets, token=token)
         if self.cfg.profile.style == "jilin":
             return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)

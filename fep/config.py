@@ -185,6 +185,23 @@ class LeasePlan:
 
 
 @dataclass(frozen=True)
+class RemoteRoute:
+    """Where a region routes 异地 trades (insuplc_admdvs of another city than `home`) elsewhere: to this
+    endpoint only (a bureau.endpoints name), and/or at this path in place of the endpoint's own."""
+
+    home: str = ""  # the hospital's city: the first four digits of institution.mdtrtarea_admvs
+    endpoint: str | None = None
+    path: str | None = None
+
+    def of(self, insuplc_admdvs: str) -> tuple[str | None, str | None]:
+        """(endpoint, base path) for a trade of this insured region; (None, None): as every trade."""
+        place = insuplc_admdvs.strip()
+        if (self.endpoint is None and self.path is None) or not place or place[:4] == self.home:
+            return None, None
+        return self.endpoint, self.path
+
+
+@dataclass(frozen=True)
 class Config:
     institution: Institution
     his: HisSide
@@ -202,6 +219,7 @@ class Config:
     # A trade whose insuplc_admdvs is to be filled (trades.yaml `insuplc: fill`) for a person fep has seen no
     # 1101 of: "refuse" it (the HIS is told to call 1101 first), or "forward" it as the HIS sent it
     remote_without_1101: str = "refuse"
+    remote_route: RemoteRoute = RemoteRoute()
     # Month-end clearing: the region's trade that tells what the bureau approved and refused of an application
     # (None: the region has none); and names of clearing types (清算类别) besides the national ones
     clearing_status_trade: str | None = "3205A"
@@ -291,7 +309,7 @@ KEYS: dict[str, Any] = {
     "journal": {"path": TEXT, "max_batch": COUNT, "keep_days": COUNT, "archive_daily_at": TEXT, "url": TEXT,
                 "node": TEXT, "lease_check": NUMBER, "lease_timeout": NUMBER},
     "backup": {"dir": TEXT, "keep": COUNT, "daily_at": TEXT},
-    "remote": {"without_1101": TEXT},
+    "remote": {"without_1101": TEXT, "endpoint": TEXT, "path": TEXT},
     "clearing": {"status_trade": TEXT, "clr_type_names": TEXT_MAP},
     "resolution": {"max_tries": COUNT, "backoff": NUMBERS},
     "trades": TEXT,
@@ -490,7 +508,7 @@ def _build(doc: dict[str, Any], path: Path, base: Path) -> Config:
         backup=_backup(doc.get("backup") or {}, base),
         console=_console(doc.get("console") or {}, base, his, doc.get("admin") or {}),
         **_shared_journal(jr, his),
-        **_month_end(doc, trades),
+        **_month_end(doc, trades, bureau),
     )
 
 
@@ -581,7 +599,7 @@ def _positive(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     return number
 
 
-def _month_end(doc: dict[str, Any], trades: TradeBook) -> dict[str, Any]:
+def _month_end(doc: dict[str, Any], trades: TradeBook, bureau: BureauSide) -> dict[str, Any]:
     """`remote:` (异地 patients) and `clearing:` (清算)."""
     remote, clearing = doc.get("remote") or {}, doc.get("clearing") or {}
     without = str(remote.get("without_1101", "refuse"))
@@ -593,8 +611,17 @@ def _month_end(doc: dict[str, Any], trades: TradeBook) -> dict[str, Any]:
     names = clearing.get("clr_type_names") or {}
     if not isinstance(names, dict):
         raise ConfigError("clearing.clr_type_names must map a clearing type (清算类别) to its name")
+    endpoint, path = remote.get("endpoint"), remote.get("path")
+    names_of = [e.name for e in bureau.endpoints]
+    inst_city = str((doc.get("institution") or {}).get("mdtrtarea_admvs", ""))[:4]
+    if endpoint is not None and str(endpoint) not in names_of:
+        raise ConfigError(f"remote.endpoint {endpoint!r} is not a name of bureau.endpoints ({', '.join(names_of)})")
+    if path is not None and not str(path).startswith("/"):
+        raise ConfigError(f"remote.path must be a path beginning with /, got {path!r}")
     return {"remote_without_1101": without, "clearing_status_trade": None if status is None else str(status),
-            "clr_type_names": tuple((str(k), str(v)) for k, v in names.items())}
+            "clr_type_names": tuple((str(k), str(v)) for k, v in names.items()),
+            "remote_route": RemoteRoute(home=str(inst_city), endpoint=None if endpoint is None else str(endpoint),
+                                        path=None if path is None else str(path))}
 
 
 def _group(doc: Any, i: int) -> tuple[str, str, str]:

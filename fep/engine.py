@@ -62,7 +62,7 @@ class Engine:
         self.codes = codes
         self._now = now
         self.session = Session(now, self._sign_in, cfg.bureau.not_signed_in)
-        self.sender = Sender(link, self.session, journal, now, self._late)
+        self.sender = Sender(link, self.session, journal, now, self._late, lambda: self.cfg.remote_route)
         self.lanes = Lanes(reactor, self._replay)
         self.resolver = Resolver(reactor, journal, self.sender, self.lanes, lambda: self.trades,
                                  lambda: self.cfg.resolution, self._markers, self._complete, self._after_answer)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from fep import envelope
 from fep.bureau import BureauLink, Delivery, NotSent
+from fep.config import RemoteRoute
 from fep.journal import Journal, TradeRow
 from fep.session import Session
 from fep.trades import Kind, TradeDef
@@ -21,8 +22,10 @@ SESSION_TRIES = 2  # a trade refused for the session is sent again under a new o
 
 class Sender:
     def __init__(self, link: BureauLink, session: Session, journal: Journal, now: Callable[[], float],
-                 late: Callable[[TradeRow, bytes], None]) -> None:
+                 late: Callable[[TradeRow, bytes], None],
+                 route: Callable[[], RemoteRoute] = RemoteRoute) -> None:
         self.link = link
+        self._route = route  # where 异地 trades go, as the config in force says (a reload may change it)
         self.session = session
         self.journal = journal
         self._now = now
@@ -41,9 +44,11 @@ class Sender:
         where its original went; `timeout` (default the trade's) is how long the bureau is waited for."""
         if endpoint is not None and endpoint not in self.link.endpoint_names:
             endpoint = None  # renamed or removed by a reload: where it went is no longer configured
+        remote_endpoint, base_path = self._routed(row)
         for _ in range(SESSION_TRIES):
             delivery = await self.link.send(trade.infno, row.request_bytes, timeout or trade.timeout, trade.path,
-                                            on_late=lambda body, r=row: self._late(r, body), endpoint=endpoint)
+                                            on_late=lambda body, r=row: self._late(r, body),
+                                            endpoint=endpoint or remote_endpoint, base_path=base_path)
             if delivery.answer.ok or trade.kind is Kind.SESSION or not self.session.refused(delivery.answer.err_msg):
                 return delivery  # (a sign-in's own refusal is its answer: it is how a session begins)
             # read back only now: on a 3.5 MB upload it costs 1-1.5 ms, and the bytes sent are the row's
@@ -57,6 +62,13 @@ class Sender:
                                                 request=request)
         raise NotSent(f"the bureau does not know fep's session and signing in again did not help "
                       f"({delivery.answer.err_msg})")
+
+
+    def _routed(self, row: TradeRow) -> tuple[str | None, str | None]:
+        route = self._route()
+        if route.endpoint is None and route.path is None:
+            return None, None  # the common case: the request is not read again
+        return route.of(str(envelope.top_field(row.request_bytes, "insuplc_admdvs", "") or ""))
 
 
 def recorded(trade: TradeDef, row: TradeRow, delivery: Delivery) -> dict[str, Any]:

@@ -391,7 +391,8 @@ class FakeLink:
         return [c for c in self.calls if infno is None or c.infno == infno]
 
     async def send(self, infno: str, body: bytes, timeout: float, trade_path: str | None = None,
-                   on_late: Callable[[bytes], None] | None = None, endpoint: str | None = None) -> Delivery:
+                   on_late: Callable[[bytes], None] | None = None, endpoint: str | None = None,
+                   base_path: str | None = None) -> Delivery:
         env = envelope.loads(body)
         reachable = [e for e in self.endpoints if e not in self.unreachable]
         went_to = endpoint or (reachable[0] if reachable else self.endpoints[0])

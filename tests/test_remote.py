@@ -107,6 +107,8 @@ def test_an_unknown_outcome_of_a_remote_inpatient_settlement_is_reversed_in_the_
 @pytest.mark.parametrize("change, error", [
     ({"remote": {"without_1101": "sometimes"}}, "remote.without_1101 must be refuse or forward"),
     ({"clearing": {"status_trade": "3299"}}, "clearing.status_trade 3299 is not in the trade catalog"),
+    ({"remote": {"endpoint": "ydzx"}}, r"remote.endpoint 'ydzx' is not a name of bureau.endpoints \(sim\)"),
+    ({"remote": {"path": "fsi/yd"}}, "remote.path must be a path beginning with /"),
 ])
 def test_a_wrong_remote_or_clearing_setting_is_refused_naming_the_key(world: World, change: dict, error: str) -> None:
     world.configure(fep=change)
@@ -126,3 +128,27 @@ def test_a_remote_settlement_made_behind_fep_s_back_is_reversed_in_the_home_regi
     [reversal] = remote.journal("infno='2601'")
     assert remote.bureau_request(reversal["msgid"])["insuplc_admdvs"] == "430400"
     assert rogue not in remote.live()
+
+
+YD_PATH = "/fsi/api/ydService/callService"  # a region's own path for 异地 trades
+
+
+def test_a_region_that_routes_remote_trades_elsewhere_gets_them_there_and_only_them(world: World) -> None:
+    """remote.endpoint and remote.path: a patient insured in another city goes to the region's 异地 endpoint and
+    path, a local patient to the endpoint's own; the journal says where each went."""
+    url = f"https://127.0.0.1:{world.sim_port}/fsi/api/rsfComIfsService/callService"
+    world.configure(fep={"bureau": {"endpoints": [{"name": "sim", "url": url, "server_name": "bureau.fep.test"},
+                                                  {"name": "yd", "url": url, "server_name": "bureau.fep.test"}]},
+                         "remote": {"without_1101": "refuse", "endpoint": "yd", "path": YD_PATH}})
+    world.start()
+    heard = {}
+    for person in (ZHANG, QIAN):
+        visit = Visit(world.his, person)
+        heard[person["psn_no"]] = [visit.identify(), visit.register()]
+        assert all(ok(a) for a in heard[person["psn_no"]]), heard
+    for person, answers in heard.items():
+        for answer in answers:
+            row = world.trade(answer["fep_msgid"])
+            away = person == QIAN["psn_no"] and row["infno"] != "1101"  # a 1101 names no insured region yet
+            assert world.bureau_path(row["msgid"]) == (YD_PATH if away else "/fsi/api/rsfComIfsService/callService")
+            assert row["endpoint"] == ("yd" if away else "sim"), row

@@ -195,7 +195,7 @@ class BureauProtocol(HTTPServerProtocol):
         wrong = self._wrong_form(req, env)
         if wrong:
             return Response(200, envelope.dumps({"infcode": self.sim.ledger.infcode(-1), "err_msg": wrong}))
-        self.sim.remember(env)
+        self.sim.remember(env, req.path)
         fault = self.sim.fault_for(infno)
         mode = fault.mode if fault else None
         if mode == "drop_before":
@@ -261,13 +261,14 @@ class Simulator:
         self._options = tls.server_options(cfg.tls, cfg.link_security == "mutual_tls") if cfg.tls else None
         self.gateway = SimGateway(cfg.profile, reactor.seconds)
         self._reopen: Any = None
-        self.requests: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the last envelopes received, by msgid
+        # the last envelopes received and the path each came to, by msgid
+        self.requests: OrderedDict[str, tuple[dict[str, Any], str]] = OrderedDict()
 
-    def remember(self, env: Any) -> None:
-        """The envelope as the bureau read it (GET /requests/MSGID): tests see what arrived, after every
-        decoding on the way."""
+    def remember(self, env: Any, path: str) -> None:
+        """The envelope as the bureau read it, and its path (GET /requests/MSGID[/path]): tests see what
+        arrived, after every decoding on the way, and where."""
         if isinstance(env, dict) and env.get("msgid"):
-            self.requests[str(env["msgid"])] = env
+            self.requests[str(env["msgid"])] = (env, path)
             while len(self.requests) > REMEMBERED:
                 self.requests.popitem(last=False)
 
@@ -314,8 +315,11 @@ class Simulator:
         if req.method == "GET" and req.path == "/ledger":
             return Response(200, envelope.dumps(self.ledger.settlements()))
         if req.method == "GET" and req.path.startswith("/requests/"):
-            env = self.requests.get(req.path.rsplit("/", 1)[1])
-            return Response(200 if env else 404, envelope.dumps(env or {"error": "no such msgid received"}))
+            msgid, _, part = req.path.removeprefix("/requests/").partition("/")
+            if msgid not in self.requests:
+                return Response(404, envelope.dumps({"error": "no such msgid received"}))
+            env, path = self.requests[msgid]
+            return Response(200, envelope.dumps({"path": path} if part == "path" else env))
         path, _, query = req.path.partition("?")
         if req.method == "DELETE" and path == "/faults":
             only = dict(p.partition("=")[::2] for p in query.split("&") if p).get("mode")

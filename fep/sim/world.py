@@ -401,6 +401,10 @@ class World:
         """The envelope of `msgid` as the bureau read it (one of the last 200 it received)."""
         return _http("GET", self.control_port, f"/requests/{msgid}")
 
+    def bureau_path(self, msgid: str) -> str:
+        """The path `msgid` came to at the bureau."""
+        return str(_http("GET", self.control_port, f"/requests/{msgid}/path")["path"])
+
     def sim_answers(self) -> list[tuple[str, str]]:
         with closing(sqlite3.connect(self.dir / "sim" / "ledger.db")) as c:
             return c.execute("SELECT msgid, infno FROM answers ORDER BY rowid").fetchall()
