@@ -1,0 +1,84 @@
+"""Issue 18 from the outside: the office's console as a curious office PC, a guesser on the LAN and an administrator
+who has just changed a leaked password see it, plain HTTP against a running fep and the simulator."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+from fep import config
+from fep.sim.world import World
+from tests.test_console import OFFICE, OPERATOR, PASSWORD, audit, user, with_console
+
+
+class Office:
+    """One office PC's browser, cookies and all, without the browser: the console as HTTP."""
+
+    def __init__(self, world: World) -> None:
+        self.port = config.load(world.fep_config).console.port
+        self.cookies: dict[str, str] = {}
+
+    def ask(self, method: str, path: str, form: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
+        body = None
+        if form is not None:
+            body = urllib.parse.urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            text = r.read().decode("utf-8", "replace")
+            for value in r.headers.get_all("Set-Cookie") or []:
+                name, _, rest = value.partition("=")
+                self.cookies[name] = rest.split(";")[0]
+            return r.status, dict(r.headers), text
+        finally:
+            conn.close()
+
+    def form_token(self) -> str:
+        _, _, page = self.ask("GET", "/signin")
+        return re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+
+    def sign_in(self, name: str, password: str) -> int:
+        return self.ask("POST", "/signin", {"csrf": self.form_token(), "name": name, "password": password})[0]
+
+
+def test_a_guesser_sending_wrong_passwords_at_once_gets_more_than_five_tries(world: World) -> None:
+    """A PC on the office network guesses li.ops's password, twenty guesses sent at the same moment instead of one
+    after another. The console promises that after five wrong passwords the name is refused, its password not even
+    tried: each guess past the fifth must be answered 429 and never checked. The lock is looked at before the
+    (slow, threaded) scrypt check and counted only after it, so every guess in flight is checked."""
+    with_console(world)
+    guesser = Office(world)
+    token = guesser.form_token()
+    form = {"csrf": token, "name": OPERATOR}
+
+    def guess(n: int) -> int:
+        return guesser.ask("POST", "/signin", {**form, "password": f"guess-number-{n:02d}"})[0]
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(guess, range(20)))
+    tried = [e for e in audit(world) if e["action"] == "console sign-in"
+             and e["result"] == "refused: wrong name or password"]
+    assert answers.count(401) <= 5 and len(tried) <= 5, (
+        f"{answers.count(401)} of 20 guesses had their password checked ({answers.count(429)} refused as too many)")
+
+
+def test_changing_a_leaked_password_signs_out_whoever_used_it(world: World) -> None:
+    """wang's password leaked; someone on the office LAN signed in with it. The administrator runs `fep user passwd
+    wang`, which answers "sessions of a removed or changed user end at their next page". The one who signed in with
+    the old password must be sent to the sign-in page at their next page; the session only ends on a role change."""
+    with_console(world)
+    intruder = Office(world)
+    assert intruder.sign_in(OFFICE, PASSWORD) == 303
+    assert intruder.ask("GET", "/")[0] == 200
+
+    changed = user(world, "passwd", OFFICE, password="a-new-password-2")
+    assert changed.returncode == 0, changed.stderr
+    assert "sessions of a removed or changed user end" in changed.stdout
+    status, headers, _ = intruder.ask("GET", "/")
+    assert status == 303 and headers.get("Location", "").startswith("/signin"), (
+        f"the old password's session still reads Today after `fep user passwd {OFFICE}` (status {status})")
