@@ -82,3 +82,34 @@ def test_changing_a_leaked_password_signs_out_whoever_used_it(world: World) -> N
     status, headers, _ = intruder.ask("GET", "/")
     assert status == 303 and headers.get("Location", "").startswith("/signin"), (
         f"the old password's session still reads Today after `fep user passwd {OFFICE}` (status {status})")
+
+
+def test_after_signing_in_the_office_is_never_sent_to_another_site(world: World) -> None:
+    """A phishing mail links the office to the console's own sign-in page with next=/<tab>/evil.example. The console
+    promises that after signing in it goes to "a page of this console only (never //elsewhere)". A browser drops
+    tabs and newlines from a URL (WHATWG URL parsing, and Python's urlsplit alike), so the Location it is given must
+    still name the console, not another host."""
+    with_console(world)
+    office = Office(world)
+    base = f"http://127.0.0.1:{office.port}/"
+    for trick in ("/\t/evil.example/signin", "/\n/evil.example/signin", "/\r/evil.example/signin"):
+        status, headers, _ = office.ask("POST", "/signin", {"csrf": office.form_token(), "name": OFFICE,
+                                                            "password": PASSWORD, "next": trick})
+        assert status == 303, status
+        goes_to = urllib.parse.urljoin(base, headers.get("Location", ""))
+        assert urllib.parse.urlsplit(goes_to).netloc == f"127.0.0.1:{office.port}", (
+            f"next={trick!r}: signed in, the browser is sent to {goes_to!r}")
+
+
+def test_a_console_port_no_listener_can_have_is_refused_naming_the_key(world: World) -> None:
+    """The administrator writes console.port: 0 (or 70000) by mistake. Every other port in fep.yaml is refused
+    naming its key when it is not 1..65535; the console's is accepted, and with 0 fep would open the console on
+    a port nobody knows, with 70000 fail only when it listens."""
+    for wrong in (0, 70000):
+        world.configure(fep={"console": {"port": wrong, "users": str(world.dir / "conf" / "console-users")}})
+        try:
+            config.load(world.fep_config)
+        except config.ConfigError as e:
+            assert "console.port" in str(e)
+        else:
+            raise AssertionError(f"console.port: {wrong} was accepted")
