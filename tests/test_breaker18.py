@@ -9,7 +9,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 from fep import config
-from fep.sim.world import World
+from fep.sim.world import World, free_port
 from tests.test_console import OFFICE, OPERATOR, PASSWORD, audit, user, with_console
 
 
@@ -113,3 +113,21 @@ def test_a_console_port_no_listener_can_have_is_refused_naming_the_key(world: Wo
             assert "console.port" in str(e)
         else:
             raise AssertionError(f"console.port: {wrong} was accepted")
+
+
+
+def test_office_networks_the_console_cannot_be_reached_from_are_refused(world: World) -> None:
+    """The administrator names the office's network but also writes console.host: 127.0.0.1 (or the office-facing
+    address, and forgets office_networks). Either way no office PC can ever open the console: it listens on loopback
+    only, or it closes every connection that is not loopback's. fep.yaml is to say so when it is loaded, naming the
+    keys, not leave the office looking at a refused connection on Monday morning."""
+    users = str(world.dir / "conf" / "console-users")
+    for wrong in ({"host": "127.0.0.1", "office_networks": ["10.20.0.0/16"]}, {"host": "10.20.0.5"}):
+        world.configure(fep={"console": {"port": free_port(), "users": users, **wrong}})
+        try:
+            side = config.load(world.fep_config).console
+        except config.ConfigError as e:
+            assert "console." in str(e)
+        else:
+            raise AssertionError(f"{wrong} was accepted: listening on {side.host}, letting in loopback and "
+                                 f"{[str(n) for n in side.office_networks]}")
