@@ -131,3 +131,25 @@ def test_office_networks_the_console_cannot_be_reached_from_are_refused(world: W
         else:
             raise AssertionError(f"{wrong} was accepted: listening on {side.host}, letting in loopback and "
                                  f"{[str(n) for n in side.office_networks]}")
+
+
+def test_a_patient_name_that_is_a_script_is_shown_as_text_and_masked_for_the_office(world: World) -> None:
+    """The HIS sends a 1101 whose psn_name is a script (typed at the registration desk, or a hostile HIS user).
+    The office opens the trade's life: the name is masked for it, the script is text for both roles, and the
+    page forbids scripts and frames whatever it holds."""
+    from fep.sim.world import ZHANG
+
+    with_console(world)
+    hostile = '张三丰"><script>alert(1)</script><img src=x onerror=alert(2)>'
+    answer = world.his.call("1101", {"data": {"mdtrt_cert_type": "02", "mdtrt_cert_no": ZHANG["certno"],
+                                              "certno": ZHANG["certno"], "psn_name": hostile}})
+    msgid = answer["fep_msgid"]
+    for name, sees_whole in ((OFFICE, False), (OPERATOR, True)):
+        reader = Office(world)
+        assert reader.sign_in(name, PASSWORD) == 303
+        status, headers, page = reader.ask("GET", f"/trade/{msgid}")
+        assert status == 200, page
+        assert "<script" not in page and "<img" not in page, name
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        if not sees_whole:
+            assert "张三丰" not in page and ZHANG["certno"] not in page, "the office sees the name or ID whole"
