@@ -153,3 +153,22 @@ def test_a_patient_name_that_is_a_script_is_shown_as_text_and_masked_for_the_off
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
         if not sees_whole:
             assert "张三丰" not in page and ZHANG["certno"] not in page, "the office sees the name or ID whole"
+
+
+def test_a_script_in_the_bureau_s_err_msg_is_text_on_the_trade_page(world: World) -> None:
+    """The bureau refuses a fee upload with an err_msg holding a script and the patient's name and ID number. On
+    the trade's page the office reads it as text, the name and ID number masked."""
+    from fep.sim.world import ZHANG, Visit
+
+    with_console(world)
+    visit = Visit(world.his, ZHANG)
+    visit.open()
+    world.fault(mode="error", infno="2204", times=1,
+                message=f'参保人张三丰({ZHANG["certno"]})费用明细有误<script>alert(1)</script>')
+    refused = visit.upload_fees()
+    assert refused["infcode"] != 0, refused
+    office = Office(world)
+    assert office.sign_in(OFFICE, PASSWORD) == 303
+    status, _, page = office.ask("GET", f"/trade/{refused['fep_msgid']}")
+    assert status == 200, page
+    assert "<script" not in page and "张三丰" not in page and ZHANG["certno"] not in page
