@@ -318,7 +318,7 @@ KEYS: dict[str, Any] = {
     "reconcile_groups": [{"insutype": TEXT, "setl_optins": TEXT, "clr_type": TEXT}],
     "admin": {"unix": TEXT, "metrics_host": TEXT, "metrics_port": PORT, "unix_group": TEXT},
     "security": {"allow_root": BOOL},
-    "console": {"port": WHOLE, "host": TEXT, "office_networks": TEXTS, "users": TEXT, "session_minutes": NUMBER},
+    "console": {"port": PORT, "host": TEXT, "office_networks": TEXTS, "users": TEXT, "session_minutes": NUMBER},
 }
 # Old names that still work (and are never suggested for a typo): old -> new.
 RENAMED = {"his.answer_budget": "his.answer_within"}
@@ -583,9 +583,27 @@ def _console(doc: dict[str, Any], base: Path, his: HisSide, admin: dict[str, Any
         raise ConfigError(f"console.office_networks: {e}") from None
     if minutes is not None and float(minutes) <= 0:
         raise ConfigError(f"console.session_minutes must be more than 0, got {minutes!r}")
+    _reachable(host, nets)
     return ConsoleSide(port=int(port), host=str(host or ("0.0.0.0" if nets else "127.0.0.1")), office_networks=nets,
                        users=_path(base, users or "/etc/fep/console-users"),
                        session_minutes=float(minutes if minutes is not None else 30))
+
+
+def _reachable(host: Any, nets: tuple[Any, ...]) -> None:
+    """A console the office can reach as configured: office networks need an address they can connect to, and
+    an address beyond loopback is for office networks, the only peers besides loopback let in."""
+    if host is None:
+        return
+    try:
+        loopback = ipaddress.ip_address(str(host)).is_loopback
+    except ValueError:
+        loopback = str(host) == "localhost"
+    if nets and loopback:
+        raise ConfigError(f"console.host {host} is loopback: console.office_networks could never connect; leave "
+                          f"console.host out (every address) or give the address the office reaches")
+    if not nets and not loopback:
+        raise ConfigError(f"console.host {host} is not loopback but console.office_networks is empty: every peer "
+                          f"would be closed on; name the office networks that may connect")
 
 
 def _positive(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:

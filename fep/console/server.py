@@ -13,7 +13,7 @@ import secrets
 from datetime import date, timedelta
 from importlib.resources import files
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from twisted.internet import defer, endpoints, threads
@@ -119,11 +119,12 @@ class Console(Resource):
         await self._view(request, path, args, user, session)
 
     async def _user(self, session: Session | None) -> users_mod.User | None:
-        """The session's user as the users file has them now: one removed, or given another role, is signed out."""
+        """The session's user as the users file has them now: one removed, given another role, or with a changed
+        password (a leaked one, say) is signed out."""
         if session is None:
             return None
         user = (await threads.deferToThread(users_mod.read, self.cfg.users)).get(session.name)
-        if user is None or user.role != session.role:
+        if user is None or user.role != session.role or not same(user.hash, session.opened_with):
             self.sessions.end(session.token)
             return None
         return user
@@ -147,16 +148,16 @@ class Console(Resource):
             return await self._sign_in_form(request, args, f"Too many wrong passwords for {name}: wait "
                                             f"{Failures.WINDOW / 60:.0f} minutes, or ask the administrator "
                                             f"(fep user passwd).", status=429, name=name)
+        self.failures.add(name)  # counted before the check: guesses sent at once are counted as they come
         known = await threads.deferToThread(users_mod.read, self.cfg.users)
         user = known.get(name)
         ok = user is not None and await threads.deferToThread(users_mod.matches, user, password)
         if not ok or user is None:
-            self.failures.add(name)
             await self.audit.viewed(name, "console sign-in", {"peer": peer}, result="refused: wrong name or password")
             log.warn("console: sign-in refused for {name!r} from {peer}", name=name, peer=peer)
             return await self._sign_in_form(request, args, "Wrong name or password.", status=401, name=name)
         self.failures.clear(name)
-        session = self.sessions.new(user.name, user.role)
+        session = self.sessions.new(user.name, user.role, user.hash)
         await self.audit.viewed(user.name, "console sign-in", {"peer": peer, "role": user.role})
         request.addCookie(SESSION, session.token, path="/", httpOnly=True, sameSite="strict")
         _redirect(request, _local(args.get("next")))
@@ -241,8 +242,12 @@ def _redirect(request: Request, to: str) -> None:
 
 
 def _local(target: str | None) -> str:
-    """Where to go after signing in: a page of this console only (never //elsewhere)."""
-    return target if target and target.startswith("/") and not target.startswith("//") and "\\" not in target \
+    """Where to go after signing in: a page of this console only: never //elsewhere, nor / tab /elsewhere, which
+    browsers read as //elsewhere once they drop the tab (and any other blank or control character)."""
+    if not target or any(c.isspace() or ord(c) < 32 or c == "\\" for c in target):
+        return "/"
+    parts = urlsplit(target)
+    return target if target.startswith("/") and not target.startswith("//") and not (parts.scheme or parts.netloc) \
         else "/"
 
 

@@ -17,6 +17,7 @@ class Session:
     name: str
     role: str
     last: float
+    opened_with: str = ""  # the password hash it was opened with: a changed password ends it
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # the sign-out form's
 
@@ -27,11 +28,11 @@ class Sessions:
         self.clock = clock
         self._by_token: dict[str, Session] = {}
 
-    def new(self, name: str, role: str) -> Session:
+    def new(self, name: str, role: str, opened_with: str = "") -> Session:
         now = self.clock()
         for token in [t for t, s in self._by_token.items() if now - s.last > self.idle]:
             del self._by_token[token]
-        s = Session(name, role, now)
+        s = Session(name, role, now, opened_with)
         self._by_token[s.token] = s
         return s
 
