@@ -200,7 +200,9 @@ class World:
     def start_fep(self, wait: bool = True) -> subprocess.Popen[bytes]:
         self.fep = self._spawn("run", "--config", str(self.fep_config))
         if wait:
-            wait_for(lambda: self.fep.poll() is not None or _port_open(self.his_port), what="fep to listen")
+            # both sides: a test may scrape /metrics first thing, and the metrics port opens after the HIS's
+            wait_for(lambda: self.fep.poll() is not None or (_port_open(self.his_port) and
+                                                              _port_open(self.metrics_port)), what="fep to listen")
             assert self.fep.poll() is None, f"fep exited: {self.log('run')}"
         return self.fep
 
