@@ -9,31 +9,24 @@ import time
 from typing import Any
 
 import pytest
-from twisted.internet import address, defer, task
+from twisted.internet import address, task
 from twisted.internet.testing import StringTransport
 
 from fep import envelope
 from fep.his import BUSY, HisFactory, RateLimitedLog
 from fep.http11 import HTTPServerProtocol, Limits, Request, Response
 from fep.sim.world import ZHANG, World, wait_for
+from tests import http_doubles
 from tests.http_doubles import Responses
 
 CALL = "/fsi/api/rsfComIfsService/callService"
 
 
-class Later:
-    """A handler answering only when told: requests it was handed, in order."""
+class Later(http_doubles.Later):
+    """The shared handler answering only when told, each answer naming its place: {"n": i}."""
 
-    def __init__(self) -> None:
-        self.taken: list[tuple[Request, defer.Deferred[Response]]] = []
-
-    def __call__(self, req: Request) -> defer.Deferred[Response]:
-        d: defer.Deferred[Response] = defer.Deferred()
-        self.taken.append((req, d))
-        return d
-
-    def answer(self, i: int) -> None:
-        self.taken[i][1].callback(Response(200, b'{"n": %d}' % i))
+    def answer(self, i: int, text: bytes | None = None) -> None:
+        super().answer(i, text or b'{"n": %d}' % i)
 
 
 class Transport(StringTransport):
