@@ -145,16 +145,24 @@ def out(args: argparse.Namespace, doc: Any, human: Callable[[Any], str]) -> int:
     return 0
 
 
-def limit(text: str) -> int:
-    """--limit, for every command that has one: 0 (or less) is refused, never taken as "all"; fep itself
-    refuses more than it lists at once (fep.admin.MAX_LIMIT), naming the bound."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
-    return n
+def _at_least(kind: type, least: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind`, at least `least`, else an error naming what was wanted."""
+    def parse(text: str) -> Any:
+        try:
+            n = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"must be {least:g} or more{'' if kind is int else ' seconds'}, "
+                                             f"got {text}")
+        return n
+    return parse
+
+
+# --limit, for every command that has one: 0 (or less) is refused, never taken as "all"; fep itself refuses
+# more than it lists at once (fep.admin.MAX_LIMIT), naming the bound.
+limit = _at_least(int, 1, "a whole number")
+timeout = _at_least(float, 0, "seconds")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -403,16 +411,6 @@ def _finished_job(job: dict[str, Any]) -> str:
     return f"{head}:\n{envelope.dumps(job['result']).decode()}"
 
 
-def timeout(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be seconds, got {text!r}") from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
-    return seconds
-
-
 def cmd_clearing(args: argparse.Namespace) -> int:
     from fep.clearing import render
 
@@ -598,7 +596,7 @@ def add_commands(sub: Any) -> None:
                                       "result")
     au.add_argument("--since", help="YYYY-MM-DD[ HH:MM:SS]")
     au.add_argument("--until", help="YYYY-MM-DD[ HH:MM:SS] (a day alone: to its end)")
-    au.add_argument("--limit", type=int, default=100)
+    au.add_argument("--limit", type=limit, default=100)
     admin_options(au)
     au.set_defaults(func=cmd_audit)
     cl = sub.add_parser("clearing", help="month-end clearing (清算): apply, cancel, the 异地 detail, status, payments")
