@@ -202,8 +202,10 @@ class Daemon:
         self.archive.keep_days = cfg.journal_keep_days
         self.archive.money = frozenset(t.infno for t in cfg.trades.defs.values() if t.moves_money)
         self.backups.directory, self.backups.keep = cfg.backup.dir, cfg.backup.keep
-        times = (cfg.reconcile_at, cfg.catalog_sync_at, cfg.backup.daily_at, cfg.archive_at)  # as self.daily
-        for job, at in zip(self.daily, times):
+        times = {"reconciliation": cfg.reconcile_at, "catalog sync": cfg.catalog_sync_at,
+                 "backup": cfg.backup.daily_at, "archive": cfg.archive_at}
+        for job in self.daily:  # by name: on PostgreSQL there is no backup job, so no position is a job's
+            at = times[job.name]
             if job.at != at:
                 job.stop()
                 job.at = at
