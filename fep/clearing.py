@@ -274,10 +274,12 @@ class Clearing:
             rows += page
 
     # ---- status, and the bank's notice ------------------------------------------------------------------------
-    async def status(self, month: str) -> dict[str, Any]:
+    async def status(self, month: str, ask_bureau: bool = True) -> dict[str, Any]:
+        """The month's table; `ask_bureau`: first ask the region's status trade what its audit says now (the
+        office's console does not: a page view sends nothing to the bureau, it shows what was last said)."""
         groups = await self._settlements(month)
         done = await self._clearings(month)
-        trade = self.engine.cfg.clearing_status_trade
+        trade = self.engine.cfg.clearing_status_trade if ask_bureau else None
         for group, row in list(done.items()):
             if trade and row["state"] == "applied":
                 done[group] = await self._audit(trade, month, group, row)

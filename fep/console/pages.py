@@ -1,9 +1,9 @@
 """What each console page shows, gathered from fep's own figures: the admin status and trade views
 (fep.admin), the stored reconciliations (fep.reconcile) and the month's clearing (fep.clearing).
 
-Every figure is read through the journal's named queries on its reader threads; nothing here writes, asks the
-bureau for a page of its own, or runs when nobody looks. (The month's clearing status asks the region's
-status trade, as `fep clearing status` does, for an application in force.)"""
+Every figure is read through the journal's named queries on its reader threads; nothing here asks the bureau
+for a page of its own, or runs when nobody looks: the month's clearing status is what the region's status trade
+last said (`fep clearing status` asks it anew)."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class Pages:
     # ---- The month ------------------------------------------------------------------------------------------
     async def month(self, month: str) -> dict[str, Any]:
         first, last = month_of(month)
-        status = await self.clearing.status(month)
+        status = await self.clearing.status(month, ask_bureau=False)
         days = []
         for d in range(1, last.day + 1):
             day = first.replace(day=d)
@@ -153,7 +153,7 @@ class Pages:
 
     async def month_csv(self, month: str) -> str:
         """As `fep clearing status --format csv` prints it."""
-        return clearing_render(await self.clearing.status(month), "csv", "status") + "\n"
+        return clearing_render(await self.clearing.status(month, ask_bureau=False), "csv", "status") + "\n"
 
     # ---- A trade ----------------------------------------------------------------------------------------------
     async def trade(self, msgid: str) -> dict[str, Any]:
