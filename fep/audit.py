@@ -8,6 +8,7 @@ still there, without a result. Reads (status, trades, show, audit itself) change
 
 from __future__ import annotations
 
+import functools
 import pwd
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ from fep.journal import AUDIT_COLUMNS, Journal, audit_begin, audit_between, audi
 log = Logger()
 
 
+@functools.lru_cache(maxsize=256)  # a name service (LDAP, say) is not asked on the reactor for every action
 def user_name(uid: int | None) -> str:
     if uid is None:
         return "?"
