@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet import defer, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -73,7 +74,9 @@ class _Pool:
         while self.idle:
             p = self.idle.pop()
             if p.idle:
-                return p
+                if not p.unread():
+                    return p
+                p.transport.abortConnection()  # the bureau spoke unasked (its close, most often): never written to
             self.count -= 1
         if self.count >= self.size:
             d: defer.Deferred[HTTPClientProtocol | None] = defer.Deferred()
@@ -94,9 +97,10 @@ class _Pool:
         bind = (self.source, 0) if self.source else None
         tcp = TCP4ClientEndpoint(self.reactor, self.ep.host, self.ep.port, timeout=self.connect_timeout,
                                  bindAddress=bind)
+        proto = HTTPClientProtocol()
+        factory = Factory.forProtocol(lambda: proto)
         try:
-            proto = await connectProtocol(wrapClientTLS(self.creator, tcp) if self.creator else tcp,
-                                          HTTPClientProtocol())
+            await tcp.connect(tls.WholeWrites(self.creator, True, factory) if self.creator else factory)
         except Exception as e:
             self.mark_up(False, str(e))
             raise NotSent(f"cannot connect to {self.ep.name} ({self.ep.host}:{self.ep.port}): {e}") from None

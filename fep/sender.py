@@ -63,7 +63,6 @@ class Sender:
         raise NotSent(f"the bureau does not know fep's session and signing in again did not help "
                       f"({delivery.answer.err_msg})")
 
-
     def _routed(self, row: TradeRow) -> tuple[str | None, str | None]:
         route = self._route()
         if route.endpoint is None and route.path is None:

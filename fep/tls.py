@@ -15,6 +15,7 @@ from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from fep.config import TLSFiles
 
@@ -86,6 +87,15 @@ def _ca(path: Path) -> ssl.Certificate:
         return ssl.Certificate.loadPEM(_read(path, "CA certificate"))
     except (SSL.Error, ValueError) as e:
         raise TLSConfigError(f"CA certificate {path} is not a PEM certificate: {e}") from None
+
+
+class WholeWrites(TLSMemoryBIOFactory):
+    """TLS for a protocol that writes each message whole, in one write, as fep's HTTP does. Twisted's default
+    TLS transport (BufferingTLSTransport, Twisted #11989) holds every write until the next reactor turn to
+    gather small ones into one TLS record: a DelayedCall and two copies of the bytes per write, and a turn
+    of delay, which a whole message gains nothing from."""
+
+    protocol = TLSMemoryBIOProtocol
 
 
 def client_options(files: TLSFiles, server_name: str) -> IOpenSSLClientConnectionCreator:

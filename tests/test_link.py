@@ -3,6 +3,7 @@ sent, not sent or unknown."""
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import threading
@@ -168,13 +169,13 @@ class _Wire:
     closed connection is reported (connectionLost) only when the test says so."""
 
     def __init__(self, pki: Any, server_app: Any, clock: task.Clock | None = None) -> None:
-        self.clock = clock or task.Clock()  # Twisted's TLS transport flushes small writes on the next tick
+        self.clock = clock or task.Clock()  # the bureau's side: Twisted's TLS transport flushes writes on the next tick
         creator = tls.client_options(TLSFiles(pki / "ca.pem", pki / "hospital.pem", pki / "hospital.key"),
                                      "bureau.fep.test")
         server = tls.server_options(TLSFiles(pki / "ca.pem", pki / "bureau.pem", pki / "bureau.key"))
         self.client = HTTPClientProtocol()
-        self.client_tls = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: self.client),
-                                              self.clock).buildProtocol(None)
+        # as the link's: each write goes into the TLS layer at once
+        self.client_tls = tls.WholeWrites(creator, True, Factory.forProtocol(lambda: self.client)).buildProtocol(None)
         self.server_tls = TLSMemoryBIOFactory(server, False, Factory.forProtocol(lambda: server_app),
                                               self.clock).buildProtocol(None)
         self.ct, self.st = StringTransport(), StringTransport()
@@ -386,6 +387,33 @@ def test_unknown_names_the_endpoint_the_request_may_have_reached(world: World, r
             with pytest.raises(Unknown) as lost:
                 _send(reactor, link, body, endpoint=pin)
             assert lost.value.endpoint == "sim" and msgid in {m for m, _ in world.sim_answers()}
+    finally:
+        on_reactor(reactor, lambda: defer.succeed(link.close()))
+
+
+def test_a_trade_is_not_written_on_a_pooled_connection_whose_close_is_waiting_unread(world: World,
+                                                                                     reactor: Any) -> None:
+    """The bureau closes its idle connections (here: it goes down) and its close_notify and FIN are already
+    in fep's kernel, not yet read by the reactor, when a trade takes the connection from the pool. Written
+    on it, the request could only be called Unknown; it is not written on it, so it is provably not sent."""
+    world.start_sim()
+    link = _link(world, reactor, [("sim", world.sim_port)])
+    try:
+        _send(reactor, link, _query(1)[1])
+        [pooled] = link.pools[0].idle
+        msgid, body = _query(2)
+
+        async def close_then_send() -> Delivery:
+            # one reactor turn: the reactor cannot read the close before the trade takes the connection
+            world.fault(mode="refuse")
+            sock = pooled.transport.transport.getHandle()
+            assert select.select([sock], [], [], 10)[0], "the bureau's close did not arrive"
+            assert pooled.idle, "the close is unread: the connection still looks idle"
+            return await link.send("1101", body, 5)
+
+        with pytest.raises(NotSent):
+            on_reactor(reactor, close_then_send)
+        assert msgid not in {m for m, _ in world.sim_answers()}
     finally:
         on_reactor(reactor, lambda: defer.succeed(link.close()))
 
