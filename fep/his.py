@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from multipart import parse_options_header
 from twisted.internet import address
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -30,8 +31,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class HisService:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, reactor: IReactorThreads | None = None) -> None:
         self.engine = engine
+        self.reactor = reactor  # None: a parsed request is freed as soon as it is answered
 
     async def handle(self, req: Request) -> Response:
         output = "data"  # a refusal carries the trade's output node once the trade is known
@@ -44,8 +46,11 @@ class HisService:
             if req.method != "POST":
                 return envelope.refusal(405, f"{req.method} {path}: post a trade envelope, or GET /fep/trades/MSGID")
             trade_req = parse(req)
-            output = self.engine.trades.get(trade_req.infno).output
-            return self._json(await self.engine.submit(trade_req))
+            try:
+                output = self.engine.trades.get(trade_req.infno).output
+                return self._json(await self.engine.submit(trade_req))
+            finally:
+                self._free_after_answer(req, trade_req)
         except (envelope.BadEnvelope, UnknownTrade, InvalidInput) as e:
             return envelope.his_refusal(400, str(e), self.engine.cfg.his.infcode_type, output)
         except Refused as e:
@@ -54,9 +59,16 @@ class HisService:
             if self.engine.role == "single":
                 raise
             # Another node took the lead while this one had the trade in hand: the leader has it now.
-            return envelope.his_refusal(envelope.STANDBY, f"this fep node no longer leads ({e}); the leader is "
-                                        f"{self.engine.leader or 'being chosen'}: ask it, with the same msgid",
+            return envelope.his_refusal(envelope.STANDBY, f"this fep node no longer leads ({e}); "
+                                        f"{self.engine.who_leads()} (with the same msgid)",
                                         self.engine.cfg.his.infcode_type, output)
+
+    def _free_after_answer(self, *parsed: Any) -> None:
+        """A 5,000-line upload, parsed, is some 200,000 objects that take 4 ms to free: they are let go after
+        the answer has gone out. (A call queued from the reactor thread runs in its next round, after the
+        round that writes the answer to the HIS's socket.)"""
+        if self.reactor is not None:
+            self.reactor.callFromThread(_nothing, parsed)
 
     def _json(self, reply: Reply) -> Response:
         """What the HIS hears: the envelope as JSON; a download (9102) that succeeded, the file itself, unless
@@ -65,6 +77,10 @@ class HisService:
         if file is not None:
             return envelope.file_response(200, file, reply.body)
         return Response(200, reply.raw or envelope.dumps(reply.body))
+
+
+def _nothing(_: Any) -> None:
+    pass
 
 
 def parse(req: Request) -> envelope.HisRequest:

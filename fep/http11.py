@@ -9,6 +9,8 @@ written, which is the line between "not sent" and "outcome unknown".
 from __future__ import annotations
 
 import json
+import select
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -525,6 +527,18 @@ class HTTPClientProtocol(Protocol):
         handle = t.getHandle() if hasattr(t, "getHandle") else None
         return isinstance(handle, SSL.Connection) and bool(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
 
+    def unread(self) -> bool:
+        """Bytes wait in the kernel on this idle connection, not yet read by the reactor: the bureau's
+        close (close_notify, FIN, a reset) on its way up, or bytes no request asked for. A request written
+        now might never be read, and nothing provable could be said of it (urllib3 and Go's net/http
+        check the same before they reuse a connection)."""
+        sock = _socket(self.transport)
+        if sock is None:
+            return False
+        poll = select.poll()
+        poll.register(sock, select.POLLIN)
+        return bool(poll.poll(0))
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
@@ -575,3 +589,12 @@ class HTTPClientProtocol(Protocol):
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             waiting.errback(err)
+
+
+def _socket(transport: Any) -> socket.socket | None:
+    """The TCP socket under a transport, under its TLS layer if it has one; None for one that has none."""
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    if isinstance(handle, SSL.Connection):
+        below = getattr(transport, "transport", None)
+        handle = below.getHandle() if hasattr(below, "getHandle") else None
+    return handle if isinstance(handle, socket.socket) else None

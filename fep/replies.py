@@ -53,8 +53,8 @@ class PassedOn(Reply):
 
     def download(self) -> envelope.FileDownload | None:
         # A download's answer is fep's own file envelope (the bureau sends the file itself, fep.bureau): one
-        # that does not name content_base64 is no download, and is not parsed to find that out.
-        return super().download() if b'"content_base64"' in self.answer.body else None
+        # that does not begin as that envelope does is no download, and is not parsed to find that out.
+        return super().download() if envelope.is_file_answer(self.answer.body) else None
 
 
 def _pending(row: TradeRow, money: str) -> str:

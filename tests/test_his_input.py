@@ -127,6 +127,40 @@ def test_fee_lines_are_checked_wherever_they_are(field: str, value: str) -> None
     refused(trade("2204", text), f"input.feedetail[1].{field}")
 
 
+def ward_lines(n: int) -> list[dict[str, Any]]:
+    """Fee lines whose numbers are JSON numbers, as most HIS programs write them."""
+    return [{"feedetl_sn": str(i), "psn_no": "P1", "cnt": 2, "pric": Decimal("12.50"),
+             "det_item_fee_sumamt": Decimal("25.00")} for i in range(n)]
+
+
+@pytest.mark.parametrize("field,value", [("pric", "0.1234567"), ("cnt", "10000000000"), ("cnt", "1.00001"),
+                                         ("det_item_fee_sumamt", "1.001"), ("det_item_fee_sumamt", "1E+999999999"),
+                                         ("det_item_fee_sumamt", "-10000000000.00")])
+def test_one_bad_number_among_a_wards_good_ones_is_named(field: str, value: str) -> None:
+    lines = ward_lines(50)
+    lines[37][field] = Decimal(value)
+    refused(trade("2204", envelope.dumps({"feedetail": lines}).decode()), f"input.feedetail[37].{field}")
+
+
+def test_numbers_with_trailing_zeros_or_ints_among_decimals_go_through() -> None:
+    lines = ward_lines(50)
+    lines[3].update(cnt=Decimal("2.50000"), pric=Decimal("12.500000000"), det_item_fee_sumamt=31)
+    lines[4].update(cnt=Decimal("-1"), det_item_fee_sumamt=Decimal("9999999999.99"))
+    _, _, engine = post(trade("2204", envelope.dumps({"feedetail": lines}).decode()))
+    assert engine.submitted
+
+
+def test_only_the_inputs_numbers_are_the_trades_amounts() -> None:
+    body = b'{"infno":"2207","memo_amt":"not a number","input":{"data":{"psn_no":"P1","medfee_sumamt":"1.00"}}}'
+    _, _, engine = post(body)
+    assert engine.submitted
+
+
+def test_an_input_sent_as_a_json_string_has_its_amounts_checked() -> None:
+    inner = envelope.dumps({"feedetail": ward_lines(3)[:2] + [{"feedetl_sn": "2", "pric": Decimal("1.0000001")}]})
+    refused(envelope.dumps({"infno": "2204", "input": inner.decode()}), "input.feedetail[2].pric")
+
+
 def test_an_amount_inside_an_object_of_a_fee_line_is_checked() -> None:
     lines = [{"feedetl_sn": "0", "cnt": 1}, {"feedetl_sn": "1", "extra": {"memo": "x", "ownpay_amt": "1.001"}}]
     refused(trade("2204", envelope.dumps({"feedetail": lines}).decode()), "input.feedetail[1].extra.ownpay_amt")
@@ -152,3 +186,17 @@ def test_the_worlds_uploads_go_through_and_a_big_one_is_read_quickly() -> None:
     started = time.perf_counter()
     envelope.parse_his_request(body)
     assert time.perf_counter() - started < 1.0
+
+
+def test_the_input_goes_on_in_the_his_own_bytes_when_fep_read_it_as_it_is() -> None:
+    """The journal keeps, and the bureau is sent, the input as the HIS wrote it (its spacing, escapes and
+    trailing zeros), not encoded again; an input fep rewrote as it read it is encoded from what fep holds."""
+    written = b'{ "feedetail" : [ {"cnt": 1.50, "bilg_dr_name": "\\u738b", "pric": 2.0} ] }'
+    req = envelope.parse_his_request(b'\xef\xbb\xbf{"infno": "2301", "msgid": "M1", "input": ' + written + b"}")
+    assert bytes(req.input_json) == written  # type: ignore[arg-type]
+    assert envelope.loads(envelope.dumps({**req.envelope, "input": req.input_json})) == req.envelope
+
+    as_string = envelope.parse_his_request(b'{"infno": "2207", "input": "{\\"data\\": {}}"}')
+    as_bytes = envelope.parse_his_request(b'{"infno": "9101", "input": {"fsUploadIn": {"in": [1, -1]}}}')
+    in_gbk = envelope.parse_his_request('{"infno": "2301", "input": {"x": "王"}}'.encode("gbk"), "gbk")
+    assert as_string.input_json is None and as_bytes.input_json is None and in_gbk.input_json is None

@@ -7,6 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
@@ -137,3 +138,18 @@ def test_a_body_is_read_back_as_it_was_sent_whether_stored_compressed_or_not() -
     assert len(short) < COMPRESS_FROM and stored_body(short) == short
     assert isinstance(stored_body("结算" * 400), bytes)
     assert all(isinstance(stored_body(t), bytes) for t in real if len(t.encode()) > 1000)
+
+
+def test_a_request_with_the_his_own_input_bytes_is_stored_as_it_is_sent() -> None:
+    """The input compressed while fep checks it, the envelope around it after: one zlib stream of the very
+    bytes the bureau is sent, as when the whole request is compressed at once."""
+    from fep.journal import _request, body_bytes, pack, stored_body
+
+    written = msgspec.Raw(b'{"feedetail": [' + b", ".join(b'{"feedetl_sn": "%d", "memo": "\\u738b"}' % i
+                                                          for i in range(5000)) + b"]}")
+    env = {"infno": "2301", "msgid": "M1", "input": {"not": "these"}, "sign_no": "S1"}
+    request, stored = _request(env, written, pack(written))
+    assert request == b'{"infno":"2301","msgid":"M1","input":' + bytes(written) + b',"sign_no":"S1"}'
+    assert isinstance(stored, bytes) and body_bytes(stored) == request
+    assert _request(env, written, None) == (request, stored_body(request))
+    assert _request(env, None, None)[0] == envelope.dumps(env)
