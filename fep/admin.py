@@ -11,7 +11,7 @@ import hashlib
 import socket
 import struct
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, unquote
@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from fep import envelope, metrics, reconcile, replies, sockets
+from fep import days, envelope, metrics, reconcile, replies, sockets
 from fep.archive import Archive
 from fep.audit import AuditTrail, user_name
 from fep.clearing import Clearing, ClearingError, group_of
@@ -51,10 +51,7 @@ def _time(value: str) -> float:
 def _until(value: str) -> float:
     """The end of a range: a day named alone (YYYY-MM-DD) means all of it, as the finance office means it."""
     end = _time(value)
-    if len(value) != 10:
-        return end
-    # the next midnight (the clock's, whatever a day's length), less a microsecond: ranges include their ends
-    return (datetime.fromtimestamp(end) + timedelta(days=1)).timestamp() - 1e-6
+    return end if len(value) != 10 else days.span(datetime.fromtimestamp(end).date())[1]
 
 
 MAX_LIMIT = 100_000  # rows one `fep trades` lists
@@ -214,6 +211,8 @@ class AdminService:
         args = {k: v[-1] for k, v in parse_qs(query).items()}
         parts = [unquote(p) for p in path.strip("/").split("/")]
         key = f"{req.method} {parts[0]}"
+        if key == "GET status" and args.get("only") == "role":  # keepalived's check: nothing read, answered at once
+            return self.engine.role_view()
         if key == "GET status":
             return await self.status()
         if key == "GET trades" and len(parts) == 1:
@@ -287,9 +286,9 @@ class AdminService:
         elif self.archive is not None and (found := await self.archive.get(msgid)) is not None:
             row, history, related, where = found
         else:
-            raise Refused(404, f"no trade with msgid {msgid} in the journal or its archive files")
+            raise Refused(404, f"no trade with msgid {msgid} in the journal or its archive")
         out = summary(row, full=True)
-        out["archive"] = where  # the archive file it was read from; None: the journal
+        out["archive"] = where  # the archive file (or archived_trades) it was read from; None: the journal
         out["history"] = [{"at": datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], "event": ev,
                            "state": st, "note": note} for at, ev, st, note in history]
         out["resolving_trades"] = [summary(r) for r in related]

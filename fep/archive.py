@@ -1,5 +1,11 @@
-"""Monthly archive files: finished trades older than `journal.keep_days` leave the journal for one SQLite file
-per month beside it (journal-2025-03.db for journal.db), where `fep show` and `fep trades` still read them.
+"""The archive: finished trades older than `journal.keep_days` leave the journal, where `fep show` and `fep
+trades` still read them (merged by msgid, the journal's row first). Where they go is the backend's:
+- SQLite: one file per month beside the journal (journal-2025-03.db for journal.db), `MonthlyFiles`;
+- PostgreSQL: the archive tables of the same database (`ArchiveTables`; journal_pg.ARCHIVE_TABLES). Both nodes
+  of a pair read them, whichever node led when they were moved; they are in pg_dump and in the replicas, and
+  the move is one transaction (copy and delete), with no window in which a trade is in both or in neither.
+  Monthly files an earlier release wrote beside journal.path are read on the node that has them until its
+  first run as leader takes them into the tables (`ArchiveTables.take_in`).
 
 What never leaves the journal:
 - a trade that is not final (open, or parked for a person), nor one whose resolving trades are not; a trade and
@@ -11,10 +17,12 @@ What never leaves the journal:
   holds it and reopen it. With no reconciliation stored, nothing that moves money leaves;
 - a trade changed since it was read for the move.
 
-Moving is crash-safe and idempotent, in bounded batches: a batch is written into its month's file and
-committed there (synchronous=FULL: on the disk) before it is deleted from the journal; a crash in between
+Moving into files is crash-safe and idempotent, in bounded batches: a batch is written into its month's file
+and committed there (synchronous=FULL: on the disk) before it is deleted from the journal; a crash in between
 leaves it in both, and the next run writes it again (INSERT OR REPLACE) and deletes it. Reads look in the
-journal first. Every file operation runs on the reactor's thread pool, the journal's part on its own threads.
+journal first. Each batch is a few statements, whatever its size. Every file operation runs on the reactor's
+thread pool, the journal's part on its own threads. On PostgreSQL only the leader runs the daily job (fep.daemon
+starts the daily jobs at takeover), and the record of its last run is in the shared journal.
 """
 
 from __future__ import annotations
@@ -26,14 +34,16 @@ import time
 from contextlib import closing
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from fep import journal_pg
 from fep.backup import fsync
-from fep.journal import COLUMNS, EVENT_COLUMNS, EVER, Family, Journal, TradeFilter, TradeRow, archivable, forget
+from fep.journal import (COLUMNS, EVENT_COLUMNS, EVER, Family, Journal, TradeFilter, TradeRow, archive_filter,
+                         archive_in_tables, archivable, archived, archived_matching, forget)
 from fep.states import State
 
 log = Logger()
@@ -48,33 +58,32 @@ _SCHEMA = (_TRADES,
            f"CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, {', '.join(EVENT_COLUMNS[1:])})",
            "CREATE INDEX IF NOT EXISTS events_msgid ON events(msgid)")
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
-Found = tuple[TradeRow, list[tuple[float, str, str, str]], list[TradeRow], str]  # row, history, resolving, file
+Found = tuple[TradeRow, list[tuple[float, str, str, str]], list[TradeRow], str]  # row, history, resolving, where
+
+
+def month_of(family: Family) -> str:
+    return datetime.fromtimestamp(family.head.created).strftime("%Y-%m")
 
 
 class Archive:
+    """What may leave the journal and when; where it goes is the store's (the module's docstring)."""
+
     def __init__(self, reactor: Any, journal: Journal, keep_days: int | None, money: Iterable[str],
                  batch: int = BATCH) -> None:
         self.reactor, self.journal, self.keep_days, self.batch = reactor, journal, keep_days, batch
         self.money = frozenset(money)  # trade numbers that move money: they wait for their day's reconciliation
         self._one_at_a_time = defer.DeferredLock()  # two runs at once: the second would delete the first's copies
-        self._pattern = re.compile(rf"{re.escape(journal.path.stem)}-(\d{{4}}-\d{{2}})\.db")
-
-    def _thread(self, f: Callable[..., T], *args: Any) -> Any:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
-
-    def path(self, month: str) -> Path:
-        return self.journal.path.with_name(f"{self.journal.path.stem}-{month}.db")
+        self.monthly = MonthlyFiles(reactor, journal)  # on PostgreSQL: what an earlier release left on this node
+        self.tables = ArchiveTables(journal) if journal.url else None
+        self.store: MonthlyFiles | ArchiveTables = self.tables or self.monthly
 
     def files(self) -> list[tuple[str, Path]]:
-        """Blocking: (YYYY-MM, file) of every archive file, newest first."""
-        where = self.journal.path.parent
-        found = [(m.group(1), p) for p in where.iterdir() if (m := self._pattern.fullmatch(p.name))] \
-            if where.is_dir() else []
-        return sorted(found, reverse=True)
+        """Blocking: (YYYY-MM, file) of every monthly archive file beside the journal, newest first."""
+        return self.monthly.files()
 
     # --- moving ------------------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
-        """Move what may leave, batch by batch; what was moved, and into which files. One run at a time: a
+        """Move what may leave, batch by batch; what was moved, and into which months. One run at a time: a
         second caller (another operator, the nightly job) waits for the run under way, then finds what is left."""
         waited = self._one_at_a_time.locked
         result = await self._one_at_a_time.run(lambda: defer.ensureDeferred(self._run()))
@@ -83,6 +92,7 @@ class Archive:
     async def _run(self) -> dict[str, Any]:
         if self.keep_days is None:
             return {"moved": 0, "months": [], "note": "journal.keep_days is not set: every trade stays"}
+        taken = await self.tables.take_in(self.monthly) if self.tables is not None else []
         cutoff = time.time() - self.keep_days * 86400
         after, moved, months = (EVER[0], 0), 0, set()
         reconciled: dict[date, bool] = {}
@@ -92,22 +102,14 @@ class Archive:
                 break
             after = following
             ready = [f for f in families if await self._reconciled(f, reconciled)]
-            if not ready:
-                continue
-            months |= await self._thread(self._store, ready)
-            gone = await self.journal.run(forget(ready))
-            stale = [f for f in ready if all(f is not g for g in gone) and await self._in_journal(f)]
-            if stale:  # changed while it was copied: it stays in the journal only
-                await self._thread(self._discard, stale)
-            moved += sum(len(f.trades) for f in gone)
-        log.info("archive: {moved} finished trades older than {days} days moved to {files}", moved=moved,
-                 days=self.keep_days, files=", ".join(self.path(m).name for m in sorted(months)) or "no file")
-        return {"moved": moved, "months": sorted(months), "keep_days": self.keep_days}
-
-    async def _in_journal(self, family: Family) -> bool:
-        """A family `forget` left is in the journal still (changed); one no longer there left it another way
-        (moved by an earlier run): its archive copy is then its only one and stays."""
-        return any([await self.journal.get(t[1]) is not None for t in family.trades])
+            if ready:
+                gone = await self.store.move(ready)
+                moved += sum(len(f.trades) for f in gone)
+                months |= {month_of(f) for f in gone}
+        log.info("archive: {moved} finished trades older than {days} days moved to {into}", moved=moved,
+                 days=self.keep_days, into=self.store.names(sorted(months)))
+        return {"moved": moved, "months": sorted(months), "keep_days": self.keep_days, "into": self.store.INTO,
+                **({"taken_in": taken} if taken else {})}
 
     async def _reconciled(self, family: Family, known: dict[date, bool]) -> bool:
         """Every money trade of the family is of a day reconciled and balanced, and so is the day after it."""
@@ -124,12 +126,122 @@ class Archive:
                     return False
         return True
 
-    def _store(self, families: list[Family]) -> set[str]:
-        """Blocking: each family into its month's file, committed (and so on the disk) when this returns."""
+    # --- reading -----------------------------------------------------------------------------------------------
+    async def get(self, msgid: str) -> Found | None:
+        found = await self.store.get(msgid)
+        if found is None and self.tables is not None:  # files an earlier release wrote on this node
+            found = await self.monthly.get(msgid)
+        return found
+
+    async def find(self, f: TradeFilter) -> list[TradeRow]:
+        """The newest `limit` archived trades that match, oldest first."""
+        rows = await self.store.find(f)
+        if self.tables is not None:
+            seen = {r.msgid for r in rows}
+            rows += [r for r in await self.monthly.find(f) if r.msgid not in seen]
+            rows.sort(key=lambda r: (r.created, r.id))
+        return rows[-f.limit:]
+
+
+class ArchiveTables:
+    """PostgreSQL: the archive tables of the journal's own database, moved into and read through the journal."""
+    INTO = "the archive tables"
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def names(self, months: list[str]) -> str:
+        return f"archived_trades ({', '.join(months)})" if months else "nothing"
+
+    async def move(self, families: list[Family]) -> list[Family]:
+        """One write: those that had not changed are in the archive tables and no longer in the journal."""
+        return await self.journal.run(archive_in_tables(families))
+
+    async def take_in(self, files: MonthlyFiles) -> list[str]:
+        """The monthly files an earlier release wrote beside journal.path on this node, into the tables where
+        every node reads them; each file is then renamed (NAME.in-postgresql) and kept until an operator
+        removes it. Returns the names of the files taken in."""
+        taken = []
+        for _, path in await files.thread(files.files):
+            try:
+                added = await files.thread(self._take_in, path)
+            except Exception:  # one unreadable file holds up neither the others nor the move
+                log.failure("archive: {file} could not be taken into archived_trades; it stays, read on this node",
+                            file=path.name)
+                continue
+            log.info("archive: {added} trades of {file}, written on this node by an earlier release, taken into "
+                     "archived_trades; the file is kept as {kept}", added=added, file=path.name,
+                     kept=_retired(path).name)
+            taken.append(path.name)
+        return taken
+
+    def _take_in(self, path: Path) -> int:
+        """Blocking: one file into the tables (one transaction), then out of the reads."""
+        with closing(_reader(path)) as conn:
+            added = journal_pg.take_in(self.journal.url, _chunks(conn, "trades", COLUMNS[1:]),  # type: ignore[arg-type]
+                                       _chunks(conn, "events", EVENT_COLUMNS[1:]), COLUMNS[1:], EVENT_COLUMNS[1:])
+        path.rename(_retired(path))
+        fsync(path.parent)
+        return added
+
+    async def get(self, msgid: str) -> Found | None:
+        found = await self.journal.read(archived(msgid))
+        return None if found is None else (*found, "archived_trades")
+
+    async def find(self, f: TradeFilter) -> list[TradeRow]:
+        return (await self.journal.read(archived_matching(f)))[::-1]
+
+
+class MonthlyFiles:
+    """SQLite: one archive file per month beside the journal."""
+    INTO = "the archive files"
+
+    def __init__(self, reactor: Any, journal: Journal) -> None:
+        self.reactor, self.journal = reactor, journal
+        self._pattern = re.compile(rf"{re.escape(journal.path.stem)}-(\d{{4}}-\d{{2}})\.db")
+
+    def thread(self, f: Callable[..., T], *args: Any) -> Any:
+        """Blocking file work, on the reactor's thread pool."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def path(self, month: str) -> Path:
+        return self.journal.path.with_name(f"{self.journal.path.stem}-{month}.db")
+
+    def names(self, months: list[str]) -> str:
+        return ", ".join(self.path(m).name for m in months) or "no file"
+
+    def files(self) -> list[tuple[str, Path]]:
+        """Blocking: (YYYY-MM, file) of every archive file, newest first."""
+        where = self.journal.path.parent
+        found = [(m.group(1), p) for p in where.iterdir() if (m := self._pattern.fullmatch(p.name))] \
+            if where.is_dir() else []
+        return sorted(found, reverse=True)
+
+    async def move(self, families: list[Family]) -> list[Family]:
+        """Into their months' files (on the disk), then out of the journal; those that changed meanwhile stay in
+        the journal only. Returns those that left."""
+        await self.thread(self._store, families)
+        gone = await self.journal.run(forget(families))
+        left = {f.trades[0][1] for f in gone}  # a set: a batch's families against a batch's, on the reactor
+        stale = [f for f in families if f.trades[0][1] not in left and await self._in_journal(f)]
+        if stale:  # changed while it was copied: it stays in the journal only
+            await self.thread(self._discard, stale)
+        return gone
+
+    async def _in_journal(self, family: Family) -> bool:
+        """A family `forget` left is in the journal still (changed); one no longer there left it another way
+        (moved by an earlier run): its archive copy is then its only one and stays."""
+        return any([await self.journal.get(t[1]) is not None for t in family.trades])
+
+    def _by_month(self, families: list[Family]) -> dict[str, list[Family]]:
         by_month: dict[str, list[Family]] = {}
         for f in families:
-            by_month.setdefault(datetime.fromtimestamp(f.head.created).strftime("%Y-%m"), []).append(f)
-        for month, group in by_month.items():
+            by_month.setdefault(month_of(f), []).append(f)
+        return by_month
+
+    def _store(self, families: list[Family]) -> None:
+        """Blocking: each family into its month's file, committed (and so on the disk) when this returns."""
+        for month, group in self._by_month(families).items():
             path = self.path(month)
             new = not path.exists()
             with closing(self._open(path)) as conn:
@@ -140,17 +252,15 @@ class Archive:
                                      f"({', '.join('?' * len(EVENT_COLUMNS))})", [e for f in group for e in f.events])
             if new:
                 fsync(path.parent)
-        return set(by_month)
 
     def _discard(self, families: list[Family]) -> None:
         """Blocking: copies of trades that stayed in the journal after all."""
-        for f in families:
-            path = self.path(datetime.fromtimestamp(f.head.created).strftime("%Y-%m"))
-            with closing(self._open(path)) as conn:
+        for month, group in self._by_month(families).items():
+            msgids = [(t[1],) for f in group for t in f.trades]
+            with closing(self._open(self.path(month))) as conn:
                 with conn:
-                    for t in f.trades:
-                        conn.execute("DELETE FROM trades WHERE msgid = ?", (t[1],))
-                        conn.execute("DELETE FROM events WHERE msgid = ?", (t[1],))
+                    conn.executemany("DELETE FROM trades WHERE msgid = ?", msgids)
+                    conn.executemany("DELETE FROM events WHERE msgid = ?", msgids)
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
@@ -161,9 +271,8 @@ class Archive:
             conn.execute(statement)
         return conn
 
-    # --- reading -----------------------------------------------------------------------------------------------
     async def get(self, msgid: str) -> Found | None:
-        return await self._thread(self._get, msgid)
+        return await self.thread(self._get, msgid)
 
     def _get(self, msgid: str) -> Found | None:
         for _, path in self.files():
@@ -177,19 +286,14 @@ class Archive:
         return None
 
     async def find(self, f: TradeFilter) -> list[TradeRow]:
-        return await self._thread(self._find, f)
+        return await self.thread(self._find, f)
 
     def _find(self, f: TradeFilter) -> list[TradeRow]:
         """The newest `limit` archived trades that match, newest month first (a month's resolving trades may
         have been made in the next month: a file is read while it may hold any)."""
         since = f.since if f.since is not None else EVER[0]
         until = f.until if f.until is not None else EVER[1]
-        where, params = ["created BETWEEN ? AND ?"], [since, until]
-        for clause, value in (("state = ?", f.state and f.state.value), ("psn_no = ?", f.psn_no),
-                              ("infno = ?", f.infno)):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
+        where, params = archive_filter(f)
         found: list[TradeRow] = []
         for month, path in self.files():
             start = datetime.strptime(month, "%Y-%m").timestamp()
@@ -199,11 +303,24 @@ class Archive:
                 break
             with closing(_reader(path)) as conn:
                 found += [TradeRow.from_db(r) for r in conn.execute(
-                    f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created DESC, id DESC LIMIT ?",
-                    (*params, f.limit)).fetchall()]
+                    f"{_SELECT} WHERE {where} ORDER BY created DESC, id DESC LIMIT ?", (*params, f.limit)).fetchall()]
             found.sort(key=lambda r: (r.created, r.id), reverse=True)
         return found[:f.limit][::-1]
 
 
 def _reader(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+
+def _chunks(conn: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> Iterator[list[tuple[Any, ...]]]:
+    """A file's rows of `table`, without their ids, BATCH at a time in id order."""
+    after = -1
+    while rows := conn.execute(f"SELECT id, {', '.join(columns)} FROM {table} WHERE id > ? ORDER BY id LIMIT ?",
+                               (after, BATCH)).fetchall():
+        after = rows[-1][0]
+        yield [r[1:] for r in rows]
+
+
+def _retired(path: Path) -> Path:
+    """A monthly file once taken into PostgreSQL's archive tables: kept, no longer read."""
+    return path.with_name(f"{path.name}.in-postgresql")

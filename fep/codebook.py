@@ -1,15 +1,23 @@
 """The bureau's catalogs (医保目录 and the other 13xx lists) and the hospital's code mapping (目录对照).
 
-Both live in the journal's database, written through the journal's writer and read on its reader threads:
-each catalog in its own table (`catalog_1301`, ...) in its real layout (fep.catalogs), upserted by code and
-version for the downloaded files (1301–1327: file_qury_no, then 9102) and by rid for the paged queries (1312,
-1316–1319, followed to the last page); the mapping in `medlist_map`. A file is unpacked and parsed on a thread
-and stored in batches, so a big catalog neither blocks the reactor nor holds the writer from trades for long.
+Both live in the journal's database, SQLite's file or PostgreSQL's (one code book for every node sharing the
+journal), written through the journal's writer and read on its reader threads: each catalog in its own table
+(`catalog_1301`, ...) in its real layout (fep.catalogs), upserted by code and version for the downloaded files
+(1301–1327: file_qury_no, then 9102) and by rid for the paged queries (1312, 1316–1319, followed to the last
+page); the mapping in `medlist_map`. The SQL is written once, in what both databases speak (CREATE TABLE IF NOT
+EXISTS, INSERT ... ON CONFLICT DO UPDATE), and goes to PostgreSQL through the journal's dialect. A file is
+unpacked and parsed on a thread and stored in batches, so a big catalog neither blocks the reactor nor holds the
+writer from trades for long; a mapping CSV is read and checked on a thread too.
+
+An earlier release kept a pair's code book in each node's own SQLite file at journal.path. A node starting on
+PostgreSQL copies what the shared tables lack of that file's into them (`CodeBook.take_in`), once, then keeps
+the file as NAME.in-postgresql (as fep.archive keeps the monthly files it takes in), no longer read.
 
 Fee lines (2204, 2301) that carry only the hospital's own code are mapped to national codes before they are
-journalled, from an in-memory copy refreshed after every change: an unmapped item, or one mapped to a retired
-or unknown code, refuses the trade with one error naming every such item, instead of a reject from the bureau
-later.
+journalled, from an in-memory copy refreshed after every change (on a shared journal only the leader maps, and
+changes, them: its copy is refreshed when it takes the lead, fep.daemon): an unmapped item, or one mapped to a
+retired or unknown code, refuses the trade with one error naming every such item, instead of a reject from the
+bureau later.
 """
 
 from __future__ import annotations
@@ -17,24 +25,31 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, Awaitable, Callable
+from itertools import repeat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
-import sqlite_utils
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from fep import catalogs, envelope
+from fep import catalogs, envelope, journal_pg
+from fep.backup import fsync
 from fep.catalogs import VALID, VERSION, Layout, Paged
 from fep.jobs import progress
 from fep.trades import InvalidInput, TradeDef
 from fep.journal import Journal
 
+if TYPE_CHECKING:
+    import psycopg
+
 log = Logger()
 
 MAP_COLUMNS = ("hosp_code", "national_code", "hosp_name")
+MAP_KEY = ("hosp_code",)
 BATCH = 1000  # catalog rows per journal write (some 80 ms of the writer for 1301): trades go between batches
 PAGE_SIZE = 100  # rows asked per page of a paged query (the interface caps its paged 3260 at 100)
 VISIT_TIMES = ("begntime", "adm_time", "endtime")  # a visit's date, the first of these a trade's input has
@@ -42,6 +57,7 @@ FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is
 # A paged query's run that reached its last page, kept with the newest update it brought: the next run asks
 # from that date (updt_time is a date, yyyy-MM-dd, asked with >=: a repeat is upserted away by rid)
 PAGED_RUN = "catalog-paged"
+RETIRED = ".in-postgresql"  # the suffix of a node's file once taken in (kept until an operator removes it)
 
 
 @dataclass(frozen=True)
@@ -59,30 +75,37 @@ class Diagnosis:
     retired: str | None  # the date (yyyy-MM-dd) its newest versions retired it from; "" retired from the start
 
 
+T = TypeVar("T")
 Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class CodeBook:
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, reactor: Any) -> None:
         self.journal = journal
+        self.reactor = reactor  # its thread pool parses files and mapping CSVs
         self.national: dict[str, Entry] = {}
         self.mapping: dict[str, str] = {}
         self.diagnoses: dict[str, dict[str, Diagnosis]] = {}  # diagnosis catalog (1307, ...) -> code -> state
 
     async def open(self) -> None:
-        await self.journal.run(_schema)
+        await self.journal.run(partial(_schema, shared=self.journal.url is not None))
         await self.refresh()
 
     async def refresh(self) -> None:
         self.national, self.mapping, self.diagnoses = await self.journal.read(_load)
 
     # ---- the hot path ----------------------------------------------------------------------------
-    def map_fees(self, trade: TradeDef, input_: dict[str, Any]) -> None:
+    def map_fees(self, trade: TradeDef, input_: dict[str, Any]) -> bool:
         """Fill med_list_codg from the mapping where the HIS sent only its own code; refuse what cannot go.
-        A national code is judged once per upload: its 5,000 lines name a few hundred codes at most."""
+        A national code is judged once per upload: its 5,000 lines name a few hundred codes at most. Whether
+        it filled any (the input is no longer what the HIS sent)."""
         lines = input_.get(trade.map_codes or "")
         if not isinstance(lines, list):
-            return
+            return False
+        codes = _national_codes(lines)
+        if codes is not None and not any(map(self.national_problem, codes)):
+            return False  # every line names a national code already, and each is in the catalog
+        filled = False
         problems = []
         judged: dict[str, str | None] = {}
         for line in lines:
@@ -95,6 +118,7 @@ class CodeBook:
                     problems.append(f"{_item(line)}: no mapping to a national code")
                     continue
                 line["med_list_codg"] = national
+                filled = True
             if national not in judged:
                 judged[national] = self.national_problem(national)
             if judged[national]:
@@ -102,16 +126,10 @@ class CodeBook:
         if problems:
             raise InvalidInput(f"{trade.infno} {trade.name}: {len(problems)} fee item(s) cannot be uploaded: "
                                f"{'; '.join(problems)}. Fix the mapping (fep catalog map import) or the items")
+        return filled
 
     def national_problem(self, code: str) -> str | None:
-        if not self.national:
-            return None  # no catalog downloaded yet: the bureau is the judge
-        entry = self.national.get(code)
-        if entry is None:
-            return f"national code {code} is not in the bureau's catalog"
-        if not entry.valid:
-            return f"national code {code} ({entry.name}) is retired since catalog version {entry.ver}"
-        return None
+        return _problem(self.national, code)
 
     def check_diagnoses(self, trade: TradeDef, input_: dict[str, Any]) -> None:
         """Refuse diagnoses the bureau's catalog does not know, or had retired by the diagnosis's date."""
@@ -150,31 +168,50 @@ class CodeBook:
     # ---- people's work: import, check, sync --------------------------------------------------------
     async def import_mapping(self, text: str) -> dict[str, Any]:
         """CSV with a header: hosp_code, national_code[, hosp_name]. Replaces the mapping of those codes."""
-        reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
-        missing = {"hosp_code", "national_code"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"mapping CSV needs the columns hosp_code and national_code (missing: "
-                             f"{', '.join(sorted(missing))})")
-        rows = []
-        for n, r in enumerate(reader, start=2):
-            if not (r.get("hosp_code") or "").strip():
-                raise ValueError(f"mapping CSV line {n}: hosp_code is empty")
-            rows.append(tuple((r.get(c) or "").strip() for c in MAP_COLUMNS))
-        def store(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT OR REPLACE INTO medlist_map (hosp_code, national_code, hosp_name) "
-                             "VALUES (?,?,?)", rows)
-
-        await self.journal.run(store)
+        rows = await self.on_thread(_mapping_rows, text)
+        await self.journal.run(lambda conn: conn.executemany(_upsert("medlist_map", MAP_COLUMNS, MAP_KEY), rows))
         await self.refresh()
-        return {"imported": len(rows), "problems": self.check()}
+        return {"imported": len(rows), "problems": await self.on_thread(self.check)}
+
+    async def take_in(self, local: Path) -> dict[str, Any] | None:
+        """At start on PostgreSQL: the code book an earlier release kept in this node's own file at journal.path
+        (`local`), into the shared tables (`_take_in`), then out of the way. Each node does it at its own
+        start, not at takeover: each file is on its own node, and a standby's would wait for a lead that may
+        never come. What it took in is logged; a file that cannot be taken in is logged and stays, for the next
+        start to try again; the node starts either way. None: there was nothing to take in."""
+        if self.journal.url is None:
+            return None  # on SQLite that file is the journal, and the code book is in it
+        try:
+            taken = await self.on_thread(_take_in, self.journal.url, local)
+        except Exception:
+            log.failure("code book: {file}, left by an earlier release, could not be taken into the shared "
+                        "tables; it stays, and the next start tries again", file=str(local))
+            return None
+        if taken is None:
+            return None
+        log.info("code book: {file}, written on this node by an earlier release, taken into the shared tables: "
+                 "{added}; the file is kept as {kept}", file=taken["file"], kept=taken["kept"],
+                 added=", ".join(f"{n} new row(s) of {t}" for t, n in taken["added"].items()) or "nothing new")
+        if taken["differs"]:
+            log.warn("code book: the mapping in {file} differs from the shared one in {n} hospital code(s) ({codes}); "
+                     "the shared mapping stays, as the node that started first brought it: if it is not the "
+                     "right one, import the right one on the leader (fep catalog map import)", file=taken["file"],
+                     n=len(taken["differs"]), codes=", ".join(taken["differs"][:10]))
+        await self.refresh()
+        return taken
+
+    def on_thread(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def check(self) -> list[dict[str, str]]:
-        """Items with no mapping, or mapped to a retired or unknown code."""
+        """Items with no mapping, or mapped to a retired or unknown code. Safe on a thread: a refresh replaces
+        the copies whole, never changes them in place."""
+        national, mapping = self.national, self.mapping
         out = []
-        for hosp, national in sorted(self.mapping.items()):
-            problem = "no mapping to a national code" if not national else self.national_problem(national)
+        for hosp, code in sorted(mapping.items()):
+            problem = "no mapping to a national code" if not code else _problem(national, code)
             if problem:
-                out.append({"hosp_code": hosp, "national_code": national, "problem": problem})
+                out.append({"hosp_code": hosp, "national_code": code, "problem": problem})
         return out
 
     async def sync(self, call: Call) -> dict[str, Any]:
@@ -212,8 +249,8 @@ class CodeBook:
         down = await call("9102", {"fsDownloadIn": {"file_qury_no": handle["file_qury_no"],
                                                     "filename": handle.get("filename", ""),
                                                     "fixmedins_code": catalogs.PLC}})
-        rows = await threads.deferToThread(_read, layout, down)
-        await self._store(layout.table, rows, (layout.code, VERSION))
+        rows = await self.on_thread(_read, layout, down)
+        await self._store(layout.table, rows, layout.fields, (layout.code, VERSION))
         top = max([since, *(r[VERSION] for r in rows)], key=catalogs.version_key)
         return {"from_version": since, "rows": len(rows), "to_version": top}
 
@@ -232,17 +269,19 @@ class CodeBook:
             if rows and not fresh:
                 raise ValueError(f"{paged.infno} page {page} repeats what earlier pages brought: stopped there")
             seen |= fresh
-            await self._store(paged.table, rows, "rid")
+            await self._store(paged.table, rows, paged.fields, ("rid",))
             newest = max([newest, *(str(r["updt_time"])[:10] for r in rows if r.get("updt_time"))])
             if last:
                 await self.journal.save_run(PAGED_RUN, paged.infno, {"next_update": newest, "pages": page})
                 return {"from_update": since, "pages": page, "rows": len(seen)}
             page += 1
 
-    async def _store(self, table: str, rows: list[dict[str, Any]], pk: str | tuple[str, ...]) -> None:
+    async def _store(self, table: str, rows: list[dict[str, Any]], fields: tuple[str, ...],
+                     key: tuple[str, ...]) -> None:
+        upsert = _upsert(table, fields, key)
         for start in range(0, len(rows), BATCH):
-            batch = rows[start:start + BATCH]
-            await self.journal.run(lambda conn, b=batch: sqlite_utils.Database(conn)[table].upsert_all(b, pk=pk))
+            batch = [tuple(r.get(f) for f in fields) for r in rows[start:start + BATCH]]
+            await self.journal.run(lambda conn, b=batch: conn.executemany(upsert, b))
 
 
 def visit_day(input_: dict[str, Any], node: str) -> tuple[str, str] | None:
@@ -257,13 +296,135 @@ def visit_day(input_: dict[str, Any], node: str) -> tuple[str, str] | None:
     return None
 
 
-def _schema(conn: sqlite3.Connection) -> None:
-    db = sqlite_utils.Database(conn)
-    for layout in catalogs.LAYOUTS.values():
-        db[layout.table].create({f: str for f in layout.fields}, pk=(layout.code, VERSION), if_not_exists=True)
-    for paged in catalogs.PAGED.values():
-        db[paged.table].create({f: str for f in paged.fields}, pk="rid", if_not_exists=True)
-    db["medlist_map"].create({c: str for c in MAP_COLUMNS}, pk="hosp_code", if_not_exists=True)
+def _problem(national: dict[str, Entry], code: str) -> str | None:
+    if not national:
+        return None  # no catalog downloaded yet: the bureau is the judge
+    entry = national.get(code)
+    if entry is None:
+        return f"national code {code} is not in the bureau's catalog"
+    if not entry.valid:
+        return f"national code {code} ({entry.name}) is retired since catalog version {entry.ver}"
+    return None
+
+
+def _mapping_rows(text: str) -> list[tuple[str, ...]]:
+    """The mapping CSV's rows in MAP_COLUMNS order (on a thread: a hospital's list runs to tens of thousands)."""
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    missing = {"hosp_code", "national_code"} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"mapping CSV needs the columns hosp_code and national_code (missing: "
+                         f"{', '.join(sorted(missing))})")
+    rows = []
+    for n, r in enumerate(reader, start=2):
+        if not (r.get("hosp_code") or "").strip():
+            raise ValueError(f"mapping CSV line {n}: hosp_code is empty")
+        rows.append(tuple((r.get(c) or "").strip() for c in MAP_COLUMNS))
+    return rows
+
+
+def _tables() -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """The code book's tables: (name, columns, key), from the layouts (fep.catalogs), every column text."""
+    return [*((t.table, t.fields, (t.code, VERSION)) for t in catalogs.LAYOUTS.values()),
+            *((t.table, t.fields, ("rid",)) for t in catalogs.PAGED.values()),
+            ("medlist_map", MAP_COLUMNS, MAP_KEY)]
+
+
+def _names(columns: tuple[str, ...]) -> str:
+    return ", ".join(f'"{c}"' for c in columns)
+
+
+def _upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    """A row in, or the row of its key replaced (SQLite 3.24+ and PostgreSQL speak the same upsert)."""
+    sets = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in key)
+    return (f"INSERT INTO {table} ({_names(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            f"ON CONFLICT ({_names(key)}) DO UPDATE SET {sets}")
+
+
+def _schema(conn: sqlite3.Connection, shared: bool) -> None:
+    """Each table unless it is there, and the columns a newer layout added to one that is (a bureau's newer
+    specification), in the writer's transaction. `shared`: PostgreSQL's, where nodes starting at once must
+    create them once."""
+    if shared:
+        journal_pg.schema_lock(conn)  # type: ignore[arg-type]
+    for table, columns, key in _tables():
+        typed = ", ".join(f'"{c}" TEXT' for c in columns)
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({typed}, PRIMARY KEY ({_names(key)}))")
+        have = set(journal_pg.columns(conn, table) if shared else  # type: ignore[arg-type]
+                   (r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (table,))))
+        for column in columns:
+            if column not in have:
+                conn.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" TEXT')
+
+
+def _take_in(url: str, path: Path) -> dict[str, Any] | None:
+    """Blocking: what the shared tables lack of the code book in the file at `path`, in one transaction on a
+    session of its own, then the file renamed (NAME.in-postgresql). Idempotent, so two nodes with copies of one
+    file, or a crash before the rename, add nothing twice:
+    - a catalog row is keyed by code and version: a version the shared tables lack is added, one they have
+      stays as it is (the newest version of a code is the one read, by its version key);
+    - a paged query's row is keyed by rid: it is added, or replaces the shared one when its updt_time is newer;
+    - the mapping is the office's, and two nodes' cannot be merged without knowing which is newer: the file's
+      is copied only when the shared mapping is empty, else it is left, and the codes where it differs are
+      returned (`differs`) for the log.
+    None: no file there, or none of the code book's tables in it."""
+    if not path.exists():
+        return None
+    with closing(sqlite3.connect(path)) as local:  # not read-only: a WAL a killed node left is folded in
+        have = {r[0] for r in local.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = [t for t in _tables() if t[0] in have]
+        if not tables:
+            return None
+        added, differs = _copy(url, local, tables)
+    kept = path.with_name(path.name + RETIRED)
+    path.rename(kept)
+    fsync(path.parent)
+    return {"file": path.name, "kept": kept.name, "added": added, "differs": differs}
+
+
+def _copy(url: str, local: sqlite3.Connection,
+          tables: list[tuple[str, tuple[str, ...], tuple[str, ...]]]) -> tuple[dict[str, int], list[str]]:
+    """In one PostgreSQL transaction (`_take_in`'s rules): the rows added by table, and the hospital codes whose
+    mapping in the file differs from the shared one."""
+    added: dict[str, int] = {}
+    differs: list[str] = []
+    with journal_pg.connect(url) as pg, pg.transaction(), pg.cursor() as cur:
+        cur.execute("SET LOCAL synchronous_commit = on")  # durable before the file is renamed
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (int(journal_pg.Lock.CODEBOOK_TAKE_IN),))
+        for table, columns, key in tables:
+            if table == "medlist_map":
+                differs = _copy_mapping(cur, local, added)
+                continue
+            have = {r[0] for r in local.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+            kept = tuple(c for c in columns if c in have)  # an older layout's file lacks the newer columns
+            rows = local.execute(f"SELECT {_names(kept)} FROM {table}")
+            n = 0
+            while chunk := rows.fetchmany(BATCH):
+                cur.executemany(_add_new(table, kept, key), chunk)
+                n += max(cur.rowcount, 0)
+            if n:
+                added[table] = n
+    return added, differs
+
+
+def _copy_mapping(cur: psycopg.Cursor[Any], local: sqlite3.Connection, added: dict[str, int]) -> list[str]:
+    mine = local.execute(f"SELECT {_names(MAP_COLUMNS)} FROM medlist_map").fetchall()
+    shared = dict(cur.execute("SELECT hosp_code, national_code FROM medlist_map").fetchall())
+    if shared:
+        return sorted(hosp for hosp, national, _ in mine if shared.get(hosp) != national)
+    cur.executemany(_add_new("medlist_map", MAP_COLUMNS, MAP_KEY), mine)
+    if mine:
+        added["medlist_map"] = len(mine)
+    return []
+
+
+def _add_new(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    """PostgreSQL's insert of a row the table lacks; a paged query's row (by rid) replaces an older one."""
+    insert = f"INSERT INTO {table} ({_names(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+    if key != ("rid",):
+        return f"{insert} ON CONFLICT ({_names(key)}) DO NOTHING"
+    sets = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in key)
+    return (f'{insert} ON CONFLICT ("rid") DO UPDATE SET {sets} '
+            f"WHERE excluded.updt_time > coalesce({table}.updt_time, '')")
 
 
 def _load(conn: sqlite3.Connection) -> tuple[dict[str, Entry], dict[str, str], dict[str, dict[str, Diagnosis]]]:
@@ -346,6 +507,18 @@ def _last(meta: dict[str, Any], page: int, rows: int, read: int) -> bool:
             return done >= int(meta[field])
     size = meta.get("pageSize")
     return rows < (int(size) if str(size).isdigit() and int(size) > 0 else PAGE_SIZE)
+
+
+CODE = "med_list_codg"  # the national code of a fee line
+
+
+def _national_codes(lines: list[Any]) -> set[str] | None:
+    """The national codes of the lines when every line is an object naming one as text (nothing to map),
+    read at C speed; else None."""
+    if set(map(type, lines)) != {dict}:
+        return None
+    codes = list(map(dict.get, lines, repeat(CODE)))
+    return set(codes) if set(map(type, codes)) == {str} and "" not in codes else None
 
 
 def _item(line: dict[str, Any]) -> str:

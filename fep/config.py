@@ -206,6 +206,8 @@ class Config:
     institution: Institution
     his: HisSide
     bureau: BureauSide
+    # SQLite's journal. With journal_url no journal: where an earlier release kept this node's code book (the
+    # file) and monthly archive files (beside it), taken into PostgreSQL at start and at the first archive run
     journal_path: Path
     journal_max_batch: int
     resolution: Resolution

@@ -26,7 +26,7 @@ from fep.codebook import CodeBook
 from fep.config import Config
 from fep.confirm import ConfirmWindows, NotAwaiting
 from fep.journal import (Accepted, Fenced, IllegalTransition, Journal, JournalError, NewTrade, TradeRow,
-                         answer_with_place, insured_place)
+                         answer_with_place, insured_place, pack)
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
 from fep.replies import Reply, lookup_view, outcome, passed_on, reply
@@ -73,7 +73,8 @@ class Engine:
         self._waiting: dict[str, list[defer.Deferred[None]]] = {}
         # One node of several sharing a journal (fep.leader): "leader" or "standby"; "single" alone.
         self.role = "single"
-        self.leader: str | None = None  # who leads, as this node last read it (shared journals)
+        self.leader: str | None = None  # who leads, as this node last read it (shared journals); None: unknown
+        self.standby_note: str | None = None  # why a standby does not lead, besides another node leading
 
     # ---- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -132,14 +133,22 @@ class Engine:
         return Markers(self.cfg.bureau.reversal_not_found, self.cfg.bureau.transient, self.cfg.bureau.late_grace)
 
     # ---- HIS entry points ----------------------------------------------------------------------
-    def _must_lead(self) -> None:
+    def must_lead(self) -> None:
         """A standby takes no trade: the HIS is told which node leads. Lookups it answers from the journal."""
         if self.role == "standby":
-            raise Refused(envelope.STANDBY, f"this fep node stands by; the leader is {self.leader or 'being chosen'}: "
-                                            f"send trades there (nothing was accepted here)")
+            raise Refused(envelope.STANDBY, f"this fep node stands by; {self.who_leads()} (nothing was accepted here)")
+
+    def who_leads(self) -> str:
+        """A standby's word on the leader: named when known, else that it cannot be told (never a stale name),
+        and why this node does not lead when that is more than another leading."""
+        if self.leader:
+            said = f"the leader is {self.leader}: send trades there"
+        else:
+            said = "no leader is known here" if self.standby_note else "the leader is being chosen"
+        return said + (f"; this node does not lead: {self.standby_note}" if self.standby_note else "")
 
     async def submit(self, req: envelope.HisRequest) -> Reply:
-        self._must_lead()
+        self.must_lead()
         started = time.perf_counter()
         trade = self.trades.get(req.infno)
         if trade.from_his is FromHis.SESSION:
@@ -161,7 +170,7 @@ class Engine:
     async def confirm(self, key: str) -> Reply:
         """The HIS recorded a settlement that has a confirmation window. Like a lookup, it needs only a
         msgid: the HIS hears state and codes."""
-        self._must_lead()
+        self.must_lead()
         row = await self._row(key)
         try:
             return lookup_view(self._reply(await self.windows.confirm(row.msgid)))
@@ -175,9 +184,13 @@ class Engine:
         # and unused, fep's own number otherwise (the journal keeps both).
         his_msgid = req.msgid
         msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
+        # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's;
+        # it runs while the digest is computed (a 3.5 MB upload's takes 8 ms)
+        lookup = self.journal.for_his(his_msgid) if his_msgid else None
+        # ... and the HIS's input bytes are compressed for the journal meanwhile (zlib lets go of the GIL)
+        packed = pack(req.input_json) if req.input_json is not None else None
         digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
-        # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's
-        known = await self.journal.for_his(his_msgid) if his_msgid else None
+        known = await lookup if lookup is not None else None
         if known is not None and known.his_msgid == his_msgid:
             return await self._resubmitted(trade, known, digest, answer_by)
         if known is not None and known.his_msgid is not None:
@@ -188,8 +201,9 @@ class Engine:
         if self.journal.cannot_write:
             raise Refused(503, f"journal cannot write: {self.journal.cannot_write}; nothing was accepted, send it "
                                f"again later")
-        if trade.map_codes and self.codes is not None:
-            self.codes.map_fees(trade, req.input)
+        input_json = req.input_json  # the HIS's own bytes go on, unless fep changes the input
+        if trade.map_codes and self.codes is not None and self.codes.map_fees(trade, req.input):
+            input_json = None
         if trade.check_diagnoses and self.codes is not None:
             self.codes.check_diagnoses(trade, req.input)
         psn = envelope.find_psn_no(req.input)
@@ -201,7 +215,8 @@ class Engine:
         async def write(state: State) -> Accepted:
             env["sign_no"] = self.session.sign_no
             return await self._accept(NewTrade(trade.infno, msgid, psn, state, digest, env, related=related,
-                                               his_msgid=his_msgid))
+                                               his_msgid=his_msgid, input_json=input_json,
+                                               packed_input=packed if input_json is not None else None))
 
         return await self._first_send(trade, psn, req.input, answer_by, write)
 
@@ -494,7 +509,7 @@ class Engine:
         given up, which the bureau holds after all (reconciliation found it), is resolved afresh. One the
         journal does not hold (单边账: settled behind fep's back) is reversed by a 2601 of its own, resent
         until answered. Each obeys refund order like a cancel."""
-        self._must_lead()
+        self.must_lead()
         row = await self.journal.for_his(omsgid)  # the HIS names its trade by its own msgid
         if row is None:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
@@ -546,7 +561,7 @@ class Engine:
     async def replay(self, msgid: str) -> Reply:
         """A person sends a parked trade on, after fixing its cause: an upload the bureau refused goes back
         to the head of its queue; a trade whose outcome is unknown is resolved afresh."""
-        self._must_lead()
+        self.must_lead()
         row = await self._parked(msgid)
         if row.related:  # a resolving trade is replayed through the trade it resolves
             return await self.replay(row.related)
@@ -560,7 +575,7 @@ class Engine:
 
     async def drop(self, msgid: str, reason: str) -> Reply:
         """A person gives a parked trade up, saying why; the person's later uploads then go on."""
-        self._must_lead()
+        self.must_lead()
         row = await self._parked(msgid)
         if row.related:
             raise Refused(409, f"{msgid} resolves {row.related}: drop or replay that one")
@@ -580,6 +595,10 @@ class Engine:
             raise Refused(409, f"{msgid} is {row.state}, not NEEDS_ATTENTION")
         return row
 
+    def role_view(self) -> dict[str, Any]:
+        """This node's part in a pair, as `fep status` shows it: read from memory, answered at once."""
+        return {"role": self.role, "leader": self.leader, "standby_note": self.standby_note}
+
     async def status(self) -> dict[str, Any]:
         counts = await self.journal.count_by_state()
         oldest = await self.journal.oldest({S.QUEUED})
@@ -588,7 +607,7 @@ class Engine:
             "endpoints": [{"name": p.ep.name, "url": p.ep.url, "up": p.up} for p in self.link.pools],
             "signed_in": self.session.signed_in, "sign_no": self.session.sign_no,
             "journal_cannot_write": self.journal.cannot_write,
-            "role": self.role, "leader": self.leader,
+            **self.role_view(),
             "trades_by_state": counts,
             "queued": counts.get(S.QUEUED, 0),
             "oldest_queued_seconds": round(self._now() - oldest, 1) if oldest else None,

@@ -27,11 +27,13 @@ Storage knows the state machine (fep.states) and nothing of sockets or of the bu
 
 With `url` (journal.url: postgresql://...) the same journal lives in PostgreSQL (fep.journal_pg): the same
 writer and readers, the same named queries, taken to PostgreSQL's SQL by fep.dialect. There several nodes
-may share it, and `fence` makes every move to SENT conditional on this node's leader epoch (fep.leader).
+may share it, and `fence` makes every new trade and every move to SENT or QUEUED conditional on this node's
+leader epoch (fep.leader).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import queue
@@ -43,8 +45,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+import msgspec
 import psycopg
 import sqlite_utils
 from twisted.internet import defer
@@ -160,6 +163,8 @@ class NewTrade:
     related: str | None = None
     deadline: float | None = None
     his_msgid: str | None = None  # the HIS's idempotency key; msgid is the one the bureau sees
+    input_json: msgspec.Raw | None = None  # envelope["input"] as the HIS wrote it (HisRequest.input_json)
+    packed_input: concurrent.futures.Future[bytes] | None = None  # input_json being compressed (pack)
 
 
 @dataclass
@@ -181,7 +186,7 @@ class TradeFilter:
 
 Move = tuple[str, str, "str | None", dict[str, Any]]  # (msgid, event, note, fields)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM trades"
 _NOT_FINAL = f"state NOT IN ({', '.join(repr(s.value) for s in sorted(FINAL))})"
 # The indexes the queries name (schema 3).
@@ -204,6 +209,43 @@ def stored_body(body: str | bytes) -> str | bytes:
         if len(packed) <= len(raw) * 3 // 4:
             return packed
     return body if isinstance(body, str) else raw.decode("utf-8")
+
+
+# A big input is compressed on a thread of its own while fep checks it, before its write is queued (pack).
+PACK_FROM = 64 << 10
+_packer = concurrent.futures.ThreadPoolExecutor(1, "journal-pack")
+_HOLE = msgspec.Raw(b"\0")  # where the input goes in a request's envelope: no JSON text holds a NUL byte
+
+
+def pack(data: bytes | msgspec.Raw) -> concurrent.futures.Future[bytes] | None:
+    """`data` compressed as a middle piece of a zlib stream, ready for _spliced_body; None when too small to
+    pay for the thread."""
+    return _packer.submit(_deflated, data) if len(data) >= PACK_FROM else None
+
+
+def _deflated(data: bytes | msgspec.Raw) -> bytes:
+    # Raw deflate ended on a byte boundary, not final: what follows is appended as its own deflate blocks.
+    c = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+
+
+def _request(env: dict[str, Any], input_json: msgspec.Raw | None,
+             packed: concurrent.futures.Future[bytes] | None) -> tuple[bytes, str | bytes]:
+    """A new trade's request and what the journal stores of it (stored_body), the input as the HIS wrote it
+    when it is given, compressed beforehand (pack) when that was begun."""
+    if input_json is None:
+        request = envelope.dumps(env)
+        return request, stored_body(request)
+    head, tail = envelope.dumps({**env, "input": _HOLE}).split(b"\0")
+    request = b"".join((head, input_json, tail))
+    if packed is None:
+        return request, stored_body(request)
+    start = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    end = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)  # its own: no reference into the input
+    check = zlib.adler32(tail, zlib.adler32(input_json, zlib.adler32(head)))
+    stored = b"".join((b"\x78\x01", start.compress(head), start.flush(zlib.Z_SYNC_FLUSH), packed.result(),
+                       end.compress(tail), end.flush(), check.to_bytes(4, "big")))  # zlib's header and trailer
+    return request, stored if len(stored) <= len(request) * 3 // 4 else request.decode("utf-8")
 
 
 def body_text(value: str | bytes) -> str:
@@ -229,7 +271,7 @@ class Journal:
         self.path = path
         self.url = url  # PostgreSQL's; None: SQLite at `path`
         self.where = journal_pg.redacted(url) if url else str(path)  # for messages: never the password
-        self.fence: int | None = None  # the leader epoch every move to SENT must still hold (shared journals)
+        self.fence: int | None = None  # the leader epoch new trades and sends must still hold (shared journals)
         self._code = fixmedins_code
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[Op, defer.Deferred[Any], bool] | None] = queue.SimpleQueue()
@@ -451,13 +493,11 @@ class Journal:
         now = time.time()
         if new.his_msgid is not None and (seen := _by_his_msgid(conn, new.his_msgid)) is not None:
             return Accepted(seen, created=False)  # the HIS sent it before: the first submission stands
-        if new.state is State.SENT:
-            _hold_epoch(conn, self.fence)
+        _hold_epoch(conn, self.fence)  # a new trade is a promise to the HIS: only the leader makes one
         while True:
             msgid = new.msgid or self._number(conn)
             new.envelope["msgid"] = msgid
-            request = envelope.dumps(new.envelope)
-            stored = stored_body(request)
+            request, stored = _request(new.envelope, new.input_json, new.packed_input)
             cur = conn.execute(
                 "INSERT INTO trades (msgid, infno, psn_no, state, payload_hash, request, related, deadline, "
                 "attempts, created, updated, his_msgid) VALUES (?,?,?,?,?,?,?,?,0,?,?,?) ON CONFLICT(msgid) DO NOTHING",
@@ -724,6 +764,17 @@ def migrate(conn: sqlite3.Connection, where: str) -> None:
     new = "trades" not in db.table_names()
     if new:
         _schema_v1(conn, db)
+    _forward(conn, where, new)
+
+
+def migrate_pg(conn: sqlite3.Connection, where: str) -> None:
+    """A PostgreSQL journal: created at journal_pg.BASE_VERSION, then the migrations after it, in the caller's
+    transaction, as on SQLite."""
+    _forward(conn, where, journal_pg.create_schema(conn))  # type: ignore[arg-type]
+
+
+def _forward(conn: sqlite3.Connection, where: str, new: bool) -> None:
+    """The migrations after the journal's schema, on either backend; `new`: created just now (nothing to say)."""
     version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
     if version > SCHEMA_VERSION:
         raise JournalError(f"journal {where} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
@@ -735,19 +786,6 @@ def migrate(conn: sqlite3.Connection, where: str) -> None:
                        f"STATUS=journal: migrating schema {version} to {SCHEMA_VERSION} ({trades:,} trades)")
         log.info("journal {where}: migrating schema {old} to {new} ({trades} trades), in one transaction",
                  where=where, old=version, new=SCHEMA_VERSION, trades=trades)
-    for v in sorted(n for n in MIGRATIONS if version < n <= SCHEMA_VERSION):
-        MIGRATIONS[v](conn)
-    conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
-
-
-def migrate_pg(conn: sqlite3.Connection, where: str) -> None:
-    """A PostgreSQL journal: created at journal_pg.BASE_VERSION, then the migrations after it, in the caller's
-    transaction, as on SQLite."""
-    journal_pg.create_schema(conn)  # type: ignore[arg-type]
-    version = int(conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0])
-    if version > SCHEMA_VERSION:
-        raise JournalError(f"journal {where} is of schema {version}, newer than this fep ({SCHEMA_VERSION}): "
-                           f"install the newer fep again")
     for v in sorted(n for n in MIGRATIONS if version < n <= SCHEMA_VERSION):
         MIGRATIONS[v](conn)
     conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
@@ -843,8 +881,15 @@ def _to_v7(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX clearing_events_month ON clearing_events(month, id)")
 
 
+def _to_v8(conn: sqlite3.Connection) -> None:
+    """On PostgreSQL the archive (journal.keep_days) is a pair of tables in the shared database, which every
+    node reads (journal_pg.archive_tables). On SQLite nothing changes: its archive is the monthly files."""
+    if isinstance(conn, journal_pg.PgConnection):
+        journal_pg.archive_tables(conn)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 6: _to_v6,
-                                                             7: _to_v7}
+                                                             7: _to_v7, 8: _to_v8}
 
 
 def _state_counts(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
@@ -892,12 +937,18 @@ def _event(conn: sqlite3.Connection, msgid: str, at: float, event: str, state: S
                  (msgid, at, event, state.value if state else None, note))
 
 
+# Moves a deposed leader must not make: a send, and a queued upload the new leader's recovery has not read (it
+# would never be delivered). New trades are fenced likewise (Journal._accept).
+FENCED = frozenset({State.SENT, State.QUEUED})
+
+
 def _hold_epoch(conn: sqlite3.Connection, fence: int | None) -> None:
-    """A move to SENT on a shared journal: only while `fence` is still the leader epoch. The row lock (FOR SHARE)
-    holds a takeover's epoch bump until this write commits, so the new leader's recovery sees it; once the
-    epoch moved on, the write fails and nothing is sent. No fence (SQLite, one node): nothing to check."""
+    """A new trade, or a move into FENCED, on a shared journal: only while `fence` is still the leader epoch. The
+    row lock (FOR SHARE) holds a takeover's epoch bump until this write commits, so the new leader's recovery
+    sees it; once the epoch moved on, the write fails: nothing is sent, nothing accepted. No fence (SQLite, one
+    node): nothing to check."""
     if fence is not None and not conn.execute("SELECT 1 FROM leader WHERE epoch = ? FOR SHARE", (fence,)).fetchone():
-        raise Fenced(f"leader epoch {fence} has ended: another node leads, this one sends nothing more")
+        raise Fenced(f"leader epoch {fence} has ended: another node leads, this one accepts and sends nothing more")
 
 
 def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | None,
@@ -906,7 +957,7 @@ def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | No
     if bad:
         raise ValueError(f"cannot set {sorted(bad)} on a transition")
     srcs, tgt = sources(event), target(event)
-    if tgt is State.SENT:
+    if tgt in FENCED:
         _hold_epoch(conn, fence)
     now = time.time()
     fields = {k: (_body(v) if k in BODIES else v) for k, v in fields.items()}
@@ -927,7 +978,7 @@ def _transition(conn: sqlite3.Connection, msgid: str, event: str, note: str | No
     return TradeRow.from_db(row)
 
 
-# --- leaving for the monthly archive files (fep.archive runs these through Journal.read and Journal.run) --------
+# --- leaving for the archive, its files or its tables (fep.archive runs these through Journal.read and .run) -----
 Raw = tuple[Any, ...]  # a trade's or an event's row exactly as stored: bodies stay as written (evidence)
 EVENT_COLUMNS = ("id", "msgid", "at", "event", "state", "note")
 
@@ -953,23 +1004,24 @@ def archivable(after: tuple[float, int], cutoff: float, limit: int) -> Callable[
                                                                            tuple[list[Family], tuple[float, int]]]:
     """A read: of the next `limit` trades accepted before `cutoff` (from `after`, a (created, id) position,
     oldest first), the families that may leave; and the position the next batch starts from. A resolving
-    trade is taken with its original; one whose original is still open stays with it."""
+    trade is taken with its original; one whose original is still open stays with it. A few statements per
+    batch, whatever its size: the batch, its originals still here, its resolving trades, their events."""
 
     def op(conn: sqlite3.Connection) -> tuple[list[Family], tuple[float, int]]:
         rows = _fetch(conn, f"{_SELECT} INDEXED BY {BY_TIME} WHERE created < ? AND (created, id) > (?, ?) "
                             f"ORDER BY created, id LIMIT ?", (cutoff, *after, limit))
-        families = []
-        for raw in rows:
-            row = TradeRow.from_db(raw)
-            if row.related is not None and _get(conn, row.related) is not None:
-                continue  # it leaves with its original
-            members = [raw] + _fetch(conn, f"{_SELECT} INDEXED BY {BY_RELATED} WHERE related = ? ORDER BY id",
-                                     (row.msgid,))
-            if all(_finished(TradeRow.from_db(m), cutoff) for m in members):
-                events = [e for m in members for e in _fetch(
-                    conn, f"SELECT {', '.join(EVENT_COLUMNS)} FROM events INDEXED BY idx_events_msgid "
-                          f"WHERE msgid = ? ORDER BY id", (m[1],))]
-                families.append(Family(members, events))
+        here = {r[0] for r in _fetch_in(conn, f"SELECT msgid FROM trades INDEXED BY {BY_MSGID} WHERE msgid",
+                                        [r[RELATED] for r in rows if r[RELATED] is not None])}
+        heads = [r for r in rows if r[RELATED] not in here]  # the others leave with their original
+        members: dict[str, list[Raw]] = {r[1]: [r] for r in heads}
+        for raw in sorted(_fetch_in(conn, f"{_SELECT} INDEXED BY {BY_RELATED} WHERE related", list(members))):
+            members[raw[RELATED]].append(raw)  # by id, as they were made
+        ready = [m for m in members.values() if all(_finished(TradeRow.from_db(t), cutoff) for t in m)]
+        events: dict[str, list[Raw]] = {}
+        for e in sorted(_fetch_in(conn, f"SELECT {', '.join(EVENT_COLUMNS)} FROM events INDEXED BY "
+                                        f"idx_events_msgid WHERE msgid", [t[1] for m in ready for t in m])):
+            events.setdefault(e[1], []).append(e)
+        families = [Family(m, [e for t in m for e in events.get(t[1], [])]) for m in ready]
         last = rows[-1] if rows else None
         return families, ((last[COLUMNS.index("created")], last[0]) if last else after)
 
@@ -981,20 +1033,105 @@ def forget(families: list[Family]) -> Callable[[sqlite3.Connection], list[Family
     read (a reconciliation reopened it) stays whole. Returns those that left."""
 
     def op(conn: sqlite3.Connection) -> list[Family]:
-        gone = []
-        for family in families:
-            unchanged = all(_fetch(conn, f"SELECT 1 FROM trades INDEXED BY {BY_MSGID} WHERE msgid = ? AND state = ? "
-                                         f"AND updated = ?", (t[1], t[4], t[COLUMNS.index('updated')]))
-                            for t in family.trades)
-            if not unchanged:
-                continue
-            for t in family.trades:
-                conn.execute(f"DELETE FROM trades INDEXED BY {BY_MSGID} WHERE msgid = ?", (t[1],))
-                conn.execute("DELETE FROM events INDEXED BY idx_events_msgid WHERE msgid = ?", (t[1],))
-            gone.append(family)
+        gone = unchanged(conn, families)
+        _leave(conn, [t[1] for f in gone for t in f.trades])
         return gone
 
     return op
+
+
+def unchanged(conn: sqlite3.Connection, families: list[Family], lock: str = "") -> list[Family]:
+    """In a write: the families whose every trade is in the journal as it was read (state and time of its
+    last change). `lock`: " FOR UPDATE" on PostgreSQL, where another node's session may write meanwhile."""
+    now = {(r[0], r[1], r[2]) for r in _fetch_in(
+        conn, f"SELECT msgid, state, updated FROM trades INDEXED BY {BY_MSGID} WHERE msgid",
+        [t[1] for f in families for t in f.trades], lock)}
+    return [f for f in families if all((t[1], t[4], t[UPDATED]) in now for t in f.trades)]
+
+
+def _leave(conn: sqlite3.Connection, msgids: list[str]) -> None:
+    """In a write: the trades and their events leave the journal."""
+    _run_in(conn, f"DELETE FROM trades INDEXED BY {BY_MSGID} WHERE msgid", msgids)
+    _run_in(conn, "DELETE FROM events INDEXED BY idx_events_msgid WHERE msgid", msgids)
+
+
+def archive_in_tables(families: list[Family]) -> Callable[[sqlite3.Connection], list[Family]]:
+    """A write, on PostgreSQL: the families that did not change since they were read move to the archive tables
+    (journal_pg.ARCHIVE_TABLES), copied and deleted in this one transaction, so a trade is never in neither
+    nor in both. A copy already there (a restore brought the trade back) gives way to the journal's row."""
+
+    def op(conn: sqlite3.Connection) -> list[Family]:
+        gone = unchanged(conn, families, " FOR UPDATE")
+        msgids = [t[1] for f in gone for t in f.trades]
+        trades, events = ", ".join(COLUMNS), ", ".join(EVENT_COLUMNS)
+        for table in ("archived_trades", "archived_events"):
+            _run_in(conn, f"DELETE FROM {table} WHERE msgid", msgids)
+        _run_in(conn, f"INSERT INTO archived_trades ({trades}) SELECT {trades} FROM trades WHERE msgid", msgids)
+        _run_in(conn, f"INSERT INTO archived_events ({events}) SELECT {events} FROM events WHERE msgid", msgids)
+        _leave(conn, msgids)
+        return gone
+
+    return op
+
+
+def archive_filter(f: TradeFilter) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause and its values of `fep trades` over an archive (its files' or its tables')."""
+    where, params = ["created BETWEEN ? AND ?"], [f.since if f.since is not None else EVER[0],
+                                                   f.until if f.until is not None else EVER[1]]
+    for clause, value in (("state = ?", f.state and f.state.value), ("psn_no = ?", f.psn_no),
+                          ("infno = ?", f.infno)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    return " AND ".join(where), tuple(params)
+
+
+_ARCHIVED = f"SELECT {', '.join(COLUMNS)} FROM archived_trades"
+Archived = tuple[TradeRow, list[tuple[float, str, str, str]], list[TradeRow]]  # row, history, resolving trades
+
+
+def archived(msgid: str) -> Callable[[sqlite3.Connection], Archived | None]:
+    """A read, on PostgreSQL: an archived trade, its history and its resolving trades."""
+
+    def op(conn: sqlite3.Connection) -> Archived | None:
+        rows = _fetch(conn, f"{_ARCHIVED} WHERE msgid = ?", (msgid,))
+        if not rows:
+            return None
+        history = _fetch(conn, "SELECT at, event, state, note FROM archived_events WHERE msgid = ? ORDER BY id",
+                         (msgid,))
+        related = _fetch(conn, f"{_ARCHIVED} WHERE related = ? ORDER BY id", (msgid,))
+        return TradeRow.from_db(rows[0]), [tuple(h) for h in history], [TradeRow.from_db(r) for r in related]
+
+    return op
+
+
+def archived_matching(f: TradeFilter) -> Callable[[sqlite3.Connection], list[TradeRow]]:
+    """A read, on PostgreSQL: the newest `f.limit` archived trades that match, newest first."""
+    where, params = archive_filter(f)
+    sql = f"{_ARCHIVED} WHERE {where} ORDER BY created DESC, id DESC LIMIT ?"
+    return lambda conn: [TradeRow.from_db(r) for r in _fetch(conn, sql, (*params, f.limit))]
+
+
+RELATED, UPDATED = COLUMNS.index("related"), COLUMNS.index("updated")
+CHUNK = 500  # keys per `IN (...)`: padded to it, so each statement is one text (cached and planned once)
+
+
+def _chunks(keys: list[Any]) -> Iterator[list[Any]]:
+    for i in range(0, len(keys), CHUNK):
+        part = keys[i:i + CHUNK]
+        yield part + [None] * (CHUNK - len(part))  # NULL matches nothing
+
+
+def _fetch_in(conn: sqlite3.Connection, head: str, keys: list[Any], tail: str = "") -> list[Raw]:
+    """`head IN (keys)`, read in chunks: every row of every chunk."""
+    marks = ", ".join("?" * CHUNK)
+    return [r for part in _chunks(keys) for r in _fetch(conn, f"{head} IN ({marks}){tail}", tuple(part))]
+
+
+def _run_in(conn: sqlite3.Connection, head: str, keys: list[Any]) -> None:
+    marks = ", ".join("?" * CHUNK)
+    for part in _chunks(keys):
+        conn.execute(f"{head} IN ({marks})", tuple(part))
 
 
 # --- the audit trail (fep.audit runs these through Journal.run and Journal.read) ----------------------------
@@ -1149,5 +1286,53 @@ def clearing_history(month: str) -> Callable[[sqlite3.Connection], list[dict[str
         return [dict(zip(cols, r)) for r in _fetch(
             conn, f"SELECT {', '.join(cols)} FROM clearing_events INDEXED BY clearing_events_month WHERE month = ? "
                   f"ORDER BY id", (month,))]
+
+    return op
+
+
+# --- the office's views: reconciliation's watch and the console (read-only named queries) -------------
+ANSWERED_STATES = (State.ANSWERED, State.AWAITING_CONFIRM, State.CONFIRMED)  # the bureau's answer is kept
+QUARTER = 900  # s: trades are counted per quarter hour of Unix time, which every time zone's hours are made of
+
+
+def latest_runs(kind: str, first: str, last: str) -> Callable[[sqlite3.Connection], dict[str, dict[str, Any]]]:
+    """The newest run of each key from `first` to `last` (ISO days sort as they follow), newest key first: a
+    month's statement days in one statement, not one each."""
+    def op(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+        return {key: envelope.loads(doc) for key, doc in _fetch(
+            conn, "SELECT key, doc FROM runs WHERE id IN (SELECT max(id) FROM runs INDEXED BY runs_key "
+                  "WHERE kind = ? AND key BETWEEN ? AND ? GROUP BY key) ORDER BY key DESC", (kind, first, last))}
+
+    return op
+
+
+def trade_counts(since: float, until: float) -> Callable[[sqlite3.Connection], list[tuple[float, str, str, int]]]:
+    """How many trades were accepted in [since, until], per quarter hour (its start), trade number and state;
+    counted in the store, no row read out."""
+    def op(conn: sqlite3.Connection) -> list[tuple[float, str, str, int]]:
+        return [(float(q) * QUARTER, infno, state, n) for q, infno, state, n in _fetch(
+            conn, f"SELECT floor(created / {QUARTER}) AS q, infno, state, count(*) FROM trades INDEXED BY {BY_TIME} "
+                  f"WHERE created BETWEEN ? AND ? GROUP BY q, infno, state", (since, until))]
+
+    return op
+
+
+def answered_outcomes(since: float, until: float) -> Callable[[sqlite3.Connection], dict[tuple[str, str, bool | None],
+                                                                                     int]]:
+    """Of the answered trades accepted in [since, until], how many per trade number and state the bureau said
+    yes to (True), no to (False), or whose answer is empty or cannot be read (None). Only the answer's infcode
+    is read (a 9102's answer holds a whole file), here on the reader thread."""
+    def op(conn: sqlite3.Connection) -> dict[tuple[str, str, bool | None], int]:
+        out: dict[tuple[str, str, bool | None], int] = {}
+        for infno, state, answer in _fetch(
+                conn, f"SELECT infno, state, answer FROM trades INDEXED BY {BY_TIME} WHERE created BETWEEN ? AND ? "
+                      f"AND state IN ({_states(ANSWERED_STATES)})", (since, until)):
+            text = body_text(answer) if answer is not None else ""
+            try:
+                ok: bool | None = str(envelope.top_field(text, "infcode")).strip() == "0" if text else None
+            except ValueError:
+                ok = None
+            out[infno, state, ok] = out.get((infno, state, ok), 0) + 1
+        return out
 
     return op

@@ -18,7 +18,8 @@ from __future__ import annotations
 import time
 import uuid
 import zlib
-from typing import Any, Sequence
+from enum import IntEnum, unique
+from typing import Any, Iterable, Sequence
 
 import psycopg
 from psycopg import pq
@@ -33,16 +34,36 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "
               "options": "-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 "
                          "-c tcp_user_timeout=5000"}
 READ_PATIENCE = 30.0  # seconds a read waits for a database that is not there (restarting) before it fails
-COMMIT_TOKEN = "last_commit"  # the meta key a writer's commit writes its token under (PgConnection)
-SCHEMA_LOCK = 0x66657001  # pg_advisory_xact_lock key: two nodes starting at once create the schema once
+# A writer's commit writes its token under a meta key of its own, `last_commit:` and the writer's id: under one
+# shared key another node's commit (a standby's audit row) would overwrite it, and a lost commit that happened
+# would be taken as not done and written again. The key goes when the writer closes (a killed node's stays).
+COMMIT_TOKEN = "last_commit"
+
+
+@unique
+class Lock(IntEnum):
+    """The journal database's advisory lock keys, in one place: two uses sharing a key wait on each other (a
+    take-in under the lease's key waits on the leader for as long as it leads)."""
+    SCHEMA = 0x66657001  # xact: two nodes starting at once create the schema once
+    LEASE = 0x66657002  # session: the leader's lease (fep.leader)
+    CODEBOOK_TAKE_IN = 0x66657003  # xact: nodes taking in their own code-book files, one after the other
+    ARCHIVE_TAKE_IN = 0x66657004  # xact: two nodes taking in copies of one monthly file, one after the other
+
+
+# A node frozen (SIGSTOP, a paused VM) inside a transaction holds its locks while its kernel still answers the
+# keepalives: the writer's hold of the leader row (fep.journal `_hold_epoch`) would keep a standby's takeover
+# waiting for as long. PostgreSQL ends such a session after this long, well inside the 10 s takeover budget;
+# a live node's transactions never sit idle for a fraction of it.
+IDLE_IN_TRANSACTION_MS = 4000
+IDLE_IN_TRANSACTION_SINCE = 90600  # server_version_num of PostgreSQL 9.6, the first with that setting
 
 
 def write_failure(e: BaseException) -> str | None:
     """What kept PostgreSQL from taking a write, or None when `e` is something else (a wrong statement)."""
-    if isinstance(e, (psycopg.OperationalError, psycopg.errors.AdminShutdown)):
-        return "database unreachable"
-    if isinstance(e, psycopg.errors.DiskFull):
+    if isinstance(e, psycopg.errors.DiskFull):  # (an OperationalError too: asked first)
         return "disk full"
+    if isinstance(e, psycopg.OperationalError):  # AdminShutdown among them: the server going down
+        return "database unreachable"
     if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
         return "read-only"  # a hot standby: the URL names a replica, or the primary was demoted
     return None
@@ -98,6 +119,7 @@ class PgConnection:
         self._pg: psycopg.Connection[Any] | None = None
         self.total_changes = 0  # rows written through this connection, as sqlite3's counter
         self._wrote = False  # this transaction has written: its commit carries a token
+        self._token_key = f"{COMMIT_TOKEN}:{uuid.uuid4().hex[:16]}"
         if not reader:
             self._open()  # a journal that cannot be written is refused at start; a reader connects at its BEGIN
 
@@ -107,6 +129,7 @@ class PgConnection:
             self._pg.execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         else:
             self._pg.execute("SET synchronous_commit = on")
+        end_frozen_transactions(self._pg)
 
     @property
     def _lost(self) -> bool:
@@ -170,7 +193,7 @@ class PgConnection:
             return Result(None, False)
         token = uuid.uuid4().hex
         try:
-            self._pg.execute(f"INSERT INTO meta VALUES ('{COMMIT_TOKEN}', '{token}') ON CONFLICT (key) "  # type: ignore[union-attr]
+            self._pg.execute(f"INSERT INTO meta VALUES ('{self._token_key}', '{token}') ON CONFLICT (key) "  # type: ignore[union-attr]
                              f"DO UPDATE SET value = excluded.value; COMMIT")
         except psycopg.OperationalError as e:
             self._drop()
@@ -183,7 +206,7 @@ class PgConnection:
         while True:
             try:
                 self._open()
-                row = self._pg.execute("SELECT value FROM meta WHERE key = %s", (COMMIT_TOKEN,)).fetchone()  # type: ignore[union-attr]
+                row = self._pg.execute("SELECT value FROM meta WHERE key = %s", (self._token_key,)).fetchone()  # type: ignore[union-attr]
                 return row is not None and row[0] == token
             except psycopg.OperationalError:
                 self._drop()
@@ -195,7 +218,28 @@ class PgConnection:
         self._pg = None
 
     def close(self) -> None:
+        if not self._reader and not self._lost:
+            try:
+                self._pg.execute("DELETE FROM meta WHERE key = %s", (self._token_key,))  # type: ignore[union-attr]
+            except psycopg.Error:
+                pass  # the database is gone: the key stays, a row of meta
         self._drop()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for many rows (the code book's batches of a catalog), pipelined by psycopg: one round
+        trip for the batch, not one a row."""
+        if not rows:
+            return
+        with self._pg.cursor() as cur:  # type: ignore[union-attr]
+            cur.executemany(dialect.to_postgres(sql), [[_param(p) for p in row] for row in rows])  # type: ignore[arg-type]
+        self.total_changes += len(rows)
+        self._wrote = True
+
+
+def end_frozen_transactions(pg: psycopg.Connection[Any]) -> None:
+    """This session's transactions are ended by PostgreSQL, their locks released, when this node stops in one."""
+    if pg.info.server_version >= IDLE_IN_TRANSACTION_SINCE:
+        pg.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
 
 
 def _param(value: Any) -> Any:
@@ -264,9 +308,60 @@ INSERT INTO meta VALUES ('schema', '{BASE_VERSION}');
 """
 
 
+# Schema 8 (fep.journal MIGRATIONS): the archive (fep.archive). Finished trades older than journal.keep_days
+# leave trades/events for these, in the same database: in the dump and the replicas, read by every node. The
+# rows keep their ids; state_counts does not count them. A column added to trades or events later is added
+# to these in the same migration.
+ARCHIVE_TABLES = """
+CREATE TABLE archived_trades (LIKE trades INCLUDING DEFAULTS, PRIMARY KEY (id));
+CREATE UNIQUE INDEX archived_trades_msgid ON archived_trades (msgid);
+CREATE INDEX archived_trades_created ON archived_trades (created);
+CREATE INDEX archived_trades_psn_no ON archived_trades (psn_no, created);
+CREATE INDEX archived_trades_related ON archived_trades (related) WHERE related IS NOT NULL;
+CREATE TABLE archived_events (LIKE events, PRIMARY KEY (id));
+CREATE INDEX archived_events_msgid ON archived_events (msgid);
+"""
+
+
+def archive_tables(conn: PgConnection) -> None:
+    """In the migration's transaction: the archive's tables."""
+    for statement in _statements(ARCHIVE_TABLES):
+        conn.execute(statement)
+
+
+
+def take_in(url: str, trades: Iterable[list[tuple[Any, ...]]], events: Iterable[list[tuple[Any, ...]]],
+            trade_columns: Sequence[str], event_columns: Sequence[str]) -> int:
+    """Blocking, on a session of its own (a month's file is big: the journal's writer goes on meanwhile): the
+    rows of a monthly archive file, read in chunks (columns without `id`), into the archive tables in one
+    transaction. Each row takes a new id from its journal table's own numbering, so it clashes with no row
+    there nor in the archive, whatever journal wrote the file. A trade already archived (a copy of the file
+    was taken in on the other node) stays as it is, and so do its events. Returns the trades added."""
+    msgid, at = list(trade_columns).index("msgid"), list(event_columns).index("msgid")
+    added: set[str] = set()
+    with connect(url) as pg, pg.transaction(), pg.cursor() as cur:
+        cur.execute("SET LOCAL synchronous_commit = on")  # durable before the caller retires the file
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (int(Lock.ARCHIVE_TAKE_IN),))
+        for chunk in trades:
+            have = {r[0] for r in cur.execute("SELECT msgid FROM archived_trades WHERE msgid = ANY(%s)",
+                                              ([t[msgid] for t in chunk],)).fetchall()}
+            new = [t for t in chunk if t[msgid] not in have]
+            cur.executemany(_numbered("archived_trades", "trades", trade_columns), [[_param(v) for v in t] for t in new])
+            added |= {t[msgid] for t in new}
+        for chunk in events:  # in the file's order, so a trade's history keeps its order
+            cur.executemany(_numbered("archived_events", "events", event_columns),
+                            [e for e in chunk if e[at] in added])
+    return len(added)
+
+
+def _numbered(table: str, numbering: str, columns: Sequence[str]) -> str:
+    return (f"INSERT INTO {table} (id, {', '.join(columns)}) VALUES (nextval(pg_get_serial_sequence('{numbering}', "
+            f"'id')), {', '.join(['%s'] * len(columns))})")
+
+
 def create_schema(conn: PgConnection) -> bool:
     """In the caller's transaction: the schema, unless it is there. True when it was created now."""
-    conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+    conn.execute(f"SELECT pg_advisory_xact_lock({Lock.SCHEMA:d})")
     if conn.execute("SELECT to_regclass('trades')").fetchone()[0] is not None:  # type: ignore[index]
         return False
     for statement in _statements(SCHEMA):
@@ -286,3 +381,16 @@ def _statements(script: str) -> list[str]:
                 out.append(text)
             part = []
     return out
+
+
+# --- the code book's tables (fep.codebook writes them in SQL both databases speak) ----------------------
+def schema_lock(conn: PgConnection) -> None:
+    """Held to the end of the caller's transaction: nodes starting at once create the tables once (two
+    CREATE TABLE IF NOT EXISTS racing can both try, and one fails)."""
+    conn.execute(f"SELECT pg_advisory_xact_lock({Lock.SCHEMA:d})")
+
+
+def columns(conn: PgConnection, table: str) -> list[str]:
+    """The columns `table` has (SQLite's pragma_table_info, asked of PostgreSQL)."""
+    return [r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns "
+                                       "WHERE table_schema = current_schema() AND table_name = ?", (table,))]

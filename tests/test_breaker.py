@@ -247,15 +247,17 @@ def test_the_his_is_not_told_not_settled_while_the_cancel_of_its_settlement_is_u
 def test_the_his_asking_to_reverse_a_parked_settlement_is_not_told_the_bureau_holds_nothing(running: World) -> None:
     """A 2207's answer was lost and its 2601 kept being refused, so fep parked it; the bureau holds it live. The HIS
     asks to reverse it (2601): fep refuses, saying 'the bureau holds nothing of it to reverse', which is false:
-    the patient is charged at the bureau."""
+    the patient is charged at the bureau. Asked, fep resolves it afresh, and the bureau reverses it."""
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
     parked = parked_settlement(running, visit)
     msgid = parked["fep_msgid"]
+    assert bureau_state(running, msgid) == "live"  # checked before asking: the reversal runs on by itself
     status, asked = reversal(visit, msgid)
-    assert bureau_state(running, msgid) == "live"
     assert "holds nothing" not in (asked.get("err_msg") or ""), \
         f"HTTP {status}: {said(asked)}{three_views(running, msgid)}"
+    running.wait_state(msgid, "REVERSED", timeout=20)
+    assert bureau_state(running, msgid) == "reversed", three_views(running, msgid)
 
 
 # ---- promised (QUEUED) uploads -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from fep import envelope
+from fep.client import Client
 from fep.sim.world import ZHANG, Stay, Visit, World
 
 RETIRED = "XC03CCC003C003030300003"
@@ -47,8 +48,9 @@ def test_mapping_import_and_check(running: World, tmp_path) -> None:
     assert refused.returncode != 0 and "needs the columns hosp_code and national_code" in refused.stderr
 
 
-def visit_with_hospital_codes(world: World, codes: list[str]) -> tuple[Visit, dict]:
-    visit = Visit(world.his, ZHANG, fees=[("", "1", "10.00")] * len(codes))
+def visit_with_hospital_codes(his: Client, codes: list[str]) -> tuple[Visit, dict]:
+    """A visit opened through `his`, and a 2204 input whose fee lines carry only the hospital's own codes."""
+    visit = Visit(his, ZHANG, fees=[("", "1", "10.00")] * len(codes))
     visit.open()
     lines = [{"feedetl_sn": f"{visit.chrg_bchno}{i}", "mdtrt_id": visit.mdtrt_id, "psn_no": ZHANG["psn_no"],
               "chrg_bchno": visit.chrg_bchno, "fee_ocur_time": "2026-11-23 09:30:00", "medins_list_codg": code,
@@ -60,7 +62,7 @@ def test_fee_lines_with_hospital_codes_are_mapped_to_national_codes_before_uploa
     fep(running, "catalog", "sync")
     (tmp_path / "map.csv").write_text("hosp_code,national_code\nH-AMOX,XA01AAA001A001010100001\nH-CBC,250101001\n")
     fep(running, "catalog", "map", "import", str(tmp_path / "map.csv"))
-    visit, input_ = visit_with_hospital_codes(running, ["H-AMOX", "H-CBC"])
+    visit, input_ = visit_with_hospital_codes(running.his, ["H-AMOX", "H-CBC"])
     answer = running.his.call("2204", input_)
     assert answer["infcode"] == 0, answer
     sent = envelope.loads(running.trade(answer["fep_msgid"])["request"])["input"]["feedetail"]
@@ -73,7 +75,7 @@ def test_an_unmapped_or_retired_item_refuses_the_upload_with_one_clear_error(run
     fep(running, "catalog", "sync")
     (tmp_path / "map.csv").write_text(f"hosp_code,national_code\nH-AMOX,XA01AAA001A001010100001\nH-COLD,{RETIRED}\n")
     fep(running, "catalog", "map", "import", str(tmp_path / "map.csv"))
-    _, input_ = visit_with_hospital_codes(running, ["H-AMOX", "H-COLD", "H-UNKNOWN"])
+    _, input_ = visit_with_hospital_codes(running.his, ["H-AMOX", "H-COLD", "H-UNKNOWN"])
     before = len(running.journal())
     status, body = running.his_tcp.request("POST", "/", envelope.dumps({"infno": "2204", "input": input_}))
     assert status == 200 and body["fep_reason"] == "invalid"  # refused in the interface's own shape

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from fep import envelope
 from fep.client import Client
 from fep.sim.world import LI, WANG, ZHANG, Visit, World, his_msgid, wait_for
+from tests.test_catalog import visit_with_hospital_codes
 from tests.test_config import refused
 
 TAKEOVER = 10.0  # seconds the issue allows from the leader's death to the standby leading
@@ -67,15 +69,22 @@ class EitherNode:
         return self._ask(lambda his: his.lookup(key))
 
 
-@pytest.fixture
-def pair(world: World, pg_url: str) -> World:
+def start_pair(world: World, pg_url: str, fep: dict[str, Any] | None = None) -> World:
+    """Node a leads, node b stands by, on one PostgreSQL journal; `fep`: configuration both nodes take."""
     world.share_journal(pg_url)
+    if fep:
+        world.configure(fep=fep)
     world.start_sim()
     world.start_fep()
     wait_for(lambda: world.leading() == "a", what="node a to lead")
     world.start_peer()
     wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
     return world
+
+
+@pytest.fixture
+def pair(world: World, pg_url: str) -> World:
+    return start_pair(world, pg_url)
 
 
 def test_the_standby_refuses_trades_naming_the_leader_and_answers_lookups_from_the_journal(pair: World) -> None:
@@ -195,3 +204,34 @@ def test_a_leader_that_hangs_loses_the_lead_and_woken_it_stops(pair: World) -> N
         pair.fep.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
     wait_for(lambda: pair.fep.poll() is not None, timeout=TAKEOVER, what="node a, woken, to stop")  # type: ignore[union-attr]
     assert pair.fep.returncode == 3  # type: ignore[union-attr]
+
+
+def admin(world: World, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `fep` admin command, run against node a's or node b's admin socket."""
+    return subprocess.run([sys.executable, "-m", "fep.cli", *args, "--admin", str(world.admin_socket(node))],
+                          capture_output=True, text=True, timeout=120, cwd=world.dir)
+
+
+def test_a_mapping_imported_on_the_leader_maps_fee_lines_on_the_node_that_takes_over(pair: World,
+                                                                                   tmp_path: Path) -> None:
+    """The code book (the bureau's catalogs, the hospital's mapping) is the pair's, in the shared journal: what
+    the office brought in on node a is what node b maps the HIS's fee lines by once a is gone."""
+    assert admin(pair, "a", "catalog", "sync").returncode == 0
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("hosp_code,national_code\nH-AMOX,XA01AAA001A001010100001\nH-CBC,250101001\n")
+    imported = admin(pair, "a", "catalog", "map", "import", str(mapping))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    looked_up = admin(pair, "b", "catalog", "map", "check")  # the standby reads the shared code book
+    assert looked_up.returncode == 0 and "2 hospital code(s) mapped" in looked_up.stdout, looked_up.stdout
+    synced = admin(pair, "b", "catalog", "sync")  # only the leader talks to the bureau
+    assert synced.returncode != 0 and "the leader is a 127.0.0.1:" in synced.stderr, synced.stdout + synced.stderr
+
+    pair.kill_fep()
+    wait_for(lambda: pair.leading() == "b", timeout=TAKEOVER, what="node b to take over")
+    his_b = Client.tcp("127.0.0.1", pair.peer.his_port, timeout=30)  # type: ignore[union-attr]
+    _, input_ = visit_with_hospital_codes(his_b, ["H-AMOX", "H-CBC"])
+    answer = his_b.call("2204", input_)
+    assert answer["infcode"] == 0, answer
+    sent = envelope.loads(pair.trade(answer["fep_msgid"])["request"])["input"]["feedetail"]
+    assert [(l["medins_list_codg"], l["med_list_codg"]) for l in sent] == [("H-AMOX", "XA01AAA001A001010100001"),
+                                                                          ("H-CBC", "250101001")]

@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import psycopg
 import pytest
 from prometheus_client import REGISTRY
+from twisted.internet import defer
 
+from fep import catalogs, codebook, journal_pg
 from fep import journal as journal_mod
+from fep.codebook import Call, CodeBook
 from fep.journal import Fenced, IllegalTransition, Journal, TradeFilter
+from fep.sim.ledger import FileAnswer, Ledger
+from fep.sim.server import load_config
 from fep.states import State
+from fep.trades import InvalidInput, TradeBook
 from tests.rooms import FIXMEDINS, Bench
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 S = State
 
@@ -194,6 +204,37 @@ def test_on_a_shared_journal_a_node_whose_epoch_ended_can_move_nothing_to_sent(s
     assert shared.run(shared.journal.transition(sent.msgid, "resend", note="again")).state is S.SENT
 
 
+def test_a_commit_whose_answer_was_lost_is_found_done_even_after_the_other_node_committed(
+        shared: Bench, pg_url: str) -> None:
+    """A writer that lost its commit's answer asks, on a new session, whether its token is there. The other
+    node (a standby writing an audit row) committed in between: that must not make the first writer's commit
+    look undone, or its batch would be written again."""
+    def commit(conn: journal_pg.PgConnection, key: str) -> None:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO meta VALUES (?, 'x') ON CONFLICT (key) DO NOTHING", (key,))
+        conn.execute("COMMIT")
+
+    a, b = (journal_pg.PgConnection(pg_url, reader=False) for _ in "ab")
+    try:
+        commit(a, "a-wrote")
+        (token_a,) = a._pg.execute("SELECT value FROM meta WHERE key = %s", (a._token_key,)).fetchone()  # type: ignore
+        commit(b, "b-wrote")
+        assert a._committed(token_a)
+    finally:
+        a.close()
+        b.close()
+    left = shared.run(shared.journal.read(lambda conn: conn.execute(
+        "SELECT count(*) FROM meta WHERE key IN (?, ?)", (a._token_key, b._token_key)).fetchone()[0]))
+    assert left == 0  # a writer closing takes its key with it
+
+
+def test_a_full_database_disk_is_named_as_such_not_as_an_unreachable_database() -> None:
+    """PostgreSQL's disk-full error is an OperationalError too: the operator is told the disk is full."""
+    assert journal_pg.write_failure(psycopg.errors.DiskFull("could not extend file")) == "disk full"
+    assert journal_pg.write_failure(psycopg.errors.AdminShutdown("terminating")) == "database unreachable"
+    assert journal_pg.write_failure(psycopg.errors.ReadOnlySqlTransaction("read-only")) == "read-only"
+
+
 def test_a_postgresql_journal_is_named_without_its_password() -> None:
     j = Journal(Path("unused.db"), FIXMEDINS, url="postgresql://fep:secret@127.0.0.1:5433/fep")
     assert j.where == "postgresql://fep@127.0.0.1:5433/fep"
@@ -207,3 +248,88 @@ def test_postgresql_restarted_between_trades_the_next_trade_and_lookup_go_throug
     assert [r.msgid for r in shared.run(shared.journal.find(TradeFilter(psn_no="P15")))] == [first.msgid,
                                                                                               second.msgid]
     assert shared.journal.cannot_write is None
+
+
+def simulated_bureau(tmp_path: Path) -> Call:
+    """The simulator's bureau in-process (its ledger, conf/sim.yaml's catalog and diagnoses): what the bureau
+    link answers, a 9102 file as the link hands it on."""
+    sim = load_config(CONF / "sim.yaml")
+    ledger = Ledger(tmp_path / "sim" / "ledger.db", [], sim.catalog, sim.admdvs, sim.clr_optins,
+                    diagnoses=sim.diagnoses)
+
+    async def call(infno: str, input_: dict[str, Any]) -> dict[str, Any]:
+        out = ledger.handlers[infno]({"infno": infno}, input_)
+        if isinstance(out, FileAnswer):
+            return {"file": {"filename": out.filename, "content_base64": base64.b64encode(out.content).decode()}}
+        return out
+
+    return call
+
+
+def test_the_code_book_is_kept_in_the_journal_and_judges_fee_lines_and_diagnoses_after_a_restart(
+        bench: Bench, tmp_path: Path, journal_url: str | None) -> None:
+    codes = CodeBook(bench.journal, bench)  # type: ignore[arg-type]
+    bench.run(codes.open())
+    synced = bench.run(codes.sync(simulated_bureau(tmp_path)))
+    assert synced["downloads"]["1301"] == {"from_version": "v0000", "rows": 5, "to_version": "3"}
+    assert synced["failed"] == [] and synced["downloads"]["1312"]["rows"] > 0
+    imported = bench.run(codes.import_mapping("hosp_code,national_code,hosp_name\n"
+                                              "H-AMOX,XA01AAA001A001010100001,阿莫西林\n"
+                                              "H-COLD,XC03CCC003C003030300003,感冒灵\n"))
+    assert imported["imported"] == 2 and [p["hosp_code"] for p in imported["problems"]] == ["H-COLD"]
+
+    again = reopened(bench, tmp_path, journal_url)  # another node on the journal reads the same code book
+    try:
+        book = CodeBook(again.journal, again)  # type: ignore[arg-type]
+        again.run(book.open())
+        assert again.run(book.sync(simulated_bureau(tmp_path)))["downloads"]["1301"]["from_version"] == "3"
+        trades = TradeBook.load(CONF / "trades.yaml")
+        fees = {"feedetail": [{"feedetl_sn": "1", "medins_list_codg": "H-AMOX"}]}
+        assert book.map_fees(trades.get("2204"), fees)  # it filled a code: the HIS's own bytes no longer fit
+        assert fees["feedetail"][0]["med_list_codg"] == "XA01AAA001A001010100001"
+        assert not book.map_fees(trades.get("2204"), fees)  # national codes already: nothing changed
+        with pytest.raises(InvalidInput, match="H-COLD.*retired since catalog version 3"):
+            book.map_fees(trades.get("2204"), {"feedetail": [{"feedetl_sn": "2", "medins_list_codg": "H-COLD"}]})
+        with pytest.raises(InvalidInput, match="J11.100 .流行性感冒.: retired in catalog 1307"):
+            book.check_diagnoses(trades.get("2203"), {"diseinfo": [
+                {"diag_type": "1", "diag_code": "J11.100", "diag_time": "2026-11-23 09:10:00"}]})
+        book.check_diagnoses(trades.get("2203"), {"diseinfo": [
+            {"diag_type": "1", "diag_code": "J06.900", "diag_time": "2026-11-23 09:10:00"}]})
+    finally:
+        again.close()
+
+
+def test_a_node_starting_while_another_creates_the_code_book_waits_for_it_and_uses_its_tables(
+        shared: Bench, pg_url: str) -> None:
+    """Node b waits on the schema lock while node a creates the tables, then finds them there."""
+    first = journal_pg.PgConnection(pg_url, reader=False)  # node a, half-way through creating the code book
+    try:
+        first.execute("BEGIN")
+        codebook._schema(first, shared=True)  # type: ignore[arg-type]
+        opening = defer.ensureDeferred(CodeBook(shared.journal, shared).open())  # type: ignore[arg-type]
+        time.sleep(1.0)  # node b's writer meets node a's uncommitted tables
+        assert not opening.called
+        first.execute("COMMIT")
+        shared.run(opening)
+    finally:
+        first.close()
+
+
+def test_a_catalog_table_of_an_older_layout_gains_the_new_columns_and_keeps_its_rows(bench: Bench) -> None:
+    """A bureau's newer specification adds columns (V1.1.23 added 生效时间 and 失效时间 to 1302)."""
+    layout = catalogs.LAYOUTS["1302"]
+    older = ", ".join(f'"{c}" TEXT' for c in layout.fields[:-2])
+    bench.run(bench.journal.run(lambda conn: conn.execute(
+        f'CREATE TABLE {layout.table} ({older}, PRIMARY KEY ("{layout.code}", "{catalogs.VERSION}"))')))
+    bench.run(bench.journal.run(lambda conn: conn.execute(
+        f'INSERT INTO {layout.table} ("{layout.code}", "{layout.name}", "{catalogs.VERSION}", "{catalogs.VALID}") '
+        f"VALUES ('T001', '黄芪', '1', '1')")))
+    codes = CodeBook(bench.journal, bench)  # type: ignore[arg-type]
+    bench.run(codes.open())
+    assert codes.national["T001"].name == "黄芪"
+    row = {f: None for f in layout.fields} | {layout.code: "T001", layout.name: "黄芪", catalogs.VERSION: "2",
+                                              catalogs.VALID: "1", "生效时间": "2026-01-01 00:00:00"}
+    bench.run(codes._store(layout.table, [row], layout.fields, (layout.code, catalogs.VERSION)))
+    assert bench.run(bench.journal.read(lambda conn: conn.execute(
+        f'SELECT "生效时间" FROM {layout.table} WHERE "{catalogs.VERSION}" = ?', ("2",)).fetchall())) == [
+        ("2026-01-01 00:00:00",)]

@@ -18,6 +18,7 @@ import queue
 import re
 import sqlite3
 from datetime import date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -166,7 +167,7 @@ def _open_trades(pump: Pump, j: Journal, psn: str) -> dict[str, str]:
     for k in range(5):
         pump.wait(j.save_run("reconcile", (END - timedelta(days=5 - k)).isoformat(), {"n": k}))
         pump.wait(j.save_run("catalog", "sync", {"n": k}))
-    pump.wait(j.run(codebook._schema))
+    pump.wait(j.run(partial(codebook._schema, shared=False)))
     return out
 
 
@@ -206,7 +207,10 @@ def _questions(msgid: str, reversed_: str, psn: str) -> dict[str, list[tuple[Any
                  (TradeFilter(state=S.ANSWERED, since=day, until=day + 3600),)],
         "history": [(msgid,), (reversed_,)],
         "runs": [("reconcile",), ("reconcile", (END - timedelta(days=3)).isoformat()), ("catalog", "sync", 3)],
-        "read": [(codebook._load,)],
+        "read": [(codebook._load,), (journal_mod.latest_runs("reconcile", (END - timedelta(days=31)).isoformat(),
+                                                           END.isoformat()),),
+                 (journal_mod.trade_counts(day + 10 * 3600, day + 11 * 3600),),
+                 (journal_mod.answered_outcomes(day + 10 * 3600, day + 11 * 3600),)],
         "count_by_state": [()],
     }
 
@@ -260,7 +264,7 @@ def _comparable(result: Any) -> Any:
     if isinstance(result, float):
         return "a time"
     if isinstance(result, dict):
-        return sorted(result)  # counts over the whole journal: the states in it
+        return sorted(result, key=repr)  # counts: the states (or trade numbers and outcomes) counted
     return result
 
 

@@ -105,6 +105,12 @@ MORNING = datetime(2026, 12, 1, 9, 0)
     (_status(last_reconciliation=None), "WARNING", "no reconciliation has run"),
     (_status(last_reconciliation=None, up_seconds=3600), "OK", "bureau link up"),  # a new install: a day to run
     (_status(last_reconciliation=None, reconcile_daily_at=None), "OK", "bureau link up"),  # not scheduled here
+    # A pair's standby neither signs in nor talks to the bureau: it is judged on knowing a leader.
+    (_status(role="standby", leader="fep-a 10.0.0.11:8080", signed_in=False,
+             endpoints=[{"name": "primary", "up": None}]), "OK", "standby, the leader is fep-a 10.0.0.11:8080"),
+    (_status(role="standby", leader=None, signed_in=False), "WARNING", "standing by, no node leads yet"),
+    (_status(role="standby", leader=None, signed_in=False, standby_note="the journal is of schema 8, newer"),
+     "WARNING", "standing by, no leader known; this node does not lead: the journal is of schema 8, newer"),
 ])
 def test_what_the_check_calls_a_warning_and_what_critical(status: dict[str, Any], level: str, line: str) -> None:
     verdict = health.check(status, MORNING)

@@ -13,10 +13,14 @@ from pathlib import Path
 from fep import envelope
 from fep.journal import SCHEMA_VERSION
 from fep.sim.world import ZHANG, Visit, World, wait_for
+from tests.test_catalog import visit_with_hospital_codes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIRST = FIXTURES / "journal-v1.db"  # written by the first release (schema 1)
 PREVIOUS = FIXTURES / "journal-v4.db"  # written by the release before this one (schema 4), HIS msgids mapped
+# A pair node's own file at journal.path, as the release before the shared code book left it (schema 7): its
+# catalogs (1301, 1305, a 1312 page) and the hospital's mapping H-AMOX and H-CBC
+LOCAL_CODE_BOOK = FIXTURES / "codebook-v7.db"
 
 
 def schema(world: World) -> str:
@@ -70,3 +74,59 @@ def test_a_journal_newer_than_this_fep_is_refused_at_start_naming_both_versions(
     fep = world.start_fep(wait=False)
     assert fep.wait(30) != 0
     assert "schema 99, newer than this fep" in world.log("run")
+
+
+def test_a_pair_upgraded_in_place_maps_fee_lines_by_the_code_book_each_node_kept_in_its_own_file(
+        world: World, pg_url: str) -> None:
+    """The release before kept a pair's code book in each node's own file at journal.path; this one keeps it in
+    PostgreSQL for both. At start a node copies into the shared tables what they lack of its file's, and keeps
+    the file as NAME.in-postgresql: the first 2204 after the upgrade is mapped, with no import. Node b's file
+    (synced later than a's, its mapping edited on b alone) adds its newer catalog rows, nothing twice, and
+    leaves the mapping node a brought, saying where they differ."""
+    world.share_journal(pg_url)
+    for node in ("a", "b"):
+        world.local_file(node).parent.mkdir(parents=True)
+        shutil.copy(LOCAL_CODE_BOOK, world.local_file(node))
+    with sqlite3.connect(world.local_file("b")) as b:
+        b.execute('INSERT INTO catalog_1301 ("医疗目录编码", "药品通用名", "有效标志", "版本号") '
+                  "VALUES ('XB02BBB002B002020200002', '头孢克肟片', '1', 'v2026110')")  # valid again
+        b.execute("UPDATE catalog_1312 SET hilist_name = '阿莫西林', updt_time = '2026-11-01 08:00:00'")
+        b.execute("UPDATE medlist_map SET national_code = 'XB02BBB002B002020200002' WHERE hosp_code = 'H-CBC'")
+    world.start_sim()
+    world.start_fep()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    _, input_ = visit_with_hospital_codes(world.his, ["H-AMOX", "H-CBC"])
+    answer = world.his.call("2204", input_)
+    assert answer["infcode"] == 0, answer
+    sent = envelope.loads(world.trade(answer["fep_msgid"])["request"])["input"]["feedetail"]
+    assert [(l["medins_list_codg"], l["med_list_codg"]) for l in sent] == [("H-AMOX", "XA01AAA001A001010100001"),
+                                                                          ("H-CBC", "250101001")]
+    assert "taken into the shared tables" in world.log("run")
+    assert not world.local_file("a").exists()
+    assert world.local_file("a").with_name("local.db.in-postgresql").exists()  # kept, no longer read
+
+    world.start_peer()
+    wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
+    assert world.local_file("b").with_name("local.db.in-postgresql").exists()
+    assert sorted((r["code"], r["ver"]) for r in world.query(
+        'SELECT "医疗目录编码" AS code, "版本号" AS ver FROM catalog_1301')) == [
+        ("XA01AAA001A001010100001", "v2026100"), ("XB02BBB002B002020200002", "v2026100"),
+        ("XB02BBB002B002020200002", "v2026110")]  # b's newer version added, a's rows not twice
+    assert [(r["rid"], r["hilist_name"]) for r in world.query("SELECT rid, hilist_name FROM catalog_1312")] == [
+        ("R1312-1", "阿莫西林")]  # the row updated later wins
+    assert sorted((r["hosp_code"], r["national_code"]) for r in world.query("SELECT * FROM medlist_map")) == [
+        ("H-AMOX", "XA01AAA001A001010100001"), ("H-CBC", "250101001")]  # the mapping a brought stays
+    assert "differs from the shared one in 1 hospital code(s) (H-CBC)" in world.log("run-b")
+
+
+def test_a_pair_node_whose_own_file_cannot_be_read_starts_and_leaves_the_file_for_the_next_start(
+        world: World, pg_url: str) -> None:
+    world.share_journal(pg_url)
+    local = world.local_file("a")
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b"not a database")
+    world.start_sim()
+    world.start_fep()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    assert local.read_bytes() == b"not a database"
+    assert "could not be taken into the shared tables; it stays" in world.log("run")

@@ -27,7 +27,7 @@ def node_config(base: dict[str, Any], name: str, url: str, var: Path) -> dict[st
     his, metrics = PORTS[name]
     doc["his"].update(tcp_port=his, unix=str(var / name / "run" / "his.sock"))
     doc["admin"] = {**(doc.get("admin") or {}), "unix": str(var / name / "run" / "admin.sock"), "metrics_port": metrics}
-    doc["journal"].update(url=url, node=f"{name} 127.0.0.1:{his}", path=str(var / name / "lib" / "catalogs.db"))
+    doc["journal"].update(url=url, node=f"{name} 127.0.0.1:{his}", path=str(var / name / "lib" / "local.db"))
     doc.pop("backup", None)  # the journal is PostgreSQL's to back up (README, "Two boxes (PostgreSQL)")
     doc["trades"] = str(ROOT / "conf" / "trades.yaml")
     return doc

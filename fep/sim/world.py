@@ -115,7 +115,7 @@ class World:
         _merge(doc, fep or {})
         if self.peer is not None:
             doc["journal"].update(url=self.journal_url, node=f"a 127.0.0.1:{self.his_port}", lease_check=0.5,
-                                  path=str(self.dir / "lib" / "catalogs.db"))
+                                  path=str(self.local_file("a")))
             self.peer.write_config(doc)
         self.fep_config.write_text(yaml.safe_dump(doc, allow_unicode=True))
         sdoc = yaml.safe_load((ROOT / "conf" / "sim.yaml").read_text())
@@ -278,6 +278,11 @@ class World:
     @property
     def journal_path(self) -> Path:
         return self.dir / "lib" / "journal.db"
+
+    def local_file(self, node: str = "a") -> Path:
+        """Node a's or b's journal.path on a pair (share_journal): no journal, only what an earlier release
+        left on the node (its code book, monthly archive files beside it) until fep takes it into PostgreSQL."""
+        return (self.dir if node == "a" else self.dir / "b") / "lib" / "local.db"
 
     def kill_sim(self) -> None:
         """SIGKILL the bureau simulator: trades in flight die with it, its ledger keeps what it committed."""
@@ -544,7 +549,7 @@ class Peer:
         self.dir.mkdir(parents=True, exist_ok=True)
         doc["his"].update(tcp_port=self.his_port, unix=str(self.dir / "run" / "his.sock"))
         doc["admin"] = {"unix": str(self.dir / "run" / "admin.sock"), "metrics_port": self.metrics_port}
-        doc["journal"].update(path=str(self.dir / "lib" / "catalogs.db"), node=f"b 127.0.0.1:{self.his_port}")
+        doc["journal"].update(path=str(self.dir / "lib" / "local.db"), node=f"b 127.0.0.1:{self.his_port}")
         self.config.write_text(yaml.safe_dump(doc, allow_unicode=True))
 
     def alive(self) -> bool:
