@@ -13,7 +13,7 @@ import time
 import unicodedata
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 from urllib.parse import quote, urlencode
 
 from fep import envelope
@@ -23,11 +23,14 @@ DEFAULT_CONFIGS = ("conf/fep.yaml", "/etc/fep/fep.yaml")
 FIRST_WAIT = 5.0  # seconds of work before it shows progress (and becomes a job fep keeps)
 STEP = 1.0  # seconds each look at a running job waits for it: progress stays fresh, --timeout is kept
 STILL_RUNNING = 4  # the exit status when --timeout ended the wait and the work goes on in fep
+# A check that gets no answer in time fails by itself: a frozen fep still accepts connections on its socket.
+ROLE_CHECK_WAIT = 2.0  # s: keepalived runs `--check --role leader` every second or two (README, "Two boxes")
+HEALTH_CHECK_WAIT = 8.0  # s: inside the 10 s a Nagios or Zabbix agent gives a check by default
 
 
-def admin_client(args: argparse.Namespace) -> Client:
+def admin_client(args: argparse.Namespace, timeout: float = 70.0) -> Client:
     if args.admin:
-        return Client.unix(args.admin)
+        return Client.unix(args.admin, timeout)
     from fep import config
 
     if args.config and not Path(args.config).exists():
@@ -37,7 +40,7 @@ def admin_client(args: argparse.Namespace) -> Client:
         raise SystemExit(f"fep {args.command}: no config found ({', '.join(DEFAULT_CONFIGS)}); give --config or "
                          f"--admin")
     try:
-        return Client.unix(str(config.load(path).admin.unix))
+        return Client.unix(str(config.load(path).admin.unix), timeout)
     except config.ConfigError as e:
         raise SystemExit(f"fep {args.command}: {e}") from None
 
@@ -131,11 +134,12 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join("  ".join(v + " " * (w - width(v)) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 
-def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def csv_text(columns: list[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A header line and the rows, as `--format csv` prints every table (trades, reconciliation, clearing)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
-    w.writerows([[_cell(r.get(c)) for c in columns] for r in rows])
+    w.writerows(rows)
     return buf.getvalue().rstrip("\n")
 
 
@@ -176,7 +180,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             lines.append(f"bureau link: {link['link_security']}"
                          + ("" if mutual else " (NOT mutual TLS: set in bureau.link_security)")
                          + f", profile {link['profile']}, URL layout {link['url_layout']}")
-        lines.append(f"signed in: {'yes, sign_no ' + s['sign_no'] if s['signed_in'] else 'NO'}")
+        standby = s.get("role") == "standby"
+        if s.get("role") in ("leader", "standby"):
+            lines.insert(0, role_line(s))
+        lines.append(f"signed in: {'yes, sign_no ' + s['sign_no'] if s['signed_in'] else 'NO'}"
+                     + (" (a standby does not sign in: the leader does)" if standby and not s["signed_in"] else ""))
         lines.append(f"queued for the bureau: {s['queued']}"
                      + (f" (oldest {s['oldest_queued_seconds']} s)" if s["oldest_queued_seconds"] else ""))
         lines.append("trades by state: " + ", ".join(f"{k} {v}" for k, v in sorted(s["trades_by_state"].items())))
@@ -196,20 +204,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return out(args, call(args, "GET", "/status"), human)
 
 
+def role_line(s: dict[str, Any]) -> str:
+    """A pair's node: which it is and who leads (None: it cannot tell), and why it does not lead when it says."""
+    if s["role"] == "leader":
+        return f"role: leader (this node, {s.get('leader')})"
+    said = f"the leader is {s['leader']}" if s.get("leader") else "no leader is known here"
+    return f"role: standby; {said}" + (f"; this node does not lead: {s['standby_note']}" if s.get("standby_note") else "")
+
+
 def check(args: argparse.Namespace) -> int:
-    """One line and exit 0, 1 or 2 (OK, WARNING, CRITICAL), as a Nagios or Zabbix check; fep unreachable is CRITICAL."""
+    """One line and exit 0, 1 or 2 (OK, WARNING, CRITICAL), as a Nagios or Zabbix check; fep unreachable, or not
+    answering within the check's wait, is CRITICAL. `--role` asks only for the role: no journal read."""
     from fep import health
 
+    wait = ROLE_CHECK_WAIT if args.role else HEALTH_CHECK_WAIT
     try:
-        status = call(args, "GET", "/status")
+        status, doc = admin_client(args, wait).request("GET", "/status?only=role" if args.role else "/status")
+    except TimeoutError:
+        print(f"FEP CRITICAL - fep did not answer within {wait:g} s")
+        return health.Level.CRITICAL
     except OSError as e:
         print(f"FEP CRITICAL - cannot reach fep: {e.strerror or e}")
         return health.Level.CRITICAL
-    except SystemExit as e:  # no config, or the admin socket refused the call
+    except SystemExit as e:  # no config
         print(f"FEP CRITICAL - {e}")
         return health.Level.CRITICAL
-    verdict = health.role(status, args.role) if args.role else health.check(status, datetime.now())
-    print(verdict.line(health.summary(status) if not args.role else f"this node leads ({status.get('role')})"))
+    if status != 200:
+        print(f"FEP CRITICAL - {doc.get('error', doc) if isinstance(doc, dict) else doc}")
+        return health.Level.CRITICAL
+    verdict = health.role(doc, args.role) if args.role else health.check(doc, datetime.now())
+    print(verdict.line(health.summary(doc) if not args.role else f"this node leads ({doc.get('role')})"))
     return verdict.level
 
 
@@ -221,7 +245,7 @@ def cmd_trades(args: argparse.Namespace) -> int:
                                ("since", args.since), ("until", args.until), ("limit", args.limit)) if v}
     rows = call(args, "GET", "/trades?" + urlencode(query))
     if args.format == "csv" and not args.json:
-        write_out(args, csv_text(rows, TRADE_COLUMNS), "csv")
+        write_out(args, csv_text(TRADE_COLUMNS, ([_cell(r.get(c)) for c in TRADE_COLUMNS] for r in rows)), "csv")
         return 0
     return out(args, rows, lambda rs: table(rs, TRADE_COLUMNS))
 
@@ -360,7 +384,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
     doc = call(args, "POST", "/archive", {})
     return out(args, doc, lambda d: ("another archive run was under way: waited for it; then " if d.get("waited")
                                      else "") + (d.get("note") or f"{d['moved']} finished trade(s) older than "
-                                                 f"{d['keep_days']} days moved to the archive files of "
+                                                 f"{d['keep_days']} days moved to "
+                                                 f"{d.get('into', 'the archive files')} of "
                                                  f"{', '.join(d['months']) or '-'}"))
 
 

@@ -16,15 +16,16 @@ trades go through the engine like any other (fep.reconcile.Reconciler.call).
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from calendar import monthrange
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from twisted.internet import threads
+
 from fep import envelope, journal
+from fep.days import so_far
 from fep.reconcile import CLR_TYPE, INSUTYPE, ZERO, Reconciler, ReconcileError, Settlement, dec
 
 Group = tuple[str, str, str]  # (insutype, setl_optins, clr_type)
@@ -72,14 +73,8 @@ class Clearing:
         self.engine = reconciler.engine
 
     # ---- the month as the journal holds it --------------------------------------------------------------
-    def _days(self, month: str) -> list[date]:
-        """The month's days, up to today."""
-        first, last = month_of(month)
-        return [first.replace(day=d) for d in range(1, min(last, date.today()).day + 1)] if first <= date.today() \
-            else []
-
     async def _by_day(self, month: str) -> dict[date, dict[Group, list[Settlement]]]:
-        days = self._days(month)
+        days = so_far(*month_of(month))
         found = await self.reconciler.settlements_between(days[0], days[-1]) if days else {}
         by_day: dict[date, dict[Group, list[Settlement]]] = {}
         for day in days:
@@ -96,12 +91,14 @@ class Clearing:
         holds other settlements than the journal now does (the amounts applied for would not be the ones that
         balanced); under None, days never reconciled."""
         out: dict[Group | None, list[str]] = {}
+        runs = await self.engine.journal.read(journal.latest_runs(
+            "reconcile", min(by_day).isoformat(), max(by_day).isoformat())) if by_day else {}
         for day, groups in by_day.items():
-            runs = await self.engine.journal.runs("reconcile", day.isoformat(), limit=1)
-            if not runs:
+            run = runs.get(day.isoformat())
+            if run is None:
                 out.setdefault(None, []).append(f"{day} (not reconciled)")
                 continue
-            reconciled = {(g["insutype"], g["setl_optins"], g["clr_type"]): g for g in runs[0]["groups"]}
+            reconciled = {(g["insutype"], g["setl_optins"], g["clr_type"]): g for g in run["groups"]}
             for group, g in reconciled.items():
                 if g["result"] != "平":
                     out.setdefault(group, []).append(f"{day} ({g['result']})")
@@ -120,40 +117,35 @@ class Clearing:
                 "clr_type_name": names.get(group[2], "")}
 
     async def _clearings(self, month: str) -> dict[Group, dict[str, Any]]:
-        await self._learn(month)
-        rows = await self.engine.journal.read(journal.clearings_of(month))
-        return {(r["insutype"], r["setl_optins"], r["clr_type"]): r for r in rows}
+        return await self._learn(month)
 
-    async def _learn(self, month: str) -> None:
+    async def _learn(self, month: str) -> dict[Group, dict[str, Any]]:
         """Bring the clearing table up to the journal's stored answers of the month's 3203 and 3204: one
         whose answer was lost when it was sent is resent by fep and answered later, and the bureau holds what
-        that answer says whether or not the office was told."""
+        that answer says whether or not the office was told. The table as it then is, per group."""
         first, _ = month_of(month)
         since = datetime.combine(first, datetime.min.time()).timestamp()  # a month is applied for after it began
         trades = sorted([t for infno in ("3203", "3204") for t in await self.engine.journal.find(
             journal.TradeFilter(infno=infno, since=since, limit=LEARN_LIMIT))], key=lambda t: t.id)
+        answered = await threads.deferToThread(_answered, trades, f"{first:%Y%m}")  # every body parsed: not here
         events = await self.engine.journal.read(journal.clearing_history(month))
         done = {(e["event"], e["note"]) for e in events}
-        for t in trades:
-            answer = envelope.loads(t.answer) if t.answer else {}
-            if not envelope.succeeded(answer):
-                continue
-            data = envelope.loads(t.request_bytes).get("input", {}).get("data") or {}
-            if t.infno == "3203" and data.get("setlym") == f"{first:%Y%m}":
-                evt = str(((answer.get("output") or {}).get("data") or {}).get("clr_appy_evt_id") or "")
-                if evt and ("applied", f"clr_appy_evt_id {evt}") not in done:
-                    await self.engine.journal.run(journal.clearing_applied(
-                        month, (str(data["insutype"]), str(data["clr_optins"]), str(data["clr_type"])),
-                        _applied_totals(data), evt, f"fep, from the stored answer of 3203 {t.msgid}"))
-                    done.add(("applied", f"clr_appy_evt_id {evt}"))
-            elif t.infno == "3204":
-                evt = str(data.get("clr_appy_evt_id") or "")
-                row = next((r for r in await self.engine.journal.read(journal.clearings_of(month))
-                            if r["clr_appy_evt_id"] == evt and r["state"] == "applied"), None)
-                if row is not None:
-                    await self.engine.journal.run(journal.clearing_cancelled(
-                        month, (row["insutype"], row["setl_optins"], row["clr_type"]), evt,
-                        f"fep, from the stored answer of 3204 {t.msgid}"))
+        # read once, and kept as each write below leaves it: a 3204 may undo a 3203 learnt just before it
+        held = {(r["insutype"], r["setl_optins"], r["clr_type"]): r
+                for r in await self.engine.journal.read(journal.clearings_of(month))}
+        for msgid, infno, data, evt in answered:
+            if infno == "3203" and ("applied", f"clr_appy_evt_id {evt}") not in done:
+                group = (str(data["insutype"]), str(data["clr_optins"]), str(data["clr_type"]))
+                held[group] = await self.engine.journal.run(journal.clearing_applied(
+                    month, group, _applied_totals(data), evt, f"fep, from the stored answer of 3203 {msgid}"))
+                done.add(("applied", f"clr_appy_evt_id {evt}"))
+            elif infno == "3204":
+                group = next((g for g, r in held.items() if r["clr_appy_evt_id"] == evt and r["state"] == "applied"),
+                             None)
+                if group is not None:
+                    held[group] = await self.engine.journal.run(journal.clearing_cancelled(
+                        month, group, evt, f"fep, from the stored answer of 3204 {msgid}"))
+        return held
 
     # ---- 3203 / 3204 ----------------------------------------------------------------------------------------
     async def apply(self, month: str, by: str) -> dict[str, Any]:
@@ -327,6 +319,24 @@ class Clearing:
             raise ClearingError(str(e)) from None
 
 
+def _answered(trades: list[journal.TradeRow], setlym: str) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(msgid, infno, data sent, clr_appy_evt_id) of the 3203s of month `setlym` (YYYYMM) and the 3204s the
+    bureau said yes to, in the order given."""
+    out = []
+    for t in trades:
+        answer = envelope.loads(t.answer) if t.answer else {}
+        if not envelope.succeeded(answer):
+            continue
+        data = envelope.loads(t.request_bytes).get("input", {}).get("data") or {}
+        if t.infno == "3203" and data.get("setlym") == setlym:
+            evt = str(((answer.get("output") or {}).get("data") or {}).get("clr_appy_evt_id") or "")
+            if evt:
+                out.append((t.msgid, t.infno, data, evt))
+        elif t.infno == "3204":
+            out.append((t.msgid, t.infno, data, str(data.get("clr_appy_evt_id") or "")))
+    return out
+
+
 def _applied_totals(data: dict[str, Any]) -> dict[str, Any]:
     """The figures of an application, as its 3203 sent them."""
     return {"settlements": int(data.get("psntime") or 0), "medfee": dec(data.get("medfee_sumamt")),
@@ -393,7 +403,7 @@ def render(doc: dict[str, Any], fmt: str, what: str) -> str:
     """`what`: status, apply or remote; as a table, CSV or JSON, like reconciliation."""
     if fmt == "json":
         return envelope.dumps(doc).decode("utf-8")
-    from fep.admin_cli import table
+    from fep.admin_cli import csv_text, table
 
     if what == "status":
         headers, rows = STATUS_HEADERS, status_rows(doc)
@@ -405,11 +415,7 @@ def render(doc: dict[str, Any], fmt: str, what: str) -> str:
         headers = ["kind", "setl_id", "msgid", "journal_medfee", "detail_medfee", "action"]
         rows = [[str(d.get(h) if d.get(h) is not None else "") for h in headers] for d in doc["differences"]]
     if fmt == "csv":
-        out = io.StringIO()
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(headers)
-        w.writerows(rows)
-        return out.getvalue().rstrip("\n")
+        return csv_text(headers, rows)
     lines = [f"清算月份 {doc['month']}"]
     if what == "remote":
         lines.append(f"异地清分明细 {doc['rows']} 行 (journal: {doc['journal']}), {len(doc['differences'])} difference(s); "

@@ -15,8 +15,6 @@ much money each side has more ("相差几笔，相差多少钱，哪边多哪边
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -26,7 +24,7 @@ from typing import Any
 from twisted.internet import threads
 
 from fep import catalogs, envelope, metrics
-from fep.journal import Journal, TradeRow
+from fep.journal import Journal, TradeRow, latest_runs
 from fep.trades import Kind
 from fep.engine import Engine
 from fep.jobs import progress
@@ -159,9 +157,8 @@ class Reconciler:
     async def _detail(self, day: date, g: Group, totals: dict[str, Any]) -> list[dict[str, Any]]:
         """9101 the hospital's detail file, 3202 against it, 9102 the result; name every difference."""
         name = f"{datetime.now():%Y%m%d%H%M%S}.txt"  # the detail file (表150), one per group, in a ZIP of its name
-        zipped = catalogs.pack(name, [(r.setl_id, r.mdtrt_id, r.psn_no, r.medfee, r.fund, r.acct,
-                                       "1" if r.refund else "0") for r in g.rows])
-        up = await self.call("9101", {"fsUploadIn": {"in": base64.b64encode(zipped).decode("ascii"),
+        packed = await threads.deferToThread(_detail_file, name, g.rows)  # zipped and encoded: not on the reactor
+        up = await self.call("9101", {"fsUploadIn": {"in": packed,
                                                       "filename": name.replace(".txt", ".zip"),
                                                       "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
         out = await self.call("3202", {"data": {
@@ -174,8 +171,7 @@ class Reconciler:
         down = await self.call("9102", {"fsDownloadIn": {"file_qury_no": info["file_qury_no"],
                                                           "filename": info["filename"],
                                                           "fixmedins_code": self.engine.cfg.institution.fixmedins_code}})
-        rows = catalogs.unpack(envelope.file_content(down), catalogs.STATEMENT_RESULT, ("psn_no", "stmt_rslt"),
-                               f"3202 result file {info['filename']}")
+        rows = await threads.deferToThread(_result_file, down, info["filename"])
         ours = {r.setl_id: r for r in g.rows}
         diffs = []
         for r in rows:
@@ -234,6 +230,20 @@ def _by_day(rows: list[TradeRow], money: set[str], undo: set[str], first: str,
     return out
 
 
+def _detail_file(name: str, rows: list[Settlement]) -> str:
+    """The hospital's detail file (表150) of a group's settlements, zipped under `name`, as 9101 carries it."""
+    zipped = catalogs.pack(name, [(r.setl_id, r.mdtrt_id, r.psn_no, r.medfee, r.fund, r.acct,
+                                   "1" if r.refund else "0") for r in rows])
+    return base64.b64encode(zipped).decode("ascii")
+
+
+def _result_file(down: dict[str, Any], filename: str) -> list[dict[str, str | None]]:
+    """The rows of the 3202 result file a 9102 brought back (base64, unzipped, parsed): FileLayoutError for one
+    not in its layout."""
+    return catalogs.unpack(envelope.file_content(down), catalogs.STATEMENT_RESULT, ("psn_no", "stmt_rslt"),
+                           f"3202 result file {filename}")
+
+
 def dec(value: Any) -> Decimal:
     return Decimal(str(value)) if value not in (None, "") else ZERO
 
@@ -289,13 +299,10 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
 def render(doc: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         return envelope.dumps(doc).decode("utf-8")
+    from fep.admin_cli import csv_text, table
+
     if fmt == "csv":
-        out = io.StringIO()
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(HEADERS)
-        w.writerows(table_rows(doc))
-        return out.getvalue().rstrip("\n")
-    from fep.admin_cli import table
+        return csv_text(HEADERS, table_rows(doc))
 
     lines = [f"对账日期 {doc['stmt_date']}  (run {doc['run_at']})"]
     if doc["unresolved"]:
@@ -315,8 +322,8 @@ async def latest_of_each_day(journal: Journal, today: date | None = None) -> lis
     """The latest run of each statement day of the last WINDOW_DAYS, newest day first, and the newest run of all
     if its day is older: an earlier day reconciled by hand must not hide today's difference."""
     today = today or date.today()
-    days = [run for n in range(WINDOW_DAYS + 1)
-            for run in await journal.runs("reconcile", (today - timedelta(days=n)).isoformat())]
+    days = list((await journal.read(latest_runs("reconcile", (today - timedelta(days=WINDOW_DAYS)).isoformat(),
+                                                today.isoformat()))).values())
     newest = await journal.runs("reconcile")
     return days + [r for r in newest if all(r.get("stmt_date") != d.get("stmt_date") for d in days)]
 

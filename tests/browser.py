@@ -16,7 +16,6 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -71,7 +70,7 @@ class Browser:
         """Click a form's button and wait for the page it leads to (a click does not wait for it)."""
         page = self.driver.find_element(By.TAG_NAME, "html")
         button.click()
-        WebDriverWait(self.driver, 30).until(expected_conditions.staleness_of(page))
+        WebDriverWait(self.driver, 30).until(lambda _: _gone(page))
 
     def text(self, css: str) -> str:
         return self.driver.find_element(By.CSS_SELECTOR, css).text
@@ -114,3 +113,13 @@ class Browser:
 
     def close(self) -> None:
         self.driver.quit()
+
+
+def _gone(element: Any) -> bool:
+    """The page `element` was on has been replaced. Chromium, asked in the middle of the navigation, may answer
+    "Node with given id does not belong to the document" instead of a stale reference: gone as well."""
+    try:
+        element.is_enabled()
+    except WebDriverException:  # StaleElementReferenceException among them
+        return True
+    return False

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
@@ -18,8 +19,8 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.web.resource import Resource
 
-from fep import config, logs
-from fep.console.pages import month_attention
+from fep import config, health, logs
+from fep.console.pages import attention, month_attention
 from fep.console.server import OfficeSite
 from fep.reconcile import HEADERS
 from fep.sim.world import LI, ZHANG, Visit, World, free_port, parked_settlement
@@ -259,6 +260,39 @@ def test_a_month_is_applied_for_only_once_every_day_balanced_and_the_month_is_ov
     [item] = month_attention("2026-11", balanced, status, over=True)
     assert item["commands"] == ["fep clearing apply --month 2026-11"]
     assert month_attention("2026-11", balanced, status, over=False) == []
+
+
+@pytest.mark.parametrize("changes, what", [
+    ({}, []),
+    # one endpoint of two down: that is what to see to, not the sign-in (fep check says the same)
+    ({"endpoints": [{"name": "primary", "url": "https://a", "up": False}, {"name": "backup", "url": "https://b",
+                                                                           "up": True}], "signed_in": False},
+     ["the bureau endpoint primary is down (https://a)"]),
+    ({"signed_in": False}, ["fep is not signed in to the bureau (9001)"]),
+    ({"oldest_unresolved_seconds": 300}, ["a trade's outcome unknown for 300 s"]),
+    ({"queued": 12, "oldest_queued_seconds": 3600}, ["12 queued for the bureau, oldest 3600 s"]),
+    ({"certificates": {"hospital": 20 * 86400}}, ["the certificate hospital expires in 20 days"]),
+    ({"needs_attention": [{"msgid": "M1", "infno": "2207", "since": "09:00:01", "note": "refused"}]},
+     ["2207 门诊结算 M1 parked since 09:00:01: refused"]),
+    # every day of the window that did not balance, not only the last run's
+    ({"days_not_balanced": [{"stmt_date": "2026-11-30", "unbalanced": 1, "unresolved": 0},
+                            {"stmt_date": "2026-11-27", "unbalanced": 0, "unresolved": 2}]},
+     ["the reconciliation of 2026-11-30: 1 group(s) not balanced, 0 trade(s) not resolved",
+      "the reconciliation of 2026-11-27: 0 group(s) not balanced, 2 trade(s) not resolved"]),
+    ({"last_reconciliation": None}, ["no reconciliation has run"]),
+])
+def test_what_needs_a_person_is_what_fep_status_check_warns_of(changes: dict, what: list[str]) -> None:
+    status = {"endpoints": [{"name": "primary", "url": "https://a", "up": True}], "signed_in": True,
+              "journal_cannot_write": False, "queued": 0, "oldest_queued_seconds": None,
+              "oldest_unresolved_seconds": None, "needs_attention": [], "certificates": {"hospital": 200 * 86400},
+              "reconcile_daily_at": "02:30", "up_seconds": 3 * 86400, "days_not_balanced": [],
+              "last_reconciliation": {"stmt_date": "2026-11-30", "run_at": "2026-12-01 02:30:05", "balanced": 2,
+                                      "unbalanced": 0, "unresolved": 0}, **changes}
+    morning = datetime(2026, 12, 1, 9, 0)
+    items = attention(status, morning, lambda infno: {"2207": "门诊结算"}.get(infno, ""))
+    assert [i["what"] for i in items] == what
+    assert bool(items) == (health.check(status, morning).level is not health.Level.OK)
+    assert all(i["commands"] for i in items)  # and for each, the command that does it
 
 
 def test_only_loopback_and_the_office_networks_may_connect() -> None:

@@ -151,7 +151,7 @@ class Console(Resource):
         self.failures.add(name)  # counted before the check: guesses sent at once are counted as they come
         known = await threads.deferToThread(users_mod.read, self.cfg.users)
         user = known.get(name)
-        ok = user is not None and await threads.deferToThread(users_mod.matches, user, password)
+        ok = await threads.deferToThread(users_mod.matches, user or users_mod.decoy(), password) and user is not None
         if not ok or user is None:
             await self.audit.viewed(name, "console sign-in", {"peer": peer}, result="refused: wrong name or password")
             log.warn("console: sign-in refused for {name!r} from {peer}", name=name, peer=peer)

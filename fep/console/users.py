@@ -8,6 +8,7 @@ pages) and operator (views them, and sees the `fep` command for each action and 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -15,6 +16,8 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from fep.backup import fsync
 
 ROLES = ("office", "operator")
 NAME = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
@@ -36,6 +39,13 @@ class User:
     def sees_whole(self) -> bool:
         """ID numbers and names unmasked, and the `fep` commands: the operator's, who has the admin CLI anyway."""
         return self.role == "operator"
+
+
+@functools.cache
+def decoy() -> User:
+    """A user no name has: a sign-in with an unknown name checks its password against this one's, so it takes as
+    long as a wrong password does and the answer's time does not tell which names exist."""
+    return User("", "", hashed(secrets.token_urlsafe(16)))
 
 
 def hashed(password: str) -> str:
@@ -97,6 +107,7 @@ def write(path: Path, users: dict[str, User]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync(path.parent)  # the rename itself, on the disk
 
 
 def check_new(name: str, role: str, password: str) -> None:
@@ -110,3 +121,4 @@ def check_new(name: str, role: str, password: str) -> None:
 def check_password(password: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise UsersError(f"a password has at least {MIN_PASSWORD} characters")
+
