@@ -17,7 +17,9 @@ from tests.test_catalog import visit_with_hospital_codes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIRST = FIXTURES / "journal-v1.db"  # written by the first release (schema 1)
-PREVIOUS = FIXTURES / "journal-v4.db"  # written by the release before this one (schema 4), HIS msgids mapped
+EARLIER = FIXTURES / "journal-v4.db"  # written by an earlier release (schema 4), HIS msgids mapped
+# written by the release before this one (schema 7): also an audit entry, an insured place, a month's clearing
+PREVIOUS = FIXTURES / "journal-v7.db"
 # A pair node's own file at journal.path, as the release before the shared code book left it (schema 7): its
 # catalogs (1301, 1305, a 1312 page) and the hospital's mapping H-AMOX and H-CBC
 LOCAL_CODE_BOOK = FIXTURES / "codebook-v7.db"
@@ -28,7 +30,7 @@ def schema(world: World) -> str:
         return c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
 
 
-@pytest.mark.parametrize("fixture", [FIRST, PREVIOUS], ids=["schema-1", "schema-4"])
+@pytest.mark.parametrize("fixture", [FIRST, EARLIER, PREVIOUS], ids=["schema-1", "schema-4", "schema-7"])
 def test_a_journal_of_an_earlier_release_opens_and_its_open_trades_are_resolved(world: World, fixture: Path) -> None:
     (world.dir / "lib").mkdir(parents=True, exist_ok=True)
     shutil.copy(fixture, world.dir / "lib" / "journal.db")
@@ -62,6 +64,20 @@ def test_a_journal_of_an_earlier_release_opens_and_its_open_trades_are_resolved(
         if row.get("his_msgid") and row["state"] == "ANSWERED":
             again = world.his.call(row["infno"], envelope.loads(row["request"])["input"], msgid=row["his_msgid"])
             assert (again["fep_msgid"], again["fep_state"]) == (msgid, "ANSWERED"), again
+
+
+def test_what_the_previous_release_recorded_besides_trades_is_there_after_the_upgrade(world: World) -> None:
+    """The audit trail, the insured places learnt from 1101 answers and the month's clearing, as schema 7 kept
+    them, are read by this release as it reads its own."""
+    (world.dir / "lib").mkdir(parents=True, exist_ok=True)
+    shutil.copy(PREVIOUS, world.dir / "lib" / "journal.db")
+    world.start()
+    audit = world.cli("audit", "--since", "2026-01-01")
+    assert audit.returncode == 0 and "reverse" in audit.stdout and "patient left" in audit.stdout, audit
+    assert world.query("SELECT insuplc_admdvs FROM insured_places WHERE psn_no = '43010000000000000006'") == \
+        [{"insuplc_admdvs": "440100"}]
+    assert world.query("SELECT state, fund, paid FROM clearings WHERE month = '2026-10'") == \
+        [{"state": "applied", "fund": "160.00", "paid": "160.00"}]
 
 
 def test_a_journal_newer_than_this_fep_is_refused_at_start_naming_both_versions(world: World) -> None:
