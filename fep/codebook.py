@@ -95,6 +95,11 @@ class CodeBook:
         self.national, self.mapping, self.diagnoses = await self.journal.read(_load)
 
     # ---- the hot path ----------------------------------------------------------------------------
+    def leaves_as_sent(self, trade: TradeDef, input_: dict[str, Any]) -> bool:
+        """Whether map_fees will leave the input as the HIS sent it: every fee line names its national code."""
+        lines = input_.get(trade.map_codes or "")
+        return not isinstance(lines, list) or _national_codes(lines) is not None
+
     def map_fees(self, trade: TradeDef, input_: dict[str, Any]) -> bool:
         """Fill med_list_codg from the mapping where the HIS sent only its own code; refuse what cannot go.
         A national code is judged once per upload: its 5,000 lines name a few hundred codes at most. Whether

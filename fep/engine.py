@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -35,6 +35,9 @@ from fep.sender import Sender, recorded
 from fep.session import Session, SignInFailed
 from fep.states import FINAL, IN_FORCE, State
 from fep.trades import FromHis, Kind, OnUnknown, TradeDef, UnknownTrade
+
+if TYPE_CHECKING:
+    import msgspec
 
 log = Logger()
 S = State
@@ -189,7 +192,7 @@ class Engine:
         lookup = self.journal.for_his(his_msgid) if his_msgid else None
         # ... and the HIS's input bytes are compressed for the journal meanwhile (zlib lets go of the GIL)
         packed = pack(req.input_json) if req.input_json is not None else None
-        digest = envelope.payload_hash(req.envelope)  # what the HIS sent, before fep maps anything
+        digest = envelope.payload_hash(req.envelope, self._as_sent(trade, req))  # before fep maps anything
         known = await lookup if lookup is not None else None
         if known is not None and known.his_msgid == his_msgid:
             return await self._resubmitted(trade, known, digest, answer_by)
@@ -281,8 +284,16 @@ class Engine:
             self.lanes.defer(acc.row.psn_no or "", acc.row.msgid)
         return self._reply(acc.row, resubmitted=not acc.created)
 
-    async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: str, answer_by: float) -> Reply:
-        if not envelope.same_payload(row.payload_hash, digest):
+    def _as_sent(self, trade: TradeDef, req: envelope.HisRequest) -> msgspec.Raw | None:
+        """The input's bytes as the HIS wrote them, when fep will send them so (no fee code to fill): the
+        payload's digest is taken of them."""
+        if trade.map_codes and self.codes is not None and not self.codes.leaves_as_sent(trade, req.input):
+            return None
+        return req.input_json
+
+    async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: envelope.Digest,
+                           answer_by: float) -> Reply:
+        if not envelope.same_payload(row.payload_hash, digest, lambda: envelope.loads(row.request_bytes)["input"]):
             raise Refused(422, f"msgid {row.msgid} was already used for a different trade ({row.infno}); "
                                f"a msgid names one trade forever")
         if row.state is S.SENT and row.msgid in self._waiting:  # the first is at the bureau: hear its answer

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from itertools import chain, repeat
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import quote, unquote
 
 import msgspec
@@ -92,38 +92,67 @@ def top_field(data: bytes | str, name: str, default: Any = None) -> Any:
     return default if value is msgspec.UNSET else value
 
 
-DIGEST_PREFIX = "2:"  # payload digests before this prefix are of the first form (simplejson, sorted keys)
+DIGEST_PREFIX = "2:"  # of the canonical payload (sorted keys); digests with no prefix are of the first form (simplejson)
+# "3:HEAD:INPUT": of the input's bytes as the HIS wrote them, which spares encoding a 3.5 MB upload again (7 ms).
+# The same input spelt otherwise (keys reordered, spaced) is still the same payload: same_payload tells by the
+# canonical form, which is computed only then.
+RAW_PREFIX = "3:"
 
 
 class Digest(str):
-    """A payload digest. It keeps the payload as it was hashed (fep maps fee codes in place afterwards), so
-    that a trade journalled by an older fep, whose digest is of the first form, can still be compared with
-    it: `same_payload`."""
+    """A payload digest. It keeps the payload it was taken of, so that a journalled digest of another form (an
+    older fep's, or the other spelling's) can still be compared with it: `same_payload`."""
 
-    canonical: bytes
+    core: dict[str, Any]
+
+    @functools.cached_property
+    def canonical(self) -> bytes:
+        return _canonical.encode(self.core)
+
+    def canonical_form(self) -> str:
+        return DIGEST_PREFIX + hashlib.sha256(self.canonical).hexdigest()
+
+    def head(self) -> str:
+        """What of the payload is not its input: the trade and the insured place."""
+        return _head(self.core["infno"], self.core["insuplc_admdvs"])
 
     def legacy(self) -> str:
         core = loads(self.canonical)
         return hashlib.sha256(simplejson.dumps(core, use_decimal=True, sort_keys=True).encode()).hexdigest()
 
 
-def payload_hash(envelope: dict[str, Any]) -> Digest:
-    """What makes two submissions of one msgid "the same": the trade and its input, not the clock."""
+def payload_hash(envelope: dict[str, Any], input_json: msgspec.Raw | bytes | None = None) -> Digest:
+    """What makes two submissions of one msgid "the same": the trade and its input, not the clock. With
+    `input_json`, the input as the HIS wrote it (which nothing may change afterwards), the digest is of those
+    bytes; otherwise of the canonical payload, computed now (fep maps fee codes in place afterwards)."""
     core = {"infno": envelope.get("infno"), "input": envelope.get("input"),
             "insuplc_admdvs": envelope.get("insuplc_admdvs", "")}
+    if input_json is not None:
+        digest = Digest(f"{RAW_PREFIX}{_head(core['infno'], core['insuplc_admdvs'])}:"
+                        f"{hashlib.sha256(input_json).hexdigest()}")
+        digest.core = core
+        return digest
     canonical = _canonical.encode(core)
     digest = Digest(DIGEST_PREFIX + hashlib.sha256(canonical).hexdigest())
-    digest.canonical = canonical
+    digest.core, digest.canonical = core, canonical
     return digest
 
 
-def same_payload(stored: str, digest: str) -> bool:
+def _head(infno: Any, insuplc_admdvs: Any) -> str:
+    return hashlib.sha256(_canonical.encode([infno, insuplc_admdvs])).hexdigest()[:16]
+
+
+def same_payload(stored: str, digest: Digest, stored_input: Callable[[], Any]) -> bool:
     """Whether a journalled digest and a new submission's digest name the same payload, whichever form the
-    journalled one is of."""
+    journalled one is of. `stored_input` reads the journalled trade's input: a digest of the HIS's bytes that
+    differs is compared by the canonical forms of the two inputs."""
     if stored == digest:
         return True
-    if stored.startswith(DIGEST_PREFIX) or not isinstance(digest, Digest):
-        return False
+    if stored.startswith(RAW_PREFIX):
+        head = stored[len(RAW_PREFIX):].partition(":")[0]
+        return head == digest.head() and _canonical.encode(stored_input()) == _canonical.encode(digest.core["input"])
+    if stored.startswith(DIGEST_PREFIX):
+        return stored == digest.canonical_form()
     return stored == digest.legacy()
 
 

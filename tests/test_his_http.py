@@ -491,16 +491,40 @@ def test_a_payload_digest_journalled_by_an_earlier_fep_still_names_the_same_payl
     core = {"infno": env["infno"], "input": env["input"], "insuplc_admdvs": ""}
     first_form = hashlib.sha256(simplejson.dumps(core, use_decimal=True, sort_keys=True).encode()).hexdigest()
     digest = envelope.payload_hash(env)
-    assert digest != first_form and envelope.same_payload(first_form, digest)
-    assert envelope.same_payload(str(digest), envelope.payload_hash(envelope.loads(envelope.dumps(env))))
+    assert digest != first_form and same(first_form, digest)
+    assert same(str(digest), envelope.payload_hash(envelope.loads(envelope.dumps(env))))
     reordered = dict(reversed(list(env.items())))
     reordered["input"] = {"data": dict(reversed(list(env["input"]["data"].items())))}
     assert envelope.payload_hash(reordered) == digest  # key order is not the payload
     other = envelope.payload_hash(env | {"input": {"data": {"medfee_sumamt": Decimal("4.53")}}})
-    assert not envelope.same_payload(first_form, other) and not envelope.same_payload(str(digest), other)
+    assert not same(first_form, other) and not same(str(digest), other)
     assert envelope.payload_hash(env | {"inf_time": "2026-11-23 10:00:00"}) == digest  # nor is the clock
     env["input"]["data"]["medfee_sumamt"] = Decimal("9.99")  # fep maps fee codes in place after hashing
-    assert envelope.same_payload(first_form, digest)
+    assert same(first_form, digest)
+
+
+def same(stored: str, digest: envelope.Digest) -> bool:
+    return envelope.same_payload(stored, digest, lambda: pytest.fail("a digest of the canonical form is enough"))
+
+
+def test_a_digest_of_the_his_own_bytes_tells_the_same_input_spelt_otherwise() -> None:
+    """A digest of the input's bytes as the HIS wrote them ("3:") is the same payload as any spelling of that
+    input, and of its canonical digest ("2:"), in either direction; not of another trade's or another input's."""
+    env = _sample()
+    as_written = envelope.dumps(env["input"])
+    raw = envelope.payload_hash(env, as_written)
+    assert raw.startswith(envelope.RAW_PREFIX) and raw != envelope.payload_hash(env)
+    spelt = b'{ "data" : ' + envelope.dumps(dict(reversed(list(env["input"]["data"].items())))) + b" }"
+    other_spelling = envelope.payload_hash(env | {"input": envelope.loads(spelt)}, spelt)
+    assert other_spelling != raw
+    assert envelope.same_payload(str(raw), other_spelling, lambda: envelope.loads(as_written))
+    assert envelope.same_payload(str(raw), envelope.payload_hash(env), lambda: envelope.loads(as_written))
+    assert envelope.same_payload(str(envelope.payload_hash(env)), raw, lambda: pytest.fail("not read"))
+    more = env["input"]["data"] | {"medfee_sumamt": Decimal("4.53")}
+    assert not envelope.same_payload(str(raw), envelope.payload_hash(env | {"input": {"data": more}}),
+                                     lambda: envelope.loads(as_written))
+    assert not envelope.same_payload(str(raw), envelope.payload_hash(env | {"insuplc_admdvs": "430100"}),
+                                     lambda: pytest.fail("another place is another payload, read or not"))
 
 
 def test_one_top_level_field_is_read_without_reading_the_rest() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import pytest
+import simplejson
 
 from fep import envelope
 from fep.msgid import well_formed
@@ -37,6 +39,33 @@ def test_an_his_msgid_of_any_form_names_one_trade_forever(running: World, form: 
     different = running.his.call("2207", visit.settlement_input() | {"data": {**visit.settlement_input()["data"],
                                                                              "medfee_sumamt": "1.00"}}, msgid=key)
     assert different["fep_state"] == "REFUSED" and "already used for a different trade" in different["err_msg"]
+
+
+def test_an_upload_resent_under_its_msgid_and_written_otherwise_is_the_same_upload(running: World) -> None:
+    """fep knows an upload by the HIS's own bytes (a 3.5 MB one is not encoded again to know it). An HIS that
+    rebuilds its resend, keys in another order, spaced and with escaped Chinese, still sends the same upload:
+    it hears the first answer. One fee line changed is another trade, and refused."""
+    visit = Visit(running.his, ZHANG)
+    visit.open()
+    key = uuid.uuid4().hex.upper()[:30]
+    first = running.his.call("2204", visit.fee_input(), msgid=key)
+    assert first["infcode"] == 0, said(first)
+    assert running.trade(first["fep_msgid"])["payload_hash"].startswith(envelope.RAW_PREFIX)  # the bytes' digest
+
+    def resend(fees: dict[str, Any]) -> dict[str, Any]:
+        rebuilt = {"input": {"feedetail": [dict(reversed(line.items())) for line in fees["feedetail"]]},
+                   "opter_name": "HIS", "msgid": key, "infno": "2204"}
+        status, answer = running.post_raw(simplejson.dumps(rebuilt, use_decimal=True, indent=2).encode())
+        assert status == 200, answer
+        return answer
+
+    again = resend(visit.fee_input())
+    assert (again["infcode"], again["fep_msgid"]) == (0, first["fep_msgid"]), said(again)
+    assert len(running.journal("infno='2204'")) == 1
+    changed = visit.fee_input()
+    changed["feedetail"][0]["cnt"] += 1
+    refused = resend(changed)
+    assert refused["fep_state"] == "REFUSED" and "already used for a different trade" in refused["err_msg"]
 
 
 def test_a_well_formed_unused_his_msgid_is_the_one_the_bureau_sees(running: World) -> None:

@@ -609,13 +609,17 @@ class Visit:
                                                     "diag_name": "急性上呼吸道感染", "vali_flag": "1"}]})
 
     def upload_fees(self, **extra: Any) -> dict[str, Any]:
+        return self.his.call("2204", self.fee_input(), **extra)
+
+    def fee_input(self) -> dict[str, Any]:
+        """The 2204 input of the visit's fees."""
         lines = [{"feedetl_sn": f"{self.chrg_bchno}{i}", "mdtrt_id": self.mdtrt_id, "psn_no": self.person["psn_no"],
                   "chrg_bchno": self.chrg_bchno, "rx_circ_flag": "0", "fee_ocur_time": "2026-11-23 09:30:00",
                   "med_list_codg": code, "medins_list_codg": f"H-{code[-6:]}", "cnt": Decimal(cnt),
                   "pric": Decimal(pric), "det_item_fee_sumamt": Decimal(cnt) * Decimal(pric),
                   "bilg_dept_codg": "01", "bilg_dept_name": "内科", "bilg_dr_codg": "D001", "bilg_dr_name": "医生",
                   "hosp_appr_flag": "1"} for i, (code, cnt, pric) in enumerate(self.fees)]
-        return self.his.call("2204", {"feedetail": lines}, **extra)
+        return {"feedetail": lines}
 
     def inpatient_fees(self, n: int, batch: str = "") -> dict[str, Any]:
         """A 2301 input of `n` fee lines as an inpatient ward uploads them (each line the fields HIS programs
