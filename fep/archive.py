@@ -164,25 +164,24 @@ class ArchiveTables:
         taken = []
         for _, path in await files.thread(files.files):
             try:
-                added = await files.thread(self._take_in, path)
+                added, kept = await files.thread(self._take_in, path)
             except Exception:  # one unreadable file holds up neither the others nor the move
                 log.failure("archive: {file} could not be taken into archived_trades; it stays, read on this node",
                             file=path.name)
                 continue
             log.info("archive: {added} trades of {file}, written on this node by an earlier release, taken into "
                      "archived_trades; the file is kept as {kept}", added=added, file=path.name,
-                     kept=_retired(path).name)
+                     kept=kept.name)
             taken.append(path.name)
         return taken
 
-    def _take_in(self, path: Path) -> int:
-        """Blocking: one file into the tables (one transaction), then out of the reads."""
+    def _take_in(self, path: Path) -> tuple[int, Path]:
+        """Blocking: one file into the tables (one transaction), then out of the reads: the trades added, and
+        the file's new name."""
         with closing(_reader(path)) as conn:
             added = journal_pg.take_in(self.journal.url, _chunks(conn, "trades", COLUMNS[1:]),  # type: ignore[arg-type]
                                        _chunks(conn, "events", EVENT_COLUMNS[1:]), COLUMNS[1:], EVENT_COLUMNS[1:])
-        path.rename(_retired(path))
-        fsync(path.parent)
-        return added
+        return added, journal_pg.retire(path)
 
     async def get(self, msgid: str) -> Found | None:
         found = await self.journal.read(archived(msgid))
@@ -320,7 +319,3 @@ def _chunks(conn: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> I
         after = rows[-1][0]
         yield [r[1:] for r in rows]
 
-
-def _retired(path: Path) -> Path:
-    """A monthly file once taken into PostgreSQL's archive tables: kept, no longer read."""
-    return path.with_name(f"{path.name}.in-postgresql")

@@ -37,7 +37,6 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from fep import catalogs, envelope, journal_pg
-from fep.backup import fsync
 from fep.catalogs import VALID, VERSION, Layout, Paged
 from fep.jobs import progress
 from fep.trades import InvalidInput, TradeDef
@@ -57,7 +56,6 @@ FIRST_UPDATE = "2000-01-01"  # a first paged query asks after this (updt_time is
 # A paged query's run that reached its last page, kept with the newest update it brought: the next run asks
 # from that date (updt_time is a date, yyyy-MM-dd, asked with >=: a repeat is upserted away by rid)
 PAGED_RUN = "catalog-paged"
-RETIRED = ".in-postgresql"  # the suffix of a node's file once taken in (kept until an operator removes it)
 
 
 @dataclass(frozen=True)
@@ -380,10 +378,7 @@ def _take_in(url: str, path: Path) -> dict[str, Any] | None:
         if not tables:
             return None
         added, differs = _copy(url, local, tables)
-    kept = path.with_name(path.name + RETIRED)
-    path.rename(kept)
-    fsync(path.parent)
-    return {"file": path.name, "kept": kept.name, "added": added, "differs": differs}
+    return {"file": path.name, "kept": journal_pg.retire(path).name, "added": added, "differs": differs}
 
 
 def _copy(url: str, local: sqlite3.Connection,
@@ -392,9 +387,7 @@ def _copy(url: str, local: sqlite3.Connection,
     mapping in the file differs from the shared one."""
     added: dict[str, int] = {}
     differs: list[str] = []
-    with journal_pg.connect(url) as pg, pg.transaction(), pg.cursor() as cur:
-        cur.execute("SET LOCAL synchronous_commit = on")  # durable before the file is renamed
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (int(journal_pg.Lock.CODEBOOK_TAKE_IN),))
+    with journal_pg.taking_in(url, journal_pg.Lock.CODEBOOK_TAKE_IN) as cur:
         for table, columns, key in tables:
             if table == "medlist_map":
                 differs = _copy_mapping(cur, local, added)

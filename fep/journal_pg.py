@@ -18,13 +18,16 @@ from __future__ import annotations
 import time
 import uuid
 import zlib
+from contextlib import contextmanager
 from enum import IntEnum, unique
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import pq
 
 from fep import dialect
+from fep.backup import fsync
 
 CONNECT_TIMEOUT = 5  # seconds: a journal that cannot be reached in this time is a write failure, tried again
 # A session whose node is gone (power, network) is noticed within about idle + interval * count seconds and
@@ -81,6 +84,29 @@ def redacted(url: str) -> str:
 
 def connect(url: str, **options: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, **KEEPALIVES, **options)
+
+
+# What an earlier release kept in a node's own files (its code book, its monthly archive files) is taken into the
+# shared database once, and the file then kept under this suffix, no longer read, until an operator removes it.
+RETIRED = ".in-postgresql"
+
+
+@contextmanager
+def taking_in(url: str, lock: Lock) -> Iterator[psycopg.Cursor[Any]]:
+    """Blocking: a session of its own (the journal's writer goes on meanwhile) and one transaction for copying a
+    node's file in, durable before the caller retires the file, one node at a time."""
+    with connect(url) as pg, pg.transaction(), pg.cursor() as cur:
+        cur.execute("SET LOCAL synchronous_commit = on")
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (int(lock),))
+        yield cur
+
+
+def retire(path: Path) -> Path:
+    """A file once taken in: renamed NAME.in-postgresql, the rename on the disk. Returns the new path."""
+    kept = path.with_name(path.name + RETIRED)
+    path.rename(kept)
+    fsync(path.parent)
+    return kept
 
 
 class Result:
@@ -339,9 +365,7 @@ def take_in(url: str, trades: Iterable[list[tuple[Any, ...]]], events: Iterable[
     was taken in on the other node) stays as it is, and so do its events. Returns the trades added."""
     msgid, at = list(trade_columns).index("msgid"), list(event_columns).index("msgid")
     added: set[str] = set()
-    with connect(url) as pg, pg.transaction(), pg.cursor() as cur:
-        cur.execute("SET LOCAL synchronous_commit = on")  # durable before the caller retires the file
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (int(Lock.ARCHIVE_TAKE_IN),))
+    with taking_in(url, Lock.ARCHIVE_TAKE_IN) as cur:
         for chunk in trades:
             have = {r[0] for r in cur.execute("SELECT msgid FROM archived_trades WHERE msgid = ANY(%s)",
                                               ([t[msgid] for t in chunk],)).fetchall()}
