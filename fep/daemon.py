@@ -32,7 +32,7 @@ from fep.archive import Archive
 from fep.audit import AuditTrail
 from fep.backup import BackupError, Backups
 from fep.bureau import BureauLink
-from fep.engine import Engine, Refused
+from fep.engine import Engine
 from fep.his import HisFactory, HisService
 from fep.http11 import Limits
 from fep.journal import SCHEMA_VERSION, Journal, JournalError
@@ -83,7 +83,7 @@ class Daemon:
         if cfg.lease is None:
             await self.engine.start()
         else:
-            self.engine.role = "standby"
+            self.engine.stands_by()
         self.factory = HisFactory(HisService(self.engine, self.reactor), cfg.his.max_body, cfg.his.allowed_networks,
                                   his_limits(cfg.his), *connection_caps(cfg.his))
         if cfg.his.unix:
@@ -153,8 +153,7 @@ class Daemon:
         # after each change made on it (import, sync); a standby takes no changes (_catalog).
         await self.codes.refresh()
         await self.engine.start()
-        self.engine.role, self.engine.leader = "leader", self.cfg.lease.node  # type: ignore[union-attr]
-        self.engine.standby_note = None
+        self.engine.leads(self.cfg.lease.node)  # type: ignore[union-attr]
         for job in self.daily:
             await job.start()
         systemd.notify(f"STATUS=leading ({self.engine.leader}, epoch {epoch}); recovered; listening")
@@ -162,13 +161,13 @@ class Daemon:
 
     def _seen(self, who: leader.Leader | None, why: str | None) -> None:
         """A standby's reading: who leads (None: it cannot tell) and why this node does not (None: another does)."""
-        self.engine.leader, self.engine.standby_note = (who.node if who else None), why
+        self.engine.stands_by(who.node if who else None, why)
 
     def _lost(self, why: str) -> None:
         """It stops as if killed: what it had in hand the new leader recovers from the journal, and the HIS,
         its connection cut, asks the other node. A graceful stop would answer requests in flight from a
         journal closing under them."""
-        self.engine.role = "standby"
+        self.engine.stands_by()
         log.error("stopping now: this node no longer leads ({why}); it starts again as a standby", why=why)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -179,7 +178,7 @@ class Daemon:
         saying why in `fep status` (started again, it would refuse the journal and say nothing there). The fence
         stops its sends and new trades at once; what it had in hand the newer fep recovers when it leads."""
         self.journal.fence = leader.NO_EPOCH
-        self.engine.role, self.engine.leader, self.engine.standby_note = "standby", None, why
+        self.engine.stands_by(None, why)
         for job in self.daily:
             job.stop()
         self.engine.stop()
@@ -233,7 +232,7 @@ class Daemon:
 
     async def _archive(self, req: Any) -> dict[str, Any]:
         """The leader's job (it moves trades out of the shared journal): a standby refuses it, naming the leader."""
-        self.engine.must_lead()
+        self.engine.must_lead("run fep archive there")
         return await self.archive.run()
 
     async def _reconcile(self, req: Any) -> dict[str, Any]:
@@ -264,16 +263,14 @@ class Daemon:
         """POST /catalog/sync, POST /catalog/map (a CSV body), GET /catalog/check. A standby changes nothing
         (a sync talks to the bureau; the leader's copy would not see an import) and checks the shared tables."""
         what = req.path.strip("/").split("/")[1:2]
-        standby = self.engine.role == "standby"
-        if req.method == "POST" and what in (["sync"], ["map"]) and standby:
-            raise Refused(envelope.STANDBY, f"this fep node stands by; the leader is "
-                                            f"{self.engine.leader or 'being chosen'}: run catalog {what[0]} there")
+        if req.method == "POST" and what in (["sync"], ["map"]):
+            self.engine.must_lead(f"run catalog {what[0]} there")
         if req.method == "POST" and what == ["sync"]:
             return await self._sync()
         if req.method == "POST" and what == ["map"]:
             return await self.codes.import_mapping(req.body.decode("utf-8"))
         if req.method == "GET" and what == ["check"]:
-            if standby:
+            if self.engine.role == "standby":
                 await self.codes.refresh()
             return {"problems": await self.codes.on_thread(self.codes.check), "codes": len(self.codes.national),
                     "mapped": len(self.codes.mapping)}

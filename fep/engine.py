@@ -136,19 +136,29 @@ class Engine:
         return Markers(self.cfg.bureau.reversal_not_found, self.cfg.bureau.transient, self.cfg.bureau.late_grace)
 
     # ---- HIS entry points ----------------------------------------------------------------------
-    def must_lead(self) -> None:
-        """A standby takes no trade: the HIS is told which node leads. Lookups it answers from the journal."""
+    def must_lead(self, then: str = "send trades there") -> None:
+        """A standby takes no trade, nor a person's action: it names the leader and what to do `then`. Lookups
+        it answers from the journal."""
         if self.role == "standby":
-            raise Refused(envelope.STANDBY, f"this fep node stands by; {self.who_leads()} (nothing was accepted here)")
+            raise Refused(envelope.STANDBY, f"this fep node stands by; {self.who_leads(then)} (nothing was "
+                                            f"accepted here)")
 
-    def who_leads(self) -> str:
+    def who_leads(self, then: str = "send trades there") -> str:
         """A standby's word on the leader: named when known, else that it cannot be told (never a stale name),
         and why this node does not lead when that is more than another leading."""
         if self.leader:
-            said = f"the leader is {self.leader}: send trades there"
+            said = f"the leader is {self.leader}: {then}"
         else:
             said = "no leader is known here" if self.standby_note else "the leader is being chosen"
         return said + (f"; this node does not lead: {self.standby_note}" if self.standby_note else "")
+
+    def leads(self, node: str) -> None:
+        self.role, self.leader, self.standby_note = "leader", node, None
+
+    def stands_by(self, leader: str | None = None, note: str | None = None) -> None:
+        """This node of a pair does not lead: `leader` leads (None: not known here), and `note` says why this
+        node does not, when that is more than another leading."""
+        self.role, self.leader, self.standby_note = "standby", leader, note
 
     async def submit(self, req: envelope.HisRequest) -> Reply:
         self.must_lead()
@@ -572,7 +582,7 @@ class Engine:
     async def replay(self, msgid: str) -> Reply:
         """A person sends a parked trade on, after fixing its cause: an upload the bureau refused goes back
         to the head of its queue; a trade whose outcome is unknown is resolved afresh."""
-        self.must_lead()
+        self.must_lead("run it there")
         row = await self._parked(msgid)
         if row.related:  # a resolving trade is replayed through the trade it resolves
             return await self.replay(row.related)
@@ -586,7 +596,7 @@ class Engine:
 
     async def drop(self, msgid: str, reason: str) -> Reply:
         """A person gives a parked trade up, saying why; the person's later uploads then go on."""
-        self.must_lead()
+        self.must_lead("run it there")
         row = await self._parked(msgid)
         if row.related:
             raise Refused(409, f"{msgid} resolves {row.related}: drop or replay that one")
