@@ -367,7 +367,8 @@ def _his_envelope(env: Any, numbers_fine: bool = False, text: bytes | str | None
 BOUND = Decimal(10) ** 10
 _AMOUNT = re.compile(r"(amt|_pay|selfpay)$")
 _PLACES = ((re.compile(r"pric$"), 6), (re.compile(r"cnt$"), 4), (_AMOUNT, 2))
-_PLAIN = re.compile(r"-?\d{1,20}(?:\.\d{1,20})?")
+# ASCII digits only: Python's Decimal (and Java's BigDecimal) read a full-width １００ as 100, and a bureau may not
+_PLAIN = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?")
 
 
 def is_amount(key: str) -> bool:

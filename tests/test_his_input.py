@@ -112,6 +112,7 @@ def test_a_text_that_begins_with_a_colon_is_not_a_key(text: str) -> None:
     ('"100.005"', ("more than 2 decimal places",)), ("100.005", ("more than 2",)), ('"1e5"', ("plain decimal",)),
     ("true", ("must be a number",)), ('"abc"', ("plain decimal",)), ("[1]", ("must be a number",)),
     ('"NaN"', ("plain decimal",)), ('"Infinity"', ("plain decimal",)),
+    ('"１００.００"', ("plain decimal",)), ('"١٠٠"', ("plain decimal",)),  # full-width and Arabic-Indic digits
 ])
 def test_amounts_are_exact_decimals_within_bound(value: str, words: tuple[str, ...]) -> None:
     text = '{"data":{"psn_no":"P1","mdtrt_id":"M1","chrg_bchno":"C1","medfee_sumamt":%s}}' % value
