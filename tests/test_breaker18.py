@@ -67,6 +67,21 @@ def test_a_guesser_sending_wrong_passwords_at_once_gets_more_than_five_tries(wor
         f"{answers.count(401)} of 20 guesses had their password checked ({answers.count(429)} refused as too many)")
 
 
+def test_a_guesser_trying_a_new_name_each_time_is_stopped_and_cannot_fill_the_audit_trail(world: World) -> None:
+    """A PC on the office network makes up a new name for each guess, so that no name reaches five wrong passwords.
+    After twenty wrong tries from that computer it is refused, passwords unchecked, for the window; the forty tries
+    it sends after that add one refusal to the audit trail, not forty."""
+    with_console(world)
+    guesser = Office(world)
+    token = guesser.form_token()
+    answers = [guesser.ask("POST", "/signin", {"csrf": token, "name": f"guess{n:03d}", "password": "x"})[0]
+               for n in range(60)]
+    assert answers[:20] == [401] * 20 and set(answers[20:]) == {429}, answers
+    refused = [e["result"] for e in audit(world) if e["action"] == "console sign-in"]
+    assert refused.count("refused: wrong name or password") == 20, refused
+    assert refused.count("refused: too many wrong passwords") == 1, refused
+
+
 def test_changing_a_leaked_password_signs_out_whoever_used_it(world: World) -> None:
     """wang's password leaked; someone on the office LAN signed in with it. The administrator runs `fep user passwd
     wang`, which answers "sessions of a removed or changed user end at their next page". The one who signed in with

@@ -143,12 +143,19 @@ class Console(Resource):
             raise HttpError(403, "the sign-in form has expired or came from another page: open /signin again")
         name, password = args.get("name", "").strip()[:32], args.get("password", "")
         peer = request.getClientAddress().host
-        if self.failures.blocked(name):
-            await self.audit.viewed(name, "console sign-in", {"peer": peer}, result="refused: too many wrong passwords")
-            return await self._sign_in_form(request, args, f"Too many wrong passwords for {name}: wait "
+        blocked = self.failures.blocked(name, peer)
+        if blocked is not None:
+            if self.failures.first_refusal(blocked):  # once a window: the guesser's other tries are only refused
+                await self.audit.viewed(name, "console sign-in", {"peer": peer},
+                                        result="refused: too many wrong passwords")
+                log.warn("console: sign-in refused for {name!r} from {peer}: too many wrong passwords; further "
+                         "tries are refused unrecorded for {minutes:.0f} minutes", name=name, peer=peer,
+                         minutes=Failures.WINDOW / 60)
+            who = f"for {name}" if blocked == name else "from this computer"
+            return await self._sign_in_form(request, args, f"Too many wrong passwords {who}: wait "
                                             f"{Failures.WINDOW / 60:.0f} minutes, or ask the administrator "
                                             f"(fep user passwd).", status=429, name=name)
-        self.failures.add(name)  # counted before the check: guesses sent at once are counted as they come
+        self.failures.add(name, peer)  # counted before the check: guesses sent at once are counted as they come
         known = await threads.deferToThread(users_mod.read, self.cfg.users)
         user = known.get(name)
         ok = await threads.deferToThread(users_mod.matches, user or users_mod.decoy(), password) and user is not None
@@ -156,7 +163,7 @@ class Console(Resource):
             await self.audit.viewed(name, "console sign-in", {"peer": peer}, result="refused: wrong name or password")
             log.warn("console: sign-in refused for {name!r} from {peer}", name=name, peer=peer)
             return await self._sign_in_form(request, args, "Wrong name or password.", status=401, name=name)
-        self.failures.clear(name)
+        self.failures.clear(name, peer)
         session = self.sessions.new(user.name, user.role, user.hash)
         await self.audit.viewed(user.name, "console sign-in", {"peer": peer, "role": user.role})
         request.addCookie(SESSION, session.token, path="/", httpOnly=True, sameSite="strict")

@@ -53,28 +53,47 @@ class Sessions:
 
 
 class Failures:
-    """Wrong passwords per name: after LIMIT within WINDOW seconds the name is refused, its password not even
-    tried, until the window has passed since the last one (a guesser on the office network is slowed to a crawl)."""
-    LIMIT, WINDOW = 5, 900.0
+    """Wrong passwords per name and per computer: after LIMIT for a name, or PEER_LIMIT from one address (a guesser
+    trying many names), within WINDOW seconds, the sign-in is refused, its password not even tried, until the
+    window has passed since the last one (a guesser on the office network is slowed to a crawl)."""
+    LIMIT, PEER_LIMIT, WINDOW = 5, 20, 900.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._times: dict[str, list[float]] = {}
+        self._told: set[str] = set()  # blocked keys whose refusal is recorded: a guesser cannot fill the audit trail
 
-    def _recent(self, name: str) -> list[float]:
+    def _recent(self, key: str) -> list[float]:
         now = self.clock()
-        for n in [n for n, ts in self._times.items() if now - ts[-1] > self.WINDOW]:
-            del self._times[n]  # the old ones go: a list of every name ever tried would only grow
-        return [t for t in self._times.get(name, []) if now - t <= self.WINDOW]
+        for k in [k for k, ts in self._times.items() if now - ts[-1] > self.WINDOW]:
+            del self._times[k]  # the old ones go: a list of every name ever tried would only grow
+            self._told.discard(k)
+        return [t for t in self._times.get(key, []) if now - t <= self.WINDOW]
 
-    def blocked(self, name: str) -> bool:
-        return len(self._recent(name)) >= self.LIMIT
+    def blocked(self, name: str, peer: str) -> str | None:
+        """Which is refused, the name or the computer (None: neither)."""
+        if len(self._recent(name)) >= self.LIMIT:
+            return name
+        return _peer(peer) if len(self._recent(_peer(peer))) >= self.PEER_LIMIT else None
 
-    def add(self, name: str) -> None:
-        self._times[name] = self._recent(name) + [self.clock()]
+    def first_refusal(self, key: str) -> bool:
+        """Whether this is the first refusal of the blocked `key` in its window (the one worth recording)."""
+        told = key in self._told
+        self._told.add(key)
+        return not told
 
-    def clear(self, name: str) -> None:
-        self._times.pop(name, None)
+    def add(self, name: str, peer: str) -> None:
+        for key in (name, _peer(peer)):
+            self._times[key] = self._recent(key) + [self.clock()]
+
+    def clear(self, name: str, peer: str) -> None:
+        for key in (name, _peer(peer)):
+            self._times.pop(key, None)
+            self._told.discard(key)
+
+
+def _peer(address: str) -> str:
+    return f"from {address}"  # no user name has spaces: a key of its own
 
 
 def same(a: str | None, b: str | None) -> bool:
