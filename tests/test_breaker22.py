@@ -1,0 +1,57 @@
+"""Breaker 22: one trade per HIS msgid, after the payload's digest became one of the HIS's own bytes (b2490ad),
+tried from outside as an HIS vendor would: the same msgid sent again in another charset or form, with fee
+lines fep maps, after a NOT_SENT, while the first waits for its patient's lane, after the archive run, and
+under the msgid fep answered with."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from fep.sim.world import ZHANG, Visit, World, said, wait_for
+
+REUSED = "already used for a different trade"
+
+
+def his_key() -> str:
+    return uuid.uuid4().hex.upper()[:30]
+
+
+# ---- what broke ---------------------------------------------------------------------------------------------------
+
+def test_a_settlement_changed_and_sent_again_under_its_msgid_while_the_first_waits_for_the_patient_is_refused(
+        running: World) -> None:
+    """The cashier settles Zhang's visit while his other visit's fees are still uploading (a slow bureau), so the
+    settlement waits for his lane. She changes it to cash (acct_used_flag 0) and the HIS sends it again under
+    the same msgid. That is a different trade under a used msgid: it must be refused, as it is once the first
+    is journalled. Today both pass fep's look-up before either is journalled, and the changed one is told the
+    first one's answer as its own: the HIS records a cash settlement the bureau never saw."""
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    other = Visit(running.his, ZHANG)
+    other.open()
+    running.fault(mode="slow", infno="2204", seconds=3.0, times=1)
+    heard: dict[str, dict[str, Any]] = {}
+    key = his_key()
+    cash = {"data": visit.settlement_input()["data"] | {"acct_used_flag": "0"}}
+    sends: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("upload", other.upload_fees),
+        ("first", lambda: running.his.call("2207", visit.settlement_input(), msgid=key)),
+        ("changed", lambda: running.his.call("2207", cash, msgid=key))]
+    threads = []
+    for name, send in sends:
+        threads.append(threading.Thread(target=lambda n=name, s=send: heard.update({n: s()})))
+        threads[-1].start()
+        if name == "upload":
+            wait_for(lambda: running.journal("infno='2204' AND state='SENT'"), what="the upload at the bureau")
+        time.sleep(0.3)  # the first settlement is in the lane before the changed one
+    for t in threads:
+        t.join()
+    assert heard["upload"]["infcode"] == 0 and heard["first"]["infcode"] == 0, said(heard["first"])
+    changed = heard["changed"]
+    told = (changed.get("output") or {}).get("setlinfo") or {}
+    assert changed["fep_state"] == "REFUSED" and REUSED in changed["err_msg"], \
+        f"the cash settlement was told {said(changed)} setl_id {told.get('setl_id')}, acct_pay {told.get('acct_pay')}"
+    assert len(running.journal("infno='2207'")) == 1 and len(running.ledger()) == 1
