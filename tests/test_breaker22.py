@@ -8,9 +8,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from datetime import date, timedelta
 from typing import Any, Callable
 
 from fep.sim.world import ZHANG, Visit, World, said, wait_for
+from tests.test_archive import AGE, DAY, age
 
 REUSED = "already used for a different trade"
 
@@ -55,3 +57,31 @@ def test_a_settlement_changed_and_sent_again_under_its_msgid_while_the_first_wai
     assert changed["fep_state"] == "REFUSED" and REUSED in changed["err_msg"], \
         f"the cash settlement was told {said(changed)} setl_id {told.get('setl_id')}, acct_pay {told.get('acct_pay')}"
     assert len(running.journal("infno='2207'")) == 1 and len(running.ledger()) == 1
+
+
+def test_a_settlement_sent_again_under_its_msgid_after_the_archive_run_is_not_settled_again(world: World) -> None:
+    """Zhang's settlement lost its answer and fep reversed it: the HIS was told it was not settled. Forty days
+    on the day is reconciled and the nightly archive moves it out of the journal. The HIS's retry job, replaying
+    what never went through, sends the same msgid: it must hear what became of that trade. Today fep no longer
+    knows the msgid and settles Zhang again: two settlements at the bureau under one HIS msgid, the second live."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    key = his_key()
+    world.fault(mode="drop_after", infno="2207", times=1)
+    first = visit.settle(msgid=key)
+    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    world.stop()
+    age(world, AGE)
+    world.start()
+    day = date.fromtimestamp(time.time() - AGE * DAY)
+    for d in (day, day + timedelta(days=1)):
+        assert world.cli("reconcile", "--date", d.isoformat()).returncode == 0
+    assert world.cli("archive").returncode == 0
+    assert not world.journal("infno='2207'")  # moved to the month's file
+
+    again = visit.settle(msgid=key)
+    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), \
+        f"the msgid of a reversed settlement settled anew: {said(again)}"
+    assert [s["state"] for s in world.ledger()] == ["reversed"]
