@@ -110,19 +110,21 @@ def test_a_settlement_sent_again_under_its_msgid_after_the_archive_run_is_not_se
 
 def test_an_his_that_sends_again_under_the_msgid_fep_answered_with_hears_that_trade_and_its_2601_undoes_it(
         running: World) -> None:
-    """An HIS that sends no msgid of its own keeps the fep_msgid of the answer: the README says a lookup and its
-    own 2601 take it. Its timeout retry sends the settlement again under that msgid. It must hear the stored
-    answer, and its 2601 naming that msgid must undo that settlement. Today the retry is a second 2207 to the
-    bureau (refused: nothing left to settle), the msgid now names it, a lookup says the settlement failed, and
-    the 2601 goes to the bureau naming the refused one: Zhang's settlement stays live."""
+    """An HIS that sends no msgid of its own keeps the fep_msgid of the answer as the trade's msgid (the README:
+    a lookup and its own 2601 take it). Its write of the settlement fails, so it sends the settlement again
+    under that msgid, to hear the stored answer. That must not be a second trade, and its 2601 naming that
+    msgid must undo Zhang's settlement. Today the resend is a second 2207 to the bureau (refused: nothing left
+    to settle), the msgid now names it, a lookup says the settlement failed, and the 2601 goes to the bureau
+    naming the refused one: Zhang's settlement stays live."""
     visit = Visit(running.his, ZHANG)
     visit.up_to_settlement()
     first = running.his.call("2207", visit.settlement_input())
     assert first["infcode"] == 0, said(first)
     key = first["fep_msgid"]
     again = running.his.call("2207", visit.settlement_input(), msgid=key)
-    assert (again["fep_msgid"], again["infcode"]) == (key, 0), f"sent to the bureau again: {said(again)}"
-    assert len(running.journal("infno='2207'")) == 1
+    assert len(running.journal("infno='2207'")) == 1 and again.get("fep_msgid", key) == key, \
+        f"sent to the bureau again: {said(again)}"
+    assert running.his.lookup(key)["infcode"] == 0
     reversal = running.his.call("2601", visit.reversal_input(key))
     assert reversal["infcode"] == 0, said(reversal)
     assert [s["state"] for s in running.ledger()] == ["reversed"]
