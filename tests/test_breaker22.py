@@ -12,10 +12,11 @@ import uuid
 from datetime import date, timedelta
 from typing import Any, Callable
 
+import pytest
 import simplejson
 
 from fep import envelope
-from fep.sim.world import ZHANG, Visit, World, said, wait_for
+from fep.sim.world import ZHANG, Visit, World, his_msgid, said, wait_for
 from tests.test_archive import AGE, DAY, age
 from tests.test_catalog import fep, visit_with_hospital_codes
 from tests.test_his_http import _form, _post, _registration, _upload_envelope, _zip
@@ -40,6 +41,12 @@ def posted(world: World, body: bytes, content_type: str = "application/json") ->
     status, _, answer = _post(world, body, content_type)
     assert status == 200, answer
     return envelope.loads(answer)  # type: ignore[no-any-return]
+
+
+def setl_of(answer: dict[str, Any]) -> str:
+    """The settlement an answer tells of."""
+    told = (answer.get("output") or {}).get("setlinfo") or {}
+    return f"setl_id {told.get('setl_id')}, acct_pay {told.get('acct_pay')}"
 
 
 # ---- what broke ---------------------------------------------------------------------------------------------------
@@ -74,22 +81,25 @@ def test_a_settlement_changed_and_sent_again_under_its_msgid_while_the_first_wai
         t.join()
     assert heard["upload"]["infcode"] == 0 and heard["first"]["infcode"] == 0, said(heard["first"])
     changed = heard["changed"]
-    told = (changed.get("output") or {}).get("setlinfo") or {}
     assert changed["fep_state"] == "REFUSED" and REUSED in changed["err_msg"], \
-        f"the cash settlement was told {said(changed)} setl_id {told.get('setl_id')}, acct_pay {told.get('acct_pay')}"
+        f"the cash settlement was told {said(changed)} {setl_of(changed)}"
     assert len(running.journal("infno='2207'")) == 1 and len(running.ledger()) == 1
 
 
-def test_a_settlement_sent_again_under_its_msgid_after_the_archive_run_is_not_settled_again(world: World) -> None:
+@pytest.mark.parametrize("form", ["uuid", "well formed"])
+def test_a_settlement_sent_again_under_its_msgid_after_the_archive_run_is_not_settled_again(world: World,
+                                                                                             form: str) -> None:
     """Zhang's settlement lost its answer and fep reversed it: the HIS was told it was not settled. Forty days
     on the day is reconciled and the nightly archive moves it out of the journal. The HIS's retry job, replaying
     what never went through, sends the same msgid: it must hear what became of that trade. Today fep no longer
-    knows the msgid and settles Zhang again: two settlements at the bureau under one HIS msgid, the second live."""
+    knows the msgid. A uuid is a new key: Zhang is settled again, two settlements at the bureau under one HIS
+    msgid, the second live. A well-formed msgid goes to the bureau again as it is: the bureau replays its first
+    answer, and the HIS and the journal take as settled a settlement the bureau reversed."""
     world.configure(fep={"journal": {"keep_days": 30}})
     world.start()
     visit = Visit(world.his, ZHANG)
     visit.up_to_settlement()
-    key = his_key()
+    key = his_key() if form == "uuid" else his_msgid(22)
     world.fault(mode="drop_after", infno="2207", times=1)
     first = visit.settle(msgid=key)
     wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
@@ -104,8 +114,9 @@ def test_a_settlement_sent_again_under_its_msgid_after_the_archive_run_is_not_se
 
     again = visit.settle(msgid=key)
     assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), \
-        f"the msgid of a reversed settlement settled anew: {said(again)}"
+        f"the msgid of a reversed settlement was told: {said(again)} {setl_of(again)}"
     assert [s["state"] for s in world.ledger()] == ["reversed"]
+    assert all(r["state"] == "REVERSED" for r in world.journal("infno='2207'"))
 
 
 def test_an_his_that_sends_again_under_the_msgid_fep_answered_with_hears_that_trade_and_its_2601_undoes_it(
