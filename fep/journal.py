@@ -335,7 +335,8 @@ class Journal:
     def _connect(self) -> sqlite3.Connection:
         if self.url:
             try:
-                return journal_pg.PgConnection(self.url, reader=False)  # type: ignore[return-value]
+                return journal_pg.PgConnection(self.url, reader=False,  # type: ignore[return-value]
+                                               unsettled=lambda why: setattr(self, "cannot_write", why))
             except psycopg.Error as e:
                 raise JournalError(f"journal {self.where} cannot be opened for writing: {e}") from None
         try:

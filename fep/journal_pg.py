@@ -21,7 +21,7 @@ import zlib
 from contextlib import contextmanager
 from enum import IntEnum, unique
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import pq
@@ -139,9 +139,11 @@ class PgConnection:
     trade is never refused as "nothing accepted" when it was journalled, nor held as journalled when not.
     """
 
-    def __init__(self, url: str, reader: bool) -> None:
+    def __init__(self, url: str, reader: bool, unsettled: Callable[[str], None] | None = None) -> None:
         self.url = url
         self._reader = reader
+        # told why, while a commit is being settled: the journal refuses new trades meanwhile, not holding them
+        self._unsettled = unsettled or (lambda why: None)
         self._pg: psycopg.Connection[Any] | None = None
         self.total_changes = 0  # rows written through this connection, as sqlite3's counter
         self._wrote = False  # this transaction has written: its commit carries a token
@@ -234,8 +236,9 @@ class PgConnection:
                 self._open()
                 row = self._pg.execute("SELECT value FROM meta WHERE key = %s", (self._token_key,)).fetchone()  # type: ignore[union-attr]
                 return row is not None and row[0] == token
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as e:
                 self._drop()
+                self._unsettled(f"PostgreSQL cannot be reached to learn whether the last commit happened ({e})")
                 time.sleep(1.0)
 
     def _drop(self) -> None:
