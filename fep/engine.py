@@ -204,7 +204,8 @@ class Engine:
         packed = pack(req.input_json) if req.input_json is not None else None
         digest = envelope.payload_hash(req.envelope, self._as_sent(trade, req))  # before fep maps anything
         known = await lookup if lookup is not None else None
-        if known is not None and known.his_msgid == his_msgid:
+        if known is not None and (known.his_msgid == his_msgid or known.his_msgid is None and _same(known, digest)):
+            # sent again under its msgid, or under the fep_msgid an HIS that sends none was answered with
             return await self._resubmitted(trade, known, digest, answer_by)
         if known is not None and known.his_msgid is not None:
             # fep gave this number to another HIS trade (its fep_msgid): taking it as a new key would make
@@ -227,9 +228,12 @@ class Engine:
 
         async def write(state: State) -> Accepted:
             env["sign_no"] = self.session.sign_no
-            return await self._accept(NewTrade(trade.infno, msgid, psn, state, digest, env, related=related,
-                                               his_msgid=his_msgid, input_json=input_json,
-                                               packed_input=packed if input_json is not None else None))
+            acc = await self._accept(NewTrade(trade.infno, msgid, psn, state, digest, env, related=related,
+                                              his_msgid=his_msgid, input_json=input_json,
+                                              packed_input=packed if input_json is not None else None))
+            if not acc.created and not _same(acc.row, digest):  # sent twice at once, the other first: changed
+                raise _reused(acc.row)
+            return acc
 
         return await self._first_send(trade, psn, req.input, answer_by, write)
 
@@ -303,9 +307,8 @@ class Engine:
 
     async def _resubmitted(self, trade: TradeDef, row: TradeRow, digest: envelope.Digest,
                            answer_by: float) -> Reply:
-        if not envelope.same_payload(row.payload_hash, digest, lambda: envelope.loads(row.request_bytes)["input"]):
-            raise Refused(422, f"msgid {row.msgid} was already used for a different trade ({row.infno}); "
-                               f"a msgid names one trade forever")
+        if not _same(row, digest):
+            raise _reused(row)
         if row.state is S.SENT and row.msgid in self._waiting:  # the first is at the bureau: hear its answer
             row = await self._first_answer(row, answer_by)
         if row.state is not S.NOT_SENT:
@@ -697,3 +700,13 @@ def _msgid_time(msgid: str) -> float:
 
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _same(row: TradeRow, digest: envelope.Digest) -> bool:
+    """Whether a submission is the journalled trade's payload again."""
+    return envelope.same_payload(row.payload_hash, digest, lambda: envelope.loads(row.request_bytes)["input"])
+
+
+def _reused(row: TradeRow) -> Refused:
+    return Refused(422, f"msgid {row.his_msgid or row.msgid} was already used for a different trade ({row.infno}); "
+                        f"a msgid names one trade forever")
