@@ -28,7 +28,6 @@ starts the daily jobs at takeover), and the record of its last run is in the sha
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
 from contextlib import closing
@@ -43,7 +42,7 @@ from twisted.logger import Logger
 from fep import journal_pg
 from fep.backup import fsync
 from fep.journal import (COLUMNS, EVENT_COLUMNS, EVER, Family, Journal, TradeFilter, TradeRow, archive_filter,
-                         archive_in_tables, archivable, archived, archived_matching, forget)
+                         archive_in_tables, archivable, archived, archived_matching, forget, monthly_files)
 from fep.states import State
 
 log = Logger()
@@ -133,6 +132,10 @@ class Archive:
             found = await self.monthly.get(msgid)
         return found
 
+    async def row(self, msgid: str) -> TradeRow | None:
+        found = await self.get(msgid)
+        return found[0] if found is not None else None
+
     async def find(self, f: TradeFilter) -> list[TradeRow]:
         """The newest `limit` archived trades that match, oldest first."""
         rows = await self.store.find(f)
@@ -197,7 +200,6 @@ class MonthlyFiles:
 
     def __init__(self, reactor: Any, journal: Journal) -> None:
         self.reactor, self.journal = reactor, journal
-        self._pattern = re.compile(rf"{re.escape(journal.path.stem)}-(\d{{4}}-\d{{2}})\.db")
 
     def thread(self, f: Callable[..., T], *args: Any) -> Any:
         """Blocking file work, on the reactor's thread pool."""
@@ -211,10 +213,7 @@ class MonthlyFiles:
 
     def files(self) -> list[tuple[str, Path]]:
         """Blocking: (YYYY-MM, file) of every archive file, newest first."""
-        where = self.journal.path.parent
-        found = [(m.group(1), p) for p in where.iterdir() if (m := self._pattern.fullmatch(p.name))] \
-            if where.is_dir() else []
-        return sorted(found, reverse=True)
+        return monthly_files(self.journal.path)
 
     async def move(self, families: list[Family]) -> list[Family]:
         """Into their months' files (on the disk), then out of the journal; those that changed meanwhile stay in

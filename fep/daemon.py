@@ -79,7 +79,9 @@ class Daemon:
         self.codes = CodeBook(self.journal, self.reactor)
         await self.codes.open()
         await self.codes.take_in(cfg.journal_path)  # PostgreSQL: what an earlier release kept in this node's file
-        self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes)
+        self.archive = Archive(self.reactor, self.journal, cfg.journal_keep_days,
+                               (t.infno for t in cfg.trades.defs.values() if t.moves_money))
+        self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes, archived=self.archive.row)
         if cfg.lease is None:
             await self.engine.start()
         else:
@@ -94,8 +96,6 @@ class Daemon:
         await endpoints.TCP4ServerEndpoint(self.reactor, cfg.his.tcp_port, backlog=self.factory.max_connections,
                                            interface=cfg.his.tcp_host).listen(self.factory)
         self.reconciler = Reconciler(self.engine)
-        self.archive = Archive(self.reactor, self.journal, cfg.journal_keep_days,
-                               (t.infno for t in cfg.trades.defs.values() if t.moves_money))
         self.backups = Backups(self.reactor, cfg.journal_path, cfg.backup.dir, cfg.backup.keep,
                                lambda: [path for _, path in self.archive.files()])
         self.extra_admin.update({"POST reconcile": self._reconcile, "GET reconcile": self._reconciliations,

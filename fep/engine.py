@@ -25,8 +25,8 @@ from fep.bureau import BureauLink, Delivery, NotSent, Unknown
 from fep.codebook import CodeBook
 from fep.config import Config
 from fep.confirm import ConfirmWindows, NotAwaiting
-from fep.journal import (Accepted, Fenced, IllegalTransition, Journal, JournalError, NewTrade, TradeRow,
-                         answer_with_place, insured_place, pack)
+from fep.journal import (Accepted, ArchivedKey, Fenced, IllegalTransition, Journal, JournalError, NewTrade,
+                         TradeRow, answer_with_place, insured_place, pack)
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
 from fep.replies import Reply, lookup_view, outcome, passed_on, reply
@@ -56,9 +56,11 @@ class Refused(Exception):
 
 class Engine:
     def __init__(self, reactor: Any, cfg: Config, journal: Journal, link: BureauLink,
-                 codes: CodeBook | None = None, now: Callable[[], float] = time.time) -> None:
+                 codes: CodeBook | None = None, now: Callable[[], float] = time.time,
+                 archived: Callable[[str], Awaitable[TradeRow | None]] | None = None) -> None:
         self.reactor = reactor
         self.cfg = cfg
+        self._archived = archived  # an archived trade by its msgid (fep.archive); None: nothing is archived
         self.trades = cfg.trades
         self.journal = journal
         self.link = link
@@ -203,7 +205,9 @@ class Engine:
         # ... and the HIS's input bytes are compressed for the journal meanwhile (zlib lets go of the GIL)
         packed = pack(req.input_json) if req.input_json is not None else None
         digest = envelope.payload_hash(req.envelope, self._as_sent(trade, req))  # before fep maps anything
-        known = await lookup if lookup is not None else None
+        known = await self._known(await lookup) if lookup is not None else None
+        if known is not None and known.msgid == his_msgid:
+            msgid = None  # the bureau has seen this number: never send it another trade under it
         if known is not None and (known.his_msgid == his_msgid or known.his_msgid is None and _same(known, digest)):
             # sent again under its msgid, or under the fep_msgid an HIS that sends none was answered with
             return await self._resubmitted(trade, known, digest, answer_by)
@@ -313,6 +317,9 @@ class Engine:
             row = await self._first_answer(row, answer_by)
         if row.state is not S.NOT_SENT:
             return self._reply(row, resubmitted=True)
+        if row.archived:
+            raise Refused(422, f"msgid {row.his_msgid or row.msgid} names a trade fep never sent, archived since: a "
+                               f"msgid names one trade forever, so send it again under a new msgid")
 
         async def retry(state: State) -> Accepted:  # it never left the box: this submission may send it
             try:
@@ -534,10 +541,12 @@ class Engine:
         journal does not hold (单边账: settled behind fep's back) is reversed by a 2601 of its own, resent
         until answered. Each obeys refund order like a cancel."""
         self.must_lead()
-        row = await self.journal.for_his(omsgid)  # the HIS names its trade by its own msgid
+        row = await self._known(await self.journal.for_his(omsgid))  # the HIS names its trade by its own msgid
         if row is None:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
         omsgid = row.msgid
+        if row.archived:
+            raise Refused(409, f"{omsgid} is {row.state} and archived: it is final, and fep undoes nothing archived")
         if psn_no and row.psn_no and psn_no != row.psn_no:
             raise Refused(400, f"{omsgid} is not a trade of {psn_no}")  # (whose it is stays unsaid: msgids are guessed)
         if row.state in DRIVEN or row.state in (S.SENT, S.QUEUED):
@@ -666,9 +675,20 @@ class Engine:
     # ---- helpers ----------------------------------------------------------------------------------------
     async def _row(self, key: str) -> TradeRow:
         """The trade the HIS means by `key` (its own msgid, or fep's)."""
-        row = await self.journal.for_his(key)
+        row = await self._known(await self.journal.for_his(key))
         if row is None:
             raise Refused(404, f"no trade with msgid {key} in the journal")
+        return row
+
+    async def _known(self, found: TradeRow | ArchivedKey | None) -> TradeRow | None:
+        """The trade a key names, read from the archive when it is there."""
+        if not isinstance(found, ArchivedKey):
+            return found
+        row = await self._archived(found.msgid) if self._archived is not None else None
+        if row is None:  # its month's file is gone: the key still names that trade, never a new one
+            raise Refused(422, f"msgid {found.msgid} names a trade fep archived, whose archive cannot be read "
+                               f"here: a msgid names one trade forever, so send a new trade under a new msgid")
+        row.archived = True
         return row
 
     def _reply(self, row: TradeRow, **kw: Any) -> Reply:

@@ -179,6 +179,14 @@ def test_on_postgresql_trades_archived_by_the_leader_are_found_by_the_node_that_
     that_day = {m for m, r in before.items() if date.fromtimestamp(r["created"]) == day}  # not today's 3201s
     assert gone <= that_day and {r["msgid"] for r in json.loads(listed.stdout)} == that_day  # each once
 
+    # The HIS sends Li's reversed settlement again under its msgid: node b knows it from the archive table, and
+    # the bureau settles nothing again.
+    settlements = len(world.ledger())
+    li.his = Client.tcp("127.0.0.1", world.peer.his_port, timeout=60)  # type: ignore[union-attr]
+    again = li.settle(msgid=reversed_)
+    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, reversed_), again
+    assert len(world.ledger()) == settlements and reversed_ not in {r["msgid"] for r in world.journal()}
+
     # Refund order on node b: S1 waits for the later S2, which stayed in the journal.
     for visit in (first, second):
         visit.his = Client.tcp("127.0.0.1", world.peer.his_port, timeout=60)  # type: ignore[union-attr]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from contextlib import closing
 
 import pytest
 import time
 from pathlib import Path
 
 from fep import envelope
+from fep.archive import MonthlyFiles
 from fep.journal import SCHEMA_VERSION
 from fep.sim.world import ZHANG, Visit, World, wait_for
 from tests.test_catalog import visit_with_hospital_codes
@@ -78,6 +80,27 @@ def test_what_the_previous_release_recorded_besides_trades_is_there_after_the_up
         [{"insuplc_admdvs": "440100"}]
     assert world.query("SELECT state, fund, paid FROM clearings WHERE month = '2026-10'") == \
         [{"state": "applied", "fund": "160.00", "paid": "160.00"}]
+
+
+def test_a_trade_the_previous_release_archived_is_still_known_by_its_his_msgid(world: World) -> None:
+    """The previous release's archive job moved an answered settlement to its month's file and kept nothing of it
+    in the journal. After the upgrade, the HIS sending it again under its own msgid hears that settlement: no
+    new trade, nothing sent to the bureau."""
+    lib = world.dir / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PREVIOUS, lib / "journal.db")
+    with sqlite3.connect(lib / "journal.db") as journal, closing(MonthlyFiles._open(lib / "journal-2026-11.db")) as month:
+        journal.row_factory = sqlite3.Row
+        row = journal.execute("SELECT * FROM trades WHERE infno = '2207' AND state = 'ANSWERED' AND "
+                              "his_msgid IS NOT NULL").fetchone()
+        with month:  # as that release's job wrote it: the file first, then out of the journal
+            month.execute(f"INSERT INTO trades ({', '.join(row.keys())}) VALUES ({', '.join('?' * len(row))})",
+                          tuple(row))
+        journal.execute("DELETE FROM trades WHERE msgid = ?", (row["msgid"],))
+    world.start()
+    again = world.his.call("2207", envelope.loads(row["request"])["input"], msgid=row["his_msgid"])
+    assert (again["fep_msgid"], again["fep_state"], again["infcode"]) == (row["msgid"], "ANSWERED", 0), again
+    assert not world.journal("his_msgid = ?", (row["his_msgid"],)) and world.sim_answer(row["msgid"]) is None
 
 
 def test_a_journal_newer_than_this_fep_is_refused_at_start_naming_both_versions(world: World) -> None:
