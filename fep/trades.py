@@ -151,7 +151,13 @@ def _present(input_: dict[str, Any], path: str) -> bool:
         values = [i[name] for i in items]
     except (KeyError, TypeError):  # a node without it, or not an object (null, a number, text, a list)
         return False
-    return None not in values and "" not in values
+    # told by the values' types first: `None in values` compares each value with None (two failed dispatches)
+    kinds = set(map(type, values))
+    if type(None) in kinds:
+        return False
+    if kinds == {str}:
+        return "" not in values
+    return str not in kinds or "" not in [v for v in values if v.__class__ is str]
 
 
 def _lookup(input_: dict[str, Any], path: str) -> Any:

@@ -154,6 +154,7 @@ def test_the_baseline_s_own_1101_example_validates(book: TradeBook) -> None:
     [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"},
      {"mdtrt_id": "M1", "psn_no": None, "medins_list_codg": "H-CBC"}],
     [{"mdtrt_id": "M1", "psn_no": "", "medins_list_codg": "H-CBC"}],
+    [{"mdtrt_id": "M1", "psn_no": 7, "medins_list_codg": "H-CBC"}, {"mdtrt_id": "M1", "psn_no": "", "medins_list_codg": "H-CBC"}],
     [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"}, "not a line"],
     [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"}, None],
     [{"mdtrt_id": "M1", "psn_no": "P1", "medins_list_codg": "H-CBC"}, ["a", "list"]],
