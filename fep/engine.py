@@ -202,7 +202,7 @@ class Engine:
         # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's;
         # it runs while the digest is computed (a 3.5 MB upload's takes 8 ms)
         lookup = self.journal.for_his(his_msgid) if his_msgid else None
-        # ... and the HIS's input bytes are compressed for the journal meanwhile (zlib lets go of the GIL)
+        # ... and the HIS's input bytes are compressed for the journal meanwhile (ISA-L lets go of the GIL)
         packed = pack(req.input_json) if req.input_json is not None else None
         digest = envelope.payload_hash(req.envelope, self._as_sent(trade, req))  # before fep maps anything
         known = await self._known(await lookup) if lookup is not None else None
