@@ -11,8 +11,11 @@ import time
 from contextlib import closing
 from datetime import date, timedelta
 
-from fep import envelope
-from fep.sim.world import ZHANG, Visit, World, his_msgid, said, settled_visit
+import psycopg
+
+from fep import archive, envelope
+from fep.journal import COLUMNS, EVENT_COLUMNS
+from fep.sim.world import ZHANG, Visit, World, his_msgid, said, settled_visit, wait_for
 from tests.test_archive import AGE, DAY, age
 from tests.test_breaker22 import REUSED, his_key, setl_of
 
@@ -87,3 +90,59 @@ def test_a_2601_sent_under_the_well_formed_msgid_of_an_archived_trade_is_refused
     assert undo["fep_state"] == "REFUSED" and not under_it, facts
     assert world.trade(settled["fep_msgid"])["state"] == "ANSWERED", facts
     assert [s["state"] for s in world.ledger()] == ["live"], facts
+
+
+def left_in_a_monthly_file(world: World, msgids: list[str]) -> str:
+    """What a release before the archive tables did on PostgreSQL: the trades (and their events) moved out of the
+    shared journal into the month's file beside node a's journal.path. Returns the file's name."""
+    beside = world.local_file("a")
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    name = month_file(world).replace("journal", beside.stem)
+    cols, ecols = ", ".join(COLUMNS), ", ".join(EVENT_COLUMNS)
+    with psycopg.connect(world.journal_url) as pg:  # type: ignore[arg-type]
+        trades = pg.execute(f"SELECT {cols} FROM trades WHERE msgid = ANY(%s)", (msgids,)).fetchall()
+        events = pg.execute(f"SELECT {ecols} FROM events WHERE msgid = ANY(%s)", (msgids,)).fetchall()
+        with closing(sqlite3.connect(beside.with_name(name))) as f, f:
+            for statement in archive._SCHEMA:
+                f.execute(statement)
+            f.executemany(f"INSERT INTO trades ({cols}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                          [tuple(v.tobytes() if isinstance(v, memoryview) else v for v in t) for t in trades])
+            f.executemany(f"INSERT INTO events ({ecols}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})", events)
+        pg.execute("DELETE FROM events WHERE msgid = ANY(%s)", (msgids,))
+        pg.execute("DELETE FROM trades WHERE msgid = ANY(%s)", (msgids,))
+    return name
+
+
+def test_on_postgresql_a_settlement_in_a_monthly_file_an_earlier_release_left_is_not_settled_again(
+        world: World, pg_url: str) -> None:
+    """A pair on PostgreSQL ran a release before the archive tables: its nightly run moved Zhang's reversed
+    settlement (the HIS's uuid key; fep reversed it when its answer was lost) into the month's file beside node
+    a's journal.path. The pair is upgraded in the morning; the first archive run as leader, which takes the
+    file into the tables, is tonight. Meanwhile the HIS's retry job sends the settlement again under its key.
+    fep show still finds it on node a (it reads the file); the HIS must hear that trade, or a refusal. Today
+    for_his on PostgreSQL searches archived_trades only, not the node's files: Zhang is settled again, a second
+    settlement live at the bureau under one HIS msgid."""
+    world.share_journal(pg_url)
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    key = his_key()
+    world.fault(mode="drop_after", infno="2207", times=1)
+    first = visit.settle(msgid=key)
+    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    world.stop()
+    age(world, AGE)
+    family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
+    name = left_in_a_monthly_file(world, family)
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    shown = world.cli("show", first["fep_msgid"])
+    assert f"archived: read from {name}" in shown.stdout, shown.stdout + shown.stderr  # what held
+
+    again = visit.settle(msgid=key)
+    facts = (f"the HIS heard {said(again)} {setl_of(again)}; the bureau holds "
+             f"{[(s['msgid'], s['state']) for s in world.ledger()]}")
+    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), facts
+    assert [s["state"] for s in world.ledger()] == ["reversed"], facts
