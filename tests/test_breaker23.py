@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from datetime import date, timedelta
+from typing import Any
 
 import psycopg
 
@@ -146,3 +148,46 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_an_earlier_release_left_is
              f"{[(s['msgid'], s['state']) for s in world.ledger()]}")
     assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), facts
     assert [s["state"] for s in world.ledger()] == ["reversed"], facts
+
+
+def test_a_not_sent_settlement_resent_while_the_archive_run_moves_it_is_told_so_plainly(world: World) -> None:
+    """Forty days ago the bureau was down and Zhang's settlement was NOT_SENT; nothing moves money of it, so the
+    archive needs no reconciliation for it. Today Zhang's new visit is uploading fees (a slow bureau), and the
+    HIS's retry job sends the old settlement again under its key: it waits for Zhang's lane. Meanwhile the
+    operator runs `fep archive`, which moves the old settlement out of the journal. When the lane frees, the
+    retry must not send it, and the HIS must hear the trade or a clear refusal, not an internal error. Today the
+    retry's transition finds no row, takes it for a concurrent resubmission's, reads the trade back from the
+    journal (None) and fails on it: the HIS hears "internal error in fep; the request is in the journal if it
+    was accepted" (AttributeError in Engine._reply), while the trade is in the month's file, not the journal.
+    Nothing is sent: the race costs the HIS a clear answer, not money."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    old = Visit(world.his, ZHANG)
+    old.up_to_settlement()
+    key = his_key()
+    with world.outage():
+        first = old.settle(msgid=key)
+    assert first["fep_state"] == "NOT_SENT", said(first)
+    world.stop()
+    age(world, AGE)
+    world.start()
+    other = Visit(world.his, ZHANG)
+    other.open()
+    world.fault(mode="slow", infno="2204", seconds=4.0, times=1)
+    heard: dict[str, dict[str, Any]] = {}
+    upload = threading.Thread(target=lambda: heard.update(upload=other.upload_fees()))
+    upload.start()
+    wait_for(lambda: world.journal("infno='2204' AND state='SENT'"), what="the upload at the bureau")
+    resend = threading.Thread(target=lambda: heard.update(again=old.settle(msgid=key)))
+    resend.start()
+    time.sleep(0.3)  # the resend waits for Zhang's lane
+    done = world.cli("archive")
+    assert done.returncode == 0, done.stdout + done.stderr
+    upload.join()
+    resend.join()
+    again = heard["again"]
+    facts = (f"archive: {done.stdout.strip()}; the HIS heard {again}; the journal holds "
+             f"{[(r['infno'], r['state']) for r in world.journal('his_msgid = ?', (key,))]}; the bureau holds "
+             f"{[s['state'] for s in world.ledger()]}")
+    assert not world.ledger(), facts  # never sent
+    assert again.get("fep_state") in ("NOT_SENT", "REFUSED") and "internal error" not in again["err_msg"], facts
