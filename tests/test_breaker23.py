@@ -191,3 +191,36 @@ def test_a_not_sent_settlement_resent_while_the_archive_run_moves_it_is_told_so_
              f"{[s['state'] for s in world.ledger()]}")
     assert not world.ledger(), facts  # never sent
     assert again.get("fep_state") in ("NOT_SENT", "REFUSED") and "internal error" not in again["err_msg"], facts
+
+
+def test_a_settlement_sent_under_the_fep_msgid_of_another_trade_is_not_settled_again_after_both_are_archived(
+        world: World) -> None:
+    """An HIS that sends no msgid of its own keeps the fep_msgid of Zhang's 1101 as the visit's key and, by a
+    bug of its own, sends the settlement under it: fep takes it as the settlement's HIS msgid (fep numbered the
+    1101 itself, so nothing is refused). The settlement's answer is lost and fep reverses it. Forty days on both
+    are archived. The HIS's retry job sends the settlement again under that key: from the journal it heard the
+    settlement (the HIS msgid is looked up first); it must hear it from the archive too. Today archived_keys
+    keeps one trade per key, the first inserted, fep's own msgid (the 1101): the settlement meets the 1101,
+    which is another payload with no HIS msgid, so it is a new trade and Zhang is settled again."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    identified = world.his.call("1101", visit.identity_input())
+    assert identified["infcode"] == 0, said(identified)
+    key = identified["fep_msgid"]
+    visit.register()
+    visit.diagnose()
+    assert visit.upload_fees()["infcode"] == 0
+    world.fault(mode="drop_after", infno="2207", times=1)
+    first = visit.settle(msgid=key)
+    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    before = world.his.call("2207", visit.settlement_input(), msgid=key)
+    assert before.get("fep_msgid") == first["fep_msgid"] and before["infcode"] != 0, said(before)  # from the journal
+    archived_after_reconciling(world)
+    assert not world.journal("msgid IN (?, ?)", (key, first["fep_msgid"]))
+
+    again = visit.settle(msgid=key)
+    facts = (f"the HIS heard {said(again)} {setl_of(again)} under fep_msgid {again.get('fep_msgid')}; the bureau "
+             f"holds {[(s['msgid'], s['state']) for s in world.ledger()]}")
+    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), facts
+    assert [s["state"] for s in world.ledger()] == ["reversed"], facts
