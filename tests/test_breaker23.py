@@ -20,6 +20,7 @@ from fep.journal import COLUMNS, EVENT_COLUMNS
 from fep.sim.world import ZHANG, Visit, World, his_msgid, said, settled_visit, wait_for
 from tests.test_archive import AGE, DAY, age
 from tests.test_breaker22 import REUSED, his_key, setl_of
+from tests.test_upgrade import PREVIOUS
 
 
 def archived_after_reconciling(world: World) -> None:
@@ -224,3 +225,21 @@ def test_a_settlement_sent_under_the_fep_msgid_of_another_trade_is_not_settled_a
              f"holds {[(s['msgid'], s['state']) for s in world.ledger()]}")
     assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), facts
     assert [s["state"] for s in world.ledger()] == ["reversed"], facts
+
+
+def test_an_empty_monthly_file_beside_the_journal_neither_stops_the_upgrade_unnamed(world: World) -> None:
+    """Upgrading from the previous release (schema 7). Beside the journal is an empty journal-2026-10.db: the
+    operator's `cp` of a backup copy onto a full disk, or a `touch` while looking for where the files go. That
+    release started with it (the archive job makes its tables). This one must start, or refuse naming the
+    file. Today the migration opens it for its keys, and fep refuses to start with "no such table: trades",
+    which names no file: the operator is left to guess which of the files beside the journal to look at."""
+    lib = world.dir / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PREVIOUS, lib / "journal.db")
+    (lib / "journal-2026-10.db").write_bytes(b"")
+    try:
+        world.start()
+    except Exception as e:  # refused to start: it must say which file
+        assert "journal-2026-10.db" in str(e), f"fep did not start, and said: {str(e)[-600:]}"
+        return
+    assert world.his.call("1101", Visit(world.his, ZHANG).identity_input())["infcode"] == 0
