@@ -17,7 +17,7 @@ import psycopg
 
 from fep import archive, envelope
 from fep.journal import COLUMNS, EVENT_COLUMNS
-from fep.sim.world import ZHANG, Visit, World, his_msgid, said, settled_visit, wait_for
+from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, said, settled_visit, wait_for
 from tests.test_archive import AGE, DAY, age
 from tests.test_breaker22 import REUSED, his_key, setl_of
 from tests.test_upgrade import PREVIOUS
@@ -243,3 +243,59 @@ def test_an_empty_monthly_file_beside_the_journal_neither_stops_the_upgrade_unna
         assert "journal-2026-10.db" in str(e), f"fep did not start, and said: {str(e)[-600:]}"
         return
     assert world.his.call("1101", Visit(world.his, ZHANG).identity_input())["infcode"] == 0
+
+
+
+# ---- what held (not covered elsewhere) ----------------------------------------------------------------------------
+
+def test_archived_trades_answer_resends_lookups_and_2601s_by_either_msgid_and_a_deleted_file_is_refused_plainly(
+        world: World) -> None:
+    """Zhang's settlement (a uuid key; fep reversed it when its answer was lost) and Li's NOT_SENT one are
+    archived. Under its key the HIS hears Zhang's settlement (under its fep_msgid, a refusal: it has a key of its
+    own, as in the journal), a changed payload is refused, lookups by either
+    answer, a 2601 naming it is refused, Li's must go under a new msgid; fep show and fep trades find them. An
+    operator then deletes the month's file: every one of those is refused, saying why, and nothing is sent."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    zhang = Visit(world.his, ZHANG)
+    zhang.up_to_settlement()
+    key = his_key()
+    world.fault(mode="drop_after", infno="2207", times=1)
+    first = zhang.settle(msgid=key)
+    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    li = Visit(world.his, LI)
+    li.up_to_settlement()
+    never = his_key()
+    with world.outage():
+        assert li.settle(msgid=never)["fep_state"] == "NOT_SENT"
+    archived_after_reconciling(world)
+    assert not world.journal("infno = '2207'")
+    fep_msgid = first["fep_msgid"]
+
+    for under in (key, fep_msgid):
+        again = zhang.settle(msgid=under)
+        assert again["infcode"] != 0 and again.get("fep_msgid") in (None, fep_msgid), (under, said(again))
+        looked = world.his.lookup(under)
+        assert (looked.get("fep_state"), looked.get("fep_msgid")) == ("REVERSED", fep_msgid), (under, looked)
+        undo = world.his.call("2601", zhang.reversal_input(under), msgid=his_key())
+        assert undo["fep_state"] == "REFUSED" and "archived" in undo["err_msg"], (under, said(undo))
+    cash = world.his.call("2207", {"data": zhang.settlement_input()["data"] | {"acct_used_flag": "0"}}, msgid=key)
+    assert cash["fep_state"] == "REFUSED" and REUSED in cash["err_msg"], said(cash)
+    resent = li.settle(msgid=never)
+    assert resent["fep_state"] == "REFUSED" and "new msgid" in resent["err_msg"], said(resent)
+    shown = world.cli("show", fep_msgid)
+    assert f"archived: read from {month_file(world)}" in shown.stdout, shown.stdout + shown.stderr
+    done = world.cli("trades", "--json", "--limit", "1000", "--person", ZHANG["psn_no"])
+    assert fep_msgid in done.stdout, done.stdout + done.stderr
+    assert not world.journal("infno IN ('2207', '2601')") and [s["state"] for s in world.ledger()] == ["reversed"]
+
+    (world.journal_path.with_name(month_file(world))).unlink()  # the operator's clean-up of "old files"
+    for under in (key, fep_msgid):
+        again = zhang.settle(msgid=under)
+        assert again["fep_state"] == "REFUSED" and "cannot be read" in again["err_msg"], (under, said(again))
+        looked = world.his.lookup(under)
+        assert looked.get("fep_state") == "REFUSED" and "cannot be read" in looked.get("err_msg", ""), looked
+    undo = world.his.call("2601", zhang.reversal_input(key), msgid=his_key())
+    assert undo["fep_state"] == "REFUSED" and "cannot be read" in undo["err_msg"], said(undo)
+    assert li.settle(msgid=never)["fep_state"] == "REFUSED"
+    assert not world.journal("infno IN ('2207', '2601')") and [s["state"] for s in world.ledger()] == ["reversed"]
