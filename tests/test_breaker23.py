@@ -14,6 +14,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 
 from fep import archive, envelope
 from fep.journal import COLUMNS, EVENT_COLUMNS
@@ -29,6 +30,8 @@ def archived_after_reconciling(world: World) -> None:
     world.stop()
     age(world, AGE)
     world.start()
+    if world.journal_url is not None:
+        wait_for(lambda: world.leading() == "a", what="node a to lead")
     day = date.fromtimestamp(time.time() - AGE * DAY)
     for d in (day, day + timedelta(days=1)):
         done = world.cli("reconcile", "--date", d.isoformat())
@@ -44,15 +47,21 @@ def month_file(world: World) -> str:
 
 # ---- what broke ---------------------------------------------------------------------------------------------------
 
-def test_the_his_sending_its_own_2601_again_after_the_archive_run_hears_that_reversal(world: World) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_his_sending_its_own_2601_again_after_the_archive_run_hears_that_reversal(
+        world: World, backend: str, request: pytest.FixtureRequest) -> None:
     """The cashier undid Zhang's settlement with the HIS's own 2601 (under a key of its own); the bureau reversed
     it. Forty days on both moved to the month's file. The HIS's retry job, replaying a 2601 whose answer it never
     recorded, sends it again under its key: it must hear that reversal, as it would from the journal. Today
     the 2601's key is looked up in the journal only, so fep takes it as a new reversal of the archived
     settlement and refuses it ("fep undoes nothing archived"): the HIS records that the reversal did not
-    happen, and asks Zhang to pay again for a settlement the bureau reversed."""
+    happen, and asks Zhang to pay again for a settlement the bureau reversed. On PostgreSQL alike."""
+    if backend == "postgresql":
+        world.share_journal(request.getfixturevalue("pg_url"))
     world.configure(fep={"journal": {"keep_days": 30}})
     world.start()
+    if backend == "postgresql":
+        wait_for(lambda: world.leading() == "a", what="node a to lead")
     visit, settled = settled_visit(world, ZHANG)
     undo = his_key()
     reversal = world.his.call("2601", visit.reversal_input(settled["fep_msgid"]), msgid=undo)
