@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from fep import archive, envelope
+from fep import archive
 from fep.journal import COLUMNS, EVENT_COLUMNS
 from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, said, settled_visit, wait_for
 from tests.test_archive import AGE, DAY, age
