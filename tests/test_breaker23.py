@@ -19,7 +19,7 @@ import pytest
 from fep import archive
 from fep.journal import COLUMNS, EVENT_COLUMNS
 from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, said, settled_visit, wait_for
-from tests.test_archive import AGE, DAY, age
+from tests.test_archive import AGE, DAY, age, copied_before_a_crash
 from tests.test_breaker22 import REUSED, his_key, setl_of
 from tests.test_upgrade import PREVIOUS
 
@@ -308,3 +308,31 @@ def test_archived_trades_answer_resends_lookups_and_2601s_by_either_msgid_and_a_
     assert undo["fep_state"] == "REFUSED" and "cannot be read" in undo["err_msg"], said(undo)
     assert li.settle(msgid=never)["fep_state"] == "REFUSED"
     assert not world.journal("infno IN ('2207', '2601')") and [s["state"] for s in world.ledger()] == ["reversed"]
+
+
+def test_a_settlement_left_in_both_by_a_crash_in_the_archive_run_is_known_before_and_after_the_next_run(
+        world: World) -> None:
+    """fep died after the month's file took Zhang's reversed settlement and before the journal let it go. Sent
+    again then, it is the journal's; the next run finishes the move, and its keys are kept then: sent again
+    after it, it is still that trade, and nothing more is settled."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    key = his_key()
+    world.fault(mode="drop_after", infno="2207", times=1)
+    first = visit.settle(msgid=key)
+    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    world.stop()
+    age(world, AGE)
+    copied_before_a_crash(world, month_file(world), first["fep_msgid"])
+    world.start()
+    for moved in (False, True):
+        if moved:
+            day = date.fromtimestamp(time.time() - AGE * DAY)
+            for d in (day, day + timedelta(days=1)):
+                assert world.cli("reconcile", "--date", d.isoformat()).returncode == 0
+            assert world.cli("archive").returncode == 0 and not world.journal("infno = '2207'")
+        again = visit.settle(msgid=key)
+        assert again["infcode"] != 0 and again.get("fep_msgid") == first["fep_msgid"], (moved, said(again))
+    assert [s["state"] for s in world.ledger()] == ["reversed"]
