@@ -336,3 +336,39 @@ def test_a_settlement_left_in_both_by_a_crash_in_the_archive_run_is_known_before
         again = visit.settle(msgid=key)
         assert again["infcode"] != 0 and again.get("fep_msgid") == first["fep_msgid"], (moved, said(again))
     assert [s["state"] for s in world.ledger()] == ["reversed"]
+
+
+def test_a_journal_restored_from_a_backup_made_before_the_archive_run_still_names_the_archived_trades(
+        world: World) -> None:
+    """The operator takes `fep backup` at night; the archive run then moves Zhang's reversed settlement and the
+    day after a disk fault has him restore that backup (the month's file stays where it was). The settlement is
+    in both; sent again it is the journal's, the next run moves it again and keeps its keys, and sent again
+    after that it is still that trade."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    key = his_key()
+    world.fault(mode="drop_after", infno="2207", times=1)
+    first = visit.settle(msgid=key)
+    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    world.stop()
+    age(world, AGE)
+    world.start()
+    day = date.fromtimestamp(time.time() - AGE * DAY)
+    for d in (day, day + timedelta(days=1)):
+        assert world.cli("reconcile", "--date", d.isoformat()).returncode == 0
+    backup = world.dir / "nightly.db"
+    assert world.cli("backup", str(backup)).returncode == 0
+    assert world.cli("archive").returncode == 0 and not world.journal("infno = '2207'")
+    world.stop()
+    for leftover in world.journal_path.parent.glob("journal.db-*"):  # the live journal's -wal and -shm go too
+        leftover.unlink()
+    shutil.copy(backup, world.journal_path)
+    world.start()
+    for moved in (False, True):
+        if moved:
+            assert world.cli("archive").returncode == 0 and not world.journal("infno = '2207'")
+        again = visit.settle(msgid=key)
+        assert again["infcode"] != 0 and again.get("fep_msgid") == first["fep_msgid"], (moved, said(again))
+    assert [s["state"] for s in world.ledger()] == ["reversed"]
