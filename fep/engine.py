@@ -206,16 +206,8 @@ class Engine:
         packed = pack(req.input_json) if req.input_json is not None else None
         digest = envelope.payload_hash(req.envelope, self._as_sent(trade, req))  # before fep maps anything
         known = await self._known(await lookup) if lookup is not None else None
-        if known is not None and known.msgid == his_msgid:
-            msgid = None  # the bureau has seen this number: never send it another trade under it
-        if known is not None and (known.his_msgid == his_msgid or known.his_msgid is None and _same(known, digest)):
-            # sent again under its msgid, or under the fep_msgid an HIS that sends none was answered with
+        if known is not None and self._sent_again(known, his_msgid, digest):  # type: ignore[arg-type]
             return await self._resubmitted(trade, known, digest, answer_by)
-        if known is not None and known.his_msgid is not None:
-            # fep gave this number to another HIS trade (its fep_msgid): taking it as a new key would make
-            # "the trade msgid X" mean two trades (a 2601 naming it could undo the wrong one)
-            raise Refused(422, f"msgid {his_msgid} is the msgid fep gave another trade; a msgid names one trade "
-                               f"forever: send this one under a msgid of your own")
         if self.journal.cannot_write:
             raise Refused(503, f"journal cannot write: {self.journal.cannot_write}; nothing was accepted, send it "
                                f"again later")
@@ -302,6 +294,19 @@ class Engine:
             self.lanes.defer(acc.row.psn_no or "", acc.row.msgid)
         return self._reply(acc.row, resubmitted=not acc.created)
 
+    @staticmethod
+    def _sent_again(known: TradeRow, key: str, digest: envelope.Digest) -> bool:
+        """Whether a submission under `key` is the trade `known` sent again: under its HIS msgid, or under the
+        fep_msgid an HIS that sends none was answered with. False: a new trade under a number fep used for
+        one of its own. Refused when fep gave the number to another HIS trade (as its fep_msgid): taking it
+        as a new key would make "the trade msgid X" mean two trades (a 2601 naming it could undo the wrong one)."""
+        if known.his_msgid == key or known.his_msgid is None and _same(known, digest):
+            return True
+        if known.his_msgid is not None:
+            raise Refused(422, f"msgid {key} is the msgid fep gave another trade; a msgid names one trade "
+                               f"forever: send this one under a msgid of your own")
+        return False
+
     def _as_sent(self, trade: TradeDef, req: envelope.HisRequest) -> msgspec.Raw | None:
         """The input's bytes as the HIS wrote them, when fep will send them so (no fee code to fill): the
         payload's digest is taken of them."""
@@ -318,15 +323,17 @@ class Engine:
         if row.state is not S.NOT_SENT:
             return self._reply(row, resubmitted=True)
         if row.archived:
-            raise Refused(422, f"msgid {row.his_msgid or row.msgid} names a trade fep never sent, archived since: a "
-                               f"msgid names one trade forever, so send it again under a new msgid")
+            raise _archived_unsent(row)
 
         async def retry(state: State) -> Accepted:  # it never left the box: this submission may send it
             try:
                 return Accepted(await self.journal.transition(row.msgid, "retry", note="sent again by the HIS",
                                                               request=await self.sender.refreshed(row)), True)
-            except IllegalTransition:  # a concurrent resubmission took it first
-                return Accepted(await self.journal.get(row.msgid), False)  # type: ignore[arg-type]
+            except IllegalTransition:  # a concurrent resubmission took it first, or the archive run moved it
+                now = await self.journal.get(row.msgid)
+                if now is None:
+                    raise _archived_unsent(row) from None
+                return Accepted(now, False)
 
         try:
             return await self._first_send(trade, row.psn_no, row.envelope["input"], answer_by, retry)
@@ -527,9 +534,10 @@ class Engine:
 
     # ---- reversals asked for (the HIS's 2601, `fep reverse`) -------------------------------------------
     async def _reversal_asked(self, trade: TradeDef, req: envelope.HisRequest) -> Reply:
-        if req.msgid and (known := await self.journal.by_his_msgid(req.msgid)) is not None:
-            answer_by = self._now() + self.cfg.his.answer_within
-            return await self._resubmitted(trade, known, envelope.payload_hash(req.envelope), answer_by)
+        if req.msgid and (known := await self._known(await self.journal.for_his(req.msgid))) is not None:
+            digest = envelope.payload_hash(req.envelope)
+            if self._sent_again(known, req.msgid, digest):
+                return await self._resubmitted(trade, known, digest, self._now() + self.cfg.his.answer_within)
         data = req.input.get("data") or {}
         return await self.reverse(str(data["omsgid"]), str(data["oinfno"]), str(data["psn_no"]), req)
 
@@ -725,6 +733,11 @@ def _when(ts: float) -> str:
 def _same(row: TradeRow, digest: envelope.Digest) -> bool:
     """Whether a submission is the journalled trade's payload again."""
     return envelope.same_payload(row.payload_hash, digest, lambda: envelope.loads(row.request_bytes)["input"])
+
+
+def _archived_unsent(row: TradeRow) -> Refused:
+    return Refused(422, f"msgid {row.his_msgid or row.msgid} names a trade fep never sent, archived since: a msgid "
+                        f"names one trade forever, so send it again under a new msgid")
 
 
 def _reused(row: TradeRow) -> Refused:
