@@ -508,6 +508,8 @@ class Journal:
         if new.his_msgid is not None and (seen := _by_his_msgid(conn, new.his_msgid)) is not None:
             return Accepted(seen, created=False)  # the HIS sent it before: the first submission stands
         _hold_epoch(conn, self.fence)  # a new trade is a promise to the HIS: only the leader makes one
+        if new.msgid is not None and new.his_msgid is not None and _archived_key(conn, new.msgid) is not None:
+            new.msgid = None  # the HIS's number names an archived trade: the bureau has seen it, fep numbers this
         while True:
             msgid = new.msgid or self._number(conn)
             new.envelope["msgid"] = msgid
@@ -589,10 +591,6 @@ class Journal:
     def get(self, msgid: str) -> defer.Deferred[TradeRow | None]:
         """By the msgid the bureau knows."""
         return self._decisions.call(lambda conn: _get(conn, msgid))
-
-    def by_his_msgid(self, key: str) -> defer.Deferred[TradeRow | None]:
-        """The trade the HIS sent under its own msgid `key`."""
-        return self._decisions.call(lambda conn: _by_his_msgid(conn, key))
 
     def for_his(self, key: str) -> defer.Deferred[TradeRow | ArchivedKey | None]:
         """The trade the HIS means by `key`: its own msgid, or else the msgid fep answered it with; in the
@@ -916,17 +914,27 @@ def _to_v9(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE archived_keys (key TEXT PRIMARY KEY, msgid TEXT) WITHOUT ROWID")
     journal = Path(conn.execute("PRAGMA database_list").fetchone()[2])
     for _, path in monthly_files(journal):
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as month:
-            keys = month.execute("SELECT msgid, NULL FROM trades UNION ALL SELECT his_msgid, msgid FROM trades "
-                                 "WHERE his_msgid IS NOT NULL AND his_msgid != msgid").fetchall()
-        conn.executemany("INSERT OR IGNORE INTO archived_keys VALUES (?, ?)", keys)
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as month:
+                if not month.execute("SELECT 1 FROM sqlite_master WHERE name = 'trades'").fetchone():
+                    log.warn("journal: {file} holds no trades (empty): no msgids taken from it", file=path.name)
+                    continue
+                conn.executemany("INSERT OR IGNORE INTO archived_keys VALUES (?, NULL)",
+                                 month.execute("SELECT msgid FROM trades"))
+                conn.executemany("INSERT OR REPLACE INTO archived_keys VALUES (?, ?)", month.execute(
+                    "SELECT his_msgid, msgid FROM trades WHERE his_msgid IS NOT NULL AND his_msgid != msgid"))
+        except sqlite3.DatabaseError as e:  # not fep's to mend: the operator moves it away or restores it
+            raise JournalError(f"archive file {path} cannot be read for the msgids it holds ({e}): move it out "
+                               f"of {path.parent} or restore it from the backup, then start fep again") from None
 
 
 def monthly_files(journal: Path) -> list[tuple[str, Path]]:
-    """Blocking: (YYYY-MM, file) of every monthly archive file beside a SQLite journal, newest first."""
+    """Blocking: (YYYY-MM, file) of every monthly archive file beside a SQLite journal, newest first. An empty
+    file (a `touch`, a copy that failed at once) holds nothing and is no archive file."""
     pattern = re.compile(rf"{re.escape(journal.stem)}-(\d{{4}}-\d{{2}})\.db")
     where = journal.parent
-    found = [(m.group(1), p) for p in where.iterdir() if (m := pattern.fullmatch(p.name))] if where.is_dir() else []
+    found = [(m.group(1), p) for p in where.iterdir()
+             if (m := pattern.fullmatch(p.name)) and p.stat().st_size > 0] if where.is_dir() else []
     return sorted(found, reverse=True)
 
 
@@ -1109,9 +1117,11 @@ def _keep_keys(conn: sqlite3.Connection, msgids: list[str]) -> None:
     PostgreSQL the archive's table is searched itself: _archived_key)."""
     if isinstance(conn, journal_pg.PgConnection):
         return
+    # An HIS msgid names its trade before a msgid of fep's that is the same text, as in the journal (for_his):
+    # it replaces such a key, and a msgid never replaces one.
     _run_in(conn, f"INSERT OR IGNORE INTO archived_keys SELECT msgid, NULL FROM trades INDEXED BY {BY_MSGID} "
                   f"WHERE msgid", msgids)
-    _run_in(conn, f"INSERT OR IGNORE INTO archived_keys SELECT his_msgid, msgid FROM trades INDEXED BY {BY_MSGID} "
+    _run_in(conn, f"INSERT OR REPLACE INTO archived_keys SELECT his_msgid, msgid FROM trades INDEXED BY {BY_MSGID} "
                   f"WHERE his_msgid IS NOT NULL AND his_msgid != msgid AND msgid", msgids)
 
 
