@@ -4,8 +4,8 @@ trades` still read them (merged by msgid, the journal's row first). Where they g
 - PostgreSQL: the archive tables of the same database (`ArchiveTables`; journal_pg.ARCHIVE_TABLES). Both nodes
   of a pair read them, whichever node led when they were moved; they are in pg_dump and in the replicas, and
   the move is one transaction (copy and delete), with no window in which a trade is in both or in neither.
-  Monthly files an earlier release wrote beside journal.path are read on the node that has them until its
-  first run as leader takes them into the tables (`ArchiveTables.take_in`).
+  Monthly files an earlier release wrote beside journal.path are taken into the tables when the node starts,
+  before it takes a trade (`Archive.take_in`): until then no node would know their msgids.
 
 What never leaves the journal:
 - a trade that is not final (open, or parked for a person), nor one whose resolving trades are not; a trade and
@@ -88,10 +88,15 @@ class Archive:
         result = await self._one_at_a_time.run(lambda: defer.ensureDeferred(self._run()))
         return {**result, "waited": True} if waited else result
 
+    async def take_in(self) -> list[str]:
+        """PostgreSQL: the monthly files an earlier release wrote on this node, into the archive tables, whose
+        msgids every node then knows (fep.engine asks for_his); the names of the files taken in."""
+        return await self.tables.take_in(self.monthly) if self.tables is not None else []
+
     async def _run(self) -> dict[str, Any]:
         if self.keep_days is None:
             return {"moved": 0, "months": [], "note": "journal.keep_days is not set: every trade stays"}
-        taken = await self.tables.take_in(self.monthly) if self.tables is not None else []
+        taken = await self.take_in()  # a file restored beside journal.path since the start
         cutoff = time.time() - self.keep_days * 86400
         after, moved, months = (EVER[0], 0), 0, set()
         reconciled: dict[date, bool] = {}
