@@ -47,6 +47,27 @@ def age(world: World, days: int) -> None:
             c.execute(sql, params)
 
 
+def reconciled_after(world: World) -> None:
+    """Forty days on (fep stopped meanwhile), the days of what the journal holds reconciled: the archive may move
+    their money."""
+    world.stop()
+    age(world, AGE)
+    world.start()
+    if world.journal_url is not None:
+        wait_for(lambda: world.leading() == "a", what="node a to lead")
+    day = date.fromtimestamp(time.time() - AGE * DAY)
+    for d in (day, day + timedelta(days=1)):
+        done = world.cli("reconcile", "--date", d.isoformat())
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def archived_after_reconciling(world: World) -> None:
+    """The operator's nightly routine forty days on: the days reconciled, then the archive run."""
+    reconciled_after(world)
+    done = world.cli("archive")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def listed(world: World, *args: str) -> set[str]:
     done = world.cli("trades", "--json", "--limit", "1000", *args)
     assert done.returncode == 0, done.stderr

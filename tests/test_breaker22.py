@@ -9,15 +9,14 @@ import base64
 import threading
 import time
 import uuid
-from datetime import date, timedelta
 from typing import Any, Callable
 
 import pytest
 import simplejson
 
 from fep import envelope
-from fep.sim.world import ZHANG, Visit, World, his_msgid, said, wait_for
-from tests.test_archive import AGE, DAY, age
+from fep.sim.world import ZHANG, Visit, World, his_msgid, reversed_settlement, said, wait_for
+from tests.test_archive import archived_after_reconciling
 from tests.test_catalog import fep, visit_with_hospital_codes
 from tests.test_his_http import _form, _post, _registration, _upload_envelope, _zip
 
@@ -47,6 +46,27 @@ def setl_of(answer: dict[str, Any]) -> str:
     """The settlement an answer tells of."""
     told = (answer.get("output") or {}).get("setlinfo") or {}
     return f"setl_id {told.get('setl_id')}, acct_pay {told.get('acct_pay')}"
+
+
+def reversed_under_its_key(world: World, key: str | None = None) -> tuple[Visit, str, dict[str, Any]]:
+    """fep keeps trades 30 days. Zhang's settlement, under the HIS's key (a uuid unless given), lost its answer and
+    fep reversed it: the HIS was told it is not settled. Returns his visit, the key and what the HIS heard."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    if world.journal_url is not None:
+        wait_for(lambda: world.leading() == "a", what="node a to lead")
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    key = key or his_key()
+    return visit, key, reversed_settlement(world, visit, key)
+
+
+def not_settled_again(world: World, again: dict[str, Any], first: dict[str, Any]) -> None:
+    """A settlement sent again under its msgid was that trade (or refused), and the bureau holds it once, reversed."""
+    facts = (f"the HIS heard {said(again)} {setl_of(again)} under fep_msgid {again.get('fep_msgid')}; the bureau "
+             f"holds {[(s['msgid'], s['state']) for s in world.ledger()]}")
+    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), facts
+    assert [s["state"] for s in world.ledger()] == ["reversed"], facts
 
 
 # ---- what broke ---------------------------------------------------------------------------------------------------
@@ -95,27 +115,11 @@ def test_a_settlement_sent_again_under_its_msgid_after_the_archive_run_is_not_se
     knows the msgid. A uuid is a new key: Zhang is settled again, two settlements at the bureau under one HIS
     msgid, the second live. A well-formed msgid goes to the bureau again as it is: the bureau replays its first
     answer, and the HIS and the journal take as settled a settlement the bureau reversed."""
-    world.configure(fep={"journal": {"keep_days": 30}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    key = his_key() if form == "uuid" else his_msgid(22)
-    world.fault(mode="drop_after", infno="2207", times=1)
-    first = visit.settle(msgid=key)
-    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
-    world.stop()
-    age(world, AGE)
-    world.start()
-    day = date.fromtimestamp(time.time() - AGE * DAY)
-    for d in (day, day + timedelta(days=1)):
-        assert world.cli("reconcile", "--date", d.isoformat()).returncode == 0
-    assert world.cli("archive").returncode == 0
+    visit, key, first = reversed_under_its_key(world, None if form == "uuid" else his_msgid(22))
+    archived_after_reconciling(world)
     assert not world.journal("infno='2207'")  # moved to the month's file
 
-    again = visit.settle(msgid=key)
-    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), \
-        f"the msgid of a reversed settlement was told: {said(again)} {setl_of(again)}"
-    assert [s["state"] for s in world.ledger()] == ["reversed"]
+    not_settled_again(world, visit.settle(msgid=key), first)
     assert all(r["state"] == "REVERSED" for r in world.journal("infno='2207'"))
 
 

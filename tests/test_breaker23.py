@@ -18,26 +18,10 @@ import pytest
 
 from fep import archive
 from fep.journal import COLUMNS, EVENT_COLUMNS
-from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, said, settled_visit, wait_for
-from tests.test_archive import AGE, DAY, age, copied_before_a_crash
-from tests.test_breaker22 import REUSED, his_key, setl_of
+from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, reversed_settlement, said, settled_visit, wait_for
+from tests.test_archive import AGE, DAY, age, archived_after_reconciling, copied_before_a_crash, reconciled_after
+from tests.test_breaker22 import REUSED, his_key, not_settled_again, reversed_under_its_key
 from tests.test_upgrade import PREVIOUS
-
-
-def archived_after_reconciling(world: World) -> None:
-    """Forty days on (fep stopped meanwhile), the days of what the journal holds reconciled, and the archive run:
-    the operator's nightly routine."""
-    world.stop()
-    age(world, AGE)
-    world.start()
-    if world.journal_url is not None:
-        wait_for(lambda: world.leading() == "a", what="node a to lead")
-    day = date.fromtimestamp(time.time() - AGE * DAY)
-    for d in (day, day + timedelta(days=1)):
-        done = world.cli("reconcile", "--date", d.isoformat())
-        assert done.returncode == 0, done.stdout + done.stderr
-    done = world.cli("archive")
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def month_file(world: World) -> str:
@@ -135,15 +119,7 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_an_earlier_release_left_is
     for_his on PostgreSQL searches archived_trades only, not the node's files: Zhang is settled again, a second
     settlement live at the bureau under one HIS msgid."""
     world.share_journal(pg_url)
-    world.configure(fep={"journal": {"keep_days": 30}})
-    world.start()
-    wait_for(lambda: world.leading() == "a", what="node a to lead")
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    key = his_key()
-    world.fault(mode="drop_after", infno="2207", times=1)
-    first = visit.settle(msgid=key)
-    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    visit, key, first = reversed_under_its_key(world)
     world.stop()
     age(world, AGE)
     family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
@@ -156,11 +132,7 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_an_earlier_release_left_is
     beside = world.local_file("a").with_name(name)
     assert not beside.exists() and beside.with_name(f"{name}.in-postgresql").exists()
 
-    again = visit.settle(msgid=key)
-    facts = (f"the HIS heard {said(again)} {setl_of(again)}; the bureau holds "
-             f"{[(s['msgid'], s['state']) for s in world.ledger()]}")
-    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), facts
-    assert [s["state"] for s in world.ledger()] == ["reversed"], facts
+    not_settled_again(world, visit.settle(msgid=key), first)
 
 
 def test_a_not_sent_settlement_resent_while_the_archive_run_moves_it_is_told_so_plainly(world: World) -> None:
@@ -224,19 +196,13 @@ def test_a_settlement_sent_under_the_fep_msgid_of_another_trade_is_not_settled_a
     visit.register()
     visit.diagnose()
     assert visit.upload_fees()["infcode"] == 0
-    world.fault(mode="drop_after", infno="2207", times=1)
-    first = visit.settle(msgid=key)
-    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    first = reversed_settlement(world, visit, key)
     before = world.his.call("2207", visit.settlement_input(), msgid=key)
     assert before.get("fep_msgid") == first["fep_msgid"] and before["infcode"] != 0, said(before)  # from the journal
     archived_after_reconciling(world)
     assert not world.journal("msgid IN (?, ?)", (key, first["fep_msgid"]))
 
-    again = visit.settle(msgid=key)
-    facts = (f"the HIS heard {said(again)} {setl_of(again)} under fep_msgid {again.get('fep_msgid')}; the bureau "
-             f"holds {[(s['msgid'], s['state']) for s in world.ledger()]}")
-    assert again["infcode"] != 0 and again.get("fep_msgid") in (None, first["fep_msgid"]), facts
-    assert [s["state"] for s in world.ledger()] == ["reversed"], facts
+    not_settled_again(world, visit.settle(msgid=key), first)
 
 
 def test_an_empty_monthly_file_beside_the_journal_neither_stops_the_upgrade_unnamed(world: World) -> None:
@@ -272,9 +238,7 @@ def test_archived_trades_answer_resends_lookups_and_2601s_by_either_msgid_and_a_
     zhang = Visit(world.his, ZHANG)
     zhang.up_to_settlement()
     key = his_key()
-    world.fault(mode="drop_after", infno="2207", times=1)
-    first = zhang.settle(msgid=key)
-    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    first = reversed_settlement(world, zhang, key)
     li = Visit(world.his, LI)
     li.up_to_settlement()
     never = his_key()
@@ -318,14 +282,7 @@ def test_a_settlement_left_in_both_by_a_crash_in_the_archive_run_is_known_before
     """fep died after the month's file took Zhang's reversed settlement and before the journal let it go. Sent
     again then, it is the journal's; the next run finishes the move, and its keys are kept then: sent again
     after it, it is still that trade, and nothing more is settled."""
-    world.configure(fep={"journal": {"keep_days": 30}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    key = his_key()
-    world.fault(mode="drop_after", infno="2207", times=1)
-    first = visit.settle(msgid=key)
-    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
+    visit, key, first = reversed_under_its_key(world)
     world.stop()
     age(world, AGE)
     copied_before_a_crash(world, month_file(world), first["fep_msgid"])
@@ -347,20 +304,8 @@ def test_a_journal_restored_from_a_backup_made_before_the_archive_run_still_name
     day after a disk fault has him restore that backup (the month's file stays where it was). The settlement is
     in both; sent again it is the journal's, the next run moves it again and keeps its keys, and sent again
     after that it is still that trade."""
-    world.configure(fep={"journal": {"keep_days": 30}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    key = his_key()
-    world.fault(mode="drop_after", infno="2207", times=1)
-    first = visit.settle(msgid=key)
-    wait_for(lambda: world.trade(first["fep_msgid"])["state"] == "REVERSED", what="the reversal")
-    world.stop()
-    age(world, AGE)
-    world.start()
-    day = date.fromtimestamp(time.time() - AGE * DAY)
-    for d in (day, day + timedelta(days=1)):
-        assert world.cli("reconcile", "--date", d.isoformat()).returncode == 0
+    visit, key, first = reversed_under_its_key(world)
+    reconciled_after(world)
     backup = world.dir / "nightly.db"
     assert world.cli("backup", str(backup)).returncode == 0
     assert world.cli("archive").returncode == 0 and not world.journal("infno = '2207'")

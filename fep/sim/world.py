@@ -710,11 +710,11 @@ class Visit:
         return self.another([("NOT-A-NATIONAL-CODE", "1", "1.00")])
 
 
-def reversed_settlement(world: World, visit: Visit) -> dict[str, Any]:
-    """A 2207 the bureau settles but whose answer it drops, so fep reverses it (2601). Returns what the
-    HIS heard, once the reversal is done."""
+def reversed_settlement(world: World, visit: Visit, msgid: str | None = None) -> dict[str, Any]:
+    """A 2207 (under the HIS's `msgid`, if given) the bureau settles but whose answer it drops, so fep reverses
+    it (2601). Returns what the HIS heard, once the reversal is done."""
     world.fault(mode="drop_after", infno="2207", times=1)
-    answer = visit.settle()
+    answer = visit.settle(msgid)
     wait_for(lambda: world.trade(answer["fep_msgid"])["state"] == "REVERSED", what="the reversal")
     return answer
 
