@@ -138,7 +138,9 @@ class HTTPServerProtocol(Protocol):
         self._in_head = False  # a request has begun and its headers are not complete
         self._in_body = False
         self._head_bytes = 0
-        self._timer: Any = None
+        self._timer: Any = None  # the connection's one DelayedCall, at or before _deadline when that is set
+        self._deadline: float | None = None  # when the phase the connection is in runs out
+        self._phase = ""
         self.dropped = 0  # requests read and dropped because the client went away before their turn
         self._reset()
 
@@ -156,25 +158,42 @@ class HTTPServerProtocol(Protocol):
         """Requests read and not yet answered (the one being handled included)."""
         return sum(1 for item in self._pending if not isinstance(item, Response)) + (1 if self._busy else 0)
 
-    # timers: one at a time, for the phase the connection is in
+    # Deadlines: one for the phase the connection is in, kept as a number. Its one timer is looked at when it
+    # fires and moved only when a deadline comes before it: a request's phases (headers, body, idle after the
+    # answer) then cost no callLater and cancel each, and a busy connection's timer fires about once a
+    # header_timeout, finds its deadline ahead and waits for it.
     def _arm(self, seconds: float | None, what: str) -> None:
-        self._disarm()
         if seconds is None or self._lost:
+            self._deadline = None
             return
-        clock = self._clock
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
-        self._timer = clock.callLater(seconds, self._expired, what)
+        clock = self._reactor_clock()
+        self._deadline, self._phase = clock.seconds() + seconds, what
+        if self._timer is None:
+            self._timer = clock.callLater(seconds, self._check)
+        elif self._timer.getTime() > self._deadline:
+            self._timer.reset(seconds)
 
     def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._deadline = None
+
+    def _reactor_clock(self) -> Any:
+        if self._clock is None:
+            from twisted.internet import reactor
+            self._clock = reactor
+        return self._clock
+
+    def _check(self) -> None:
         self._timer = None
+        if self._deadline is None or self._lost:
+            return
+        left = self._deadline - self._clock.seconds()
+        if left > 0:
+            self._timer = self._clock.callLater(left, self._check)
+            return
+        self._deadline = None
+        self._expired(self._phase)
 
     def _expired(self, what: str) -> None:
-        self._timer = None
-        if self._lost:
-            return
         if what == "idle":
             self.transport.loseConnection()
             return
@@ -192,7 +211,7 @@ class HTTPServerProtocol(Protocol):
                 self.transport.loseConnection()
                 return
             self._arm(self._limits.idle_timeout, "idle")
-        elif self._timer is not None and not (self._in_head or self._in_body):
+        elif self._deadline is not None and not (self._in_head or self._in_body):
             self._disarm()  # waiting for our own handler: no deadline on the client
 
     # httptools callbacks
@@ -382,6 +401,9 @@ class HTTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
         self._disarm()
+        if self._timer is not None and self._timer.active():  # it holds this connection until it fires
+            self._timer.cancel()
+        self._timer = None
         self.dropped += self.buffered - (1 if self._busy else 0)
         self._pending.clear()  # not handed to the handler: nothing of them was journalled
         self._pending_bytes = 0

@@ -34,6 +34,7 @@ leader epoch (fep.leader).
 from __future__ import annotations
 
 import concurrent.futures
+import collections
 import functools
 import os
 import queue
@@ -294,6 +295,7 @@ class Journal:
         self._views = _Readers(self, "view", VIEW_READERS)
         self._counter: MsgidCounter | None = None
         self._reactor: Any = None
+        self._inbox: _Inbox | None = None  # results on their way to the reactor (set by open)
         self._dead: Exception | None = None  # the writer could not start: every call fails with this
         self.cannot_write: str | None = None  # why the last write failed, until one goes through again
         self.last_commit = time.monotonic()  # the watchdog reads it: the writer is making progress
@@ -304,6 +306,7 @@ class Journal:
     def open(self, reactor: Any) -> defer.Deferred[None]:
         """Fails with JournalError, naming the file and the reason, if the journal cannot be written."""
         self._reactor = reactor
+        self._inbox = _Inbox(reactor)
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
         return self._call(self._setup)
@@ -429,7 +432,7 @@ class Journal:
             self.cannot_write = None
         metrics.JOURNAL_COMMIT.observe(time.perf_counter() - started)
         metrics.JOURNAL_BATCH.observe(len(batch))
-        self._reactor.callFromThread(_deliver, results)
+        self._inbox.put(results)  # type: ignore[union-attr]
 
     def _apply(self, conn: sqlite3.Connection, batch: list[tuple[Op, defer.Deferred[Any], bool]],
                guarded: bool) -> list[tuple[defer.Deferred[Any], bool, Any]]:
@@ -705,15 +708,52 @@ class Journal:
         return self._views.call(lambda conn: dict(_fetch(conn, "SELECT state, n FROM state_counts WHERE n > 0")))
 
 
+class _Inbox:
+    """Results of the journal's threads on their way to the reactor. Each callFromThread writes to the reactor's
+    waker pipe; here one is outstanding at a time, and its call delivers every result that came meanwhile."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._results: collections.deque[tuple[defer.Deferred[Any], bool, Any]] = collections.deque()
+        self._called = False  # a call to _deliver is queued and has not begun
+
+    def put(self, results: list[tuple[defer.Deferred[Any], bool, Any]]) -> None:
+        """From any thread. (The flag is cleared before the results are taken: a result put after the queued
+        call has begun either is taken by it or queues another.)"""
+        self._results.extend(results)
+        if not self._called:
+            self._called = True
+            self._reactor.callFromThread(self._deliver)
+
+    def _deliver(self) -> None:
+        self._called = False
+        results = self._results
+        while results:
+            d, ok, value = results.popleft()
+            try:
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(Failure(value))
+            except Exception:  # one waiter's fault must not strand the results behind it
+                log.failure("delivering a journal result")
+
+
 class _Readers:
-    """Threads that read, each with its own connection. Every read runs in a transaction of its own: it
-    sees the journal as committed when it began, and holds nothing once it is done."""
+    """Threads that read, each with its own connection. Every read sees the journal as committed when it was
+    asked for, or later, and holds nothing once it is done.
+
+    A reader is woken once for all the reads asked for meanwhile (each wake-up is a switch of threads and
+    of the interpreter lock): the reactor queues a wake-up only when none is outstanding, and the reader
+    that takes it takes every read waiting. Another read asked for while it works wakes another reader."""
 
     def __init__(self, journal: Journal, name: str, n: int) -> None:
         self._journal = journal
         self._name = name
         self._n = n
-        self._queue: queue.SimpleQueue[tuple[Op, defer.Deferred[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bool | None] = queue.SimpleQueue()  # True: reads wait; None: stop
+        self._reads: collections.deque[tuple[Op, defer.Deferred[Any]]] = collections.deque()
+        self._woken = False  # a wake-up is queued, or taken by a reader that has not begun reading
         self._threads: list[threading.Thread] = []
         self._stopped = False
 
@@ -727,7 +767,10 @@ class _Readers:
                              for i in range(self._n)]
             for t in self._threads:
                 t.start()
-        self._queue.put((op, d))
+        self._reads.append((op, d))
+        if not self._woken:
+            self._woken = True
+            self._queue.put(True)
         return d
 
     def stop(self) -> list[threading.Thread]:
@@ -740,25 +783,49 @@ class _Readers:
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
         try:
-            while (item := self._queue.get()) is not None:
-                op, d = item
-                try:
-                    if conn is None:
-                        conn = self._journal._reader()
-                    conn.execute("BEGIN")
+            while self._queue.get() is not None:
+                self._woken = False  # before taking reads: one asked for from now on queues a wake-up
+                reads = []
+                while True:
                     try:
-                        result: tuple[bool, Any] = (True, op(conn))
-                    finally:
-                        conn.execute("ROLLBACK")  # a read keeps nothing: this only ends its snapshot
-                except Exception as e:
-                    result = (False, e)
-                    if conn is not None and conn.in_transaction:  # could not even end it: start afresh
-                        conn.close()
-                        conn = None
-                self._journal._reactor.callFromThread(_deliver, [(d, *result)])
+                        reads.append(self._reads.popleft())
+                    except IndexError:  # none left (another reader, woken since, may have taken the last)
+                        break
+                conn = self._read(conn, reads)
         finally:
             if conn is not None:
                 conn.close()
+
+    def _read(self, conn: sqlite3.Connection | None,
+              reads: list[tuple[Op, defer.Deferred[Any]]]) -> sqlite3.Connection | None:
+        """Reads asked for before it began, in one transaction (each of its statements costs this thread the
+        interpreter lock once more) unless one fails: the next begins another. Each result goes on its way as
+        soon as it is read. Returns the connection to read on next."""
+        for op, d in reads:
+            try:
+                if conn is None:
+                    conn = self._journal._reader()
+                if not conn.in_transaction:
+                    conn.execute("BEGIN")
+                result: tuple[bool, Any] = (True, op(conn))
+            except Exception as e:
+                result = (False, e)
+                conn = _end_read(conn)
+            self._journal._inbox.put([(d, *result)])  # type: ignore[union-attr]
+        return _end_read(conn)
+
+
+def _end_read(conn: sqlite3.Connection | None) -> sqlite3.Connection | None:
+    """The read transaction ended (a read keeps nothing: this only ends its snapshot); the connection, or None
+    when it could not even be ended and the next read must start afresh."""
+    if conn is None or not conn.in_transaction:
+        return conn
+    try:
+        conn.execute("ROLLBACK")
+        return conn
+    except Exception:
+        conn.close()
+        return None
 
 
 def _fetch(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
@@ -961,14 +1028,6 @@ def _write_failure(e: BaseException) -> str | None:
         return journal_pg.write_failure(e)
     code = getattr(e, "sqlite_errorcode", None)
     return WRITE_FAILURES.get(code & 0xFF) if isinstance(e, sqlite3.Error) and code is not None else None
-
-
-def _deliver(results: list[tuple[defer.Deferred[Any], bool, Any]]) -> None:
-    for d, ok, value in results:
-        if ok:
-            d.callback(value)
-        else:
-            d.errback(Failure(value))
 
 
 def _get(conn: sqlite3.Connection, msgid: str) -> TradeRow | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,6 +68,23 @@ def test_the_his_sending_a_trade_again_finds_the_first_submission_and_nothing_ne
     assert not again.created and again.row.msgid == first.msgid
     assert bench.run(bench.journal.for_his("his-key-1")).msgid == first.msgid
     assert bench.run(bench.journal.count_by_state()) == {"SENT": 1}
+
+
+def test_reads_taken_together_each_hear_their_own_answer_and_a_failed_one_spoils_none_after_it(
+        bench: Bench) -> None:
+    """The view reader (one thread) is held on a first read while two more are asked for: it takes both at
+    once, in one transaction, and the failure of the first of them (which ends a PostgreSQL transaction)
+    does not reach the second."""
+    row = bench.accept("1101", {"psn_no": "P4"})
+    gate = threading.Event()
+    held = bench.journal.read(lambda conn: gate.wait(30))
+    broken = bench.journal.read(lambda conn: conn.execute("SELECT x FROM no_such_table").fetchall())
+    after = bench.journal.read(lambda conn: journal_mod._get(conn, row.msgid))
+    gate.set()
+    assert bench.run(held) is True
+    with pytest.raises(Exception, match="no_such_table"):
+        bench.run(broken)
+    assert bench.run(after).msgid == row.msgid
 
 
 def test_a_move_the_state_does_not_allow_is_refused_naming_the_state_and_changes_nothing(bench: Bench) -> None:
