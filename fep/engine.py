@@ -168,7 +168,6 @@ class Engine:
         trade = self.trades.get(req.infno)
         if trade.from_his is FromHis.SESSION:
             return await self._session_answer(trade)
-        trade.validate(req.input)
         if trade.from_his is FromHis.REVERSAL:
             result = await self._reversal_asked(trade, req)
         else:
@@ -208,6 +207,7 @@ class Engine:
         known = await self._known(await lookup) if lookup is not None else None
         if known is not None and self._sent_again(known, his_msgid, digest):  # type: ignore[arg-type]
             return await self._resubmitted(trade, known, digest, answer_by)
+        trade.validate(req.input)  # after the look-up: a trade journalled before a field was required is known
         if self.journal.cannot_write:
             raise Refused(503, f"journal cannot write: {self.journal.cannot_write}; nothing was accepted, send it "
                                f"again later")
@@ -538,6 +538,7 @@ class Engine:
             digest = envelope.payload_hash(req.envelope)
             if self._sent_again(known, req.msgid, digest):
                 return await self._resubmitted(trade, known, digest, self._now() + self.cfg.his.answer_within)
+        trade.validate(req.input)
         data = req.input.get("data") or {}
         return await self.reverse(str(data["omsgid"]), str(data["oinfno"]), str(data["psn_no"]), req)
 

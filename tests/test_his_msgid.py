@@ -68,6 +68,26 @@ def test_an_upload_resent_under_its_msgid_and_written_otherwise_is_the_same_uplo
     assert refused["fep_state"] == "REFUSED" and "already used for a different trade" in refused["err_msg"]
 
 
+def test_a_settlement_resent_after_an_upgrade_requires_a_new_field_is_still_that_settlement(world: World) -> None:
+    """Zhang is settled; then the hospital installs a configuration whose 2207 requires a field this HIS does not
+    send. The HIS sending that settlement again under its msgid hears it, as journalled; only a new 2207 is
+    refused for the missing field."""
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    key = uuid.uuid4().hex.upper()[:30]
+    first = visit.settle(msgid=key)
+    assert first["infcode"] == 0, said(first)
+    world.stop()
+    required = ["data.psn_no", "data.mdtrt_id", "data.chrg_bchno", "data.hifob_pay_flag"]
+    world.configure(trades={"2207": {"required": required}})
+    world.start()
+    again = visit.settle(msgid=key)
+    assert (again["infcode"], again["fep_msgid"]) == (0, first["fep_msgid"]), said(again)
+    new = visit.settle()
+    assert new["fep_state"] == "REFUSED" and "data.hifob_pay_flag" in new["err_msg"], said(new)
+
+
 def test_a_well_formed_unused_his_msgid_is_the_one_the_bureau_sees(running: World) -> None:
     key = f"H43010000099{time.strftime('%Y%m%d%H%M%S')}0042"
     answer = running.his.call("1101", Visit(running.his, ZHANG).identity_input(), msgid=key)
