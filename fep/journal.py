@@ -511,10 +511,11 @@ class Journal:
         if new.his_msgid is not None and (seen := _by_his_msgid(conn, new.his_msgid)) is not None:
             return Accepted(seen, created=False)  # the HIS sent it before: the first submission stands
         _hold_epoch(conn, self.fence)  # a new trade is a promise to the HIS: only the leader makes one
-        if new.msgid is not None and new.his_msgid is not None and _archived_key(conn, new.msgid) is not None:
-            new.msgid = None  # the HIS's number names an archived trade: the bureau has seen it, fep numbers this
         while True:
             msgid = new.msgid or self._number(conn)
+            if (new.msgid is None or new.his_msgid is not None) and _archived_key(conn, msgid) is not None:
+                new.msgid = None  # a number the bureau saw, on a trade now archived (a restored journal's counter)
+                continue
             new.envelope["msgid"] = msgid
             request, stored = _request(new.envelope, new.input_json, new.packed_input)
             cur = conn.execute(
@@ -598,8 +599,8 @@ class Journal:
     def for_his(self, key: str) -> defer.Deferred[TradeRow | ArchivedKey | None]:
         """The trade the HIS means by `key`: its own msgid, or else the msgid fep answered it with; in the
         journal, or else archived."""
-        return self._decisions.call(lambda conn: _by_his_msgid(conn, key) or _get(conn, key)
-                                    or _archived_key(conn, key))
+        return self._decisions.call(lambda conn: _by_his_msgid(conn, key) or _archived_key(conn, key, his=True)
+                                    or _get(conn, key) or _archived_key(conn, key))
 
     def to_recover(self) -> defer.Deferred[list[TradeRow]]:
         """What a start picks up, in journal order: every open trade, and parked originals (a parked
@@ -1035,12 +1036,14 @@ def _get(conn: sqlite3.Connection, msgid: str) -> TradeRow | None:
     return TradeRow.from_db(rows[0]) if rows else None
 
 
-def _archived_key(conn: sqlite3.Connection, key: str) -> ArchivedKey | None:
-    """An archived trade's msgid, the trade named by `key` (its HIS msgid or its own). On PostgreSQL the
-    archive's table itself; on SQLite the journal's record of the keys it moved to the monthly files."""
+def _archived_key(conn: sqlite3.Connection, key: str, his: bool = False) -> ArchivedKey | None:
+    """The archived trade `key` names: with `his`, as its HIS msgid (an HIS msgid names its trade before an
+    equal msgid of fep's, archived or not); else by any of its msgids. On PostgreSQL the archive's table itself;
+    on SQLite the journal's record of the keys it moved to the monthly files (a key of its own msgid has none)."""
     if isinstance(conn, journal_pg.PgConnection):
-        rows = _fetch(conn, "SELECT msgid FROM archived_trades WHERE his_msgid = ? UNION ALL "
-                            "SELECT msgid FROM archived_trades WHERE msgid = ? LIMIT 1", (key, key))
+        rows = _fetch(conn, f"SELECT msgid FROM archived_trades WHERE {'his_msgid' if his else 'msgid'} = ?", (key,))
+    elif his:
+        rows = _fetch(conn, "SELECT msgid FROM archived_keys WHERE key = ? AND msgid IS NOT NULL", (key,))
     else:
         rows = _fetch(conn, "SELECT coalesce(msgid, key) FROM archived_keys WHERE key = ?", (key,))
     return ArchivedKey(rows[0][0]) if rows else None

@@ -320,3 +320,27 @@ def test_a_journal_restored_from_a_backup_made_before_the_archive_run_still_name
         again = visit.settle(msgid=key)
         assert again["infcode"] != 0 and again.get("fep_msgid") == first["fep_msgid"], (moved, said(again))
     assert [s["state"] for s in world.ledger()] == ["reversed"]
+
+
+def test_a_settlement_archived_under_the_fep_msgid_of_a_trade_still_in_the_journal_is_not_settled_again(
+        world: World) -> None:
+    """The review's case of the story above: the HIS keyed Zhang's settlement with its 1101's fep_msgid, and the
+    archive run moved the settlement but not the 1101 (made later, as a money trade of a day not balanced would
+    stay). Sent again under that key it is still the settlement: an HIS msgid names its trade before an equal
+    msgid of fep's, wherever each is."""
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    key = world.his.call("1101", visit.identity_input())["fep_msgid"]
+    visit.register()
+    visit.diagnose()
+    assert visit.upload_fees()["infcode"] == 0
+    first = reversed_settlement(world, visit, key)
+    reconciled_after(world)
+    world.stop()
+    with closing(sqlite3.connect(world.journal_path)) as c, c:  # the 1101 is of today: it stays
+        c.execute("UPDATE trades SET created = ?, updated = ? WHERE msgid = ?", (time.time(), time.time(), key))
+    world.start()
+    assert world.cli("archive").returncode == 0
+    assert world.journal("msgid = ?", (key,)) and not world.journal("msgid = ?", (first["fep_msgid"],))
+    not_settled_again(world, visit.settle(msgid=key), first)
