@@ -729,7 +729,9 @@ class _Inbox:
     def _deliver(self) -> None:
         self._called = False
         results = self._results
-        while results:
+        # Only those here now (those put later queue another call): the reactor reads and writes its sockets
+        # between deliveries, however busy the journal's threads are.
+        for _ in range(len(results)):
             d, ok, value = results.popleft()
             try:
                 if ok:
@@ -992,8 +994,9 @@ def _to_v9(conn: sqlite3.Connection) -> None:
                 conn.executemany("INSERT OR REPLACE INTO archived_keys VALUES (?, ?)", month.execute(
                     "SELECT his_msgid, msgid FROM trades WHERE his_msgid IS NOT NULL AND his_msgid != msgid"))
         except sqlite3.DatabaseError as e:  # not fep's to mend: the operator moves it away or restores it
-            raise JournalError(f"archive file {path} cannot be read for the msgids it holds ({e}): move it out "
-                               f"of {path.parent} or restore it from the backup, then start fep again") from None
+            raise JournalError(f"archive file {path} cannot be read for the msgids it holds ({e}): restore it from "
+                               f"the backup (or mend it), then start fep again. Moving it away instead forgets "
+                               f"its trades' msgids: an HIS sending one again would make a new trade") from None
 
 
 def monthly_files(journal: Path) -> list[tuple[str, Path]]:
