@@ -39,15 +39,17 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from fep import journal_pg
+from fep import journal_pg, systemd
 from fep.backup import fsync
-from fep.journal import (COLUMNS, EVENT_COLUMNS, EVER, Family, Journal, TradeFilter, TradeRow, archive_filter,
-                         archive_in_tables, archivable, archived, archived_matching, forget, monthly_files)
+from fep.journal import (COLUMNS, EVENT_COLUMNS, EVER, Family, Journal, JournalError, TradeFilter, TradeRow,
+                         archive_filter, archive_in_tables, archivable, archived, archived_matching, forget,
+                         monthly_files)
 from fep.states import State
 
 log = Logger()
 T = TypeVar("T")
 BATCH = 500  # trades read per batch: one batch holds the journal's writer for a few milliseconds
+TAKE_IN_BYTES_PER_S = 2e6  # of a month's file copied into PostgreSQL, bodies and all: a cautious rate
 _TRADES = (f"CREATE TABLE IF NOT EXISTS trades (id INTEGER PRIMARY KEY, msgid TEXT NOT NULL UNIQUE, "
            f"{', '.join(c for c in COLUMNS if c not in ('id', 'msgid'))})")  # no types: bodies stay as stored
 _SCHEMA = (_TRADES,
@@ -88,10 +90,10 @@ class Archive:
         result = await self._one_at_a_time.run(lambda: defer.ensureDeferred(self._run()))
         return {**result, "waited": True} if waited else result
 
-    async def take_in(self) -> list[str]:
+    async def take_in(self, strict: bool = False) -> list[str]:
         """PostgreSQL: the monthly files an earlier release wrote on this node, into the archive tables, whose
         msgids every node then knows (fep.engine asks for_his); the names of the files taken in."""
-        return await self.tables.take_in(self.monthly) if self.tables is not None else []
+        return await self.tables.take_in(self.monthly, strict) if self.tables is not None else []
 
     async def _run(self) -> dict[str, Any]:
         if self.keep_days is None:
@@ -165,15 +167,23 @@ class ArchiveTables:
         """One write: those that had not changed are in the archive tables and no longer in the journal."""
         return await self.journal.run(archive_in_tables(families))
 
-    async def take_in(self, files: MonthlyFiles) -> list[str]:
+    async def take_in(self, files: MonthlyFiles, strict: bool = False) -> list[str]:
         """The monthly files an earlier release wrote beside journal.path on this node, into the tables where
         every node reads them; each file is then renamed (NAME.in-postgresql) and kept until an operator
-        removes it. Returns the names of the files taken in."""
+        removes it. Returns the names of the files taken in. `strict` (at start): a file that cannot be taken
+        in is a JournalError naming it, since no node would know its msgids; otherwise it is logged and stays."""
         taken = []
         for _, path in await files.thread(files.files):
+            # a year's file may take a while: systemd is told, as for a migration
+            systemd.notify(f"EXTEND_TIMEOUT_USEC={int((60 + path.stat().st_size / TAKE_IN_BYTES_PER_S) * 1e6)}\n"
+                           f"STATUS=archive: taking {path.name} into archived_trades")
             try:
                 added, kept = await files.thread(self._take_in, path)
-            except Exception:  # one unreadable file holds up neither the others nor the move
+            except Exception as e:
+                if strict:
+                    raise JournalError(f"archive file {path} cannot be taken into archived_trades ({e}); until it "
+                                       f"is, no node knows its trades' msgids: mend or restore it, then start fep "
+                                       f"again") from None
                 log.failure("archive: {file} could not be taken into archived_trades; it stays, read on this node",
                             file=path.name)
                 continue

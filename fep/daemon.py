@@ -84,7 +84,7 @@ class Daemon:
         await self.codes.take_in(cfg.journal_path)  # PostgreSQL: what an earlier release kept in this node's file
         self.archive = Archive(self.reactor, self.journal, cfg.journal_keep_days,
                                (t.infno for t in cfg.trades.defs.values() if t.moves_money))
-        await self.archive.take_in()  # PostgreSQL: an earlier release's monthly files, before any trade
+        await self.archive.take_in(strict=True)  # PostgreSQL: an earlier release's monthly files, before any trade
         self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes, archived=self.archive.row)
         if cfg.lease is None:
             await self.engine.start()

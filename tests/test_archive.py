@@ -19,7 +19,7 @@ import pytest
 
 from fep import archive, leader
 from fep.client import Client
-from fep.journal import EVER, SCHEMA_VERSION, TradeFilter, archivable
+from fep.journal import EVER, SCHEMA_VERSION, JournalError, TradeFilter, archivable
 from fep.sim.world import (LI, WANG, ZHANG, Visit, World, parked_settlement, reversed_settlement, settled_visit,
                            setl_id, wait_for)
 from tests.rooms import Bench
@@ -260,8 +260,9 @@ def test_a_postgresql_journal_of_schema_7_gets_its_archive_tables_when_fep_start
 def test_monthly_files_an_earlier_release_left_on_a_node_are_taken_into_postgresql_for_both_nodes(
         tmp_path: Path, pg_url: str) -> None:
     """Before the archive tables, the node that led wrote monthly files beside its journal.path (and the README
-    said to rsync them to the other). Node a's first archive run takes them into the shared tables, where node b
-    reads them; the file is kept under another name. Node b's rsynced copy adds nothing twice."""
+    said to rsync them to the other). Node a's archive run (as its start does) takes them into the shared tables,
+    where node b reads them; the file is kept under another name. Node b's rsynced copy adds nothing twice. A
+    damaged file is logged by the run and refused by a start, named."""
     earlier = Bench(tmp_path / "sqlite" / "journal.db")  # a monthly file as an earlier release wrote it
     try:
         old = earlier.accept("1101", {"psn_no": "P24"})
@@ -287,6 +288,8 @@ def test_monthly_files_an_earlier_release_left_on_a_node_are_taken_into_postgres
         assert any("could not be taken into archived_trades" in f for f in nodes["a"].failures)
         assert not (tmp_path / "a" / month_file.name).exists()
         assert (tmp_path / "a" / f"{month_file.name}.in-postgresql").exists()
+        with pytest.raises(JournalError, match="journal-2020-01.db"):  # as a start takes them in: refused, named
+            nodes["a"].run(a.take_in(strict=True))
         shutil.rmtree(tmp_path / "b")  # node b reads the tables, not its copy
         (tmp_path / "b").mkdir()
         row, history, _, where = nodes["b"].run(b.get(old.msgid))
