@@ -82,6 +82,21 @@ def test_a_guesser_trying_a_new_name_each_time_is_stopped_and_cannot_fill_the_au
     assert refused.count("refused: too many wrong passwords") == 1, refused
 
 
+def test_a_guesser_who_knows_one_password_is_stopped_after_twenty_wrong_ones_all_the_same(world: World) -> None:
+    """The guesser of the story above has a clerk's own password too, and signs in with it after every nine
+    guesses, hoping each success starts the computer's twenty again. It does not: the right password clears its
+    own name's count only."""
+    with_console(world)
+    guesser = Office(world)
+    token = guesser.form_token()
+    answers = []
+    for rounds in range(3):
+        answers += [guesser.ask("POST", "/signin", {"csrf": token, "name": f"guess{rounds}{n}", "password": "x"})[0]
+                    for n in range(9)]
+        guesser.sign_in(OPERATOR, PASSWORD)
+    assert answers[:20] == [401] * 20 and set(answers[20:]) == {429}, answers
+
+
 def test_changing_a_leaked_password_signs_out_whoever_used_it(world: World) -> None:
     """wang's password leaked; someone on the office LAN signed in with it. The administrator runs `fep user passwd
     wang`, which answers "sessions of a removed or changed user end at their next page". The one who signed in with

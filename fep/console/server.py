@@ -153,8 +153,8 @@ class Console(Resource):
                          minutes=Failures.WINDOW / 60)
             who = f"for {name}" if blocked == name else "from this computer"
             return await self._sign_in_form(request, args, f"Too many wrong passwords {who}: wait "
-                                            f"{Failures.WINDOW / 60:.0f} minutes, or ask the administrator "
-                                            f"(fep user passwd).", status=429, name=name)
+                                            f"{Failures.WINDOW / 60:.0f} minutes (a restart of fep also ends "
+                                            f"the wait).", status=429, name=name)
         self.failures.add(name, peer)  # counted before the check: guesses sent at once are counted as they come
         known = await threads.deferToThread(users_mod.read, self.cfg.users)
         user = known.get(name)

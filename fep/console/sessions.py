@@ -87,9 +87,13 @@ class Failures:
             self._times[key] = self._recent(key) + [self.clock()]
 
     def clear(self, name: str, peer: str) -> None:
-        for key in (name, _peer(peer)):
-            self._times.pop(key, None)
-            self._told.discard(key)
+        """A right password: its name's count ends, and the try is taken off the computer's, whose wrong ones
+        age out (a guesser who knows one password would otherwise start its twenty again at each sign-in)."""
+        self._times.pop(name, None)
+        self._told.discard(name)
+        tries = self._times.pop(_peer(peer), [])[:-1]
+        if tries:
+            self._times[_peer(peer)] = tries
 
 
 def _peer(address: str) -> str:
