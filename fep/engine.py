@@ -555,7 +555,8 @@ class Engine:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
         omsgid = row.msgid
         if row.archived:
-            raise Refused(409, f"{omsgid} is {row.state} and archived: it is final, and fep undoes nothing archived")
+            raise Refused(409, f"{omsgid} is {row.state} and archived: a trade is archived only once it is final "
+                               f"and its day reconciled and balanced, so there is nothing of it to reverse")
         if psn_no and row.psn_no and psn_no != row.psn_no:
             raise Refused(400, f"{omsgid} is not a trade of {psn_no}")  # (whose it is stays unsaid: msgids are guessed)
         if row.state in DRIVEN or row.state in (S.SENT, S.QUEUED):
@@ -695,8 +696,9 @@ class Engine:
             return found
         row = await self._archived(found.msgid) if self._archived is not None else None
         if row is None:  # its month's file is gone: the key still names that trade, never a new one
-            raise Refused(422, f"msgid {found.msgid} names a trade fep archived, whose archive cannot be read "
-                               f"here: a msgid names one trade forever, so send a new trade under a new msgid")
+            raise Refused(422, f"msgid {found.msgid} names a trade fep archived whose month's file cannot be read "
+                               f"here (restore it beside the journal); a msgid names one trade forever: a new trade "
+                               f"needs a new msgid")
         row.archived = True
         return row
 
