@@ -201,12 +201,17 @@ def unframe(profile: Profile, status: int, body: bytes, secrets: Secrets) -> byt
 REFUSED_BEFORE = frozenset({400, 401, 403, 404, 405, 429})
 
 _NONE = object()
+# A gateway's refusal is a few fields: a body past this is the bureau's answer (or nothing a gateway would say),
+# and is not read for one (the 2 MB answer to a big upload: 1.5 ms of the reactor's, and read again after)
+REFUSAL_MAX = 64 << 10
 
 
 def _gateway_refusal(status: int, body: bytes) -> Refused | None:
     """A gateway's own refusal before forwarding: {"code":401,"message":…} (Hunan CSB, x-tif) or an OAuth2
     error ({"error":"invalid_token"}), under a status of REFUSED_BEFORE (the body's code where HTTP says 200);
     never an envelope, which always has infcode."""
+    if len(body) > REFUSAL_MAX:
+        return None
     try:
         if envelope.top_field(body, "infcode", _NONE) is not _NONE:  # an envelope (a 2 MB one is not parsed)
             return None
