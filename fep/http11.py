@@ -133,6 +133,7 @@ class HTTPServerProtocol(Protocol):
         self._discarded = 0  # bytes read and dropped after the refusal
         self._held = bytearray()  # bytes read and not yet parsed: reading is paused
         self._paused = False
+        self._parsing = False  # in the parser's feed_data: a handler that answered at once must not feed it again
         self._read_closed = False  # the client half-closed: it sends nothing more but still reads
         self._lost = False
         self._in_head = False  # a request has begun and its headers are not complete
@@ -339,6 +340,7 @@ class HTTPServerProtocol(Protocol):
             piece = bytes(self._held[:step])
             del self._held[:step]
             began_in_head = self._in_head
+            self._parsing = True
             try:
                 self._parser.feed_data(piece)
             except httptools.HttpParserUpgrade:
@@ -355,6 +357,8 @@ class HTTPServerProtocol(Protocol):
                 self._drained = True  # the parser reads no further: whatever follows is dropped
                 self._close_if_done()
                 return
+            finally:
+                self._parsing = False
             if self._in_head and not self._refused:
                 # httptools gathers a header line before calling on_header: a line that never ends is caught here
                 self._head_bytes += len(piece) if began_in_head else 0
@@ -454,7 +458,7 @@ class HTTPServerProtocol(Protocol):
         self.transport.write(render_response(resp, keep_alive, version, head))
         self._next()
         self._send_continue()
-        if self._held and not self._full():
+        if self._held and not self._full() and not self._parsing:  # parsing: the _feed it answers in goes on
             self._feed()
         elif not self._held:
             self._resume()

@@ -16,8 +16,10 @@ from typing import Any
 
 import httptools
 import pytest
+from twisted.internet.testing import StringTransport
 
 from fep import config, envelope
+from fep.http11 import HTTPServerProtocol, Response
 from fep.client import Client
 from fep.sim.world import ROOT, ZHANG, World, admitted, his_msgid
 from tests.http_doubles import server
@@ -132,6 +134,19 @@ def test_protocol_no_100_once_the_client_sent_its_body_anyway() -> None:
     handler.answer(0)
     handler.answer(1)
     assert [s for s, _, _ in _Messages().feed(transport.value())] == [200, 200]
+
+
+def test_protocol_requests_read_together_and_answered_at_once_are_each_answered_in_order() -> None:
+    """A handler that answers without waiting (a 405, an envelope refused) answers from within the parser's
+    callback: the requests read with it are parsed on, not fed to the parser again from inside it (llhttp
+    took that for a malformed request: a 400, and the connection closed)."""
+    proto = HTTPServerProtocol(lambda req: Response(405, req.path.encode()), 1000)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"".join(_head(b"{}").replace(CALL.encode(), f"/{i}".encode()) + b"{}" for i in range(3)))
+    got = _Messages().feed(transport.value())
+    assert [(status, body) for status, _, body in got] == [(405, b"/0"), (405, b"/1"), (405, b"/2")]
+    assert not transport.disconnecting
 
 
 def test_protocol_http_1_0_keeps_the_connection_only_when_asked_and_says_so() -> None:

@@ -362,11 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upload-only", action="store_true", help="only the 5,000-line 2301, through fep and direct")
     p.add_argument("--backends-only", action="store_true", help="only the journal on SQLite and on PostgreSQL")
     p.add_argument("--slow-only", action="store_true", help="only the 50 ms bureau with 1,000 HIS clients")
+    p.add_argument("--against", metavar="TREE", help="A/B: this checkout's fep (A) and the one at TREE (B, e.g. a "
+                                                     "git worktree of main), two daemons side by side")
+    p.add_argument("--rounds", type=int, default=4, help="--against: loads of each daemon per placing")
     args = p.parse_args(argv)
     year_rows = args.year if args.year is not None else (0 if args.quick else 3_000_000)
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fep-bench-"))
     pki.ensure(base / "pki")
     results: dict[str, Any] = {"quick": args.quick}
+    if args.against:
+        pair = against(base, Path(args.against), args.rounds, 2.0 if args.quick else 3.0)
+        print(json.dumps(pair) if args.json else "\n".join(f"{side}: {json.dumps(f)}" for side, f in pair.items()))
+        return 0
     if args.year_only:
         results["year"] = year_case(base, year_rows or 3_000_000, args.workers)
     elif args.backends_only:
@@ -384,6 +391,58 @@ def main(argv: list[str] | None = None) -> int:
             results["year"] = year_case(base, year_rows, args.workers)
     print_results(results, args.json)
     return 0
+
+
+def against(base: Path, other: Path, rounds: int, secs: float) -> dict[str, dict[str, Any]]:
+    """Two daemons, this checkout's code (A) and `other`'s (B), side by side: their loads alternate A,B then B,A
+    round by round, so both meet the same background load (a CI run, say), which a run of one after the
+    other does not. Then both start afresh in the other order: the daemon started first read 8-15% higher in
+    A/A runs. fep's CPU a trade at 200 and 1 client (from /proc, every thread), the added median at 1 client
+    (over the same trades straight to that daemon's simulator), each placing's figures in turn."""
+    trees = {"A": Path(__file__).resolve().parents[2], "B": other.resolve()}
+    out: dict[str, dict[str, Any]] = {side: {"cpu200_ms": [], "cpu1_ms": [], "added1_ms": []} for side in trees}
+    for placing in (("A", "B"), ("B", "A")):
+        worlds: dict[str, tuple[World, Mix]] = {}
+        try:
+            for side in placing:
+                worlds[side] = _world_of(base / f"{''.join(placing)}-{side}", base / "pki", trees[side])
+            medians: dict[str, list[float]] = {side: [] for side in placing}
+            for r in range(rounds):
+                for side in placing if r % 2 == 0 else placing[::-1]:
+                    world, mix = worlds[side]
+                    for clients in (200, 1):
+                        f = load("127.0.0.1", world.his_port, None, mix, clients, secs, pid=world.fep.pid)
+                        out[side][f"cpu{clients}_ms"].append(round(f.cpu_per_trade_ms, 3))
+                    medians[side].append(f.q(0.5))
+            for side, (world, mix) in worlds.items():
+                direct = load("127.0.0.1", world.sim_port, tls_context(world), mix, 1, secs).q(0.5)
+                out[side]["added1_ms"].append(round(statistics.median(medians[side]) - direct, 3))
+        finally:
+            for world, _ in worlds.values():
+                world.stop()
+    for figures in out.values():
+        figures.update({f"{k}_median": round(statistics.median(v), 3) for k, v in list(figures.items())})
+    return out
+
+
+def _world_of(directory: Path, pki_dir: Path, tree: Path) -> tuple[World, Mix]:
+    """A world whose daemon and simulator run the code at `tree`; warmed up, its trade mix ready."""
+    directory.mkdir(parents=True)
+    world = World(directory, pki_dir)
+    people = persons(50)
+    world.configure(sim={"persons": people})
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree)  # the daemon and the simulator are started with it
+    try:
+        world.start()
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+    mix = ready_mix(world, people)
+    load("127.0.0.1", world.his_port, None, mix, 50, 1.0)
+    return world, mix
 
 
 def upload(directory: Path, pki_dir: Path, rounds: int) -> dict[str, Any]:
