@@ -200,11 +200,11 @@ class Engine:
         msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
         # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's;
         # it runs while the digest is computed (a 3.5 MB upload's takes 8 ms)
-        lookup = self.journal.for_his(his_msgid) if his_msgid else None
+        lookup = defer.ensureDeferred(self._named(his_msgid)) if his_msgid else None
         # ... and the HIS's input bytes are compressed for the journal meanwhile (ISA-L lets go of the GIL)
         packed = pack(req.input_json) if req.input_json is not None else None
         digest = envelope.payload_hash(req.envelope, self._as_sent(trade, req))  # before fep maps anything
-        known = await self._known(await lookup) if lookup is not None else None
+        known = await lookup if lookup is not None else None
         if known is not None and self._sent_again(known, his_msgid, digest):  # type: ignore[arg-type]
             return await self._resubmitted(trade, known, digest, answer_by)
         trade.validate(req.input)  # after the look-up: a trade journalled before a field was required is known
@@ -534,7 +534,7 @@ class Engine:
 
     # ---- reversals asked for (the HIS's 2601, `fep reverse`) -------------------------------------------
     async def _reversal_asked(self, trade: TradeDef, req: envelope.HisRequest) -> Reply:
-        if req.msgid and (known := await self._known(await self.journal.for_his(req.msgid))) is not None:
+        if req.msgid and (known := await self._named(req.msgid)) is not None:
             digest = envelope.payload_hash(req.envelope)
             if self._sent_again(known, req.msgid, digest):
                 return await self._resubmitted(trade, known, digest, self._now() + self.cfg.his.answer_within)
@@ -550,7 +550,7 @@ class Engine:
         journal does not hold (单边账: settled behind fep's back) is reversed by a 2601 of its own, resent
         until answered. Each obeys refund order like a cancel."""
         self.must_lead()
-        row = await self._known(await self.journal.for_his(omsgid))  # the HIS names its trade by its own msgid
+        row = await self._named(omsgid)  # the HIS names its trade by its own msgid
         if row is None:
             return await self._reverse_unknown(omsgid, oinfno, psn_no, req)
         omsgid = row.msgid
@@ -685,13 +685,14 @@ class Engine:
     # ---- helpers ----------------------------------------------------------------------------------------
     async def _row(self, key: str) -> TradeRow:
         """The trade the HIS means by `key` (its own msgid, or fep's)."""
-        row = await self._known(await self.journal.for_his(key))
+        row = await self._named(key)
         if row is None:
             raise Refused(404, f"no trade with msgid {key} in the journal")
         return row
 
-    async def _known(self, found: TradeRow | ArchivedKey | None) -> TradeRow | None:
-        """The trade a key names, read from the archive when it is there."""
+    async def _named(self, key: str) -> TradeRow | None:
+        """The trade the HIS means by `key` (its own msgid, or fep's), read from the archive when it is there."""
+        found = await self.journal.for_his(key)
         if not isinstance(found, ArchivedKey):
             return found
         row = await self._archived(found.msgid) if self._archived is not None else None
