@@ -88,6 +88,7 @@ class Daemon:
         self.engine = Engine(self.reactor, cfg, self.journal, self.link, self.codes, archived=self.archive.row)
         if cfg.lease is None:
             await self.engine.start()
+            self.journal.know_keys()
         else:
             self.engine.stands_by()
         self.factory = HisFactory(HisService(self.engine, self.reactor), cfg.his.max_body, cfg.his.allowed_networks,
@@ -154,6 +155,7 @@ class Daemon:
     async def _take_over(self, epoch: int) -> None:
         """The recovery a restart runs, under the new epoch; trades are taken once it is done."""
         await self.journal.lead(epoch)
+        self.journal.know_keys()  # the other node journalled trades this one has not seen
         # Only the leader maps fee lines, so its copy of the code book is read afresh here, at takeover, and
         # after each change made on it (import, sync); a standby takes no changes (_catalog).
         await self.codes.refresh()
@@ -183,6 +185,7 @@ class Daemon:
         saying why in `fep status` (started again, it would refuse the journal and say nothing there). The fence
         stops its sends and new trades at once; what it had in hand the newer fep recovers when it leads."""
         self.journal.fence = leader.NO_EPOCH
+        self.journal.keys.forget()
         self.engine.stands_by(None, why)
         for job in self.daily:
             job.stop()

@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fep import envelope, journal_pg, metrics, systemd
+from fep.keyfilter import KeyFilter, KnownKeys
 from fep.msgid import MsgidCounter
 from fep.states import FINAL, IN_FORCE, OPEN, UNRESOLVED, State, sources, target
 
@@ -301,6 +302,10 @@ class Journal:
         self.last_commit = time.monotonic()  # the watchdog reads it: the writer is making progress
         # Told (on the reactor) of every transition once it is durable: (event, the row as it now is).
         self.observers: list[Callable[[str, TradeRow], None]] = []
+        self.keys = KnownKeys()  # which keys it may hold, once know_keys has read them
+        self._made: list[str] = []  # keys of the trades the writer's open batch journals (writer thread)
+        self._keys_reader: threading.Thread | None = None
+        self._closing = threading.Event()
 
     # --- life cycle -------------------------------------------------------------------------
     def open(self, reactor: Any) -> defer.Deferred[None]:
@@ -314,7 +319,8 @@ class Journal:
     def close(self) -> defer.Deferred[None]:
         if self._thread is None:
             return defer.succeed(None)
-        readers = [*self._decisions.stop(), *self._views.stop()]
+        self._closing.set()
+        readers = [*self._decisions.stop(), *self._views.stop(), *filter(None, [self._keys_reader])]
         writer, self._thread = self._thread, None
         from twisted.internet.threads import deferToThreadPool
 
@@ -346,6 +352,31 @@ class Journal:
             self._load_counter(conn)
 
         return self._call(op)
+
+    def know_keys(self) -> None:
+        """Read every key the journal and its archive hold into `keys`, on a thread of its own (a year's take
+        seconds); meanwhile every key may be held. At start, and again at each takeover: another node may
+        have journalled trades since."""
+        reading = self.keys.reading()
+        self._keys_reader = threading.Thread(target=self._read_keys, args=(reading,), name="journal-keys",
+                                             daemon=True)
+        self._keys_reader.start()
+
+    def _read_keys(self, reading: int) -> None:
+        stored = KeyFilter()
+        try:
+            conn = self._reader()
+            try:
+                conn.execute("BEGIN")  # one snapshot for every read below
+                for sql in _KEYS_PG if self.url else _KEYS:
+                    if not _read_keys(conn, sql, stored, self._closing):
+                        return
+            finally:
+                conn.close()
+        except Exception:  # the filter stays unread: every key goes to the journal, as without it
+            log.failure("the journal's keys could not be read; each new trade's key is looked up instead")
+            return
+        self.keys.read(reading, stored)
 
     # --- the writer thread --------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -427,6 +458,9 @@ class Journal:
             results = self._apply(conn, batch, guarded=False)
         except DB_ERRORS:  # rare: run the batch again, each op in its own savepoint
             results = self._apply(conn, batch, guarded=True)
+        if self._made:  # (after the commit: see KnownKeys; a key of a write undone makes only a false "maybe")
+            self.keys.committed(self._made)
+            self._made = []
         self.last_commit = time.monotonic()
         if not self._held and conn.total_changes > changes:
             self.cannot_write = None
@@ -530,6 +564,7 @@ class Journal:
                 return Accepted(_get(conn, msgid), created=False)  # type: ignore[arg-type]
             new.msgid = None  # the number is taken (by fep's own trade, or another HIS key): fep numbers it
         _event(conn, msgid, now, "accept", new.state, None)
+        self._made += [msgid] if new.his_msgid in (None, msgid) else [msgid, new.his_msgid]
         row = TradeRow(cur.lastrowid, msgid, new.infno, new.psn_no, new.state, new.payload_hash, stored, None, None,
                        new.related, None, 0, None, new.deadline, None, None, None, None, now, now, new.his_msgid)
         row.request_bytes = request  # the sender sends these bytes: they are not unpacked again
@@ -816,6 +851,27 @@ class _Readers:
                 conn = _end_read(conn)
             self._journal._inbox.put([(d, *result)])  # type: ignore[union-attr]
         return _end_read(conn)
+
+
+# The journal's keys, read a slice at a time (a PostgreSQL cursor holds all it reads): each query takes the
+# last position read and the slice's size, and gives (position, msgid, HIS msgid) rows.
+_TRADE_KEYS = "SELECT id, msgid, his_msgid FROM {} WHERE id > ? ORDER BY id LIMIT ?"
+_KEYS = (_TRADE_KEYS.format("trades"), "SELECT key, key, NULL FROM archived_keys WHERE key > ? ORDER BY key LIMIT ?")
+_KEYS_PG = (_TRADE_KEYS.format("trades"), _TRADE_KEYS.format("archived_trades"))
+KEYS_SLICE = 50_000
+
+
+def _read_keys(conn: sqlite3.Connection, sql: str, into: KeyFilter, closing: threading.Event) -> bool:
+    """Every key a query gives, into `into`; False: the journal closed meanwhile."""
+    last: int | str = "" if "archived_keys" in sql else -1
+    while not closing.is_set():
+        rows = _fetch(conn, sql, (last, KEYS_SLICE))
+        into.update(msgid for _, msgid, _ in rows)
+        into.update(his for _, _, his in rows if his is not None)
+        if len(rows) < KEYS_SLICE:
+            return True
+        last = rows[-1][0]
+    return False
 
 
 def _end_read(conn: sqlite3.Connection | None) -> sqlite3.Connection | None:

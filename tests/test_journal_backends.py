@@ -180,6 +180,29 @@ def test_what_operators_did_and_the_month_end_clearing_are_kept_alike(bench: Ben
     assert bench.run(bench.journal.read(journal_mod.insured_place("P11"))) == "220100"
 
 
+def known_keys(bench: Bench) -> None:
+    """The journal's keys read into its filter, as the daemon has them read at start."""
+    bench.journal.know_keys()
+    deadline = time.monotonic() + 10
+    while bench.journal.keys.may_hold("a key nobody journalled"):
+        assert time.monotonic() < deadline, "the journal's keys were not read within 10 s"
+        time.sleep(0.01)
+
+
+def test_every_key_journalled_or_archived_is_known_to_the_filter_that_spares_new_keys_their_lookup(
+        bench: Bench) -> None:
+    archived = bench.accept("1101", {"psn_no": "P13"}, his_msgid="his-archived-1")
+    bench.run(bench.journal.transition(archived.msgid, "answer", answer="{}"))
+    families, _ = bench.run(bench.journal.read(journal_mod.archivable((-1.0, 0), time.time() + 60, 10)))
+    move = journal_mod.archive_in_tables if bench.journal.url else journal_mod.forget  # (as fep.archive moves them)
+    bench.run(bench.journal.run(move(families)))
+    held = bench.accept("2207", {"psn_no": "P13"}, his_msgid="his-held-1")
+    known_keys(bench)
+    later = bench.accept("2207", {"psn_no": "P13"}, his_msgid="his-later-1")
+    every = ("his-archived-1", archived.msgid, "his-held-1", held.msgid, "his-later-1", later.msgid)
+    assert [k for k in every if not bench.journal.keys.may_hold(k)] == []
+
+
 def test_finished_trades_leave_for_the_archive_with_their_history(bench: Bench) -> None:
     row = bench.accept("1101", {"psn_no": "P12"})
     bench.run(bench.journal.transition(row.msgid, "answer", answer="{}"))
