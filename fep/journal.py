@@ -363,20 +363,24 @@ class Journal:
         self._keys_reader.start()
 
     def _read_keys(self, reading: int) -> None:
-        stored = KeyFilter()
+        started, stored, rows = time.monotonic(), KeyFilter(), 0
         try:
             conn = self._reader()
             try:
                 conn.execute("BEGIN")  # one snapshot for every read below
                 for sql in _KEYS_PG if self.url else _KEYS:
-                    if not _read_keys(conn, sql, stored, self._closing):
+                    if (read := _read_keys(conn, sql, stored, self._closing)) is None:
                         return
+                    rows += read
             finally:
                 conn.close()
         except Exception:  # the filter stays unread: every key goes to the journal, as without it
             log.failure("the journal's keys could not be read; each new trade's key is looked up instead")
             return
         self.keys.read(reading, stored)
+        log.info("journal: the keys it holds were read ({rows} rows of the journal and its archive) in {s:.1f} s; "
+                 "a new trade's key is looked up only when it may be one of them", rows=rows,
+                 s=time.monotonic() - started)
 
     # --- the writer thread --------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -861,17 +865,19 @@ _KEYS_PG = (_TRADE_KEYS.format("trades"), _TRADE_KEYS.format("archived_trades"))
 KEYS_SLICE = 50_000
 
 
-def _read_keys(conn: sqlite3.Connection, sql: str, into: KeyFilter, closing: threading.Event) -> bool:
-    """Every key a query gives, into `into`; False: the journal closed meanwhile."""
+def _read_keys(conn: sqlite3.Connection, sql: str, into: KeyFilter, closing: threading.Event) -> int | None:
+    """Every key a query gives, into `into`; how many rows gave them, or None: the journal closed meanwhile."""
     last: int | str = "" if "archived_keys" in sql else -1
+    read = 0
     while not closing.is_set():
         rows = _fetch(conn, sql, (last, KEYS_SLICE))
         into.update(msgid for _, msgid, _ in rows)
         into.update(his for _, _, his in rows if his is not None)
+        read += len(rows)
         if len(rows) < KEYS_SLICE:
-            return True
+            return read
         last = rows[-1][0]
-    return False
+    return None
 
 
 def _end_read(conn: sqlite3.Connection | None) -> sqlite3.Connection | None:
