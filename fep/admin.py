@@ -20,6 +20,7 @@ from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -316,14 +317,26 @@ class MetricsRefresher:
     def __init__(self, reactor: Any, engine: Engine) -> None:
         self.engine = engine
         self._restored = False
-        self.loop = task.LoopingCall(lambda: defer.ensureDeferred(self._refresh()))
+        self._busy: defer.Deferred[None] | None = None  # the refresh under way
+        self.loop = task.LoopingCall(self._refresh)
         self.loop.clock = reactor
 
-    async def _refresh(self) -> None:
-        try:
-            await self.refresh()
-        except Exception:  # a failed refresh leaves the gauges as they were; the next one tries again
-            log.failure("metrics refresh failed")
+    def _refresh(self) -> defer.Deferred[None]:
+        self._busy = defer.ensureDeferred(self.refresh()).addErrback(self._failed)
+        return self._busy
+
+    @staticmethod
+    def _failed(f: Failure) -> None:  # a failed refresh leaves the gauges as they were; the next one tries again
+        log.failure("metrics refresh failed", f)
+
+    async def stop(self) -> None:
+        """No more refreshes; returns once the one under way (reading the journal) is done, so the journal can
+        close without it failing."""
+        if self.loop.running:
+            self.loop.stop()
+        busy, self._busy = self._busy, None
+        if busy is not None and not busy.called:
+            await busy
 
     async def refresh(self) -> None:
         journal = self.engine.journal

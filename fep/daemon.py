@@ -59,6 +59,7 @@ class Daemon:
         self.cfg = cfg
         self.extra_admin: dict[str, Any] = {}
         self.lease: leader.Lease | None = None
+        self.stopping = False  # shutdown began: what start-up still awaits may find the journal closed
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -285,16 +286,17 @@ class Daemon:
         raise ValueError("catalog calls: POST /catalog/sync, POST /catalog/map, GET /catalog/check")
 
     async def shutdown(self) -> None:
+        self.stopping = True
         systemd.notify("STOPPING=1")
         for job in self.daily:
             job.stop()
-        for loop in (self.refresher.loop, self.watchdog):
-            if loop is not None and loop.running:
-                loop.stop()
+        if self.watchdog is not None and self.watchdog.running:
+            self.watchdog.stop()
         if self.lease is not None:
             self.lease.stop()
         self.engine.stop()
         self.link.close()
+        await self.refresher.stop()
         await self.journal.close()
 
 
@@ -358,6 +360,9 @@ def run(config_path: Path) -> int:
     outcome: dict[str, int] = {}
 
     def failed(f: Any) -> None:
+        if daemon.stopping:  # told to stop while starting (systemctl stop): it stops, as told
+            log.info("stopped while starting ({why})", why=f.getErrorMessage())
+            return
         if f.check(StartupError):
             print(f"fep: refusing to start: {f.value}", file=sys.stderr)
         else:
@@ -366,7 +371,7 @@ def run(config_path: Path) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: defer.ensureDeferred(daemon.start()).addErrback(failed))
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+    systemd.stop_on(reactor, signal.SIGTERM)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(lambda: defer.ensureDeferred(daemon.reload())))
     reactor.run(installSignalHandlers=False)
     return outcome.get("code", 0)

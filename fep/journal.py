@@ -316,6 +316,11 @@ class Journal:
         self._thread.start()
         return self._call(self._setup)
 
+    @property
+    def closing(self) -> bool:
+        """close() was called: fep is stopping, and what it had in hand is picked up by the next start."""
+        return self._closing.is_set()
+
     def close(self) -> defer.Deferred[None]:
         if self._thread is None:
             return defer.succeed(None)

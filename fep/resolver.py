@@ -168,6 +168,8 @@ class Resolver:
         try:
             return await step()
         except Exception:
+            if self._journal.closing:  # fep is stopping: the next start picks the trade up from its state
+                return DONE
             log.failure("a resolution step failed; it is tried again")
             return Again(self._backoff(len(self._policy().backoff)))
 

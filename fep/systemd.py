@@ -8,6 +8,7 @@ keep-alives and systemd restarts fep.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from typing import Any, Callable
@@ -25,6 +26,20 @@ def notify(message: str) -> bool:
         s.connect(path)
         s.sendall(message.encode())
     return True
+
+
+def stop_on(reactor: Any, *signals: signal.Signals) -> None:
+    """Each of these signals stops the reactor, once: a second (a shell's after the service manager's) finds
+    it stopping, where a second reactor.stop would log a traceback."""
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if not stopping:
+            stopping.append(True)
+            reactor.stop()
+
+    for sig in signals:
+        signal.signal(sig, lambda *_: reactor.callFromThread(stop))
 
 
 def reloading() -> None:

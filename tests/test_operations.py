@@ -167,6 +167,21 @@ def test_fep_reverse_undoes_a_settlement_made_behind_fep_s_back(running: World) 
     assert [s["state"] for s in running.ledger()] == ["reversed"]
 
 
+def test_a_second_sigterm_as_a_shell_sends_after_the_service_manager_stops_fep_and_the_simulator_quietly(
+        world: World) -> None:
+    world.start()
+    for proc in (world.fep, world.sim):
+        proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)  # (two at once would be one: the kernel keeps one pending signal of a kind)
+    for proc in (world.fep, world.sim):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in (world.fep, world.sim):  # (a signal after the main loop ended finds the default action back)
+        assert proc.wait(10) in (0, -signal.SIGTERM)
+    for name in ("run", "sim"):
+        assert "Traceback" not in world.log(name), world.log(name)[-2000:]
+
+
 def test_fep_refuses_to_run_as_root_unless_the_config_allows_it(world: World) -> None:
     if os.geteuid() != 0:
         pytest.skip("not root")

@@ -12,6 +12,7 @@ answer take that long, as real bureaus take 50-500 ms: a timer, so the simulator
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections import OrderedDict
 from datetime import datetime
@@ -26,7 +27,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from fep import envelope, logs, tls
+from fep import envelope, logs, systemd, tls
 from fep.config import TLSFiles
 from fep.http11 import HTTPServerProtocol, Request, Response, render_response
 from fep.sim.gateway import SimGateway, SimProfile
@@ -387,5 +388,6 @@ def run(config_path: Path) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: defer.ensureDeferred(sim.start()).addErrback(failed))
-    reactor.run()
+    systemd.stop_on(reactor, signal.SIGTERM, signal.SIGINT)
+    reactor.run(installSignalHandlers=False)
     return outcome["code"]
