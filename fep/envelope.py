@@ -267,7 +267,7 @@ def _tally(obj: Any, what: str) -> tuple[int, int, bool]:
                 values = node
             kinds = list(map(type, values))
         strings += kinds.count(str)
-        if not set(kinds) <= _SCALARS:
+        if not _SCALARS.issuperset(kinds):  # (no set of 130,000 kinds built first)
             stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
     return keys, strings, fine
 
@@ -406,7 +406,7 @@ def _numbers_fine(input_: Any) -> bool:
 
 def _columns_fine(node: list[dict[str, Any]]) -> bool:
     """Whether the amounts, prices and quantities of a list of objects are fine, a field at a time."""
-    for key in set(chain.from_iterable(node)):
+    for key in set().union(*node):  # (a set takes a dict's keys with their hashes: twice as fast as one at a time)
         places = _places(key)
         if places is not None and not _all_fine(list(map(dict.get, node, repeat(key))), places):
             return False

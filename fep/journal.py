@@ -257,7 +257,7 @@ def _request(env: dict[str, Any], input_json: msgspec.Raw | None,
         return request, stored_body(request)
     start = isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
     end = isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)  # its own: no reference into the input
-    check = zlib.adler32(tail, zlib.adler32(input_json, zlib.adler32(head)))
+    check = isal_zlib.adler32(request)  # ISA-L's: 0.2 ms for a 3.5 MB upload, zlib's 1.0
     stored = b"".join((b"\x78\x01", start.compress(head), start.flush(isal_zlib.Z_SYNC_FLUSH), packed.result(),
                        end.compress(tail), end.flush(), check.to_bytes(4, "big")))  # zlib's header and trailer
     return request, stored if len(stored) <= len(request) * 3 // 4 else request.decode("utf-8")

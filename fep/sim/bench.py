@@ -295,46 +295,71 @@ def _exchange(sock: socket.socket, body: bytes) -> bytes:
     return b"".join(parts)
 
 
+class Uploads:
+    """2301s of `lines` realistic fee lines to one world, through fep and straight to the simulator, each path on
+    its own persistent connection (fep's over plain TCP as HIS programs post, direct over mutual TLS). Every
+    upload has fee lines of its own (the bureau refuses a feedetl_sn twice)."""
+
+    def __init__(self, world: World, person: dict[str, str], ctx: ssl.SSLContext, lines: int) -> None:
+        self.world, self.lines = world, lines
+        self.visit = admitted(world.his, person)
+        self.via = socket.create_connection(("127.0.0.1", world.his_port))
+        self.direct = ctx.wrap_socket(socket.create_connection(("127.0.0.1", world.sim_port)),
+                                      server_hostname="bureau.fep.test")
+        self.times: dict[str, list[float]] = {"fep": [], "direct": []}
+        self.cpu = 0.0
+        self.counted = 0
+        self.size = self.answer_size = 0
+
+    def round(self, r: int, counted: bool = True) -> None:
+        """One upload through fep, then one direct. The daemon's CPU seconds (every thread) are read from
+        before the one through fep until after the direct one, so that what fep does once the HIS has its
+        answer (freeing the upload) is counted too: steady when the machine is busy."""
+        for path, sock in (("fep", self.via), ("direct", self.direct)):
+            batch = f"{path[0].upper()}{r:03d}{time.time_ns() % 10**6:06d}"
+            msgid = (f"B{self.lines:011d}{time.strftime('%Y%m%d%H%M%S')}"
+                     f"{(2 * r + (path == 'fep')) % 10000:04d}")
+            body = envelope.dumps({"infno": "2301", "msgid": msgid, "opter_type": "1", "opter": "bench",
+                                   "opter_name": "bench", "input": self.visit.inpatient_fees(self.lines, batch)})
+            if path == "fep":
+                used = cpu_seconds(self.world.fep.pid)
+            started = time.perf_counter()
+            answer = _exchange(sock, body)
+            seconds = time.perf_counter() - started
+            if counted and path == "direct":
+                self.cpu += cpu_seconds(self.world.fep.pid) - used
+            if b'"infcode":0' not in answer[:200]:
+                raise AssertionError(f"{path}: the 2301 was not accepted: {answer[:300]!r}")
+            if counted:
+                self.times[path].append(seconds)
+            self.size, self.answer_size = len(body), len(answer)
+        self.counted += counted
+
+    def close(self) -> None:
+        self.via.close()
+        self.direct.close()
+
+    def figures(self) -> dict[str, Any]:
+        fep, direct_ms = (sorted(self.times[k])[len(self.times[k]) // 2] * 1000 for k in ("fep", "direct"))
+        # each round's upload through fep less its direct one, which met the same moment's load
+        paired = list(map(float.__sub__, self.times["fep"], self.times["direct"]))
+        return {"lines": self.lines, "request_mb": self.size / 1e6, "answer_mb": self.answer_size / 1e6,
+                "rounds": self.counted, "fep_median_ms": fep, "direct_median_ms": direct_ms,
+                "fep_min_ms": min(self.times["fep"]) * 1000, "direct_min_ms": min(self.times["direct"]) * 1000,
+                "added_ms": fep - direct_ms, "added_ms_per_mb": (fep - direct_ms) / (self.size / 1e6),
+                "added_paired_ms": statistics.median(paired) * 1000,
+                "fep_cpu_ms": self.cpu / self.counted * 1000}
+
+
 def big_upload(world: World, person: dict[str, str], ctx: ssl.SSLContext, lines: int, rounds: int) -> dict[str, Any]:
-    """A 2301 of `lines` realistic fee lines, through fep and straight to the simulator, alternately, each path
-    on its own persistent connection (fep's over plain TCP as HIS programs post, direct over mutual TLS).
-    Every upload has fee lines of its own (the bureau refuses a feedetl_sn twice)."""
-    visit = admitted(world.his, person)
-    via = socket.create_connection(("127.0.0.1", world.his_port))
-    direct = ctx.wrap_socket(socket.create_connection(("127.0.0.1", world.sim_port)), server_hostname="bureau.fep.test")
-    times: dict[str, list[float]] = {"fep": [], "direct": []}
-    size = answer_size = 0
-    # The daemon's CPU seconds (every thread) spent on the counted uploads, steady when the machine is busy:
-    # read from before an upload through fep until after the direct one that follows it, so that what fep
-    # does once the HIS has its answer (freeing the upload) is counted too.
-    cpu = 0.0
+    """`rounds` counted uploads through fep and direct, alternately, after one that warms both paths up."""
+    uploads = Uploads(world, person, ctx, lines)
     try:
-        for r in range(rounds + 1):  # the first round warms both paths up and is not counted
-            for path, sock in (("fep", via), ("direct", direct)):
-                batch = f"{path[0].upper()}{r:03d}{time.time_ns() % 10**6:06d}"
-                msgid = f"B{lines:011d}{time.strftime('%Y%m%d%H%M%S')}{(2 * r + (path == 'fep')) % 10000:04d}"
-                body = envelope.dumps({"infno": "2301", "msgid": msgid, "opter_type": "1", "opter": "bench",
-                                       "opter_name": "bench", "input": visit.inpatient_fees(lines, batch)})
-                if path == "fep":
-                    used = cpu_seconds(world.fep.pid)
-                started = time.perf_counter()
-                answer = _exchange(sock, body)
-                seconds = time.perf_counter() - started
-                if r and path == "direct":
-                    cpu += cpu_seconds(world.fep.pid) - used
-                if b'"infcode":0' not in answer[:200]:
-                    raise AssertionError(f"{path}: the 2301 was not accepted: {answer[:300]!r}")
-                if r:
-                    times[path].append(seconds)
-                size, answer_size = len(body), len(answer)
+        for r in range(rounds + 1):
+            uploads.round(r, counted=r > 0)
     finally:
-        via.close()
-        direct.close()
-    fep, direct_ms = (sorted(times[k])[len(times[k]) // 2] * 1000 for k in ("fep", "direct"))
-    return {"lines": lines, "request_mb": size / 1e6, "answer_mb": answer_size / 1e6, "rounds": rounds,
-            "fep_median_ms": fep, "direct_median_ms": direct_ms, "fep_min_ms": min(times["fep"]) * 1000,
-            "direct_min_ms": min(times["direct"]) * 1000, "added_ms": fep - direct_ms,
-            "added_ms_per_mb": (fep - direct_ms) / (size / 1e6), "fep_cpu_ms": cpu / rounds * 1000}
+        uploads.close()
+    return uploads.figures()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -363,15 +388,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends-only", action="store_true", help="only the journal on SQLite and on PostgreSQL")
     p.add_argument("--slow-only", action="store_true", help="only the 50 ms bureau with 1,000 HIS clients")
     p.add_argument("--against", metavar="TREE", help="A/B: this checkout's fep (A) and the one at TREE (B, e.g. a "
-                                                     "git worktree of main), two daemons side by side")
-    p.add_argument("--rounds", type=int, default=4, help="--against: loads of each daemon per placing")
+                                                     "git worktree of main), two daemons side by side; with "
+                                                     "--upload-only, the big upload's")
+    p.add_argument("--rounds", type=int, help="--against: loads of each daemon per placing (default 4); with "
+                                              "--upload-only, uploads (default 15, --quick 5)")
     args = p.parse_args(argv)
     year_rows = args.year if args.year is not None else (0 if args.quick else 3_000_000)
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fep-bench-"))
     pki.ensure(base / "pki")
     results: dict[str, Any] = {"quick": args.quick}
     if args.against:
-        pair = against(base, Path(args.against), args.rounds, 2.0 if args.quick else 3.0)
+        pair = (upload_against(base, Path(args.against), args.rounds or (5 if args.quick else 15)) if args.upload_only
+                else against(base, Path(args.against), args.rounds or 4, 2.0 if args.quick else 3.0))
         print(json.dumps(pair) if args.json else "\n".join(f"{side}: {json.dumps(f)}" for side, f in pair.items()))
         return 0
     if args.year_only:
@@ -427,10 +455,19 @@ def against(base: Path, other: Path, rounds: int, secs: float) -> dict[str, dict
 
 def _world_of(directory: Path, pki_dir: Path, tree: Path) -> tuple[World, Mix]:
     """A world whose daemon and simulator run the code at `tree`; warmed up, its trade mix ready."""
+    people = persons(50)
+    world = _started(directory, pki_dir, tree, {"persons": people})
+    mix = ready_mix(world, people)
+    load("127.0.0.1", world.his_port, None, mix, 50, 1.0)
+    return world, mix
+
+
+def _started(directory: Path, pki_dir: Path, tree: Path, sim: dict[str, Any] | None = None) -> World:
+    """A started world whose daemon and simulator run the code at `tree`."""
     directory.mkdir(parents=True)
     world = World(directory, pki_dir)
-    people = persons(50)
-    world.configure(sim={"persons": people})
+    if sim:
+        world.configure(sim=sim)
     before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(tree)  # the daemon and the simulator are started with it
     try:
@@ -440,9 +477,38 @@ def _world_of(directory: Path, pki_dir: Path, tree: Path) -> tuple[World, Mix]:
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = before
-    mix = ready_mix(world, people)
-    load("127.0.0.1", world.his_port, None, mix, 50, 1.0)
-    return world, mix
+    return world
+
+
+def upload_against(base: Path, other: Path, rounds: int) -> dict[str, dict[str, Any]]:
+    """The big upload A/B: a world of this checkout's code (A) and one of `other`'s (B), their uploads
+    alternating A,B then B,A round by round, so both meet the same background load; then both start afresh
+    in the other order, as `against` does. Each placing's figures in turn, and their medians."""
+    trees = {"A": Path(__file__).resolve().parents[2], "B": other.resolve()}
+    keys = ("fep_median_ms", "direct_median_ms", "added_ms", "added_ms_per_mb", "added_paired_ms", "fep_cpu_ms")
+    out: dict[str, dict[str, Any]] = {side: {k: [] for k in keys} for side in trees}
+    for placing in (("A", "B"), ("B", "A")):
+        worlds: dict[str, World] = {}
+        uploads: dict[str, Uploads] = {}
+        try:
+            for side in placing:
+                worlds[side] = _started(base / f"upload-{''.join(placing)}-{side}", base / "pki", trees[side])
+                uploads[side] = Uploads(worlds[side], ZHANG, tls_context(worlds[side]), 5000)
+            for r in range(rounds + 1):  # the first round warms both up and is not counted
+                for side in placing if r % 2 == 0 else placing[::-1]:
+                    uploads[side].round(r, counted=r > 0)
+            for side, u in uploads.items():
+                for k, v in u.figures().items():
+                    if k in keys:
+                        out[side][k].append(round(v, 2))
+        finally:
+            for u in uploads.values():
+                u.close()
+            for world in worlds.values():
+                world.stop()
+    for figures in out.values():
+        figures.update({f"{k}_median": round(statistics.median(v), 2) for k, v in list(figures.items())})
+    return out
 
 
 def upload(directory: Path, pki_dir: Path, rounds: int) -> dict[str, Any]:
