@@ -263,17 +263,18 @@ class BureauLink:
         costs ~13 ms of CPU (pure Python), SM4 grows with the input, and a 9101 form decodes and re-encodes the
         whole upload: those are framed off the reactor thread."""
         multipart = self.cfg.file_upload == "multipart" and b'"fsUploadIn"' in body
+        profile = self.cfg.profile
 
         def call() -> gateway.Framed:
-            framed = gateway.frame(self.cfg.profile, infno, body, base_path=base_path or ep.path,
-                                   trade_path=trade_path, now=time.time(), nonce=uuid.uuid4().hex,
-                                   secrets=self.secrets, token=token)
+            nonce = uuid.uuid4().hex if gateway.uses_nonce(profile) else ""
+            framed = gateway.frame(profile, infno, body, base_path=base_path or ep.path, trade_path=trade_path,
+                                   now=time.time(), nonce=nonce, secrets=self.secrets, token=token)
             # signatures are over headers, so the form is the last step (under Jilin's encryption the envelope
             # is sealed and goes as it is)
             form = fileform.upload_form(framed.body) if multipart else None
             return framed if form is None else \
                 gateway.Framed(framed.path, {**framed.headers, "Content-Type": form[1]}, form[0])
-        if self.cfg.profile.style == "jilin" or multipart:
+        if profile.style == "jilin" or multipart:
             return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)
         return defer.succeed(call())
 
