@@ -69,6 +69,7 @@ class _Pool:
         self.up: bool | None = None  # None: not tried yet
         self.retired = False  # replaced by a reload: connections still in use close when done
         self.tokens: TokenCache | None = None  # the gateway's bearer token, where the region has one
+        self.seconds = metrics.BUREAU_SECONDS.labels(ep.name)  # labels() is a lock and a look-up: once, not a trade
 
     async def acquire(self) -> HTTPClientProtocol:
         while self.idle:
@@ -307,7 +308,7 @@ class BureauLink:
             if timer.active():
                 timer.cancel()
                 try:
-                    result.callback(self._delivery(ep, resp, time.perf_counter() - started))
+                    result.callback(self._delivery(pool, resp, time.perf_counter() - started))
                 except (Unknown, gateway.Refused) as e:
                     result.errback(e)
             elif on_late is not None:
@@ -328,8 +329,9 @@ class BureauLink:
         conn.request(framed.path, framed.body, headers).addCallbacks(answered, failed)
         return result
 
-    def _delivery(self, ep: Endpoint, resp: ClientResponse, seconds: float) -> Delivery:
-        metrics.BUREAU_SECONDS.labels(ep.name).observe(seconds)
+    def _delivery(self, pool: _Pool, resp: ClientResponse, seconds: float) -> Delivery:
+        ep = pool.ep
+        pool.seconds.observe(seconds)
         try:
             resp.body = gateway.unframe(self.cfg.profile, resp.status, resp.body, self.secrets)
         except gateway.Unreadable as e:
