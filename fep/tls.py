@@ -130,6 +130,14 @@ class _ReadsWhatIsThere(TLSMemoryBIOProtocol):
             self._flushSendBIO()
 
 
+def finished(transport: object) -> bool:
+    """TLS is over on this transport: the peer's close_notify or an alert was read, though connectionLost may
+    not have come yet. Twisted's TLS layer drops every write from then on (TLSMemoryBIOProtocol._write), so
+    this is the test of a write that would never leave; asking OpenSSL (get_shutdown) would be a call
+    into it, a release of the interpreter lock, each time the link looks at a connection (three a trade)."""
+    return bool(getattr(transport, "_lostTLSConnection", False))
+
+
 class WholeWrites(TLSMemoryBIOFactory):
     """TLS for a protocol that writes each message whole, in one write, as fep's HTTP does. Twisted's default
     TLS transport (BufferingTLSTransport, Twisted #11989) holds every write until the next reactor turn to

@@ -263,7 +263,7 @@ def test_client_an_answer_of_many_records_and_the_close_behind_it_are_read_where
     for i in range(0, len(data), cut):
         wire.client_tls.dataReceived(data[i:i + cut])
     assert _outcome(answer).body == body
-    assert not wire.client.idle and wire.client_tls._lostTLSConnection, "the close_notify was not read"
+    assert not wire.client.idle and tls.finished(wire.client_tls), "the close_notify was not read"
 
 
 def test_client_a_renegotiation_the_bureau_asks_for_is_done_and_its_answers_still_read(pki_dir) -> None:
