@@ -69,6 +69,7 @@ class _Pool:
         self.up: bool | None = None  # None: not tried yet
         self.retired = False  # replaced by a reload: connections still in use close when done
         self.tokens: TokenCache | None = None  # the gateway's bearer token, where the region has one
+        self.seconds = metrics.BUREAU_SECONDS.labels(ep.name)  # labels() is a lock and a look-up: once, not a trade
 
     async def acquire(self) -> HTTPClientProtocol:
         while self.idle:
@@ -263,17 +264,18 @@ class BureauLink:
         costs ~13 ms of CPU (pure Python), SM4 grows with the input, and a 9101 form decodes and re-encodes the
         whole upload: those are framed off the reactor thread."""
         multipart = self.cfg.file_upload == "multipart" and b'"fsUploadIn"' in body
+        profile = self.cfg.profile
 
         def call() -> gateway.Framed:
-            framed = gateway.frame(self.cfg.profile, infno, body, base_path=base_path or ep.path,
-                                   trade_path=trade_path, now=time.time(), nonce=uuid.uuid4().hex,
-                                   secrets=self.secrets, token=token)
+            nonce = uuid.uuid4().hex if gateway.uses_nonce(profile) else ""
+            framed = gateway.frame(profile, infno, body, base_path=base_path or ep.path, trade_path=trade_path,
+                                   now=time.time(), nonce=nonce, secrets=self.secrets, token=token)
             # signatures are over headers, so the form is the last step (under Jilin's encryption the envelope
             # is sealed and goes as it is)
             form = fileform.upload_form(framed.body) if multipart else None
             return framed if form is None else \
                 gateway.Framed(framed.path, {**framed.headers, "Content-Type": form[1]}, form[0])
-        if self.cfg.profile.style == "jilin" or multipart:
+        if profile.style == "jilin" or multipart:
             return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), call)
         return defer.succeed(call())
 
@@ -306,7 +308,7 @@ class BureauLink:
             if timer.active():
                 timer.cancel()
                 try:
-                    result.callback(self._delivery(ep, resp, time.perf_counter() - started))
+                    result.callback(self._delivery(pool, resp, time.perf_counter() - started))
                 except (Unknown, gateway.Refused) as e:
                     result.errback(e)
             elif on_late is not None:
@@ -327,8 +329,9 @@ class BureauLink:
         conn.request(framed.path, framed.body, headers).addCallbacks(answered, failed)
         return result
 
-    def _delivery(self, ep: Endpoint, resp: ClientResponse, seconds: float) -> Delivery:
-        metrics.BUREAU_SECONDS.labels(ep.name).observe(seconds)
+    def _delivery(self, pool: _Pool, resp: ClientResponse, seconds: float) -> Delivery:
+        ep = pool.ep
+        pool.seconds.observe(seconds)
         try:
             resp.body = gateway.unframe(self.cfg.profile, resp.status, resp.body, self.secrets)
         except gateway.Unreadable as e:

@@ -143,9 +143,15 @@ def path_for(profile: Profile, base_path: str, infno: str, trade_path: str | Non
     return base_path
 
 
+def uses_nonce(profile: Profile) -> bool:
+    """Only the x-tif signature has a nonce: the link makes one (os.urandom) only for the style that sends it."""
+    return profile.style == "guangdong"
+
+
 def frame(profile: Profile, infno: str, body: bytes, *, base_path: str, trade_path: str | None, now: float,
           nonce: str, secrets: Secrets, token: str | None = None) -> Framed:
-    """The request as the region's gateway wants it. `body` is the envelope as journalled."""
+    """The request as the region's gateway wants it. `body` is the envelope as journalled; `nonce` is read
+    only where `uses_nonce`."""
     headers = {"Content-Type": profile.content_type}
     style = profile.style
     if style == "guangdong":

@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from fep import tls
+
 
 log = Logger()
 
@@ -550,8 +552,7 @@ class HTTPClientProtocol(Protocol):
             return True
         if getattr(getattr(t, "transport", None), "disconnecting", False):  # TCP under TLS: shut down
             return True
-        handle = t.getHandle() if hasattr(t, "getHandle") else None
-        return isinstance(handle, SSL.Connection) and bool(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        return tls.finished(t)
 
     def unread(self) -> bool:
         """Bytes wait in the kernel on this idle connection, not yet read by the reactor: the bureau's

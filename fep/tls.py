@@ -13,9 +13,12 @@ from pathlib import Path
 
 from cryptography import x509
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi, lib as _lib
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from fep.config import TLSFiles
 
@@ -89,13 +92,59 @@ def _ca(path: Path) -> ssl.Certificate:
         raise TLSConfigError(f"CA certificate {path} is not a PEM certificate: {e}") from None
 
 
+def _buffered(bio: object) -> int:
+    """Bytes waiting in one of a connection's memory BIOs (BIO_get_mem_data: pyOpenSSL has no public call)."""
+    return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
+
+
+_ROOM = 2**15  # a recv's buffer: more than a TLS record's 16 KB, so a record is always read whole
+
+
+class _ReadsWhatIsThere(TLSMemoryBIOProtocol):
+    """Twisted's TLS memory BIO transport, asking OpenSSL only for what is there. Twisted calls recv until it
+    raises WantReadError, then reads the outgoing BIO whether or not anything is in it (WantReadError again):
+    two exceptions and five calls into OpenSSL, each a release of the interpreter lock, for every chunk
+    received. Here the receive loop ends once the record read was read whole and no received byte is left
+    in the incoming BIO (OpenSSL, without read-ahead, takes only whole records from it), and the outgoing
+    BIO is read only when it holds something. A chunk that ends inside a record still ends in WantReadError,
+    and close_notify, alerts and renegotiation take Twisted's own paths."""
+
+    def _flushReceiveBIO(self) -> None:
+        conn = self._tlsConnection
+        while not self._lostTLSConnection:
+            try:
+                data = conn.recv(_ROOM)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()  # the peer's close_notify: answer it, then close (as Twisted does)
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+                if len(data) < _ROOM and not _buffered(conn._into_ssl):
+                    break
+        if _buffered(conn._from_ssl):  # what reading made OpenSSL say: a close_notify's answer, a handshake's
+            self._flushSendBIO()
+
+
+def finished(transport: object) -> bool:
+    """TLS is over on this transport: the peer's close_notify or an alert was read, though connectionLost may
+    not have come yet. Twisted's TLS layer drops every write from then on (TLSMemoryBIOProtocol._write), so
+    this is the test of a write that would never leave; asking OpenSSL (get_shutdown) would be a call
+    into it, a release of the interpreter lock, each time the link looks at a connection (three a trade)."""
+    return bool(getattr(transport, "_lostTLSConnection", False))
+
+
 class WholeWrites(TLSMemoryBIOFactory):
     """TLS for a protocol that writes each message whole, in one write, as fep's HTTP does. Twisted's default
     TLS transport (BufferingTLSTransport, Twisted #11989) holds every write until the next reactor turn to
     gather small ones into one TLS record: a DelayedCall and two copies of the bytes per write, and a turn
     of delay, which a whole message gains nothing from."""
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = _ReadsWhatIsThere
 
 
 def client_options(files: TLSFiles, server_name: str) -> IOpenSSLClientConnectionCreator:

@@ -53,6 +53,15 @@ def test_guangdong_signs_timestamp_secret_nonce_timestamp_with_sha256(secrets: d
     assert out.body == TRADE
 
 
+@pytest.mark.parametrize("style", ["baseline", "guangdong", "hunan", "jiangsu", "jilin"])
+def test_only_a_style_that_uses_a_nonce_sends_one(style: str, secrets: dict[str, Secret]) -> None:
+    """The link makes a nonce (os.urandom) only where uses_nonce says the request carries it."""
+    settings = {"paasid": "p", "api_version": "1.0.0", "sm2_uid": "1234567812345678"}
+    sent = [gateway.frame(profile(style, **settings), "2207", TRADE, base_path=CALL, trade_path=None, now=NOW,
+                          nonce=nonce, secrets=secrets, token="tok").headers for nonce in ("n1", "n2")]
+    assert (sent[0] != sent[1]) is gateway.uses_nonce(profile(style)), sent
+
+
 def test_hunan_signs_the_sorted_api_headers_with_hmac_sha1_and_names_the_trade(secrets: dict[str, Secret]) -> None:
     out = gateway.frame(profile("hunan", api_version="1.0.0"), "2207", TRADE, base_path=CALL, trade_path=None,
                         now=NOW, nonce="n", secrets=secrets)

@@ -3,6 +3,7 @@ sent, not sent or unknown."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -11,7 +12,9 @@ import time
 from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
+from OpenSSL import SSL
 from twisted.internet import defer, task
+from twisted.internet import ssl as twisted_ssl
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
@@ -168,11 +171,12 @@ class _Wire:
     """A client and a server over real TLS in memory: bytes move only when the test moves them, and a
     closed connection is reported (connectionLost) only when the test says so."""
 
-    def __init__(self, pki: Any, server_app: Any, clock: task.Clock | None = None) -> None:
+    def __init__(self, pki: Any, server_app: Any, clock: task.Clock | None = None,
+                 server: twisted_ssl.CertificateOptions | None = None) -> None:
         self.clock = clock or task.Clock()  # the bureau's side: Twisted's TLS transport flushes writes on the next tick
         creator = tls.client_options(TLSFiles(pki / "ca.pem", pki / "hospital.pem", pki / "hospital.key"),
                                      "bureau.fep.test")
-        server = tls.server_options(TLSFiles(pki / "ca.pem", pki / "bureau.pem", pki / "bureau.key"))
+        server = server or tls.server_options(TLSFiles(pki / "ca.pem", pki / "bureau.pem", pki / "bureau.key"))
         self.client = HTTPClientProtocol()
         # as the link's: each write goes into the TLS layer at once
         self.client_tls = tls.WholeWrites(creator, True, Factory.forProtocol(lambda: self.client)).buildProtocol(None)
@@ -240,6 +244,48 @@ def test_pool_skips_an_idle_connection_the_bureau_closed_and_connects_afresh(pki
     app.transport.loseConnection()
     stale.to_client()
     assert _outcome(defer.ensureDeferred(pool.acquire())) is fresh.client and pool.count == 1
+
+
+@pytest.mark.parametrize("cut", [1, 7, 1000, 1 << 20])
+def test_client_an_answer_of_many_records_and_the_close_behind_it_are_read_wherever_the_network_cuts_them(
+        pki_dir, cut: int) -> None:
+    """The link's TLS asks OpenSSL only for what a chunk holds (tls._ReadsWhatIsThere): every record of an
+    answer is read whether a chunk ends inside one, between two or after all, and so is the bureau's
+    close_notify right behind it."""
+    body = bytes(range(256)) * 160  # 40 KB: three records
+    app = HTTPServerProtocol(lambda req: Response(200, body), max_body=1000)
+    wire = _Wire(pki_dir, app)
+    answer = wire.client.request("/", b"{}", {"Host": "bureau"})
+    wire.toserver()
+    app.transport.loseConnection()
+    wire.clock.advance(0)
+    data, _ = wire.st.value(), wire.st.clear()
+    for i in range(0, len(data), cut):
+        wire.client_tls.dataReceived(data[i:i + cut])
+    assert _outcome(answer).body == body
+    assert not wire.client.idle and tls.finished(wire.client_tls), "the close_notify was not read"
+
+
+def test_client_a_renegotiation_the_bureau_asks_for_is_done_and_its_answers_still_read(pki_dir) -> None:
+    """TLS 1.2 (the lowest the link allows): the bureau renegotiates between two exchanges on one connection."""
+    own = tls._private(pki_dir / "bureau.pem", pki_dir / "bureau.key")
+    tls12 = twisted_ssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
+                                           raiseMinimumTo=twisted_ssl.TLSVersion.TLSv1_2,
+                                           lowerMaximumSecurityTo=twisted_ssl.TLSVersion.TLSv1_2)
+    app = _bureau_app()
+    wire = _Wire(pki_dir, app, server=tls12)
+    first = wire.client.request("/", b"{}", {"Host": "bureau"})
+    wire.pump()
+    assert _outcome(first).status == 200
+    bureau = wire.server_tls._tlsConnection
+    assert bureau.renegotiate()
+    with contextlib.suppress(SSL.WantReadError):
+        bureau.do_handshake()
+    wire.server_tls._flushSendBIO()  # its HelloRequest
+    second = wire.client.request("/", b"{}", {"Host": "bureau"})
+    wire.pump()
+    assert _outcome(second).status == 200 and wire.client.idle
+    assert wire.client_tls.getHandle().total_renegotiations() == 1
 
 
 # ---- the bureau side: a connection that timed out ----------------------------------------------------------
