@@ -246,6 +246,22 @@ def test_pool_skips_an_idle_connection_the_bureau_closed_and_connects_afresh(pki
     assert _outcome(defer.ensureDeferred(pool.acquire())) is fresh.client and pool.count == 1
 
 
+def test_the_twisted_and_pyopenssl_internals_the_links_tls_reads_are_still_there(pki_dir) -> None:
+    """tls._ReadsWhatIsThere and tls.finished lean on Twisted's TLS transport and pyOpenSSL's memory BIOs
+    below their public API: an upgrade that renames them must fail here, not quietly slow the link or
+    make a write that never leaves look sent."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    for name in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS", "_tlsShutdownFinished", "_lostTLSConnection",
+                 "_aborted"):
+        assert hasattr(TLSMemoryBIOProtocol, name), name
+    wire = _Wire(pki_dir, _bureau_app())
+    conn = wire.client_tls._tlsConnection
+    assert isinstance(conn, SSL.Connection)
+    assert tls._buffered(conn._into_ssl) == 0 and tls._buffered(conn._from_ssl) >= 0
+    assert not tls.finished(wire.client_tls)
+
+
 @pytest.mark.parametrize("cut", [1, 7, 1000, 1 << 20])
 def test_client_an_answer_of_many_records_and_the_close_behind_it_are_read_wherever_the_network_cuts_them(
         pki_dir, cut: int) -> None:
