@@ -30,6 +30,8 @@ def test_the_msgid_counter_never_repeats_a_number_not_after_9999_nor_when_the_cl
     earlier = restarted.next(datetime(2026, 11, 23, 8, 59, 0))  # the clock went back
     assert earlier not in ids and earlier > ids[-1]
     assert not well_formed("H4301000000120261399250000001") and not well_formed("not-a-msgid")
+    assert not well_formed("H43010000001202602300900000001")  # 30 February
+    assert not well_formed("H43010000001２０26112309000000001"[:30])  # full-width digits: not the bureau's form
 
 
 @pytest.mark.skipif(not SAMPLES.exists(), reason="shared/reference/samples is not beside the checkout")
