@@ -172,8 +172,8 @@ class Engine:
             result = await self._reversal_asked(trade, req)
         else:
             result = await self._take(trade, req)
-        metrics.TRADES.labels(trade.infno, outcome(result.head)).inc()
-        metrics.TRADE_SECONDS.labels(trade.infno).observe(time.perf_counter() - started)
+        metrics.child(metrics.TRADES, trade.infno, outcome(result.head)).inc()
+        metrics.child(metrics.TRADE_SECONDS, trade.infno).observe(time.perf_counter() - started)
         return result
 
     async def lookup(self, key: str) -> Reply:
