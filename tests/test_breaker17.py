@@ -1,0 +1,48 @@
+"""Breaker 17: "one trade per HIS msgid" after fep stopped looking up a key its Bloom filter calls new (331e6e0),
+tried from outside as an HIS and as the bureau's ledger would check it: a resubmission while the keys are read
+and after they are, after the archive run, after a takeover, under fep's own msgids, with odd keys, and on a
+journal whose archived keys cannot be read. Each story compares what the HIS heard, the journal and the
+bureau's ledger."""
+
+from __future__ import annotations
+
+from fep.sim.world import World, said, wait_for
+from tests.test_archive import AGE, age
+from tests.test_breaker22 import not_settled_again, reversed_under_its_key
+from tests.test_breaker23 import left_in_a_monthly_file
+
+
+# ---- what broke ---------------------------------------------------------------------------------------------------
+
+def test_on_postgresql_a_settlement_in_a_monthly_file_restored_after_the_start_is_not_settled_again(
+        world: World, pg_url: str) -> None:
+    """A pair on PostgreSQL ran a release before the archive tables: its nightly run moved Zhang's reversed
+    settlement (the HIS's uuid key; fep reversed it when its answer was lost) into the month's file beside node
+    a's journal.path. At the upgrade the file was on the backup disk, not beside journal.path; the operator
+    restores it there once node a leads, and tonight's archive run takes it into archived_trades (the run's
+    "a file restored beside journal.path since the start"). Then the HIS's retry job sends the settlement again
+    under its key. fep show finds it; the HIS must hear that trade, or a refusal. Today the keys the run takes
+    in never reach the leader's filter, read at its takeover: it calls the key new, looks nothing up, and the
+    journal's own check searches the journal's table only. Zhang is settled again: a second settlement live at
+    the bureau under one HIS msgid."""
+    world.share_journal(pg_url)
+    visit, key, first = reversed_under_its_key(world)
+    world.stop()
+    age(world, AGE)
+    family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
+    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, family))
+    aside = world.dir / beside.name  # on the backup disk at the upgrade
+    beside.rename(aside)
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    aside.rename(beside)  # restored beside journal.path
+    run = world.cli("archive", "--json")
+    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+    shown = world.cli("show", first["fep_msgid"])
+    assert "archived: read from" in shown.stdout, shown.stdout + shown.stderr  # what held: fep show finds it
+
+    again = visit.settle(msgid=key)
+    under_key = [(r["msgid"], r["state"]) for r in world.journal("his_msgid = ?", (key,))]
+    assert not under_key, f"HIS heard {said(again)}; journal holds {under_key} under {key}; bureau " \
+                          f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
+    not_settled_again(world, again, first)
