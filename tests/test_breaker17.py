@@ -46,3 +46,36 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_restored_after_the_start_i
     assert not under_key, f"HIS heard {said(again)}; journal holds {under_key} under {key}; bureau " \
                           f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
     not_settled_again(world, again, first)
+
+
+def test_on_postgresql_a_settlement_in_a_monthly_file_the_standby_takes_in_at_its_start_is_not_settled_again(
+        world: World, pg_url: str) -> None:
+    """A pair on PostgreSQL ran a release before the archive tables; in the month node b led, its nightly run
+    moved Zhang's reversed settlement (the HIS's uuid key) into the month's file beside node b's journal.path.
+    The pair is upgraded one node at a time: node a first, which leads, then node b, which takes its file into
+    archived_trades as it starts ("before any trade") and stands by. The HIS's retry job then sends the
+    settlement again under its key, to the leader. Today node a's filter was read when it took over, before
+    node b's start added the file's keys: node a calls the key new, looks nothing up, and Zhang is settled
+    again, a second settlement live at the bureau under one HIS msgid."""
+    world.share_journal(pg_url)
+    visit, key, first = reversed_under_its_key(world)
+    world.stop()
+    age(world, AGE)
+    family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
+    on_a = world.local_file("a").with_name(left_in_a_monthly_file(world, family))
+    on_b = world.local_file("b").with_name(on_a.name)
+    on_b.parent.mkdir(parents=True, exist_ok=True)
+    on_a.rename(on_b)  # node b led that month: the file is beside its journal.path
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    world.start_peer()
+    wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
+    assert on_b.with_name(f"{on_b.name}.in-postgresql").exists()  # taken in by node b's start
+    shown = world.cli("show", first["fep_msgid"])
+    assert "archived: read from" in shown.stdout, shown.stdout + shown.stderr  # what held: fep show finds it
+
+    again = visit.settle(msgid=key)
+    under_key = [(r["msgid"], r["state"]) for r in world.journal("his_msgid = ?", (key,))]
+    assert not under_key, f"HIS heard {said(again)}; journal holds {under_key} under {key}; bureau " \
+                          f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
+    not_settled_again(world, again, first)
