@@ -1,8 +1,9 @@
 """Breaker 17: "one trade per HIS msgid" after fep stopped looking up a key its Bloom filter calls new (331e6e0),
-tried from outside as an HIS and as the bureau's ledger would check it: a resubmission while the keys are read
-and after they are, after the archive run, after a takeover, under fep's own msgids, with odd keys, and on a
-journal whose archived keys cannot be read. Each story compares what the HIS heard, the journal and the
-bureau's ledger."""
+tried from outside as an HIS and as the bureau's ledger would check it. What broke: keys that enter the journal's
+archive other than through its writer's accept (an earlier release's month file taken into PostgreSQL's
+archive tables after the leader read its filter) are called new. Each story compares what the HIS heard, the
+journal and the bureau's ledger. What held (resends while the keys are read and after, at a takeover, under
+fep's own msgids, odd keys, a journal whose keys cannot be read) is in the commit that added this file."""
 
 from __future__ import annotations
 
