@@ -25,8 +25,8 @@ from fep.bureau import BureauLink, Delivery, NotSent, Unknown
 from fep.codebook import CodeBook
 from fep.config import Config
 from fep.confirm import ConfirmWindows, NotAwaiting
-from fep.journal import (Accepted, ArchivedKey, Fenced, IllegalTransition, Journal, JournalError, NewTrade,
-                         TradeRow, answer_with_place, insured_place, pack)
+from fep.journal import (Accepted, ArchivedKey, Fenced, IllegalTransition, Journal, JournalError, KeyInArchive,
+                         NewTrade, TradeRow, answer_with_place, insured_place, pack)
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
 from fep.replies import Reply, lookup_view, outcome, passed_on, reply
@@ -200,9 +200,10 @@ class Engine:
         msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
         # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's;
         # it runs while the digest is computed (a 3.5 MB upload's takes 8 ms)
-        # A key the journal's filter has never seen is new, and needs no read (a tenth of fep's CPU a trade)
-        lookup = (defer.ensureDeferred(self._named(his_msgid)) if his_msgid and self.journal.keys.may_hold(his_msgid)
-                  else None)
+        # A key the journal's filter has never seen is new, and needs no read (a tenth of fep's CPU a trade); the
+        # accept then searches the archive for it, which keys may enter other ways (KeyInArchive)
+        looked_up = bool(his_msgid) and self.journal.keys.may_hold(his_msgid)  # type: ignore[arg-type]
+        lookup = defer.ensureDeferred(self._named(his_msgid)) if looked_up else None  # type: ignore[arg-type]
         # ... and the HIS's input bytes are compressed for the journal meanwhile (ISA-L lets go of the GIL)
         packed = pack(req.input_json) if req.input_json is not None else None
         digest = envelope.payload_hash(req.envelope, self._as_sent(trade, req))  # before fep maps anything
@@ -228,12 +229,20 @@ class Engine:
             env["sign_no"] = self.session.sign_no
             acc = await self._accept(NewTrade(trade.infno, msgid, psn, state, digest, env, related=related,
                                               his_msgid=his_msgid, input_json=input_json,
-                                              packed_input=packed if input_json is not None else None))
+                                              packed_input=packed if input_json is not None else None,
+                                              looked_up=looked_up))
             if not acc.created and not _same(acc.row, digest):  # sent twice at once, the other first: changed
                 raise _reused(acc.row)
             return acc
 
-        return await self._first_send(trade, psn, req.input, answer_by, write)
+        try:
+            return await self._first_send(trade, psn, req.input, answer_by, write)
+        except KeyInArchive:  # nothing was journalled: decide as if the filter had said "maybe"
+            known = await self._named(his_msgid)  # type: ignore[arg-type]
+            if known is not None and self._sent_again(known, his_msgid, digest):  # type: ignore[arg-type]
+                return await self._resubmitted(trade, known, digest, answer_by)
+            looked_up = True
+            return await self._first_send(trade, psn, req.input, answer_by, write)
 
     async def _first_send(self, trade: TradeDef, psn: str | None, input_: dict[str, Any], answer_by: float,
                           write: Write) -> Reply:

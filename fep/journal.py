@@ -99,6 +99,12 @@ class Fenced(Exception):
     """This node's leader epoch is no longer the journal's: another node leads, and nothing more is sent."""
 
 
+class KeyInArchive(Exception):
+    """A new trade's HIS msgid, which was not looked up (the filter of keys called it new), is in the archive
+    after all: keys can enter it other than through this journal's writer (on PostgreSQL, another node's
+    start takes an earlier release's month files in). Nothing was journalled: look the key up and decide again."""
+
+
 class IllegalTransition(Exception):
     def __init__(self, msgid: str, event: str, state: str | None) -> None:
         super().__init__(f"trade {msgid}: event {event!r} is not allowed in state {state}")
@@ -180,6 +186,7 @@ class NewTrade:
     his_msgid: str | None = None  # the HIS's idempotency key; msgid is the one the bureau sees
     input_json: msgspec.Raw | None = None  # envelope["input"] as the HIS wrote it (HisRequest.input_json)
     packed_input: concurrent.futures.Future[bytes] | None = None  # input_json being compressed (pack)
+    looked_up: bool = True  # False: his_msgid was not looked up, so the accept searches the archive for it
 
 
 @dataclass
@@ -553,6 +560,8 @@ class Journal:
         now = time.time()
         if new.his_msgid is not None and (seen := _by_his_msgid(conn, new.his_msgid)) is not None:
             return Accepted(seen, created=False)  # the HIS sent it before: the first submission stands
+        if not new.looked_up and new.his_msgid is not None and _in_archive(conn, new.his_msgid):
+            raise KeyInArchive(new.his_msgid)
         _hold_epoch(conn, self.fence)  # a new trade is a promise to the HIS: only the leader makes one
         while True:
             msgid = new.msgid or self._number(conn)
@@ -1117,6 +1126,13 @@ def _archived_key(conn: sqlite3.Connection, key: str, his: bool = False) -> Arch
     else:
         rows = _fetch(conn, "SELECT coalesce(msgid, key) FROM archived_keys WHERE key = ?", (key,))
     return ArchivedKey(rows[0][0]) if rows else None
+
+
+def _in_archive(conn: sqlite3.Connection, key: str) -> bool:
+    """Whether any archived trade has `key` as its msgid or its HIS msgid (one statement, in the accept)."""
+    if isinstance(conn, journal_pg.PgConnection):
+        return bool(_fetch(conn, "SELECT 1 FROM archived_trades WHERE his_msgid = ? OR msgid = ? LIMIT 1", (key, key)))
+    return bool(_fetch(conn, "SELECT 1 FROM archived_keys WHERE key = ?", (key,)))
 
 
 def _by_his_msgid(conn: sqlite3.Connection, key: str) -> TradeRow | None:
