@@ -386,7 +386,8 @@ class Journal:
                     rows += read
             finally:
                 conn.close()
-        except Exception:  # the filter stays unread: every key goes to the journal, as without it
+        except Exception:  # the filter stays unread (nor are keys kept for it): every key is looked up
+            self.keys.forget()
             log.failure("the journal's keys could not be read; each new trade's key is looked up instead")
             return
         self.keys.read(reading, stored)
