@@ -26,9 +26,10 @@ from fep.codebook import CodeBook
 from fep.config import Config
 from fep.confirm import ConfirmWindows, NotAwaiting
 from fep.journal import (Accepted, ArchivedKey, Fenced, IllegalTransition, Journal, JournalError, KeyInArchive,
-                         NewTrade, TradeRow, answer_with_place, insured_place, pack)
+                         NewTrade, TradeRow, answer_with_place, pack)
 from fep.lanes import LaneBusy, Lanes, Step
 from fep.msgid import well_formed
+from fep.places import InsuredPlaces
 from fep.replies import Reply, lookup_view, outcome, passed_on, reply
 from fep.resolver import DRIVEN, Markers, Resolver
 from fep.sender import Sender, recorded
@@ -69,6 +70,7 @@ class Engine:
         self.session = Session(now, self._sign_in, cfg.bureau.not_signed_in)
         self.sender = Sender(link, self.session, journal, now, self._late, lambda: self.cfg.remote_route)
         self.lanes = Lanes(reactor, self._replay)
+        self.places = InsuredPlaces(journal)
         self.resolver = Resolver(reactor, journal, self.sender, self.lanes, lambda: self.trades,
                                  lambda: self.cfg.resolution, self._markers, self._complete, self._after_answer)
         self.windows = ConfirmWindows(reactor, now, journal, self.resolver.unconfirmed)
@@ -84,6 +86,7 @@ class Engine:
     # ---- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
         """Recovery: read every open trade's state and pick it up. Runs before the listeners open."""
+        self.places.forget()  # (a takeover: the other node journalled 1101s meanwhile)
         for row in await self.journal.to_recover():
             await self._recover(row)
         self._poll = task.LoopingCall(self._tick)
@@ -388,6 +391,7 @@ class Engine:
             self.windows.arm(row)
         elif ans.ok and trade.insuplc == "remember" and (place := _place_in(ans.output)):  # (else left unparsed)
             row = await self.journal.run(answer_with_place(row.msgid, fields, *place))
+            self.places.journalled(*place)
         else:
             row = await self.journal.transition(row.msgid, "answer", **fields)
         if ans.ok:
@@ -411,7 +415,7 @@ class Engine:
     async def _insured_place(self, trade: TradeDef, psn: str) -> str:
         """The person's insured region (参保地) from their last 1101, for an envelope the HIS left without
         one: the bureau routes a 异地 patient's trade by it. "" where fep has none and may forward it so."""
-        place = await self.journal.read(insured_place(psn), decides=True)
+        place = await self.places.of(psn)
         if place is None and self.cfg.remote_without_1101 == "refuse":
             raise Refused(400, f"{trade.infno} {trade.name}: insuplc_admdvs (参保地医保区划) is empty and fep has no "
                                f"1101 answer of this person to fill it from: call 1101 (人员信息获取) for the "
