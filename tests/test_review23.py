@@ -1,0 +1,78 @@
+"""Review 23: this session's changes tried from outside (the new-key filter and the accept's own search of the
+archive, a quiet stop, the bureau link's TLS reads). Each story compares what the HIS heard, the journal and the
+bureau's ledger. What held is in the commit that added this file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fep.sim.world import World, said, wait_for
+from tests.test_archive import AGE, age
+from tests.test_breaker22 import his_key
+from tests.test_breaker23 import left_in_a_monthly_file
+from tests.test_catalog import RETIRED, visit_with_hospital_codes
+
+AMOX = "XA01AAA001A001010100001"
+
+
+def _map(world: World, national: str) -> None:
+    csv = world.dir / "map.csv"
+    csv.write_text(f"hosp_code,national_code\nH-AMOX,{national}\n", encoding="utf-8")
+    done = world.cli("catalog", "map", "import", str(csv))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _archived_upload_taken_in_after_the_start(world: World, pg_url: str) -> tuple[dict[str, Any], str,
+                                                                                   dict[str, Any]]:
+    """A pair on PostgreSQL ran a release before the archive tables. Zhang's fees went up under the HIS's key
+    (hospital codes only: fep filled the national ones) and were answered; that release's nightly run moved
+    the upload into the month's file beside node a's journal.path, which was on the backup disk at the
+    upgrade and is restored once node a leads; tonight's archive run takes it in (the leader's filter of
+    keys never hears of it). Returns the upload's input, its key and what the HIS heard first."""
+    world.share_journal(pg_url)
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    assert world.cli("catalog", "sync").returncode == 0
+    _map(world, AMOX)
+    _, input_ = visit_with_hospital_codes(world.his, ["H-AMOX"])
+    key = his_key()
+    first = world.his.call("2204", input_, msgid=key)
+    assert first["infcode"] == 0, said(first)
+    world.stop()
+    age(world, AGE)
+    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, [first["fep_msgid"]]))
+    aside: Path = world.dir / beside.name
+    beside.rename(aside)
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    aside.rename(beside)
+    run = world.cli("archive", "--json")
+    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+    return input_, key, first
+
+
+def _heard_the_stored_answer(world: World, again: dict[str, Any], first: dict[str, Any], key: str) -> None:
+    under_key = [(r["msgid"], r["state"]) for r in world.journal("his_msgid = ?", (key,))]
+    uploads = [(s["msgid"], s.get("state")) for s in world.ledger()]
+    facts = f"HIS heard {said(again)} under fep_msgid {again.get('fep_msgid')}; journal holds {under_key} under " \
+            f"{key}; bureau ledger {uploads}; bureau answers {world.sim_answers()}"
+    assert again["infcode"] == 0 and again.get("fep_msgid") == first["fep_msgid"], facts
+    assert not under_key, facts
+
+
+# ---- what broke ---------------------------------------------------------------------------------------------------
+
+def test_an_archived_fee_upload_sent_again_after_its_code_was_remapped_hears_its_stored_answer(
+        world: World, pg_url: str) -> None:
+    """The upload of _archived_upload_taken_in_after_the_start went up and was answered. Since, the hospital's
+    mapping of H-AMOX changed (here: to a code the catalog has retired). The HIS's retry job sends the upload
+    again under its key, byte for byte: same msgid and same payload must hear the stored answer, as it did
+    before 331e6e0 (the look-up came before any check). Today the filter calls the key new, nothing is looked
+    up, and the engine maps the fee codes and judges them before the accept ever searches the archive
+    (KeyInArchive): the HIS is refused its own answered upload, and told the line cannot go."""
+    input_, key, first = _archived_upload_taken_in_after_the_start(world, pg_url)
+    _map(world, RETIRED)
+    again = world.his.call("2204", input_, msgid=key)
+    _heard_the_stored_answer(world, again, first, key)
