@@ -9,7 +9,7 @@ from typing import Any
 
 from fep.sim.world import World, said, wait_for
 from tests.test_archive import AGE, age
-from tests.test_breaker22 import his_key
+from tests.test_breaker22 import his_key, not_settled_again, reversed_under_its_key
 from tests.test_breaker23 import left_in_a_monthly_file
 from tests.test_catalog import RETIRED, visit_with_hospital_codes
 
@@ -76,3 +76,36 @@ def test_an_archived_fee_upload_sent_again_after_its_code_was_remapped_hears_its
     _map(world, RETIRED)
     again = world.his.call("2204", input_, msgid=key)
     _heard_the_stored_answer(world, again, first, key)
+
+
+def test_an_archived_settlement_sent_again_after_a_field_became_required_hears_its_stored_answer(
+        world: World, pg_url: str) -> None:
+    """A pair on PostgreSQL ran a release before the archive tables; its nightly run moved Zhang's reversed
+    settlement (the HIS's uuid key; fep reversed it when its answer was lost) into the month's file beside node
+    a's journal.path, restored there once node a leads and taken in by tonight's archive run. Meanwhile the
+    hospital's trades.yaml came to require a field of 2207 the HIS's old job does not send. The retry job sends
+    the settlement again under its key, byte for byte: it must hear that trade (fep_msgid and all), as the
+    engine's own comment has it ("a trade journalled before a field was required is known"), and did before
+    331e6e0. Today the filter calls the key new, and the input checks refuse it (400) before the accept
+    searches the archive: the HIS hears a refusal of a settlement it does not know is reversed."""
+    world.share_journal(pg_url)
+    visit, key, first = reversed_under_its_key(world)
+    world.stop()
+    world.configure(fep={"journal": {"keep_days": 30}},
+                    trades={"2207": {"required": ["data.psn_no", "data.mdtrt_id", "data.fulamt_ownpay_amt"]}})
+    age(world, AGE)
+    family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
+    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, family))
+    aside = world.dir / beside.name
+    beside.rename(aside)
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    aside.rename(beside)
+    run = world.cli("archive", "--json")
+    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+
+    again = visit.settle(msgid=key)
+    facts = f"HIS heard {said(again)} under fep_msgid {again.get('fep_msgid')}; bureau " \
+            f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
+    assert again.get("fep_msgid") == first["fep_msgid"], facts
+    not_settled_again(world, again, first)
