@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fep.sim.world import World, said, wait_for
+from fep.sim.world import ZHANG, Visit, World, said, wait_for
 from tests.test_archive import AGE, age
 from tests.test_breaker22 import his_key, not_settled_again, reversed_under_its_key
 from tests.test_breaker23 import left_in_a_monthly_file
@@ -109,3 +109,40 @@ def test_an_archived_settlement_sent_again_after_a_field_became_required_hears_i
             f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
     assert again.get("fep_msgid") == first["fep_msgid"], facts
     not_settled_again(world, again, first)
+
+
+def test_an_archived_settlement_the_bureau_holds_sent_again_hears_it_is_settled_not_refused(
+        world: World, pg_url: str) -> None:
+    """As above, but Zhang's settlement was answered and stands at the bureau (paid). Its month's file, left by
+    the earlier release, is taken in after node a leads; trades.yaml has come to require a field of 2207 the
+    HIS's old retry job does not send, and the job sends the settlement again under its key, byte for byte. It
+    must hear that settlement (infcode 0, its fep_msgid): told instead that fep refused it ("input is missing
+    ..."), an HIS records the visit as not settled and the cashier settles it again under a new msgid, a
+    second settlement at the bureau. Before 331e6e0 the look-up came first and the HIS heard the settlement."""
+    world.share_journal(pg_url)
+    world.configure(fep={"journal": {"keep_days": 30}})
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    key = his_key()
+    first = visit.settle(msgid=key)
+    assert first["infcode"] == 0, said(first)
+    world.stop()
+    world.configure(fep={"journal": {"keep_days": 30}},
+                    trades={"2207": {"required": ["data.psn_no", "data.mdtrt_id", "data.fulamt_ownpay_amt"]}})
+    age(world, AGE)
+    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, [first["fep_msgid"]]))
+    aside = world.dir / beside.name
+    beside.rename(aside)
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    aside.rename(beside)
+    run = world.cli("archive", "--json")
+    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+
+    again = visit.settle(msgid=key)
+    facts = f"HIS heard {said(again)} under fep_msgid {again.get('fep_msgid')}; bureau " \
+            f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
+    assert again["infcode"] == 0 and again.get("fep_msgid") == first["fep_msgid"], facts
+    assert not world.journal("his_msgid = ?", (key,)), facts
