@@ -13,6 +13,7 @@ passes the same checks. Recovery on start reads states: nothing is guessed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -197,14 +198,11 @@ class Engine:
     # ---- the normal path --------------------------------------------------------------------------
     async def _take(self, trade: TradeDef, req: envelope.HisRequest, related: str | None = None) -> Reply:
         answer_by = self._now() + self.cfg.his.answer_within  # fep answers the HIS by then
-        # The HIS's msgid, whatever its form, is its key; the bureau sees it too when it is well formed
-        # and unused, fep's own number otherwise (the journal keeps both).
-        his_msgid = req.msgid
-        msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
-        # One read (a reader-thread round trip less a trade): the trade under the HIS's msgid, or else fep's;
-        # it runs while the digest is computed (a 3.5 MB upload's takes 8 ms)
-        # A key the journal's filter has never seen is new, and needs no read (a tenth of fep's CPU a trade); the
-        # accept then searches the archive for it, which keys may enter other ways (KeyInArchive)
+        his_msgid = req.msgid  # the HIS's key, whatever its form
+        # One read: the trade under the HIS's msgid, or else fep's; it runs while the digest is computed (a 3.5 MB
+        # upload's takes 8 ms). A key the journal's filter of keys has never seen is new and needs none (a
+        # tenth of fep's CPU a trade); keys can reach the archive behind the filter, so the accept searches it
+        # (KeyInArchive), and a refusal is not said before the key is looked up after all (below).
         looked_up = bool(his_msgid) and self.journal.keys.may_hold(his_msgid)  # type: ignore[arg-type]
         lookup = defer.ensureDeferred(self._named(his_msgid)) if looked_up else None  # type: ignore[arg-type]
         # ... and the HIS's input bytes are compressed for the journal meanwhile (ISA-L lets go of the GIL)
@@ -213,6 +211,23 @@ class Engine:
         known = await lookup if lookup is not None else None
         if known is not None and self._sent_again(known, his_msgid, digest):  # type: ignore[arg-type]
             return await self._resubmitted(trade, known, digest, answer_by)
+        try:
+            return await self._new(trade, req, related, digest, packed, answer_by, looked_up)
+        except Exception:
+            if not looked_up and his_msgid:
+                # Not looked up (the filter called the key new), and no trade was made: a key that names one
+                # after all (keys reach the archive behind the filter) hears that trade, not its checks' refusal
+                known = await self._named(his_msgid)
+                if known is not None and self._sent_again(known, his_msgid, digest):
+                    return await self._resubmitted(trade, known, digest, answer_by)
+            raise
+
+    async def _new(self, trade: TradeDef, req: envelope.HisRequest, related: str | None, digest: envelope.Digest,
+                   packed: concurrent.futures.Future[bytes] | None, answer_by: float, looked_up: bool) -> Reply:
+        """A submission no trade of the journal is known to be under: checked, journalled, sent."""
+        his_msgid = req.msgid
+        # the bureau sees the HIS's msgid too when it is well formed and unused, fep's own number otherwise
+        msgid = his_msgid if his_msgid and well_formed(his_msgid) else None
         trade.validate(req.input)  # after the look-up: a trade journalled before a field was required is known
         if self.journal.cannot_write:
             raise Refused(503, f"journal cannot write: {self.journal.cannot_write}; nothing was accepted, send it "
@@ -244,7 +259,7 @@ class Engine:
             known = await self._named(his_msgid)  # type: ignore[arg-type]
             if known is not None and self._sent_again(known, his_msgid, digest):  # type: ignore[arg-type]
                 return await self._resubmitted(trade, known, digest, answer_by)
-            looked_up = True
+            looked_up = True  # (write reads it: the input stays as mapped once)
             return await self._first_send(trade, psn, req.input, answer_by, write)
 
     async def _first_send(self, trade: TradeDef, psn: str | None, input_: dict[str, Any], answer_by: float,
