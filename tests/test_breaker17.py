@@ -7,10 +7,43 @@ fep's own msgids, odd keys, a journal whose keys cannot be read) is in the commi
 
 from __future__ import annotations
 
-from fep.sim.world import World, said, wait_for
+from typing import Any
+
+from fep.sim.world import Visit, World, said, wait_for
 from tests.test_archive import AGE, age
 from tests.test_breaker22 import not_settled_again, reversed_under_its_key
 from tests.test_breaker23 import left_in_a_monthly_file
+
+
+def family(world: World, msgid: str) -> list[str]:
+    """The trade and its resolving trades (a 2601 that reversed it), as they move to the archive together."""
+    return [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (msgid, msgid))]
+
+
+def taken_in_after_the_lead(world: World, msgids: list[str]) -> None:
+    """The trades, moved by an earlier release into a month's file beside node a's journal.path that was on the
+    backup disk at the upgrade: fep started, the file restored there once node a leads, and taken into
+    archived_trades by `fep archive` (its run takes in a file restored beside journal.path since the start)."""
+    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, msgids))
+    aside = world.dir / beside.name
+    beside.rename(aside)
+    world.start()
+    wait_for(lambda: world.leading() == "a", what="node a to lead")
+    aside.rename(beside)
+    run = world.cli("archive", "--json")
+    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+
+
+def settled_once_after_sending_again(world: World, visit: Visit, key: str, first: dict[str, Any]) -> None:
+    """`fep show` finds the archived settlement; the HIS's retry job sends it again under its key: the journal
+    takes no new trade under it, and the bureau holds no second settlement."""
+    shown = world.cli("show", first["fep_msgid"])
+    assert "archived: read from" in shown.stdout, shown.stdout + shown.stderr
+    again = visit.settle(msgid=key)
+    under_key = [(r["msgid"], r["state"]) for r in world.journal("his_msgid = ?", (key,))]
+    assert not under_key, f"HIS heard {said(again)}; journal holds {under_key} under {key}; bureau " \
+                          f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
+    not_settled_again(world, again, first)
 
 
 # ---- what broke ---------------------------------------------------------------------------------------------------
@@ -30,23 +63,8 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_restored_after_the_start_i
     visit, key, first = reversed_under_its_key(world)
     world.stop()
     age(world, AGE)
-    family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
-    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, family))
-    aside = world.dir / beside.name  # on the backup disk at the upgrade
-    beside.rename(aside)
-    world.start()
-    wait_for(lambda: world.leading() == "a", what="node a to lead")
-    aside.rename(beside)  # restored beside journal.path
-    run = world.cli("archive", "--json")
-    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
-    shown = world.cli("show", first["fep_msgid"])
-    assert "archived: read from" in shown.stdout, shown.stdout + shown.stderr  # what held: fep show finds it
-
-    again = visit.settle(msgid=key)
-    under_key = [(r["msgid"], r["state"]) for r in world.journal("his_msgid = ?", (key,))]
-    assert not under_key, f"HIS heard {said(again)}; journal holds {under_key} under {key}; bureau " \
-                          f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
-    not_settled_again(world, again, first)
+    taken_in_after_the_lead(world, family(world, first["fep_msgid"]))
+    settled_once_after_sending_again(world, visit, key, first)
 
 
 def test_on_postgresql_a_settlement_in_a_monthly_file_the_standby_takes_in_at_its_start_is_not_settled_again(
@@ -62,8 +80,8 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_the_standby_takes_in_at_it
     visit, key, first = reversed_under_its_key(world)
     world.stop()
     age(world, AGE)
-    family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
-    on_a = world.local_file("a").with_name(left_in_a_monthly_file(world, family))
+    on_a_file = left_in_a_monthly_file(world, family(world, first["fep_msgid"]))
+    on_a = world.local_file("a").with_name(on_a_file)
     on_b = world.local_file("b").with_name(on_a.name)
     on_b.parent.mkdir(parents=True, exist_ok=True)
     on_a.rename(on_b)  # node b led that month: the file is beside its journal.path
@@ -72,11 +90,4 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_the_standby_takes_in_at_it
     world.start_peer()
     wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
     assert on_b.with_name(f"{on_b.name}.in-postgresql").exists()  # taken in by node b's start
-    shown = world.cli("show", first["fep_msgid"])
-    assert "archived: read from" in shown.stdout, shown.stdout + shown.stderr  # what held: fep show finds it
-
-    again = visit.settle(msgid=key)
-    under_key = [(r["msgid"], r["state"]) for r in world.journal("his_msgid = ?", (key,))]
-    assert not under_key, f"HIS heard {said(again)}; journal holds {under_key} under {key}; bureau " \
-                          f"{[(s['msgid'], s['state']) for s in world.ledger()]}"
-    not_settled_again(world, again, first)
+    settled_once_after_sending_again(world, visit, key, first)

@@ -3,24 +3,11 @@ and never older than the last 1101 this node journalled (tests/rooms.py's bench:
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterator
-
-import pytest
 from twisted.internet import defer
 
 from fep.journal import answer_with_place
 from fep.places import InsuredPlaces
-from tests.rooms import Bench
-
-
-@pytest.fixture
-def bench(tmp_path: Path) -> Iterator[Bench]:
-    b = Bench(tmp_path / "journal.db")
-    try:
-        yield b
-    finally:
-        b.close()
+from tests.rooms import Bench, bench  # noqa: F401,F811 (the fixture)
 
 
 def journal_1101(bench: Bench, psn: str, place: str) -> None:

@@ -4,13 +4,12 @@ bureau's ledger. What held is in the commit that added this file."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from fep.sim.world import ZHANG, Visit, World, said, wait_for
 from tests.test_archive import AGE, age
+from tests.test_breaker17 import family, taken_in_after_the_lead
 from tests.test_breaker22 import his_key, not_settled_again, reversed_under_its_key
-from tests.test_breaker23 import left_in_a_monthly_file
 from tests.test_catalog import RETIRED, visit_with_hospital_codes
 
 AMOX = "XA01AAA001A001010100001"
@@ -42,14 +41,7 @@ def _archived_upload_taken_in_after_the_start(world: World, pg_url: str) -> tupl
     assert first["infcode"] == 0, said(first)
     world.stop()
     age(world, AGE)
-    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, [first["fep_msgid"]]))
-    aside: Path = world.dir / beside.name
-    beside.rename(aside)
-    world.start()
-    wait_for(lambda: world.leading() == "a", what="node a to lead")
-    aside.rename(beside)
-    run = world.cli("archive", "--json")
-    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+    taken_in_after_the_lead(world, [first["fep_msgid"]])
     return input_, key, first
 
 
@@ -94,15 +86,7 @@ def test_an_archived_settlement_sent_again_after_a_field_became_required_hears_i
     world.configure(fep={"journal": {"keep_days": 30}},
                     trades={"2207": {"required": ["data.psn_no", "data.mdtrt_id", "data.fulamt_ownpay_amt"]}})
     age(world, AGE)
-    family = [r["msgid"] for r in world.journal("msgid = ? OR related = ?", (first["fep_msgid"], first["fep_msgid"]))]
-    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, family))
-    aside = world.dir / beside.name
-    beside.rename(aside)
-    world.start()
-    wait_for(lambda: world.leading() == "a", what="node a to lead")
-    aside.rename(beside)
-    run = world.cli("archive", "--json")
-    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+    taken_in_after_the_lead(world, family(world, first["fep_msgid"]))
 
     again = visit.settle(msgid=key)
     facts = f"HIS heard {said(again)} under fep_msgid {again.get('fep_msgid')}; bureau " \
@@ -132,14 +116,7 @@ def test_an_archived_settlement_the_bureau_holds_sent_again_hears_it_is_settled_
     world.configure(fep={"journal": {"keep_days": 30}},
                     trades={"2207": {"required": ["data.psn_no", "data.mdtrt_id", "data.fulamt_ownpay_amt"]}})
     age(world, AGE)
-    beside = world.local_file("a").with_name(left_in_a_monthly_file(world, [first["fep_msgid"]]))
-    aside = world.dir / beside.name
-    beside.rename(aside)
-    world.start()
-    wait_for(lambda: world.leading() == "a", what="node a to lead")
-    aside.rename(beside)
-    run = world.cli("archive", "--json")
-    assert run.returncode == 0 and beside.name in run.stdout, run.stdout + run.stderr
+    taken_in_after_the_lead(world, [first["fep_msgid"]])
 
     again = visit.settle(msgid=key)
     facts = f"HIS heard {said(again)} under fep_msgid {again.get('fep_msgid')}; bureau " \
