@@ -214,13 +214,21 @@ class Engine:
         try:
             return await self._new(trade, req, related, digest, packed, answer_by, looked_up)
         except Exception:
-            if not looked_up and his_msgid:
-                # Not looked up (the filter called the key new), and no trade was made: a key that names one
-                # after all (keys reach the archive behind the filter) hears that trade, not its checks' refusal
-                known = await self._named(his_msgid)
-                if known is not None and self._sent_again(known, his_msgid, digest):
-                    return await self._resubmitted(trade, known, digest, answer_by)
+            # Not looked up (the filter called the key new), and no trade was made: a key that names one after
+            # all (keys reach the archive behind the filter) hears that trade, not its checks' refusal
+            if not looked_up and his_msgid and (again := await self._sent_after_all(trade, his_msgid, digest,
+                                                                                   answer_by)) is not None:
+                return again
             raise
+
+    async def _sent_after_all(self, trade: TradeDef, key: str, digest: envelope.Digest,
+                              answer_by: float) -> Reply | None:
+        """The lookup the filter of keys spared, made after all: the answer to the trade `key` names when this
+        submission is that trade sent again; None: it is not (a new trade may go under `key`)."""
+        known = await self._named(key)
+        if known is not None and self._sent_again(known, key, digest):
+            return await self._resubmitted(trade, known, digest, answer_by)
+        return None
 
     async def _new(self, trade: TradeDef, req: envelope.HisRequest, related: str | None, digest: envelope.Digest,
                    packed: concurrent.futures.Future[bytes] | None, answer_by: float, looked_up: bool) -> Reply:
@@ -256,9 +264,9 @@ class Engine:
         try:
             return await self._first_send(trade, psn, req.input, answer_by, write)
         except KeyInArchive:  # nothing was journalled: decide as if the filter had said "maybe"
-            known = await self._named(his_msgid)  # type: ignore[arg-type]
-            if known is not None and self._sent_again(known, his_msgid, digest):  # type: ignore[arg-type]
-                return await self._resubmitted(trade, known, digest, answer_by)
+            again = await self._sent_after_all(trade, his_msgid, digest, answer_by)  # type: ignore[arg-type]
+            if again is not None:
+                return again
             looked_up = True  # (write reads it: the input stays as mapped once)
             return await self._first_send(trade, psn, req.input, answer_by, write)
 

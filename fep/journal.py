@@ -381,7 +381,7 @@ class Journal:
             try:
                 conn.execute("BEGIN")  # one snapshot for every read below
                 for sql in _KEYS_PG if self.url else _KEYS:
-                    if (read := _read_keys(conn, sql, stored, self._closing)) is None:
+                    if (read := _read_key_slices(conn, sql, stored, self._closing)) is None:
                         return
                     rows += read
             finally:
@@ -882,7 +882,7 @@ _KEYS_PG = (_TRADE_KEYS.format("trades"), _TRADE_KEYS.format("archived_trades"))
 KEYS_SLICE = 10_000
 
 
-def _read_keys(conn: sqlite3.Connection, sql: str, into: KeyFilter, closing: threading.Event) -> int | None:
+def _read_key_slices(conn: sqlite3.Connection, sql: str, into: KeyFilter, closing: threading.Event) -> int | None:
     """Every key a query gives, into `into`; how many rows gave them, or None: the journal closed meanwhile."""
     last: int | str = "" if "archived_keys" in sql else -1
     read = 0
