@@ -10,7 +10,8 @@ only the journal's states.
   provably never left counts nothing, so an outage of any length ends with the trade resolved.
 - The person's lane is held only while a trade is at the bureau, never during a backoff.
 - Resends and repeats of a resolving trade go to the endpoint the original went to.
-- A late success of a trade already judged NOT_NEEDED or REVERSED reopens it: it is reversed again.
+- A late success of a trade judged NOT_NEEDED (the 2601 found no record) reopens it: it is reversed again.
+  One of a REVERSED trade is the answer its acknowledged 2601 erased: stored, nothing flips.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ class Resolver:
 
     async def late_answer(self, row: TradeRow) -> None:
         """An answer came after fep stopped waiting. A success of money fep has judged not at the bureau
-        (NOT_NEEDED, REVERSED) means the bureau did settle it after all: undo it again, and alert."""
-        if not _late_success(self._trades().get(row.infno), row) or row.state not in (S.NOT_NEEDED, S.REVERSED):
+        (NOT_NEEDED) means the bureau did settle it after all: undo it again, and alert."""
+        if not _late_success(self._trades().get(row.infno), row) or row.state is not S.NOT_NEEDED:
             return
         await self._reopen_late(row)
 

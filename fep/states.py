@@ -45,7 +45,7 @@ TRANSITIONS: dict[str, tuple[frozenset[State], State]] = {
     "stands":       (frozenset({S.REVOKING}), S.ANSWERED),   # the bureau refused the asked-for reversal
     "undone":       (frozenset({S.RESOLVING, S.REVOKING}), S.REVERSED),
     "not_needed":   (frozenset({S.RESOLVING}), S.NOT_NEEDED),
-    "late_success": (frozenset({S.NOT_NEEDED, S.REVERSED}), S.UNKNOWN),  # the bureau did settle it: undo again
+    "late_success": (frozenset({S.NOT_NEEDED}), S.UNKNOWN),  # "no record", yet it settled: undo it
     "give_up":      (frozenset({S.UNKNOWN, S.RESOLVING, S.REVOKING, S.QUEUED, S.SENT}), S.NEEDS_ATTENTION),
     "release":      (frozenset({S.NEEDS_ATTENTION}), S.QUEUED),  # a person sends a parked upload again
     # A person has fep resolve it again: parked, or judged not at the bureau (or given up) when

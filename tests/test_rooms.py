@@ -450,6 +450,20 @@ def test_a_late_success_after_not_needed_reopens_it_and_a_new_2601_reverses_it(d
                                             "resolve", "undone"]
 
 
+def test_a_late_success_after_the_bureau_acknowledged_the_reversal_is_kept_and_flips_nothing(desk: Desk) -> None:
+    # The 2601 found the settlement and erased it; the answer the bureau had made before is only late news.
+    desk.link.script("2207", late(settled("S1"), after=5))
+    row = desk.run(desk.his_sends("2207", **visit()))
+    desk.bench.settle()
+    assert desk.bench.row(row.msgid).state is S.REVERSED
+    desk.bench.settle(advance=5)  # the late answer arrives
+    original = desk.bench.row(row.msgid)
+    assert original.state is S.REVERSED
+    assert envelope.loads(original.late_answer or "")["output"]["setlinfo"]["setl_id"] == "S1"
+    assert len(desk.link.sent("2601")) == 1
+    assert desk.bench.events(row.msgid) == ["accept", "lost", "resolve", "undone", "late_answer"]
+
+
 def test_a_late_success_that_came_while_the_2601_was_out_is_reversed_when_the_2601_finds_nothing(
         desk: Desk) -> None:
     desk.link.script("2207", late(settled("S1"), after=1))
