@@ -187,6 +187,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                      + (" (a standby does not sign in: the leader does)" if standby and not s["signed_in"] else ""))
         lines.append(f"queued for the bureau: {s['queued']}"
                      + (f" (oldest {s['oldest_queued_seconds']} s)" if s["oldest_queued_seconds"] else ""))
+        if s.get("journal_keys"):
+            lines.append(f"journal keys: {s['journal_keys']}")
         lines.append("trades by state: " + ", ".join(f"{k} {v}" for k, v in sorted(s["trades_by_state"].items())))
         certs = s.get("certificates", {})
         lines.append("certificates: " + ", ".join(f"{k} expires in {v // 86400} days" for k, v in certs.items()))

@@ -688,6 +688,7 @@ class Engine:
             "endpoints": [{"name": p.ep.name, "url": p.ep.url, "up": p.up} for p in self.link.pools],
             "signed_in": self.session.signed_in, "sign_no": self.session.sign_no,
             "journal_cannot_write": self.journal.cannot_write,
+            "journal_keys": self.journal.keys.state,
             **self.role_view(),
             "trades_by_state": counts,
             "queued": counts.get(S.QUEUED, 0),

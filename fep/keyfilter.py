@@ -51,6 +51,7 @@ class KnownKeys:
         self._filter: KeyFilter | None = None
         self._kept: list[str] | None = None
         self._readings = 0  # a reading begun later than another makes the earlier one's result stale
+        self._unread = "not read"
 
     def may_hold(self, key: str) -> bool:
         f = self._filter
@@ -79,7 +80,17 @@ class KnownKeys:
             stored.update(self._kept)
             self._filter, self._kept = stored, None
 
-    def forget(self) -> None:
-        """Every key may be held again (another node may have written since)."""
+    def forget(self, why: str = "not read") -> None:
+        """Every key may be held again (another node may have written since, or the reading failed)."""
         with self._lock:
             self._filter = self._kept = None
+            self._unread = why
+
+    @property
+    def state(self) -> str:
+        """For `fep status`: whether new keys are spared their lookup, and if not, why."""
+        if self._filter is not None:
+            return "read: a new key is looked up only when it may be held"
+        if self._kept is not None:
+            return "being read: every key is looked up meanwhile"
+        return f"{self._unread}: every key is looked up"

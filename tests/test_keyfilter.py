@@ -58,3 +58,14 @@ def test_a_node_that_stopped_leading_or_could_not_read_its_keys_forgets_them_and
     known.committed(["after-the-failure"] * 1000)
     known.read(reading, KeyFilter())
     assert known.may_hold("never-journalled") and known._kept is None
+
+
+def test_fep_status_says_whether_new_keys_are_spared_their_lookup_and_why_not() -> None:
+    known = KnownKeys()
+    assert known.state.startswith("not read")
+    reading = known.reading()
+    assert known.state.startswith("being read")
+    known.read(reading, KeyFilter())
+    assert known.state.startswith("read:")
+    known.forget("the reading failed (OperationalError: disk I/O error; see the log)")
+    assert known.state == "the reading failed (OperationalError: disk I/O error; see the log): every key is looked up"

@@ -125,8 +125,10 @@ def test_the_admin_cli_shows_status_trades_and_the_whole_life_of_a_trade(running
 
     status = json.loads(running.cli("status", "--json").stdout)
     assert status["signed_in"] and status["endpoints"][0]["up"] and status["needs_attention"] == []
+    assert status["journal_keys"].startswith("read:")  # new keys are spared their lookup
     human = running.cli("status").stdout
     assert "signed in: yes" in human and "certificates: hospital expires in" in human
+    assert "journal keys: read" in human
 
     rows = json.loads(running.cli("trades", "--state", "REVERSED", "--json").stdout)
     assert [r["msgid"] for r in rows] == [answer["fep_msgid"]]
