@@ -28,6 +28,7 @@ from fep import envelope, fileform, gateway, logs, metrics, tls
 from fep.config import LINK_SECURITY, BureauSide, Endpoint
 from fep.http11 import ClientResponse, HTTPClientProtocol, TransportError
 from fep.token import TokenCache
+from fep.transports import AtOnce
 
 log = Logger()
 
@@ -96,7 +97,7 @@ class _Pool:
 
     async def _connect(self) -> HTTPClientProtocol:
         bind = (self.source, 0) if self.source else None
-        tcp = TCP4ClientEndpoint(self.reactor, self.ep.host, self.ep.port, timeout=self.connect_timeout,
+        tcp = TCP4ClientEndpoint(AtOnce(self.reactor), self.ep.host, self.ep.port, timeout=self.connect_timeout,
                                  bindAddress=bind)
         proto = HTTPClientProtocol()
         factory = Factory.forProtocol(lambda: proto)

@@ -13,10 +13,10 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 from OpenSSL import SSL
-from twisted.internet import defer, task
+from twisted.internet import defer, endpoints, task
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -25,6 +25,7 @@ from fep import config, envelope, tls
 from fep.bureau import BureauLink, Delivery, NotSent, Unknown, _Pool
 from fep.config import Endpoint, TLSFiles
 from fep.http11 import HTTPClientProtocol, HTTPServerProtocol, Response, TransportError
+from fep.transports import AtOnce
 from fep.sim.world import LI, ZHANG, Visit, World, free_port, his_msgid, wait_for
 from tests.http_doubles import Later, Responses, server
 
@@ -478,6 +479,48 @@ def test_a_trade_is_not_written_on_a_pooled_connection_whose_close_is_waiting_un
         assert msgid not in {m for m, _ in world.sim_answers()}
     finally:
         on_reactor(reactor, lambda: defer.succeed(link.close()))
+
+
+# ---- connections that write at once (fep.transports) ----------------------------------------------------
+
+class _Writes(Protocol):
+    """Writes `chunks` as soon as it is connected, then, when told, once more and closes."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.waiting: list[int] = []  # bytes Twisted held after each write, not the kernel
+
+    def connectionMade(self) -> None:
+        for chunk in self.chunks:
+            self.transport.write(chunk)  # type: ignore[union-attr]
+            self.waiting.append(len(self.transport.dataBuffer) - self.transport.offset  # type: ignore[union-attr]
+                                + self.transport._tempDataLen)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _served(reactor: Any, chunks: list[bytes], read_slowly: bool) -> tuple[bytes, list[int]]:
+    proto = _Writes(chunks)
+    port = on_reactor(reactor, lambda: endpoints.TCP4ServerEndpoint(
+        AtOnce(reactor), 0, interface="127.0.0.1").listen(Factory.forProtocol(lambda: proto)))
+    try:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30) as s:
+            if read_slowly:
+                time.sleep(0.3)  # the kernel's buffers fill; Twisted keeps the rest, in order
+            return _read_until_closed(s), proto.waiting
+    finally:
+        on_reactor(reactor, lambda: defer.maybeDeferred(port.stopListening))
+
+
+def test_a_write_on_an_idle_connection_is_in_the_kernels_hands_before_the_reactor_turns(reactor: Any) -> None:
+    got, waiting = _served(reactor, [b"HTTP/1.1 200 OK\r\n\r\n", b"{}"], read_slowly=False)
+    assert got == b"HTTP/1.1 200 OK\r\n\r\n{}" and waiting == [0, 0]
+
+
+def test_what_the_kernel_does_not_take_at_once_follows_in_order_and_whole(reactor: Any) -> None:
+    big = bytes(range(256)) * (16 * 1024)  # 4 MB: more than a socket's buffers hold
+    got, waiting = _served(reactor, [big, b"after the big one"], read_slowly=True)
+    assert waiting[0] > 0  # (else this test shows nothing)
+    assert got == big + b"after the big one"
 
 
 # ---- the simulated bureau, as slow as real ones --------------------------------------------------------
