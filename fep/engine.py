@@ -459,7 +459,7 @@ class Engine:
         env = dict(his_envelope)
         env.pop("msgid", None)
         env.update(fixmedins_code=inst.fixmedins_code, fixmedins_name=inst.fixmedins_name,
-                   sign_no=self.session.sign_no, inf_time=envelope.inf_time(datetime.fromtimestamp(self._now())))
+                   sign_no=self.session.sign_no, inf_time=envelope.inf_time(self._now()))
         for key, value in (("mdtrtarea_admvs", inst.mdtrtarea_admvs), ("recer_sys_code", inst.recer_sys_code),
                            ("infver", inst.infver), ("insuplc_admdvs", ""), ("opter_type", inst.opter_type),
                            ("opter", inst.opter), ("opter_name", inst.opter_name)):

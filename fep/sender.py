@@ -7,7 +7,6 @@ trade's answer: sign in again, record the request under the new sign_no (`resign
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Callable
 
 from fep import envelope
@@ -35,7 +34,7 @@ class Sender:
         """The row's request as it is sent now: today's session and time (a trade that waited, or is sent
         again, goes under the session in force, not the one it was accepted under)."""
         env = row.envelope
-        env.update(sign_no=await self.session.ensure(), inf_time=envelope.inf_time(datetime.fromtimestamp(self._now())))
+        env.update(sign_no=await self.session.ensure(), inf_time=envelope.inf_time(self._now()))
         return envelope.dumps(env).decode("utf-8")
 
     async def deliver(self, trade: TradeDef, row: TradeRow, endpoint: str | None = None,

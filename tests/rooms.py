@@ -452,7 +452,7 @@ class Desk:
         env = dict(his_envelope)
         env.pop("msgid", None)
         env.update(fixmedins_code=FIXMEDINS, fixmedins_name="bench hospital", sign_no=self.session.sign_no,
-                   inf_time=envelope.inf_time(datetime.fromtimestamp(self.bench.now())))
+                   inf_time=envelope.inf_time(self.bench.now()))
         for key, value in (("mdtrtarea_admvs", "430100"), ("recer_sys_code", "FEP"), ("infver", "V1.0"),
                            ("insuplc_admdvs", ""), ("opter_type", "1"), ("opter", "fep"), ("opter_name", "fep")):
             env[key] = env.get(key) or value
