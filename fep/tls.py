@@ -97,11 +97,15 @@ def _buffered(bio: object) -> int:
     return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
 
 
+_RECORD = 2**14  # a TLS record's most plaintext
 _ROOM = 2**15  # a recv's buffer: more than a TLS record's 16 KB, so a record is always read whole
 
 
-class _ReadsWhatIsThere(TLSMemoryBIOProtocol):
-    """Twisted's TLS memory BIO transport, asking OpenSSL only for what is there. Twisted calls recv until it
+class _LinkTLS(TLSMemoryBIOProtocol):
+    """Twisted's TLS memory BIO transport, asking OpenSSL only for what is there, and writing a message's
+    records at once.
+
+    Reading: Twisted calls recv until it
     raises WantReadError, then reads the outgoing BIO whether or not anything is in it (WantReadError again):
     two exceptions and five calls into OpenSSL, each a release of the interpreter lock, for every chunk
     received. Here the receive loop ends once the record read was read whole and no received byte is left
@@ -129,6 +133,30 @@ class _ReadsWhatIsThere(TLSMemoryBIOProtocol):
         if _buffered(conn._from_ssl):  # what reading made OpenSSL say: a close_notify's answer, a handshake's
             self._flushSendBIO()
 
+    def _write(self, data: bytes) -> None:
+        """A message's records go to the socket in one write. Twisted writes each 16 KB record on its own:
+        for a big upload, hundreds of writes, each a system call (the connection writes at once,
+        fep.transports) that Nagle holds back behind the one before."""
+        if self._lostTLSConnection:
+            return
+        conn, view, sent = self._tlsConnection, memoryview(data), 0
+        while sent < len(data):
+            try:
+                sent += conn.send(view[sent:sent + _RECORD])
+            except SSL.WantReadError:  # (renegotiating) the rest waits for it, as in Twisted
+                self._write_records()
+                self._bufferedWrite(data[sent:])
+                return
+            except SSL.Error:
+                self._write_records()  # what was made before the error goes, as in Twisted
+                self._tlsShutdownFinished(Failure())
+                return
+        self._write_records()
+
+    def _write_records(self) -> None:
+        if pending := _buffered(self._tlsConnection._from_ssl):
+            self.transport.write(self._tlsConnection.bio_read(pending))
+
 
 def finished(transport: object) -> bool:
     """TLS is over on this transport: the peer's close_notify or an alert was read, though connectionLost may
@@ -144,7 +172,7 @@ class WholeWrites(TLSMemoryBIOFactory):
     gather small ones into one TLS record: a DelayedCall and two copies of the bytes per write, and a turn
     of delay, which a whole message gains nothing from."""
 
-    protocol = _ReadsWhatIsThere
+    protocol = _LinkTLS
 
 
 def client_options(files: TLSFiles, server_name: str) -> IOpenSSLClientConnectionCreator:

@@ -248,13 +248,13 @@ def test_pool_skips_an_idle_connection_the_bureau_closed_and_connects_afresh(pki
 
 
 def test_the_twisted_and_pyopenssl_internals_the_links_tls_reads_are_still_there(pki_dir) -> None:
-    """tls._ReadsWhatIsThere and tls.finished lean on Twisted's TLS transport and pyOpenSSL's memory BIOs
+    """tls._LinkTLS and tls.finished lean on Twisted's TLS transport and pyOpenSSL's memory BIOs
     below their public API: an upgrade that renames them must fail here, not quietly slow the link or
     make a write that never leaves look sent."""
     from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-    for name in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS", "_tlsShutdownFinished", "_lostTLSConnection",
-                 "_aborted"):
+    for name in ("_flushReceiveBIO", "_flushSendBIO", "_write", "_bufferedWrite", "_shutdownTLS",
+                 "_tlsShutdownFinished", "_lostTLSConnection", "_aborted"):
         assert hasattr(TLSMemoryBIOProtocol, name), name
     wire = _Wire(pki_dir, _bureau_app())
     conn = wire.client_tls._tlsConnection
@@ -266,7 +266,7 @@ def test_the_twisted_and_pyopenssl_internals_the_links_tls_reads_are_still_there
 @pytest.mark.parametrize("cut", [1, 7, 1000, 1 << 20])
 def test_client_an_answer_of_many_records_and_the_close_behind_it_are_read_wherever_the_network_cuts_them(
         pki_dir, cut: int) -> None:
-    """The link's TLS asks OpenSSL only for what a chunk holds (tls._ReadsWhatIsThere): every record of an
+    """The link's TLS asks OpenSSL only for what a chunk holds (tls._LinkTLS): every record of an
     answer is read whether a chunk ends inside one, between two or after all, and so is the bureau's
     close_notify right behind it."""
     body = bytes(range(256)) * 160  # 40 KB: three records
@@ -281,6 +281,20 @@ def test_client_an_answer_of_many_records_and_the_close_behind_it_are_read_where
         wire.client_tls.dataReceived(data[i:i + cut])
     assert _outcome(answer).body == body
     assert not wire.client.idle and tls.finished(wire.client_tls), "the close_notify was not read"
+
+
+def test_client_a_request_of_many_records_goes_to_the_socket_in_one_write_and_arrives_whole(pki_dir) -> None:
+    body = bytes(range(256)) * 4096  # 1 MB: 64 records
+    got: list[bytes] = []
+    app = HTTPServerProtocol(lambda req: (got.append(req.body), Response(200, b"{}"))[1], max_body=2 << 20)
+    wire = _Wire(pki_dir, app)
+    writes = []
+    write = wire.client_tls.transport.write
+    wire.client_tls.transport.write = lambda data: (writes.append(len(data)), write(data))[1]
+    answer = wire.client.request("/", body, {"Host": "bureau"})
+    assert len(writes) == 1 and writes[0] > len(body)  # the records, and the HTTP head's
+    wire.pump()
+    assert _outcome(answer).status == 200 and got == [body]
 
 
 def test_client_a_renegotiation_the_bureau_asks_for_is_done_and_its_answers_still_read(pki_dir) -> None:
