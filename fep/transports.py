@@ -3,7 +3,8 @@
 Twisted keeps every write until the reactor next finds the socket writable: two epoll_ctl calls and a
 reactor turn for each. fep writes each answer and each request whole, to a socket whose send buffer is
 nearly always empty, so the kernel takes it at once; only what it does not take (or a write that finds the
-connection lost) is left to Twisted's buffer, in order. Interleaved A/B: 6-9% of fep's CPU a trade.
+connection lost) is left to Twisted's buffer, in order. A Twisted echo server spent 15 us (1 client) to 31 us
+(50) less CPU an exchange; fep makes two such writes a trade.
 """
 
 from __future__ import annotations
