@@ -16,12 +16,13 @@ from twisted.internet import tcp, unix
 
 class _WritesAtOnce:
     """A write with nothing already waiting goes to the socket now, when one send can take it (a big one goes
-    to Twisted's buffer whole, sent from there as before)."""
+    to Twisted's buffer whole, sent from there as before). Never on a connection being aborted (Twisted drops
+    what is written to it) or one that started TLS in place (its writes must be encrypted first)."""
 
     def write(self, data: bytes) -> None:
         if (data and len(data) <= self.SEND_LIMIT and self.connected  # type: ignore[attr-defined]
-                and not self._writeDisconnected and not self._tempDataLen  # type: ignore[attr-defined]
-                and self.offset == len(self.dataBuffer)):  # type: ignore[attr-defined]
+                and not self._aborting and not self.TLS and not self._writeDisconnected  # type: ignore[attr-defined]
+                and not self._tempDataLen and self.offset == len(self.dataBuffer)):  # type: ignore[attr-defined]
             sent = self.writeSomeData(data)  # type: ignore[attr-defined]
             if isinstance(sent, int):  # (else the connection is lost: the reactor's write finds it so and closes)
                 if sent == len(data):

@@ -530,6 +530,28 @@ def test_a_write_on_an_idle_connection_is_in_the_kernels_hands_before_the_reacto
     assert got == b"HTTP/1.1 200 OK\r\n\r\n{}" and waiting == [0, 0]
 
 
+def test_nothing_written_to_a_connection_being_aborted_leaves(reactor: Any) -> None:
+    """Twisted drops what is written after abortConnection; a write at once must not send it either (a trade
+    handed a connection aborted a moment ago is then judged unknown, and never reaches the bureau)."""
+
+    class Aborts(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.write(b"never sent")  # type: ignore[union-attr]
+
+    port = on_reactor(reactor, lambda: endpoints.TCP4ServerEndpoint(
+        AtOnce(reactor), 0, interface="127.0.0.1").listen(Factory.forProtocol(Aborts)))
+    try:
+        got = b""
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30) as s:
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(65536):
+                    got += chunk
+        assert got == b""
+    finally:
+        on_reactor(reactor, lambda: defer.maybeDeferred(port.stopListening))
+
+
 def test_what_the_kernel_does_not_take_at_once_follows_in_order_and_whole(reactor: Any) -> None:
     big = bytes(range(256)) * (16 * 1024)  # 4 MB: more than a socket's buffers hold
     got, waiting = _served(reactor, [big, b"after the big one"], read_slowly=True)
