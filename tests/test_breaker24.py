@@ -13,9 +13,12 @@ import os
 import socket
 import sqlite3
 import struct
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
+from datetime import date
 from decimal import Decimal
 import pytest
 
@@ -228,6 +231,27 @@ def test_an_his_that_resets_while_fep_writes_a_big_answer_keeps_the_settlement_p
     running.assert_ledgers_agree()
 
 
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_an_his_killed_while_reading_a_big_download_gets_it_whole_on_its_resend_without_a_second_send(
+        running: World, over: str) -> None:
+    """The clerk's HIS is killed (RST) with the 3 MB file half read; started again, it sends the same 9102 under
+    the same msgid. It must get the whole file, from the journal: the bureau is not asked again."""
+    content, no, name = uploaded_file(running)
+    msgid = his_msgid(2455)
+    s = connect(running, over)
+    s.sendall(request(_download(running, no, name, msgid)))
+    s.recv(65536)
+    if over == "unix":
+        s.close()  # (a UNIX socket has no RST: the close with unread data is its reset)
+    else:
+        reset(s)
+    with closing(connect(running, over)) as again:
+        again.sendall(request(_download(running, no, name, msgid)))
+        answers = read_answers(again, 1, slowly=True)
+    assert answers and answers[0][2] == content
+    assert running.events(msgid) == ["accept", "answer"]
+
+
 def test_an_his_that_resets_while_its_settlement_is_at_the_bureau_hears_it_on_its_resend(running: World) -> None:
     """The HIS posts Li's settlement and is killed (RST) while the bureau is still on it (300 ms); fep's answer
     then goes to a connection that is gone. It must be durable, and the HIS's resend under its msgid must hear
@@ -397,6 +421,30 @@ def test_a_settlement_the_bureau_processes_late_is_found_by_the_2601_after_the_g
     assert row["late_answer"] and envelope.loads(row["late_answer"])["infcode"] == 0
     assert world.his.lookup(msgid)["fep_state"] == "REVERSED"
     assert [s["state"] for s in world.ledger()] == ["reversed"]
+    world.assert_ledgers_agree()
+
+
+def test_after_a_late_success_of_a_reversed_settlement_the_his_own_2601_and_the_days_reconciliation_agree(
+        world: World) -> None:
+    """Zhang's 2207 times out and is reversed; the bureau's late success is kept. The HIS's retry job, having
+    heard NOT settled, sends its own 2601 of it; then the operator reconciles the day. The 2601 must change
+    nothing at the bureau, and the day must balance: the kept late answer is news of the past, not a
+    settlement."""
+    world.configure(trades={"2207": {"timeout": 1}}, fep={"bureau": {"late_grace": 10}})
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=2, times=1)
+    answer = visit.settle()
+    msgid = answer["fep_msgid"]
+    wait_for(lambda: (r := world.trade(msgid))["state"] == "REVERSED" and r["late_answer"], timeout=20,
+             what="the reversal, and the late answer")
+    undo = world.his.call("2601", visit.reversal_input(msgid))
+    assert world.trade(msgid)["state"] == "REVERSED", (said(undo), three_views(world, msgid))
+    assert [s["state"] for s in world.ledger()] == ["reversed"], said(undo)
+    run = subprocess.run([sys.executable, "-m", "fep.cli", "reconcile", "--date", date.today().isoformat(),
+                          "--admin", str(world.admin_socket())], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
     world.assert_ledgers_agree()
 
 
