@@ -352,6 +352,120 @@ def test_a_bureau_endpoint_named_by_host_name_is_reached(world: World) -> None:
     world.assert_ledgers_agree()
 
 
+class ResettingGateway:
+    """A plain-HTTP hop in front of the simulated bureau (the 医保专网's gateway) that, on its first `resets`
+    connections carrying the infno `infno`, reads `after` bytes of the request and resets the connection (RST)
+    while fep is still writing; every other connection it relays both ways."""
+
+    def __init__(self, world: World, infno: str, after: int, resets: int = 1) -> None:
+        from fep.sim.world import free_port
+
+        self.sim_port, self.infno, self.after, self.resets = world.sim_port, infno.encode(), after, resets
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._serve, daemon=True).start()
+        world.configure(fep={"bureau": {"endpoints": [
+            {"name": "gateway", "url": f"http://127.0.0.1:{self.port}/fsi/api/rsfComIfsService/callService"}]}})
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        upstream = socket.create_connection(("127.0.0.1", self.sim_port))
+        threading.Thread(target=self._pipe, args=(upstream, conn), daemon=True).start()
+        marker = b"X-Fep-Infno: " + self.infno + b"\r\n"
+        try:
+            while chunk := conn.recv(65536):
+                if self.resets and marker in chunk:  # a request's head: never passed on
+                    self.resets -= 1
+                    got = len(chunk)
+                    while got < self.after and (more := conn.recv(65536)):
+                        got += len(more)
+                    upstream.close()
+                    reset(conn)
+                    return
+                upstream.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (conn, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_5000_line_upload_the_gateway_resets_while_fep_still_writes_it_is_sent_again_and_held_once(
+        world: World) -> None:
+    """The province's gateway resets the connection after 1 MB of a 3.5 MB 2301 (its body limit, a VPN
+    hiccup), while fep's at-once write still has most of it in hand. Sent, outcome unknown: fep sends it again
+    under its msgid, and the bureau holds each of the 5,000 lines once."""
+    world.use_profile("baseline", link_security="plain_http")
+    world.start_sim()
+    gateway = ResettingGateway(world, "2301", after=1 << 20)
+    try:
+        world.start_fep()
+        visit = admitted(world.his, ZHANG)
+        answer = world.his.call("2301", visit.inpatient_fees(5000))
+        row = world.wait_state(answer["fep_msgid"], "ANSWERED", timeout=30)
+        assert "lost" in world.events(row["msgid"]), world.history(row["msgid"])
+        assert len(fee_rows(world, visit.mdtrt_id)) == 5000
+    finally:
+        world.stop()
+        gateway.close()
+
+
+def test_a_settlement_the_gateway_resets_before_the_bureau_saw_it_is_not_left_live_nor_charged(
+        world: World) -> None:
+    """The gateway resets Zhang's settlement after its first bytes: the bureau never saw it, but fep cannot
+    know that. The HIS hears NOT settled; the 2601 finds no record; NOT_NEEDED in all three views, and Zhang
+    can be settled again, charged once."""
+    world.use_profile("baseline", link_security="plain_http")
+    world.start_sim()
+    gateway = ResettingGateway(world, "2207", after=0)
+    try:
+        world.start_fep()
+        visit = Visit(world.his, ZHANG)
+        visit.up_to_settlement()
+        answer = visit.settle()
+        msgid = answer["fep_msgid"]
+        # bytes of it reached the gateway: sent, whatever became of them (rule 2)
+        assert answer["fep_state"] == "RESOLVING" and "NOT settled" in answer["err_msg"], said(answer)
+        world.wait_state(msgid, "NOT_NEEDED", timeout=30)
+        assert world.ledger() == []
+        assert world.his.lookup(msgid)["fep_state"] == world.trade(msgid)["state"]
+        again = visit.settle()
+        assert again["infcode"] == 0, said(again)
+        assert world.live() == [again["fep_msgid"]]
+        world.assert_ledgers_agree()
+    finally:
+        world.stop()
+        gateway.close()
+
+
 def test_a_settlement_on_a_pooled_connection_of_a_bureau_that_restarted_is_settled_not_left_unknown(
         running: World) -> None:
     """The bureau's server restarts overnight: every connection fep keeps to it is closed from its side. The
