@@ -387,7 +387,7 @@ class Journal:
             finally:
                 conn.close()
         except Exception as e:  # the filter stays unread (nor are keys kept for it): every key is looked up
-            self.keys.forget(f"the reading failed ({type(e).__name__}: {e}; see the log)")
+            self.keys.failed(reading, f"the reading failed ({type(e).__name__}: {e}; see the log)")
             log.failure("the journal's keys could not be read; each new trade's key is looked up instead")
             return
         self.keys.read(reading, stored)

@@ -80,8 +80,15 @@ class KnownKeys:
             stored.update(self._kept)
             self._filter, self._kept = stored, None
 
+    def failed(self, reading: int, why: str) -> None:
+        """Reading number `reading` could not be done; a later one under way goes on."""
+        with self._lock:
+            if reading == self._readings:
+                self._filter = self._kept = None
+                self._unread = why
+
     def forget(self, why: str = "not read") -> None:
-        """Every key may be held again (another node may have written since, or the reading failed)."""
+        """Every key may be held again (another node may have written since)."""
         with self._lock:
             self._filter = self._kept = None
             self._unread = why

@@ -67,5 +67,16 @@ def test_fep_status_says_whether_new_keys_are_spared_their_lookup_and_why_not() 
     assert known.state.startswith("being read")
     known.read(reading, KeyFilter())
     assert known.state.startswith("read:")
-    known.forget("the reading failed (OperationalError: disk I/O error; see the log)")
+    known.failed(known.reading(), "the reading failed (OperationalError: disk I/O error; see the log)")
     assert known.state == "the reading failed (OperationalError: disk I/O error; see the log): every key is looked up"
+
+
+def test_an_earlier_reading_that_failed_leaves_a_later_one_under_way_alone() -> None:
+    known = KnownKeys()
+    first = known.reading()
+    second = known.reading()  # (a takeover began another)
+    known.committed(["during-the-second"])
+    known.failed(first, "the reading failed (OperationalError: database is locked; see the log)")
+    known.read(second, KeyFilter())
+    assert known.may_hold("during-the-second") and not known.may_hold("never-journalled")
+    assert known.state.startswith("read:")
