@@ -23,8 +23,8 @@ from decimal import Decimal
 import pytest
 
 from fep import envelope
-from fep.sim.world import LI, WANG, ZHANG, Stay, Visit, World, admitted, his_msgid, said, settled_visit, setl_id, \
-    wait_for
+from fep.sim.world import LI, WANG, ZHANG, Stay, Visit, World, admitted, his_msgid, late_settlement, said, \
+    settled_visit, setl_id, wait_for
 from tests.test_his_http import _download, _head, _identify, _Messages, _upload_envelope
 
 BIG = 3 * 2**20  # bytes of the file downloaded: more than a socket's buffers on loopback hold
@@ -493,11 +493,7 @@ def test_a_late_success_that_comes_while_the_2601_is_still_at_the_bureau_leaves_
     """Zhang's 2207 times out (1 s); the bureau settled it and its answer comes at 1.5 s, while the 2601 fep sent
     at 1 s is still at the bureau's slow desk (2 s). The 2601 then erases the settlement: the trade is
     REVERSED in all three views, with one 2601, and the late answer kept."""
-    world.configure(trades={"2207": {"timeout": 1}}, fep={"bureau": {"late_grace": 10}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    world.fault(mode="late", infno="2207", seconds=1.5, times=1)
+    visit = late_settlement(world, late_by=1.5)
     world.fault(mode="slow", infno="2601", seconds=2, times=1)
     answer = visit.settle()
     msgid = answer["fep_msgid"]
@@ -544,11 +540,7 @@ def test_after_a_late_success_of_a_reversed_settlement_the_his_own_2601_and_the_
     heard NOT settled, sends its own 2601 of it; then the operator reconciles the day. The 2601 must change
     nothing at the bureau, and the day must balance: the kept late answer is news of the past, not a
     settlement."""
-    world.configure(trades={"2207": {"timeout": 1}}, fep={"bureau": {"late_grace": 10}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    world.fault(mode="late", infno="2207", seconds=2, times=1)
+    visit = late_settlement(world, late_by=2)
     answer = visit.settle()
     msgid = answer["fep_msgid"]
     wait_for(lambda: (r := world.trade(msgid))["state"] == "REVERSED" and r["late_answer"], timeout=20,
@@ -566,11 +558,7 @@ def test_fep_killed_while_the_2601_of_a_timed_out_settlement_is_at_the_bureau_re
     """Zhang's 2207 times out (1 s, its answer 4 s late); fep is killed while the 2601 is at the bureau's slow
     desk, and started again: the late answer's connection is gone. The 2601 is sent again under its msgid and
     the settlement is REVERSED in all three views; Zhang can be settled again and is charged once."""
-    world.configure(trades={"2207": {"timeout": 1}}, fep={"bureau": {"late_grace": 10}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    world.fault(mode="late", infno="2207", seconds=4, times=1)
+    visit = late_settlement(world, late_by=4)
     world.fault(mode="slow", infno="2601", seconds=2, times=1)
     answer = visit.settle()
     msgid = answer["fep_msgid"]
@@ -634,12 +622,8 @@ def test_a_cancel_whose_answer_comes_late_is_resent_and_cancels_once(world: Worl
 def test_a_late_business_refusal_of_a_settlement_is_kept_and_it_is_not_at_the_bureau(world: World) -> None:
     """Zhang's 2207 carries a wrong total; the bureau refuses it, but the refusal comes 2 s late, after fep's
     1 s. The 2601 finds nothing: NOT_NEEDED in all three views, the refusal kept, nothing reopened."""
-    world.configure(trades={"2207": {"timeout": 1}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
+    visit = late_settlement(world, late_by=2, late_grace=None)
     visit.medfee += Decimal("1.00")
-    world.fault(mode="late", infno="2207", seconds=2, times=1)
     answer = visit.settle()
     msgid = answer["fep_msgid"]
     assert answer["fep_state"] == "RESOLVING", said(answer)

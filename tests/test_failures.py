@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fep import envelope
-from fep.sim.world import LI, WANG, ZHANG, Visit, World, his_msgid, parked_settlement, wait_for
+from fep.sim.world import LI, WANG, ZHANG, Visit, World, his_msgid, late_settlement, parked_settlement, wait_for
 
 
 def settled_state(world: World, msgid: str, states: tuple[str, ...], timeout: float = 20) -> dict:
@@ -63,12 +63,7 @@ def test_a_reset_mid_answer_is_an_unknown_outcome_and_is_reversed(running: World
 
 
 def test_a_late_answer_is_stored_for_reconciliation_and_does_not_stop_the_reversal(world: World) -> None:
-    world.configure(trades={"2207": {"timeout": 1}}, fep={"bureau": {"late_grace": 10}})
-    world.start()
-    visit = Visit(world.his, ZHANG)
-    visit.up_to_settlement()
-    world.fault(mode="late", infno="2207", seconds=2, times=1)
-    answer = visit.settle()
+    answer = late_settlement(world, late_by=2).settle()
     assert answer["fep_state"] == "RESOLVING"
     assert "no answer within 1 s" in answer["err_msg"]
     row = wait_for(lambda: (r := world.trade(answer["fep_msgid"]))["late_answer"] and r["state"] == "REVERSED" and r,

@@ -719,6 +719,19 @@ def reversed_settlement(world: World, visit: Visit, msgid: str | None = None) ->
     return answer
 
 
+def late_settlement(world: World, late_by: float, late_grace: float | None = 10) -> Visit:
+    """Zhang up to his settlement in a world (started here) whose 2207 times out after 1 s, fep waiting
+    `late_grace` s for late answers (None: its default), and whose bureau answers the next 2207 `late_by` s
+    after settling it. The test settles (visit.settle()) after any faults of its own."""
+    world.configure(trades={"2207": {"timeout": 1}},
+                    fep={"bureau": {"late_grace": late_grace}} if late_grace is not None else None)
+    world.start()
+    visit = Visit(world.his, ZHANG)
+    visit.up_to_settlement()
+    world.fault(mode="late", infno="2207", seconds=late_by, times=1)
+    return visit
+
+
 def parked_settlement(world: World, visit: Visit) -> dict[str, Any]:
     """A 2207 whose answer is lost and whose reversal the bureau keeps refusing (系统繁忙), until fep parks
     it for a person; the faults are cleared afterwards. Returns what the HIS heard."""
