@@ -92,6 +92,7 @@ def gateway_secrets(directory: Path) -> dict[str, Path]:
     sm2_private_key (hex) and its sm2_public_key (hex, for the bureau's side). Both sides read these files."""
     directory.mkdir(parents=True, exist_ok=True)
     sk, pk = gmalg.SM2().generate_keypair()
+    sk = sk.rjust(32, b"\0")  # gmalg gives the shortest form: 1 key in 256 would be 31 bytes, which fep refuses
     values = {"secret_key": secrets.token_hex(16), "access_key": f"AK{secrets.token_hex(8)}",
               "client_id": secrets.token_hex(8), "client_secret": secrets.token_urlsafe(24),
               "password": secrets.token_urlsafe(12), "sm2_private_key": sk.hex(), "sm2_public_key": pk.hex()}
