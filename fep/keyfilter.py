@@ -84,14 +84,16 @@ class KnownKeys:
         """Reading number `reading` could not be done; a later one under way goes on."""
         with self._lock:
             if reading == self._readings:
-                self._filter = self._kept = None
-                self._unread = why
+                self._unread_because(why)
 
-    def forget(self, why: str = "not read") -> None:
+    def forget(self) -> None:
         """Every key may be held again (another node may have written since)."""
         with self._lock:
-            self._filter = self._kept = None
-            self._unread = why
+            self._unread_because("not read")
+
+    def _unread_because(self, why: str) -> None:
+        self._filter = self._kept = None
+        self._unread = why
 
     @property
     def state(self) -> str:

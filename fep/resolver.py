@@ -29,7 +29,7 @@ from fep.journal import IllegalTransition, Journal, Move, NewTrade, TradeRow
 from fep.lanes import Lanes
 from fep.msgid import well_formed
 from fep.sender import Sender, recorded
-from fep.states import State
+from fep.states import State, sources
 from fep.trades import Kind, OnUnknown, TradeBook, TradeDef
 
 log = Logger()
@@ -120,8 +120,9 @@ class Resolver:
 
     async def late_answer(self, row: TradeRow) -> None:
         """An answer came after fep stopped waiting. A success of money fep has judged not at the bureau
-        (NOT_NEEDED) means the bureau did settle it after all: undo it again, and alert."""
-        if not _late_success(self._trades().get(row.infno), row) or row.state is not S.NOT_NEEDED:
+        (NOT_NEEDED) means the bureau did settle it after all: undo it again, and alert. Which states a late
+        success reopens is the trade machine's to say (fep.states)."""
+        if not _late_success(self._trades().get(row.infno), row) or row.state not in sources("late_success"):
             return
         await self._reopen_late(row)
 
