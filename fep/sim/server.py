@@ -27,7 +27,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from fep import envelope, logs, systemd, tls
+from fep import collector, envelope, logs, systemd, tls
 from fep.config import TLSFiles
 from fep.http11 import HTTPServerProtocol, Request, Response, render_response
 from fep.sim.gateway import SimGateway, SimProfile
@@ -102,7 +102,7 @@ class SimConfig:
     catalog_bulk: dict[str, int] = field(default_factory=dict)  # generated records per 13xx catalog or paged query
     file_upload: str = "any"  # 9101 taken as: json (Base64), multipart (jsonStr + file), or any
     remote: Remote = Remote()  # how 异地 settlements are cleared (sim.yaml `remote:`)
-    latency_ms: float = 0.0  # every request waits this long before the bureau handles it
+    latency_ms: float = 0.0  # every answer leaves this long after its request arrived
 
 
 def load_config(path: Path) -> SimConfig:
@@ -174,12 +174,26 @@ class BureauProtocol(HTTPServerProtocol):
         self.sim.connections.discard(self)
 
     async def _handle(self, req: Request) -> Response:
-        if self.sim.latency_ms:  # a timer, not a sleep: the other connections are served meanwhile
-            self.sim.waiting += 1
-            try:
-                await task.deferLater(self.sim.reactor, self.sim.latency_ms / 1000)
-            finally:
-                self.sim.waiting -= 1
+        """The answer, no sooner than latency_ms after the request arrived. It is worked out at once, as a
+        real bureau's many workers would, and held back by a timer: handled after the wait instead, the
+        answers of requests that arrived together would queue behind each other on this one thread, and the
+        bureau would be slower than it says."""
+        arrived = self.sim.reactor.seconds()
+        self.sim.waiting += 1
+        try:
+            response = await self._answer(req, arrived)
+            await self._rest_of_latency(arrived)
+        finally:
+            self.sim.waiting -= 1
+        return response
+
+    async def _rest_of_latency(self, arrived: float) -> None:
+        """Waits out what is left of the latency: a timer, so the other connections are served meanwhile."""
+        rest = self.sim.latency_ms / 1000 - (self.sim.reactor.seconds() - arrived)
+        if rest > 0:
+            await task.deferLater(self.sim.reactor, rest)
+
+    async def _answer(self, req: Request, arrived: float) -> Response:
         gw = self.sim.gateway
         if gw.is_token_request(req):
             return gw.token(req)
@@ -200,6 +214,7 @@ class BureauProtocol(HTTPServerProtocol):
         fault = self.sim.fault_for(infno)
         mode = fault.mode if fault else None
         if mode == "drop_before":
+            await self._rest_of_latency(arrived)
             self.transport.abortConnection()
             return await defer.Deferred()  # never answered
         if mode == "error" and (fault.at_the_door or not self.sim.ledger.answered(env)):
@@ -216,9 +231,11 @@ class BureauProtocol(HTTPServerProtocol):
                             content_type="application/octet-stream")
         answer = envelope.dumps(gw.sealed(result))
         if mode == "drop_after":
+            await self._rest_of_latency(arrived)
             self.transport.abortConnection()
             return await defer.Deferred()
         if mode == "reset_mid":
+            await self._rest_of_latency(arrived)
             raw = render_response(Response(200, answer), keep_alive=True)
             self.transport.write(raw[: len(raw) // 2])
             self.transport.abortConnection()
@@ -256,7 +273,7 @@ class Simulator:
                              cfg.diagnoses, cfg.catalog_bulk, cfg.remote)
         self.faults = list(cfg.faults)
         self.latency_ms = cfg.latency_ms
-        self.waiting = 0  # requests waiting out the latency now
+        self.waiting = 0  # requests inside the bureau now: being worked out, or held back by the latency
         self.port: Any = None
         self.connections: set[BureauProtocol] = set()
         self._options = tls.server_options(cfg.tls, cfg.link_security == "mutual_tls") if cfg.tls else None
@@ -288,6 +305,7 @@ class Simulator:
                 await self._refuse(f)
         log.info("bureau simulator on {host}:{port} (control 127.0.0.1:{c})", host=self.cfg.host,
                  port=self.cfg.port, c=self.cfg.control_port)
+        collector.started()  # a real bureau's latency does not jump with its collector's passes
 
     async def _listen(self) -> None:
         if self.port is None:
