@@ -13,7 +13,6 @@ engine can linger, and the journal's fence has already stopped its sends.
 
 from __future__ import annotations
 
-import gc
 import os
 import resource
 import signal
@@ -25,7 +24,7 @@ from typing import Any
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from fep import admin, envelope, heap, leader, metrics, sockets, systemd, tls
+from fep import admin, collector, envelope, heap, leader, metrics, sockets, systemd, tls
 from fep import config as config_mod
 from fep import logs
 from fep.archive import Archive
@@ -43,9 +42,6 @@ from fep.schedule import Daily
 from fep.transports import AtOnce
 
 log = Logger()
-# The collector's youngest generation is walked after this many more allocations than frees (Python's 700):
-# under load most of a trade's objects are still in flight at 700 and are walked, and promoted, for nothing.
-GC_THRESHOLDS = (10_000, 10, 10)
 LOST_LEAD = 3  # exit status of a leader that lost its lease (systemd starts it again: Restart=on-failure)
 
 
@@ -130,10 +126,7 @@ class Daemon:
         self.refresher.loop.start(5.0)
         self.reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(self.shutdown()))
         self.watchdog = systemd.start_watchdog(self.reactor, self.journal.ping)
-        # What start-up made lives as long as the daemon: out of the collector's full passes, which walk every
-        # object and hold up every trade meanwhile (64-300 ms measured under the 1,000-client bench, none freed)
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        collector.started()
         if cfg.lease is None:
             for job in self.daily:
                 await job.start()
