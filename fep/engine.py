@@ -124,19 +124,23 @@ class Engine:
     def _tick(self) -> None:
         """Once a second: replay the queues (while the link is down, one person's head probes it), wake
         resolutions when the link is back, and sign in when the day has changed."""
-        down = self.link.down
-        if down:
+        if self.link.down:
+            self._link_was_down = True
             people = self.lanes.people()
             if people and not any(self.lanes.draining(p) for p in people):
                 self.lanes.rotate(people[0])  # the next probe asks with another person's head
                 self.lanes.kick(people[0])
         else:
-            if self._link_was_down:
-                self.resolver.link_back()
-            self.lanes.kick_all()
-        self._link_was_down = down
+            self._link_up()
         if not self.session.signed_in:
             _spawn(self.session.ensure())
+
+    def _link_up(self) -> None:
+        """The link answers: after an outage, resolutions wake; every person's queue goes on."""
+        if self._link_was_down:
+            self._link_was_down = False
+            self.resolver.link_back()
+        self.lanes.kick_all()
 
     def _markers(self) -> Markers:
         return Markers(self.cfg.bureau.reversal_not_found, self.cfg.bureau.transient, self.cfg.bureau.late_grace)
@@ -501,6 +505,8 @@ class Engine:
                                                     endpoint=e.endpoint)
                 await self.resolver.lost(trade, row)
                 return Step.HOLD
+        if self._link_was_down:  # this was the probe, and the bureau answered it: the other queues go now,
+            self._link_up()  # not at the next tick a second later
         return await self._replayed(trade, row, delivery)
 
     async def _replayed(self, trade: TradeDef, row: TradeRow, delivery: Delivery) -> Step:

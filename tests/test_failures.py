@@ -350,6 +350,33 @@ def test_a_parked_item_at_the_head_of_one_queue_does_not_stop_the_others_drainin
     assert running.trade(waiting["fep_msgid"])["state"] == "QUEUED"
 
 
+def test_when_the_bureau_is_back_every_persons_queue_goes_with_the_probes_answer(running: World) -> None:
+    """An outage ends. fep's once-a-second probe, one person's queued upload, finds the bureau back (each
+    answer takes 0.3 s). Every other person's queue must go the moment that answer comes, not at the next
+    probe a second later: after an outage the queues drain at the link's full width from the start."""
+    visits = [Visit(running.his, person) for person in (ZHANG, LI)]
+    for v in visits:
+        v.open()
+    running.fault(mode="refuse")
+    queued: dict[str, list[str]] = {}
+    for v in visits:
+        for n in range(4):
+            v.chrg_bchno = f"{v.mdtrt_id[-8:]}Q{n}"  # a new batch of the visit's fees each time
+            answer = v.upload_fees()
+            assert answer["fep_state"] == "QUEUED", answer
+            queued.setdefault(v.person["psn_no"], []).append(answer["fep_msgid"])
+    running.latency(300)
+    running.clear_faults()
+    for msgids in queued.values():
+        settled_state(running, msgids[-1], ("ANSWERED",))
+    order = [m for m, i in running.sim_answers() if i == "2204"]
+    probed = next(psn for psn, msgids in queued.items() if msgids[0] == order[0])
+    other = next(psn for psn in queued if psn != probed)
+    # Sent with the probed person's second upload, the probe's answer being in; a second later, at the
+    # next probe, it would come after their fourth.
+    assert order.index(queued[other][0]) < order.index(queued[probed][2]), order
+
+
 def test_a_settlement_waits_for_the_person_s_pending_uploads_and_never_overtakes_them(running: World) -> None:
     visit = Visit(running.his, ZHANG)
     visit.open()
