@@ -284,8 +284,11 @@ class Engine:
         the HIS was told it may wait."""
         if trade.deferrable and (self.link.down or self.lanes.waiting(psn)):
             return await self._queue(write)
-        if trade.moves_money and psn:
-            await self._after_deferred_work(trade, psn, answer_by)
+        if trade.moves_money and psn and (behind := await self._after_deferred_work(trade, psn, answer_by)):
+            acc = await write(S.SENT)
+            if not acc.created:
+                return self._reply(acc.row, resubmitted=True)
+            return await self._not_sent(trade, acc.row, behind)
         try:
             async with self.lanes.sending(psn if trade.person_ordered else None, f"{trade.infno} {trade.name}",
                                           within=answer_by - self._now() - MIN_SEND) as name:
@@ -523,16 +526,18 @@ class Engine:
                                                                   f"{ans.err_msg}", **fields)
         return Step.HOLD
 
-    async def _after_deferred_work(self, trade: TradeDef, psn: str, answer_by: float) -> None:
+    async def _after_deferred_work(self, trade: TradeDef, psn: str, answer_by: float) -> str | None:
         """A settlement goes after the person's earlier uploads, never past them: the bureau would settle
         without their fees. It waits a little while they go; if one is parked, or they are still not
         through after SETTLE_WAIT, the HIS hears what is in the way. A bureau that is unreachable is not
-        waited for: the settlement then fails as not sent, like any other."""
+        waited for (money never waits): returned is why the settlement is not sent. Sent to find out,
+        it would reach a bureau that came back meanwhile ahead of the uploads still queued."""
         waited_until = min(answer_by - MIN_SEND, self._now() + SETTLE_WAIT)
         self.lanes.kick(psn)  # the uploads go now if they can
         while waiting := self.lanes.waiting(psn):
             if self.link.down and not self.lanes.draining(psn):
-                return  # the bureau is unreachable: the settlement fails as not sent; money never waits
+                return (f"the bureau is unreachable and {len(waiting)} earlier upload(s) of this person wait in "
+                        f"fep's queue; the settlement would not include them")
             head = await self.journal.get(waiting[0])
             if head is not None and head.state is S.NEEDS_ATTENTION or self._now() >= waited_until:
                 what = f"{head.infno} {head.msgid} is {head.state}" if head else "the first is unknown"
