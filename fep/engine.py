@@ -56,6 +56,12 @@ class Refused(Exception):
         self.status = status
 
 
+def _not_past(waiting: list[str], what: str) -> Refused:
+    """A settlement refused because the person's earlier uploads have not reached the bureau."""
+    return Refused(409, f"{len(waiting)} earlier trade(s) of this person have not reached the bureau ({what}); the "
+                        f"settlement would not include them. Send it again once they are delivered")
+
+
 class Engine:
     def __init__(self, reactor: Any, cfg: Config, journal: Journal, link: BureauLink,
                  codes: CodeBook | None = None, now: Callable[[], float] = time.time,
@@ -294,6 +300,8 @@ class Engine:
                                           within=answer_by - self._now() - MIN_SEND) as name:
                 if trade.deferrable and self.lanes.waiting(psn):  # an earlier upload became unknown meanwhile
                     return await self._queue(write)
+                if trade.moves_money and psn and (waiting := self.lanes.waiting(psn)):  # the same, for money:
+                    raise _not_past(waiting, "they became unknown or queued while this waited for its turn")
                 if trade.kind is Kind.UNDO_MONEY and psn:
                     await self._check_refund_order(input_, psn)
                 elif trade.kind is Kind.MONEY and psn:
@@ -541,9 +549,7 @@ class Engine:
             head = await self.journal.get(waiting[0])
             if head is not None and head.state is S.NEEDS_ATTENTION or self._now() >= waited_until:
                 what = f"{head.infno} {head.msgid} is {head.state}" if head else "the first is unknown"
-                raise Refused(409, f"{len(waiting)} earlier trade(s) of this person have not reached the bureau "
-                                   f"({what}); the settlement would not include them. Send it again once they "
-                                   f"are delivered")
+                raise _not_past(waiting, what)
             self.lanes.kick(psn)
             await task.deferLater(self.reactor, 0.05)
 

@@ -311,3 +311,33 @@ def test_a_settlement_whose_outcome_the_outage_hid_is_reversed_once_the_probe_fi
     assert [s["state"] for s in running.ledger() if s["msgid"] == answer["fep_msgid"]] == ["reversed"]
     assert running.his.lookup(answer["fep_msgid"])["fep_state"] == "REVERSED"
     running.assert_ledgers_agree()
+
+
+def test_a_settlement_waiting_for_the_lane_behind_an_upload_that_went_unknown_does_not_pass_it(
+        running: World) -> None:
+    """The ward's upload of Zhang's fees is at the bureau (0.4 s) when the cashier, at another workstation,
+    settles him: the settlement waits for Zhang's turn. The upload's connection is then cut before the bureau
+    took it: its outcome is unknown, and fep will send it again. The settlement, next in Zhang's lane, must
+    not go ahead of it: the bureau would settle without those fees."""
+    visit = Visit(running.his, ZHANG)
+    visit.open()
+    running.latency(400)
+    running.fault(mode="drop_before", infno="2204", times=1)
+    heard: dict[str, dict] = {}
+    upload = threading.Thread(target=lambda: heard.update(upload=visit.upload_fees()))
+    upload.start()
+    wait_for(lambda: running.latency()["waiting"] == 1, what="the upload to reach the bureau")
+    settle = threading.Thread(target=lambda: heard.update(settle=visit.settle()))
+    settle.start()
+    upload.join(30)
+    settle.join(30)
+    running.latency(0)
+    uploaded = heard["upload"]["fep_msgid"]
+    wait_for(lambda: running.trade(uploaded)["state"] == "ANSWERED", what="the upload to be sent again and held")
+    order = [m for m, i in running.sim_answers() if i in ("2204", "2207")]
+    settled = heard["settle"].get("fep_msgid")
+    if settled in order:  # it went: only after the fees it settles
+        assert order.index(uploaded) < order.index(settled), (order, heard["settle"])
+    else:  # or it was refused in time, and nothing reached the bureau
+        assert heard["settle"]["infcode"] != 0, heard["settle"]
+    running.assert_ledgers_agree()
