@@ -291,10 +291,7 @@ class Engine:
         if trade.deferrable and (self.link.down or self.lanes.waiting(psn)):
             return await self._queue(write)
         if trade.moves_money and psn and (behind := await self._after_deferred_work(trade, psn, answer_by)):
-            acc = await write(S.SENT)
-            if not acc.created:
-                return self._reply(acc.row, resubmitted=True)
-            return await self._not_sent(trade, acc.row, behind)
+            return await self._held_back(trade, write, behind)
         try:
             async with self.lanes.sending(psn if trade.person_ordered else None, f"{trade.infno} {trade.name}",
                                           within=answer_by - self._now() - MIN_SEND) as name:
@@ -313,11 +310,15 @@ class Engine:
                 name(f"{trade.infno} {acc.row.msgid}")
                 return await self._answering(acc.row.msgid, self._forward(trade, acc.row, answer_by))
         except LaneBusy as e:  # the HIS hears what it waited for, and that nothing left the box
-            acc = await write(S.SENT)
-            if not acc.created:
-                return self._reply(acc.row, resubmitted=True)
-            return await self._not_sent(trade, acc.row, f"{e}, and fep answers the HIS within "
-                                                        f"{self.cfg.his.answer_within:g} s")
+            return await self._held_back(trade, write, f"{e}, and fep answers the HIS within "
+                                                       f"{self.cfg.his.answer_within:g} s")
+
+    async def _held_back(self, trade: TradeDef, write: Write, why: str) -> Reply:
+        """A first send fep will not make: journalled, and answered as not sent, saying why."""
+        acc = await write(S.SENT)
+        if not acc.created:
+            return self._reply(acc.row, resubmitted=True)
+        return await self._not_sent(trade, acc.row, why)
 
     async def _answering(self, msgid: str, forward: Awaitable[Reply]) -> Reply:
         """While the first submission of `msgid` waits for the bureau, a resubmission of it (an HIS that

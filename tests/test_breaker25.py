@@ -11,28 +11,12 @@ import threading
 import time
 from decimal import Decimal
 
-from fep.sim.world import LI, WANG, ZHANG, Visit, World, wait_for
+from fep.sim.world import LI, WANG, ZHANG, Visit, World, queued_uploads, settled_state, wait_for
 
 ANSWERED = ("ANSWERED",)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-
-def settled_state(world: World, msgid: str, states: tuple[str, ...], timeout: float = 20) -> dict:
-    return wait_for(lambda: (r := world.trade(msgid))["state"] in states and r, timeout=timeout,
-                    what=f"{msgid} to reach {states} (now {world.trade(msgid)['state']})")
-
-
-def queue_uploads(visit: Visit, n: int, tag: str = "Q") -> list[str]:
-    """`n` fee uploads of the visit, each a batch of its own, the bureau being down: each must be QUEUED."""
-    msgids = []
-    for i in range(n):
-        visit.chrg_bchno = f"{visit.mdtrt_id[-8:]}{tag}{i}"
-        answer = visit.upload_fees()
-        assert answer["fep_state"] == "QUEUED", answer
-        msgids.append(answer["fep_msgid"])
-    return msgids
-
 
 def bureau_order(world: World, *infnos: str) -> list[str]:
     """The msgids the bureau processed (stored an answer for), in the order it processed them."""
@@ -78,7 +62,7 @@ def test_an_outage_that_flaps_keeps_every_persons_uploads_in_order_and_each_held
         v.open()
     running.latency(80)
     running.fault(mode="refuse")
-    queued = {v.person["psn_no"]: queue_uploads(v, 3) for v in visits}
+    queued = {v.person["psn_no"]: queued_uploads(v, 3) for v in visits}
     for up_for in (0.9, 0.25, 1.1, 0.15, 0.6):
         running.clear_faults()
         time.sleep(up_for)
@@ -134,8 +118,8 @@ def test_a_probe_the_bureau_refuses_parks_its_upload_and_the_other_persons_queue
     bad = zhang.bad_upload()
     parked = bad.upload_fees()
     assert parked["fep_state"] == "QUEUED", parked
-    behind = queue_uploads(zhang, 1, "Z")
-    li_queue = queue_uploads(li, 2, "L")
+    behind = queued_uploads(zhang, 1, "Z")
+    li_queue = queued_uploads(li, 2, "L")
     running.latency(300)
     running.clear_faults()
     row = settled_state(running, parked["fep_msgid"], ("NEEDS_ATTENTION",))
@@ -161,7 +145,7 @@ def test_a_probe_told_not_now_keeps_the_queues_in_order_until_the_bureau_takes_t
     for v in visits:
         v.open()
     running.fault(mode="refuse")
-    queued = {v.person["psn_no"]: queue_uploads(v, 3) for v in visits}
+    queued = {v.person["psn_no"]: queued_uploads(v, 3) for v in visits}
     running.fault(mode="error", infno="2204", message="系统繁忙，请稍后再试", times=4)
     running.latency(50)
     running.end_outage()
@@ -182,7 +166,7 @@ def test_a_probe_whose_answer_is_lost_is_resent_once_and_the_queues_stay_in_orde
     for v in visits:
         v.open()
     running.fault(mode="refuse")
-    queued = {v.person["psn_no"]: queue_uploads(v, 3) for v in visits}
+    queued = {v.person["psn_no"]: queued_uploads(v, 3) for v in visits}
     running.fault(mode="drop_after", infno="2204", times=1)
     running.latency(100)
     running.end_outage()
@@ -205,7 +189,7 @@ def test_the_bureau_back_for_settlements_but_not_yet_for_uploads_never_lets_a_se
     visit = Visit(running.his, ZHANG)
     visit.open()
     running.fault(mode="refuse")
-    up = queue_uploads(visit, 1)[0]
+    up = queued_uploads(visit, 1)[0]
     running.fault(mode="error", infno="2204", message="系统繁忙", times=1000)
     running.end_outage()
     time.sleep(1.5)  # the probe found the bureau back (it answered)
@@ -230,8 +214,8 @@ def test_a_settlement_sent_as_the_bureau_comes_back_goes_after_the_persons_queue
     for v in (zhang, li):
         v.open()
     running.fault(mode="refuse")
-    ups = queue_uploads(zhang, 2)
-    li_ups = queue_uploads(li, 2, "L")
+    ups = queued_uploads(zhang, 2)
+    li_ups = queued_uploads(li, 2, "L")
     running.latency(300)
     running.clear_faults()
     settled = settle_all_fees(zhang, 2)
@@ -299,7 +283,7 @@ def test_a_settlement_whose_outcome_the_outage_hid_is_reversed_once_the_probe_fi
     answer = heard[0]
     assert answer["infcode"] != 0 and answer["fep_state"] in ("RESOLVING", "UNKNOWN"), answer
     assert running.sim_answer(answer["fep_msgid"]) is not None  # the bureau did settle it
-    li_up = queue_uploads(li, 1, "L")
+    li_up = queued_uploads(li, 1, "L")
     time.sleep(1.5)
     running.latency(0)
     running.clear_faults()

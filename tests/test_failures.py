@@ -7,12 +7,8 @@ import time
 import pytest
 
 from fep import envelope
-from fep.sim.world import LI, WANG, ZHANG, Visit, World, his_msgid, late_settlement, parked_settlement, wait_for
-
-
-def settled_state(world: World, msgid: str, states: tuple[str, ...], timeout: float = 20) -> dict:
-    return wait_for(lambda: (r := world.trade(msgid))["state"] in states and r, timeout=timeout,
-                    what=f"{msgid} to reach {states}")
+from fep.sim.world import (LI, WANG, ZHANG, Visit, World, his_msgid, late_settlement, parked_settlement,
+                           queued_uploads, settled_state, wait_for)
 
 
 def test_bureau_drops_the_link_after_2207_is_processed_so_2601_reverses_it(running: World) -> None:
@@ -358,13 +354,7 @@ def test_when_the_bureau_is_back_every_persons_queue_goes_with_the_probes_answer
     for v in visits:
         v.open()
     running.fault(mode="refuse")
-    queued: dict[str, list[str]] = {}
-    for v in visits:
-        for n in range(4):
-            v.chrg_bchno = f"{v.mdtrt_id[-8:]}Q{n}"  # a new batch of the visit's fees each time
-            answer = v.upload_fees()
-            assert answer["fep_state"] == "QUEUED", answer
-            queued.setdefault(v.person["psn_no"], []).append(answer["fep_msgid"])
+    queued = {v.person["psn_no"]: queued_uploads(v, 4) for v in visits}
     running.latency(300)
     running.clear_faults()
     for msgids in queued.values():

@@ -719,6 +719,23 @@ def reversed_settlement(world: World, visit: Visit, msgid: str | None = None) ->
     return answer
 
 
+def settled_state(world: World, msgid: str, states: tuple[str, ...], timeout: float = 20) -> dict[str, Any]:
+    """The trade's journal row, once it is in one of `states`."""
+    return wait_for(lambda: (r := world.trade(msgid))["state"] in states and r, timeout=timeout,
+                    what=f"{msgid} to reach {states} (now {world.trade(msgid)['state']})")
+
+
+def queued_uploads(visit: Visit, n: int, tag: str = "Q") -> list[str]:
+    """`n` fee uploads of the visit while the bureau is down, each a batch of its own: each must be QUEUED."""
+    msgids = []
+    for i in range(n):
+        visit.chrg_bchno = f"{visit.mdtrt_id[-8:]}{tag}{i}"
+        answer = visit.upload_fees()
+        assert answer["fep_state"] == "QUEUED", answer
+        msgids.append(answer["fep_msgid"])
+    return msgids
+
+
 def late_settlement(world: World, late_by: float, late_grace: float | None = 10) -> Visit:
     """Zhang up to his settlement in a world (started here) whose 2207 times out after 1 s, fep waiting
     `late_grace` s for late answers (None: its default), and whose bureau answers the next 2207 `late_by` s
