@@ -36,6 +36,7 @@ from fep.sim.ledger import FileAnswer, Ledger, Person, Remote
 log = Logger()
 
 REMEMBERED = 200  # envelopes kept for GET /requests/MSGID
+REMEMBERED_BYTES = 64 << 20  # ... and at most this much of them: a 5,000-line upload is 3.5 MB
 MODES = ("refuse", "drop_before", "drop_after", "late", "slow", "reset_mid", "error")
 
 
@@ -280,15 +281,20 @@ class Simulator:
         self.gateway = SimGateway(cfg.profile, reactor.seconds)
         self._reopen: Any = None
         # the last envelopes received and the path each came to, by msgid
-        self.requests: OrderedDict[str, tuple[dict[str, Any], str]] = OrderedDict()
+        self.requests: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self.remembered_bytes = 0
 
     def remember(self, env: Any, path: str) -> None:
         """The envelope as the bureau read it, and its path (GET /requests/MSGID[/path]): tests see what
-        arrived, after every decoding on the way, and where."""
+        arrived, after every decoding on the way, and where. Kept as JSON: as objects, the big uploads of a bench
+        were gigabytes for the collector to walk, and the simulator slowed upload by upload."""
         if isinstance(env, dict) and env.get("msgid"):
-            self.requests[str(env["msgid"])] = (env, path)
-            while len(self.requests) > REMEMBERED:
-                self.requests.popitem(last=False)
+            kept = self.requests.pop(str(env["msgid"]), None)
+            self.remembered_bytes -= len(kept[0]) if kept else 0
+            self.requests[str(env["msgid"])] = (raw := envelope.dumps(env), path)
+            self.remembered_bytes += len(raw)
+            while len(self.requests) > max(1, REMEMBERED if self.remembered_bytes <= REMEMBERED_BYTES else 0):
+                self.remembered_bytes -= len(self.requests.popitem(last=False)[1][0])
 
     def fault_for(self, infno: str) -> Fault | None:
         for f in self.faults:
@@ -337,8 +343,8 @@ class Simulator:
             msgid, _, part = req.path.removeprefix("/requests/").partition("/")
             if msgid not in self.requests:
                 return Response(404, envelope.dumps({"error": "no such msgid received"}))
-            env, path = self.requests[msgid]
-            return Response(200, envelope.dumps({"path": path} if part == "path" else env))
+            raw, path = self.requests[msgid]
+            return Response(200, envelope.dumps({"path": path}) if part == "path" else raw)
         path, _, query = req.path.partition("?")
         if req.method == "DELETE" and path == "/faults":
             only = dict(p.partition("=")[::2] for p in query.split("&") if p).get("mode")
