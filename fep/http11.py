@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 
 import httptools
 from OpenSSL import SSL
-from twisted.internet import defer
+from twisted.internet import abstract, defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -75,7 +75,7 @@ class Limits:
     max_header_bytes: int = 32768  # bytes of header names and values together; more: 431
     max_headers: int = 100  # header lines; more: 431
     max_pipelined: int = 16  # requests read and not yet answered; at this many, reading stops until one is
-    max_pipelined_bytes: int = 32 << 20  # ... and at this many bytes of their bodies
+    max_pipelined_bytes: int = 32 << 20  # ... and at this many bytes of their bodies, or of answers not yet read
     header_timeout: float | None = None  # from a request's first byte to the end of its headers; then 408
     body_timeout: float | None = None  # from the end of the headers to the end of the body; then 408
     idle_timeout: float | None = None  # a kept connection with nothing owed and nothing arriving is closed
@@ -108,7 +108,9 @@ class HTTPServerProtocol(Protocol):
     deadlines for reading a request and for an idle kept connection. When the client goes away, requests
     read but not yet handed to the handler are dropped: nobody is left to hear them, and nothing of them
     was journalled. The one being handled completes (it may be journalled already). A client that shuts
-    down its sending side after its requests (half-close) still gets every answer."""
+    down its sending side after its requests (half-close) still gets every answer. Answers the client has
+    not read wait in the transport up to `max_pipelined_bytes`; past that no further request is handled
+    until it reads, so a client that never reads costs fep that and one answer, not an answer a request."""
 
     # `Expect: 100-continue` (curl for large bodies, every .NET Framework HttpWebRequest): the client waits for
     # "100 Continue" before it sends the body (.NET 350 ms, curl 1 s, then it sends anyway). It is sent as soon
@@ -135,6 +137,8 @@ class HTTPServerProtocol(Protocol):
         self._discarded = 0  # bytes read and dropped after the refusal
         self._held = bytearray()  # bytes read and not yet parsed: reading is paused
         self._paused = False
+        self._unread = False  # the transport holds more unread answers than it may: nothing more is handled
+        self._producing = False  # registered with the transport as what produces its writes
         self._parsing = False  # in the parser's feed_data: a handler that answered at once must not feed it again
         self._read_closed = False  # the client half-closed: it sends nothing more but still reads
         self._lost = False
@@ -198,7 +202,7 @@ class HTTPServerProtocol(Protocol):
 
     def _expired(self, what: str) -> None:
         if what == "idle":
-            self.transport.loseConnection()
+            self.close()
             return
         limit = self._limits.header_timeout if what == "headers" else self._limits.body_timeout
         self._refuse(408, f"the request's {what} did not arrive within {limit:g} s")
@@ -211,7 +215,7 @@ class HTTPServerProtocol(Protocol):
             return
         if not self._busy and not self._pending and not self._in_head and not self._in_body:
             if self._read_closed:  # the client sends nothing more and is owed nothing
-                self.transport.loseConnection()
+                self.close()
                 return
             self._arm(self._limits.idle_timeout, "idle")
         elif self._deadline is not None and not (self._in_head or self._in_body):
@@ -304,7 +308,31 @@ class HTTPServerProtocol(Protocol):
 
     # Twisted
     def connectionMade(self) -> None:
+        if isinstance(self.transport, abstract.FileDescriptor):  # (Twisted's own cap is 64 KiB: one big answer)
+            self.transport.bufferSize = self._limits.max_pipelined_bytes
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self._idle_check()
+
+    # IPushProducer: the transport pauses this connection's answers while the client is not reading them
+    def pauseProducing(self) -> None:
+        self._unread = True
+
+    def resumeProducing(self) -> None:
+        if self._unread:
+            self._unread = False
+            self._next()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is lost: connectionLost does what there is to do
+
+    def close(self) -> None:
+        """Close once what is written has gone. (Not the transport's loseConnection: while this connection is
+        registered as its producer, the transport holds the close back until it is not.)"""
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._lost:
@@ -399,10 +427,10 @@ class HTTPServerProtocol(Protocol):
             self._refused = True
             self._drained = True
             if not self._busy and not self._pending:
-                self.transport.loseConnection()
+                self.close()
 
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
+        self.close()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
@@ -430,7 +458,7 @@ class HTTPServerProtocol(Protocol):
         self._next()
 
     def _next(self) -> None:
-        if self._busy or not self._pending or self._finished or self._lost:
+        if self._busy or self._unread or not self._pending or self._finished or self._lost:
             return
         item = self._pending.popleft()
         if isinstance(item, Response):  # the refusal: always the last thing owed
@@ -466,7 +494,7 @@ class HTTPServerProtocol(Protocol):
             self._resume()
             self._idle_check()
         if self._read_closed and not self._busy and not self._pending:
-            self.transport.loseConnection()
+            self.close()
 
     def _finish(self, resp: Response, version: str = "1.1") -> None:
         self._finished = True
@@ -477,7 +505,7 @@ class HTTPServerProtocol(Protocol):
 
     def _close_if_done(self) -> None:
         if self._finished and (self._drained or self._read_closed):
-            self.transport.loseConnection()
+            self.close()
 
 
 REFUSAL_ALERTS = ("unknown ca", "bad certificate", "certificate required", "certificate unknown",

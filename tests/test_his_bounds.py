@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from fep import envelope
 from fep.his import BUSY, HisFactory, RateLimitedLog
 from fep.http11 import HTTPServerProtocol, Limits, Request, Response
-from fep.sim.world import ZHANG, World, wait_for
+from fep.sim.world import ZHANG, World, his_msgid, wait_for
 from tests import http_doubles
 from tests.http_doubles import Responses
 
@@ -102,6 +102,20 @@ def test_requests_not_yet_handed_over_are_dropped_when_the_client_disconnects_an
     assert len(handler.taken) == 1  # and nothing after it is started
     assert proto.buffered == 0
 
+
+
+def test_while_the_client_reads_none_of_its_answers_no_further_request_is_handled() -> None:
+    """The transport pauses its producer when it holds more unread answers than it may (max_pipelined_bytes)."""
+    proto, transport, handler, _ = server(Limits(max_pipelined=8))
+    proto.dataReceived(b"".join(post(i) for i in range(3)))
+    proto.pauseProducing()  # as the transport does when the answer it is given leaves it holding too much
+    handler.answer(0)
+    assert len(handler.taken) == 1  # the second waits: its answer would only pile up
+    proto.resumeProducing()  # the client read: the transport's buffer drained
+    assert len(handler.taken) == 2
+    handler.answer(1)
+    handler.answer(2)
+    assert [b for _, b in Responses().feed(transport.value())] == [b'{"n": %d}' % i for i in range(3)]
 
 # ---- sizes: 414 and 431 ----------------------------------------------------------------------------------------
 
@@ -417,3 +431,37 @@ def test_end_to_end_half_close_upgrade_and_a_long_url(running: World) -> None:
         assert [st for st, _ in Responses().feed(data)] == [status], head[:40]
     assert "Traceback" not in running.log("run") and "Unhandled" not in running.log("run")
     assert running.fep_alive()
+
+
+def test_an_his_that_pipelines_without_reading_gets_no_more_answers_than_fep_may_hold_then_all_in_order(
+        world: World) -> None:
+    """The clerk's batch job pipelines 40 downloads of a 1 MB reconciliation file on one connection and reads
+    none of the answers (its reader thread hung). Past what the kernel's buffers take, fep must stop handling
+    the job's requests once the unread answers fill what it may hold for a connection (his.max_body's bytes,
+    here 2 MiB), not go on answering 40 MB into its own memory; when the job reads, every answer comes whole,
+    in order."""
+    from tests.test_breaker24 import body_msgid, read_answers, request, uploaded_file
+    from tests.test_his_http import _download
+
+    world.configure(fep={"his": {"max_body": 2 << 20}})
+    world.start()
+    content, no, name = uploaded_file(world, 1 << 20)
+    msgids = [his_msgid(3000 + i) for i in range(40)]
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: the window stays small)
+        s.connect(("127.0.0.1", world.his_port))
+        s.settimeout(60)
+        s.sendall(b"".join(request(_download(world, no, name, m)) for m in msgids))
+        handled = wait_for(lambda: _settled_count(world, "9102"), timeout=30, what="fep to stop handling")
+        assert handled <= 20, f"fep handled {handled} of 40 downloads whose answers nobody read"
+        answers = read_answers(s, len(msgids))
+    assert [body_msgid(a) for a in answers] == [world.journal("his_msgid=?", (m,))[0]["msgid"] for m in msgids]
+    assert all(a[2] == content for a in answers)
+
+
+def _settled_count(world: World, infno: str) -> int | None:
+    """How many trades of `infno` the journal holds, once it held as many a second ago (None before)."""
+    before = len(world.journal("infno=?", (infno,)))
+    time.sleep(1)
+    after = len(world.journal("infno=?", (infno,)))
+    return after if after == before and after else None

@@ -221,7 +221,7 @@ def test_client_an_idle_connection_the_bureau_closed_is_not_used_and_a_request_o
     first = wire.client.request("/", b"{}", {"Host": "bureau"})
     wire.pump()
     assert _outcome(first).status == 200 and wire.client.idle
-    app.transport.loseConnection()  # the bureau's idle timeout
+    app.close()  # the bureau's idle timeout
     wire.to_client()  # its close_notify is read; the TCP close is not seen yet
     assert not wire.client.idle, "the pool would hand this connection to a trade"
     second = wire.client.request("/", b"{}", {"Host": "bureau"})
@@ -242,7 +242,7 @@ def test_pool_skips_an_idle_connection_the_bureau_closed_and_connects_afresh(pki
 
     pool._connect = connect  # type: ignore[method-assign]
     pool.count, pool.idle = 1, [stale.client]
-    app.transport.loseConnection()
+    app.close()
     stale.to_client()
     assert _outcome(defer.ensureDeferred(pool.acquire())) is fresh.client and pool.count == 1
 
@@ -274,7 +274,7 @@ def test_client_an_answer_of_many_records_and_the_close_behind_it_are_read_where
     wire = _Wire(pki_dir, app)
     answer = wire.client.request("/", b"{}", {"Host": "bureau"})
     wire.toserver()
-    app.transport.loseConnection()
+    app.close()
     wire.clock.advance(0)
     data, _ = wire.st.value(), wire.st.clear()
     for i in range(0, len(data), cut):
