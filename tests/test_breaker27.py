@@ -9,6 +9,7 @@ simulator's remembered envelopes (0431191): many big uploads, then GET /requests
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import subprocess
 import sys
@@ -87,6 +88,21 @@ def no_leaked_connections(world: World) -> None:
     """Every slot of his.max_connections_per_peer is free again (within a few seconds)."""
     wait_for(lambda: served_on_fresh_connections(world) == [200] * PER_PEER, timeout=15,
              what=f"{PER_PEER} fresh connections from 127.0.0.1 to be served (a paused one still holds a slot)")
+
+
+def his_unix_connections(world: World) -> int:
+    """fep's connected sockets on its HIS UNIX socket (from /proc: its descriptors, /proc/net/unix)."""
+    assert world.fep is not None
+    inodes = set()
+    for fd in os.listdir(f"/proc/{world.fep.pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{world.fep.pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    rows = [line.split() for line in open("/proc/net/unix").read().splitlines()[1:]]
+    return sum(1 for r in rows if len(r) > 7 and r[6] in inodes and r[5] == "03" and r[7] == str(world.his_socket()))
 
 
 def read_all(s: socket.socket, count: int, timeout: float = 30) -> list[tuple[int, dict[str, str], bytes]]:
@@ -226,6 +242,7 @@ def test_a_413_for_an_expect_100_continue_body_closes_the_connection_though_the_
         s.sendall(b"".join(request(b) for _, b in wanted)
                   + _head(b"x" * (MAX_BODY + 1), extra="Expect: 100-continue\r\n"))
         stalled(world)
+        time.sleep(2)  # the body deadline passes while the 413 still waits behind the unread answers
         answers = read_all(s, 7)
         assert [a[0] for a in answers] == [200] * 6 + [413]
         assert answers[6][1].get("connection") == "close"
@@ -275,6 +292,7 @@ def test_many_paused_connections_leave_other_his_clients_status_and_metrics_resp
         s.sendall(b"".join(request(b) for _, b in downloads(world, no, name, 5000 + 20 * k, 6)))
         hung.append(s)
     stalled(world)
+    assert his_unix_connections(world) == 12
     t0 = time.monotonic()
     visit = Visit(world.his_tcp, ZHANG)
     visit.up_to_settlement()
@@ -290,6 +308,8 @@ def test_many_paused_connections_leave_other_his_clients_status_and_metrics_resp
         s.close()  # (a UNIX socket has no RST: the close with unread data is its reset)
     world.assert_ledgers_agree()
     no_leaked_connections(world)
+    wait_for(lambda: his_unix_connections(world) == 0, timeout=10,
+             what=f"fep's UNIX HIS connections to close (still {his_unix_connections(world)})")
 
 
 def test_over_the_unix_socket_a_hung_reader_pauses_fep_and_then_hears_every_answer_in_order(world: World) -> None:
@@ -461,3 +481,89 @@ def test_the_bureaus_control_port_serves_big_remembered_envelopes_to_a_hung_pipe
     assert [envelope.loads(a[2])["msgid"] for a in answers] == msgids
     assert [base64.b64decode(envelope.loads(a[2])["input"]["fsUploadIn"]["in"])[:1] for a in answers] == \
         [bytes([i]) for i in range(12)]
+
+
+def test_fep_stops_at_once_on_sigterm_with_paused_connections_owed_requests(world: World) -> None:
+    """Three hung readers, each paused with requests owed: `systemctl stop` (SIGTERM) must stop fep promptly,
+    and cleanly, not wait on connections that will never drain."""
+    start(world)
+    _, no, name = uploaded_file(world, FILE)
+    hung = [hung_reader(world) for _ in range(3)]
+    for k, s in enumerate(hung):
+        s.sendall(b"".join(request(b) for _, b in downloads(world, no, name, 7500 + 20 * k, 8)))
+    stalled(world)
+    assert world.fep is not None
+    t0 = time.monotonic()
+    world.fep.terminate()
+    code = world.fep.wait(15)
+    took = time.monotonic() - t0
+    for s in hung:
+        s.close()
+    assert code == 0 and took < 5, f"fep exited {code} after {took:.1f} s"
+
+
+def test_the_bureau_remembers_the_last_200_envelopes_and_forgets_the_201st_oldest(world: World) -> None:
+    """Three big uploads (4 MB of JSON each), then 201 identifications: by count, the big ones and the first
+    identification are forgotten and the last 200 kept (what the big ones weighed no longer counts)."""
+    world.start()
+    big = []
+    for i in range(3):
+        env = _upload_envelope(his_msgid(8001 + i), f"f{i}.zip")
+        env["input"]["fsUploadIn"]["in"] = base64.b64encode(bytes([i]) * (3 << 20)).decode()
+        answer = world.his.call("9101", env["input"], msgid=env["msgid"])
+        assert answer["infcode"] == 0, said(answer)
+        big.append(answer["fep_msgid"])
+    small = []
+    with closing(socket.create_connection(("127.0.0.1", world.his_port))) as s:
+        s.settimeout(30)
+        for start_at in range(0, 201, 16):
+            n = min(16, 201 - start_at)
+            s.sendall(b"".join(request(_identify(his_msgid(8100 + start_at + i))) for i in range(n)))
+            small += [body_msgid(a) for a in read_answers(s, n)]
+    assert len(small) == 201
+    for m in big + small[:1]:
+        try:
+            world.bureau_request(m)
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+        else:
+            raise AssertionError(f"{m} is still remembered: more than 200 are kept")
+    for m in small[1:3] + small[-2:]:
+        assert world.bureau_request(m)["msgid"] == m
+
+
+def read_until_closed(s: socket.socket, pause: float = 0.0) -> tuple[list[tuple[int, dict[str, str], bytes]], str]:
+    """Every answer until fep closes: (the answers, "eof" or the error that ended the reading); with `pause`,
+    8 KB at a time, sleeping that long between reads."""
+    messages = _Messages()
+    s.settimeout(20)
+    try:
+        while chunk := s.recv(8192 if pause else 1 << 16):
+            messages.feed(chunk)
+            time.sleep(pause)
+    except OSError as e:
+        return messages.got, type(e).__name__
+    return messages.got, "eof"
+
+
+def test_idle_timeout_over_unread_answers_then_a_pipelined_request_does_not_reset_away_the_answers(
+        world: World) -> None:
+    """his.idle_timeout 1 s. The HIS pipelines two 1 MB downloads, its reader hung; fep answers both (nothing
+    owed: the idle deadline runs) and closes at the deadline, while 2 MB wait unread. The HIS, pipelining,
+    sends its next request and then reads. It must get both files whole and then the close (the third
+    request may go unanswered): fep must not leave the request unread and close with a reset, which throws
+    away the answers still in its socket's send queue."""
+    start(world, idle_timeout=1)
+    content, no, name = uploaded_file(world, FILE)
+    wanted = downloads(world, no, name, 8500, 2)
+    with closing(hung_reader(world)) as s:
+        s.sendall(b"".join(request(b) for _, b in wanted))
+        stalled(world)
+        time.sleep(1.5)  # the idle deadline has passed: fep has stopped reading and closes once written
+        s.sendall(request(_identify(his_msgid(8599))))
+        time.sleep(0.5)
+        answers, end = read_until_closed(s)
+    assert [a[0] for a in answers[:2]] == [200, 200] and all(a[2] == content for a in answers[:2]), \
+        f"heard {len(answers)} answers, then {end}"
+    assert end == "eof", f"the connection ended with {end} after {len(answers)} answers"
+    no_leaked_connections(world)
