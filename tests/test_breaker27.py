@@ -567,3 +567,34 @@ def test_idle_timeout_over_unread_answers_then_a_pipelined_request_does_not_rese
         f"heard {len(answers)} answers, then {end}"
     assert end == "eof", f"the connection ended with {end} after {len(answers)} answers"
     no_leaked_connections(world)
+
+
+def test_a_malformed_request_behind_unread_answers_with_more_sent_after_it_loses_no_answer(world: World) -> None:
+    """Downloads, a request that is not HTTP, and then the HIS goes on sending (its next requests, 1 MB of them,
+    after fep has decided to close), the reader hung. Once it reads (slowly): every download whole, then the 400,
+    then the close, not a reset that throws the answers away."""
+    start(world)
+    content, no, name = uploaded_file(world, FILE)
+    wanted = downloads(world, no, name, 8700, 4)
+    with closing(hung_reader(world)) as s:
+        s.sendall(b"".join(request(b) for _, b in wanted) + b"NOT HTTP AT ALL\r\n\r\n")
+        stalled(world)
+        answers: list[Any] = []
+        end = ""
+
+        def read() -> None:
+            nonlocal answers, end
+            answers, end = read_until_closed(s, pause=0.005)
+        reader = __import__("threading").Thread(target=read)
+        reader.start()
+        try:
+            for _ in range(64):  # the HIS's next requests, while it reads
+                s.sendall(request(_identify(his_msgid(8799))) * 40)
+                time.sleep(0.05)
+        except OSError:
+            pass
+        reader.join(30)
+    assert [a[0] for a in answers] == [200] * 4 + [400] and all(a[2] == content for a in answers[:4]), \
+        f"heard {[a[0] for a in answers]}, then {end}"
+    assert end == "eof", f"the connection ended with {end}"
+    no_leaked_connections(world)
