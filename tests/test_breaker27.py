@@ -17,7 +17,10 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import closing
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from fep import envelope
 from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, said, setl_id, wait_for
@@ -28,6 +31,13 @@ from tests.test_his_http import CALL, _download, _head, _identify, _Messages, _u
 MAX_BODY = 2 << 20  # his.max_body here: what fep may hold of unread answers per connection
 FILE = 1 << 20  # the file downloaded: two of them fill what fep may hold
 PER_PEER = 4  # his.max_connections_per_peer here
+
+
+@pytest.fixture(autouse=True)
+def _daemons_from_this_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemons World spawns import fep from this tree, not from wherever the venv's install points."""
+    here = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
 
 
 def start(world: World, **his: Any) -> World:
@@ -597,4 +607,25 @@ def test_a_malformed_request_behind_unread_answers_with_more_sent_after_it_loses
     assert [a[0] for a in answers] == [200] * 4 + [400] and all(a[2] == content for a in answers[:4]), \
         f"heard {[a[0] for a in answers]}, then {end}"
     assert end == "eof", f"the connection ended with {end}"
+    no_leaked_connections(world)
+
+
+def test_with_the_default_max_body_a_hung_reader_of_3_mb_files_is_paused_near_32_mib_not_sooner_nor_later(
+        world: World) -> None:
+    """his.max_body as shipped (32 MiB): an HIS pipelines 30 downloads of a 3 MB file, its reader hung. fep must
+    handle about 32 MiB of them (plus what the kernel takes), not one or two (Twisted's own 64 KiB cap) nor
+    all 30, and then give every file whole, in order."""
+    world.configure(fep={"his": {"max_connections_per_peer": PER_PEER}})
+    world.start()
+    content, no, name = uploaded_file(world, 3 << 20)
+    wanted = downloads(world, no, name, 8800, 30)
+    with closing(hung_reader(world)) as s:
+        sender = __import__("threading").Thread(target=s.sendall, args=(b"".join(request(b) for _, b in wanted),))
+        sender.start()
+        handled = stalled(world)
+        assert 10 <= handled <= 15, f"fep handled {handled} of 30 3 MB downloads nobody read"
+        answers = read_all(s, 30)
+        sender.join(10)
+    assert [body_msgid(a) for a in answers] == [journalled(world, m)[0]["msgid"] for m, _ in wanted]
+    assert all(a[2] == content for a in answers)
     no_leaked_connections(world)
