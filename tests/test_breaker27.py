@@ -33,13 +33,6 @@ FILE = 1 << 20  # the file downloaded: two of them fill what fep may hold
 PER_PEER = 4  # his.max_connections_per_peer here
 
 
-@pytest.fixture(autouse=True)
-def _daemons_from_this_tree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemons World spawns import fep from this tree, not from wherever the venv's install points."""
-    here = str(Path(__file__).resolve().parents[1])
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
-
-
 def start(world: World, **his: Any) -> World:
     world.configure(fep={"his": {"max_body": MAX_BODY, "max_connections_per_peer": PER_PEER, **his}})
     return world.start()
