@@ -83,6 +83,7 @@ class Limits:
 
 MIN_REQUEST = 16  # the fewest bytes a request can be ("GET / HTTP/1.1\r\n\r\n" less two): see _feed
 LINGER_LIMIT = 64 << 20  # at most this much of a refused body is read before the connection is cut
+LINGER_SECONDS = 5.0  # after fep's side is shut: how long what the client still sends is read, waiting for its close
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Handler = Callable[[Request], "Awaitable[Response] | Response"]
@@ -139,6 +140,7 @@ class HTTPServerProtocol(Protocol):
         self._paused = False
         self._unread = False  # the transport holds more unread answers than it may: nothing more is handled
         self._producing = False  # registered with the transport as what produces its writes
+        self._closing = False  # fep's side is shut (or being shut, once written): the client's is awaited
         self._parsing = False  # in the parser's feed_data: a handler that answered at once must not feed it again
         self._read_closed = False  # the client half-closed: it sends nothing more but still reads
         self._lost = False
@@ -203,6 +205,9 @@ class HTTPServerProtocol(Protocol):
     def _expired(self, what: str) -> None:
         if what == "idle":
             self.close()
+            return
+        if what == "linger":  # the client has had every answer and its end of the close for LINGER_SECONDS
+            self.transport.abortConnection()
             return
         limit = self._limits.header_timeout if what == "headers" else self._limits.body_timeout
         self._refuse(408, f"the request's {what} did not arrive within {limit:g} s")
@@ -327,12 +332,24 @@ class HTTPServerProtocol(Protocol):
         pass  # the connection is lost: connectionLost does what there is to do
 
     def close(self) -> None:
-        """Close once what is written has gone. (Not the transport's loseConnection: while this connection is
-        registered as its producer, the transport holds the close back until it is not.)"""
+        """Close once what is written has gone, without a reset. A socket closed with bytes from the client
+        still unread makes the kernel reset the connection, and that throws away the answers it has not yet
+        delivered: so on a socket whose client may still send, fep shuts its own side once its answers are
+        written and reads (and drops) what comes until the client closes too, or LINGER_SECONDS pass. (Not the
+        transport's loseConnection alone: while this connection is its producer, it holds the close back.)"""
+        if self._closing:
+            return
+        self._closing = True
         if self._producing:
             self._producing = False
             self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        if self._read_closed or not isinstance(self.transport, abstract.FileDescriptor):
+            self.transport.loseConnection()  # (the client sends nothing more; TLS has no half-close of its own)
+            return
+        self._refused = self._drained = self._finished = True  # nothing more is taken: what comes is dropped
+        self._held.clear()
+        self._resume()
+        self.transport.loseWriteConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._lost:
@@ -419,6 +436,9 @@ class HTTPServerProtocol(Protocol):
     def readConnectionLost(self) -> None:
         """The client shut down its sending side (SHUT_WR): what it sent is answered, then the connection closes."""
         self._read_closed = True
+        if self._closing:  # the end of a close that fep began: both sides are shut
+            self.transport.loseConnection()
+            return
         if not (self._in_head or self._in_body):
             self._idle_check()
         else:  # a request cut short: nothing more of it will come; answer what is owed, then close
@@ -430,6 +450,9 @@ class HTTPServerProtocol(Protocol):
                 self.close()
 
     def writeConnectionLost(self) -> None:
+        if self._closing:  # fep's side is shut, every answer handed to the kernel: the client has a while to close
+            self._arm(LINGER_SECONDS, "linger")
+            return
         self.close()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -504,7 +527,9 @@ class HTTPServerProtocol(Protocol):
         self._close_if_done()
 
     def _close_if_done(self) -> None:
-        if self._finished and (self._drained or self._read_closed):
+        """After the last answer: closed at once where the rest of a refused body can be read and dropped after
+        fep's side is shut (close), else once it has been read."""
+        if self._finished and (self._drained or self._read_closed or isinstance(self.transport, abstract.FileDescriptor)):
             self.close()
 
 
