@@ -101,7 +101,10 @@ def test_finished_trades_older_than_keep_days_move_to_monthly_files_and_are_stil
     month_file = f"journal-{month}.db"
     query = world.journal("infno = '1101'")[0]["msgid"]
     copied_before_a_crash(world, month_file, query)
+    sign_ins = len(world.journal("infno = '9001'"))
     world.start()
+    # today's sign-in is made once fep listens: the journal is read after it, or it would seem to come from nowhere
+    wait_for(lambda: len(world.journal("infno = '9001'")) > sign_ins, what="fep to sign in again")
     before = {r["msgid"]: r for r in world.journal()}
 
     done = world.cli("archive")
