@@ -141,6 +141,7 @@ class HTTPServerProtocol(Protocol):
         self._unread = False  # the transport holds more unread answers than it may: nothing more is handled
         self._producing = False  # registered with the transport as what produces its writes
         self._closing = False  # fep's side is shut (or being shut, once written): the client's is awaited
+        self._half_closes = False  # a socket of our own (TCP, UNIX): its write side can be shut alone
         self._parsing = False  # in the parser's feed_data: a handler that answered at once must not feed it again
         self._read_closed = False  # the client half-closed: it sends nothing more but still reads
         self._lost = False
@@ -313,7 +314,8 @@ class HTTPServerProtocol(Protocol):
 
     # Twisted
     def connectionMade(self) -> None:
-        if isinstance(self.transport, abstract.FileDescriptor):  # (Twisted's own cap is 64 KiB: one big answer)
+        self._half_closes = isinstance(self.transport, abstract.FileDescriptor)  # (TLS has no half-close of its own)
+        if self._half_closes:  # (Twisted's own cap is 64 KiB: one big answer)
             self.transport.bufferSize = self._limits.max_pipelined_bytes
         self.transport.registerProducer(self, True)
         self._producing = True
@@ -343,8 +345,8 @@ class HTTPServerProtocol(Protocol):
         if self._producing:
             self._producing = False
             self.transport.unregisterProducer()
-        if self._read_closed or not isinstance(self.transport, abstract.FileDescriptor):
-            self.transport.loseConnection()  # (the client sends nothing more; TLS has no half-close of its own)
+        if self._read_closed or not self._half_closes:
+            self.transport.loseConnection()  # (the client sends nothing more, or fep cannot shut one side)
             return
         self._refused = self._drained = self._finished = True  # nothing more is taken: what comes is dropped
         self._held.clear()
@@ -529,7 +531,7 @@ class HTTPServerProtocol(Protocol):
     def _close_if_done(self) -> None:
         """After the last answer: closed at once where the rest of a refused body can be read and dropped after
         fep's side is shut (close), else once it has been read."""
-        if self._finished and (self._drained or self._read_closed or isinstance(self.transport, abstract.FileDescriptor)):
+        if self._finished and (self._drained or self._read_closed or self._half_closes):
             self.close()
 
 

@@ -17,10 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import closing
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from fep import envelope
 from fep.sim.world import LI, ZHANG, Visit, World, his_msgid, said, setl_id, wait_for
@@ -54,6 +51,17 @@ def hung_reader(world: World, over: str = "tcp") -> socket.socket:
 
 def downloads(world: World, no: str, name: str, base: int, n: int) -> list[tuple[str, bytes]]:
     return [(m, _download(world, no, name, m)) for m in (his_msgid(base + i) for i in range(n))]
+
+
+def file_downloads(world: World, base: int, n: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A FILE-sized file uploaded through fep, and `n` downloads of it: (its bytes, [(msgid, body)])."""
+    content, no, name = uploaded_file(world, FILE)
+    return content, downloads(world, no, name, base, n)
+
+
+def pipelined(wanted: list[tuple[str, bytes]]) -> bytes:
+    """The requests of `wanted`, back to back on one connection, as an HIS pipelines them."""
+    return b"".join(request(b) for _, b in wanted)
 
 
 def stalled(world: World, infno: str = "9102", quiet: float = 1.0) -> int:
@@ -127,7 +135,7 @@ def test_a_settlement_behind_unread_answers_is_settled_once_the_his_reads_and_it
     wanted = downloads(world, no, name, 4000, 20)
     msgid = his_msgid(4099)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted) + request(settlement_request(visit, msgid)))
+        s.sendall(pipelined(wanted) + request(settlement_request(visit, msgid)))
         handled = stalled(world)
         assert handled <= 12, f"fep handled {handled} of 20 downloads nobody read"
         assert journalled(world, msgid) == [] and world.live() == []
@@ -155,7 +163,7 @@ def test_an_his_that_resets_while_paused_drops_the_settlement_not_handed_over_an
     visit.up_to_settlement()
     msgid = his_msgid(4199)
     s = hung_reader(world)
-    s.sendall(b"".join(request(b) for _, b in downloads(world, no, name, 4100, 6))
+    s.sendall(pipelined(downloads(world, no, name, 4100, 6))
               + request(settlement_request(visit, msgid)))
     stalled(world)
     assert journalled(world, msgid) == []
@@ -174,10 +182,9 @@ def test_an_his_that_resets_while_paused_drops_the_settlement_not_handed_over_an
 
 def test_an_his_that_half_closes_while_paused_hears_every_answer_then_fep_closes(world: World) -> None:
     start(world)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 4200, 12)
+    content, wanted = file_downloads(world, 4200, 12)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted) + request(_identify(his_msgid(4299))))
+        s.sendall(pipelined(wanted) + request(_identify(his_msgid(4299))))
         s.shutdown(socket.SHUT_WR)
         stalled(world)
         answers = read_all(s, 13)
@@ -191,10 +198,9 @@ def test_idle_timeout_does_not_cut_a_paused_connection_and_closes_it_once_read_a
     """his.idle_timeout 1 s: the HIS reads nothing for 4 s (fep paused, requests owed), then reads. Every
     answer must come (nothing owed is idle), and then fep closes the idle connection."""
     start(world, idle_timeout=1)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 4300, 12)
+    content, wanted = file_downloads(world, 4300, 12)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted))
+        s.sendall(pipelined(wanted))
         stalled(world)
         time.sleep(3)
         answers = read_all(s, 12)
@@ -206,10 +212,9 @@ def test_idle_timeout_does_not_cut_a_paused_connection_and_closes_it_once_read_a
 
 def test_a_malformed_request_behind_unread_answers_is_refused_last_and_the_connection_closes(world: World) -> None:
     start(world)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 4400, 8)
+    content, wanted = file_downloads(world, 4400, 8)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted) + b"NOT HTTP AT ALL\r\n\r\n")
+        s.sendall(pipelined(wanted) + b"NOT HTTP AT ALL\r\n\r\n")
         stalled(world)
         answers = read_all(s, 9)
         assert [a[0] for a in answers] == [200] * 8 + [400]
@@ -221,10 +226,9 @@ def test_a_malformed_request_behind_unread_answers_is_refused_last_and_the_conne
 def test_a_header_timeout_behind_unread_answers_gets_408_last_and_the_connection_closes(world: World) -> None:
     """his.header_timeout 1 s: behind the unread answers the HIS begins a request and never ends its headers."""
     start(world, header_timeout=1)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 4500, 8)
+    content, wanted = file_downloads(world, 4500, 8)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted) + f"POST {CALL} HTTP/1.1\r\nHost: x\r\n".encode())
+        s.sendall(pipelined(wanted) + f"POST {CALL} HTTP/1.1\r\nHost: x\r\n".encode())
         stalled(world)
         time.sleep(1.5)
         answers = read_all(s, 9)
@@ -239,10 +243,9 @@ def test_a_413_for_an_expect_100_continue_body_closes_the_connection_though_the_
     413 (Connection: close: "need not send it") and sends nothing more, keeping the socket open. fep must not
     hold the connection for ever: within his.body_timeout / idle_timeout (2 s here) it must close it."""
     start(world, body_timeout=2, idle_timeout=2)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 4600, 6)
+    content, wanted = file_downloads(world, 4600, 6)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted)
+        s.sendall(pipelined(wanted)
                   + _head(b"x" * (MAX_BODY + 1), extra="Expect: 100-continue\r\n"))
         stalled(world)
         time.sleep(2)  # the body deadline passes while the 413 still waits behind the unread answers
@@ -258,11 +261,10 @@ def test_a_413_for_an_expect_100_continue_body_closes_the_connection_though_the_
 
 def test_expect_100_continue_behind_unread_answers_gets_its_100_after_them_then_its_answer(world: World) -> None:
     start(world)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 4700, 8)
+    content, wanted = file_downloads(world, 4700, 8)
     last = _identify(his_msgid(4799))
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted) + _head(last, extra="Expect: 100-continue\r\n"))
+        s.sendall(pipelined(wanted) + _head(last, extra="Expect: 100-continue\r\n"))
         stalled(world)
         s.settimeout(30)
         messages = _Messages()
@@ -292,7 +294,7 @@ def test_many_paused_connections_leave_other_his_clients_status_and_metrics_resp
     hung = []
     for k in range(12):
         s = hung_reader(world, "unix")
-        s.sendall(b"".join(request(b) for _, b in downloads(world, no, name, 5000 + 20 * k, 6)))
+        s.sendall(pipelined(downloads(world, no, name, 5000 + 20 * k, 6)))
         hung.append(s)
     stalled(world)
     assert his_unix_connections(world) == 12
@@ -317,10 +319,9 @@ def test_many_paused_connections_leave_other_his_clients_status_and_metrics_resp
 
 def test_over_the_unix_socket_a_hung_reader_pauses_fep_and_then_hears_every_answer_in_order(world: World) -> None:
     start(world)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 5500, 30)
+    content, wanted = file_downloads(world, 5500, 30)
     with closing(hung_reader(world, "unix")) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted))
+        s.sendall(pipelined(wanted))
         handled = stalled(world)
         assert handled <= 12, f"fep handled {handled} of 30 downloads nobody read"
         answers = read_all(s, 30)
@@ -386,7 +387,7 @@ def test_a_settlement_resent_on_a_new_connection_while_its_first_copy_waits_paus
     visit.up_to_settlement()
     msgid = his_msgid(4899)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in downloads(world, no, name, 4800, 10))
+        s.sendall(pipelined(downloads(world, no, name, 4800, 10))
                   + request(settlement_request(visit, msgid)))
         stalled(world)
         assert journalled(world, msgid) == []
@@ -408,10 +409,9 @@ def test_an_his_that_half_closes_with_more_requests_than_fep_reads_ahead_while_p
     """30 downloads (more than his.max_pipelined, so fep also stops reading) and SHUT_WR, the reader hung: once it
     reads, every answer in order, then fep closes."""
     start(world)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 4900, 30)
+    content, wanted = file_downloads(world, 4900, 30)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted))
+        s.sendall(pipelined(wanted))
         s.shutdown(socket.SHUT_WR)
         stalled(world)
         answers = read_all(s, 30)
@@ -425,11 +425,11 @@ def test_connection_close_behind_unread_answers_ends_the_connection_after_its_an
     """Downloads, then an identification with Connection: close, then another download, the reader hung: once
     read, the downloads and the identification are answered, the last request is not, and fep closes."""
     start(world)
-    content, no, name = uploaded_file(world, FILE)
+    _, no, name = uploaded_file(world, FILE)
     wanted = downloads(world, no, name, 5100, 6)
     after = his_msgid(5199)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted)
+        s.sendall(pipelined(wanted)
                   + _head(ident := _identify(his_msgid(5198)), extra="Connection: close\r\n") + ident
                   + request(_download(world, no, name, after)))
         stalled(world)
@@ -444,11 +444,10 @@ def test_connection_close_behind_unread_answers_ends_the_connection_after_its_an
 def test_a_body_over_the_limit_sent_whole_behind_unread_answers_gets_413_last_and_the_connection_closes(
         world: World) -> None:
     start(world)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 5200, 6)
+    content, wanted = file_downloads(world, 5200, 6)
     big = b"x" * (MAX_BODY + 1)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted) + _head(big))
+        s.sendall(pipelined(wanted) + _head(big))
         stalled(world)
         sender = __import__("threading").Thread(target=s.sendall, args=(big,))
         sender.start()
@@ -493,7 +492,7 @@ def test_fep_stops_at_once_on_sigterm_with_paused_connections_owed_requests(worl
     _, no, name = uploaded_file(world, FILE)
     hung = [hung_reader(world) for _ in range(3)]
     for k, s in enumerate(hung):
-        s.sendall(b"".join(request(b) for _, b in downloads(world, no, name, 7500 + 20 * k, 8)))
+        s.sendall(pipelined(downloads(world, no, name, 7500 + 20 * k, 8)))
     stalled(world)
     assert world.fep is not None
     t0 = time.monotonic()
@@ -557,10 +556,9 @@ def test_idle_timeout_over_unread_answers_then_a_pipelined_request_does_not_rese
     request may go unanswered): fep must not leave the request unread and close with a reset, which throws
     away the answers still in its socket's send queue."""
     start(world, idle_timeout=1)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 8500, 2)
+    content, wanted = file_downloads(world, 8500, 2)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted))
+        s.sendall(pipelined(wanted))
         stalled(world)
         time.sleep(1.5)  # the idle deadline has passed: fep has stopped reading and closes once written
         s.sendall(request(_identify(his_msgid(8599))))
@@ -577,10 +575,9 @@ def test_a_malformed_request_behind_unread_answers_with_more_sent_after_it_loses
     after fep has decided to close), the reader hung. Once it reads (slowly): every download whole, then the 400,
     then the close, not a reset that throws the answers away."""
     start(world)
-    content, no, name = uploaded_file(world, FILE)
-    wanted = downloads(world, no, name, 8700, 4)
+    content, wanted = file_downloads(world, 8700, 4)
     with closing(hung_reader(world)) as s:
-        s.sendall(b"".join(request(b) for _, b in wanted) + b"NOT HTTP AT ALL\r\n\r\n")
+        s.sendall(pipelined(wanted) + b"NOT HTTP AT ALL\r\n\r\n")
         stalled(world)
         answers: list[Any] = []
         end = ""
@@ -613,7 +610,7 @@ def test_with_the_default_max_body_a_hung_reader_of_3_mb_files_is_paused_near_32
     content, no, name = uploaded_file(world, 3 << 20)
     wanted = downloads(world, no, name, 8800, 30)
     with closing(hung_reader(world)) as s:
-        sender = __import__("threading").Thread(target=s.sendall, args=(b"".join(request(b) for _, b in wanted),))
+        sender = __import__("threading").Thread(target=s.sendall, args=(pipelined(wanted),))
         sender.start()
         handled = stalled(world)
         assert 10 <= handled <= 15, f"fep handled {handled} of 30 3 MB downloads nobody read"

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from fep import envelope
 from fep.his import BUSY, HisFactory, RateLimitedLog
 from fep.http11 import HTTPServerProtocol, Limits, Request, Response
-from fep.sim.world import ZHANG, World, his_msgid, wait_for
+from fep.sim.world import ZHANG, World, wait_for
 from tests import http_doubles
 from tests.http_doubles import Responses
 
@@ -440,28 +440,16 @@ def test_an_his_that_pipelines_without_reading_gets_no_more_answers_than_fep_may
     the job's requests once the unread answers fill what it may hold for a connection (his.max_body's bytes,
     here 2 MiB), not go on answering 40 MB into its own memory; when the job reads, every answer comes whole,
     in order."""
-    from tests.test_breaker24 import body_msgid, read_answers, request, uploaded_file
-    from tests.test_his_http import _download
+    from tests.test_breaker24 import body_msgid, read_answers
+    from tests.test_breaker27 import MAX_BODY, file_downloads, hung_reader, pipelined, stalled
 
-    world.configure(fep={"his": {"max_body": 2 << 20}})
+    world.configure(fep={"his": {"max_body": MAX_BODY}})
     world.start()
-    content, no, name = uploaded_file(world, 1 << 20)
-    msgids = [his_msgid(3000 + i) for i in range(40)]
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: the window stays small)
-        s.connect(("127.0.0.1", world.his_port))
-        s.settimeout(60)
-        s.sendall(b"".join(request(_download(world, no, name, m)) for m in msgids))
-        handled = wait_for(lambda: _settled_count(world, "9102"), timeout=30, what="fep to stop handling")
+    content, wanted = file_downloads(world, 3000, 40)
+    with hung_reader(world) as s:
+        s.sendall(pipelined(wanted))
+        handled = stalled(world)
         assert handled <= 20, f"fep handled {handled} of 40 downloads whose answers nobody read"
-        answers = read_answers(s, len(msgids))
-    assert [body_msgid(a) for a in answers] == [world.journal("his_msgid=?", (m,))[0]["msgid"] for m in msgids]
+        answers = read_answers(s, len(wanted))
+    assert [body_msgid(a) for a in answers] == [world.journal("his_msgid=?", (m,))[0]["msgid"] for m, _ in wanted]
     assert all(a[2] == content for a in answers)
-
-
-def _settled_count(world: World, infno: str) -> int | None:
-    """How many trades of `infno` the journal holds, once it held as many a second ago (None before)."""
-    before = len(world.journal("infno=?", (infno,)))
-    time.sleep(1)
-    after = len(world.journal("infno=?", (infno,)))
-    return after if after == before and after else None

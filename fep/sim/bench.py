@@ -422,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fep-bench-"))
     pki.ensure(base / "pki")
     results: dict[str, Any] = {"quick": args.quick}
+    upload_rounds = UPLOAD_ROUNDS_QUICK if args.quick else UPLOAD_ROUNDS
     if args.against:
-        pair = (upload_against(base, Path(args.against), args.rounds or (UPLOAD_ROUNDS_QUICK if args.quick else UPLOAD_ROUNDS)) if args.upload_only
+        pair = (upload_against(base, Path(args.against), args.rounds or upload_rounds) if args.upload_only
                 else against(base, Path(args.against), args.rounds or 4, 2.0 if args.quick else 3.0))
         print(json.dumps(pair) if args.json else "\n".join(f"{side}: {json.dumps(f)}" for side, f in pair.items()))
         return 0
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.upload_only:
             everything_else(base, args.quick, results)
-        results["upload"] = upload(base / "upload", base / "pki", UPLOAD_ROUNDS_QUICK if args.quick else UPLOAD_ROUNDS)
+        results["upload"] = upload(base / "upload", base / "pki", upload_rounds)
         if not args.upload_only:
             results["backends"] = backends(base, args.quick)
             results["slow"] = slow_bureau(base, args.quick)

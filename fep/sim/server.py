@@ -282,19 +282,16 @@ class Simulator:
         self._reopen: Any = None
         # the last envelopes received and the path each came to, by msgid
         self.requests: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
-        self.remembered_bytes = 0
 
     def remember(self, env: Any, path: str) -> None:
         """The envelope as the bureau read it, and its path (GET /requests/MSGID[/path]): tests see what
-        arrived, after every decoding on the way, and where. Kept as JSON: as objects, the big uploads of a bench
-        were gigabytes for the collector to walk, and the simulator slowed upload by upload."""
+        arrived, after every decoding on the way, and where. Kept as JSON: as objects, a bench's big uploads
+        were hundreds of megabytes for the collector to walk, and the simulator slowed upload by upload."""
         if isinstance(env, dict) and env.get("msgid"):
-            kept = self.requests.pop(str(env["msgid"]), None)
-            self.remembered_bytes -= len(kept[0]) if kept else 0
-            self.requests[str(env["msgid"])] = (raw := envelope.dumps(env), path)
-            self.remembered_bytes += len(raw)
-            while len(self.requests) > max(1, REMEMBERED if self.remembered_bytes <= REMEMBERED_BYTES else 0):
-                self.remembered_bytes -= len(self.requests.popitem(last=False)[1][0])
+            self.requests[str(env["msgid"])] = (envelope.dumps(env), path)
+            while len(self.requests) > 1 and (len(self.requests) > REMEMBERED or REMEMBERED_BYTES < sum(
+                    len(raw) for raw, _ in self.requests.values())):
+                self.requests.popitem(last=False)
 
     def fault_for(self, infno: str) -> Fault | None:
         for f in self.faults:
