@@ -49,6 +49,7 @@ from typing import Any, Iterable
 from fep import envelope, pki
 from fep.client import Client
 from fep.sim.postgres import Postgres
+from fep.sim.server import GARBLES
 from fep.sim.world import ROOT, World
 
 # ---- the rules of the game ----------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ BUSINESS_FAULT = "模拟业务拒绝: 参保人本次就医受限"   # a busines
 UNKNOWN_CODE = "ZZ99ZZZ999Z999999999999"             # a national code the bureau does not know
 CATALOG_REFUSAL = "医保目录编码不存在"                # ... and the bureau's refusal of an upload carrying it
 PROVOKED_BUSINESS = (CATALOG_REFUSAL, BUSINESS_FAULT)
-FAULT_MODES = ("drop_before", "drop_after", "late", "reset_mid", "error_busy", "error_business")
+FAULT_MODES = ("drop_before", "drop_after", "late", "reset_mid", "garble", "error_busy", "error_business")
 
 IN_FORCE = ("ANSWERED", "CONFIRMED", "AWAITING_CONFIRM")
 # An answer after which the careful HIS does not look again. REFUSED: a 4xx (not journalled);
@@ -1064,6 +1065,8 @@ class Chaos(threading.Thread):
         elif mode.startswith("error"):
             spec = {"mode": "error", "infno": infno, "times": times,
                     "message": BUSY if mode == "error_busy" else BUSINESS_FAULT}
+        elif mode == "garble":
+            spec = {"mode": "garble", "infno": infno, "times": times, "form": self.rng.choice(GARBLES)}
         else:
             spec = {"mode": mode, "infno": infno, "times": times}
         self.world.fault(**spec)

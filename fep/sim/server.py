@@ -37,7 +37,11 @@ log = Logger()
 
 REMEMBERED = 200  # envelopes kept for GET /requests/MSGID
 REMEMBERED_BYTES = 64 << 20  # ... and at most this much of them: a 5,000-line upload is 3.5 MB
-MODES = ("refuse", "drop_before", "drop_after", "late", "slow", "reset_mid", "error")
+MODES = ("refuse", "drop_before", "drop_after", "late", "slow", "reset_mid", "error", "garble")
+# `garble`: the trade is processed, and its answer arrives whole (HTTP 200, honest length) but unreadable, as
+# the proxies and gateways in front of real bureaus answer: their error page, the bureau's JSON cut short, or
+# a gateway's own JSON with no infcode in it.
+GARBLES = ("html", "truncated", "no_infcode")
 
 
 GATEWAY_REFUSALS = ("系统繁忙", "超时", "请稍后")
@@ -54,6 +58,7 @@ class Fault:
     seconds: float = 0.0  # `late`: answer this long after processing; `slow`: process (then answer) this long
     #                       after the trade arrived; `refuse`: down this long (0: until cleared)
     message: str = "模拟中心错误"
+    form: str = "truncated"  # `garble`: which unreadable answer (GARBLES)
     seen: int = 0
 
     @property
@@ -67,9 +72,12 @@ class Fault:
         if mode not in MODES:
             raise ValueError(f"fault mode must be one of {', '.join(MODES)}, got {mode!r}")
         infno = doc.get("infno") or ()
+        form = doc.get("form", cls.form)
+        if form not in GARBLES:
+            raise ValueError(f"fault form must be one of {', '.join(GARBLES)}, got {form!r}")
         return cls(mode=mode, infno=tuple(str(i) for i in ([infno] if isinstance(infno, (str, int)) else infno)),
                    every=int(doc.get("every", 1)), times=doc.get("times"), seconds=float(doc.get("seconds", 0)),
-                   message=str(doc.get("message", cls.message)))
+                   message=str(doc.get("message", cls.message)), form=form)
 
     def fires(self, infno: str) -> bool:
         if self.infno and infno not in self.infno:
@@ -243,6 +251,8 @@ class BureauProtocol(HTTPServerProtocol):
             return await defer.Deferred()
         if mode == "late":
             await task.deferLater(self.sim.reactor, fault.seconds)
+        if mode == "garble":
+            return garbled(fault.form, answer)
         return Response(200, answer)
 
     @staticmethod
@@ -264,6 +274,16 @@ class BureauProtocol(HTTPServerProtocol):
             return None
         return ("文件上传须以multipart/form-data提交(jsonStr, file)" if want == "multipart"
                 else "文件上传须以JSON提交(fsUploadIn.in)")
+
+
+def garbled(form: str, answer: bytes) -> Response:
+    """The unreadable answer of a `garble` fault, in place of the bureau's `answer` to a trade it processed."""
+    if form == "html":
+        page = b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>"
+        return Response(200, page, content_type="text/html")
+    if form == "no_infcode":
+        return Response(200, envelope.dumps({"code": 500, "message": "服务网关内部错误", "data": None}))
+    return Response(200, answer[: len(answer) // 2])
 
 
 class Simulator:
