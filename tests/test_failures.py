@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+import urllib.error
 
 import pytest
 
 from fep import envelope
-from fep.sim.world import (LI, WANG, ZHANG, Visit, World, his_msgid, late_settlement, parked_settlement,
+from fep.sim.server import GARBLES
+from fep.sim.world import (LI, WANG, ZHANG, Visit, World, his_msgid, late_settlement, parked_settlement, said,
                            queued_uploads, settled_state, wait_for)
 
 
@@ -420,3 +422,53 @@ def test_while_the_bureau_is_down_sign_in_is_not_retried_every_second(world: Wor
         assert Visit(world.his, ZHANG).identify()["fep_state"] == "NOT_SENT"
         time.sleep(1)
     assert len(world.journal("infno='9001'")) == 1  # the attempt at start; the next is backed off
+
+
+@pytest.mark.parametrize("form", GARBLES)
+def test_a_settlement_answered_with_what_fep_cannot_read_is_reversed(running: World, form: str) -> None:
+    """The bureau settles Zhang, but what comes back is HTTP 200 that is not its answer: fep cannot know the
+    settlement's fate. The HIS hears NOT settled, the reversal undoes it at the bureau, and the three views agree."""
+    visit = Visit(running.his, ZHANG)
+    visit.up_to_settlement()
+    running.fault(mode="garble", infno="2207", times=1, form=form)
+    answer = visit.settle()
+    assert answer["infcode"] == -1 and answer["fep_state"] == "RESOLVING", said(answer)
+    assert "NOT settled" in answer["err_msg"], said(answer)
+    settled_state(running, answer["fep_msgid"], ("REVERSED",))
+    assert running.his.lookup(answer["fep_msgid"])["fep_state"] == "REVERSED"
+    assert [s["state"] for s in running.ledger()] == ["reversed"]
+    running.assert_ledgers_agree()
+
+
+@pytest.mark.parametrize("form", GARBLES)
+def test_an_upload_answered_with_what_fep_cannot_read_is_resent_and_held_once(running: World, form: str) -> None:
+    visit = Visit(running.his, ZHANG)
+    visit.open()
+    running.fault(mode="garble", infno="2204", times=1, form=form)
+    answer = visit.upload_fees()
+    assert answer["fep_state"] == "UNKNOWN", said(answer)
+    settled_state(running, answer["fep_msgid"], ("ANSWERED",))
+    assert [m for m, i in running.sim_answers() if i == "2204"] == [answer["fep_msgid"]]  # processed once
+    assert visit.presettle()["infcode"] == 0
+
+
+@pytest.mark.parametrize("form", GARBLES)
+def test_a_query_answered_with_what_fep_cannot_read_is_a_failure_that_says_so(running: World, form: str) -> None:
+    """1101 changes nothing at the bureau: an unreadable answer is the HIS's failure to retry, and it says why."""
+    running.fault(mode="garble", infno="1101", times=1, form=form)
+    answer = Visit(running.his, ZHANG).identify()
+    assert answer["infcode"] == -1, said(answer)
+    assert "answer" in answer["err_msg"], said(answer)
+    settled_state(running, answer["fep_msgid"], ("ANSWERED",))  # asked again under its msgid (on_unknown: resend)
+    assert running.his.lookup(answer["fep_msgid"])["infcode"] == 0
+
+
+@pytest.mark.parametrize("spec, named", [({"mode": "garbel"}, "fault mode must be one of"),
+                                         ({"mode": "garble", "form": "xml"}, "fault form must be one of")])
+def test_a_fault_the_simulator_does_not_know_is_refused_naming_what_is_wrong(running: World, spec: dict[str, str],
+                                                                           named: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        running.fault(**spec)
+    assert refused.value.code == 400
+    assert named in envelope.loads(refused.value.read())["error"]
+    assert Visit(running.his, ZHANG).identify()["infcode"] == 0  # no fault was armed
