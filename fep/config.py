@@ -58,7 +58,6 @@ class HisSide:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     idle_timeout: float = 120.0
-    send_timeout: float = 60.0
     max_connections: int = 2048
     max_connections_per_peer: int = 512
     # The group the HIS Unix socket is given (fep.sockets): not the admin socket's.
@@ -288,7 +287,7 @@ TRADE_MAP = Value("a mapping of trade numbers to their settings", lambda v: isin
 
 HIS_LIMITS = (("max_url", int, 8192), ("max_header_bytes", int, 32768), ("max_headers", int, 100),
               ("max_pipelined", int, 16), ("header_timeout", float, 10.0), ("body_timeout", float, 60.0),
-              ("idle_timeout", float, 120.0), ("send_timeout", float, 60.0), ("max_connections", int, 2048),
+              ("idle_timeout", float, 120.0), ("max_connections", int, 2048),
               ("max_connections_per_peer", int, 512))
 
 # Every key fep.yaml may hold: a dict is a section, a one-item list a list of such sections, a Value a

@@ -314,8 +314,7 @@ def _listen_unix(reactor: Any, path: Path, factory: HisFactory, backlog: int) ->
 def his_limits(his: config_mod.HisSide) -> Limits:
     return Limits(max_url=his.max_url, max_header_bytes=his.max_header_bytes, max_headers=his.max_headers,
                   max_pipelined=his.max_pipelined, max_pipelined_bytes=his.max_body,
-                  header_timeout=his.header_timeout, body_timeout=his.body_timeout, idle_timeout=his.idle_timeout,
-                  send_timeout=his.send_timeout)
+                  header_timeout=his.header_timeout, body_timeout=his.body_timeout, idle_timeout=his.idle_timeout)
 
 
 # Descriptors kept out of the HIS side's reach: the admin socket and metrics listener and their clients, the

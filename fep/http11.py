@@ -79,7 +79,6 @@ class Limits:
     header_timeout: float | None = None  # from a request's first byte to the end of its headers; then 408
     body_timeout: float | None = None  # from the end of the headers to the end of the body; then 408
     idle_timeout: float | None = None  # a kept connection with nothing owed and nothing arriving is closed
-    send_timeout: float | None = None  # TCP: bytes written that the client has not taken for this long; then cut
 
 
 MIN_REQUEST = 16  # the fewest bytes a request can be ("GET / HTTP/1.1\r\n\r\n" less two): see _feed
@@ -316,23 +315,11 @@ class HTTPServerProtocol(Protocol):
     # Twisted
     def connectionMade(self) -> None:
         self._half_closes = isinstance(self.transport, abstract.FileDescriptor)  # (TLS has no half-close of its own)
-        self._send_deadline()
         if self._half_closes:  # (Twisted's own cap is 64 KiB: one big answer)
             self.transport.bufferSize = self._limits.max_pipelined_bytes
         self.transport.registerProducer(self, True)
         self._producing = True
         self._idle_check()
-
-    def _send_deadline(self) -> None:
-        """A client whose reader hangs while its kernel stays up keeps its receive window shut, and TCP would
-        hold the connection and every answer buffered for it for ever (paused, or closing and waiting for a
-        flush that never comes). The kernel's TCP_USER_TIMEOUT cuts it: Linux counts the time the window
-        stays shut too. What the client was answered is in the journal, to be asked for again by msgid."""
-        handle = self.transport.getHandle() if self._half_closes else None
-        if self._limits.send_timeout is None or not isinstance(handle, socket.socket) \
-                or handle.family not in (socket.AF_INET, socket.AF_INET6):
-            return
-        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(self._limits.send_timeout * 1000)))
 
     # IPushProducer: the transport pauses this connection's answers while the client is not reading them
     def pauseProducing(self) -> None:

@@ -194,24 +194,6 @@ def test_an_his_that_half_closes_while_paused_hears_every_answer_then_fep_closes
     no_leaked_connections(world)
 
 
-def test_an_his_whose_reader_hangs_for_good_is_cut_after_send_timeout_and_its_answers_are_kept(
-        world: World) -> None:
-    """his.send_timeout 1 s: the HIS pipelines 12 downloads and never reads again (its kernel still up, so TCP
-    alone would hold the connection for ever). What fep answered is in the journal, and the HIS gets it again
-    under the same msgid on a fresh connection; within seconds fep drops the hung one and frees its slot."""
-    start(world, send_timeout=1)
-    content, wanted = file_downloads(world, 4200, 12)
-    with closing(hung_reader(world)) as s:
-        s.sendall(pipelined(wanted))
-        handled = stalled(world)
-        first, body = wanted[0]
-        assert [r["state"] for r in journalled(world, first)] == ["ANSWERED"] and handled < len(wanted)
-        with closing(socket.create_connection(("127.0.0.1", world.his_port))) as again:
-            again.sendall(request(body))
-            assert [a[2] for a in read_all(again, 1)] == [content]
-        no_leaked_connections(world)
-
-
 def test_idle_timeout_does_not_cut_a_paused_connection_and_closes_it_once_read_and_idle(world: World) -> None:
     """his.idle_timeout 1 s: the HIS reads nothing for 4 s (fep paused, requests owed), then reads. Every
     answer must come (nothing owed is idle), and then fep closes the idle connection."""
