@@ -170,7 +170,7 @@ def test_on_postgresql_trades_archived_by_the_leader_are_found_by_the_node_that_
     world.start_fep()
     wait_for(lambda: world.leading() == "a", what="node a to lead")
     world.start_peer()
-    wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
+    world.wait_for_standby("b")
     first, s1 = settled_visit(world, ZHANG)
     second, s2 = settled_visit(world, ZHANG)  # the later settlement: S1 is cancelled after it
     li = Visit(world.his, LI)

@@ -113,7 +113,7 @@ def test_after_a_second_failover_each_node_names_the_right_leader_and_the_check_
         world.kill_node(killed)
         wait_for(lambda: world.leading(among=(leads,)) == leads, timeout=TAKEOVER, what=f"node {leads} to lead")
         world.start_node(killed)
-        wait_for(lambda: world.role(killed).get("role") == "standby", what=f"node {killed} to stand by")
+        world.wait_for_standby(killed)
         assert Visit(his, LI).identify()["infcode"] == 0  # type: ignore[arg-type]
         refused = refusal_from(world, killed)
         port = world.his_port if leads == "a" else world.peer.his_port  # type: ignore[union-attr]
@@ -404,7 +404,7 @@ def test_an_upload_a_deposed_leader_queued_is_still_delivered(world: World, pg_u
     world.peer.config.write_text(yaml.safe_dump(doc, allow_unicode=True))  # type: ignore[union-attr]
     world.kill_peer()
     world.start_peer()
-    wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
+    world.wait_for_standby("b")
     visit = Visit(Client.tcp("127.0.0.1", world.his_port, timeout=30), ZHANG)
     visit.open()
     heard: list[str] = []  # the uploads node a answered QUEUED

@@ -88,6 +88,6 @@ def test_on_postgresql_a_settlement_in_a_monthly_file_the_standby_takes_in_at_it
     world.start()
     wait_for(lambda: world.leading() == "a", what="node a to lead")
     world.start_peer()
-    wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
+    world.wait_for_standby("b")
     assert on_b.with_name(f"{on_b.name}.in-postgresql").exists()  # taken in by node b's start
     settled_once_after_sending_again(world, visit, key, first)

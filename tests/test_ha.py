@@ -78,7 +78,7 @@ def start_pair(world: World, pg_url: str, fep: dict[str, Any] | None = None) -> 
     world.start_fep()
     wait_for(lambda: world.leading() == "a", what="node a to lead")
     world.start_peer()
-    wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
+    world.wait_for_standby("b")
     return world
 
 
@@ -173,7 +173,7 @@ def test_a_leader_whose_database_session_is_ended_stops_leading_and_the_standby_
     answer = Visit(EitherNode(pair.his_port, pair.peer.his_port), ZHANG).identify()  # type: ignore[union-attr,arg-type]
     assert answer["infcode"] == 0, answer
     pair.start_fep()  # node a, started again, stands by
-    wait_for(lambda: pair.role("a").get("role") == "standby", what="node a to stand by")
+    pair.wait_for_standby("a")
 
 
 def test_a_short_chaos_run_on_two_nodes_finds_every_must_be_zero_figure_zero(tmp_path: Path, postgres: Any) -> None:

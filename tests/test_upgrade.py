@@ -145,7 +145,7 @@ def test_a_pair_upgraded_in_place_maps_fee_lines_by_the_code_book_each_node_kept
     assert world.local_file("a").with_name("local.db.in-postgresql").exists()  # kept, no longer read
 
     world.start_peer()
-    wait_for(lambda: world.role("b").get("role") == "standby", what="node b to stand by")
+    world.wait_for_standby("b")
     assert world.local_file("b").with_name("local.db.in-postgresql").exists()
     assert sorted((r["code"], r["ver"]) for r in world.query(
         'SELECT "医疗目录编码" AS code, "版本号" AS ver FROM catalog_1301')) == [

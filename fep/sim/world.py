@@ -255,6 +255,21 @@ class World:
                               capture_output=True, text=True, timeout=60, cwd=self.dir)
         return json.loads(done.stdout) if done.returncode == 0 else {"role": None, "error": done.stderr}
 
+    def wait_for_standby(self, node: str) -> None:
+        """Until `node` says it stands by. When it does not, the error says what its status said last and how
+        its log ends: a pair's rare slow start is otherwise only 'timed out'."""
+        seen: dict[str, Any] = {}
+
+        def stands_by() -> bool:
+            seen.clear()
+            seen.update(self.role(node))
+            return seen.get("role") == "standby"
+        try:
+            wait_for(stands_by, what=f"node {node} to stand by")
+        except AssertionError as e:
+            log = self.log("run" if node == "a" else "run-b")
+            raise AssertionError(f"{e}; its status last said {seen}; its log ends:\n{log[-4000:]}") from None
+
     def start(self) -> World:
         self.start_sim()
         self.start_fep()
