@@ -261,8 +261,8 @@ class World:
         seen: dict[str, Any] = {}
 
         def stands_by() -> bool:
-            seen.clear()
-            seen.update(self.role(node))
+            nonlocal seen
+            seen = self.role(node)
             return seen.get("role") == "standby"
         try:
             wait_for(stands_by, what=f"node {node} to stand by")
